@@ -1,0 +1,86 @@
+//! One file per subcommand. Commands take plain arguments (no clap types), print results, and
+//! return a [`CmdError`] that `main` maps to an exit code.
+
+pub mod fetch;
+pub mod plan;
+pub mod run;
+pub mod schema;
+pub mod validate;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use crate::dag::{Graph, StageId};
+use crate::diagnostic::{Diagnostic, render_text};
+use crate::exec::RunOptions;
+use crate::pipeline::{Override, Pipeline};
+
+pub use crate::cli::Format;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    /// Problems already printed (validation diagnostics).
+    #[error("{0} problem(s) found")]
+    Reported(usize),
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    Interrupted(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl CmdError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Reported(_) | Self::Failed(_) => 1,
+            Self::Usage(_) => 2,
+            Self::Interrupted(_) => 130,
+        }
+    }
+}
+
+/// `--force` / `--only` as written.
+pub struct StageSelection {
+    pub force: Vec<String>,
+    pub only: Vec<String>,
+}
+
+impl StageSelection {
+    /// Checks the stage names against the graph (usage error with a hint otherwise).
+    fn resolve(&self, graph: &Graph) -> Result<RunOptions, CmdError> {
+        let known: Vec<&str> = graph.stages.iter().map(|s| s.id.0.as_str()).collect();
+        let check = |names: &[String]| -> Result<BTreeSet<StageId>, CmdError> {
+            names
+                .iter()
+                .map(|n| {
+                    if known.contains(&n.as_str()) {
+                        Ok(StageId(n.clone()))
+                    } else {
+                        let hint = crate::diagnostic::did_you_mean(n, known.iter().copied()).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+                        Err(CmdError::Usage(format!("no stage `{n}` in this pipeline{hint}; stages: {}", known.join(", "))))
+                    }
+                })
+                .collect()
+        };
+        let only = if self.only.is_empty() { None } else { Some(check(&self.only)?) };
+        Ok(RunOptions { force: check(&self.force)?, only })
+    }
+}
+
+/// Loads a pipeline, printing its diagnostics (to stderr) if it is invalid.
+fn load_or_report(file: &Path, overrides: &[Override]) -> Result<Pipeline, CmdError> {
+    crate::pipeline::load(file, overrides).map_err(|diagnostics| {
+        eprint!("{}", render(&diagnostics));
+        CmdError::Reported(diagnostics.len())
+    })
+}
+
+fn render(diagnostics: &[Diagnostic]) -> String {
+    render_text(diagnostics, |p| std::fs::read_to_string(p).ok())
+}
+
+/// The stage graph of a valid pipeline (cycles were ruled out by validation).
+fn graph_of(pipeline: &Pipeline) -> Result<Graph, CmdError> {
+    Graph::from_spec(&pipeline.spec).map_err(|e| CmdError::Failed(e.to_string()))
+}

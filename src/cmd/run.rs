@@ -1,0 +1,37 @@
+//! `tsq run`: run every stage that is not cached, holding the run directory's lock.
+
+use std::path::Path;
+
+use super::{CmdError, StageSelection, graph_of, load_or_report};
+use crate::assets::TsqHome;
+use crate::exec::{ExecError, Executor, Interrupt, RunDir};
+use crate::pipeline::Override;
+
+pub fn run(file: &Path, overrides: &[Override], selection: &StageSelection, dry_run: bool) -> Result<(), CmdError> {
+    let pipeline = load_or_report(file, overrides)?;
+    let graph = graph_of(&pipeline)?;
+    let opts = selection.resolve(&graph)?;
+    let home = TsqHome::from_env();
+    let factory = |stage: &crate::dag::Stage| crate::stages::runner_for(&pipeline, &home, stage);
+    let executor = Executor { graph: &graph, factory: &factory };
+    let run_root = pipeline.runs_root().join(&pipeline.spec.name);
+    if dry_run {
+        let plan = executor.plan(&RunDir::read_only(&run_root), &opts).map_err(|e| CmdError::Failed(e.to_string()))?;
+        print!("{}", super::plan::render_plan(&pipeline.spec.name, &run_root, &plan));
+        return Ok(());
+    }
+    let run_dir = RunDir::lock(&run_root).map_err(CmdError::Failed)?;
+    let effective = serde_json::to_string_pretty(&pipeline.spec).expect("spec serialises");
+    crate::fsutil::write_atomic(&run_root.join("pipeline.json"), effective.as_bytes())
+        .map_err(|e| CmdError::Failed(format!("cannot write pipeline.json: {e}")))?;
+    eprintln!("run `{}` in {}", pipeline.spec.name, run_root.display());
+    let interrupt = Interrupt::install();
+    match executor.run(&run_dir, &opts, &interrupt) {
+        Ok(_) => {
+            eprintln!("finished: outputs in {}", run_root.display());
+            Ok(())
+        }
+        Err(e @ ExecError::Interrupted(_)) => Err(CmdError::Interrupted(e.to_string())),
+        Err(e) => Err(CmdError::Failed(e.to_string())),
+    }
+}

@@ -1,0 +1,119 @@
+//! Dataset cards (`datasets/*.yaml`): where a dataset's records come from, how to read them, and
+//! how to map them to tsq's record fields. Loaded through the same located-YAML path as pipelines,
+//! so a bad card gets errors with its own file, line and field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::assets::AssetSource;
+use crate::diagnostic::Diagnostic;
+use crate::yaml::{LocatedDoc, SchemaChecker, check_and_deserialize};
+
+/// A dataset card as written.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetCard {
+    /// Human name of the dataset.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Licence of the data (SPDX identifier where there is one).
+    pub license: String,
+    /// Asset source of the data file: local path (relative to the card), `pip://` or `hf://`.
+    pub source: String,
+    /// sha256 of the data file in hex; verified before reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+    /// File format; by default taken from the file name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DataFormat>,
+    /// Dotted path of the object holding the record inside each row (e.g. `doc`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<String>,
+    /// Dotted path (from the row) of a key that identifies a document; rows repeating a key already
+    /// seen are dropped (sources that repeat a document once per answer choice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedupe_by: Option<String>,
+    /// tsq field name → dotted path inside the record. `id` and `question` are required.
+    pub fields: BTreeMap<String, String>,
+    /// Expected number of records after deduplication; a different count fails the stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    Jsonl,
+    #[serde(rename = "jsonl.gz")]
+    JsonlGz,
+    Json,
+    Csv,
+    Parquet,
+}
+
+impl DataFormat {
+    /// The format a file name implies, if any.
+    pub fn from_file_name(name: &str) -> Option<Self> {
+        let lower = name.to_ascii_lowercase();
+        [(".jsonl.gz", Self::JsonlGz), (".jsonl", Self::Jsonl), (".json", Self::Json), (".csv", Self::Csv), (".parquet", Self::Parquet)]
+            .into_iter()
+            .find(|(ext, _)| lower.ends_with(ext))
+            .map(|(_, f)| f)
+    }
+}
+
+/// A card that parsed and passed its checks, with the directory its relative paths start from.
+#[derive(Clone, Debug)]
+pub struct LoadedCard {
+    pub file: PathBuf,
+    pub card: DatasetCard,
+    pub format: DataFormat,
+}
+
+pub const REQUIRED_FIELDS: [&str; 2] = ["id", "question"];
+
+fn checker() -> &'static SchemaChecker {
+    static CHECKER: OnceLock<SchemaChecker> = OnceLock::new();
+    CHECKER.get_or_init(|| SchemaChecker::new(serde_json::to_value(schemars::schema_for!(DatasetCard)).expect("schema serialises")))
+}
+
+/// Loads and checks a card: schema, required fields, a known format.
+pub fn load_card(file: &Path) -> Result<LoadedCard, Vec<Diagnostic>> {
+    let doc = LocatedDoc::load(file)?;
+    let card: DatasetCard = check_and_deserialize(checker(), &doc)?;
+    let mut errors = Vec::new();
+    for field in REQUIRED_FIELDS {
+        if !card.fields.contains_key(field) {
+            errors.push(doc.diagnostic("/fields", true, format!("missing required field mapping `{field}`")));
+        }
+    }
+    let dir = file.parent().unwrap_or(Path::new("."));
+    if let Err(message) = AssetSource::check(&card.source, dir) {
+        errors.push(doc.diagnostic("/source", false, message));
+    }
+    let source_name = card.source.rsplit(['/', '#']).next().unwrap_or(&card.source);
+    let format = card.format.or_else(|| DataFormat::from_file_name(source_name));
+    if format.is_none() {
+        errors.push(
+            doc.diagnostic("/source", false, format!("cannot tell the format of `{source_name}` from its name"))
+                .with_help("add `format:` (jsonl, jsonl.gz, json, csv or parquet)"),
+        );
+    }
+    match (errors.is_empty(), format) {
+        (true, Some(format)) => Ok(LoadedCard { file: file.to_path_buf(), card, format }),
+        _ => Err(errors),
+    }
+}
+
+impl LoadedCard {
+    /// Directory relative paths in the card start from.
+    pub fn dir(&self) -> &Path {
+        self.file.parent().unwrap_or(Path::new("."))
+    }
+}

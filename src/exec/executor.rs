@@ -1,0 +1,240 @@
+//! Deciding what to run (cache keys, statuses) and running it in order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::manifest::{Manifest, differences, key_of};
+use super::{Interrupt, RunDir, RunnerFactory, StageContext, StageError};
+use crate::dag::{Graph, Stage, StageId};
+
+/// What the user asked for beyond "run what is not cached".
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Re-run these stages and everything downstream of them, cached or not.
+    pub force: BTreeSet<StageId>,
+    /// Run only these stages (their dependencies must already be finished).
+    pub only: Option<BTreeSet<StageId>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "status", content = "reasons", rename_all = "snake_case")]
+pub enum Status {
+    /// Finished with the same key: will be skipped.
+    Cached,
+    /// Finished before, but something it depends on changed (the reasons say what).
+    Stale(Vec<String>),
+    /// Never finished in this run directory.
+    ToRun,
+    /// Its kind of stage is not available in this version of tsq.
+    Unavailable,
+    /// Not selected by `--only`.
+    Skipped,
+}
+
+/// One row of a plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanEntry {
+    pub stage: StageId,
+    pub deps: Vec<StageId>,
+    pub key: String,
+    #[serde(flatten)]
+    pub status: Status,
+}
+
+impl PlanEntry {
+    fn will_run(&self) -> bool {
+        matches!(self.status, Status::Stale(_) | Status::ToRun)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("stage `{stage}` failed: {message}")]
+    StageFailed { stage: StageId, message: String },
+    #[error("interrupted during stage `{0}`; finished stages are kept, run again to resume")]
+    Interrupted(StageId),
+}
+
+/// Runs a graph with runners from a factory.
+pub struct Executor<'a> {
+    pub graph: &'a Graph,
+    pub factory: &'a RunnerFactory<'a>,
+}
+
+const TSQ_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+impl Executor<'_> {
+    /// Every stage's cache inputs (in graph order): config, tsq version, upstream keys, own inputs.
+    fn inputs(&self) -> Result<BTreeMap<StageId, BTreeMap<String, String>>, ExecError> {
+        let mut all: BTreeMap<StageId, BTreeMap<String, String>> = BTreeMap::new();
+        for stage in &self.graph.stages {
+            let mut inputs = BTreeMap::from([
+                ("config".to_string(), crate::hash::json_blake3(&stage.config)),
+                ("tsq".to_string(), TSQ_VERSION.to_string()),
+            ]);
+            for dep in &stage.deps {
+                let dep_key = all.get(dep).map(key_of).unwrap_or_default();
+                inputs.insert(format!("upstream:{dep}"), dep_key);
+            }
+            if let Some(runner) = (self.factory)(stage) {
+                let own = runner.inputs().map_err(|e| ExecError::Setup(format!("stage `{}`: {e}", stage.id)))?;
+                inputs.extend(own);
+            }
+            all.insert(stage.id.clone(), inputs);
+        }
+        Ok(all)
+    }
+
+    /// The status of every stage, without running anything.
+    pub fn plan(&self, run: &RunDir, opts: &RunOptions) -> Result<Vec<PlanEntry>, ExecError> {
+        let inputs = self.inputs()?;
+        let forced = self.graph.downstream_of(&opts.force);
+        let mut entries = Vec::new();
+        for stage in &self.graph.stages {
+            let stage_inputs = &inputs[&stage.id];
+            let key = key_of(stage_inputs);
+            let status = if opts.only.as_ref().is_some_and(|only| !only.contains(&stage.id)) {
+                Status::Skipped
+            } else if !stage.kind.is_available() {
+                Status::Unavailable
+            } else if forced.contains(&stage.id) {
+                Status::Stale(vec!["forced".into()])
+            } else {
+                match (run.finished(&stage.id.0), Manifest::read(&run.stage_dir(&stage.id.0))) {
+                    (Some(m), _) if m.key == key => Status::Cached,
+                    (Some(m), _) => Status::Stale(differences(&m.inputs, stage_inputs)),
+                    (None, Some(_)) => Status::Stale(vec!["outputs missing or changed".into()]),
+                    (None, None) => Status::ToRun,
+                }
+            };
+            entries.push(PlanEntry { stage: stage.id.clone(), deps: stage.deps.clone(), key, status });
+        }
+        Ok(entries)
+    }
+
+    /// Runs every stage that is not cached, in order; stops at the first failure.
+    pub fn run(&self, run: &RunDir, opts: &RunOptions, interrupt: &Interrupt) -> Result<Vec<PlanEntry>, ExecError> {
+        let plan = self.plan(run, opts)?;
+        check_runnable(&plan, self.graph)?;
+        let inputs = self.inputs()?;
+        let mut log = EventLog::open(run);
+        log.event("run_started", None, json!({}));
+        for entry in &plan {
+            let stage = self.graph.get(&entry.stage).expect("plan entries come from the graph");
+            if !entry.will_run() {
+                if entry.status == Status::Cached {
+                    eprintln!("  cached  {}", stage.id);
+                    log.event("stage_cached", Some(&stage.id), json!({}));
+                }
+                continue;
+            }
+            if interrupt.requested() {
+                return Err(ExecError::Interrupted(stage.id.clone()));
+            }
+            self.run_stage(run, stage, inputs[&stage.id].clone(), interrupt, &mut log)?;
+        }
+        Ok(plan)
+    }
+
+    fn run_stage(&self, run: &RunDir, stage: &Stage, inputs: BTreeMap<String, String>, interrupt: &Interrupt, log: &mut EventLog) -> Result<(), ExecError> {
+        let id = &stage.id;
+        let runner = (self.factory)(stage).ok_or_else(|| ExecError::Setup(format!("stage `{id}` is not available in this version of tsq")))?;
+        let failed = |message: String| ExecError::StageFailed { stage: id.clone(), message };
+        eprintln!("  running {id}");
+        log.event("stage_started", Some(id), json!({}));
+        let started = Instant::now();
+        let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let staged = run.staging_dir(&id.0).map_err(|e| failed(format!("cannot create staging directory: {e}")))?;
+        let upstream = stage.deps.iter().map(|d| (d.0.clone(), run.stage_dir(&d.0))).collect();
+        let ctx = StageContext { out_dir: staged.path().to_path_buf(), upstream, interrupt };
+        let summary = match runner.run(&ctx) {
+            Ok(summary) => summary,
+            Err(StageError::Interrupted) => {
+                log.event("stage_interrupted", Some(id), json!({}));
+                return Err(ExecError::Interrupted(id.clone()));
+            }
+            Err(StageError::Failed(message)) => {
+                log.event("stage_failed", Some(id), json!({"error": message}));
+                return Err(failed(message));
+            }
+        };
+        let mut manifest = Manifest::new(&id.0, inputs);
+        manifest.started_unix = started_unix;
+        manifest.duration_s = started.elapsed().as_secs_f64();
+        manifest.summary = summary;
+        manifest.record_outputs(staged.path()).map_err(|e| failed(format!("cannot list outputs: {e}")))?;
+        manifest.write(staged.path()).map_err(|e| failed(format!("cannot write manifest: {e}")))?;
+        test_hook_stall(id);
+        run.commit(&id.0, staged).map_err(|e| failed(format!("cannot commit outputs: {e}")))?;
+        eprintln!("  done    {id} ({:.1}s)", manifest.duration_s);
+        log.event("stage_finished", Some(id), json!({"duration_s": manifest.duration_s, "key": manifest.key}));
+        Ok(())
+    }
+}
+
+/// Refuses up front a run that would reach an unavailable stage or depend on an unfinished one.
+fn check_runnable(plan: &[PlanEntry], graph: &Graph) -> Result<(), ExecError> {
+    let unavailable: Vec<String> = plan
+        .iter()
+        .filter(|e| e.status == Status::Unavailable)
+        .map(|e| format!("`{}` (from `{}`)", e.stage, graph.get(&e.stage).map(|s| crate::yaml::dotted(&s.pointer)).unwrap_or_default()))
+        .collect();
+    if !unavailable.is_empty() {
+        return Err(ExecError::Setup(format!(
+            "these stages are not available in this version of tsq: {}\n  help: remove those sections, or run the others with `--only STAGE`",
+            unavailable.join(", ")
+        )));
+    }
+    let status: BTreeMap<&StageId, &PlanEntry> = plan.iter().map(|e| (&e.stage, e)).collect();
+    for entry in plan.iter().filter(|e| e.will_run()) {
+        for dep in &entry.deps {
+            if status.get(dep).is_some_and(|d| d.status == Status::Skipped) {
+                return Err(ExecError::Setup(format!("`{}` needs `{dep}`, which is not finished and not selected by --only", entry.stage)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Test hook: `TSQ_TEST_STALL_BEFORE_COMMIT=<stage>` makes the process announce itself and hang
+/// just before committing that stage, so tests can SIGKILL a run mid-stage at a known point.
+fn test_hook_stall(id: &StageId) {
+    if std::env::var("TSQ_TEST_STALL_BEFORE_COMMIT").is_ok_and(|s| s == id.0) {
+        eprintln!("stalling before commit of {id}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Appends one JSON object per line to `events.jsonl` in the run directory.
+struct EventLog {
+    file: Option<std::fs::File>,
+}
+
+impl EventLog {
+    fn open(run: &RunDir) -> Self {
+        let file = std::fs::File::options().create(true).append(true).open(run.root().join("events.jsonl")).ok();
+        Self { file }
+    }
+
+    fn event(&mut self, event: &str, stage: Option<&StageId>, mut fields: serde_json::Value) {
+        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        if let Some(obj) = fields.as_object_mut() {
+            obj.insert("ts".into(), json!(ts));
+            obj.insert("event".into(), json!(event));
+            if let Some(stage) = stage {
+                obj.insert("stage".into(), json!(stage.0));
+            }
+        }
+        if let Some(file) = &mut self.file {
+            let _ = writeln!(file, "{fields}");
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! A finished stage's manifest: what it was computed from (the cache key and its parts), what it
+//! wrote, and a summary. The key is the blake3 of the canonical JSON of `inputs`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: u32,
+    pub stage: String,
+    /// blake3 over `inputs`: equal keys mean the stage would compute the same thing.
+    pub key: String,
+    /// Everything the key covers, by name: `config`, `tsq`, `upstream:<stage>`, and the stage's own
+    /// inputs (file hashes, asset identities). Kept in full so `plan` can say what changed.
+    pub inputs: BTreeMap<String, String>,
+    /// Output files (relative to the stage directory) and their sizes in bytes.
+    pub outputs: BTreeMap<String, u64>,
+    pub started_unix: f64,
+    pub duration_s: f64,
+    pub summary: Value,
+}
+
+impl Manifest {
+    pub fn new(stage: &str, inputs: BTreeMap<String, String>) -> Self {
+        let key = key_of(&inputs);
+        Self { format: FORMAT_VERSION, stage: stage.into(), key, inputs, outputs: BTreeMap::new(), started_unix: 0.0, duration_s: 0.0, summary: Value::Null }
+    }
+
+    /// Reads a stage directory's manifest; `None` if absent or unreadable (then the stage re-runs).
+    pub fn read(stage_dir: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(stage_dir.join(MANIFEST_FILE)).ok()?;
+        serde_json::from_str::<Self>(&text).ok().filter(|m| m.format == FORMAT_VERSION)
+    }
+
+    /// Records every file under `dir` (except the manifest) as an output.
+    pub fn record_outputs(&mut self, dir: &Path) -> std::io::Result<()> {
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d)? {
+                let entry = entry?;
+                let path = entry.path();
+                if entry.file_type()?.is_dir() {
+                    stack.push(path);
+                } else if let Ok(rel) = path.strip_prefix(dir) {
+                    let rel = rel.to_string_lossy().to_string();
+                    if rel != MANIFEST_FILE {
+                        self.outputs.insert(rel, entry.metadata()?.len());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every recorded output is still there with its recorded size.
+    pub fn outputs_intact(&self, stage_dir: &Path) -> bool {
+        self.outputs.iter().all(|(rel, size)| std::fs::metadata(stage_dir.join(rel)).is_ok_and(|m| m.len() == *size))
+    }
+
+    pub fn write(&self, stage_dir: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("manifest serialises");
+        crate::fsutil::write_atomic(&stage_dir.join(MANIFEST_FILE), text.as_bytes())
+    }
+}
+
+pub fn key_of(inputs: &BTreeMap<String, String>) -> String {
+    crate::hash::json_blake3(&serde_json::to_value(inputs).expect("string map serialises"))
+}
+
+/// Human reasons why `old` inputs differ from `new` ones, e.g. "`file:templates/a.jinja` changed".
+pub fn differences(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, hash) in new {
+        match old.get(name) {
+            None => out.push(format!("`{name}` is new")),
+            Some(h) if h != hash => out.push(format!("`{name}` changed")),
+            _ => {}
+        }
+    }
+    out.extend(old.keys().filter(|k| !new.contains_key(*k)).map(|k| format!("`{k}` removed")));
+    out
+}

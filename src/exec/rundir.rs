@@ -1,0 +1,109 @@
+//! A run directory: the lock that keeps two processes apart, staging, and atomic stage commits.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::manifest::Manifest;
+use crate::fsutil::sync_dir;
+
+const STAGING: &str = ".staging";
+
+/// An open run directory. Holding a `RunDir` with `lock` means holding the run's lock.
+pub struct RunDir {
+    root: PathBuf,
+    _lock: Option<File>,
+}
+
+impl RunDir {
+    /// Opens for reading only (plan): no lock, nothing created.
+    pub fn read_only(root: &Path) -> Self {
+        Self { root: root.to_path_buf(), _lock: None }
+    }
+
+    /// Opens for writing: creates the directory, takes the lock (failing if another process holds
+    /// it), and clears staging left behind by a killed run.
+    pub fn lock(root: &Path) -> Result<Self, String> {
+        std::fs::create_dir_all(root).map_err(|e| format!("cannot create run directory `{}`: {e}", root.display()))?;
+        let lock_path = root.join(".lock");
+        let file = File::options().create(true).truncate(false).write(true).open(&lock_path)
+            .map_err(|e| format!("cannot open `{}`: {e}", lock_path.display()))?;
+        file.try_lock().map_err(|_| format!("run directory `{}` is in use by another tsq process (lock `{}`)", root.display(), lock_path.display()))?;
+        let staging = root.join(STAGING);
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(|e| format!("cannot clear `{}`: {e}", staging.display()))?;
+        }
+        Ok(Self { root: root.to_path_buf(), _lock: Some(file) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn stage_dir(&self, stage: &str) -> PathBuf {
+        self.root.join(stage)
+    }
+
+    /// The finished manifest of a stage, if it has one with intact outputs.
+    pub fn finished(&self, stage: &str) -> Option<Manifest> {
+        let dir = self.stage_dir(stage);
+        Manifest::read(&dir).filter(|m| m.outputs_intact(&dir))
+    }
+
+    /// A fresh empty directory to write a stage's outputs into before commit.
+    pub fn staging_dir(&self, stage: &str) -> std::io::Result<tempfile::TempDir> {
+        let staging = self.root.join(STAGING);
+        std::fs::create_dir_all(&staging)?;
+        tempfile::Builder::new().prefix(&format!("{stage}-")).tempdir_in(staging)
+    }
+
+    /// Moves a complete staging directory into place as the stage's directory. The previous
+    /// version stays intact until the new one is complete, and is removed only afterwards.
+    pub fn commit(&self, stage: &str, staged: tempfile::TempDir) -> std::io::Result<()> {
+        let staged = staged.keep();
+        sync_dir(&staged)?;
+        let dest = self.stage_dir(stage);
+        let old = if dest.exists() {
+            let aside = self.root.join(STAGING).join(format!("old-{stage}-{}", std::process::id()));
+            std::fs::rename(&dest, &aside)?;
+            Some(aside)
+        } else {
+            None
+        };
+        std::fs::rename(&staged, &dest)?;
+        sync_dir(&self.root)?;
+        if let Some(old) = old {
+            std::fs::remove_dir_all(old)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_writer_is_refused_and_staging_is_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::lock(dir.path()).unwrap();
+        assert!(RunDir::lock(dir.path()).unwrap_err().contains("in use by another tsq process"));
+        let staged = run.staging_dir("s").unwrap();
+        std::fs::write(staged.path().join("x"), "1").unwrap();
+        let _ = staged.keep();
+        drop(run);
+        RunDir::lock(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join(STAGING)).map(|d| d.count()).unwrap_or(0), 0);
+    }
+
+    #[test]
+    fn commit_replaces_previous_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::lock(dir.path()).unwrap();
+        for content in ["one", "two"] {
+            let staged = run.staging_dir("s").unwrap();
+            std::fs::write(staged.path().join("out"), content).unwrap();
+            run.commit("s", staged).unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(dir.path().join("s/out")).unwrap(), "two");
+    }
+}

@@ -1,0 +1,19 @@
+//! tsq: Transformer²-style self-adaptive LLMs from YAML pipelines.
+//!
+//! Module map (see README "Architecture"): `pipeline` (the file users write), `dag` (stages from a
+//! pipeline), `exec` (running stages with caching and resume), `assets` (model and data sources),
+//! `data` (dataset cards and the data stage), `model` (the model stage), `cmd`/`cli` (commands).
+
+pub mod assets;
+pub mod cli;
+pub mod cmd;
+pub mod dag;
+pub mod data;
+pub mod diagnostic;
+pub mod exec;
+pub mod fsutil;
+pub mod hash;
+pub mod model;
+pub mod pipeline;
+pub mod stages;
+pub mod yaml;

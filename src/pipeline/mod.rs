@@ -1,0 +1,95 @@
+//! Pipeline files: the typed spec, loading with positions, `--set` overrides, and validation
+//! (schema first, then semantic checks), reporting every problem at once.
+
+pub mod spec;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+use crate::data::card::LoadedCard;
+use crate::diagnostic::{Diagnostic, Origin};
+use crate::yaml::{LocatedDoc, SchemaChecker, check_and_deserialize};
+use spec::PipelineSpec;
+
+/// The JSON Schema of pipeline files (what `tsq schema` prints and `schemas/` holds).
+pub fn json_schema() -> Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(PipelineSpec)).expect("schema serialises");
+    if let Some(obj) = schema.as_object_mut() {
+        obj.insert("title".into(), Value::String("tsq pipeline".into()));
+    }
+    schema
+}
+
+fn checker() -> &'static SchemaChecker {
+    static CHECKER: OnceLock<SchemaChecker> = OnceLock::new();
+    CHECKER.get_or_init(|| SchemaChecker::new(json_schema()))
+}
+
+/// A `--set path.to.key=value` override; the value is read as YAML (`20`, `true`, `[a, b]`, `text`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Override {
+    pub path: String,
+    pub value: Value,
+    pub argument: String,
+}
+
+impl std::str::FromStr for Override {
+    type Err = String;
+
+    fn from_str(argument: &str) -> Result<Self, String> {
+        let (path, text) = argument.split_once('=').ok_or_else(|| format!("`{argument}` is not `path.to.key=value`"))?;
+        let doc = LocatedDoc::parse(Path::new("--set"), text).map_err(|_| format!("the value in `{argument}` is not valid YAML"))?;
+        Ok(Self { path: path.trim().to_string(), value: doc.value, argument: argument.to_string() })
+    }
+}
+
+/// A pipeline that passed validation: its spec, where it lives, and its loaded dataset cards.
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    pub file: PathBuf,
+    pub spec: PipelineSpec,
+    pub doc: LocatedDoc,
+    pub cards: BTreeMap<String, LoadedCard>,
+}
+
+impl Pipeline {
+    /// Directory that relative paths in the pipeline start from.
+    pub fn dir(&self) -> &Path {
+        self.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    }
+
+    /// Where this pipeline's runs live: `run_dir` from the file (relative to it), else `./runs`.
+    pub fn runs_root(&self) -> PathBuf {
+        match &self.spec.run_dir {
+            Some(dir) => self.dir().join(dir),
+            None => PathBuf::from("runs"),
+        }
+    }
+
+    /// Resolves a path written in the pipeline file.
+    pub fn path(&self, written: &str) -> PathBuf {
+        self.dir().join(written)
+    }
+}
+
+/// Loads a pipeline file, applies overrides, and runs every check; all problems come back at once.
+pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, Vec<Diagnostic>> {
+    let mut doc = LocatedDoc::load(file)?;
+    let mut errors = Vec::new();
+    for o in overrides {
+        if let Err(message) = doc.set(&o.path, o.value.clone(), &o.argument) {
+            errors.push(Diagnostic { origin: Origin::Override { argument: o.argument.clone() }, path: o.path.clone(), message, help: None });
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let spec: PipelineSpec = check_and_deserialize(checker(), &doc)?;
+    let mut pipeline = Pipeline { file: file.to_path_buf(), spec, doc, cards: BTreeMap::new() };
+    validate::semantic_checks(&mut pipeline)?;
+    Ok(pipeline)
+}

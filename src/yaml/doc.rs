@@ -1,0 +1,244 @@
+//! Parsing YAML into a JSON value with positions for every key and value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+use serde_json::{Map, Number, Value};
+
+use crate::diagnostic::{Diagnostic, Origin, Position};
+
+/// A JSON pointer (`/datasets/arc/split`) naming one node of a document.
+pub type Pointer = String;
+
+/// Positions of one node: the value itself and, for mapping entries, the key.
+#[derive(Clone, Copy, Debug, Default)]
+struct Marks {
+    value: Position,
+    key: Option<Position>,
+}
+
+/// A parsed YAML file: its value as JSON and where each node came from.
+#[derive(Clone, Debug)]
+pub struct LocatedDoc {
+    pub file: PathBuf,
+    pub value: Value,
+    marks: BTreeMap<Pointer, Marks>,
+    /// Nodes replaced by `--set` overrides: pointer → the override argument as written.
+    overridden: BTreeMap<Pointer, String>,
+}
+
+impl LocatedDoc {
+    /// Parses `text` (the contents of `file`); a YAML syntax error becomes one diagnostic.
+    pub fn parse(file: &Path, text: &str) -> Result<Self, Vec<Diagnostic>> {
+        let docs = MarkedYaml::load_from_str(text).map_err(|e| {
+            let pos = Position { line: e.marker().line(), column: e.marker().col() + 1 };
+            vec![Diagnostic::at(file, pos, "", format!("invalid YAML: {}", e.info()))]
+        })?;
+        let mut doc = LocatedDoc {
+            file: file.to_path_buf(),
+            value: Value::Null,
+            marks: BTreeMap::new(),
+            overridden: BTreeMap::new(),
+        };
+        let mut errors = Vec::new();
+        match docs.as_slice() {
+            [] => {}
+            [root] => doc.value = doc.convert(root, String::new(), None, &mut errors),
+            [_, second, ..] => errors.push(Diagnostic::at(
+                file,
+                position(second),
+                "",
+                "expected one YAML document, found several (`---` separators)",
+            )),
+        }
+        if errors.is_empty() { Ok(doc) } else { Err(errors) }
+    }
+
+    /// Reads and parses a file; an unreadable file becomes one diagnostic.
+    pub fn load(file: &Path) -> Result<Self, Vec<Diagnostic>> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            vec![Diagnostic::at(file, Position { line: 1, column: 1 }, "", format!("cannot read file: {e}"))]
+        })?;
+        Self::parse(file, &text)
+    }
+
+    fn convert(&mut self, node: &MarkedYaml, ptr: Pointer, key: Option<Position>, errors: &mut Vec<Diagnostic>) -> Value {
+        self.marks.insert(ptr.clone(), Marks { value: position(node), key });
+        match &node.data {
+            YamlData::Value(scalar) => self.scalar(scalar, node, &ptr, errors),
+            YamlData::Representation(text, _, _) => Value::String(text.to_string()),
+            YamlData::Sequence(items) => Value::Array(
+                items.iter().enumerate().map(|(i, item)| self.convert(item, format!("{ptr}/{i}"), None, errors)).collect(),
+            ),
+            YamlData::Mapping(entries) => {
+                let mut map = Map::new();
+                for (k, v) in entries {
+                    let Some(name) = key_text(k) else {
+                        errors.push(self.error_at(position(k), &ptr, "mapping keys must be plain strings"));
+                        continue;
+                    };
+                    let child = format!("{ptr}/{}", escape(&name));
+                    let value = self.convert(v, child, Some(position(k)), errors);
+                    map.insert(name, value);
+                }
+                Value::Object(map)
+            }
+            YamlData::Tagged(_, inner) => self.convert(inner, ptr, key, errors),
+            YamlData::Alias(_) | YamlData::BadValue => {
+                errors.push(self.error_at(position(node), &ptr, "YAML aliases and anchors are not supported here"));
+                Value::Null
+            }
+        }
+    }
+
+    fn scalar(&self, scalar: &Scalar, node: &MarkedYaml, ptr: &str, errors: &mut Vec<Diagnostic>) -> Value {
+        match scalar {
+            Scalar::Null => Value::Null,
+            Scalar::Boolean(b) => Value::Bool(*b),
+            Scalar::Integer(i) => Value::from(*i),
+            Scalar::FloatingPoint(f) => Number::from_f64(f.into_inner()).map(Value::Number).unwrap_or_else(|| {
+                errors.push(self.error_at(position(node), ptr, "expected a finite number"));
+                Value::Null
+            }),
+            Scalar::String(s) => Value::String(s.to_string()),
+        }
+    }
+
+    fn error_at(&self, pos: Position, ptr: &str, message: &str) -> Diagnostic {
+        Diagnostic::at(&self.file, pos, dotted(ptr), message)
+    }
+
+    /// A diagnostic about the node at `ptr` (or its nearest located ancestor); `on_key` points at
+    /// the mapping key instead of the value, which reads better for unknown or misplaced keys.
+    pub fn diagnostic(&self, ptr: &str, on_key: bool, message: impl Into<String>) -> Diagnostic {
+        let path = dotted(ptr);
+        if let Some((_, argument)) = self.overridden.iter().find(|(p, _)| is_within(ptr, p)) {
+            return Diagnostic { origin: Origin::Override { argument: argument.clone() }, path, message: message.into(), help: None };
+        }
+        let mut at = ptr;
+        loop {
+            if let Some(m) = self.marks.get(at) {
+                let pos = if on_key { m.key.unwrap_or(m.value) } else { m.value };
+                return Diagnostic::at(&self.file, pos, path, message);
+            }
+            match at.rfind('/') {
+                Some(i) => at = &at[..i],
+                None => return Diagnostic::at(&self.file, Position { line: 1, column: 1 }, path, message),
+            }
+        }
+    }
+
+    /// Replaces (or adds) the node at the dotted `path` with `value`, remembering that errors about
+    /// it come from the command line. Intermediate mappings must already exist.
+    pub fn set(&mut self, path: &str, value: Value, argument: &str) -> Result<(), String> {
+        let segments: Vec<&str> = path.split('.').collect();
+        if segments.iter().any(|s| s.is_empty()) {
+            return Err(format!("`{path}` is not a valid field path (expected `a.b.c`)"));
+        }
+        let mut node = &mut self.value;
+        let mut ptr = String::new();
+        for (i, seg) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            node = match node {
+                Value::Object(map) => {
+                    ptr = format!("{ptr}/{}", escape(seg));
+                    if last {
+                        map.insert(seg.to_string(), Value::Null);
+                    } else if !map.contains_key(*seg) {
+                        let known: Vec<&str> = map.keys().map(String::as_str).collect();
+                        let hint = crate::diagnostic::did_you_mean(seg, known).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+                        let parent = dotted(&ptr[..ptr.rfind('/').unwrap_or(0)]);
+                        let parent = if parent.is_empty() { "the file".to_string() } else { format!("`{parent}`") };
+                        return Err(format!("{parent} has no key `{seg}`{hint}"));
+                    }
+                    map.get_mut(*seg).expect("present: checked or inserted above")
+                }
+                Value::Array(items) => {
+                    let index: usize = seg.parse().map_err(|_| format!("`{seg}` is not a list index"))?;
+                    ptr = format!("{ptr}/{index}");
+                    items.get_mut(index).ok_or_else(|| format!("list index {index} is out of range"))?
+                }
+                _ => return Err(format!("`{}` is not a mapping, cannot set `{seg}` inside it", dotted(&ptr))),
+            };
+        }
+        *node = value;
+        self.overridden.insert(ptr, argument.to_string());
+        Ok(())
+    }
+}
+
+fn position(node: &MarkedYaml) -> Position {
+    Position { line: node.span.start.line(), column: node.span.start.col() + 1 }
+}
+
+fn key_text(key: &MarkedYaml) -> Option<String> {
+    match &key.data {
+        YamlData::Value(Scalar::String(s)) => Some(s.to_string()),
+        YamlData::Value(Scalar::Integer(i)) => Some(i.to_string()),
+        YamlData::Value(Scalar::Boolean(b)) => Some(b.to_string()),
+        YamlData::Representation(s, _, _) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+fn is_within(ptr: &str, ancestor: &str) -> bool {
+    ptr == ancestor || ptr.starts_with(&format!("{ancestor}/"))
+}
+
+/// `/evaluate/0/dataset` → `evaluate[0].dataset`: the form users see in messages.
+pub fn dotted(ptr: &str) -> String {
+    let mut out = String::new();
+    for seg in ptr.split('/').skip(1) {
+        let seg = seg.replace("~1", "/").replace("~0", "~");
+        if seg.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&seg);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_positions_of_keys_and_values() {
+        let doc = LocatedDoc::parse(Path::new("f.yaml"), "a: 1\nb:\n  c: [x, y]\n").unwrap();
+        assert_eq!(doc.value["b"]["c"][1], "y");
+        let d = doc.diagnostic("/b/c/1", false, "m");
+        assert_eq!(d.line(), Some(3));
+        assert_eq!(d.path, "b.c[1]");
+        assert_eq!(doc.diagnostic("/b", true, "m").origin, Origin::File { file: "f.yaml".into(), line: 2, column: 1 });
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let err = LocatedDoc::parse(Path::new("f.yaml"), "a: 1\nb: [1, 2\n").unwrap_err();
+        assert_eq!(err.len(), 1);
+        assert!(err[0].line().unwrap() >= 2, "{:?}", err[0]);
+    }
+
+    #[test]
+    fn duplicate_keys_are_rejected() {
+        assert!(LocatedDoc::parse(Path::new("f.yaml"), "a: 1\na: 2\n").is_err());
+    }
+
+    #[test]
+    fn overrides_replace_and_are_attributed() {
+        let mut doc = LocatedDoc::parse(Path::new("f.yaml"), "a:\n  b: 1\n").unwrap();
+        doc.set("a.b", Value::from(5), "a.b=5").unwrap();
+        assert_eq!(doc.value["a"]["b"], 5);
+        assert_eq!(doc.diagnostic("/a/b", false, "m").origin, Origin::Override { argument: "a.b=5".into() });
+        assert!(doc.set("x.y", Value::Null, "x.y=1").unwrap_err().contains("no key `x`"));
+    }
+}
