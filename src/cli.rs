@@ -95,9 +95,23 @@ pub enum Format {
 pub fn main() -> Result<(), cmd::CmdError> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { files, overrides, format } => cmd::validate::run(&files, &overrides.set, format),
-        Command::Plan { file, overrides, selection, format } => cmd::plan::run(&file, &overrides.set, &selection.into(), format),
-        Command::Run { file, overrides, selection, dry_run } => cmd::run::run(&file, &overrides.set, &selection.into(), dry_run),
+        Command::Validate {
+            files,
+            overrides,
+            format,
+        } => cmd::validate::run(&files, &overrides.set, format),
+        Command::Plan {
+            file,
+            overrides,
+            selection,
+            format,
+        } => cmd::plan::run(&file, &overrides.set, &selection.into(), format),
+        Command::Run {
+            file,
+            overrides,
+            selection,
+            dry_run,
+        } => cmd::run::run(&file, &overrides.set, &selection.into(), dry_run),
         Command::Fetch { file, overrides } => cmd::fetch::run(&file, &overrides.set),
         Command::Schema => cmd::schema::run(),
     }
@@ -105,6 +119,9 @@ pub fn main() -> Result<(), cmd::CmdError> {
 
 impl From<Selection> for cmd::StageSelection {
     fn from(s: Selection) -> Self {
-        cmd::StageSelection { force: s.force, only: s.only }
+        cmd::StageSelection {
+            force: s.force,
+            only: s.only,
+        }
     }
 }

@@ -17,8 +17,14 @@ pub struct Position {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Origin {
-    File { file: PathBuf, line: usize, column: usize },
-    Override { argument: String },
+    File {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+    },
+    Override {
+        argument: String,
+    },
 }
 
 /// One problem found while reading or checking an input file.
@@ -33,9 +39,18 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub fn at(file: &Path, pos: Position, path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn at(
+        file: &Path,
+        pos: Position,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
-            origin: Origin::File { file: file.to_path_buf(), line: pos.line, column: pos.column },
+            origin: Origin::File {
+                file: file.to_path_buf(),
+                line: pos.line,
+                column: pos.column,
+            },
             path: path.into(),
             message: message.into(),
             help: None,
@@ -59,7 +74,9 @@ impl Diagnostic {
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.origin {
-            Origin::File { file, line, column } => write!(f, "{}:{line}:{column}: ", file.display())?,
+            Origin::File { file, line, column } => {
+                write!(f, "{}:{line}:{column}: ", file.display())?
+            }
             Origin::Override { argument } => write!(f, "--set {argument}: ")?,
         }
         if !self.path.is_empty() {
@@ -74,7 +91,10 @@ impl fmt::Display for Diagnostic {
 }
 
 /// Renders diagnostics as text with the offending source line and a caret under the column.
-pub fn render_text(diagnostics: &[Diagnostic], read_source: impl Fn(&Path) -> Option<String>) -> String {
+pub fn render_text(
+    diagnostics: &[Diagnostic],
+    read_source: impl Fn(&Path) -> Option<String>,
+) -> String {
     let mut out = String::new();
     for d in diagnostics {
         out.push_str(&format!("error: {d}\n"));
@@ -93,7 +113,10 @@ pub fn render_text(diagnostics: &[Diagnostic], read_source: impl Fn(&Path) -> Op
 }
 
 /// The closest candidate to `word` by edit distance, if it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))
@@ -116,7 +139,12 @@ mod tests {
 
     #[test]
     fn text_rendering_points_at_column() {
-        let d = Diagnostic::at(Path::new("p.yaml"), Position { line: 2, column: 3 }, "a.b", "bad");
+        let d = Diagnostic::at(
+            Path::new("p.yaml"),
+            Position { line: 2, column: 3 },
+            "a.b",
+            "bad",
+        );
         let text = render_text(&[d], |_| Some("x: 1\na: {b: 2}\n".into()));
         assert!(text.contains("p.yaml:2:3: `a.b`: bad"), "{text}");
         assert!(text.contains("  2 | a: {b: 2}\n    |   ^"), "{text}");

@@ -35,7 +35,9 @@ fn hex(bytes: &[u8]) -> String {
 /// blake3 of a JSON value in canonical form (object keys sorted), so that key order in a file does
 /// not change a cache key.
 pub fn json_blake3(value: &Value) -> String {
-    blake3::hash(canonical(value).as_bytes()).to_hex().to_string()
+    blake3::hash(canonical(value).as_bytes())
+        .to_hex()
+        .to_string()
 }
 
 fn canonical(value: &Value) -> String {
@@ -43,11 +45,16 @@ fn canonical(value: &Value) -> String {
         Value::Object(map) => {
             let mut entries: Vec<_> = map.iter().collect();
             entries.sort_by(|a, b| a.0.cmp(b.0));
-            let body: Vec<String> =
-                entries.into_iter().map(|(k, v)| format!("{}:{}", Value::String(k.clone()), canonical(v))).collect();
+            let body: Vec<String> = entries
+                .into_iter()
+                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), canonical(v)))
+                .collect();
             format!("{{{}}}", body.join(","))
         }
-        Value::Array(items) => format!("[{}]", items.iter().map(canonical).collect::<Vec<_>>().join(",")),
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(canonical).collect::<Vec<_>>().join(",")
+        ),
         other => other.to_string(),
     }
 }
@@ -70,6 +77,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("abc");
         std::fs::write(&p, b"abc").unwrap();
-        assert_eq!(file_sha256(&p).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            file_sha256(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

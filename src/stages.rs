@@ -9,10 +9,18 @@ use crate::model::stage::ModelStage;
 use crate::pipeline::Pipeline;
 
 /// The runner for `stage`, or `None` for kinds this version cannot run.
-pub fn runner_for<'a>(pipeline: &'a Pipeline, home: &'a TsqHome, stage: &Stage) -> Option<Box<dyn StageRunner + 'a>> {
+pub fn runner_for<'a>(
+    pipeline: &'a Pipeline,
+    home: &'a TsqHome,
+    stage: &Stage,
+) -> Option<Box<dyn StageRunner + 'a>> {
     let spec = &pipeline.spec;
     match &stage.kind {
-        StageKind::Model => Some(Box::new(ModelStage { spec: spec.model.clone(), base_dir: pipeline.dir().to_path_buf(), home: home.clone() })),
+        StageKind::Model => Some(Box::new(ModelStage {
+            spec: spec.model.clone(),
+            base_dir: pipeline.dir().to_path_buf(),
+            home: home.clone(),
+        })),
         StageKind::Data { dataset } => {
             let ds = spec.datasets.get(dataset)?;
             Some(Box::new(DataStage {
@@ -25,6 +33,10 @@ pub fn runner_for<'a>(pipeline: &'a Pipeline, home: &'a TsqHome, stage: &Stage) 
                 home: home.clone(),
             }))
         }
-        StageKind::Decompose | StageKind::Train { .. } | StageKind::Adapt | StageKind::Eval { .. } | StageKind::Report => None,
+        StageKind::Decompose
+        | StageKind::Train { .. }
+        | StageKind::Adapt
+        | StageKind::Eval { .. }
+        | StageKind::Report => None,
     }
 }

@@ -6,7 +6,10 @@ use std::process::Stdio;
 use crate::common::{Project, last_run_events, text};
 
 fn stage_events(p: &Project) -> Vec<(String, String)> {
-    last_run_events(&p.run_dir()).into_iter().filter(|(e, _)| e != "stage_started").collect()
+    last_run_events(&p.run_dir())
+        .into_iter()
+        .filter(|(e, _)| e != "stage_started")
+        .collect()
 }
 
 fn ran(stage: &str) -> (String, String) {
@@ -21,54 +24,133 @@ fn cached(stage: &str) -> (String, String) {
 fn second_run_is_cached_and_a_template_edit_reruns_only_its_stage() {
     let p = Project::new();
     p.run_ok(&["run", "pipeline.yaml"]);
-    assert_eq!(stage_events(&p), [ran("model"), ran("data.letters"), ran("data.numbers")]);
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.run_dir().join("data.letters/summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["split"], serde_json::json!({"train": 6, "val": 3, "test": 3}));
-    assert_eq!(summary["examples"][0]["prompt"].as_str().unwrap().lines().count(), 3);
+    assert_eq!(
+        stage_events(&p),
+        [ran("model"), ran("data.letters"), ran("data.numbers")]
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.run_dir().join("data.letters/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        summary["split"],
+        serde_json::json!({"train": 6, "val": 3, "test": 3})
+    );
+    assert_eq!(
+        summary["examples"][0]["prompt"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
 
     p.run_ok(&["run", "pipeline.yaml"]);
-    assert_eq!(stage_events(&p), [cached("model"), cached("data.letters"), cached("data.numbers")]);
+    assert_eq!(
+        stage_events(&p),
+        [
+            cached("model"),
+            cached("data.letters"),
+            cached("data.numbers")
+        ]
+    );
 
-    std::fs::write(p.path().join("templates/answer.jinja"), "The answer is ({{ 'AB'[gold] }})").unwrap();
+    std::fs::write(
+        p.path().join("templates/answer.jinja"),
+        "The answer is ({{ 'AB'[gold] }})",
+    )
+    .unwrap();
     let plan = text(&p.run_ok(&["plan", "pipeline.yaml"]));
-    assert!(plan.contains("data.letters  stale: `target_template` changed"), "{plan}");
+    assert!(
+        plan.contains("data.letters  stale: `target_template` changed"),
+        "{plan}"
+    );
     assert!(plan.contains("data.numbers  cached"), "{plan}");
     p.run_ok(&["run", "pipeline.yaml"]);
-    assert_eq!(stage_events(&p), [cached("model"), ran("data.letters"), cached("data.numbers")]);
+    assert_eq!(
+        stage_events(&p),
+        [cached("model"), ran("data.letters"), cached("data.numbers")]
+    );
 }
 
 #[test]
 fn overrides_and_force_select_what_reruns() {
     let p = Project::new();
     p.run_ok(&["run", "pipeline.yaml"]);
-    p.run_ok(&["run", "pipeline.yaml", "--set", "datasets.numbers.split.train=4"]);
-    assert_eq!(stage_events(&p), [cached("model"), cached("data.letters"), ran("data.numbers")]);
-    p.run_ok(&["run", "pipeline.yaml", "--set", "datasets.numbers.split.train=4", "--force", "data.letters"]);
-    assert_eq!(stage_events(&p), [cached("model"), ran("data.letters"), cached("data.numbers")]);
+    p.run_ok(&[
+        "run",
+        "pipeline.yaml",
+        "--set",
+        "datasets.numbers.split.train=4",
+    ]);
+    assert_eq!(
+        stage_events(&p),
+        [cached("model"), cached("data.letters"), ran("data.numbers")]
+    );
+    p.run_ok(&[
+        "run",
+        "pipeline.yaml",
+        "--set",
+        "datasets.numbers.split.train=4",
+        "--force",
+        "data.letters",
+    ]);
+    assert_eq!(
+        stage_events(&p),
+        [cached("model"), ran("data.letters"), cached("data.numbers")]
+    );
     let dry = text(&p.run_ok(&["run", "pipeline.yaml", "--dry-run"]));
-    assert!(dry.contains("data.numbers  stale: `config` changed"), "{dry}");
+    assert!(
+        dry.contains("data.numbers  stale: `config` changed"),
+        "{dry}"
+    );
     assert_eq!(stage_events(&p).len(), 3, "a dry run logs nothing");
 }
 
 #[test]
 fn a_run_killed_mid_stage_resumes_without_redoing_finished_work() {
     let p = Project::new();
-    let mut child = p.tsq(&["run", "pipeline.yaml"]).env("TSQ_TEST_STALL_BEFORE_COMMIT", "data.numbers").stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = p
+        .tsq(&["run", "pipeline.yaml"])
+        .env("TSQ_TEST_STALL_BEFORE_COMMIT", "data.numbers")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let stderr = BufReader::new(child.stderr.take().unwrap());
     for line in stderr.lines() {
-        if line.unwrap().contains("stalling before commit of data.numbers") {
+        if line
+            .unwrap()
+            .contains("stalling before commit of data.numbers")
+        {
             break;
         }
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(p.run_dir().join("data.letters/manifest.json").exists());
-    assert!(!p.run_dir().join("data.numbers").exists(), "an unfinished stage must not appear");
-    assert_eq!(std::fs::read_dir(p.run_dir().join(".staging")).unwrap().count(), 1, "the killed stage's staging is left behind");
+    assert!(
+        !p.run_dir().join("data.numbers").exists(),
+        "an unfinished stage must not appear"
+    );
+    assert_eq!(
+        std::fs::read_dir(p.run_dir().join(".staging"))
+            .unwrap()
+            .count(),
+        1,
+        "the killed stage's staging is left behind"
+    );
 
     p.run_ok(&["run", "pipeline.yaml"]);
-    assert_eq!(stage_events(&p), [cached("model"), cached("data.letters"), ran("data.numbers")]);
-    assert_eq!(std::fs::read_dir(p.run_dir().join(".staging")).map(|d| d.count()).unwrap_or(0), 0);
+    assert_eq!(
+        stage_events(&p),
+        [cached("model"), cached("data.letters"), ran("data.numbers")]
+    );
+    assert_eq!(
+        std::fs::read_dir(p.run_dir().join(".staging"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
 }
 
 #[test]
@@ -78,21 +160,45 @@ fn a_second_writer_is_refused() {
     let _held = tsq::exec::RunDir::lock(&p.run_dir()).unwrap();
     let out = p.tsq(&["run", "pipeline.yaml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("in use by another tsq process"), "{}", text(&out));
+    assert!(
+        text(&out).contains("in use by another tsq process"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn unavailable_stages_are_refused_up_front() {
     let p = Project::new();
-    let with_expert = format!("{}rewards:\n  r: {{kind: multiple_choice}}\nexperts:\n  e: {{dataset: letters, reward: r}}\n", crate::common::PIPELINE);
+    let with_expert = format!(
+        "{}rewards:\n  r: {{kind: multiple_choice}}\nexperts:\n  e: {{dataset: letters, reward: r}}\n",
+        crate::common::PIPELINE
+    );
     std::fs::write(p.path().join("expert.yaml"), with_expert).unwrap();
     let out = p.tsq(&["run", "expert.yaml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("not available in this version of tsq: `train.e` (from `experts.e`)"), "{}", text(&out));
-    assert!(!p.run_dir().join("data.letters").exists(), "nothing may run when a stage is refused");
+    assert!(
+        text(&out).contains("not available in this version of tsq: `train.e` (from `experts.e`)"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !p.run_dir().join("data.letters").exists(),
+        "nothing may run when a stage is refused"
+    );
     let plan = text(&p.run_ok(&["plan", "expert.yaml"]));
-    assert!(plan.contains("train.e       not available in this version  (after model, data.letters)"), "{plan}");
-    p.run_ok(&["run", "expert.yaml", "--only", "model", "--only", "data.letters"]);
+    assert!(
+        plan.contains("train.e       not available in this version  (after model, data.letters)"),
+        "{plan}"
+    );
+    p.run_ok(&[
+        "run",
+        "expert.yaml",
+        "--only",
+        "model",
+        "--only",
+        "data.letters",
+    ]);
 }
 
 #[test]
@@ -100,10 +206,26 @@ fn bad_records_fail_the_stage_past_the_threshold_and_keep_earlier_outputs() {
     let p = Project::new();
     p.run_ok(&["run", "pipeline.yaml"]);
     let before = std::fs::read(p.run_dir().join("data.letters/records.parquet")).unwrap();
-    std::fs::write(p.path().join("templates/answer.jinja"), "{{ 'AB'[gold] }} {{ missing_field }}").unwrap();
+    std::fs::write(
+        p.path().join("templates/answer.jinja"),
+        "{{ 'AB'[gold] }} {{ missing_field }}",
+    )
+    .unwrap();
     let out = p.tsq(&["run", "pipeline.yaml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("12 of 12 records are bad"), "{}", text(&out));
-    assert!(text(&out).contains("row 0: template error"), "{}", text(&out));
-    assert_eq!(std::fs::read(p.run_dir().join("data.letters/records.parquet")).unwrap(), before, "a failed stage keeps the previous outputs");
+    assert!(
+        text(&out).contains("12 of 12 records are bad"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("row 0: template error"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read(p.run_dir().join("data.letters/records.parquet")).unwrap(),
+        before,
+        "a failed stage keeps the previous outputs"
+    );
 }

@@ -1,6 +1,6 @@
 //! Integration tests, one binary (see `Cargo.toml` `autotests = false`).
 
 mod common;
-mod validate;
-mod run;
 mod real_data;
+mod run;
+mod validate;

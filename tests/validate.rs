@@ -15,18 +15,31 @@ struct Expectation {
 }
 
 fn expectation(path: &Path) -> Expectation {
-    let first = std::fs::read_to_string(path).unwrap().lines().next().unwrap().to_string();
-    let spec = first.strip_prefix("# expect: ").unwrap_or_else(|| panic!("{}: first line must be `# expect: ...`", path.display()));
+    let first = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let spec = first
+        .strip_prefix("# expect: ")
+        .unwrap_or_else(|| panic!("{}: first line must be `# expect: ...`", path.display()));
     let (location, text) = spec.split_once(": ").unwrap();
     let (file_suffix, line) = match location.rsplit_once(':') {
         Some((file, line)) => (Some(file.to_string()), line),
         None => (None, location),
     };
-    Expectation { file_suffix, line: line.parse().unwrap(), text: text.to_string() }
+    Expectation {
+        file_suffix,
+        line: line.parse().unwrap(),
+        text: text.to_string(),
+    }
 }
 
 fn matches(d: &Diagnostic, e: &Expectation, pipeline: &Path) -> bool {
-    let Origin::File { file, line, .. } = &d.origin else { return false };
+    let Origin::File { file, line, .. } = &d.origin else {
+        return false;
+    };
     let file_ok = match &e.file_suffix {
         Some(suffix) => file.to_string_lossy().ends_with(suffix.as_str()),
         None => file == pipeline,
@@ -37,7 +50,11 @@ fn matches(d: &Diagnostic, e: &Expectation, pipeline: &Path) -> bool {
 #[test]
 fn every_broken_pipeline_yields_its_expected_error() {
     let dir = repo().join("tests/broken");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
     files.sort();
     assert!(files.len() >= 25, "the corpus has {} files", files.len());
     let mut failures = Vec::new();
@@ -47,7 +64,13 @@ fn every_broken_pipeline_yields_its_expected_error() {
             Ok(_) => failures.push(format!("{}: loaded without error", file.display())),
             Err(diagnostics) if !diagnostics.iter().any(|d| matches(d, &expected, file)) => {
                 let got: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
-                failures.push(format!("{}: expected line {} `{}`, got:\n    {}", file.display(), expected.line, expected.text, got.join("\n    ")));
+                failures.push(format!(
+                    "{}: expected line {} `{}`, got:\n    {}",
+                    file.display(),
+                    expected.line,
+                    expected.text,
+                    got.join("\n    ")
+                ));
             }
             Err(_) => {}
         }
@@ -57,7 +80,10 @@ fn every_broken_pipeline_yields_its_expected_error() {
 
 #[test]
 fn example_pipelines_are_valid() {
-    let mut files: Vec<_> = std::fs::read_dir(repo().join("pipelines")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(repo().join("pipelines"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     assert!(!files.is_empty());
     for file in files {
@@ -65,15 +91,23 @@ fn example_pipelines_are_valid() {
             panic!("{} is invalid: {d:#?}", file.display());
         }
         let text = std::fs::read_to_string(&file).unwrap();
-        assert!(text.starts_with("# yaml-language-server: $schema=../schemas/pipeline.schema.json"), "{} lacks the schema modeline", file.display());
+        assert!(
+            text.starts_with("# yaml-language-server: $schema=../schemas/pipeline.schema.json"),
+            "{} lacks the schema modeline",
+            file.display()
+        );
     }
 }
 
 #[test]
 fn checked_in_schema_is_current() {
     let generated = serde_json::to_string_pretty(&tsq::pipeline::json_schema()).unwrap() + "\n";
-    let checked_in = std::fs::read_to_string(repo().join("schemas/pipeline.schema.json")).unwrap_or_default();
-    assert!(generated == checked_in, "schemas/pipeline.schema.json is stale: regenerate with `cargo run -- schema > schemas/pipeline.schema.json`");
+    let checked_in =
+        std::fs::read_to_string(repo().join("schemas/pipeline.schema.json")).unwrap_or_default();
+    assert!(
+        generated == checked_in,
+        "schemas/pipeline.schema.json is stale: regenerate with `cargo run -- schema > schemas/pipeline.schema.json`"
+    );
 }
 
 #[test]
@@ -87,7 +121,12 @@ fn all_errors_of_a_file_are_reported_at_once() {
     let out = p.tsq(&["validate", "many.yaml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let all = text(&out);
-    for needle in ["many.yaml:3:", "many.yaml:5:", "many.yaml:6:1: `surprise`: unknown key", "expected a number ≥ 1"] {
+    for needle in [
+        "many.yaml:3:",
+        "many.yaml:5:",
+        "many.yaml:6:1: `surprise`: unknown key",
+        "expected a number ≥ 1",
+    ] {
         assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
     }
 }
@@ -95,35 +134,87 @@ fn all_errors_of_a_file_are_reported_at_once() {
 #[test]
 fn json_format_and_exit_codes() {
     let p = Project::new();
-    let ok = p.tsq(&["validate", "pipeline.yaml", "--format", "json"]).output().unwrap();
+    let ok = p
+        .tsq(&["validate", "pipeline.yaml", "--format", "json"])
+        .output()
+        .unwrap();
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
     let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert_eq!(report["valid"], true);
 
-    std::fs::write(p.path().join("bad.yaml"), "version: 1\nname: bad\nmodel: {source: model.gguf}\nseed: many\n").unwrap();
-    let bad = p.tsq(&["validate", "pipeline.yaml", "bad.yaml", "--format", "json"]).output().unwrap();
+    std::fs::write(
+        p.path().join("bad.yaml"),
+        "version: 1\nname: bad\nmodel: {source: model.gguf}\nseed: many\n",
+    )
+    .unwrap();
+    let bad = p
+        .tsq(&["validate", "pipeline.yaml", "bad.yaml", "--format", "json"])
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(&bad.stdout).unwrap();
     assert_eq!(report["files"][0]["valid"], true);
     let error = &report["files"][1]["errors"][0];
-    assert_eq!((error["origin"]["line"].as_u64(), error["path"].as_str()), (Some(4), Some("seed")), "{report:#}");
+    assert_eq!(
+        (error["origin"]["line"].as_u64(), error["path"].as_str()),
+        (Some(4), Some("seed")),
+        "{report:#}"
+    );
 
     let usage = p.tsq(&["validate"]).output().unwrap();
     assert_eq!(usage.status.code(), Some(2));
-    let unknown_stage = p.tsq(&["plan", "pipeline.yaml", "--only", "data.letter"]).output().unwrap();
+    let unknown_stage = p
+        .tsq(&["plan", "pipeline.yaml", "--only", "data.letter"])
+        .output()
+        .unwrap();
     assert_eq!(unknown_stage.status.code(), Some(2));
-    assert!(text(&unknown_stage).contains("did you mean `data.letters`?"), "{}", text(&unknown_stage));
+    assert!(
+        text(&unknown_stage).contains("did you mean `data.letters`?"),
+        "{}",
+        text(&unknown_stage)
+    );
 }
 
 #[test]
 fn overrides_apply_and_unknown_keys_are_errors() {
     let p = Project::new();
-    let ok = p.tsq(&["validate", "pipeline.yaml", "--set", "datasets.letters.split.train=0.25"]).output().unwrap();
+    let ok = p
+        .tsq(&[
+            "validate",
+            "pipeline.yaml",
+            "--set",
+            "datasets.letters.split.train=0.25",
+        ])
+        .output()
+        .unwrap();
     assert!(ok.status.success(), "{}", text(&ok));
-    let unknown = p.tsq(&["validate", "pipeline.yaml", "--set", "datasets.letters.split.trian=3"]).output().unwrap();
+    let unknown = p
+        .tsq(&[
+            "validate",
+            "pipeline.yaml",
+            "--set",
+            "datasets.letters.split.trian=3",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(unknown.status.code(), Some(1));
     let out = text(&unknown);
-    assert!(out.contains("--set datasets.letters.split.trian=3") && out.contains("unknown key `trian`"), "{out}");
-    let missing_parent = p.tsq(&["validate", "pipeline.yaml", "--set", "experts.math.train.steps=20"]).output().unwrap();
-    assert!(text(&missing_parent).contains("has no key `experts`"), "{}", text(&missing_parent));
+    assert!(
+        out.contains("--set datasets.letters.split.trian=3") && out.contains("unknown key `trian`"),
+        "{out}"
+    );
+    let missing_parent = p
+        .tsq(&[
+            "validate",
+            "pipeline.yaml",
+            "--set",
+            "experts.math.train.steps=20",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        text(&missing_parent).contains("has no key `experts`"),
+        "{}",
+        text(&missing_parent)
+    );
 }

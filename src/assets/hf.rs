@@ -10,7 +10,13 @@ use super::AssetError;
 
 pub fn resolve(repo: &str, revision: &str, path: &str) -> Result<PathBuf, AssetError> {
     let cache = Cache::from_env();
-    let found = cache.repo(Repo::with_revision(repo.into(), RepoType::Model, revision.into())).get(path);
+    let found = cache
+        .repo(Repo::with_revision(
+            repo.into(),
+            RepoType::Model,
+            revision.into(),
+        ))
+        .get(path);
     found.ok_or_else(|| AssetError::Fetch {
         what: format!("hf://{repo}@{revision}/{path}"),
         reason: format!(

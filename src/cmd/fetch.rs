@@ -9,13 +9,23 @@ use crate::pipeline::Override;
 pub fn run(file: &Path, overrides: &[Override]) -> Result<(), CmdError> {
     let pipeline = load_or_report(file, overrides)?;
     let home = TsqHome::from_env();
-    let mut assets = vec![(pipeline.spec.model.source.clone(), pipeline.dir().to_path_buf(), pipeline.spec.model.sha256.clone())];
+    let mut assets = vec![(
+        pipeline.spec.model.source.clone(),
+        pipeline.dir().to_path_buf(),
+        pipeline.spec.model.sha256.clone(),
+    )];
     for card in pipeline.cards.values() {
-        assets.push((card.card.source.clone(), card.dir().to_path_buf(), card.card.sha256.clone()));
+        assets.push((
+            card.card.source.clone(),
+            card.dir().to_path_buf(),
+            card.card.sha256.clone(),
+        ));
     }
     for (text, base, sha256) in assets {
         let fail = |e: crate::assets::AssetError| CmdError::Failed(e.to_string());
-        let path = AssetSource::parse(&text, &base).and_then(|s| s.resolve(&home)).map_err(fail)?;
+        let path = AssetSource::parse(&text, &base)
+            .and_then(|s| s.resolve(&home))
+            .map_err(fail)?;
         verify_sha256(&path, sha256.as_deref()).map_err(fail)?;
         println!("ok: {text} -> {}", path.display());
     }

@@ -57,14 +57,26 @@ impl StageSelection {
                     if known.contains(&n.as_str()) {
                         Ok(StageId(n.clone()))
                     } else {
-                        let hint = crate::diagnostic::did_you_mean(n, known.iter().copied()).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
-                        Err(CmdError::Usage(format!("no stage `{n}` in this pipeline{hint}; stages: {}", known.join(", "))))
+                        let hint = crate::diagnostic::did_you_mean(n, known.iter().copied())
+                            .map(|s| format!(" (did you mean `{s}`?)"))
+                            .unwrap_or_default();
+                        Err(CmdError::Usage(format!(
+                            "no stage `{n}` in this pipeline{hint}; stages: {}",
+                            known.join(", ")
+                        )))
                     }
                 })
                 .collect()
         };
-        let only = if self.only.is_empty() { None } else { Some(check(&self.only)?) };
-        Ok(RunOptions { force: check(&self.force)?, only })
+        let only = if self.only.is_empty() {
+            None
+        } else {
+            Some(check(&self.only)?)
+        };
+        Ok(RunOptions {
+            force: check(&self.force)?,
+            only,
+        })
     }
 }
 

@@ -9,17 +9,31 @@ use crate::assets::TsqHome;
 use crate::exec::{Executor, PlanEntry, RunDir, Status};
 use crate::pipeline::Override;
 
-pub fn run(file: &Path, overrides: &[Override], selection: &StageSelection, format: Format) -> Result<(), CmdError> {
+pub fn run(
+    file: &Path,
+    overrides: &[Override],
+    selection: &StageSelection,
+    format: Format,
+) -> Result<(), CmdError> {
     let pipeline = load_or_report(file, overrides)?;
     let graph = graph_of(&pipeline)?;
     let opts = selection.resolve(&graph)?;
     let home = TsqHome::from_env();
     let factory = |stage: &crate::dag::Stage| crate::stages::runner_for(&pipeline, &home, stage);
-    let executor = Executor { graph: &graph, factory: &factory };
+    let executor = Executor {
+        graph: &graph,
+        factory: &factory,
+    };
     let run_root = pipeline.runs_root().join(&pipeline.spec.name);
-    let plan = executor.plan(&RunDir::read_only(&run_root), &opts).map_err(|e| CmdError::Failed(e.to_string()))?;
+    let plan = executor
+        .plan(&RunDir::read_only(&run_root), &opts)
+        .map_err(|e| CmdError::Failed(e.to_string()))?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&json!({"run_dir": run_root, "stages": plan})).expect("json")),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"run_dir": run_root, "stages": plan}))
+                .expect("json")
+        ),
         Format::Text => print!("{}", render_plan(&pipeline.spec.name, &run_root, &plan)),
     }
     Ok(())
@@ -37,7 +51,18 @@ pub fn render_plan(name: &str, run_root: &Path, plan: &[PlanEntry]) -> String {
             Status::Unavailable => "not available in this version".to_string(),
             Status::Skipped => "not selected".to_string(),
         };
-        let deps = if e.deps.is_empty() { String::new() } else { format!("  (after {})", e.deps.iter().map(|d| d.0.as_str()).collect::<Vec<_>>().join(", ")) };
+        let deps = if e.deps.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  (after {})",
+                e.deps
+                    .iter()
+                    .map(|d| d.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
         out.push_str(&format!("  {:width$}  {status}{deps}\n", e.stage.0));
     }
     out

@@ -7,17 +7,30 @@ use crate::assets::TsqHome;
 use crate::exec::{ExecError, Executor, Interrupt, RunDir};
 use crate::pipeline::Override;
 
-pub fn run(file: &Path, overrides: &[Override], selection: &StageSelection, dry_run: bool) -> Result<(), CmdError> {
+pub fn run(
+    file: &Path,
+    overrides: &[Override],
+    selection: &StageSelection,
+    dry_run: bool,
+) -> Result<(), CmdError> {
     let pipeline = load_or_report(file, overrides)?;
     let graph = graph_of(&pipeline)?;
     let opts = selection.resolve(&graph)?;
     let home = TsqHome::from_env();
     let factory = |stage: &crate::dag::Stage| crate::stages::runner_for(&pipeline, &home, stage);
-    let executor = Executor { graph: &graph, factory: &factory };
+    let executor = Executor {
+        graph: &graph,
+        factory: &factory,
+    };
     let run_root = pipeline.runs_root().join(&pipeline.spec.name);
     if dry_run {
-        let plan = executor.plan(&RunDir::read_only(&run_root), &opts).map_err(|e| CmdError::Failed(e.to_string()))?;
-        print!("{}", super::plan::render_plan(&pipeline.spec.name, &run_root, &plan));
+        let plan = executor
+            .plan(&RunDir::read_only(&run_root), &opts)
+            .map_err(|e| CmdError::Failed(e.to_string()))?;
+        print!(
+            "{}",
+            super::plan::render_plan(&pipeline.spec.name, &run_root, &plan)
+        );
         return Ok(());
     }
     let run_dir = RunDir::lock(&run_root).map_err(CmdError::Failed)?;

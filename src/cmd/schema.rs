@@ -3,6 +3,9 @@
 use super::CmdError;
 
 pub fn run() -> Result<(), CmdError> {
-    println!("{}", serde_json::to_string_pretty(&crate::pipeline::json_schema()).expect("schema serialises"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&crate::pipeline::json_schema()).expect("schema serialises")
+    );
     Ok(())
 }

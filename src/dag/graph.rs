@@ -92,18 +92,44 @@ impl Graph {
 }
 
 fn stage(id: String, kind: StageKind, deps: Vec<String>, config: Value, pointer: &str) -> Stage {
-    Stage { id: StageId(id), kind, deps: deps.into_iter().map(StageId).collect(), config, pointer: pointer.into() }
+    Stage {
+        id: StageId(id),
+        kind,
+        deps: deps.into_iter().map(StageId).collect(),
+        config,
+        pointer: pointer.into(),
+    }
 }
 
 fn derive_stages(spec: &PipelineSpec) -> Vec<Stage> {
-    let mut stages = vec![stage("model".into(), StageKind::Model, vec![], to(&spec.model), "/model")];
+    let mut stages = vec![stage(
+        "model".into(),
+        StageKind::Model,
+        vec![],
+        to(&spec.model),
+        "/model",
+    )];
     for (name, ds) in &spec.datasets {
         let seed = ds.split.seed.unwrap_or(spec.seed);
         let config = json!({"dataset": to(ds), "split_seed": seed});
-        stages.push(stage(format!("data.{name}"), StageKind::Data { dataset: name.clone() }, vec![], config, &format!("/datasets/{name}")));
+        stages.push(stage(
+            format!("data.{name}"),
+            StageKind::Data {
+                dataset: name.clone(),
+            },
+            vec![],
+            config,
+            &format!("/datasets/{name}"),
+        ));
     }
     if let Some(svd) = &spec.svd {
-        stages.push(stage("decompose".into(), StageKind::Decompose, vec!["model".into()], to(svd), "/svd"));
+        stages.push(stage(
+            "decompose".into(),
+            StageKind::Decompose,
+            vec!["model".into()],
+            to(svd),
+            "/svd",
+        ));
     }
     for (name, ex) in &spec.experts {
         let mut deps = vec!["model".to_string(), format!("data.{}", ex.dataset)];
@@ -114,11 +140,25 @@ fn derive_stages(spec: &PipelineSpec) -> Vec<Stage> {
             deps.push(format!("train.{from}"));
         }
         let config = json!({"expert": to(ex), "reward": spec.rewards.get(&ex.reward).map(to), "seed": spec.seed});
-        stages.push(stage(format!("train.{name}"), StageKind::Train { expert: name.clone() }, deps, config, &format!("/experts/{name}")));
+        stages.push(stage(
+            format!("train.{name}"),
+            StageKind::Train {
+                expert: name.clone(),
+            },
+            deps,
+            config,
+            &format!("/experts/{name}"),
+        ));
     }
     if let Some(ad) = &spec.adaptation {
         let deps = ad.experts.iter().map(|e| format!("train.{e}")).collect();
-        stages.push(stage("adapt".into(), StageKind::Adapt, deps, to(ad), "/adaptation"));
+        stages.push(stage(
+            "adapt".into(),
+            StageKind::Adapt,
+            deps,
+            to(ad),
+            "/adaptation",
+        ));
     }
     for (i, ev) in spec.evaluate.iter().enumerate() {
         let mut deps = vec!["model".to_string(), format!("data.{}", ev.dataset)];
@@ -130,11 +170,29 @@ fn derive_stages(spec: &PipelineSpec) -> Vec<Stage> {
             }
         }
         let config = json!({"evaluate": to(ev), "reward": ev.reward.as_ref().and_then(|r| spec.rewards.get(r)).map(to)});
-        stages.push(stage(format!("eval.{}", ev.dataset), StageKind::Eval { dataset: ev.dataset.clone() }, deps, config, &format!("/evaluate/{i}")));
+        stages.push(stage(
+            format!("eval.{}", ev.dataset),
+            StageKind::Eval {
+                dataset: ev.dataset.clone(),
+            },
+            deps,
+            config,
+            &format!("/evaluate/{i}"),
+        ));
     }
     if let Some(report) = &spec.report {
-        let deps = spec.evaluate.iter().map(|e| format!("eval.{}", e.dataset)).collect();
-        stages.push(stage("report".into(), StageKind::Report, deps, to(report), "/report"));
+        let deps = spec
+            .evaluate
+            .iter()
+            .map(|e| format!("eval.{}", e.dataset))
+            .collect();
+        stages.push(stage(
+            "report".into(),
+            StageKind::Report,
+            deps,
+            to(report),
+            "/report",
+        ));
     }
     stages
 }
@@ -145,17 +203,28 @@ fn to<T: serde::Serialize>(section: &T) -> Value {
 
 /// Topological order, stable with respect to declaration order; reports a cycle in full.
 fn order(stages: Vec<Stage>) -> Result<Graph, CycleError> {
-    let index: BTreeMap<&StageId, usize> = stages.iter().enumerate().map(|(i, s)| (&s.id, i)).collect();
+    let index: BTreeMap<&StageId, usize> =
+        stages.iter().enumerate().map(|(i, s)| (&s.id, i)).collect();
     // 0 = unvisited, 1 = on the current path, 2 = done.
     let mut state = vec![0u8; stages.len()];
     let mut sorted = Vec::with_capacity(stages.len());
     let mut path = Vec::new();
-    fn visit(i: usize, stages: &[Stage], index: &BTreeMap<&StageId, usize>, state: &mut [u8], path: &mut Vec<usize>, sorted: &mut Vec<usize>) -> Result<(), CycleError> {
+    fn visit(
+        i: usize,
+        stages: &[Stage],
+        index: &BTreeMap<&StageId, usize>,
+        state: &mut [u8],
+        path: &mut Vec<usize>,
+        sorted: &mut Vec<usize>,
+    ) -> Result<(), CycleError> {
         match state[i] {
             2 => return Ok(()),
             1 => {
                 let start = path.iter().position(|&p| p == i).unwrap_or(0);
-                let mut cycle: Vec<StageId> = path[start..].iter().map(|&p| stages[p].id.clone()).collect();
+                let mut cycle: Vec<StageId> = path[start..]
+                    .iter()
+                    .map(|&p| stages[p].id.clone())
+                    .collect();
                 cycle.push(stages[i].id.clone());
                 return Err(CycleError { cycle });
             }
@@ -178,7 +247,9 @@ fn order(stages: Vec<Stage>) -> Result<Graph, CycleError> {
         visit(i, &stages, &index, &mut state, &mut path, &mut sorted)?;
     }
     let mut slots: Vec<Option<Stage>> = stages.into_iter().map(Some).collect();
-    Ok(Graph { stages: sorted.into_iter().filter_map(|i| slots[i].take()).collect() })
+    Ok(Graph {
+        stages: sorted.into_iter().filter_map(|i| slots[i].take()).collect(),
+    })
 }
 
 #[cfg(test)]
@@ -195,18 +266,27 @@ mod tests {
 
     #[test]
     fn orders_dependencies_first() {
-        let g = Graph::from_spec(&spec("  a: {dataset: d, reward: r, init_from: b}\n  b: {dataset: d, reward: r}\n")).unwrap();
+        let g = Graph::from_spec(&spec(
+            "  a: {dataset: d, reward: r, init_from: b}\n  b: {dataset: d, reward: r}\n",
+        ))
+        .unwrap();
         let pos = |id: &str| g.stages.iter().position(|s| s.id.0 == id).unwrap();
         assert!(pos("train.b") < pos("train.a"));
         assert!(pos("data.d") < pos("train.b"));
         assert!(pos("train.a") < pos("eval.d"));
         let down = g.downstream_of(&BTreeSet::from([StageId("train.b".into())]));
-        assert_eq!(down.into_iter().map(|s| s.0).collect::<Vec<_>>(), ["eval.d", "train.a", "train.b"]);
+        assert_eq!(
+            down.into_iter().map(|s| s.0).collect::<Vec<_>>(),
+            ["eval.d", "train.a", "train.b"]
+        );
     }
 
     #[test]
     fn reports_the_whole_cycle() {
         let err = Graph::from_spec(&spec("  a: {dataset: d, reward: r, init_from: b}\n  b: {dataset: d, reward: r, init_from: a}\n")).unwrap_err();
-        assert_eq!(err.to_string(), "dependency cycle: `train.a` → `train.b` → `train.a`");
+        assert_eq!(
+            err.to_string(),
+            "dependency cycle: `train.a` → `train.b` → `train.a`"
+        );
     }
 }

@@ -61,10 +61,16 @@ impl DataFormat {
     /// The format a file name implies, if any.
     pub fn from_file_name(name: &str) -> Option<Self> {
         let lower = name.to_ascii_lowercase();
-        [(".jsonl.gz", Self::JsonlGz), (".jsonl", Self::Jsonl), (".json", Self::Json), (".csv", Self::Csv), (".parquet", Self::Parquet)]
-            .into_iter()
-            .find(|(ext, _)| lower.ends_with(ext))
-            .map(|(_, f)| f)
+        [
+            (".jsonl.gz", Self::JsonlGz),
+            (".jsonl", Self::Jsonl),
+            (".json", Self::Json),
+            (".csv", Self::Csv),
+            (".parquet", Self::Parquet),
+        ]
+        .into_iter()
+        .find(|(ext, _)| lower.ends_with(ext))
+        .map(|(_, f)| f)
     }
 }
 
@@ -80,7 +86,11 @@ pub const REQUIRED_FIELDS: [&str; 2] = ["id", "question"];
 
 fn checker() -> &'static SchemaChecker {
     static CHECKER: OnceLock<SchemaChecker> = OnceLock::new();
-    CHECKER.get_or_init(|| SchemaChecker::new(serde_json::to_value(schemars::schema_for!(DatasetCard)).expect("schema serialises")))
+    CHECKER.get_or_init(|| {
+        SchemaChecker::new(
+            serde_json::to_value(schemars::schema_for!(DatasetCard)).expect("schema serialises"),
+        )
+    })
 }
 
 /// Loads and checks a card: schema, required fields, a known format.
@@ -90,23 +100,41 @@ pub fn load_card(file: &Path) -> Result<LoadedCard, Vec<Diagnostic>> {
     let mut errors = Vec::new();
     for field in REQUIRED_FIELDS {
         if !card.fields.contains_key(field) {
-            errors.push(doc.diagnostic("/fields", true, format!("missing required field mapping `{field}`")));
+            errors.push(doc.diagnostic(
+                "/fields",
+                true,
+                format!("missing required field mapping `{field}`"),
+            ));
         }
     }
     let dir = file.parent().unwrap_or(Path::new("."));
     if let Err(message) = AssetSource::check(&card.source, dir) {
         errors.push(doc.diagnostic("/source", false, message));
     }
-    let source_name = card.source.rsplit(['/', '#']).next().unwrap_or(&card.source);
-    let format = card.format.or_else(|| DataFormat::from_file_name(source_name));
+    let source_name = card
+        .source
+        .rsplit(['/', '#'])
+        .next()
+        .unwrap_or(&card.source);
+    let format = card
+        .format
+        .or_else(|| DataFormat::from_file_name(source_name));
     if format.is_none() {
         errors.push(
-            doc.diagnostic("/source", false, format!("cannot tell the format of `{source_name}` from its name"))
-                .with_help("add `format:` (jsonl, jsonl.gz, json, csv or parquet)"),
+            doc.diagnostic(
+                "/source",
+                false,
+                format!("cannot tell the format of `{source_name}` from its name"),
+            )
+            .with_help("add `format:` (jsonl, jsonl.gz, json, csv or parquet)"),
         );
     }
     match (errors.is_empty(), format) {
-        (true, Some(format)) => Ok(LoadedCard { file: file.to_path_buf(), card, format }),
+        (true, Some(format)) => Ok(LoadedCard {
+            file: file.to_path_buf(),
+            card,
+            format,
+        }),
         _ => Err(errors),
     }
 }

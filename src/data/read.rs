@@ -12,9 +12,13 @@ use super::card::DataFormat;
 
 /// All rows of a data file, as JSON objects.
 pub fn read_rows(path: &Path, format: DataFormat) -> Result<Vec<Value>, String> {
-    let mut df = read_frame(path, format).map_err(|e| format!("cannot read `{}` as {format:?}: {e}", path.display()))?;
+    let mut df = read_frame(path, format)
+        .map_err(|e| format!("cannot read `{}` as {format:?}: {e}", path.display()))?;
     let mut buf = Vec::new();
-    JsonWriter::new(&mut buf).with_json_format(JsonFormat::JsonLines).finish(&mut df).map_err(|e| format!("cannot convert rows: {e}"))?;
+    JsonWriter::new(&mut buf)
+        .with_json_format(JsonFormat::JsonLines)
+        .finish(&mut df)
+        .map_err(|e| format!("cannot convert rows: {e}"))?;
     buf.split(|b| *b == b'\n')
         .filter(|line| !line.is_empty())
         .map(|line| serde_json::from_slice(line).map_err(|e| format!("cannot convert a row: {e}")))
@@ -26,17 +30,30 @@ fn read_frame(path: &Path, format: DataFormat) -> PolarsResult<DataFrame> {
         DataFormat::Jsonl | DataFormat::Json => json_frame(std::fs::read(path)?, format),
         DataFormat::JsonlGz => {
             let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(std::fs::File::open(path)?), &mut bytes)?;
+            std::io::Read::read_to_end(
+                &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(path)?),
+                &mut bytes,
+            )?;
             json_frame(bytes, DataFormat::Jsonl)
         }
-        DataFormat::Csv => CsvReadOptions::default().with_has_header(true).try_into_reader_with_file_path(Some(path.to_path_buf()))?.finish(),
+        DataFormat::Csv => CsvReadOptions::default()
+            .with_has_header(true)
+            .try_into_reader_with_file_path(Some(path.to_path_buf()))?
+            .finish(),
         DataFormat::Parquet => ParquetReader::new(std::fs::File::open(path)?).finish(),
     }
 }
 
 fn json_frame(bytes: Vec<u8>, format: DataFormat) -> PolarsResult<DataFrame> {
-    let json_format = if format == DataFormat::Json { JsonFormat::Json } else { JsonFormat::JsonLines };
-    JsonReader::new(Cursor::new(bytes)).with_json_format(json_format).infer_schema_len(None).finish()
+    let json_format = if format == DataFormat::Json {
+        JsonFormat::Json
+    } else {
+        JsonFormat::JsonLines
+    };
+    JsonReader::new(Cursor::new(bytes))
+        .with_json_format(json_format)
+        .infer_schema_len(None)
+        .finish()
 }
 
 #[cfg(test)]
@@ -53,7 +70,10 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[1]["doc"]["c"][0], "z");
         let gz = dir.path().join("d.jsonl.gz");
-        let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::fast());
+        let mut enc = flate2::write::GzEncoder::new(
+            std::fs::File::create(&gz).unwrap(),
+            flate2::Compression::fast(),
+        );
         std::io::Write::write_all(&mut enc, jsonl.as_bytes()).unwrap();
         enc.finish().unwrap();
         assert_eq!(read_rows(&gz, DataFormat::JsonlGz).unwrap(), rows);

@@ -40,7 +40,11 @@ pub fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
 pub fn map_rows(card: &DatasetCard, rows: &[Value]) -> Mapped {
     let mut seen_docs = BTreeSet::new();
     let mut seen_ids = BTreeSet::new();
-    let mut out = Mapped { records: Vec::new(), bad: Vec::new(), deduplicated: 0 };
+    let mut out = Mapped {
+        records: Vec::new(),
+        bad: Vec::new(),
+        deduplicated: 0,
+    };
     for (row_index, row) in rows.iter().enumerate() {
         if let Some(key_path) = &card.dedupe_by
             && let Some(key) = lookup(row, key_path)
@@ -50,11 +54,21 @@ pub fn map_rows(card: &DatasetCard, rows: &[Value]) -> Mapped {
             continue;
         }
         match map_row(card, row) {
-            Err(reason) => out.bad.push(BadRecord { row: row_index, reason }),
-            Ok((id, _)) if seen_ids.contains(&id) => out.bad.push(BadRecord { row: row_index, reason: format!("duplicate id `{id}`") }),
+            Err(reason) => out.bad.push(BadRecord {
+                row: row_index,
+                reason,
+            }),
+            Ok((id, _)) if seen_ids.contains(&id) => out.bad.push(BadRecord {
+                row: row_index,
+                reason: format!("duplicate id `{id}`"),
+            }),
             Ok((id, fields)) => {
                 seen_ids.insert(id.clone());
-                out.records.push(Record { row: row_index, id, fields });
+                out.records.push(Record {
+                    row: row_index,
+                    id,
+                    fields,
+                });
             }
         }
     }
@@ -69,7 +83,9 @@ fn map_row(card: &DatasetCard, row: &Value) -> Result<(String, Map<String, Value
     let mut fields = Map::new();
     for (name, path) in &card.fields {
         match lookup(root, path) {
-            Some(Value::Null) | None => return Err(format!("missing field `{name}` (at `{path}`)")),
+            Some(Value::Null) | None => {
+                return Err(format!("missing field `{name}` (at `{path}`)"));
+            }
             Some(v) => fields.insert(name.clone(), v.clone()),
         };
     }
@@ -104,11 +120,23 @@ mod tests {
         ];
         let m = map_rows(&card(), &rows);
         assert_eq!(m.deduplicated, 1);
-        assert_eq!(m.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a", "7"]);
+        assert_eq!(
+            m.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["a", "7"]
+        );
         assert_eq!(m.records[0].fields["choices"], json!(["x", "y"]));
-        assert_eq!(m.bad, vec![
-            BadRecord { row: 3, reason: "missing field `question` (at `query`)".into() },
-            BadRecord { row: 4, reason: "duplicate id `a`".into() },
-        ]);
+        assert_eq!(
+            m.bad,
+            vec![
+                BadRecord {
+                    row: 3,
+                    reason: "missing field `question` (at `query`)".into()
+                },
+                BadRecord {
+                    row: 4,
+                    reason: "duplicate id `a`".into()
+                },
+            ]
+        );
     }
 }

@@ -36,7 +36,10 @@ pub fn part_sizes(spec: &SplitSpec, n: usize) -> Result<[usize; 3], String> {
     let sizes = [size(&spec.train), size(&spec.val), size(&spec.test)];
     let total: usize = sizes.iter().sum();
     if total > n {
-        return Err(format!("the split asks for {total} records (train {}, val {}, test {}) but only {n} are available", sizes[0], sizes[1], sizes[2]));
+        return Err(format!(
+            "the split asks for {total} records (train {}, val {}, test {}) but only {n} are available",
+            sizes[0], sizes[1], sizes[2]
+        ));
     }
     Ok(sizes)
 }
@@ -51,8 +54,14 @@ mod tests {
 
     #[test]
     fn fractions_and_counts() {
-        assert_eq!(part_sizes(&spec(0.8.into(), 0.2.into()), 10).unwrap(), [8, 2, 0]);
-        assert_eq!(part_sizes(&spec(3.into(), 0.5.into()), 10).unwrap(), [3, 5, 0]);
+        assert_eq!(
+            part_sizes(&spec(0.8.into(), 0.2.into()), 10).unwrap(),
+            [8, 2, 0]
+        );
+        assert_eq!(
+            part_sizes(&spec(3.into(), 0.5.into()), 10).unwrap(),
+            [3, 5, 0]
+        );
         assert!(part_sizes(&spec(8.into(), 3.into()), 10).is_err());
     }
 
@@ -63,7 +72,12 @@ mod tests {
         assert_eq!(o1, seeded_order(&ids, 1));
         assert_ne!(o1, seeded_order(&ids, 2));
         let fewer = seeded_order(&ids[..5], 1);
-        let names = |o: &[usize], src: &[&str]| o.iter().map(|&i| src[i].to_string()).filter(|s| s != "f").collect::<Vec<_>>();
+        let names = |o: &[usize], src: &[&str]| {
+            o.iter()
+                .map(|&i| src[i].to_string())
+                .filter(|s| s != "f")
+                .collect::<Vec<_>>()
+        };
         assert_eq!(names(&o1, &ids), names(&fewer, &ids[..5]));
     }
 }

@@ -40,14 +40,21 @@ struct Rendered {
 
 impl DataStage {
     fn source(&self) -> Result<AssetSource, StageError> {
-        AssetSource::parse(&self.card.card.source, self.card.dir()).map_err(|e| StageError::failed(e.to_string()))
+        AssetSource::parse(&self.card.card.source, self.card.dir())
+            .map_err(|e| StageError::failed(e.to_string()))
     }
 
-    fn render_all(&self, records: Vec<Record>, ctx: &StageContext) -> Result<(Vec<Rendered>, Vec<BadRecord>), StageError> {
-        let load = |p: &PathBuf| TemplateFile::load(p).map_err(|d| StageError::failed(d.to_string()));
+    fn render_all(
+        &self,
+        records: Vec<Record>,
+        ctx: &StageContext,
+    ) -> Result<(Vec<Rendered>, Vec<BadRecord>), StageError> {
+        let load =
+            |p: &PathBuf| TemplateFile::load(p).map_err(|d| StageError::failed(d.to_string()));
         let prompt = load(&self.prompt)?;
         let target = self.target.as_ref().map(load).transpose()?;
-        let bar = ProgressBar::new(records.len() as u64).with_message(format!("rendering {}", self.name));
+        let bar =
+            ProgressBar::new(records.len() as u64).with_message(format!("rendering {}", self.name));
         let (mut good, mut bad) = (Vec::new(), Vec::new());
         for (i, record) in records.into_iter().enumerate() {
             if i % 256 == 0 {
@@ -55,10 +62,19 @@ impl DataStage {
             }
             bar.inc(1);
             let context = Value::Object(record.fields.clone());
-            let rendered = prompt.render(&context).and_then(|p| Ok((p, target.as_ref().map(|t| t.render(&context)).transpose()?)));
+            let rendered = prompt
+                .render(&context)
+                .and_then(|p| Ok((p, target.as_ref().map(|t| t.render(&context)).transpose()?)));
             match rendered {
-                Ok((prompt, target)) => good.push(Rendered { record, prompt, target }),
-                Err(e) => bad.push(BadRecord { row: record.row, reason: format!("template error: {e}") }),
+                Ok((prompt, target)) => good.push(Rendered {
+                    record,
+                    prompt,
+                    target,
+                }),
+                Err(e) => bad.push(BadRecord {
+                    row: record.row,
+                    reason: format!("template error: {e}"),
+                }),
             }
         }
         bar.finish_and_clear();
@@ -66,11 +82,19 @@ impl DataStage {
     }
 
     fn check_bad(&self, bad: &[BadRecord], total: usize) -> Result<(), StageError> {
-        let fraction = if total == 0 { 0.0 } else { bad.len() as f64 / total as f64 };
+        let fraction = if total == 0 {
+            0.0
+        } else {
+            bad.len() as f64 / total as f64
+        };
         if bad.is_empty() || fraction <= self.spec.max_bad_fraction {
             return Ok(());
         }
-        let listed: Vec<String> = bad.iter().take(5).map(|b| format!("row {}: {}", b.row, b.reason)).collect();
+        let listed: Vec<String> = bad
+            .iter()
+            .take(5)
+            .map(|b| format!("row {}: {}", b.row, b.reason))
+            .collect();
         Err(StageError::failed(format!(
             "{} of {total} records are bad ({:.1}%, allowed {:.1}% by `max_bad_fraction`):\n    {}{}",
             bad.len(),
@@ -87,7 +111,12 @@ impl StageRunner for DataStage {
         let mut inputs = BTreeMap::from([
             ("card".to_string(), file_input(&self.card.file)?),
             ("prompt_template".to_string(), file_input(&self.prompt)?),
-            ("source".to_string(), self.source()?.identity().map_err(|e| StageError::failed(e.to_string()))?),
+            (
+                "source".to_string(),
+                self.source()?
+                    .identity()
+                    .map_err(|e| StageError::failed(e.to_string()))?,
+            ),
         ]);
         if let Some(target) = &self.target {
             inputs.insert("target_template".into(), file_input(target)?);
@@ -97,8 +126,12 @@ impl StageRunner for DataStage {
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
         let card = &self.card.card;
-        let path = self.source()?.resolve(&self.home).map_err(|e| StageError::failed(e.to_string()))?;
-        verify_sha256(&path, card.sha256.as_deref()).map_err(|e| StageError::failed(e.to_string()))?;
+        let path = self
+            .source()?
+            .resolve(&self.home)
+            .map_err(|e| StageError::failed(e.to_string()))?;
+        verify_sha256(&path, card.sha256.as_deref())
+            .map_err(|e| StageError::failed(e.to_string()))?;
         ctx.check_interrupt()?;
         let rows = read_rows(&path, self.card.format).map_err(StageError::failed)?;
         let mapped = map_rows(card, &rows);
@@ -125,8 +158,13 @@ impl StageRunner for DataStage {
             "split": PARTS.iter().zip(&parts).map(|(name, p)| (name.to_string(), json!(p.len()))).collect::<serde_json::Map<_, _>>(),
             "examples": parts.iter().zip(PARTS).flat_map(|(p, name)| p.first().map(|r| json!({"split": name, "id": r.record.id, "prompt": r.prompt, "target": r.target}))).collect::<Vec<_>>(),
         });
-        crate::fsutil::write_atomic(&ctx.output(SUMMARY_FILE), serde_json::to_string_pretty(&summary).expect("json").as_bytes())
-            .map_err(|e| StageError::failed(format!("cannot write summary: {e}")))?;
+        crate::fsutil::write_atomic(
+            &ctx.output(SUMMARY_FILE),
+            serde_json::to_string_pretty(&summary)
+                .expect("json")
+                .as_bytes(),
+        )
+        .map_err(|e| StageError::failed(format!("cannot write summary: {e}")))?;
         Ok(summary)
     }
 }
@@ -137,25 +175,57 @@ impl DataStage {
         let ids: Vec<&str> = rendered.iter().map(|r| r.record.id.as_str()).collect();
         let order = seeded_order(&ids, self.seed);
         let mut slots: Vec<Option<Rendered>> = rendered.into_iter().map(Some).collect();
-        let limit = self.spec.limit.map_or(order.len(), |l| (l as usize).min(order.len()));
-        let mut ordered = order.into_iter().take(limit).filter_map(|i| slots[i].take());
+        let limit = self
+            .spec
+            .limit
+            .map_or(order.len(), |l| (l as usize).min(order.len()));
+        let mut ordered = order
+            .into_iter()
+            .take(limit)
+            .filter_map(|i| slots[i].take());
         let sizes = part_sizes(&self.spec.split, limit).map_err(StageError::failed)?;
         Ok(sizes.map(|n| ordered.by_ref().take(n).collect()))
     }
 }
 
 fn write_records(path: &std::path::Path, parts: &[Vec<Rendered>; 3]) -> Result<(), StageError> {
-    let rows: Vec<(&str, &Rendered)> = PARTS.iter().zip(parts).flat_map(|(name, p)| p.iter().map(move |r| (*name, r))).collect();
+    let rows: Vec<(&str, &Rendered)> = PARTS
+        .iter()
+        .zip(parts)
+        .flat_map(|(name, p)| p.iter().map(move |r| (*name, r)))
+        .collect();
     let column = |name: &str, values: Vec<Option<String>>| Column::new(name.into(), values);
     let mut df = DataFrame::new_infer_height(vec![
-        column("id", rows.iter().map(|(_, r)| Some(r.record.id.clone())).collect()),
-        column("split", rows.iter().map(|(s, _)| Some(s.to_string())).collect()),
-        column("prompt", rows.iter().map(|(_, r)| Some(r.prompt.clone())).collect()),
-        column("target", rows.iter().map(|(_, r)| r.target.clone()).collect()),
-        column("record", rows.iter().map(|(_, r)| Some(Value::Object(r.record.fields.clone()).to_string())).collect()),
+        column(
+            "id",
+            rows.iter()
+                .map(|(_, r)| Some(r.record.id.clone()))
+                .collect(),
+        ),
+        column(
+            "split",
+            rows.iter().map(|(s, _)| Some(s.to_string())).collect(),
+        ),
+        column(
+            "prompt",
+            rows.iter().map(|(_, r)| Some(r.prompt.clone())).collect(),
+        ),
+        column(
+            "target",
+            rows.iter().map(|(_, r)| r.target.clone()).collect(),
+        ),
+        column(
+            "record",
+            rows.iter()
+                .map(|(_, r)| Some(Value::Object(r.record.fields.clone()).to_string()))
+                .collect(),
+        ),
     ])
     .map_err(|e| StageError::failed(format!("cannot build the records table: {e}")))?;
-    let file = std::fs::File::create(path).map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", path.display())))?;
-    ParquetWriter::new(file).finish(&mut df).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+    let file = std::fs::File::create(path)
+        .map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", path.display())))?;
+    ParquetWriter::new(file)
+        .finish(&mut df)
+        .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
     Ok(())
 }

@@ -22,20 +22,35 @@ fn environment() -> Environment<'static> {
 impl TemplateFile {
     /// Reads and compiles a template; syntax errors point at the template's own line.
     pub fn load(path: &Path) -> Result<Self, Diagnostic> {
-        let at = |line: usize, msg: String| Diagnostic::at(path, Position { line, column: 1 }, "", msg);
-        let source = std::fs::read_to_string(path).map_err(|e| at(1, format!("cannot read template: {e}")))?;
+        let at =
+            |line: usize, msg: String| Diagnostic::at(path, Position { line, column: 1 }, "", msg);
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| at(1, format!("cannot read template: {e}")))?;
         let mut env = environment();
-        env.add_template_owned("t", source).map_err(|e| at(e.line().unwrap_or(1), format!("template does not parse: {}", e.detail().unwrap_or("syntax error"))))?;
+        env.add_template_owned("t", source).map_err(|e| {
+            at(
+                e.line().unwrap_or(1),
+                format!(
+                    "template does not parse: {}",
+                    e.detail().unwrap_or("syntax error")
+                ),
+            )
+        })?;
         Ok(Self { env })
     }
 
     /// Renders with `record`'s fields as top-level variables.
     pub fn render(&self, record: &serde_json::Value) -> Result<String, String> {
         let template = self.env.get_template("t").map_err(|e| e.to_string())?;
-        template.render(minijinja::value::Serde(record)).map_err(|e| {
-            let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string());
-            format!("{detail} (template line {})", e.line().unwrap_or(0))
-        })
+        template
+            .render(minijinja::value::Serde(record))
+            .map_err(|e| {
+                let detail = e
+                    .detail()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| e.kind().to_string());
+                format!("{detail} (template line {})", e.line().unwrap_or(0))
+            })
     }
 }
 
@@ -49,7 +64,9 @@ mod tests {
         let good = dir.path().join("g.jinja");
         std::fs::write(&good, "Q: {{ question }}\n{% for c in choices %}{{ 'ABCD'[loop.index0] }}. {{ c }}\n{% endfor %}").unwrap();
         let t = TemplateFile::load(&good).unwrap();
-        let out = t.render(&serde_json::json!({"question": "Why?", "choices": ["x", "y"]})).unwrap();
+        let out = t
+            .render(&serde_json::json!({"question": "Why?", "choices": ["x", "y"]}))
+            .unwrap();
         assert_eq!(out, "Q: Why?\nA. x\nB. y\n");
         assert!(t.render(&serde_json::json!({"question": "Why?"})).is_err());
         let bad = dir.path().join("b.jinja");

@@ -75,7 +75,10 @@ impl Executor<'_> {
         let mut all: BTreeMap<StageId, BTreeMap<String, String>> = BTreeMap::new();
         for stage in &self.graph.stages {
             let mut inputs = BTreeMap::from([
-                ("config".to_string(), crate::hash::json_blake3(&stage.config)),
+                (
+                    "config".to_string(),
+                    crate::hash::json_blake3(&stage.config),
+                ),
                 ("tsq".to_string(), TSQ_VERSION.to_string()),
             ]);
             for dep in &stage.deps {
@@ -83,7 +86,9 @@ impl Executor<'_> {
                 inputs.insert(format!("upstream:{dep}"), dep_key);
             }
             if let Some(runner) = (self.factory)(stage) {
-                let own = runner.inputs().map_err(|e| ExecError::Setup(format!("stage `{}`: {e}", stage.id)))?;
+                let own = runner
+                    .inputs()
+                    .map_err(|e| ExecError::Setup(format!("stage `{}`: {e}", stage.id)))?;
                 inputs.extend(own);
             }
             all.insert(stage.id.clone(), inputs);
@@ -99,34 +104,54 @@ impl Executor<'_> {
         for stage in &self.graph.stages {
             let stage_inputs = &inputs[&stage.id];
             let key = key_of(stage_inputs);
-            let status = if opts.only.as_ref().is_some_and(|only| !only.contains(&stage.id)) {
+            let status = if opts
+                .only
+                .as_ref()
+                .is_some_and(|only| !only.contains(&stage.id))
+            {
                 Status::Skipped
             } else if !stage.kind.is_available() {
                 Status::Unavailable
             } else if forced.contains(&stage.id) {
                 Status::Stale(vec!["forced".into()])
             } else {
-                match (run.finished(&stage.id.0), Manifest::read(&run.stage_dir(&stage.id.0))) {
+                match (
+                    run.finished(&stage.id.0),
+                    Manifest::read(&run.stage_dir(&stage.id.0)),
+                ) {
                     (Some(m), _) if m.key == key => Status::Cached,
                     (Some(m), _) => Status::Stale(differences(&m.inputs, stage_inputs)),
                     (None, Some(_)) => Status::Stale(vec!["outputs missing or changed".into()]),
                     (None, None) => Status::ToRun,
                 }
             };
-            entries.push(PlanEntry { stage: stage.id.clone(), deps: stage.deps.clone(), key, status });
+            entries.push(PlanEntry {
+                stage: stage.id.clone(),
+                deps: stage.deps.clone(),
+                key,
+                status,
+            });
         }
         Ok(entries)
     }
 
     /// Runs every stage that is not cached, in order; stops at the first failure.
-    pub fn run(&self, run: &RunDir, opts: &RunOptions, interrupt: &Interrupt) -> Result<Vec<PlanEntry>, ExecError> {
+    pub fn run(
+        &self,
+        run: &RunDir,
+        opts: &RunOptions,
+        interrupt: &Interrupt,
+    ) -> Result<Vec<PlanEntry>, ExecError> {
         let plan = self.plan(run, opts)?;
         check_runnable(&plan, self.graph)?;
         let inputs = self.inputs()?;
         let mut log = EventLog::open(run);
         log.event("run_started", None, json!({}));
         for entry in &plan {
-            let stage = self.graph.get(&entry.stage).expect("plan entries come from the graph");
+            let stage = self
+                .graph
+                .get(&entry.stage)
+                .expect("plan entries come from the graph");
             if !entry.will_run() {
                 if entry.status == Status::Cached {
                     eprintln!("  cached  {}", stage.id);
@@ -142,17 +167,44 @@ impl Executor<'_> {
         Ok(plan)
     }
 
-    fn run_stage(&self, run: &RunDir, stage: &Stage, inputs: BTreeMap<String, String>, interrupt: &Interrupt, log: &mut EventLog) -> Result<(), ExecError> {
+    fn run_stage(
+        &self,
+        run: &RunDir,
+        stage: &Stage,
+        inputs: BTreeMap<String, String>,
+        interrupt: &Interrupt,
+        log: &mut EventLog,
+    ) -> Result<(), ExecError> {
         let id = &stage.id;
-        let runner = (self.factory)(stage).ok_or_else(|| ExecError::Setup(format!("stage `{id}` is not available in this version of tsq")))?;
-        let failed = |message: String| ExecError::StageFailed { stage: id.clone(), message };
+        let runner = (self.factory)(stage).ok_or_else(|| {
+            ExecError::Setup(format!(
+                "stage `{id}` is not available in this version of tsq"
+            ))
+        })?;
+        let failed = |message: String| ExecError::StageFailed {
+            stage: id.clone(),
+            message,
+        };
         eprintln!("  running {id}");
         log.event("stage_started", Some(id), json!({}));
         let started = Instant::now();
-        let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        let staged = run.staging_dir(&id.0).map_err(|e| failed(format!("cannot create staging directory: {e}")))?;
-        let upstream = stage.deps.iter().map(|d| (d.0.clone(), run.stage_dir(&d.0))).collect();
-        let ctx = StageContext { out_dir: staged.path().to_path_buf(), upstream, interrupt };
+        let started_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let staged = run
+            .staging_dir(&id.0)
+            .map_err(|e| failed(format!("cannot create staging directory: {e}")))?;
+        let upstream = stage
+            .deps
+            .iter()
+            .map(|d| (d.0.clone(), run.stage_dir(&d.0)))
+            .collect();
+        let ctx = StageContext {
+            out_dir: staged.path().to_path_buf(),
+            upstream,
+            interrupt,
+        };
         let summary = match runner.run(&ctx) {
             Ok(summary) => summary,
             Err(StageError::Interrupted) => {
@@ -168,12 +220,21 @@ impl Executor<'_> {
         manifest.started_unix = started_unix;
         manifest.duration_s = started.elapsed().as_secs_f64();
         manifest.summary = summary;
-        manifest.record_outputs(staged.path()).map_err(|e| failed(format!("cannot list outputs: {e}")))?;
-        manifest.write(staged.path()).map_err(|e| failed(format!("cannot write manifest: {e}")))?;
+        manifest
+            .record_outputs(staged.path())
+            .map_err(|e| failed(format!("cannot list outputs: {e}")))?;
+        manifest
+            .write(staged.path())
+            .map_err(|e| failed(format!("cannot write manifest: {e}")))?;
         test_hook_stall(id);
-        run.commit(&id.0, staged).map_err(|e| failed(format!("cannot commit outputs: {e}")))?;
+        run.commit(&id.0, staged)
+            .map_err(|e| failed(format!("cannot commit outputs: {e}")))?;
         eprintln!("  done    {id} ({:.1}s)", manifest.duration_s);
-        log.event("stage_finished", Some(id), json!({"duration_s": manifest.duration_s, "key": manifest.key}));
+        log.event(
+            "stage_finished",
+            Some(id),
+            json!({"duration_s": manifest.duration_s, "key": manifest.key}),
+        );
         Ok(())
     }
 }
@@ -183,7 +244,16 @@ fn check_runnable(plan: &[PlanEntry], graph: &Graph) -> Result<(), ExecError> {
     let unavailable: Vec<String> = plan
         .iter()
         .filter(|e| e.status == Status::Unavailable)
-        .map(|e| format!("`{}` (from `{}`)", e.stage, graph.get(&e.stage).map(|s| crate::yaml::dotted(&s.pointer)).unwrap_or_default()))
+        .map(|e| {
+            format!(
+                "`{}` (from `{}`)",
+                e.stage,
+                graph
+                    .get(&e.stage)
+                    .map(|s| crate::yaml::dotted(&s.pointer))
+                    .unwrap_or_default()
+            )
+        })
         .collect();
     if !unavailable.is_empty() {
         return Err(ExecError::Setup(format!(
@@ -195,7 +265,10 @@ fn check_runnable(plan: &[PlanEntry], graph: &Graph) -> Result<(), ExecError> {
     for entry in plan.iter().filter(|e| e.will_run()) {
         for dep in &entry.deps {
             if status.get(dep).is_some_and(|d| d.status == Status::Skipped) {
-                return Err(ExecError::Setup(format!("`{}` needs `{dep}`, which is not finished and not selected by --only", entry.stage)));
+                return Err(ExecError::Setup(format!(
+                    "`{}` needs `{dep}`, which is not finished and not selected by --only",
+                    entry.stage
+                )));
             }
         }
     }
@@ -220,12 +293,19 @@ struct EventLog {
 
 impl EventLog {
     fn open(run: &RunDir) -> Self {
-        let file = std::fs::File::options().create(true).append(true).open(run.root().join("events.jsonl")).ok();
+        let file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(run.root().join("events.jsonl"))
+            .ok();
         Self { file }
     }
 
     fn event(&mut self, event: &str, stage: Option<&StageId>, mut fields: serde_json::Value) {
-        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         if let Some(obj) = fields.as_object_mut() {
             obj.insert("ts".into(), json!(ts));
             obj.insert("event".into(), json!(event));

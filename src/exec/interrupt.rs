@@ -18,7 +18,9 @@ impl Interrupt {
                 eprintln!("\ninterrupted twice: exiting now");
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupt: stopping after the current step (press Ctrl-C again to exit now)");
+            eprintln!(
+                "\ninterrupt: stopping after the current step (press Ctrl-C again to exit now)"
+            );
         });
         flag
     }

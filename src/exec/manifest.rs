@@ -29,13 +29,24 @@ pub struct Manifest {
 impl Manifest {
     pub fn new(stage: &str, inputs: BTreeMap<String, String>) -> Self {
         let key = key_of(&inputs);
-        Self { format: FORMAT_VERSION, stage: stage.into(), key, inputs, outputs: BTreeMap::new(), started_unix: 0.0, duration_s: 0.0, summary: Value::Null }
+        Self {
+            format: FORMAT_VERSION,
+            stage: stage.into(),
+            key,
+            inputs,
+            outputs: BTreeMap::new(),
+            started_unix: 0.0,
+            duration_s: 0.0,
+            summary: Value::Null,
+        }
     }
 
     /// Reads a stage directory's manifest; `None` if absent or unreadable (then the stage re-runs).
     pub fn read(stage_dir: &Path) -> Option<Self> {
         let text = std::fs::read_to_string(stage_dir.join(MANIFEST_FILE)).ok()?;
-        serde_json::from_str::<Self>(&text).ok().filter(|m| m.format == FORMAT_VERSION)
+        serde_json::from_str::<Self>(&text)
+            .ok()
+            .filter(|m| m.format == FORMAT_VERSION)
     }
 
     /// Records every file under `dir` (except the manifest) as an output.
@@ -60,7 +71,9 @@ impl Manifest {
 
     /// Whether every recorded output is still there with its recorded size.
     pub fn outputs_intact(&self, stage_dir: &Path) -> bool {
-        self.outputs.iter().all(|(rel, size)| std::fs::metadata(stage_dir.join(rel)).is_ok_and(|m| m.len() == *size))
+        self.outputs.iter().all(|(rel, size)| {
+            std::fs::metadata(stage_dir.join(rel)).is_ok_and(|m| m.len() == *size)
+        })
     }
 
     pub fn write(&self, stage_dir: &Path) -> std::io::Result<()> {
@@ -83,6 +96,10 @@ pub fn differences(old: &BTreeMap<String, String>, new: &BTreeMap<String, String
             _ => {}
         }
     }
-    out.extend(old.keys().filter(|k| !new.contains_key(*k)).map(|k| format!("`{k}` removed")));
+    out.extend(
+        old.keys()
+            .filter(|k| !new.contains_key(*k))
+            .map(|k| format!("`{k}` removed")),
+    );
     out
 }

@@ -43,7 +43,11 @@ impl StageContext<'_> {
 
     /// Returns an error if the user asked to stop; long stages call this between units of work.
     pub fn check_interrupt(&self) -> Result<(), StageError> {
-        if self.interrupt.requested() { Err(StageError::Interrupted) } else { Ok(()) }
+        if self.interrupt.requested() {
+            Err(StageError::Interrupted)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -77,5 +81,6 @@ pub type RunnerFactory<'a> = dyn Fn(&Stage) -> Option<Box<dyn StageRunner + 'a>>
 
 /// The blake3 of a file, as a stage input.
 pub fn file_input(path: &Path) -> Result<String, StageError> {
-    crate::hash::file_blake3(path).map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))
+    crate::hash::file_blake3(path)
+        .map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))
 }

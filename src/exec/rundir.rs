@@ -9,6 +9,7 @@ use crate::fsutil::sync_dir;
 const STAGING: &str = ".staging";
 
 /// An open run directory. Holding a `RunDir` with `lock` means holding the run's lock.
+#[derive(Debug)]
 pub struct RunDir {
     root: PathBuf,
     _lock: Option<File>,
@@ -17,22 +18,40 @@ pub struct RunDir {
 impl RunDir {
     /// Opens for reading only (plan): no lock, nothing created.
     pub fn read_only(root: &Path) -> Self {
-        Self { root: root.to_path_buf(), _lock: None }
+        Self {
+            root: root.to_path_buf(),
+            _lock: None,
+        }
     }
 
     /// Opens for writing: creates the directory, takes the lock (failing if another process holds
     /// it), and clears staging left behind by a killed run.
     pub fn lock(root: &Path) -> Result<Self, String> {
-        std::fs::create_dir_all(root).map_err(|e| format!("cannot create run directory `{}`: {e}", root.display()))?;
+        std::fs::create_dir_all(root)
+            .map_err(|e| format!("cannot create run directory `{}`: {e}", root.display()))?;
         let lock_path = root.join(".lock");
-        let file = File::options().create(true).truncate(false).write(true).open(&lock_path)
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
             .map_err(|e| format!("cannot open `{}`: {e}", lock_path.display()))?;
-        file.try_lock().map_err(|_| format!("run directory `{}` is in use by another tsq process (lock `{}`)", root.display(), lock_path.display()))?;
+        file.try_lock().map_err(|_| {
+            format!(
+                "run directory `{}` is in use by another tsq process (lock `{}`)",
+                root.display(),
+                lock_path.display()
+            )
+        })?;
         let staging = root.join(STAGING);
         if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(|e| format!("cannot clear `{}`: {e}", staging.display()))?;
+            std::fs::remove_dir_all(&staging)
+                .map_err(|e| format!("cannot clear `{}`: {e}", staging.display()))?;
         }
-        Ok(Self { root: root.to_path_buf(), _lock: Some(file) })
+        Ok(Self {
+            root: root.to_path_buf(),
+            _lock: Some(file),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -53,7 +72,9 @@ impl RunDir {
     pub fn staging_dir(&self, stage: &str) -> std::io::Result<tempfile::TempDir> {
         let staging = self.root.join(STAGING);
         std::fs::create_dir_all(&staging)?;
-        tempfile::Builder::new().prefix(&format!("{stage}-")).tempdir_in(staging)
+        tempfile::Builder::new()
+            .prefix(&format!("{stage}-"))
+            .tempdir_in(staging)
     }
 
     /// Moves a complete staging directory into place as the stage's directory. The previous
@@ -63,7 +84,10 @@ impl RunDir {
         sync_dir(&staged)?;
         let dest = self.stage_dir(stage);
         let old = if dest.exists() {
-            let aside = self.root.join(STAGING).join(format!("old-{stage}-{}", std::process::id()));
+            let aside = self
+                .root
+                .join(STAGING)
+                .join(format!("old-{stage}-{}", std::process::id()));
             std::fs::rename(&dest, &aside)?;
             Some(aside)
         } else {
@@ -86,13 +110,22 @@ mod tests {
     fn second_writer_is_refused_and_staging_is_cleared() {
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::lock(dir.path()).unwrap();
-        assert!(RunDir::lock(dir.path()).unwrap_err().contains("in use by another tsq process"));
+        assert!(
+            RunDir::lock(dir.path())
+                .unwrap_err()
+                .contains("in use by another tsq process")
+        );
         let staged = run.staging_dir("s").unwrap();
         std::fs::write(staged.path().join("x"), "1").unwrap();
         let _ = staged.keep();
         drop(run);
         RunDir::lock(dir.path()).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join(STAGING)).map(|d| d.count()).unwrap_or(0), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(STAGING))
+                .map(|d| d.count())
+                .unwrap_or(0),
+            0
+        );
     }
 
     #[test]
@@ -104,6 +137,9 @@ mod tests {
             std::fs::write(staged.path().join("out"), content).unwrap();
             run.commit("s", staged).unwrap();
         }
-        assert_eq!(std::fs::read_to_string(dir.path().join("s/out")).unwrap(), "two");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("s/out")).unwrap(),
+            "two"
+        );
     }
 }

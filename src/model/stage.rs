@@ -21,7 +21,8 @@ pub struct ModelStage {
 
 impl ModelStage {
     fn source(&self) -> Result<AssetSource, StageError> {
-        AssetSource::parse(&self.spec.source, &self.base_dir).map_err(|e| StageError::failed(e.to_string()))
+        AssetSource::parse(&self.spec.source, &self.base_dir)
+            .map_err(|e| StageError::failed(e.to_string()))
     }
 }
 
@@ -37,16 +38,26 @@ fn format_of(path: &Path) -> &'static str {
 
 impl StageRunner for ModelStage {
     fn inputs(&self) -> Result<BTreeMap<String, String>, StageError> {
-        let identity = self.source()?.identity().map_err(|e| StageError::failed(e.to_string()))?;
+        let identity = self
+            .source()?
+            .identity()
+            .map_err(|e| StageError::failed(e.to_string()))?;
         Ok(BTreeMap::from([("model".to_string(), identity)]))
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
-        let path = self.source()?.resolve(&self.home).map_err(|e| StageError::failed(e.to_string()))?;
-        verify_sha256(&path, self.spec.sha256.as_deref()).map_err(|e| StageError::failed(e.to_string()))?;
+        let path = self
+            .source()?
+            .resolve(&self.home)
+            .map_err(|e| StageError::failed(e.to_string()))?;
+        verify_sha256(&path, self.spec.sha256.as_deref())
+            .map_err(|e| StageError::failed(e.to_string()))?;
         let format = format_of(&path);
         if format == "unknown" {
-            return Err(StageError::failed(format!("`{}` is not a GGUF or safetensors file or a model directory", path.display())));
+            return Err(StageError::failed(format!(
+                "`{}` is not a GGUF or safetensors file or a model directory",
+                path.display()
+            )));
         }
         let (size, hash) = if path.is_file() {
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -55,8 +66,13 @@ impl StageRunner for ModelStage {
             (0, None)
         };
         let info = json!({"source": self.spec.source, "path": path, "format": format, "bytes": size, "blake3": hash});
-        crate::fsutil::write_atomic(&ctx.output(MODEL_FILE), serde_json::to_string_pretty(&info).expect("json").as_bytes())
-            .map_err(|e| StageError::failed(format!("cannot write {MODEL_FILE}: {e}")))?;
+        crate::fsutil::write_atomic(
+            &ctx.output(MODEL_FILE),
+            serde_json::to_string_pretty(&info)
+                .expect("json")
+                .as_bytes(),
+        )
+        .map_err(|e| StageError::failed(format!("cannot write {MODEL_FILE}: {e}")))?;
         Ok(info)
     }
 }

@@ -17,7 +17,8 @@ use spec::PipelineSpec;
 
 /// The JSON Schema of pipeline files (what `tsq schema` prints and `schemas/` holds).
 pub fn json_schema() -> Value {
-    let mut schema = serde_json::to_value(schemars::schema_for!(PipelineSpec)).expect("schema serialises");
+    let mut schema =
+        serde_json::to_value(schemars::schema_for!(PipelineSpec)).expect("schema serialises");
     if let Some(obj) = schema.as_object_mut() {
         obj.insert("title".into(), Value::String("tsq pipeline".into()));
     }
@@ -41,9 +42,16 @@ impl std::str::FromStr for Override {
     type Err = String;
 
     fn from_str(argument: &str) -> Result<Self, String> {
-        let (path, text) = argument.split_once('=').ok_or_else(|| format!("`{argument}` is not `path.to.key=value`"))?;
-        let doc = LocatedDoc::parse(Path::new("--set"), text).map_err(|_| format!("the value in `{argument}` is not valid YAML"))?;
-        Ok(Self { path: path.trim().to_string(), value: doc.value, argument: argument.to_string() })
+        let (path, text) = argument
+            .split_once('=')
+            .ok_or_else(|| format!("`{argument}` is not `path.to.key=value`"))?;
+        let doc = LocatedDoc::parse(Path::new("--set"), text)
+            .map_err(|_| format!("the value in `{argument}` is not valid YAML"))?;
+        Ok(Self {
+            path: path.trim().to_string(),
+            value: doc.value,
+            argument: argument.to_string(),
+        })
     }
 }
 
@@ -59,7 +67,10 @@ pub struct Pipeline {
 impl Pipeline {
     /// Directory that relative paths in the pipeline start from.
     pub fn dir(&self) -> &Path {
-        self.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+        self.file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
     }
 
     /// Where this pipeline's runs live: `run_dir` from the file (relative to it), else `./runs`.
@@ -82,14 +93,26 @@ pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, Vec<Diagnos
     let mut errors = Vec::new();
     for o in overrides {
         if let Err(message) = doc.set(&o.path, o.value.clone(), &o.argument) {
-            errors.push(Diagnostic { origin: Origin::Override { argument: o.argument.clone() }, path: o.path.clone(), message, help: None });
+            errors.push(Diagnostic {
+                origin: Origin::Override {
+                    argument: o.argument.clone(),
+                },
+                path: o.path.clone(),
+                message,
+                help: None,
+            });
         }
     }
     if !errors.is_empty() {
         return Err(errors);
     }
     let spec: PipelineSpec = check_and_deserialize(checker(), &doc)?;
-    let mut pipeline = Pipeline { file: file.to_path_buf(), spec, doc, cards: BTreeMap::new() };
+    let mut pipeline = Pipeline {
+        file: file.to_path_buf(),
+        spec,
+        doc,
+        cards: BTreeMap::new(),
+    };
     validate::semantic_checks(&mut pipeline)?;
     Ok(pipeline)
 }

@@ -98,6 +98,7 @@ pub struct SvdSpec {
 pub enum Layers {
     /// `all` or an inclusive range like `0-11`.
     Named(#[schemars(regex(pattern = r"^(all|[0-9]+-[0-9]+)$"))] String),
+    /// A list of layer indices.
     List(#[schemars(length(min = 1))] Vec<u32>),
 }
 

@@ -23,22 +23,46 @@ pub fn semantic_checks(p: &mut Pipeline) -> Result<(), Vec<Diagnostic>> {
     if errors.is_empty()
         && let Err(cycle) = Graph::from_spec(&p.spec)
     {
-        let first = cycle.cycle.first().map(|s| s.0.trim_start_matches("train.").to_string()).unwrap_or_default();
-        errors.push(p.doc.diagnostic(&format!("/experts/{first}/init_from"), false, cycle.to_string()));
+        let first = cycle
+            .cycle
+            .first()
+            .map(|s| s.0.trim_start_matches("train.").to_string())
+            .unwrap_or_default();
+        errors.push(p.doc.diagnostic(
+            &format!("/experts/{first}/init_from"),
+            false,
+            cycle.to_string(),
+        ));
     }
-    if errors.is_empty() { Ok(()) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 /// Checks that `name` is one of `known`; `what` names the section for the message.
-fn reference(p: &Pipeline, ptr: &str, name: &str, known: &BTreeSet<&str>, what: &str, errors: &mut Vec<Diagnostic>) {
+fn reference(
+    p: &Pipeline,
+    ptr: &str,
+    name: &str,
+    known: &BTreeSet<&str>,
+    what: &str,
+    errors: &mut Vec<Diagnostic>,
+) {
     if known.contains(name) {
         return;
     }
-    let mut d = p.doc.diagnostic(ptr, false, format!("`{name}` is not defined in `{what}`"));
+    let mut d = p
+        .doc
+        .diagnostic(ptr, false, format!("`{name}` is not defined in `{what}`"));
     d = match did_you_mean(name, known.iter().copied()) {
         Some(s) => d.with_help(format!("did you mean `{s}`?")),
         None if known.is_empty() => d.with_help(format!("`{what}` is empty")),
-        None => d.with_help(format!("defined: {}", known.iter().copied().collect::<Vec<_>>().join(", "))),
+        None => d.with_help(format!(
+            "defined: {}",
+            known.iter().copied().collect::<Vec<_>>().join(", ")
+        )),
     };
     errors.push(d);
 }
@@ -49,36 +73,100 @@ fn check_references(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
     let rewards: BTreeSet<&str> = spec.rewards.keys().map(String::as_str).collect();
     let experts: BTreeSet<&str> = spec.experts.keys().map(String::as_str).collect();
     for (name, ex) in &spec.experts {
-        reference(p, &format!("/experts/{name}/dataset"), &ex.dataset, &datasets, "datasets", errors);
-        reference(p, &format!("/experts/{name}/reward"), &ex.reward, &rewards, "rewards", errors);
+        reference(
+            p,
+            &format!("/experts/{name}/dataset"),
+            &ex.dataset,
+            &datasets,
+            "datasets",
+            errors,
+        );
+        reference(
+            p,
+            &format!("/experts/{name}/reward"),
+            &ex.reward,
+            &rewards,
+            "rewards",
+            errors,
+        );
         if let Some(from) = &ex.init_from {
-            reference(p, &format!("/experts/{name}/init_from"), from, &experts, "experts", errors);
+            reference(
+                p,
+                &format!("/experts/{name}/init_from"),
+                from,
+                &experts,
+                "experts",
+                errors,
+            );
         }
     }
     if let Some(ad) = &spec.adaptation {
         for (i, e) in ad.experts.iter().enumerate() {
-            reference(p, &format!("/adaptation/experts/{i}"), e, &experts, "experts", errors);
+            reference(
+                p,
+                &format!("/adaptation/experts/{i}"),
+                e,
+                &experts,
+                "experts",
+                errors,
+            );
         }
         if ad.strategy == Strategy::FewShot && ad.shots.is_none() {
-            errors.push(p.doc.diagnostic("/adaptation/strategy", false, "the `few_shot` strategy needs `shots` (how many labelled examples)"));
+            errors.push(p.doc.diagnostic(
+                "/adaptation/strategy",
+                false,
+                "the `few_shot` strategy needs `shots` (how many labelled examples)",
+            ));
         }
     }
     let mut evaluated = BTreeSet::new();
     for (i, ev) in spec.evaluate.iter().enumerate() {
-        reference(p, &format!("/evaluate/{i}/dataset"), &ev.dataset, &datasets, "datasets", errors);
+        reference(
+            p,
+            &format!("/evaluate/{i}/dataset"),
+            &ev.dataset,
+            &datasets,
+            "datasets",
+            errors,
+        );
         if !evaluated.insert(ev.dataset.as_str()) {
-            errors.push(p.doc.diagnostic(&format!("/evaluate/{i}/dataset"), false, format!("`{}` is evaluated twice; list everything to compare in one entry's `with`", ev.dataset)));
+            errors.push(p.doc.diagnostic(
+                &format!("/evaluate/{i}/dataset"),
+                false,
+                format!(
+                    "`{}` is evaluated twice; list everything to compare in one entry's `with`",
+                    ev.dataset
+                ),
+            ));
         }
         if let Some(r) = &ev.reward {
-            reference(p, &format!("/evaluate/{i}/reward"), r, &rewards, "rewards", errors);
+            reference(
+                p,
+                &format!("/evaluate/{i}/reward"),
+                r,
+                &rewards,
+                "rewards",
+                errors,
+            );
         }
         let mut targets: BTreeSet<&str> = experts.clone();
         targets.extend(["base", "adaptive"]);
         for (j, w) in ev.with.iter().enumerate() {
             let ptr = format!("/evaluate/{i}/with/{j}");
-            reference(p, &ptr, w, &targets, "experts (or `base`, `adaptive`)", errors);
+            reference(
+                p,
+                &ptr,
+                w,
+                &targets,
+                "experts (or `base`, `adaptive`)",
+                errors,
+            );
             if w == "adaptive" && spec.adaptation.is_none() {
-                errors.push(p.doc.diagnostic(&ptr, false, "`adaptive` needs an `adaptation` section"));
+                errors.push(p.doc.diagnostic(
+                    &ptr,
+                    false,
+                    "`adaptive` needs an `adaptation` section",
+                ));
             }
         }
     }
@@ -94,14 +182,22 @@ fn check_svd(spec: &PipelineSpec, p: &Pipeline, errors: &mut Vec<Diagnostic>) {
     let Some(svd) = &spec.svd else { return };
     for (i, target) in svd.targets.iter().enumerate() {
         if let Err(e) = Regex::new(target) {
-            errors.push(p.doc.diagnostic(&format!("/svd/targets/{i}"), false, format!("not a valid regex: {e}")));
+            errors.push(p.doc.diagnostic(
+                &format!("/svd/targets/{i}"),
+                false,
+                format!("not a valid regex: {e}"),
+            ));
         }
     }
     if let Layers::Named(text) = &svd.layers
         && let Some((a, b)) = text.split_once('-')
         && a.parse::<u32>().ok() > b.parse::<u32>().ok()
     {
-        errors.push(p.doc.diagnostic("/svd/layers", false, format!("range `{text}` is empty: the first layer is after the last")));
+        errors.push(p.doc.diagnostic(
+            "/svd/layers",
+            false,
+            format!("range `{text}` is empty: the first layer is after the last"),
+        ));
     }
 }
 
@@ -111,7 +207,11 @@ fn check_datasets(p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
         let base = format!("/datasets/{name}");
         let card_path = p.path(&ds.card);
         if !card_path.exists() {
-            errors.push(p.doc.diagnostic(&format!("{base}/card"), false, format!("file `{}` does not exist", card_path.display())));
+            errors.push(p.doc.diagnostic(
+                &format!("{base}/card"),
+                false,
+                format!("file `{}` does not exist", card_path.display()),
+            ));
         } else {
             match load_card(&card_path) {
                 Ok(card) => {
@@ -124,7 +224,11 @@ fn check_datasets(p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
             let Some(template) = template else { continue };
             let path = p.path(template);
             if !path.exists() {
-                errors.push(p.doc.diagnostic(&format!("{base}/{key}"), false, format!("file `{}` does not exist", path.display())));
+                errors.push(p.doc.diagnostic(
+                    &format!("{base}/{key}"),
+                    false,
+                    format!("file `{}` does not exist", path.display()),
+                ));
             } else if let Err(e) = TemplateFile::load(&path) {
                 errors.push(e);
             }
@@ -133,8 +237,17 @@ fn check_datasets(p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
     }
 }
 
-fn check_split(p: &Pipeline, base: &str, ds: &super::spec::DatasetSpec, errors: &mut Vec<Diagnostic>) {
-    let parts = [("train", &ds.split.train), ("val", &ds.split.val), ("test", &ds.split.test)];
+fn check_split(
+    p: &Pipeline,
+    base: &str,
+    ds: &super::spec::DatasetSpec,
+    errors: &mut Vec<Diagnostic>,
+) {
+    let parts = [
+        ("train", &ds.split.train),
+        ("val", &ds.split.val),
+        ("test", &ds.split.test),
+    ];
     let mut fraction_sum = 0.0;
     let mut any = false;
     for (key, size) in parts {
@@ -143,16 +256,32 @@ fn check_split(p: &Pipeline, base: &str, ds: &super::spec::DatasetSpec, errors: 
         if n.is_f64() {
             let f = n.as_f64().unwrap_or(0.0);
             if f > 1.0 {
-                errors.push(p.doc.diagnostic(&ptr, false, format!("a fraction must be at most 1.0, found {f}")).with_help("write a count as a whole number without a decimal point"));
+                errors.push(
+                    p.doc
+                        .diagnostic(
+                            &ptr,
+                            false,
+                            format!("a fraction must be at most 1.0, found {f}"),
+                        )
+                        .with_help("write a count as a whole number without a decimal point"),
+                );
             }
             fraction_sum += f;
         }
         any |= n.as_f64().unwrap_or(0.0) > 0.0;
     }
     if fraction_sum > 1.0 + 1e-9 {
-        errors.push(p.doc.diagnostic(&format!("{base}/split"), false, format!("split fractions add up to {fraction_sum}, more than 1.0")));
+        errors.push(p.doc.diagnostic(
+            &format!("{base}/split"),
+            false,
+            format!("split fractions add up to {fraction_sum}, more than 1.0"),
+        ));
     }
     if !any {
-        errors.push(p.doc.diagnostic(&format!("{base}/split"), true, "the split assigns no records: give `train`, `val` or `test` a size"));
+        errors.push(p.doc.diagnostic(
+            &format!("{base}/split"),
+            true,
+            "the split assigns no records: give `train`, `val` or `test` a size",
+        ));
     }
 }

@@ -32,8 +32,16 @@ impl LocatedDoc {
     /// Parses `text` (the contents of `file`); a YAML syntax error becomes one diagnostic.
     pub fn parse(file: &Path, text: &str) -> Result<Self, Vec<Diagnostic>> {
         let docs = MarkedYaml::load_from_str(text).map_err(|e| {
-            let pos = Position { line: e.marker().line(), column: e.marker().col() + 1 };
-            vec![Diagnostic::at(file, pos, "", format!("invalid YAML: {}", e.info()))]
+            let pos = Position {
+                line: e.marker().line(),
+                column: e.marker().col() + 1,
+            };
+            vec![Diagnostic::at(
+                file,
+                pos,
+                "",
+                format!("invalid YAML: {}", e.info()),
+            )]
         })?;
         let mut doc = LocatedDoc {
             file: file.to_path_buf(),
@@ -52,30 +60,59 @@ impl LocatedDoc {
                 "expected one YAML document, found several (`---` separators)",
             )),
         }
-        if errors.is_empty() { Ok(doc) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(doc)
+        } else {
+            Err(errors)
+        }
     }
 
     /// Reads and parses a file; an unreadable file becomes one diagnostic.
     pub fn load(file: &Path) -> Result<Self, Vec<Diagnostic>> {
         let text = std::fs::read_to_string(file).map_err(|e| {
-            vec![Diagnostic::at(file, Position { line: 1, column: 1 }, "", format!("cannot read file: {e}"))]
+            vec![Diagnostic::at(
+                file,
+                Position { line: 1, column: 1 },
+                "",
+                format!("cannot read file: {e}"),
+            )]
         })?;
         Self::parse(file, &text)
     }
 
-    fn convert(&mut self, node: &MarkedYaml, ptr: Pointer, key: Option<Position>, errors: &mut Vec<Diagnostic>) -> Value {
-        self.marks.insert(ptr.clone(), Marks { value: position(node), key });
+    fn convert(
+        &mut self,
+        node: &MarkedYaml,
+        ptr: Pointer,
+        key: Option<Position>,
+        errors: &mut Vec<Diagnostic>,
+    ) -> Value {
+        self.marks.insert(
+            ptr.clone(),
+            Marks {
+                value: position(node),
+                key,
+            },
+        );
         match &node.data {
             YamlData::Value(scalar) => self.scalar(scalar, node, &ptr, errors),
             YamlData::Representation(text, _, _) => Value::String(text.to_string()),
             YamlData::Sequence(items) => Value::Array(
-                items.iter().enumerate().map(|(i, item)| self.convert(item, format!("{ptr}/{i}"), None, errors)).collect(),
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| self.convert(item, format!("{ptr}/{i}"), None, errors))
+                    .collect(),
             ),
             YamlData::Mapping(entries) => {
                 let mut map = Map::new();
                 for (k, v) in entries {
                     let Some(name) = key_text(k) else {
-                        errors.push(self.error_at(position(k), &ptr, "mapping keys must be plain strings"));
+                        errors.push(self.error_at(
+                            position(k),
+                            &ptr,
+                            "mapping keys must be plain strings",
+                        ));
                         continue;
                     };
                     let child = format!("{ptr}/{}", escape(&name));
@@ -86,21 +123,33 @@ impl LocatedDoc {
             }
             YamlData::Tagged(_, inner) => self.convert(inner, ptr, key, errors),
             YamlData::Alias(_) | YamlData::BadValue => {
-                errors.push(self.error_at(position(node), &ptr, "YAML aliases and anchors are not supported here"));
+                errors.push(self.error_at(
+                    position(node),
+                    &ptr,
+                    "YAML aliases and anchors are not supported here",
+                ));
                 Value::Null
             }
         }
     }
 
-    fn scalar(&self, scalar: &Scalar, node: &MarkedYaml, ptr: &str, errors: &mut Vec<Diagnostic>) -> Value {
+    fn scalar(
+        &self,
+        scalar: &Scalar,
+        node: &MarkedYaml,
+        ptr: &str,
+        errors: &mut Vec<Diagnostic>,
+    ) -> Value {
         match scalar {
             Scalar::Null => Value::Null,
             Scalar::Boolean(b) => Value::Bool(*b),
             Scalar::Integer(i) => Value::from(*i),
-            Scalar::FloatingPoint(f) => Number::from_f64(f.into_inner()).map(Value::Number).unwrap_or_else(|| {
-                errors.push(self.error_at(position(node), ptr, "expected a finite number"));
-                Value::Null
-            }),
+            Scalar::FloatingPoint(f) => Number::from_f64(f.into_inner())
+                .map(Value::Number)
+                .unwrap_or_else(|| {
+                    errors.push(self.error_at(position(node), ptr, "expected a finite number"));
+                    Value::Null
+                }),
             Scalar::String(s) => Value::String(s.to_string()),
         }
     }
@@ -114,17 +163,35 @@ impl LocatedDoc {
     pub fn diagnostic(&self, ptr: &str, on_key: bool, message: impl Into<String>) -> Diagnostic {
         let path = dotted(ptr);
         if let Some((_, argument)) = self.overridden.iter().find(|(p, _)| is_within(ptr, p)) {
-            return Diagnostic { origin: Origin::Override { argument: argument.clone() }, path, message: message.into(), help: None };
+            return Diagnostic {
+                origin: Origin::Override {
+                    argument: argument.clone(),
+                },
+                path,
+                message: message.into(),
+                help: None,
+            };
         }
         let mut at = ptr;
         loop {
             if let Some(m) = self.marks.get(at) {
-                let pos = if on_key { m.key.unwrap_or(m.value) } else { m.value };
+                let pos = if on_key {
+                    m.key.unwrap_or(m.value)
+                } else {
+                    m.value
+                };
                 return Diagnostic::at(&self.file, pos, path, message);
             }
             match at.rfind('/') {
                 Some(i) => at = &at[..i],
-                None => return Diagnostic::at(&self.file, Position { line: 1, column: 1 }, path, message),
+                None => {
+                    return Diagnostic::at(
+                        &self.file,
+                        Position { line: 1, column: 1 },
+                        path,
+                        message,
+                    );
+                }
             }
         }
     }
@@ -134,7 +201,9 @@ impl LocatedDoc {
     pub fn set(&mut self, path: &str, value: Value, argument: &str) -> Result<(), String> {
         let segments: Vec<&str> = path.split('.').collect();
         if segments.iter().any(|s| s.is_empty()) {
-            return Err(format!("`{path}` is not a valid field path (expected `a.b.c`)"));
+            return Err(format!(
+                "`{path}` is not a valid field path (expected `a.b.c`)"
+            ));
         }
         let mut node = &mut self.value;
         let mut ptr = String::new();
@@ -147,19 +216,35 @@ impl LocatedDoc {
                         map.insert(seg.to_string(), Value::Null);
                     } else if !map.contains_key(*seg) {
                         let known: Vec<&str> = map.keys().map(String::as_str).collect();
-                        let hint = crate::diagnostic::did_you_mean(seg, known).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+                        let hint = crate::diagnostic::did_you_mean(seg, known)
+                            .map(|k| format!(" (did you mean `{k}`?)"))
+                            .unwrap_or_default();
                         let parent = dotted(&ptr[..ptr.rfind('/').unwrap_or(0)]);
-                        let parent = if parent.is_empty() { "the file".to_string() } else { format!("`{parent}`") };
+                        let parent = if parent.is_empty() {
+                            "the file".to_string()
+                        } else {
+                            format!("`{parent}`")
+                        };
                         return Err(format!("{parent} has no key `{seg}`{hint}"));
                     }
-                    map.get_mut(*seg).expect("present: checked or inserted above")
+                    map.get_mut(*seg)
+                        .expect("present: checked or inserted above")
                 }
                 Value::Array(items) => {
-                    let index: usize = seg.parse().map_err(|_| format!("`{seg}` is not a list index"))?;
+                    let index: usize = seg
+                        .parse()
+                        .map_err(|_| format!("`{seg}` is not a list index"))?;
                     ptr = format!("{ptr}/{index}");
-                    items.get_mut(index).ok_or_else(|| format!("list index {index} is out of range"))?
+                    items
+                        .get_mut(index)
+                        .ok_or_else(|| format!("list index {index} is out of range"))?
                 }
-                _ => return Err(format!("`{}` is not a mapping, cannot set `{seg}` inside it", dotted(&ptr))),
+                _ => {
+                    return Err(format!(
+                        "`{}` is not a mapping, cannot set `{seg}` inside it",
+                        dotted(&ptr)
+                    ));
+                }
             };
         }
         *node = value;
@@ -169,7 +254,10 @@ impl LocatedDoc {
 }
 
 fn position(node: &MarkedYaml) -> Position {
-    Position { line: node.span.start.line(), column: node.span.start.col() + 1 }
+    Position {
+        line: node.span.start.line(),
+        column: node.span.start.col() + 1,
+    }
 }
 
 fn key_text(key: &MarkedYaml) -> Option<String> {
@@ -218,7 +306,14 @@ mod tests {
         let d = doc.diagnostic("/b/c/1", false, "m");
         assert_eq!(d.line(), Some(3));
         assert_eq!(d.path, "b.c[1]");
-        assert_eq!(doc.diagnostic("/b", true, "m").origin, Origin::File { file: "f.yaml".into(), line: 2, column: 1 });
+        assert_eq!(
+            doc.diagnostic("/b", true, "m").origin,
+            Origin::File {
+                file: "f.yaml".into(),
+                line: 2,
+                column: 1
+            }
+        );
     }
 
     #[test]
@@ -238,7 +333,16 @@ mod tests {
         let mut doc = LocatedDoc::parse(Path::new("f.yaml"), "a:\n  b: 1\n").unwrap();
         doc.set("a.b", Value::from(5), "a.b=5").unwrap();
         assert_eq!(doc.value["a"]["b"], 5);
-        assert_eq!(doc.diagnostic("/a/b", false, "m").origin, Origin::Override { argument: "a.b=5".into() });
-        assert!(doc.set("x.y", Value::Null, "x.y=1").unwrap_err().contains("no key `x`"));
+        assert_eq!(
+            doc.diagnostic("/a/b", false, "m").origin,
+            Origin::Override {
+                argument: "a.b=5".into()
+            }
+        );
+        assert!(
+            doc.set("x.y", Value::Null, "x.y=1")
+                .unwrap_err()
+                .contains("no key `x`")
+        );
     }
 }

@@ -52,12 +52,24 @@ impl Project {
             .map(|i| format!("{{\"doc\": {{\"key\": \"q{i}\", \"text\": \"What is item {i}?\", \"options\": [\"a{i}\", \"b{i}\"], \"gold\": {}}}}}\n", i % 2))
             .collect();
         write("data/items.jsonl", &rows);
-        write("cards/letters.yaml", "name: letters\nlicense: MIT\nsource: ../data/items.jsonl\nrecord: doc\nfields: {id: key, question: text, choices: options, gold: gold}\nrecords: 12\n");
-        write("cards/numbers.yaml", "name: numbers\nlicense: MIT\nsource: ../data/items.jsonl\nrecord: doc\nfields: {id: key, question: text}\n");
-        write("templates/question.jinja", "{{ question }}\n{% for c in choices %}{{ 'AB'[loop.index0] }}. {{ c }}\n{% endfor %}");
+        write(
+            "cards/letters.yaml",
+            "name: letters\nlicense: MIT\nsource: ../data/items.jsonl\nrecord: doc\nfields: {id: key, question: text, choices: options, gold: gold}\nrecords: 12\n",
+        );
+        write(
+            "cards/numbers.yaml",
+            "name: numbers\nlicense: MIT\nsource: ../data/items.jsonl\nrecord: doc\nfields: {id: key, question: text}\n",
+        );
+        write(
+            "templates/question.jinja",
+            "{{ question }}\n{% for c in choices %}{{ 'AB'[loop.index0] }}. {{ c }}\n{% endfor %}",
+        );
         write("templates/answer.jinja", "{{ 'AB'[gold] }}");
         write("templates/plain.jinja", "Q: {{ question }}");
-        write("model.gguf", "GGUF stand-in bytes: the model stage only fetches and pins the file");
+        write(
+            "model.gguf",
+            "GGUF stand-in bytes: the model stage only fetches and pins the file",
+        );
         write("pipeline.yaml", PIPELINE);
         Self { dir }
     }
@@ -73,7 +85,9 @@ impl Project {
     /// A `tsq` command in the project directory with an isolated `$TSQ_HOME`.
     pub fn tsq(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tsq"));
-        cmd.current_dir(self.path()).env("TSQ_HOME", self.path().join("home")).args(args);
+        cmd.current_dir(self.path())
+            .env("TSQ_HOME", self.path().join("home"))
+            .args(args);
         cmd
     }
 
@@ -86,13 +100,31 @@ impl Project {
 
 /// stdout and stderr of a finished command, for assertions and failure messages.
 pub fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Events of the latest `tsq run` in a run directory, as (event, stage) pairs.
 pub fn last_run_events(run_dir: &Path) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(run_dir.join("events.jsonl")).unwrap();
-    let events: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let start = events.iter().rposition(|e| e["event"] == "run_started").expect("a run_started event");
-    events[start + 1..].iter().map(|e| (e["event"].as_str().unwrap().to_string(), e["stage"].as_str().unwrap_or("").to_string())).collect()
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let start = events
+        .iter()
+        .rposition(|e| e["event"] == "run_started")
+        .expect("a run_started event");
+    events[start + 1..]
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_string(),
+                e["stage"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
 }
