@@ -33,6 +33,10 @@ pub fn run(
         );
         return Ok(());
     }
+    // Refuse before creating anything; the run re-checks under the lock.
+    executor
+        .preflight(&RunDir::read_only(&run_root), &opts)
+        .map_err(|e| CmdError::Failed(e.to_string()))?;
     let run_dir = RunDir::lock(&run_root).map_err(CmdError::Failed)?;
     let effective = serde_json::to_string_pretty(&pipeline.spec).expect("spec serialises");
     crate::fsutil::write_atomic(&run_root.join("pipeline.json"), effective.as_bytes())

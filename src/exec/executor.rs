@@ -135,6 +135,13 @@ impl Executor<'_> {
         Ok(entries)
     }
 
+    /// The plan, refused if it would reach an unavailable stage or an unfinished dependency.
+    pub fn preflight(&self, run: &RunDir, opts: &RunOptions) -> Result<Vec<PlanEntry>, ExecError> {
+        let plan = self.plan(run, opts)?;
+        check_runnable(&plan, self.graph)?;
+        Ok(plan)
+    }
+
     /// Runs every stage that is not cached, in order; stops at the first failure.
     pub fn run(
         &self,
@@ -142,8 +149,7 @@ impl Executor<'_> {
         opts: &RunOptions,
         interrupt: &Interrupt,
     ) -> Result<Vec<PlanEntry>, ExecError> {
-        let plan = self.plan(run, opts)?;
-        check_runnable(&plan, self.graph)?;
+        let plan = self.preflight(run, opts)?;
         let inputs = self.inputs()?;
         let mut log = EventLog::open(run);
         log.event("run_started", None, json!({}));
