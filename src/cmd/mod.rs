@@ -2,9 +2,11 @@
 //! return a [`CmdError`] that `main` maps to an exit code.
 
 pub mod fetch;
+pub mod generate;
 pub mod plan;
 pub mod run;
 pub mod schema;
+pub mod score;
 pub mod validate;
 
 use std::collections::BTreeSet;
@@ -95,4 +97,26 @@ fn render(diagnostics: &[Diagnostic]) -> String {
 /// The stage graph of a valid pipeline (cycles were ruled out by validation).
 fn graph_of(pipeline: &Pipeline) -> Result<Graph, CmdError> {
     Graph::from_spec(&pipeline.spec).map_err(|e| CmdError::Failed(e.to_string()))
+}
+
+/// Which model to load, as given on the command line.
+pub struct ModelArgs {
+    pub source: String,
+    pub dtype: crate::pipeline::spec::Dtype,
+    pub device: crate::pipeline::spec::Device,
+}
+
+impl ModelArgs {
+    /// Resolves the source (fetching `pip://` assets) and loads the model.
+    pub fn load(&self) -> Result<crate::model::Model, CmdError> {
+        let source = crate::assets::AssetSource::parse(&self.source, Path::new("."))
+            .map_err(|e| CmdError::Usage(e.to_string()))?;
+        let path = source
+            .resolve(&crate::assets::TsqHome::from_env())
+            .map_err(|e| CmdError::Failed(e.to_string()))?;
+        let device =
+            crate::model::device(self.device).map_err(|e| CmdError::Failed(e.to_string()))?;
+        crate::model::Model::load(&path, crate::model::dtype(self.dtype), &device)
+            .map_err(|e| CmdError::Failed(e.to_string()))
+    }
 }

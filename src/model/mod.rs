@@ -1,4 +1,147 @@
-//! The base model. For now this is the `model` stage: resolve the model asset, verify its pin,
-//! and record what it is, so that every later stage depends on one exact model file.
+//! The language-model engine: configs, weights (GGUF, safetensors), tokenizers, chat templates,
+//! the transformer with fast and differentiable forward paths, batched generation and scoring.
+//! Also the pipeline's `model` stage.
+//!
+//! Canonical module names (stable; SVD targets match against them):
+//! `embed`, `layers.{i}.attn.{q,k,v,o}_proj`, `layers.{i}.mlp.{gate,up,down}_proj`,
+//! `layers.{i}.attn_norm`, `layers.{i}.mlp_norm`, `norm`, `lm_head` (tensors add `.weight`/`.bias`).
 
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod hf;
+pub mod score;
 pub mod stage;
+pub mod testing;
+pub mod tokenizer;
+pub mod transformer;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use chat::{ChatTemplate, Message};
+use error::{ModelError, Result};
+use tokenizer::Tokenizer;
+use transformer::Transformer;
+
+/// The candle dtype for a pipeline dtype.
+pub fn dtype(d: crate::pipeline::spec::Dtype) -> DType {
+    use crate::pipeline::spec::Dtype;
+    match d {
+        Dtype::F32 => DType::F32,
+        Dtype::Bf16 => DType::BF16,
+        Dtype::F16 => DType::F16,
+    }
+}
+
+/// The candle device for a pipeline device; CUDA and Metal need tsq built with that feature.
+pub fn device(d: crate::pipeline::spec::Device) -> Result<Device> {
+    use crate::pipeline::spec::Device as D;
+    Ok(match d {
+        D::Cpu => Device::Cpu,
+        D::Cuda => Device::new_cuda(0)?,
+        D::Metal => Device::new_metal(0)?,
+    })
+}
+
+/// A loaded model: transformer, tokenizer and chat template.
+pub struct Model {
+    pub path: PathBuf,
+    pub transformer: Transformer,
+    pub tokenizer: Tokenizer,
+    pub chat: Option<ChatTemplate>,
+}
+
+impl Model {
+    /// Loads a GGUF file or an HF-layout directory.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            Self::load_hf(path, dtype, device)
+        } else if path.extension().is_some_and(|e| e == "gguf") {
+            Self::load_gguf(path, dtype, device)
+        } else {
+            Err(ModelError::load(
+                path,
+                "expected a .gguf file or a model directory with config.json",
+            ))
+        }
+    }
+
+    fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let mut g = gguf::load(path, dtype, device)?;
+        g.config.tie_word_embeddings = !g.tensors.contains_key("lm_head.weight");
+        let tokenizer = Tokenizer::from_gguf(path, &g.metadata)?;
+        let token_text = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.decode(&[i], true).ok())
+                .unwrap_or_default()
+        };
+        let chat = gguf::meta_str(path, &g.metadata, "tokenizer.chat_template")
+            .ok()
+            .map(|t| {
+                ChatTemplate::new(
+                    t.to_string(),
+                    token_text(tokenizer.bos_id),
+                    token_text(tokenizer.eos_ids.first().copied()),
+                )
+            });
+        let transformer = Transformer::new(g.config, g.tensors)
+            .map_err(|e| ModelError::load(path, e.to_string()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            transformer,
+            tokenizer,
+            chat,
+        })
+    }
+
+    fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = hf::read_config(dir)?;
+        let tensors = hf::load_tensors(dir, dtype, device)?;
+        let tok_config = hf::tokenizer_config(dir).unwrap_or_default();
+        let bos = hf::special_token(&tok_config, "bos_token");
+        let eos = hf::special_token(&tok_config, "eos_token");
+        let add_bos = tok_config
+            .get("add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let tok_path = dir.join("tokenizer.json");
+        let probe = Tokenizer::from_file(&tok_path, None, vec![], false)?;
+        let bos_id = bos.as_deref().and_then(|t| probe.token_id(t));
+        let eos_ids = eos
+            .as_deref()
+            .and_then(|t| probe.token_id(t))
+            .into_iter()
+            .collect();
+        let tokenizer = Tokenizer::from_file(&tok_path, bos_id, eos_ids, add_bos)?;
+        let chat = tok_config
+            .get("chat_template")
+            .and_then(|t| t.as_str())
+            .map(|t| {
+                ChatTemplate::new(
+                    t.to_string(),
+                    bos.unwrap_or_default(),
+                    eos.unwrap_or_default(),
+                )
+            });
+        let transformer =
+            Transformer::new(config, tensors).map_err(|e| ModelError::load(dir, e.to_string()))?;
+        Ok(Self {
+            path: dir.to_path_buf(),
+            transformer,
+            tokenizer,
+            chat,
+        })
+    }
+
+    /// `text` as one user turn of the model's chat template, ready for generation.
+    pub fn chat_prompt(&self, text: &str) -> Result<String> {
+        let chat = self
+            .chat
+            .as_ref()
+            .ok_or_else(|| ModelError::load(&self.path, "the model has no chat template"))?;
+        chat.render(&[Message::user(text)])
+    }
+}

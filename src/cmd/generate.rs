@@ -1,0 +1,55 @@
+//! `tsq generate`: continue prompts with a model (batched), printing text or JSON.
+
+use serde_json::json;
+
+use super::{CmdError, Format, ModelArgs};
+use crate::model::generate::{GenerateOptions, generate};
+
+pub fn run(
+    model_args: &ModelArgs,
+    prompts: &[String],
+    chat: bool,
+    opts: &GenerateOptions,
+    format: Format,
+) -> Result<(), CmdError> {
+    let model = model_args.load()?;
+    let fail = |e: crate::model::error::ModelError| CmdError::Failed(e.to_string());
+    let mut ids = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let text = if chat {
+            model.chat_prompt(prompt).map_err(fail)?
+        } else {
+            prompt.clone()
+        };
+        ids.push(model.tokenizer.encode(&text).map_err(fail)?);
+    }
+    let started = std::time::Instant::now();
+    let generations = generate(&model, &ids, opts).map_err(fail)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let tokens: usize = generations.iter().map(|g| g.token_ids.len()).sum();
+    match format {
+        Format::Json => {
+            let items: Vec<_> = prompts.iter().zip(&generations).map(|(p, g)| json!({"prompt": p, "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason})).collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &json!({"generations": items, "tokens": tokens, "seconds": seconds})
+                )
+                .expect("json")
+            );
+        }
+        Format::Text => {
+            for g in &generations {
+                println!("{}", g.text);
+                if generations.len() > 1 {
+                    println!("---");
+                }
+            }
+            eprintln!(
+                "{tokens} tokens in {seconds:.2}s ({:.1} tok/s)",
+                tokens as f64 / seconds.max(1e-9)
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Chat templates (from `tokenizer.chat_template` in GGUF or `tokenizer_config.json`), rendered
+//! with minijinja the way HF transformers renders them.
+
+use minijinja::{Environment, Error, ErrorKind, context};
+use serde::Serialize;
+
+use super::error::{ModelError, Result};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn user(content: impl Into<String>) -> Self {
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+}
+
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    pub fn new(source: String, bos_token: String, eos_token: String) -> Self {
+        Self {
+            source,
+            bos_token,
+            eos_token,
+        }
+    }
+
+    /// The prompt text for `messages`, ending with the assistant's turn opened.
+    pub fn render(&self, messages: &[Message]) -> Result<String> {
+        let mut env = Environment::new();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_template("chat", &self.source)
+            .map_err(|e| ModelError::Input(format!("the chat template does not parse: {e}")))?;
+        let template = env
+            .get_template("chat")
+            .map_err(|e| ModelError::Input(e.to_string()))?;
+        template
+            .render(context! { messages => minijinja::value::Serde(messages), add_generation_prompt => true, bos_token => &self.bos_token, eos_token => &self.eos_token })
+            .map_err(|e| ModelError::Input(format!("cannot render the chat template: {e}")))
+    }
+}

@@ -1,0 +1,244 @@
+//! Batched generation with a KV cache: prompts of different lengths are left-padded and decoded
+//! together; each sequence stops on EOS, a stop string or the token budget, and says which.
+//! Sampling is deterministic for a seed: sequence `i` draws from its own ChaCha stream seeded by
+//! (seed, i), so results do not depend on what else is in the batch.
+
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::Model;
+use super::error::{ModelError, Result};
+use super::transformer::{Batch, KvCache, LogitsAt, Mode};
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability (1 = off).
+    pub top_p: f64,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    pub seed: u64,
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop: vec![],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Eos,
+    Stop,
+    Length,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Generation {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+}
+
+struct Sequence {
+    tokens: Vec<u32>,
+    rng: ChaCha8Rng,
+    done: Option<FinishReason>,
+    text: String,
+}
+
+/// Generates a continuation of each prompt (token ids).
+pub fn generate(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generation>> {
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ModelError::Input(
+            "cannot generate from an empty prompt".into(),
+        ));
+    }
+    let tf = &model.transformer;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let context = tf.config.max_position_embeddings;
+    if longest + opts.max_new_tokens > context {
+        return Err(ModelError::Input(format!(
+            "a prompt of {longest} tokens plus {} new tokens exceeds the model's context of {context}",
+            opts.max_new_tokens
+        )));
+    }
+    let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let filler = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let ids: Vec<u32> = prompts
+        .iter()
+        .zip(&pad)
+        .flat_map(|(p, &n)| std::iter::repeat_n(filler, n).chain(p.iter().copied()))
+        .collect();
+    let device = tf.device();
+    let mut cache = KvCache::default();
+    let mut seqs: Vec<Sequence> = (0..prompts.len())
+        .map(|i| Sequence {
+            tokens: vec![],
+            rng: ChaCha8Rng::seed_from_u64(
+                opts.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ),
+            done: None,
+            text: String::new(),
+        })
+        .collect();
+    let batch = Batch::left_padded(&pad, 0, longest, device)?;
+    let mut logits = tf.forward(
+        &Tensor::from_vec(ids, (prompts.len(), longest), device)?,
+        &batch,
+        Some(&mut cache),
+        Mode::Fast,
+        LogitsAt::Last,
+    )?;
+    for step in 0..opts.max_new_tokens {
+        let rows: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
+        let mut next = Vec::with_capacity(seqs.len());
+        for (seq, row) in seqs.iter_mut().zip(rows) {
+            if seq.done.is_some() {
+                next.push(filler);
+                continue;
+            }
+            let token = pick(&row, opts, &mut seq.rng);
+            next.push(token);
+            advance(model, seq, token, opts, step + 1)?;
+        }
+        if seqs.iter().all(|s| s.done.is_some()) {
+            break;
+        }
+        let batch = Batch::left_padded(&pad, cache.len(), 1, device)?;
+        logits = tf.forward(
+            &Tensor::from_vec(next, (seqs.len(), 1), device)?,
+            &batch,
+            Some(&mut cache),
+            Mode::Fast,
+            LogitsAt::Last,
+        )?;
+    }
+    Ok(seqs
+        .into_iter()
+        .map(|s| Generation {
+            text: s.text,
+            token_ids: s.tokens,
+            finish_reason: s.done.unwrap_or(FinishReason::Length),
+        })
+        .collect())
+}
+
+/// Appends `token` and decides whether the sequence is finished.
+fn advance(
+    model: &Model,
+    seq: &mut Sequence,
+    token: u32,
+    opts: &GenerateOptions,
+    produced: usize,
+) -> Result<()> {
+    if model.tokenizer.eos_ids.contains(&token) {
+        seq.done = Some(FinishReason::Eos);
+        return Ok(());
+    }
+    seq.tokens.push(token);
+    seq.text = model.tokenizer.decode(&seq.tokens, false)?;
+    if let Some(at) = opts
+        .stop
+        .iter()
+        .filter_map(|s| seq.text.find(s.as_str()))
+        .min()
+    {
+        seq.text.truncate(at);
+        seq.done = Some(FinishReason::Stop);
+    } else if produced >= opts.max_new_tokens {
+        seq.done = Some(FinishReason::Length);
+    }
+    Ok(())
+}
+
+/// The next token: argmax when greedy, else a draw after temperature, top-k and top-p.
+fn pick(logits: &[f32], opts: &GenerateOptions, rng: &mut ChaCha8Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap_or(0)
+    };
+    if opts.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if opts.top_k > 0 {
+        order.truncate(opts.top_k);
+    }
+    let top = logits[order[0]] as f64;
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - top) / opts.temperature).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for w in &weights {
+        kept += 1;
+        mass += w / total;
+        if mass >= opts.top_p {
+            break;
+        }
+    }
+    let kept_total: f64 = weights[..kept].iter().sum();
+    let mut draw = rng.random::<f64>() * kept_total;
+    for (i, w) in weights[..kept].iter().enumerate() {
+        draw -= w;
+        if draw <= 0.0 {
+            return order[i] as u32;
+        }
+    }
+    order[kept - 1] as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_top_k_and_top_p() {
+        let logits = [0.0f32, 3.0, 1.0, 2.9];
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(pick(&logits, &GenerateOptions::default(), &mut rng), 1);
+        let one = GenerateOptions {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        };
+        assert!((0..20).all(|_| pick(&logits, &one, &mut rng) == 1));
+        let nucleus = GenerateOptions {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        };
+        let draws: Vec<u32> = (0..200)
+            .map(|_| pick(&logits, &nucleus, &mut rng))
+            .collect();
+        assert!(
+            draws.iter().all(|&t| t == 1 || t == 3) && draws.contains(&3),
+            "top-p keeps the two near-equal tokens"
+        );
+    }
+}

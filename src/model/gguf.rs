@@ -1,0 +1,225 @@
+//! Reading GGUF files: config from metadata, weights dequantized to the working dtype under
+//! canonical names, and the tokenizer and chat template from metadata.
+//!
+//! llama.cpp's converter permutes the rows of q and k (so its rope can rotate adjacent pairs);
+//! HF checkpoints rotate halves. We undo the permutation here so GGUF and safetensors models load
+//! to one canonical layout and share one forward pass.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{Architecture, ModelConfig};
+use super::error::{ModelError, Result};
+
+/// Everything tsq takes from a GGUF file.
+pub struct GgufModel {
+    pub config: ModelConfig,
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: HashMap<String, Value>,
+}
+
+/// Reads the file's header (metadata and tensor table) without loading weights.
+pub fn read_header(path: &Path) -> Result<(Content, BufReader<File>)> {
+    let file = File::open(path).map_err(|e| ModelError::load(path, format!("cannot open: {e}")))?;
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader)
+        .map_err(|e| ModelError::load(path, format!("not a readable GGUF file: {e}")))?;
+    Ok((content, reader))
+}
+
+pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
+    let (content, mut reader) = read_header(path)?;
+    let config = config_from_metadata(path, &content.metadata)?;
+    let mut tensors = BTreeMap::new();
+    for (gguf_name, info) in &content.tensor_infos {
+        let Some(name) = canonical_name(gguf_name) else {
+            continue;
+        };
+        let q = content
+            .tensor(&mut reader, gguf_name, &Device::Cpu)
+            .map_err(|e| {
+                ModelError::load(
+                    path,
+                    format!("tensor `{gguf_name}` ({:?}): {e}", info.shape),
+                )
+            })?;
+        let mut t = q.dequantize(&Device::Cpu)?;
+        if let Some(heads) = permuted_heads(&name, &config) {
+            t = unpermute_rows(&t, heads)?;
+        }
+        tensors.insert(name, t.to_dtype(dtype)?.to_device(device)?);
+    }
+    Ok(GgufModel {
+        config,
+        tensors,
+        metadata: content.metadata,
+    })
+}
+
+/// GGUF tensor name → canonical name (`blk.3.ffn_up.weight` → `layers.3.mlp.up_proj.weight`).
+pub fn canonical_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("embed.weight"),
+        "output_norm.weight" => Some("norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let module = match module {
+        "attn_q" => "attn.q_proj",
+        "attn_k" => "attn.k_proj",
+        "attn_v" => "attn.v_proj",
+        "attn_output" => "attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "attn_norm",
+        "ffn_norm" => "mlp_norm",
+        _ => return None,
+    };
+    Some(format!("layers.{layer}.{module}.{suffix}"))
+}
+
+/// How many heads a permuted tensor was split into, for q and k weights and biases.
+fn permuted_heads(name: &str, config: &ModelConfig) -> Option<usize> {
+    if config.architecture == Architecture::Qwen2 {
+        return None; // llama.cpp does not permute Qwen2's q/k.
+    }
+    if name.contains(".attn.q_proj.") {
+        Some(config.num_heads)
+    } else if name.contains(".attn.k_proj.") {
+        Some(config.num_kv_heads)
+    } else {
+        None
+    }
+}
+
+/// Inverse of llama.cpp's `permute`: rows grouped per head as (2, d/2) were stored as (d/2, 2).
+fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let half = rows / heads / 2;
+    let out = t
+        .reshape((heads, half, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?;
+    Ok(out)
+}
+
+fn meta<'a>(path: &Path, md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
+    md.get(key)
+        .ok_or_else(|| ModelError::load(path, format!("GGUF metadata lacks `{key}`")))
+}
+
+fn meta_usize(path: &Path, md: &HashMap<String, Value>, key: &str) -> Result<usize> {
+    let v = meta(path, md, key)?;
+    v.to_u64()
+        .or_else(|_| v.to_u32().map(u64::from))
+        .or_else(|_| v.to_i32().map(|x| x as u64))
+        .map(|x| x as usize)
+        .map_err(|_| ModelError::load(path, format!("GGUF metadata `{key}` is not an integer")))
+}
+
+fn meta_f64(path: &Path, md: &HashMap<String, Value>, key: &str) -> Result<f64> {
+    let v = meta(path, md, key)?;
+    v.to_f32()
+        .map(f64::from)
+        .or_else(|_| v.to_f64())
+        .map_err(|_| ModelError::load(path, format!("GGUF metadata `{key}` is not a number")))
+}
+
+pub fn meta_str<'a>(path: &Path, md: &'a HashMap<String, Value>, key: &str) -> Result<&'a str> {
+    meta(path, md, key)?
+        .to_string()
+        .map(String::as_str)
+        .map_err(|_| ModelError::load(path, format!("GGUF metadata `{key}` is not a string")))
+}
+
+fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<ModelConfig> {
+    let arch_name = meta_str(path, md, "general.architecture")?;
+    let architecture = Architecture::parse(arch_name).ok_or_else(|| {
+        ModelError::load(
+            path,
+            format!("unsupported architecture `{arch_name}` (supported: llama, mistral, qwen2)"),
+        )
+    })?;
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let hidden_size = meta_usize(path, md, &key("embedding_length"))?;
+    let num_heads = meta_usize(path, md, &key("attention.head_count"))?;
+    let vocab_size = match meta_usize(path, md, &key("vocab_size")) {
+        Ok(v) => v,
+        Err(_) => meta(path, md, "tokenizer.ggml.tokens")?
+            .to_vec()
+            .map(Vec::len)
+            .map_err(|_| {
+                ModelError::load(path, "GGUF metadata `tokenizer.ggml.tokens` is not a list")
+            })?,
+    };
+    let config = ModelConfig {
+        architecture,
+        hidden_size,
+        intermediate_size: meta_usize(path, md, &key("feed_forward_length"))?,
+        num_layers: meta_usize(path, md, &key("block_count"))?,
+        num_heads,
+        num_kv_heads: meta_usize(path, md, &key("attention.head_count_kv")).unwrap_or(num_heads),
+        head_dim: meta_usize(path, md, &key("attention.key_length"))
+            .unwrap_or(hidden_size / num_heads.max(1)),
+        vocab_size,
+        rope_theta: meta_f64(path, md, &key("rope.freq_base")).unwrap_or(10_000.0),
+        rms_norm_eps: meta_f64(path, md, &key("attention.layer_norm_rms_epsilon"))?,
+        max_position_embeddings: meta_usize(path, md, &key("context_length"))?,
+        tie_word_embeddings: true, // corrected by the loader when `output.weight` exists
+    };
+    config.check().map_err(|m| ModelError::load(path, m))?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_names() {
+        assert_eq!(
+            canonical_name("blk.12.ffn_up.weight").as_deref(),
+            Some("layers.12.mlp.up_proj.weight")
+        );
+        assert_eq!(
+            canonical_name("blk.0.attn_q.bias").as_deref(),
+            Some("layers.0.attn.q_proj.bias")
+        );
+        assert_eq!(
+            canonical_name("token_embd.weight").as_deref(),
+            Some("embed.weight")
+        );
+        assert_eq!(canonical_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() -> Result<()> {
+        // llama.cpp: reshape(h, 2, d/2, in).swap(1, 2); build that from known rows and invert it.
+        let (heads, d, cols) = (2usize, 4usize, 3usize);
+        let hf = Tensor::arange(0f32, (heads * d * cols) as f32, &Device::Cpu)?
+            .reshape((heads * d, cols))?;
+        let gguf = hf
+            .reshape((heads, 2, d / 2, cols))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((heads * d, cols))?;
+        let back = unpermute_rows(&gguf, heads)?;
+        assert_eq!(back.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
+        Ok(())
+    }
+}

@@ -1,0 +1,90 @@
+//! Tiny random models for fast tests of shapes, masks, caches and gradients. Deterministic for a
+//! seed; never a stand-in for the real model in tests of behaviour.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::config::{Architecture, ModelConfig};
+
+/// A 2-layer GQA config small enough to run in milliseconds.
+pub fn tiny_config(architecture: Architecture) -> ModelConfig {
+    ModelConfig {
+        architecture,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        vocab_size: 64,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 128,
+        tie_word_embeddings: true,
+    }
+}
+
+/// Random canonical-name weights for `config` (biases too when the architecture has them).
+pub fn random_weights(
+    config: &ModelConfig,
+    seed: u64,
+    device: &Device,
+) -> BTreeMap<String, Tensor> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut tensor = |rows: usize, cols: usize, scale: f32| {
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-scale..scale))
+            .collect();
+        Tensor::from_vec(data, (rows, cols), device).expect("shape matches data")
+    };
+    let (h, i, d) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.head_dim,
+    );
+    let (q_out, kv_out) = (config.num_heads * d, config.num_kv_heads * d);
+    let mut w = BTreeMap::new();
+    w.insert(
+        "embed.weight".to_string(),
+        tensor(config.vocab_size, h, 1.0),
+    );
+    w.insert(
+        "norm.weight".to_string(),
+        (tensor(1, h, 0.2).squeeze(0).expect("1×h") + 1.0).expect("add"),
+    );
+    for l in 0..config.num_layers {
+        let p = |m: &str| format!("layers.{l}.{m}");
+        for (name, rows, cols) in [
+            ("attn.q_proj", q_out, h),
+            ("attn.k_proj", kv_out, h),
+            ("attn.v_proj", kv_out, h),
+            ("attn.o_proj", h, q_out),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            w.insert(p(&format!("{name}.weight")), tensor(rows, cols, 0.3));
+        }
+        if config.architecture.qkv_bias() {
+            for (name, rows) in [
+                ("attn.q_proj", q_out),
+                ("attn.k_proj", kv_out),
+                ("attn.v_proj", kv_out),
+            ] {
+                w.insert(
+                    p(&format!("{name}.bias")),
+                    tensor(1, rows, 0.1).squeeze(0).expect("1×n"),
+                );
+            }
+        }
+        for norm in ["attn_norm", "mlp_norm"] {
+            w.insert(
+                p(&format!("{norm}.weight")),
+                (tensor(1, h, 0.2).squeeze(0).expect("1×h") + 1.0).expect("add"),
+            );
+        }
+    }
+    w
+}

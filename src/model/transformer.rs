@@ -1,0 +1,483 @@
+//! The Llama-family transformer (Llama, Mistral, Qwen2): weights under canonical names and two
+//! forward paths over them.
+//!
+//! - [`Mode::Fast`]: candle's fused kernels (`rms_norm`, `softmax_last_dim`, `rope`). They have no
+//!   backward pass, so this path is for inference only.
+//! - [`Mode::Differentiable`]: the same maths from primitive ops, so gradients flow (SVF training).
+//!
+//! Batches of different lengths are left-padded: [`Batch`] carries per-sequence positions (counted
+//! from each sequence's first real token) and an additive attention mask that hides padding and
+//! the future.
+
+use std::collections::BTreeMap;
+
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+
+use super::config::ModelConfig;
+use super::error::{ModelError, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Fast,
+    Differentiable,
+}
+
+/// Which positions to compute logits for: all (scoring) or only the last (generation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsAt {
+    All,
+    Last,
+}
+
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Keys and values of every layer for the positions seen so far: (batch, kv_heads, time, head_dim).
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Positions and mask for one forward call over `(batch, time)` token ids.
+pub struct Batch {
+    /// (batch, time) u32: rotary position of each token.
+    pub positions: Tensor,
+    /// (batch, 1, time, past + time) f32: 0 where attention is allowed, -inf elsewhere.
+    pub mask: Tensor,
+}
+
+impl Batch {
+    /// For left-padded sequences: `pad[b]` pads in front of sequence `b`, `past` positions already
+    /// cached (with the same padding), `time` new positions.
+    pub fn left_padded(pad: &[usize], past: usize, time: usize, device: &Device) -> Result<Self> {
+        let total = past + time;
+        let mut positions = Vec::with_capacity(pad.len() * time);
+        let mut mask = Vec::with_capacity(pad.len() * time * total);
+        for &p in pad {
+            for i in 0..time {
+                let abs = past + i;
+                positions.push(abs.saturating_sub(p) as u32);
+                for j in 0..total {
+                    // A pad query may attend to itself only, so its softmax row stays finite.
+                    let allowed = j <= abs && (j >= p || j == abs);
+                    mask.push(if allowed { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        let b = pad.len();
+        Ok(Self {
+            positions: Tensor::from_vec(positions, (b, time), device)?,
+            mask: Tensor::from_vec(mask, (b, 1, time, total), device)?,
+        })
+    }
+}
+
+pub struct Transformer {
+    pub config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+}
+
+impl Transformer {
+    /// Builds the model from canonical-name tensors (`embed.weight`, `layers.0.attn.q_proj.weight`...).
+    pub fn new(config: ModelConfig, mut tensors: BTreeMap<String, Tensor>) -> Result<Self> {
+        let mut take = |name: &str| {
+            tensors
+                .remove(name)
+                .ok_or_else(|| ModelError::Input(format!("weights lack `{name}`")))
+        };
+        let embed = take("embed.weight")?;
+        let (vocab, hidden) = embed.dims2()?;
+        if (vocab, hidden) != (config.vocab_size, config.hidden_size) {
+            return Err(ModelError::Input(format!(
+                "`embed.weight` is {vocab}×{hidden}, config says {}×{}",
+                config.vocab_size, config.hidden_size
+            )));
+        }
+        let dtype = embed.dtype();
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let linear =
+                |m: &str, take: &mut dyn FnMut(&str) -> Result<Tensor>| -> Result<Linear> {
+                    let weight = take(&format!("layers.{i}.{m}.weight"))?;
+                    let bias = take(&format!("layers.{i}.{m}.bias")).ok();
+                    Ok(Linear { weight, bias })
+                };
+            layers.push(Layer {
+                attn_norm: take(&format!("layers.{i}.attn_norm.weight"))?,
+                q: linear("attn.q_proj", &mut take)?,
+                k: linear("attn.k_proj", &mut take)?,
+                v: linear("attn.v_proj", &mut take)?,
+                o: linear("attn.o_proj", &mut take)?,
+                mlp_norm: take(&format!("layers.{i}.mlp_norm.weight"))?,
+                gate: linear("mlp.gate_proj", &mut take)?,
+                up: linear("mlp.up_proj", &mut take)?,
+                down: linear("mlp.down_proj", &mut take)?,
+            });
+        }
+        let norm = take("norm.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            embed.clone()
+        } else {
+            take("lm_head.weight")?
+        };
+        let (cos, sin) = rope_tables(&config, embed.device())?;
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Logits (batch, time or 1, vocab) in f32 for `ids` (batch, time).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        batch: &Batch,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+        at: LogitsAt,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let max_pos = self.config.max_position_embeddings;
+        let mut no_cache = KvCache::default();
+        let cache = cache.unwrap_or(&mut no_cache);
+        if cache.len() + t > max_pos {
+            return Err(ModelError::Input(format!(
+                "{} positions exceed the model's context of {max_pos}",
+                cache.len() + t
+            )));
+        }
+        cache.layers.resize_with(self.layers.len(), || None);
+        let flat_pos = batch.positions.flatten_all()?;
+        let half = self.config.head_dim / 2;
+        let cos = self.cos.index_select(&flat_pos, 0)?.reshape((b, t, half))?;
+        let sin = self.sin.index_select(&flat_pos, 0)?.reshape((b, t, half))?;
+        let mask = batch.mask.to_dtype(self.dtype)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.config.hidden_size,
+        ))?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = rms_norm(&x, &layer.attn_norm, self.config.rms_norm_eps, mode)?;
+            let attn = self.attention(layer, &h, &cos, &sin, &mask, kv, mode)?;
+            x = (x + attn)?;
+            let h = rms_norm(&x, &layer.mlp_norm, self.config.rms_norm_eps, mode)?;
+            let mlp = layer.down.forward(
+                &(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?,
+            )?;
+            x = (x + mlp)?;
+        }
+        let x = match at {
+            LogitsAt::All => x,
+            LogitsAt::Last => x.i((.., t - 1..t, ..))?,
+        };
+        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps, mode)?;
+        Ok(x.broadcast_matmul(&self.lm_head.t()?)?
+            .to_dtype(DType::F32)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        kv: &mut Option<(Tensor, Tensor)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = rope(&heads(layer.q.forward(x)?, c.num_heads)?, cos, sin, mode)?;
+        let k = rope(&heads(layer.k.forward(x)?, c.num_kv_heads)?, cos, sin, mode)?;
+        let v = heads(layer.v.forward(x)?, c.num_kv_heads)?;
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let rep = c.num_heads / c.num_kv_heads;
+        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let probs = match mode {
+            Mode::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
+            Mode::Differentiable => softmax_primitive(&scores)?,
+        };
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, c.num_heads * c.head_dim))?;
+        layer.o.forward(&out)
+    }
+}
+
+fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = config.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            1.0 / config
+                .rope_theta
+                .powf(2.0 * i as f64 / config.head_dim as f64) as f32
+        })
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let positions = Tensor::arange(0u32, config.max_position_embeddings as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((config.max_position_embeddings, 1))?;
+    let freqs = positions.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, h, rep, t, d))?
+        .reshape((b, h * rep, t, d))?)
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
+    match mode {
+        Mode::Fast => Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            weight,
+            eps as f32,
+        )?),
+        Mode::Differentiable => {
+            let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
+            Ok(x.broadcast_div(&(variance + eps)?.sqrt()?)?
+                .broadcast_mul(weight)?)
+        }
+    }
+}
+
+/// Rotary embedding rotating halves (HF layout). `cos`/`sin` are (batch, time, head_dim / 2).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    match mode {
+        Mode::Fast => Ok(candle_nn::rotary_emb::rope(
+            x,
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+        )?),
+        Mode::Differentiable => {
+            let d = x.dim(D::Minus1)?;
+            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(1)?;
+            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?.unsqueeze(1)?;
+            let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+            let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+        }
+    }
+}
+
+/// Softmax from differentiable primitives, stable against large scores and -inf masks.
+fn softmax_primitive(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Architecture;
+    use crate::model::testing::{random_weights, tiny_config};
+
+    fn tiny(arch: Architecture) -> Transformer {
+        let config = tiny_config(arch);
+        let weights = random_weights(&config, 7, &Device::Cpu);
+        Transformer::new(config, weights).unwrap()
+    }
+
+    fn logits(tf: &Transformer, seqs: &[Vec<u32>], mode: Mode) -> Result<Vec<Vec<Vec<f32>>>> {
+        let longest = seqs.iter().map(Vec::len).max().unwrap();
+        let pad: Vec<usize> = seqs.iter().map(|s| longest - s.len()).collect();
+        let ids: Vec<u32> = seqs
+            .iter()
+            .zip(&pad)
+            .flat_map(|(s, &n)| std::iter::repeat_n(0, n).chain(s.iter().copied()))
+            .collect();
+        let batch = Batch::left_padded(&pad, 0, longest, &Device::Cpu)?;
+        let out = tf.forward(
+            &Tensor::from_vec(ids, (seqs.len(), longest), &Device::Cpu)?,
+            &batch,
+            None,
+            mode,
+            LogitsAt::All,
+        )?;
+        // Drop the padded positions so rows line up with each sequence's own tokens.
+        Ok(out
+            .to_vec3::<f32>()?
+            .into_iter()
+            .zip(pad)
+            .map(|(rows, n)| rows[n..].to_vec())
+            .collect())
+    }
+
+    fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn batched_left_padded_equals_one_at_a_time() -> Result<()> {
+        for arch in [Architecture::Llama, Architecture::Qwen2] {
+            let tf = tiny(arch);
+            let seqs = vec![
+                vec![3, 9, 1, 4, 1, 5, 9, 2],
+                vec![6, 5, 3],
+                vec![5, 8, 9, 7, 9],
+            ];
+            let together = logits(&tf, &seqs, Mode::Fast)?;
+            for (i, s) in seqs.iter().enumerate() {
+                let alone = logits(&tf, std::slice::from_ref(s), Mode::Fast)?;
+                assert!(
+                    max_diff(&together[i], &alone[0]) < 1e-5,
+                    "{arch:?} sequence {i}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn kv_cache_decoding_equals_full_forward() -> Result<()> {
+        let tf = tiny(Architecture::Llama);
+        let seqs = [vec![3u32, 9, 1, 4, 1, 5], vec![0, 0, 2, 7, 1, 8]];
+        let pad = [0usize, 2];
+        let dev = Device::Cpu;
+        let all: Vec<u32> = seqs.iter().flatten().copied().collect();
+        let full = tf.forward(
+            &Tensor::from_vec(all, (2, 6), &dev)?,
+            &Batch::left_padded(&pad, 0, 6, &dev)?,
+            None,
+            Mode::Fast,
+            LogitsAt::All,
+        )?;
+        let mut cache = KvCache::default();
+        let prefix: Vec<u32> = seqs.iter().flat_map(|s| s[..4].to_vec()).collect();
+        tf.forward(
+            &Tensor::from_vec(prefix, (2, 4), &dev)?,
+            &Batch::left_padded(&pad, 0, 4, &dev)?,
+            Some(&mut cache),
+            Mode::Fast,
+            LogitsAt::Last,
+        )?;
+        for step in 4..6 {
+            let next: Vec<u32> = seqs.iter().map(|s| s[step]).collect();
+            let out = tf.forward(
+                &Tensor::from_vec(next, (2, 1), &dev)?,
+                &Batch::left_padded(&pad, cache.len(), 1, &dev)?,
+                Some(&mut cache),
+                Mode::Fast,
+                LogitsAt::Last,
+            )?;
+            let expected = full.i((.., step..step + 1, ..))?;
+            let diff = (out - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "step {step}: {diff}");
+        }
+        assert_eq!(cache.len(), 6);
+        Ok(())
+    }
+
+    #[test]
+    fn fast_and_differentiable_paths_agree() -> Result<()> {
+        let tf = tiny(Architecture::Qwen2);
+        let seqs = vec![vec![1, 2, 3, 4, 5, 6, 7], vec![9, 8, 7]];
+        let fast = logits(&tf, &seqs, Mode::Fast)?;
+        let slow = logits(&tf, &seqs, Mode::Differentiable)?;
+        for (f, s) in fast.iter().zip(&slow) {
+            assert!(max_diff(f, s) < 1e-4, "{}", max_diff(f, s));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn prompts_past_the_context_are_refused() {
+        let tf = tiny(Architecture::Llama);
+        let n = tf.config.max_position_embeddings + 1;
+        let ids = Tensor::zeros((1, n), DType::U32, &Device::Cpu).unwrap();
+        let batch = Batch::left_padded(&[0], 0, n, &Device::Cpu).unwrap();
+        let err = tf
+            .forward(&ids, &batch, None, Mode::Fast, LogitsAt::Last)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("exceed the model's context"),
+            "{err}"
+        );
+    }
+}
