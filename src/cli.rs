@@ -86,6 +86,9 @@ pub enum Command {
         /// Stop a sequence when its text contains this string (repeatable).
         #[arg(long)]
         stop: Vec<String>,
+        /// Keep generating past the end-of-sequence token.
+        #[arg(long)]
+        ignore_eos: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         #[arg(required = true)]
@@ -102,8 +105,25 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Measure performance on this machine and print it beside peer figures.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Print the JSON Schema of pipeline files (checked in at `schemas/pipeline.schema.json`).
     Schema,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prompt processing (512 tokens), decoding 128 tokens at batch 1, and at batch 16 (total).
+    Generate {
+        #[command(flatten)]
+        model: ModelOptions,
+        /// Repetitions of each measurement; the best is reported.
+        #[arg(long, default_value_t = 2)]
+        repeat: usize,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -211,6 +231,7 @@ pub fn main() -> Result<(), cmd::CmdError> {
             top_k,
             seed,
             stop,
+            ignore_eos,
             format,
             prompts,
         } => {
@@ -221,6 +242,7 @@ pub fn main() -> Result<(), cmd::CmdError> {
                 top_k,
                 seed,
                 stop,
+                ignore_eos,
             };
             cmd::generate::run(&model.into(), &prompts, chat, &opts, format)
         }
@@ -230,6 +252,9 @@ pub fn main() -> Result<(), cmd::CmdError> {
             continuation,
             format,
         } => cmd::score::run(&model.into(), &prompt, &continuation, format),
+        Command::Bench {
+            what: BenchCommand::Generate { model, repeat },
+        } => cmd::bench::generate_bench(&model.into(), repeat),
         Command::Schema => cmd::schema::run(),
     }
 }

@@ -87,3 +87,130 @@ fn scoring_prefers_the_right_continuation() {
     assert_eq!(scored[2].logprobs.len(), scored[2].continuation_ids.len());
     assert!(scored.iter().all(|s| s.logprobs.iter().all(|l| *l < 0.0)));
 }
+
+#[test]
+fn bad_model_files_are_clear_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = &smollm2().path;
+    let truncated = dir.path().join("truncated.gguf");
+    let bytes = std::fs::read(real).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let not_gguf = dir.path().join("text.gguf");
+    std::fs::write(&not_gguf, "this is not a model").unwrap();
+    for (path, expected) in [
+        (truncated, "truncated.gguf"),
+        (not_gguf, "not a readable GGUF file"),
+        (dir.path().join("missing.gguf"), "cannot open"),
+    ] {
+        let err = Model::load(&path, DType::F32, &Device::Cpu)
+            .err()
+            .expect("loading must fail")
+            .to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains(expected),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn prompts_longer_than_the_context_are_refused() {
+    let model = smollm2();
+    let too_long = vec![1u32; model.transformer.config.max_position_embeddings];
+    let err = generate(
+        model,
+        &[too_long],
+        &GenerateOptions {
+            max_new_tokens: 4,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("exceeds the model's context"),
+        "{err}"
+    );
+}
+
+/// Reference numbers from PyTorch/transformers (see tests/fixtures/README.md for how they were made).
+#[test]
+fn agrees_with_pytorch_transformers_on_ids_logits_and_logprobs() {
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::common::repo().join("tests/fixtures/oracle_smollm2.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let model = smollm2();
+    for case in fixture["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        if let Some(user) = case["chat_user"].as_str() {
+            assert_eq!(
+                model.chat_prompt(user).unwrap(),
+                text,
+                "chat template rendering"
+            );
+        }
+        let ids = model.tokenizer.encode(text).unwrap();
+        let expected_ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(ids, expected_ids, "token ids of {text:?}");
+
+        let dev = Device::Cpu;
+        let batch = tsq::model::transformer::Batch::left_padded(&[0], 0, ids.len(), &dev).unwrap();
+        let input = candle_core::Tensor::new(ids.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits: Vec<f32> = model
+            .transformer
+            .forward(
+                &input,
+                &batch,
+                None,
+                tsq::model::transformer::Mode::Fast,
+                tsq::model::transformer::LogitsAt::Last,
+            )
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (rank, top) in case["top5"].as_array().unwrap().iter().enumerate() {
+            let (id, reference) = (
+                top[0].as_u64().unwrap() as usize,
+                top[1].as_f64().unwrap() as f32,
+            );
+            let ours = logits[id];
+            assert!(
+                (ours - reference).abs() <= 1e-3 * reference.abs().max(1.0),
+                "{text:?}: logit of token {id} (rank {rank}): ours {ours}, reference {reference}"
+            );
+        }
+        let argmax = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
+        assert_eq!(argmax as u64, case["top5"][0][0].as_u64().unwrap());
+
+        let scored =
+            tsq::model::score::score_ids(model, vec![(ids[..1].to_vec(), ids[1..].to_vec())])
+                .unwrap();
+        let reference = case["prompt_logprob_sum"].as_f64().unwrap();
+        assert!(
+            (scored[0].sum - reference).abs() <= 1e-3 * (ids.len() as f64),
+            "{text:?}: log-likelihood ours {} reference {reference}",
+            scored[0].sum
+        );
+    }
+    let tricky = &fixture["tricky"];
+    let expected: Vec<u32> = serde_json::from_value(tricky["ids"].clone()).unwrap();
+    assert_eq!(
+        model
+            .tokenizer
+            .encode(tricky["text"].as_str().unwrap())
+            .unwrap(),
+        expected
+    );
+}

@@ -1,6 +1,7 @@
 //! One file per subcommand. Commands take plain arguments (no clap types), print results, and
 //! return a [`CmdError`] that `main` maps to an exit code.
 
+pub mod bench;
 pub mod fetch;
 pub mod generate;
 pub mod plan;

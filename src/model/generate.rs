@@ -23,6 +23,8 @@ pub struct GenerateOptions {
     pub top_k: usize,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Keep generating past EOS (benchmarks need a fixed number of tokens).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
@@ -34,6 +36,7 @@ impl Default for GenerateOptions {
             top_k: 0,
             seed: 0,
             stop: vec![],
+            ignore_eos: false,
         }
     }
 }
@@ -149,7 +152,7 @@ fn advance(
     opts: &GenerateOptions,
     produced: usize,
 ) -> Result<()> {
-    if model.tokenizer.eos_ids.contains(&token) {
+    if !opts.ignore_eos && model.tokenizer.eos_ids.contains(&token) {
         seq.done = Some(FinishReason::Eos);
         return Ok(());
     }

@@ -1,0 +1,116 @@
+//! `tsq bench`: performance figures on this machine, printed as a table and one JSON line, beside
+//! the peer figures measured on this machine type (shared/peers/README.md, 2 threads, 2026-11-26).
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde_json::json;
+
+use super::{CmdError, ModelArgs};
+use crate::model::Model;
+use crate::model::generate::{GenerateOptions, generate};
+use crate::model::transformer::{Batch, LogitsAt, Mode};
+
+/// Peer figures (tokens/s) for SmolLM2-135M on this machine type, from shared/peers/README.md.
+const PEERS: [(&str, &str, f64); 5] = [
+    ("prefill_512", "llama.cpp f32", 512.0),
+    ("prefill_512", "llama.cpp Q4_1", 226.0),
+    ("decode_b1", "llama.cpp Q4_1", 93.0),
+    ("decode_b1", "PyTorch f32", 21.5),
+    ("decode_b8", "PyTorch f32 (batch 8)", 75.6),
+];
+
+const TEXT: &str = "Transformer-squared adapts a language model to each prompt in two passes: the first pass \
+looks at the prompt and picks or mixes expert vectors, the second answers with the adapted weights. ";
+
+fn fail(e: impl std::fmt::Display) -> CmdError {
+    CmdError::Failed(e.to_string())
+}
+
+fn best_of(repeat: usize, mut f: impl FnMut() -> Result<f64, CmdError>) -> Result<f64, CmdError> {
+    (0..repeat.max(1))
+        .map(|_| f())
+        .try_fold(f64::INFINITY, |best, t| Ok(best.min(t?)))
+}
+
+/// A prompt of exactly `n` tokens of real text.
+fn prompt_ids(model: &Model, n: usize) -> Result<Vec<u32>, CmdError> {
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        ids.extend(model.tokenizer.encode(TEXT).map_err(fail)?);
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
+fn prefill_seconds(model: &Model, ids: &[u32]) -> Result<f64, CmdError> {
+    let device = model.transformer.device();
+    let batch = Batch::left_padded(&[0], 0, ids.len(), device).map_err(fail)?;
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), device).map_err(fail)?;
+    let started = Instant::now();
+    model
+        .transformer
+        .forward(&input, &batch, None, Mode::Fast, LogitsAt::Last)
+        .map_err(fail)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn decode_seconds(model: &Model, batch: usize, new_tokens: usize) -> Result<f64, CmdError> {
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|i| prompt_ids(model, 8 + i % 5))
+        .collect::<Result<_, _>>()?;
+    let opts = GenerateOptions {
+        max_new_tokens: new_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    // Prefill is timed separately: subtract a one-token generation to keep decode alone.
+    let started = Instant::now();
+    generate(
+        model,
+        &prompts,
+        &GenerateOptions {
+            max_new_tokens: 1,
+            ..opts.clone()
+        },
+    )
+    .map_err(fail)?;
+    let prefill = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    generate(model, &prompts, &opts).map_err(fail)?;
+    Ok((started.elapsed().as_secs_f64() - prefill).max(1e-9))
+}
+
+pub fn generate_bench(model_args: &ModelArgs, repeat: usize) -> Result<(), CmdError> {
+    let model = model_args.load()?;
+    let ids = prompt_ids(&model, 512)?;
+    let prefill = 512.0 / best_of(repeat, || prefill_seconds(&model, &ids))?;
+    let new_tokens = 128;
+    let decode_b1 =
+        (new_tokens - 1) as f64 / best_of(repeat, || decode_seconds(&model, 1, new_tokens))?;
+    let decode_b16 = (16 * (new_tokens - 1)) as f64
+        / best_of(repeat, || decode_seconds(&model, 16, new_tokens))?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "tsq bench generate: {} ({:?}), {threads} threads",
+        model_args.source, model_args.dtype
+    );
+    println!("  {:<28} {:>10}", "measurement", "tok/s");
+    println!("  {:<28} {:>10.1}", "prefill 512 tokens", prefill);
+    println!("  {:<28} {:>10.1}", "decode 128, batch 1", decode_b1);
+    println!(
+        "  {:<28} {:>10.1}  ({:.2}x batch 1)",
+        "decode 128, batch 16 (total)",
+        decode_b16,
+        decode_b16 / decode_b1
+    );
+    println!("  peers on this machine type (recorded, shared/peers/README.md):");
+    for (what, who, value) in PEERS {
+        println!("    {what:<12} {who:<24} {value:>8.1}");
+    }
+    let record = json!({"bench": "generate", "model": model_args.source, "threads": threads, "prefill_512_tok_s": prefill, "decode_b1_tok_s": decode_b1, "decode_b16_tok_s": decode_b16});
+    println!("{record}");
+    Ok(())
+}
