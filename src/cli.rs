@@ -89,6 +89,10 @@ pub enum Command {
         /// Keep generating past the end-of-sequence token.
         #[arg(long)]
         ignore_eos: bool,
+        /// Decode from Q8_0-quantized copies of the weights (~4x less memory traffic; prompt
+        /// processing stays in full precision).
+        #[arg(long)]
+        decode_q8: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         #[arg(required = true)]
@@ -232,6 +236,7 @@ pub fn main() -> Result<(), cmd::CmdError> {
             seed,
             stop,
             ignore_eos,
+            decode_q8,
             format,
             prompts,
         } => {
@@ -244,7 +249,16 @@ pub fn main() -> Result<(), cmd::CmdError> {
                 stop,
                 ignore_eos,
             };
-            cmd::generate::run(&model.into(), &prompts, chat, &opts, format)
+            cmd::generate::run(
+                &model.into(),
+                &prompts,
+                &cmd::generate::GenerateArgs {
+                    chat,
+                    decode_q8,
+                    format,
+                },
+                &opts,
+            )
         }
         Command::Score {
             model,

@@ -214,3 +214,26 @@ fn agrees_with_pytorch_transformers_on_ids_logits_and_logprobs() {
         expected
     );
 }
+
+#[test]
+fn q8_decoding_keeps_the_greedy_answer() {
+    let mut model = Model::load(&smollm2().path, DType::F32, &Device::Cpu).unwrap();
+    model
+        .transformer
+        .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
+        .unwrap();
+    let ids = model
+        .tokenizer
+        .encode(&model.chat_prompt("What is the capital of France?").unwrap())
+        .unwrap();
+    let out = generate(
+        &model,
+        &[ids],
+        &GenerateOptions {
+            max_new_tokens: 12,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(out[0].text.contains("Paris"), "{:?}", out[0].text);
+}

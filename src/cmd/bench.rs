@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use candle_core::Tensor;
+use candle_core::quantized::GgmlDType;
 use serde_json::json;
 
 use super::{CmdError, ModelArgs};
@@ -82,13 +83,23 @@ fn decode_seconds(model: &Model, batch: usize, new_tokens: usize) -> Result<f64,
 }
 
 pub fn generate_bench(model_args: &ModelArgs, repeat: usize) -> Result<(), CmdError> {
-    let model = model_args.load()?;
+    let mut model = model_args.load()?;
     let ids = prompt_ids(&model, 512)?;
     let prefill = 512.0 / best_of(repeat, || prefill_seconds(&model, &ids))?;
     let new_tokens = 128;
     let decode_b1 =
         (new_tokens - 1) as f64 / best_of(repeat, || decode_seconds(&model, 1, new_tokens))?;
     let decode_b16 = (16 * (new_tokens - 1)) as f64
+        / best_of(repeat, || decode_seconds(&model, 16, new_tokens))?;
+    let started = Instant::now();
+    model
+        .transformer
+        .quantize_for_decoding(GgmlDType::Q8_0)
+        .map_err(fail)?;
+    let quantize_s = started.elapsed().as_secs_f64();
+    let q8_b1 =
+        (new_tokens - 1) as f64 / best_of(repeat, || decode_seconds(&model, 1, new_tokens))?;
+    let q8_b16 = (16 * (new_tokens - 1)) as f64
         / best_of(repeat, || decode_seconds(&model, 16, new_tokens))?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -106,11 +117,21 @@ pub fn generate_bench(model_args: &ModelArgs, repeat: usize) -> Result<(), CmdEr
         decode_b16,
         decode_b16 / decode_b1
     );
+    println!(
+        "  {:<28} {:>10.1}  (quantizing took {quantize_s:.1}s)",
+        "decode 128, batch 1, Q8_0", q8_b1
+    );
+    println!(
+        "  {:<28} {:>10.1}  ({:.2}x batch 1)",
+        "decode 128, batch 16, Q8_0",
+        q8_b16,
+        q8_b16 / q8_b1
+    );
     println!("  peers on this machine type (recorded, shared/peers/README.md):");
     for (what, who, value) in PEERS {
         println!("    {what:<12} {who:<24} {value:>8.1}");
     }
-    let record = json!({"bench": "generate", "model": model_args.source, "threads": threads, "prefill_512_tok_s": prefill, "decode_b1_tok_s": decode_b1, "decode_b16_tok_s": decode_b16});
+    let record = json!({"bench": "generate", "model": model_args.source, "threads": threads, "prefill_512_tok_s": prefill, "decode_b1_tok_s": decode_b1, "decode_b16_tok_s": decode_b16, "decode_b1_q8_0_tok_s": q8_b1, "decode_b16_q8_0_tok_s": q8_b16, "quantize_q8_0_s": quantize_s});
     println!("{record}");
     Ok(())
 }
