@@ -237,3 +237,25 @@ fn q8_decoding_keeps_the_greedy_answer() {
     .unwrap();
     assert!(out[0].text.contains("Paris"), "{:?}", out[0].text);
 }
+
+#[test]
+fn gguf_and_its_hf_export_give_the_same_logits() {
+    let gguf = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    tsq::model::hf::save(gguf, dir.path()).unwrap();
+    let hf = Model::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let text = gguf.chat_prompt("Name a prime number.").unwrap();
+    assert_eq!(hf.chat_prompt("Name a prime number.").unwrap(), text);
+    let ids = gguf.tokenizer.encode(&text).unwrap();
+    assert_eq!(hf.tokenizer.encode(&text).unwrap(), ids);
+    let pairs = vec![(ids[..4].to_vec(), ids[4..].to_vec())];
+    let a = tsq::model::score::score_ids(gguf, pairs.clone()).unwrap();
+    let b = tsq::model::score::score_ids(&hf, pairs).unwrap();
+    let diff = a[0]
+        .logprobs
+        .iter()
+        .zip(&b[0].logprobs)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(diff < 1e-5, "per-token log-prob difference {diff}");
+}

@@ -36,6 +36,11 @@ impl ChatTemplate {
         }
     }
 
+    /// The template's source text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The prompt text for `messages`, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[Message]) -> Result<String> {
         let mut env = Environment::new();

@@ -10,6 +10,23 @@ use serde_json::Value;
 use super::config::{HfConfig, ModelConfig};
 use super::error::{ModelError, Result};
 
+/// Canonical name → HF tensor name (inverse of [`canonical_name`]).
+pub fn hf_name(canonical: &str) -> String {
+    match canonical {
+        "embed.weight" => "model.embed_tokens.weight".into(),
+        "norm.weight" => "model.norm.weight".into(),
+        "lm_head.weight" => "lm_head.weight".into(),
+        other => {
+            let rest = other.strip_prefix("layers.").unwrap_or(other);
+            let rest = rest
+                .replace(".attn.", ".self_attn.")
+                .replace(".attn_norm.", ".input_layernorm.")
+                .replace(".mlp_norm.", ".post_attention_layernorm.");
+            format!("model.layers.{rest}")
+        }
+    }
+}
+
 /// HF tensor name → canonical name.
 pub fn canonical_name(hf: &str) -> Option<String> {
     let fixed = match hf {
@@ -81,4 +98,52 @@ pub fn special_token(config: &Value, key: &str) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         other => other.get("content")?.as_str().map(str::to_string),
     }
+}
+
+/// Writes `model` as an HF-layout directory (config.json, model.safetensors, tokenizer.json,
+/// tokenizer_config.json) that HF transformers and tsq itself can load.
+pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
+    let io = |file: &Path, e: &dyn std::fmt::Display| {
+        ModelError::load(file, format!("cannot write: {e}"))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, &e))?;
+    let tf = &model.transformer;
+    let c = &tf.config;
+    let (arch, model_type) = match c.architecture {
+        super::config::Architecture::Llama => ("LlamaForCausalLM", "llama"),
+        super::config::Architecture::Mistral => ("MistralForCausalLM", "mistral"),
+        super::config::Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+    };
+    let config = serde_json::json!({
+        "architectures": [arch], "model_type": model_type, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size, "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
+        "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
+        "torch_dtype": "float32", "hidden_act": "silu",
+        "bos_token_id": model.tokenizer.bos_id, "eos_token_id": model.tokenizer.eos_ids.first(),
+    });
+    write_json(&dir.join("config.json"), &config)?;
+    let tensors: std::collections::HashMap<String, Tensor> = tf
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (hf_name(&k), v))
+        .collect();
+    let weights = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &weights).map_err(|e| io(&weights, &e))?;
+    model.tokenizer.save(&dir.join("tokenizer.json"))?;
+    let token_text = |id: Option<u32>| id.and_then(|i| model.tokenizer.decode(&[i], true).ok());
+    let tok_config = serde_json::json!({
+        "bos_token": token_text(model.tokenizer.bos_id),
+        "eos_token": token_text(model.tokenizer.eos_ids.first().copied()),
+        "add_bos_token": model.tokenizer.add_bos,
+        "chat_template": model.chat.as_ref().map(|c| c.source()),
+    });
+    write_json(&dir.join("tokenizer_config.json"), &tok_config)
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("json serialises");
+    crate::fsutil::write_atomic(path, text.as_bytes())
+        .map_err(|e| ModelError::load(path, format!("cannot write: {e}")))
 }

@@ -179,6 +179,13 @@ impl Tokenizer {
             .map_err(|e| ModelError::Input(format!("cannot decode: {e}")))
     }
 
+    /// Writes `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| ModelError::load(path, format!("cannot write tokenizer: {e}")))
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -238,6 +238,43 @@ impl Transformer {
         Ok(())
     }
 
+    /// Every weight under its canonical name: the inverse of [`Transformer::new`], for export.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::from([
+            ("embed.weight".to_string(), self.embed.clone()),
+            ("norm.weight".to_string(), self.norm.clone()),
+        ]);
+        if !self.config.tie_word_embeddings {
+            out.insert("lm_head.weight".into(), self.lm_head.weight.clone());
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.insert(
+                format!("layers.{i}.attn_norm.weight"),
+                layer.attn_norm.clone(),
+            );
+            out.insert(
+                format!("layers.{i}.mlp_norm.weight"),
+                layer.mlp_norm.clone(),
+            );
+            let linears = [
+                ("attn.q_proj", &layer.q),
+                ("attn.k_proj", &layer.k),
+                ("attn.v_proj", &layer.v),
+                ("attn.o_proj", &layer.o),
+                ("mlp.gate_proj", &layer.gate),
+                ("mlp.up_proj", &layer.up),
+                ("mlp.down_proj", &layer.down),
+            ];
+            for (name, linear) in linears {
+                out.insert(format!("layers.{i}.{name}.weight"), linear.weight.clone());
+                if let Some(bias) = &linear.bias {
+                    out.insert(format!("layers.{i}.{name}.bias"), bias.clone());
+                }
+            }
+        }
+        out
+    }
+
     pub fn device(&self) -> &Device {
         self.embed.device()
     }
