@@ -212,7 +212,7 @@ impl Transformer {
         })
     }
 
-    /// Adds `dtype`-quantized copies of every attention and MLP projection, used by the fast path
+    /// Adds `dtype`-quantized copies of every projection and the LM head, used by the fast path
     /// for small-batch decoding (memory-bound, so ~4x less weight traffic with Q8_0); prompt
     /// processing, scoring and the differentiable path keep the float weights.
     pub fn quantize_for_decoding(&mut self, dtype: GgmlDType) -> Result<()> {
@@ -233,9 +233,46 @@ impl Transformer {
                 quantize(l)?;
             }
         }
-        // The LM head stays in full precision: its error lands directly on the logits, and near-ties
-        // (SmolLM2's chat answer starts with "The" only 0.08 logits ahead of "L") would flip.
-        Ok(())
+        // The head is quantized too, but its error lands directly on the logits (up to 0.26 on
+        // SmolLM2, whose chat answer starts with "The" only 0.08 ahead of "L"), so `head_logits`
+        // recomputes the best candidates exactly.
+        quantize(&mut self.lm_head)
+    }
+
+    /// Logits from the LM head. With a quantized head (small calls only), the `EXACT_TOP`
+    /// highest quantized logits of each row are recomputed in full precision: the argmax and the
+    /// probable tokens are exact, the far tail keeps Q8_0 precision.
+    fn head_logits(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        const EXACT_TOP: usize = 64;
+        let head = &self.lm_head;
+        let rows = x.elem_count() / x.dim(D::Minus1)?;
+        if head.quantized.is_none() || mode != Mode::Fast || rows > QUANTIZED_MAX_ROWS {
+            return Ok(head.forward(x, mode)?.to_dtype(DType::F32)?);
+        }
+        let approx = head.forward(x, mode)?.to_dtype(DType::F32)?;
+        let shape = approx.dims().to_vec();
+        let vocab = *shape.last().unwrap_or(&0);
+        let flat_x = x.reshape((rows, x.dim(D::Minus1)?))?;
+        let mut values: Vec<f32> = approx.flatten_all()?.to_vec1()?;
+        for (r, row) in values.chunks_mut(vocab).enumerate() {
+            let mut order: Vec<u32> = (0..vocab as u32).collect();
+            let k = EXACT_TOP.min(vocab);
+            order.select_nth_unstable_by(k - 1, |&a, &b| {
+                row[b as usize].total_cmp(&row[a as usize])
+            });
+            let top = Tensor::new(&order[..k], x.device())?;
+            let exact: Vec<f32> = flat_x
+                .get(r)?
+                .unsqueeze(0)?
+                .matmul(&head.weight.index_select(&top, 0)?.t()?)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            for (&id, value) in order[..k].iter().zip(exact) {
+                row[id as usize] = value;
+            }
+        }
+        Ok(Tensor::from_vec(values, shape, x.device())?)
     }
 
     /// Every weight under its canonical name: the inverse of [`Transformer::new`], for export.
@@ -328,7 +365,7 @@ impl Transformer {
             LogitsAt::Last => x.i((.., t - 1..t, ..))?,
         };
         let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps, mode)?;
-        Ok(self.lm_head.forward(&x, mode)?.to_dtype(DType::F32)?)
+        self.head_logits(&x, mode)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -620,6 +657,39 @@ mod quantized_tests {
             assert!(
                 err < 0.02 * scale,
                 "{out}x{inp} rows {rows}: {err} vs {scale}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn quantized_head_keeps_the_top_logits_exact() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut config =
+            crate::model::testing::tiny_config(crate::model::config::Architecture::Llama);
+        (config.intermediate_size, config.vocab_size) = (64, 512);
+        let mut tf = Transformer::new(
+            config.clone(),
+            crate::model::testing::random_weights(&config, 3, &dev),
+        )?;
+        tf.quantize_for_decoding(GgmlDType::Q8_0)?;
+        // Compare the head alone: same hidden state, float head vs quantized head + exact top.
+        let x = Tensor::randn(0f32, 1.0, (1, 1, config.hidden_size), &dev)?;
+        let float_head = matmul_t(&x, &tf.lm_head.weight)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mixed = tf
+            .head_logits(&x, Mode::Fast)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut order: Vec<usize> = (0..float_head.len()).collect();
+        order.sort_by(|&a, &b| float_head[b].total_cmp(&float_head[a]));
+        for &i in &order[..16] {
+            assert!(
+                (mixed[i] - float_head[i]).abs() < 1e-5,
+                "token {i}: {} vs {}",
+                mixed[i],
+                float_head[i]
             );
         }
         Ok(())
