@@ -128,6 +128,14 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         repeat: usize,
     },
+    /// Thin SVD of all MLP and all attention matrices of the model (and, with --large, a
+    /// 4096×4096 and a 14336×4096 random matrix: 7B shapes).
+    Svd {
+        #[command(flatten)]
+        model: ModelOptions,
+        #[arg(long)]
+        large: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -269,6 +277,9 @@ pub fn main() -> Result<(), cmd::CmdError> {
         Command::Bench {
             what: BenchCommand::Generate { model, repeat },
         } => cmd::bench::generate_bench(&model.into(), repeat),
+        Command::Bench {
+            what: BenchCommand::Svd { model, large },
+        } => cmd::bench::svd_bench(&model.into(), large),
         Command::Schema => cmd::schema::run(),
     }
 }

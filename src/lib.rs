@@ -16,4 +16,5 @@ pub mod hash;
 pub mod model;
 pub mod pipeline;
 pub mod stages;
+pub mod svd;
 pub mod yaml;

@@ -259,3 +259,22 @@ fn gguf_and_its_hf_export_give_the_same_logits() {
         .fold(0.0, f64::max);
     assert!(diff < 1e-5, "per-token log-prob difference {diff}");
 }
+
+#[test]
+fn svd_of_real_weights_reconstructs_them() {
+    let tensors = smollm2().transformer.tensors();
+    let picks: Vec<(String, candle_core::Tensor)> = [
+        "layers.0.mlp.up_proj.weight",
+        "layers.29.mlp.down_proj.weight",
+        "layers.7.attn.k_proj.weight",
+    ]
+    .iter()
+    .map(|n| (n.to_string(), tensors[*n].clone()))
+    .collect();
+    for ((name, w), factors) in picks.iter().zip(tsq::svd::decompose_all(&picks)) {
+        let f = factors.unwrap();
+        let (rows, cols) = w.dims2().unwrap();
+        assert_eq!(f.s.dims1().unwrap(), rows.min(cols), "{name}");
+        assert!(f.relative_error < 1e-5, "{name}: {}", f.relative_error);
+    }
+}

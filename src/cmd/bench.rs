@@ -135,3 +135,85 @@ pub fn generate_bench(model_args: &ModelArgs, repeat: usize) -> Result<(), CmdEr
     println!("{record}");
     Ok(())
 }
+
+/// Peer figures (seconds) for the SVD of SmolLM2-135M's matrices on this machine type.
+const SVD_PEERS: [(&str, &str, f64); 4] = [
+    ("mlp_90", "PyTorch (MKL)", 7.1),
+    ("mlp_90", "numpy (OpenBLAS)", 19.3),
+    ("attn_120", "PyTorch (MKL)", 3.2),
+    ("attn_120", "numpy (OpenBLAS)", 7.0),
+];
+
+/// Decomposes a set of matrices; returns (seconds, worst relative error).
+fn time_svd(matrices: &[(String, Tensor)]) -> Result<(f64, f64), CmdError> {
+    let started = Instant::now();
+    let results = crate::svd::decompose_all(matrices);
+    let seconds = started.elapsed().as_secs_f64();
+    let mut worst: f64 = 0.0;
+    for r in results {
+        worst = worst.max(r.map_err(fail)?.relative_error);
+    }
+    Ok((seconds, worst))
+}
+
+pub fn svd_bench(model_args: &ModelArgs, large: bool) -> Result<(), CmdError> {
+    let model = model_args.load()?;
+    let tensors = model.transformer.tensors();
+    let select = |modules: &[&str]| -> Vec<(String, Tensor)> {
+        tensors
+            .iter()
+            .filter(|(name, _)| {
+                modules
+                    .iter()
+                    .any(|m| name.ends_with(&format!("{m}.weight")))
+            })
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect()
+    };
+    let mlp = select(&["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]);
+    let attn = select(&["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"]);
+    let (mlp_s, mlp_err) = time_svd(&mlp)?;
+    let (attn_s, attn_err) = time_svd(&attn)?;
+    let threads = rayon::current_num_threads();
+    println!(
+        "tsq bench svd: {} ({threads} threads), faer thin SVD in f32",
+        model_args.source
+    );
+    println!(
+        "  {:<34} {:>9} {:>12}",
+        "matrices", "seconds", "worst error"
+    );
+    println!(
+        "  {:<34} {:>9.2} {:>12.1e}",
+        format!("{} MLP (gate/up/down)", mlp.len()),
+        mlp_s,
+        mlp_err
+    );
+    println!(
+        "  {:<34} {:>9.2} {:>12.1e}",
+        format!("{} attention (q/k/v/o)", attn.len()),
+        attn_s,
+        attn_err
+    );
+    let mut record = json!({"bench": "svd", "threads": threads, "mlp_matrices": mlp.len(), "mlp_s": mlp_s, "mlp_max_rel_error": mlp_err, "attn_matrices": attn.len(), "attn_s": attn_s, "attn_max_rel_error": attn_err});
+    if large {
+        for (rows, cols) in [(4096usize, 4096usize), (14336, 4096)] {
+            let w =
+                Tensor::randn(0f32, 1.0, (rows, cols), &candle_core::Device::Cpu).map_err(fail)?;
+            let (s, err) = time_svd(&[(format!("random {rows}x{cols}"), w)])?;
+            println!(
+                "  {:<34} {:>9.2} {:>12.1e}",
+                format!("random {rows}×{cols}"),
+                s,
+                err
+            );
+            record[format!("random_{rows}x{cols}_s")] = json!(s);
+        }
+    }
+    println!("  peers on this machine type (recorded, shared/peers/README.md):");
+    for (what, who, value) in SVD_PEERS {
+        println!("    {what:<10} {who:<18} {value:>6.1} s");
+    }
+    println!("{record}");
+    Ok(())
+}
