@@ -33,10 +33,12 @@ pub fn runner_for<'a>(
                 home: home.clone(),
             }))
         }
-        StageKind::Decompose
-        | StageKind::Train { .. }
-        | StageKind::Adapt
-        | StageKind::Eval { .. }
-        | StageKind::Report => None,
+        StageKind::Decompose => Some(Box::new(crate::svd::stage::DecomposeStage {
+            spec: spec.svd.clone()?,
+            home: home.clone(),
+        })),
+        StageKind::Train { .. } | StageKind::Adapt | StageKind::Eval { .. } | StageKind::Report => {
+            None
+        }
     }
 }

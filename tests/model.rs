@@ -278,3 +278,58 @@ fn svd_of_real_weights_reconstructs_them() {
         assert!(f.relative_error < 1e-5, "{name}: {}", f.relative_error);
     }
 }
+
+/// A `TSQ_HOME` of its own (so the SVD cache starts empty) that shares the downloaded packages.
+fn home_sharing_packages() -> tempfile::TempDir {
+    AssetSource::parse(SMOLLM2, std::path::Path::new("."))
+        .unwrap()
+        .resolve(&TsqHome(shared_tsq_home()))
+        .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(shared_tsq_home().join("pip"), home.path().join("pip")).unwrap();
+    home
+}
+
+#[test]
+fn decompose_stage_caches_factors_across_pipelines() {
+    let home = home_sharing_packages();
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = |name: &str, targets: &str, layers: &str| {
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, format!("version: 1\nname: {name}\nrun_dir: runs\nmodel: {{source: '{SMOLLM2}'}}\nsvd:\n  targets: ['{targets}']\n  layers: {layers}\n")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
+            .args(["run", file.to_str().unwrap()])
+            .env("TSQ_HOME", home.path())
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", crate::common::text(&out));
+        let run = dir.path().join("runs").join(name).join("decompose");
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap())
+                .unwrap();
+        let targets: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("targets.json")).unwrap())
+                .unwrap();
+        (manifest["summary"].clone(), targets)
+    };
+    let (summary, targets) = pipeline("first", r"mlp\.up_proj", "[0, 1]");
+    assert_eq!(summary["targets"], 2);
+    assert_eq!(summary["trainable_parameters"], 2 * 576);
+    assert_eq!(summary["reused_from_cache"], 0);
+    assert_eq!(targets[1]["name"], "layers.1.mlp.up_proj");
+    assert!(targets[0]["relative_error"].as_f64().unwrap() < 1e-5);
+    assert!(
+        std::path::Path::new(targets[0]["cache_file"].as_str().unwrap())
+            .starts_with(home.path().join("svd/v1"))
+    );
+
+    let (summary, _) = pipeline("second", r"mlp\.(up|down)_proj", "0-0");
+    assert_eq!(
+        (
+            summary["targets"].as_u64(),
+            summary["reused_from_cache"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+}

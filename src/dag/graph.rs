@@ -34,7 +34,7 @@ impl StageKind {
     /// Whether this version of tsq can run the stage. The others are accepted in pipeline files
     /// (so files can be written ahead) but `run` refuses them up front.
     pub fn is_available(&self) -> bool {
-        matches!(self, Self::Model | Self::Data { .. })
+        matches!(self, Self::Model | Self::Data { .. } | Self::Decompose)
     }
 }
 

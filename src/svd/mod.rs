@@ -5,6 +5,9 @@
 //! Independent matrices are decomposed in parallel (one per core, each single-threaded), which
 //! beats parallelising inside one small SVD; a lone large matrix uses faer's own parallelism.
 
+pub mod stage;
+pub mod targets;
+
 use candle_core::{DType, Device, Tensor};
 use faer::MatRef;
 use rayon::prelude::*;

@@ -1,0 +1,125 @@
+//! Which weight matrices a pipeline's `svd` section selects: regexes over the module part of
+//! canonical names (`mlp.up_proj` in `layers.3.mlp.up_proj`) and a layer selection.
+
+use regex::Regex;
+
+use crate::pipeline::spec::{Layers, SvdSpec};
+
+/// The decomposable modules of each layer, in canonical order.
+pub const LAYER_MODULES: [&str; 7] = [
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// Canonical names (`layers.{i}.{module}`) selected by `spec` in a model of `num_layers` layers.
+pub fn select(spec: &SvdSpec, num_layers: usize) -> Result<Vec<String>, String> {
+    let patterns: Vec<Regex> = spec
+        .targets
+        .iter()
+        .map(|t| Regex::new(t).map_err(|e| format!("`{t}` is not a valid regex: {e}")))
+        .collect::<Result<_, _>>()?;
+    let layers = layer_indices(&spec.layers, num_layers)?;
+    let modules: Vec<&str> = LAYER_MODULES
+        .iter()
+        .copied()
+        .filter(|m| patterns.iter().any(|p| p.is_match(m)))
+        .collect();
+    if modules.is_empty() {
+        return Err(format!(
+            "the targets {:?} match none of the modules {}",
+            spec.targets,
+            LAYER_MODULES.join(", ")
+        ));
+    }
+    Ok(layers
+        .iter()
+        .flat_map(|l| modules.iter().map(move |m| format!("layers.{l}.{m}")))
+        .collect())
+}
+
+fn layer_indices(layers: &Layers, num_layers: usize) -> Result<Vec<usize>, String> {
+    let out_of_range = |i: usize| {
+        format!(
+            "layer {i} does not exist: the model has layers 0-{}",
+            num_layers.saturating_sub(1)
+        )
+    };
+    match layers {
+        Layers::Named(text) if text == "all" => Ok((0..num_layers).collect()),
+        Layers::Named(text) => {
+            let (a, b) = text
+                .split_once('-')
+                .ok_or_else(|| format!("`{text}` is not `all` or a range `a-b`"))?;
+            let (a, b): (usize, usize) = (
+                a.parse().map_err(|_| format!("bad range `{text}`"))?,
+                b.parse().map_err(|_| format!("bad range `{text}`"))?,
+            );
+            if b >= num_layers {
+                return Err(out_of_range(b));
+            }
+            Ok((a..=b).collect())
+        }
+        Layers::List(list) => list
+            .iter()
+            .map(|&i| {
+                if (i as usize) < num_layers {
+                    Ok(i as usize)
+                } else {
+                    Err(out_of_range(i as usize))
+                }
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(targets: &[&str], layers: Layers) -> SvdSpec {
+        SvdSpec {
+            targets: targets.iter().map(|s| s.to_string()).collect(),
+            layers,
+        }
+    }
+
+    #[test]
+    fn selects_modules_and_layers() {
+        let all = select(
+            &spec(&[r"mlp\.(gate|up|down)_proj"], Layers::Named("all".into())),
+            30,
+        )
+        .unwrap();
+        assert_eq!(all.len(), 90);
+        assert_eq!(all[0], "layers.0.mlp.gate_proj");
+        let some = select(
+            &spec(&["q_proj", "v_proj"], Layers::Named("2-3".into())),
+            30,
+        )
+        .unwrap();
+        assert_eq!(
+            some,
+            [
+                "layers.2.attn.q_proj",
+                "layers.2.attn.v_proj",
+                "layers.3.attn.q_proj",
+                "layers.3.attn.v_proj"
+            ]
+        );
+        assert!(
+            select(&spec(&["mlp"], Layers::List(vec![30])), 30)
+                .unwrap_err()
+                .contains("layer 30 does not exist")
+        );
+        assert!(
+            select(&spec(&["nothing"], Layers::Named("all".into())), 30)
+                .unwrap_err()
+                .contains("match none")
+        );
+    }
+}
