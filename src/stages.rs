@@ -35,6 +35,8 @@ pub fn runner_for<'a>(
         }
         StageKind::Decompose => Some(Box::new(crate::svd::stage::DecomposeStage {
             spec: spec.svd.clone()?,
+            model_source: spec.model.source.clone(),
+            base_dir: pipeline.dir().to_path_buf(),
             home: home.clone(),
         })),
         StageKind::Train { .. } | StageKind::Adapt | StageKind::Eval { .. } | StageKind::Report => {

@@ -297,6 +297,17 @@ fn decompose_stage_caches_factors_across_pipelines() {
     let pipeline = |name: &str, targets: &str, layers: &str| {
         let file = dir.path().join(format!("{name}.yaml"));
         std::fs::write(&file, format!("version: 1\nname: {name}\nrun_dir: runs\nmodel: {{source: '{SMOLLM2}'}}\nsvd:\n  targets: ['{targets}']\n  layers: {layers}\n")).unwrap();
+        let plan = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
+            .args(["plan", file.to_str().unwrap()])
+            .env("TSQ_HOME", home.path())
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            crate::common::text(&plan).contains("matrices (first `layers.0.mlp."),
+            "{}",
+            crate::common::text(&plan)
+        );
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
             .args(["run", file.to_str().unwrap()])
             .env("TSQ_HOME", home.path())

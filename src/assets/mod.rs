@@ -89,6 +89,21 @@ impl AssetSource {
         Ok(Self::Local(base_dir.join(text)))
     }
 
+    /// The local file for this source if it is already here (local, or fetched before), without
+    /// fetching anything: what `plan` may look at.
+    pub fn cached(&self, home: &TsqHome) -> Option<PathBuf> {
+        let path = match self {
+            Self::Local(path) => path.clone(),
+            Self::Pip(pip) => pip.cached(home),
+            Self::Hf {
+                repo,
+                revision,
+                path,
+            } => hf::resolve(repo, revision, path).ok()?,
+        };
+        path.exists().then_some(path)
+    }
+
     /// The local file for this source, fetching and caching it first if needed.
     pub fn resolve(&self, home: &TsqHome) -> Result<PathBuf, AssetError> {
         let path = match self {

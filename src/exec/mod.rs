@@ -73,6 +73,10 @@ impl StageError {
 /// JSON summary kept in the manifest.
 pub trait StageRunner {
     fn inputs(&self) -> Result<BTreeMap<String, String>, StageError>;
+    /// What the stage will work on, for `plan`, computed without running or fetching anything.
+    fn describe(&self) -> Option<String> {
+        None
+    }
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError>;
 }
 

@@ -147,7 +147,7 @@ pub fn meta_str<'a>(path: &Path, md: &'a HashMap<String, Value>, key: &str) -> R
         .map_err(|_| ModelError::load(path, format!("GGUF metadata `{key}` is not a string")))
 }
 
-fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<ModelConfig> {
+pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<ModelConfig> {
     let arch_name = meta_str(path, md, "general.architecture")?;
     let architecture = Architecture::parse(arch_name).ok_or_else(|| {
         ModelError::load(

@@ -47,6 +47,17 @@ pub fn device(d: crate::pipeline::spec::Device) -> Result<Device> {
     })
 }
 
+/// A model's config without loading its weights (GGUF header or `config.json`).
+pub fn read_config(path: &Path) -> Result<config::ModelConfig> {
+    if path.is_dir() {
+        return hf::read_config(path);
+    }
+    let (content, _) = gguf::read_header(path)?;
+    let mut config = gguf::config_from_metadata(path, &content.metadata)?;
+    config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+    Ok(config)
+}
+
 /// A loaded model: transformer, tokenizer and chat template.
 pub struct Model {
     pub path: PathBuf,

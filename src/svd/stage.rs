@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::targets::select;
+use super::targets::{select, shape};
 use super::{Factors, decompose_all};
 use crate::assets::TsqHome;
 use crate::exec::{StageContext, StageError, StageRunner};
@@ -22,6 +22,9 @@ pub const TARGETS_FILE: &str = "targets.json";
 
 pub struct DecomposeStage {
     pub spec: SvdSpec,
+    /// The pipeline's model source and the directory it is relative to (for `describe`).
+    pub model_source: String,
+    pub base_dir: PathBuf,
     pub home: TsqHome,
 }
 
@@ -100,6 +103,34 @@ impl StageRunner for DecomposeStage {
             "svd_algorithm".to_string(),
             ALGORITHM_VERSION.to_string(),
         )]))
+    }
+
+    /// Targets, trainable parameters and cache size, from the model's config alone.
+    fn describe(&self) -> Option<String> {
+        let source = crate::assets::AssetSource::parse(&self.model_source, &self.base_dir).ok()?;
+        let Some(path) = source.cached(&self.home) else {
+            return Some("targets are known once the model is fetched (`tsq fetch`)".into());
+        };
+        let config = match crate::model::read_config(&path) {
+            Ok(config) => config,
+            Err(e) => return Some(format!("cannot read the model config: {e}")),
+        };
+        let names = match select(&self.spec, config.num_layers) {
+            Ok(names) => names,
+            Err(e) => return Some(format!("error: {e}")),
+        };
+        let shapes: Vec<(usize, usize)> = names.iter().map(|n| shape(&config, n)).collect();
+        let params: usize = shapes.iter().map(|&(r, c)| r.min(c)).sum();
+        let bytes: usize = shapes
+            .iter()
+            .map(|&(r, c)| 4 * (r.min(c) * (r + c + 1)))
+            .sum();
+        let first = names.first().map(String::as_str).unwrap_or("");
+        Some(format!(
+            "{} matrices (first `{first}`), {params} trainable parameters per expert, cache {:.1} MB",
+            names.len(),
+            bytes as f64 / 1e6
+        ))
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {

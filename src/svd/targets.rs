@@ -42,6 +42,22 @@ pub fn select(spec: &SvdSpec, num_layers: usize) -> Result<Vec<String>, String> 
         .collect())
 }
 
+/// (rows, cols) of a selected matrix, from the model config alone.
+pub fn shape(config: &crate::model::config::ModelConfig, name: &str) -> (usize, usize) {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let (q, kv) = (
+        config.num_heads * config.head_dim,
+        config.num_kv_heads * config.head_dim,
+    );
+    match name.rsplit('.').next().unwrap_or("") {
+        "q_proj" => (q, h),
+        "k_proj" | "v_proj" => (kv, h),
+        "o_proj" => (h, q),
+        "gate_proj" | "up_proj" => (i, h),
+        _ => (h, i), // down_proj
+    }
+}
+
 fn layer_indices(layers: &Layers, num_layers: usize) -> Result<Vec<usize>, String> {
     let out_of_range = |i: usize| {
         format!(
