@@ -17,4 +17,5 @@ pub mod model;
 pub mod pipeline;
 pub mod stages;
 pub mod svd;
+pub mod svf;
 pub mod yaml;

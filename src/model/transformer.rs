@@ -275,6 +275,39 @@ impl Transformer {
         Ok(Tensor::from_vec(values, shape, x.device())?)
     }
 
+    /// Replaces one projection's weight (canonical module name, e.g. `layers.3.mlp.up_proj`), as
+    /// when composing an SVF expert into the model. Its quantized copy, now stale, is dropped.
+    pub fn replace_weight(&mut self, module: &str, weight: Tensor) -> Result<()> {
+        let unknown = || ModelError::Input(format!("no projection `{module}` in this model"));
+        let rest = module.strip_prefix("layers.").ok_or_else(unknown)?;
+        let (index, name) = rest.split_once('.').ok_or_else(unknown)?;
+        let layer = index
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| self.layers.get_mut(i))
+            .ok_or_else(unknown)?;
+        let linear = match name {
+            "attn.q_proj" => &mut layer.q,
+            "attn.k_proj" => &mut layer.k,
+            "attn.v_proj" => &mut layer.v,
+            "attn.o_proj" => &mut layer.o,
+            "mlp.gate_proj" => &mut layer.gate,
+            "mlp.up_proj" => &mut layer.up,
+            "mlp.down_proj" => &mut layer.down,
+            _ => return Err(unknown()),
+        };
+        if weight.dims() != linear.weight.dims() {
+            return Err(ModelError::Input(format!(
+                "`{module}` is {:?}, the replacement is {:?}",
+                linear.weight.dims(),
+                weight.dims()
+            )));
+        }
+        linear.weight = weight.to_dtype(self.dtype)?;
+        linear.quantized = None;
+        Ok(())
+    }
+
     /// Every weight under its canonical name: the inverse of [`Transformer::new`], for export.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::from([

@@ -1,0 +1,193 @@
+//! Singular value fine-tuning: an expert is one vector z per decomposed matrix, and the adapted
+//! weight is W' = U diag(s ⊙ m(z)) Vᵀ.
+//!
+//! Parametrisations (`pipeline::spec::Parametrization`):
+//! - `sigmoid` (the paper's): m = sigmoid(z) · max_mult, z initialised to 0.1 + N(0, 0.01²), and W'
+//!   rescaled by Σs / Σ(s ⊙ m) so the sum of singular values is unchanged;
+//! - `linear`: m = z, initialised to 1, no rescale, so W' == W at initialisation.
+//!
+//! Everything here is differentiable in z (primitive candle ops only).
+
+use candle_core::{DType, Device, Result, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+use crate::pipeline::spec::Parametrization;
+
+/// The paper's `max_mult`: sigmoid scales lie in (0, 1).
+pub const MAX_MULT: f64 = 1.0;
+
+/// The initial expert vector of length `rank` for a parametrisation.
+pub fn init_vector(
+    parametrization: Parametrization,
+    rank: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Tensor> {
+    match parametrization {
+        Parametrization::Linear => Tensor::ones(rank, DType::F32, device),
+        Parametrization::Sigmoid => {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let normal = Normal::new(0.1f32, 0.01).expect("valid normal");
+            Tensor::from_vec(
+                (0..rank)
+                    .map(|_| normal.sample(&mut rng))
+                    .collect::<Vec<f32>>(),
+                rank,
+                device,
+            )
+        }
+    }
+}
+
+/// The effective scale m(z) applied to the singular values.
+pub fn scale(parametrization: Parametrization, z: &Tensor) -> Result<Tensor> {
+    match parametrization {
+        Parametrization::Linear => Ok(z.clone()),
+        Parametrization::Sigmoid => candle_nn::ops::sigmoid(z)? * MAX_MULT,
+    }
+}
+
+/// W' = U diag(s ⊙ m) Vᵀ, with the sigmoid parametrisation's rescale to keep Σ s.
+pub fn adapted_weight(
+    parametrization: Parametrization,
+    u: &Tensor,
+    s: &Tensor,
+    vt: &Tensor,
+    z: &Tensor,
+) -> Result<Tensor> {
+    let m = scale(parametrization, z)?;
+    let mut scaled = (s * &m)?;
+    if parametrization == Parametrization::Sigmoid {
+        let ratio = s.sum_all()?.broadcast_div(&scaled.sum_all()?)?;
+        scaled = scaled.broadcast_mul(&ratio)?;
+    }
+    crate::svd::compose(u, &scaled, vt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn factors() -> (Tensor, crate::svd::Factors) {
+        let w = Tensor::randn(0f32, 1.0, (24, 16), &Device::Cpu).unwrap();
+        let f = crate::svd::decompose("w", &w).unwrap();
+        (w, f)
+    }
+
+    #[test]
+    fn linear_at_init_reproduces_the_weight() -> Result<()> {
+        let (w, f) = factors();
+        let z = init_vector(Parametrization::Linear, 16, 0, &Device::Cpu)?;
+        let w2 = adapted_weight(Parametrization::Linear, &f.u, &f.s, &f.vt, &z)?;
+        let diff = (w2 - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn sigmoid_init_is_near_half_and_keeps_the_singular_value_sum() -> Result<()> {
+        let (_, f) = factors();
+        let z = init_vector(Parametrization::Sigmoid, 16, 7, &Device::Cpu)?;
+        let m: Vec<f32> = scale(Parametrization::Sigmoid, &z)?.to_vec1()?;
+        assert!(m.iter().all(|x| (x - 0.525).abs() < 0.01), "{m:?}");
+        let w2 = adapted_weight(Parametrization::Sigmoid, &f.u, &f.s, &f.vt, &z)?;
+        let s2 = crate::svd::decompose("w2", &w2)
+            .unwrap()
+            .s
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        let s1 = f.s.sum_all()?.to_scalar::<f32>()?;
+        assert!((s1 - s2).abs() / s1 < 1e-4, "{s1} vs {s2}");
+        Ok(())
+    }
+
+    #[test]
+    fn every_z_gets_a_finite_nonzero_gradient_matching_finite_differences() -> Result<()> {
+        let (_, f) = factors();
+        let x = Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu)?;
+        for p in [Parametrization::Linear, Parametrization::Sigmoid] {
+            let z = candle_core::Var::from_tensor(&init_vector(p, 16, 1, &Device::Cpu)?)?;
+            let loss = |z: &Tensor| -> Result<Tensor> {
+                x.matmul(&adapted_weight(p, &f.u, &f.s, &f.vt, z)?.t()?)?
+                    .sqr()?
+                    .sum_all()
+            };
+            let grads = loss(z.as_tensor())?.backward()?;
+            let g: Vec<f32> = grads
+                .get(z.as_tensor())
+                .expect("z has a gradient")
+                .to_vec1()?;
+            assert!(g.iter().all(|v| v.is_finite() && *v != 0.0), "{p:?}: {g:?}");
+            // Central differences in f64 on two coordinates.
+            for i in [0usize, 9] {
+                let eps = 1e-3;
+                let bump = |d: f64| -> Result<f64> {
+                    let mut v: Vec<f32> = z.as_tensor().to_vec1()?;
+                    v[i] += d as f32;
+                    loss(&Tensor::from_vec(v, 16, &Device::Cpu)?)?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()
+                };
+                let numeric = (bump(eps)? - bump(-eps)?) / (2.0 * eps);
+                let rel = (numeric - g[i] as f64).abs() / numeric.abs().max(1e-3);
+                assert!(
+                    rel < 2e-2,
+                    "{p:?} z[{i}]: analytic {} numeric {numeric}",
+                    g[i]
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod model_tests {
+    use super::*;
+    use crate::model::config::Architecture;
+    use crate::model::testing::{random_weights, tiny_config};
+    use crate::model::transformer::{Batch, LogitsAt, Mode, Transformer};
+    use crate::svd::targets::LAYER_MODULES;
+
+    type TestResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+    fn logits(tf: &Transformer) -> TestResult<Tensor> {
+        let ids = Tensor::new(&[[3u32, 1, 4, 1, 5, 9]], &Device::Cpu)?;
+        let batch = Batch::left_padded(&[0], 0, 6, &Device::Cpu)?;
+        Ok(tf.forward(&ids, &batch, None, Mode::Fast, LogitsAt::All)?)
+    }
+
+    #[test]
+    fn linear_experts_at_init_reproduce_the_base_model() -> TestResult<()> {
+        let config = tiny_config(Architecture::Llama);
+        let weights = random_weights(&config, 5, &Device::Cpu);
+        let base = Transformer::new(config.clone(), weights.clone())?;
+        let mut adapted = Transformer::new(config.clone(), weights.clone())?;
+        for layer in 0..config.num_layers {
+            for module in LAYER_MODULES {
+                let name = format!("layers.{layer}.{module}");
+                let f = crate::svd::decompose(&name, &weights[&format!("{name}.weight")])?;
+                let z = init_vector(Parametrization::Linear, f.s.dim(0)?, 0, &Device::Cpu)?;
+                adapted.replace_weight(
+                    &name,
+                    adapted_weight(Parametrization::Linear, &f.u, &f.s, &f.vt, &z)?,
+                )?;
+            }
+        }
+        let diff = (logits(&base)? - logits(&adapted)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "{diff}");
+        assert!(
+            adapted
+                .replace_weight(
+                    "layers.0.mlp.nope",
+                    Tensor::zeros(1, DType::F32, &Device::Cpu)?
+                )
+                .is_err()
+        );
+        Ok(())
+    }
+}
