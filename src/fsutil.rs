@@ -19,6 +19,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     sync_dir(dir)
 }
 
+/// Writes `value` as pretty JSON to `path` atomically: every JSON record tsq writes goes here.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    write_atomic(path, text.as_bytes())
+}
+
 /// fsyncs a directory so that renames inside it survive a crash.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()

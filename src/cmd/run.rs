@@ -38,8 +38,7 @@ pub fn run(
         .preflight(&RunDir::read_only(&run_root), &opts)
         .map_err(|e| CmdError::Failed(e.to_string()))?;
     let run_dir = RunDir::lock(&run_root).map_err(CmdError::Failed)?;
-    let effective = serde_json::to_string_pretty(&pipeline.spec).expect("spec serialises");
-    crate::fsutil::write_atomic(&run_root.join("pipeline.json"), effective.as_bytes())
+    crate::fsutil::write_json(&run_root.join("pipeline.json"), &pipeline.spec)
         .map_err(|e| CmdError::Failed(format!("cannot write pipeline.json: {e}")))?;
     eprintln!("run `{}` in {}", pipeline.spec.name, run_root.display());
     let interrupt = Interrupt::install();

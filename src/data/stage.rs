@@ -158,13 +158,8 @@ impl StageRunner for DataStage {
             "split": PARTS.iter().zip(&parts).map(|(name, p)| (name.to_string(), json!(p.len()))).collect::<serde_json::Map<_, _>>(),
             "examples": parts.iter().zip(PARTS).flat_map(|(p, name)| p.first().map(|r| json!({"split": name, "id": r.record.id, "prompt": r.prompt, "target": r.target}))).collect::<Vec<_>>(),
         });
-        crate::fsutil::write_atomic(
-            &ctx.output(SUMMARY_FILE),
-            serde_json::to_string_pretty(&summary)
-                .expect("json")
-                .as_bytes(),
-        )
-        .map_err(|e| StageError::failed(format!("cannot write summary: {e}")))?;
+        crate::fsutil::write_json(&ctx.output(SUMMARY_FILE), &summary)
+            .map_err(|e| StageError::failed(format!("cannot write summary: {e}")))?;
         Ok(summary)
     }
 }

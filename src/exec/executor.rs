@@ -46,6 +46,10 @@ pub struct PlanEntry {
     /// What the stage will work on, when it can tell before running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// What the key was computed from, reused when the stage runs (hashing inputs can mean
+    /// reading large files, so it is done once per command).
+    #[serde(skip)]
+    pub inputs: BTreeMap<String, String>,
 }
 
 impl PlanEntry {
@@ -101,12 +105,12 @@ impl Executor<'_> {
 
     /// The status of every stage, without running anything.
     pub fn plan(&self, run: &RunDir, opts: &RunOptions) -> Result<Vec<PlanEntry>, ExecError> {
-        let inputs = self.inputs()?;
+        let mut inputs = self.inputs()?;
         let forced = self.graph.downstream_of(&opts.force);
         let mut entries = Vec::new();
         for stage in &self.graph.stages {
-            let stage_inputs = &inputs[&stage.id];
-            let key = key_of(stage_inputs);
+            let stage_inputs = inputs.remove(&stage.id).unwrap_or_default();
+            let key = key_of(&stage_inputs);
             let status = if opts
                 .only
                 .as_ref()
@@ -123,7 +127,7 @@ impl Executor<'_> {
                     Manifest::read(&run.stage_dir(&stage.id.0)),
                 ) {
                     (Some(m), _) if m.key == key => Status::Cached,
-                    (Some(m), _) => Status::Stale(differences(&m.inputs, stage_inputs)),
+                    (Some(m), _) => Status::Stale(differences(&m.inputs, &stage_inputs)),
                     (None, Some(_)) => Status::Stale(vec!["outputs missing or changed".into()]),
                     (None, None) => Status::ToRun,
                 }
@@ -135,6 +139,7 @@ impl Executor<'_> {
                 key,
                 status,
                 detail,
+                inputs: stage_inputs,
             });
         }
         Ok(entries)
@@ -155,7 +160,6 @@ impl Executor<'_> {
         interrupt: &Interrupt,
     ) -> Result<Vec<PlanEntry>, ExecError> {
         let plan = self.preflight(run, opts)?;
-        let inputs = self.inputs()?;
         let mut log = EventLog::open(run);
         log.event("run_started", None, json!({}));
         for entry in &plan {
@@ -173,7 +177,7 @@ impl Executor<'_> {
             if interrupt.requested() {
                 return Err(ExecError::Interrupted(stage.id.clone()));
             }
-            self.run_stage(run, stage, inputs[&stage.id].clone(), interrupt, &mut log)?;
+            self.run_stage(run, stage, entry.inputs.clone(), interrupt, &mut log)?;
         }
         Ok(plan)
     }

@@ -77,8 +77,7 @@ impl Manifest {
     }
 
     pub fn write(&self, stage_dir: &Path) -> std::io::Result<()> {
-        let text = serde_json::to_string_pretty(self).expect("manifest serialises");
-        crate::fsutil::write_atomic(&stage_dir.join(MANIFEST_FILE), text.as_bytes())
+        crate::fsutil::write_json(&stage_dir.join(MANIFEST_FILE), self)
     }
 }
 

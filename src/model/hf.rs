@@ -143,7 +143,6 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("json serialises");
-    crate::fsutil::write_atomic(path, text.as_bytes())
+    crate::fsutil::write_json(path, value)
         .map_err(|e| ModelError::load(path, format!("cannot write: {e}")))
 }

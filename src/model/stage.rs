@@ -66,13 +66,8 @@ impl StageRunner for ModelStage {
             (0, None)
         };
         let info = json!({"source": self.spec.source, "path": path, "format": format, "bytes": size, "blake3": hash});
-        crate::fsutil::write_atomic(
-            &ctx.output(MODEL_FILE),
-            serde_json::to_string_pretty(&info)
-                .expect("json")
-                .as_bytes(),
-        )
-        .map_err(|e| StageError::failed(format!("cannot write {MODEL_FILE}: {e}")))?;
+        crate::fsutil::write_json(&ctx.output(MODEL_FILE), &info)
+            .map_err(|e| StageError::failed(format!("cannot write {MODEL_FILE}: {e}")))?;
         Ok(info)
     }
 }

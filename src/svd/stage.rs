@@ -190,13 +190,7 @@ impl StageRunner for DecomposeStage {
             .filter_map(|t| std::fs::metadata(&t.cache_file).ok())
             .map(|m| m.len())
             .sum();
-        crate::fsutil::write_atomic(
-            &ctx.output(TARGETS_FILE),
-            serde_json::to_string_pretty(&targets)
-                .map_err(failed)?
-                .as_bytes(),
-        )
-        .map_err(failed)?;
+        crate::fsutil::write_json(&ctx.output(TARGETS_FILE), &targets).map_err(failed)?;
         let worst = targets.iter().map(|t| t.relative_error).fold(0.0, f64::max);
         Ok(
             json!({"targets": targets.len(), "trainable_parameters": params, "cache_bytes": cache_bytes, "reused_from_cache": reused, "max_relative_error": worst}),
