@@ -9,7 +9,6 @@ pub mod stage;
 pub mod targets;
 
 use candle_core::{DType, Device, Tensor};
-use faer::MatRef;
 use rayon::prelude::*;
 
 /// The factors of one matrix, as candle tensors on the CPU.
@@ -71,25 +70,16 @@ pub fn decompose(name: &str, w: &Tensor) -> Result<Factors, SvdError> {
     if data.iter().any(|x| !x.is_finite()) {
         return Err(SvdError::NonFinite { name: name.into() });
     }
-    let mat = MatRef::from_row_major_slice(&data, rows, cols);
-    let svd = mat.thin_svd().map_err(|_| SvdError::NoConvergence {
+    let svd = tsq_linalg::thin_svd(&data, rows, cols).map_err(|_| SvdError::NoConvergence {
         name: name.into(),
         rows,
         cols,
     })?;
     let r = rows.min(cols);
-    let (u, v, s) = (svd.U(), svd.V(), svd.S().column_vector());
-    let u: Vec<f32> = (0..rows)
-        .flat_map(|i| (0..r).map(move |j| u[(i, j)]))
-        .collect();
-    let vt: Vec<f32> = (0..r)
-        .flat_map(|j| (0..cols).map(move |k| v[(k, j)]))
-        .collect();
-    let s: Vec<f32> = (0..r).map(|j| s[j]).collect();
     let dev = Device::Cpu;
-    let u = Tensor::from_vec(u, (rows, r), &dev).map_err(tensor_err)?;
-    let s = Tensor::from_vec(s, r, &dev).map_err(tensor_err)?;
-    let vt = Tensor::from_vec(vt, (r, cols), &dev).map_err(tensor_err)?;
+    let u = Tensor::from_vec(svd.u, (rows, r), &dev).map_err(tensor_err)?;
+    let s = Tensor::from_vec(svd.s, r, &dev).map_err(tensor_err)?;
+    let vt = Tensor::from_vec(svd.vt, (r, cols), &dev).map_err(tensor_err)?;
     let relative_error = reconstruction_error(&u, &s, &vt, &w).map_err(tensor_err)?;
     if relative_error > MAX_RELATIVE_ERROR {
         return Err(SvdError::Inaccurate {
@@ -141,14 +131,12 @@ pub fn decompose_all(matrices: &[(String, Tensor)]) -> Vec<Result<Factors, SvdEr
             .map(|(name, w)| decompose(name, w))
             .collect();
     }
-    let previous = faer::get_global_parallelism();
-    faer::set_global_parallelism(faer::Par::Seq);
-    let out = matrices
-        .par_iter()
-        .map(|(name, w)| decompose(name, w))
-        .collect();
-    faer::set_global_parallelism(previous);
-    out
+    tsq_linalg::without_inner_parallelism(|| {
+        matrices
+            .par_iter()
+            .map(|(name, w)| decompose(name, w))
+            .collect()
+    })
 }
 
 #[cfg(test)]
