@@ -9,6 +9,7 @@
 pub mod chat;
 pub mod config;
 pub mod error;
+mod frozen;
 pub mod generate;
 pub mod gguf;
 pub mod hf;

@@ -16,6 +16,7 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 
 use super::config::ModelConfig;
 use super::error::{ModelError, Result};
+use super::frozen;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -30,11 +31,37 @@ pub enum LogitsAt {
     Last,
 }
 
+#[derive(Clone)]
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     /// A quantized copy of `weight` for small-batch decoding (see [`Transformer::quantize_for_decoding`]).
     quantized: Option<QMatMul>,
+    /// When set, the layer computes `U (s' ⊙ Vᵀx)` instead of `W x` (see [`Transformer::set_factored`]).
+    factored: Option<Factored>,
+}
+
+/// A projection applied as `y = U (s' ⊙ (Vᵀ x))`: W's SVD factors with scaled singular values s',
+/// one vector for the whole batch or one row per sequence (a batch mixing SVF experts).
+#[derive(Clone)]
+struct Factored {
+    /// (out, r)
+    u: Tensor,
+    /// (r, in)
+    vt: Tensor,
+    /// (r) or (batch, r)
+    scaled_s: Tensor,
+}
+
+impl Factored {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = frozen::matmul_t(x, &self.vt)?;
+        let h = match self.scaled_s.rank() {
+            1 => h.broadcast_mul(&self.scaled_s)?,
+            _ => h.broadcast_mul(&self.scaled_s.unsqueeze(1)?)?,
+        };
+        Ok(frozen::matmul_t(&h, &self.u)?)
+    }
 }
 
 /// Up to this many rows (batch × new tokens) use the quantized copy: quantized matmul is fast for
@@ -47,15 +74,19 @@ impl Linear {
             weight,
             bias,
             quantized: None,
+            factored: None,
         }
     }
 
-    /// `x W^T (+ b)` over the last dimension.
+    /// `x W^T (+ b)` over the last dimension. A weight that is not being trained gets no
+    /// gradient (see [`frozen`]).
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        let y = match &self.quantized {
-            Some(q) if mode == Mode::Fast && rows <= QUANTIZED_MAX_ROWS => q.forward(x)?,
-            _ => matmul_t(x, &self.weight)?,
+        let y = match (&self.factored, &self.quantized) {
+            (Some(f), _) => f.forward(x)?,
+            (None, Some(q)) if mode == Mode::Fast && rows <= QUANTIZED_MAX_ROWS => q.forward(x)?,
+            _ if self.weight.track_op() => frozen::plain_matmul_t(x, &self.weight)?,
+            _ => frozen::matmul_t(x, &self.weight)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -64,17 +95,7 @@ impl Linear {
     }
 }
 
-/// `x W^T` for `x` of any rank (…, in) and `W` (out, in). Flattening to 2D first matters:
-/// candle's batched matmul is ~1.5x slower than its plain one on decode shapes (1×576 · 576×1536).
-fn matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let mut dims = x.dims().to_vec();
-    let inner = dims.pop().unwrap_or(1);
-    let rows: usize = dims.iter().product();
-    let y = x.reshape((rows, inner))?.matmul(&weight.t()?)?;
-    dims.push(weight.dim(0)?);
-    Ok(y.reshape(dims)?)
-}
-
+#[derive(Clone)]
 struct Layer {
     attn_norm: Tensor,
     q: Linear,
@@ -142,6 +163,9 @@ impl Batch {
     }
 }
 
+/// Cheap to clone: tensors are shared, so a clone with some weights replaced (an SVF expert
+/// being trained or applied) costs only those weights.
+#[derive(Clone)]
 pub struct Transformer {
     pub config: ModelConfig,
     embed: Tensor,
@@ -275,9 +299,8 @@ impl Transformer {
         Ok(Tensor::from_vec(values, shape, x.device())?)
     }
 
-    /// Replaces one projection's weight (canonical module name, e.g. `layers.3.mlp.up_proj`), as
-    /// when composing an SVF expert into the model. Its quantized copy, now stale, is dropped.
-    pub fn replace_weight(&mut self, module: &str, weight: Tensor) -> Result<()> {
+    /// The projection under a canonical module name, e.g. `layers.3.mlp.up_proj`.
+    fn linear_mut(&mut self, module: &str) -> Result<&mut Linear> {
         let unknown = || ModelError::Input(format!("no projection `{module}` in this model"));
         let rest = module.strip_prefix("layers.").ok_or_else(unknown)?;
         let (index, name) = rest.split_once('.').ok_or_else(unknown)?;
@@ -286,7 +309,7 @@ impl Transformer {
             .ok()
             .and_then(|i| self.layers.get_mut(i))
             .ok_or_else(unknown)?;
-        let linear = match name {
+        Ok(match name {
             "attn.q_proj" => &mut layer.q,
             "attn.k_proj" => &mut layer.k,
             "attn.v_proj" => &mut layer.v,
@@ -295,7 +318,14 @@ impl Transformer {
             "mlp.up_proj" => &mut layer.up,
             "mlp.down_proj" => &mut layer.down,
             _ => return Err(unknown()),
-        };
+        })
+    }
+
+    /// Replaces one projection's weight, as when composing an SVF expert into the model. Its
+    /// quantized copy, now stale, is dropped, and so is a factored form.
+    pub fn replace_weight(&mut self, module: &str, weight: Tensor) -> Result<()> {
+        let dtype = self.dtype;
+        let linear = self.linear_mut(module)?;
         if weight.dims() != linear.weight.dims() {
             return Err(ModelError::Input(format!(
                 "`{module}` is {:?}, the replacement is {:?}",
@@ -303,8 +333,41 @@ impl Transformer {
                 weight.dims()
             )));
         }
-        linear.weight = weight.to_dtype(self.dtype)?;
+        linear.weight = weight.to_dtype(dtype)?;
         linear.quantized = None;
+        linear.factored = None;
+        Ok(())
+    }
+
+    /// Makes one projection compute `U (s' ⊙ (Vᵀ x))` from its SVD factors, u (out, r) and
+    /// vt (r, in), with `scaled_s` either (r) for the whole batch or (batch, r), one row per
+    /// sequence. Costs more than a composed weight; needed when sequences use different experts.
+    pub fn set_factored(
+        &mut self,
+        module: &str,
+        u: Tensor,
+        vt: Tensor,
+        scaled_s: Tensor,
+    ) -> Result<()> {
+        let dtype = self.dtype;
+        let linear = self.linear_mut(module)?;
+        let (out, r) = u.dims2()?;
+        let (r2, inner) = vt.dims2()?;
+        let r3 = *scaled_s.dims().last().unwrap_or(&0);
+        if (out, inner) != linear.weight.dims2()? || r != r2 || r != r3 || scaled_s.rank() > 2 {
+            return Err(ModelError::Input(format!(
+                "`{module}` is {:?}; factors U {:?}, s' {:?}, Vᵀ {:?} do not fit it",
+                linear.weight.dims(),
+                u.dims(),
+                scaled_s.dims(),
+                vt.dims()
+            )));
+        }
+        linear.factored = Some(Factored {
+            u: u.to_dtype(dtype)?,
+            vt: vt.to_dtype(dtype)?,
+            scaled_s: scaled_s.to_dtype(dtype)?,
+        });
         Ok(())
     }
 
@@ -362,6 +425,24 @@ impl Transformer {
         mode: Mode,
         at: LogitsAt,
     ) -> Result<Tensor> {
+        let x = self.hidden(ids, batch, cache, mode, at)?;
+        self.head_logits(&x, mode)
+    }
+
+    /// The LM head's weight (vocab, hidden): logits are `hidden · headᵀ`.
+    pub fn head_weight(&self) -> &Tensor {
+        &self.lm_head.weight
+    }
+
+    /// The final normalised hidden states (batch, time or 1, hidden) that the LM head reads.
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        batch: &Batch,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+        at: LogitsAt,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let max_pos = self.config.max_position_embeddings;
         let mut no_cache = KvCache::default();
@@ -397,8 +478,7 @@ impl Transformer {
             LogitsAt::All => x,
             LogitsAt::Last => x.i((.., t - 1..t, ..))?,
         };
-        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps, mode)?;
-        self.head_logits(&x, mode)
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps, mode)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -708,7 +788,7 @@ mod quantized_tests {
         tf.quantize_for_decoding(GgmlDType::Q8_0)?;
         // Compare the head alone: same hidden state, float head vs quantized head + exact top.
         let x = Tensor::randn(0f32, 1.0, (1, 1, config.hidden_size), &dev)?;
-        let float_head = matmul_t(&x, &tf.lm_head.weight)?
+        let float_head = frozen::plain_matmul_t(&x, &tf.lm_head.weight)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let mixed = tf

@@ -5,6 +5,7 @@
 //! Independent matrices are decomposed in parallel (one per core, each single-threaded), which
 //! beats parallelising inside one small SVD; a lone large matrix uses faer's own parallelism.
 
+pub mod cache;
 pub mod stage;
 pub mod targets;
 

@@ -1,23 +1,20 @@
-//! The `decompose` stage: SVD of every selected matrix of the pipeline's model, cached across
-//! pipelines and runs under `$TSQ_HOME/svd/v{ALGORITHM_VERSION}/<model blake3>/<name>.safetensors`
-//! (tensors `u`, `s`, `vt`). The stage writes `targets.json`: each target's shape, rank,
+//! The `decompose` stage: SVD of every selected matrix of the pipeline's model, through the
+//! factor cache shared across pipelines and runs ([`super::cache`]). The stage writes `targets.json`: each target's shape, rank,
 //! reconstruction error and cache file.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::cache::{ALGORITHM_VERSION, CacheError, SvdCache};
 use super::targets::{select, shape};
-use super::{Factors, decompose_all};
 use crate::assets::TsqHome;
 use crate::exec::{StageContext, StageError, StageRunner};
 use crate::pipeline::spec::SvdSpec;
 
-/// Bump when the decomposition changes, so old cache entries are not reused.
-pub const ALGORITHM_VERSION: u32 = 1;
 pub const TARGETS_FILE: &str = "targets.json";
 
 pub struct DecomposeStage {
@@ -62,41 +59,6 @@ fn upstream_model(ctx: &StageContext) -> Result<(PathBuf, String), StageError> {
     Ok((PathBuf::from(path), hash.to_string()))
 }
 
-fn save(factors: &Factors, file: &Path) -> Result<(), StageError> {
-    let tensors: std::collections::HashMap<String, Tensor> =
-        [("u", &factors.u), ("s", &factors.s), ("vt", &factors.vt)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-    let dir = file.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(failed)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(failed)?;
-    candle_core::safetensors::save(&tensors, tmp.path()).map_err(failed)?;
-    tmp.persist(file).map_err(|e| failed(e.error))?;
-    Ok(())
-}
-
-/// A cached decomposition, if present and readable: (rank, relative error recomputed on load).
-fn cached(file: &Path, weight: &Tensor) -> Option<(usize, f64)> {
-    let t = candle_core::safetensors::load(file, &Device::Cpu).ok()?;
-    let (u, s, vt) = (t.get("u")?, t.get("s")?, t.get("vt")?);
-    let composed = super::compose(u, s, vt).ok()?;
-    let diff = (composed - weight)
-        .ok()?
-        .sqr()
-        .ok()?
-        .sum_all()
-        .ok()?
-        .to_scalar::<f32>()
-        .ok()? as f64;
-    let base = weight.sqr().ok()?.sum_all().ok()?.to_scalar::<f32>().ok()? as f64;
-    let err = (diff / base.max(f64::MIN_POSITIVE)).sqrt();
-    (err <= super::MAX_RELATIVE_ERROR).then(|| (s.dim(0).unwrap_or(0), err))
-}
-
 impl StageRunner for DecomposeStage {
     fn inputs(&self) -> Result<BTreeMap<String, String>, StageError> {
         Ok(BTreeMap::from([(
@@ -138,52 +100,30 @@ impl StageRunner for DecomposeStage {
         let model =
             crate::model::Model::load(&model_path, DType::F32, &Device::Cpu).map_err(failed)?;
         let names = select(&self.spec, model.transformer.config.num_layers).map_err(failed)?;
-        let weights = model.transformer.tensors();
-        let cache_dir = self
-            .home
-            .path()
-            .join("svd")
-            .join(format!("v{ALGORITHM_VERSION}"))
-            .join(&model_hash);
-        let mut targets = Vec::with_capacity(names.len());
-        let mut todo = Vec::new();
-        for name in &names {
-            let weight = weights
-                .get(&format!("{name}.weight"))
-                .ok_or_else(|| failed(format!("the model has no `{name}`")))?;
-            let file = cache_dir.join(format!("{name}.safetensors"));
-            let (rows, cols) = weight.dims2().map_err(failed)?;
-            match cached(&file, weight) {
-                Some((rank, relative_error)) => targets.push(Target {
-                    name: name.clone(),
+        let cache = SvdCache::new(&self.home, &model_hash);
+        let interrupted = || ctx.check_interrupt().is_err();
+        let decomposed = cache
+            .load_or_decompose(&names, &model.transformer.tensors(), &interrupted)
+            .map_err(|e| match e {
+                CacheError::Interrupted => StageError::Interrupted,
+                e => failed(e),
+            })?;
+        let reused = decomposed.iter().filter(|d| d.reused).count();
+        let targets = decomposed
+            .into_iter()
+            .map(|d| {
+                let (rows, cols) = (d.factors.u.dim(0)?, d.factors.vt.dim(1)?);
+                Ok(Target {
+                    name: d.name,
                     rows,
                     cols,
-                    rank,
-                    relative_error,
-                    cache_file: file,
-                }),
-                None => todo.push((name.clone(), weight.clone())),
-            }
-        }
-        let reused = targets.len();
-        for chunk in todo.chunks(rayon::current_num_threads().max(1) * 2) {
-            ctx.check_interrupt()?;
-            for ((name, weight), factors) in chunk.iter().zip(decompose_all(chunk)) {
-                let factors = factors.map_err(failed)?;
-                let file = cache_dir.join(format!("{name}.safetensors"));
-                save(&factors, &file)?;
-                let (rows, cols) = weight.dims2().map_err(failed)?;
-                targets.push(Target {
-                    name: name.clone(),
-                    rows,
-                    cols,
-                    rank: factors.s.dim(0).map_err(failed)?,
-                    relative_error: factors.relative_error,
-                    cache_file: file,
-                });
-            }
-        }
-        targets.sort_by_key(|t| names.iter().position(|n| *n == t.name));
+                    rank: d.factors.s.dim(0)?,
+                    relative_error: d.factors.relative_error,
+                    cache_file: d.file,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(failed)?;
         let params: usize = targets.iter().map(|t| t.rank).sum();
         let cache_bytes: u64 = targets
             .iter()

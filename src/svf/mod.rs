@@ -8,6 +8,10 @@
 //!
 //! Everything here is differentiable in z (primitive candle ops only).
 
+pub mod apply;
+pub mod expert;
+pub mod train;
+
 use candle_core::{DType, Device, Result, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -48,7 +52,20 @@ pub fn scale(parametrization: Parametrization, z: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// W' = U diag(s ⊙ m) Vᵀ, with the sigmoid parametrisation's rescale to keep Σ s.
+/// The effective scale e with W' = U diag(s ⊙ e) Vᵀ: m(z), times Σs / Σ(s ⊙ m) for `sigmoid`
+/// so that the sum of singular values is unchanged.
+pub fn effective_scale(parametrization: Parametrization, s: &Tensor, z: &Tensor) -> Result<Tensor> {
+    let m = scale(parametrization, z)?;
+    match parametrization {
+        Parametrization::Linear => Ok(m),
+        Parametrization::Sigmoid => {
+            let ratio = s.sum_all()?.broadcast_div(&(s * &m)?.sum_all()?)?;
+            m.broadcast_mul(&ratio)
+        }
+    }
+}
+
+/// W' = U diag(s ⊙ e(z)) Vᵀ.
 pub fn adapted_weight(
     parametrization: Parametrization,
     u: &Tensor,
@@ -56,13 +73,7 @@ pub fn adapted_weight(
     vt: &Tensor,
     z: &Tensor,
 ) -> Result<Tensor> {
-    let m = scale(parametrization, z)?;
-    let mut scaled = (s * &m)?;
-    if parametrization == Parametrization::Sigmoid {
-        let ratio = s.sum_all()?.broadcast_div(&scaled.sum_all()?)?;
-        scaled = scaled.broadcast_mul(&ratio)?;
-    }
-    crate::svd::compose(u, &scaled, vt)
+    crate::svd::compose(u, &(s * effective_scale(parametrization, s, z)?)?, vt)
 }
 
 #[cfg(test)]
@@ -141,6 +152,33 @@ mod tests {
         Ok(())
     }
 }
+
+/// A tiny random model with every projection decomposed, for tests.
+#[cfg(test)]
+pub(crate) fn tiny_decomposed(seed: u64) -> (Transformer, Vec<crate::svd::cache::Decomposed>) {
+    use crate::model::config::Architecture;
+    use crate::model::testing::{random_weights, tiny_config};
+    let config = tiny_config(Architecture::Llama);
+    let weights = random_weights(&config, seed, &Device::Cpu);
+    let mut decomposed = Vec::new();
+    for layer in 0..config.num_layers {
+        for module in crate::svd::targets::LAYER_MODULES {
+            let name = format!("layers.{layer}.{module}");
+            let factors =
+                crate::svd::decompose(&name, &weights[&format!("{name}.weight")]).unwrap();
+            decomposed.push(crate::svd::cache::Decomposed {
+                name,
+                factors,
+                file: Default::default(),
+                reused: false,
+            });
+        }
+    }
+    (Transformer::new(config, weights).unwrap(), decomposed)
+}
+
+#[cfg(test)]
+use crate::model::transformer::Transformer;
 
 #[cfg(test)]
 mod model_tests {

@@ -1,0 +1,136 @@
+//! The factor cache shared by every pipeline and command on one model:
+//! `$TSQ_HOME/svd/v{ALGORITHM_VERSION}/<model blake3>/<name>.safetensors` (tensors `u`, `s`, `vt`).
+//! An entry is re-checked by its reconstruction error whenever it is read, so a damaged file is
+//! recomputed rather than trusted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use super::{Factors, MAX_RELATIVE_ERROR, SvdError, decompose_all};
+use crate::assets::TsqHome;
+
+/// Bump when the decomposition changes, so old cache entries are not reused.
+pub const ALGORITHM_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("interrupted")]
+    Interrupted,
+    #[error(transparent)]
+    Svd(#[from] SvdError),
+    #[error("the model has no matrix `{0}`")]
+    Missing(String),
+    #[error("cannot write {}: {message}", file.display())]
+    Write { file: PathBuf, message: String },
+}
+
+/// One target's factors and where they are cached.
+pub struct Decomposed {
+    pub name: String,
+    pub factors: Factors,
+    pub file: PathBuf,
+    /// Read from the cache rather than computed now.
+    pub reused: bool,
+}
+
+pub struct SvdCache {
+    dir: PathBuf,
+}
+
+impl SvdCache {
+    pub fn new(home: &TsqHome, model_blake3: &str) -> Self {
+        Self {
+            dir: home
+                .path()
+                .join("svd")
+                .join(format!("v{ALGORITHM_VERSION}"))
+                .join(model_blake3),
+        }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.safetensors"))
+    }
+
+    /// The factors of every named matrix of `weights` (canonical names without `.weight`): read
+    /// from the cache when valid, otherwise decomposed, a few matrices per core at a time, and
+    /// stored. `interrupted` is asked between batches.
+    pub fn load_or_decompose(
+        &self,
+        names: &[String],
+        weights: &BTreeMap<String, Tensor>,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<Vec<Decomposed>, CacheError> {
+        let mut done = Vec::with_capacity(names.len());
+        let mut todo = Vec::new();
+        for name in names {
+            let weight = weights
+                .get(&format!("{name}.weight"))
+                .ok_or_else(|| CacheError::Missing(name.clone()))?;
+            let file = self.file(name);
+            match read_checked(&file, weight) {
+                Some(factors) => done.push(Decomposed {
+                    name: name.clone(),
+                    factors,
+                    file,
+                    reused: true,
+                }),
+                None => todo.push((name.clone(), weight.clone())),
+            }
+        }
+        for chunk in todo.chunks(rayon::current_num_threads().max(1) * 2) {
+            if interrupted() {
+                return Err(CacheError::Interrupted);
+            }
+            for ((name, _), factors) in chunk.iter().zip(decompose_all(chunk)) {
+                let factors = factors?;
+                let file = self.file(name);
+                write(&factors, &file)?;
+                done.push(Decomposed {
+                    name: name.clone(),
+                    factors,
+                    file,
+                    reused: false,
+                });
+            }
+        }
+        done.sort_by_key(|d| names.iter().position(|n| *n == d.name));
+        Ok(done)
+    }
+}
+
+fn write(factors: &Factors, file: &Path) -> Result<(), CacheError> {
+    let fail = |message: String| CacheError::Write {
+        file: file.to_path_buf(),
+        message,
+    };
+    let tensors: std::collections::HashMap<String, Tensor> =
+        [("u", &factors.u), ("s", &factors.s), ("vt", &factors.vt)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+    let dir = file.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| fail(e.to_string()))?;
+    candle_core::safetensors::save(&tensors, tmp.path()).map_err(|e| fail(e.to_string()))?;
+    tmp.persist(file).map_err(|e| fail(e.error.to_string()))?;
+    Ok(())
+}
+
+/// A cached decomposition of `weight`, if present, readable and accurate.
+fn read_checked(file: &Path, weight: &Tensor) -> Option<Factors> {
+    let mut t = candle_core::safetensors::load(file, &Device::Cpu).ok()?;
+    let (u, s, vt) = (t.remove("u")?, t.remove("s")?, t.remove("vt")?);
+    let relative_error = super::reconstruction_error(&u, &s, &vt, weight).ok()?;
+    (relative_error <= MAX_RELATIVE_ERROR).then_some(Factors {
+        u,
+        s,
+        vt,
+        relative_error,
+    })
+}

@@ -1,0 +1,322 @@
+//! Expert files: one safetensors file per expert holding, for each target matrix, the vector
+//! `<name>.z` and the base model's singular values `<name>.s` (so the effective scaling can be
+//! read without the model, and a file is checked against the base it is applied to). The header
+//! metadata `tsq_expert` is JSON: format version, base model name and blake3, SVD algorithm
+//! version, parametrisation, target list and a free-form training summary.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::pipeline::spec::Parametrization;
+
+pub const FORMAT_VERSION: u32 = 1;
+const METADATA_KEY: &str = "tsq_expert";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpertError {
+    #[error("{}: {message}", file.display())]
+    File { file: PathBuf, message: String },
+    #[error(
+        "{}: made for base model {found_name} (blake3 {found}), but this model is {expected_name} (blake3 {expected})",
+        file.display()
+    )]
+    WrongBase {
+        file: PathBuf,
+        found_name: String,
+        found: String,
+        expected_name: String,
+        expected: String,
+    },
+    #[error("{}: targets do not match: {detail}", file.display())]
+    Targets { file: PathBuf, detail: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BaseModel {
+    pub name: String,
+    pub blake3: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExpertMeta {
+    pub format_version: u32,
+    pub base_model: BaseModel,
+    pub svd_algorithm: u32,
+    pub parametrization: Parametrization,
+    pub max_mult: f64,
+    pub targets: Vec<String>,
+    /// How the expert was made: a training summary, or what it was combined from.
+    pub training: Value,
+}
+
+/// One vector per target, plus the base singular values it scales.
+#[derive(Clone)]
+pub struct Expert {
+    pub meta: ExpertMeta,
+    /// target → (z, s), both (r,) f32 on the CPU.
+    pub vectors: BTreeMap<String, (Tensor, Tensor)>,
+}
+
+impl Expert {
+    /// A fresh expert at the parametrisation's initial point; `singular_values` holds each
+    /// target's s in target order. Each target gets its own seed so vectors are independent.
+    pub fn initial(
+        base_model: BaseModel,
+        parametrization: Parametrization,
+        singular_values: &[(String, Tensor)],
+        seed: u64,
+    ) -> Result<Self, ExpertError> {
+        let mut vectors = BTreeMap::new();
+        for (i, (name, s)) in singular_values.iter().enumerate() {
+            let z = super::init_vector(parametrization, s.dim(0)?, seed + i as u64, &Device::Cpu)?;
+            vectors.insert(name.clone(), (z, s.to_dtype(DType::F32)?));
+        }
+        Ok(Self {
+            meta: ExpertMeta {
+                format_version: FORMAT_VERSION,
+                base_model,
+                svd_algorithm: crate::svd::cache::ALGORITHM_VERSION,
+                parametrization,
+                max_mult: super::MAX_MULT,
+                targets: singular_values.iter().map(|(n, _)| n.clone()).collect(),
+                training: Value::Null,
+            },
+            vectors,
+        })
+    }
+
+    /// Each target's effective scale e, so that W' = U diag(s ⊙ e) Vᵀ (the sigmoid rescale included).
+    pub fn effective_scales(&self) -> Result<BTreeMap<String, Tensor>, ExpertError> {
+        self.vectors
+            .iter()
+            .map(|(name, (z, s))| {
+                Ok((
+                    name.clone(),
+                    super::effective_scale(self.meta.parametrization, s, z)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Refuses an expert made for another model, SVD algorithm or set of targets.
+    pub fn check_compatible(
+        &self,
+        file: &Path,
+        base: &BaseModel,
+        targets: &[(String, usize)],
+    ) -> Result<(), ExpertError> {
+        if self.meta.base_model.blake3 != base.blake3 {
+            return Err(ExpertError::WrongBase {
+                file: file.into(),
+                found_name: self.meta.base_model.name.clone(),
+                found: self.meta.base_model.blake3.clone(),
+                expected_name: base.name.clone(),
+                expected: base.blake3.clone(),
+            });
+        }
+        let mismatch = |detail: String| ExpertError::Targets {
+            file: file.into(),
+            detail,
+        };
+        let ours: Vec<&String> = self.vectors.keys().collect();
+        let theirs: Vec<&String> = targets.iter().map(|(n, _)| n).collect::<Vec<_>>();
+        let missing: Vec<&&String> = theirs.iter().filter(|n| !ours.contains(n)).collect();
+        let extra: Vec<&&String> = ours.iter().filter(|n| !theirs.contains(n)).collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            return Err(mismatch(format!(
+                "the expert lacks {missing:?} and has extra {extra:?}"
+            )));
+        }
+        for (name, rank) in targets {
+            let have = self.vectors[name].0.dim(0)?;
+            if have != *rank {
+                return Err(mismatch(format!(
+                    "`{name}` has {have} values, the model's matrix has rank {rank}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the expert atomically (temporary file, then rename).
+    pub fn save(&self, file: &Path) -> Result<(), ExpertError> {
+        let fail = |message: String| ExpertError::File {
+            file: file.into(),
+            message,
+        };
+        let mut tensors = Vec::new();
+        for (name, (z, s)) in &self.vectors {
+            tensors.push((format!("{name}.z"), z.clone()));
+            tensors.push((format!("{name}.s"), s.clone()));
+        }
+        let meta = serde_json::to_string(&self.meta).map_err(|e| fail(e.to_string()))?;
+        let dir = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(dir)
+            .map_err(|e| fail(e.to_string()))?;
+        let metadata = HashMap::from([(METADATA_KEY.to_string(), meta)]);
+        safetensors::serialize_to_file(tensors, Some(metadata), tmp.path())
+            .map_err(|e| fail(e.to_string()))?;
+        tmp.persist(file).map_err(|e| fail(e.error.to_string()))?;
+        Ok(())
+    }
+
+    pub fn load(file: &Path) -> Result<Self, ExpertError> {
+        let fail = |message: String| ExpertError::File {
+            file: file.into(),
+            message,
+        };
+        let bytes = std::fs::read(file).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
+        let meta_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(METADATA_KEY))
+            .ok_or_else(|| fail("not a tsq expert file (no `tsq_expert` metadata)".into()))?;
+        let meta: ExpertMeta = serde_json::from_str(meta_json)
+            .map_err(|e| fail(format!("invalid `tsq_expert` metadata: {e}")))?;
+        if meta.format_version > FORMAT_VERSION {
+            return Err(fail(format!(
+                "expert format version {} is newer than this tsq supports ({FORMAT_VERSION})",
+                meta.format_version
+            )));
+        }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| fail(format!("cannot read tensors: {e}")))?;
+        let mut vectors = BTreeMap::new();
+        for name in &meta.targets {
+            let get = |suffix: &str| {
+                tensors
+                    .get(&format!("{name}.{suffix}"))
+                    .cloned()
+                    .ok_or_else(|| fail(format!("target `{name}` has no `{name}.{suffix}` tensor")))
+            };
+            let (z, s) = (get("z")?, get("s")?);
+            if z.rank() != 1 || z.dims() != s.dims() {
+                return Err(fail(format!(
+                    "target `{name}`: z is {:?} but s is {:?}",
+                    z.dims(),
+                    s.dims()
+                )));
+            }
+            vectors.insert(
+                name.clone(),
+                (z.to_dtype(DType::F32)?, s.to_dtype(DType::F32)?),
+            );
+        }
+        Ok(Self { meta, vectors })
+    }
+}
+
+/// Mixing weights for [`combine`]: one per expert, or one per expert per layer.
+pub enum Mix {
+    PerExpert(Vec<f64>),
+    PerLayer(Vec<Vec<f64>>),
+}
+
+/// The layer index of a canonical target name (`layers.{i}.…`).
+pub fn layer_of(target: &str) -> Option<usize> {
+    target
+        .strip_prefix("layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A weighted mix of effective scales, e' = Σ_k α_k e_k, as a `linear` expert (so e' is applied
+/// as is). Mixing the effective scales, not raw pre-sigmoid parameters as the reference code
+/// does, keeps a mix of one expert equal to that expert. `labels` name the inputs for provenance.
+pub fn combine(experts: &[(String, Expert)], mix: &Mix) -> Result<Expert, ExpertError> {
+    let invalid = |m: String| ExpertError::Invalid(m);
+    let (_, first) = experts
+        .first()
+        .ok_or_else(|| invalid("nothing to combine".into()))?;
+    for (label, e) in experts {
+        if e.meta.base_model.blake3 != first.meta.base_model.blake3 {
+            return Err(invalid(format!(
+                "`{label}` was made for another base model than `{}`",
+                experts[0].0
+            )));
+        }
+        if e.meta.targets != first.meta.targets {
+            return Err(invalid(format!(
+                "`{label}` has other targets than `{}`",
+                experts[0].0
+            )));
+        }
+    }
+    let layers = first
+        .meta
+        .targets
+        .iter()
+        .filter_map(|t| layer_of(t))
+        .max()
+        .map_or(0, |l| l + 1);
+    let weight = |k: usize, target: &str| -> Result<f64, ExpertError> {
+        match mix {
+            Mix::PerExpert(w) => Ok(w[k]),
+            Mix::PerLayer(w) => layer_of(target)
+                .and_then(|l| w[k].get(l).copied())
+                .ok_or_else(|| invalid(format!("no per-layer weight for `{target}`"))),
+        }
+    };
+    match mix {
+        Mix::PerExpert(w) if w.len() != experts.len() => {
+            return Err(invalid(format!(
+                "{} weights for {} experts",
+                w.len(),
+                experts.len()
+            )));
+        }
+        Mix::PerLayer(w) if w.len() != experts.len() || w.iter().any(|r| r.len() != layers) => {
+            return Err(invalid(format!(
+                "per-layer weights must be {} rows (experts) of {layers} values (layers)",
+                experts.len()
+            )));
+        }
+        _ => {}
+    }
+    let scales: Vec<BTreeMap<String, Tensor>> = experts
+        .iter()
+        .map(|(_, e)| e.effective_scales())
+        .collect::<Result<_, _>>()?;
+    let mut vectors = BTreeMap::new();
+    for (name, (_, s)) in &first.vectors {
+        let mut mixed = s.zeros_like()?;
+        for (k, scale) in scales.iter().enumerate() {
+            mixed = (mixed + (&scale[name] * weight(k, name)?)?)?;
+        }
+        vectors.insert(name.clone(), (mixed, s.clone()));
+    }
+    let weights = match mix {
+        Mix::PerExpert(w) => serde_json::json!(w),
+        Mix::PerLayer(w) => serde_json::json!(w),
+    };
+    let sources: Vec<Value> = experts
+        .iter()
+        .map(|(label, e)| serde_json::json!({"expert": label, "parametrization": e.meta.parametrization, "training": e.meta.training}))
+        .collect();
+    Ok(Expert {
+        meta: ExpertMeta {
+            parametrization: Parametrization::Linear,
+            training: serde_json::json!({"combined_from": sources, "weights": weights}),
+            ..first.meta.clone()
+        },
+        vectors,
+    })
+}
