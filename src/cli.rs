@@ -109,6 +109,11 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// SVF experts: inspect, combine, export merged weights.
+    Expert {
+        #[command(subcommand)]
+        what: ExpertCommand,
+    },
     /// Measure performance on this machine and print it beside peer figures.
     Bench {
         #[command(subcommand)]
@@ -116,6 +121,40 @@ pub enum Command {
     },
     /// Print the JSON Schema of pipeline files (checked in at `schemas/pipeline.schema.json`).
     Schema,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExpertCommand {
+    /// Show an expert's base model, targets, training summary and, per target, the statistics of
+    /// m(z) and of the effective scale e (W' = U diag(s ⊙ e) Vᵀ).
+    Inspect {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Mix experts of one base model: e' = Σ α_k e_k over effective scales, written as a
+    /// `linear` expert.
+    Combine {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// One weight per expert, comma-separated (default: equal weights).
+        #[arg(long, value_delimiter = ',', conflicts_with = "layer_weights")]
+        weights: Option<Vec<f64>>,
+        /// JSON file with one array of per-layer weights per expert.
+        #[arg(long, value_name = "FILE")]
+        layer_weights: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write the model with an expert composed in, as an HF-layout directory (config.json,
+    /// model.safetensors, tokenizer files) plus tsq-export.json saying how it was made.
+    Export {
+        #[command(flatten)]
+        model: ModelOptions,
+        /// The directory to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +175,23 @@ pub enum BenchCommand {
         #[arg(long)]
         large: bool,
     },
+    /// One SVF training step on all MLP targets (sigmoid parametrisation, REINFORCE loss on random
+    /// tokens with ±1 rewards): compose + forward + backward + Adam, with peak memory.
+    SvfStep {
+        #[command(flatten)]
+        model: ModelOptions,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Prompt tokens per sequence; the rest is scored as the completion.
+        #[arg(long, default_value_t = 64)]
+        prompt: usize,
+        /// Measured steps after one warm-up step; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -147,6 +203,9 @@ pub struct ModelOptions {
     pub dtype: DtypeArg,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+    /// An SVF expert file (`tsq expert ...`) to compose into the model's weights.
+    #[arg(long, value_name = "FILE")]
+    pub expert: Option<PathBuf>,
 }
 
 /// The default model: SmolLM2-135M-Instruct from its registry package.
@@ -182,6 +241,7 @@ impl From<ModelOptions> for cmd::ModelArgs {
         };
         cmd::ModelArgs {
             source: m.model,
+            expert: m.expert,
             dtype,
             device,
         }
@@ -274,12 +334,46 @@ pub fn main() -> Result<(), cmd::CmdError> {
             continuation,
             format,
         } => cmd::score::run(&model.into(), &prompt, &continuation, format),
+        Command::Expert { what } => match what {
+            ExpertCommand::Inspect { file, format } => cmd::expert::inspect(&file, format),
+            ExpertCommand::Combine {
+                files,
+                weights,
+                layer_weights,
+                out,
+            } => {
+                let weights = match layer_weights {
+                    Some(file) => cmd::expert::Weights::PerLayerFile(file),
+                    None => cmd::expert::Weights::PerExpert(weights),
+                };
+                cmd::expert::combine_files(&files, &weights, &out)
+            }
+            ExpertCommand::Export { model, out } => cmd::expert::export(&model.into(), &out),
+        },
         Command::Bench {
             what: BenchCommand::Generate { model, repeat },
         } => cmd::bench::generate_bench(&model.into(), repeat),
         Command::Bench {
             what: BenchCommand::Svd { model, large },
         } => cmd::bench::svd_bench(&model.into(), large),
+        Command::Bench {
+            what:
+                BenchCommand::SvfStep {
+                    model,
+                    batch,
+                    seq,
+                    prompt,
+                    steps,
+                },
+        } => cmd::bench::svf_step_bench(
+            &model.into(),
+            &cmd::bench::SvfStepShape {
+                batch,
+                seq,
+                prompt,
+                steps,
+            },
+        ),
         Command::Schema => cmd::schema::run(),
     }
 }

@@ -4,4 +4,5 @@ mod common;
 mod model;
 mod real_data;
 mod run;
+mod svf;
 mod validate;

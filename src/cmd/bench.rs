@@ -11,6 +11,9 @@ use super::{CmdError, ModelArgs};
 use crate::model::Model;
 use crate::model::generate::{GenerateOptions, generate};
 use crate::model::transformer::{Batch, LogitsAt, Mode};
+use crate::pipeline::spec::Parametrization;
+use crate::svf::expert::{BaseModel, Expert};
+use crate::svf::train::{SvfTrainer, TokenBatch};
 
 /// Peer figures (tokens/s) for SmolLM2-135M on this machine type, from shared/peers/README.md.
 const PEERS: [(&str, &str, f64); 5] = [
@@ -214,6 +217,128 @@ pub fn svd_bench(model_args: &ModelArgs, large: bool) -> Result<(), CmdError> {
     for (what, who, value) in SVD_PEERS {
         println!("    {what:<10} {who:<18} {value:>6.1} s");
     }
+    println!("{record}");
+    Ok(())
+}
+
+/// PyTorch on this machine type (shared/peers/README.md): one SVF step, MLP targets, 8 × 256.
+const SVF_STEP_PEER: (&str, f64, f64, f64) = ("PyTorch f32 (transformers)", 13.7, 4.8, 8.5);
+const SVF_STEP_PEER_RSS_GB: f64 = 6.9;
+
+/// Peak resident memory of this process (Linux), in GB.
+fn peak_rss_gb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1e6)
+}
+
+/// The workload of the PyTorch peer: random token ids, a ±1 reward per sequence, and the
+/// REINFORCE loss −mean_b(r_b · Σ completion log-probs) over the tokens after the prompt.
+fn reinforce_batch(vocab: usize, batch: usize, seq: usize, prompt: usize) -> TokenBatch {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut ids = Vec::with_capacity(batch);
+    let mut weights = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        ids.push(
+            (0..seq)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect(),
+        );
+        let reward = if rng.random_bool(0.5) { 1.0 } else { -1.0 };
+        weights.push(
+            (0..seq)
+                .map(|t| {
+                    if t >= prompt {
+                        reward / batch as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        );
+    }
+    TokenBatch { ids, weights }
+}
+
+/// The shape of one measured SVF step.
+pub struct SvfStepShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub prompt: usize,
+    pub steps: usize,
+}
+
+pub fn svf_step_bench(model_args: &ModelArgs, shape: &SvfStepShape) -> Result<(), CmdError> {
+    let model = model_args.load()?;
+    let base = BaseModel::of_file(&model.path).map_err(fail)?;
+    let names: Vec<String> = (0..model.transformer.config.num_layers)
+        .flat_map(|l| ["gate_proj", "up_proj", "down_proj"].map(|m| format!("layers.{l}.mlp.{m}")))
+        .collect();
+    let started = Instant::now();
+    let home = crate::assets::TsqHome::from_env();
+    let factors = crate::svf::factors_for(&model, &base, &names, &home).map_err(fail)?;
+    let factors_s = started.elapsed().as_secs_f64();
+    let singular_values: Vec<(String, Tensor)> = factors
+        .iter()
+        .map(|d| (d.name.clone(), d.factors.s.clone()))
+        .collect();
+    let expert =
+        Expert::initial(base, Parametrization::Sigmoid, &singular_values, 0).map_err(fail)?;
+    let parameters: usize = singular_values.iter().map(|(_, s)| s.elem_count()).sum();
+    let vocab = model.transformer.config.vocab_size;
+    let mut trainer =
+        SvfTrainer::new(model.transformer, &factors, &expert, 2e-3, 1e-3).map_err(fail)?;
+    drop(factors);
+    let batch = reinforce_batch(vocab, shape.batch, shape.seq, shape.prompt);
+    let mut reports = Vec::new();
+    for step in 0..=shape.steps {
+        let clock = Instant::now();
+        let report = trainer.step(&batch).map_err(fail)?;
+        let total = clock.elapsed().as_secs_f64();
+        eprintln!(
+            "  step {step}{}: {total:.2} s (loss {:.4}, grad norm {:.3e})",
+            if step == 0 { " (warm-up)" } else { "" },
+            report.loss,
+            report.grad_norm
+        );
+        if step > 0 {
+            reports.push((total, report));
+        }
+    }
+    reports.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (median, report) = reports[reports.len() / 2].clone();
+    let rss = peak_rss_gb();
+    let (peer, peer_step, peer_fwd, peer_bwd) = SVF_STEP_PEER;
+    println!(
+        "tsq bench svf-step: {} ({} threads), {} MLP targets, {parameters} parameters, batch {}×{} ({} prompt)",
+        model_args.source,
+        rayon::current_num_threads(),
+        names.len(),
+        shape.batch,
+        shape.seq,
+        shape.prompt
+    );
+    println!("  factors (cache or SVD) {factors_s:>8.2} s");
+    println!(
+        "  step (median of {})    {median:>8.2} s   apply e(z) {:.2}, forward {:.2}, backward {:.2}, adam {:.3}",
+        reports.len(),
+        report.apply_s,
+        report.forward_s,
+        report.backward_s,
+        report.optimizer_s
+    );
+    println!(
+        "  peak RSS               {:>8.2} GB",
+        rss.unwrap_or(f64::NAN)
+    );
+    println!(
+        "  peer: {peer}: {peer_step} s per step (forward {peer_fwd}, backward {peer_bwd}), {SVF_STEP_PEER_RSS_GB} GB → tsq is {:.2}x its speed at {:.2}x its memory",
+        peer_step / median,
+        rss.unwrap_or(f64::NAN) / SVF_STEP_PEER_RSS_GB
+    );
+    let record = json!({"bench": "svf_step", "threads": rayon::current_num_threads(), "targets": names.len(), "parameters": parameters, "batch": shape.batch, "seq": shape.seq, "prompt": shape.prompt, "median_step_s": median, "phases": report, "peak_rss_gb": rss, "factors_s": factors_s});
     println!("{record}");
     Ok(())
 }

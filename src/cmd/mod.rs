@@ -2,6 +2,7 @@
 //! return a [`CmdError`] that `main` maps to an exit code.
 
 pub mod bench;
+pub mod expert;
 pub mod fetch;
 pub mod generate;
 pub mod plan;
@@ -103,13 +104,33 @@ fn graph_of(pipeline: &Pipeline) -> Result<Graph, CmdError> {
 /// Which model to load, as given on the command line.
 pub struct ModelArgs {
     pub source: String,
+    /// An SVF expert file to compose into the weights.
+    pub expert: Option<std::path::PathBuf>,
     pub dtype: crate::pipeline::spec::Dtype,
     pub device: crate::pipeline::spec::Device,
 }
 
 impl ModelArgs {
-    /// Resolves the source (fetching `pip://` assets) and loads the model.
+    /// Resolves the source (fetching `pip://` assets) and loads the model, with the expert
+    /// composed in when one is given.
     pub fn load(&self) -> Result<crate::model::Model, CmdError> {
+        Ok(self.load_with_expert()?.0)
+    }
+
+    pub fn load_with_expert(
+        &self,
+    ) -> Result<(crate::model::Model, Option<crate::svf::expert::Expert>), CmdError> {
+        let mut model = self.load_base()?;
+        let Some(file) = &self.expert else {
+            return Ok((model, None));
+        };
+        let home = crate::assets::TsqHome::from_env();
+        let expert = crate::svf::compose_expert_file(&mut model, file, &home)
+            .map_err(|e| CmdError::Failed(e.to_string()))?;
+        Ok((model, Some(expert)))
+    }
+
+    fn load_base(&self) -> Result<crate::model::Model, CmdError> {
         let source = crate::assets::AssetSource::parse(&self.source, Path::new("."))
             .map_err(|e| CmdError::Usage(e.to_string()))?;
         let path = source

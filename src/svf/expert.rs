@@ -20,17 +20,6 @@ const METADATA_KEY: &str = "tsq_expert";
 pub enum ExpertError {
     #[error("{}: {message}", file.display())]
     File { file: PathBuf, message: String },
-    #[error(
-        "{}: made for base model {found_name} (blake3 {found}), but this model is {expected_name} (blake3 {expected})",
-        file.display()
-    )]
-    WrongBase {
-        file: PathBuf,
-        found_name: String,
-        found: String,
-        expected_name: String,
-        expected: String,
-    },
     #[error("{}: targets do not match: {detail}", file.display())]
     Targets { file: PathBuf, detail: String },
     #[error("{0}")]
@@ -114,12 +103,13 @@ impl Expert {
         targets: &[(String, usize)],
     ) -> Result<(), ExpertError> {
         if self.meta.base_model.blake3 != base.blake3 {
-            return Err(ExpertError::WrongBase {
+            let (found, expected) = (&self.meta.base_model, base);
+            return Err(ExpertError::File {
                 file: file.into(),
-                found_name: self.meta.base_model.name.clone(),
-                found: self.meta.base_model.blake3.clone(),
-                expected_name: base.name.clone(),
-                expected: base.blake3.clone(),
+                message: format!(
+                    "made for base model {} (blake3 {}), but this model is {} (blake3 {})",
+                    found.name, found.blake3, expected.name, expected.blake3
+                ),
             });
         }
         let mismatch = |detail: String| ExpertError::Targets {
@@ -319,4 +309,148 @@ pub fn combine(experts: &[(String, Expert)], mix: &Mix) -> Result<Expert, Expert
         },
         vectors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    fn base() -> BaseModel {
+        BaseModel {
+            name: "tiny".into(),
+            blake3: "abc".into(),
+        }
+    }
+
+    fn singular_values() -> Vec<(String, Tensor)> {
+        ["layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    Tensor::new(&[3f32, 2.0, 1.0], &Device::Cpu).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_vec1().unwrap()
+    }
+
+    #[test]
+    fn files_round_trip_and_are_checked_against_the_base() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("e.safetensors");
+        let mut expert = Expert::initial(base(), Parametrization::Sigmoid, &singular_values(), 1)?;
+        expert.meta.training = serde_json::json!({"steps": 3});
+        expert.save(&file)?;
+        let back = Expert::load(&file)?;
+        assert_eq!(back.meta.targets, expert.meta.targets);
+        assert_eq!(back.meta.training["steps"], 3);
+        for (name, (z, s)) in &expert.vectors {
+            assert_eq!(values(&back.vectors[name].0), values(z));
+            assert_eq!(values(&back.vectors[name].1), values(s));
+        }
+        let targets = [
+            ("layers.0.mlp.up_proj".to_string(), 3),
+            ("layers.1.mlp.up_proj".to_string(), 3),
+        ];
+        back.check_compatible(&file, &base(), &targets)?;
+        let other = BaseModel {
+            name: "other".into(),
+            blake3: "def".into(),
+        };
+        let err = back
+            .check_compatible(&file, &other, &targets)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("made for base model tiny") && err.contains("this model is other"),
+            "{err}"
+        );
+        let err = back
+            .check_compatible(&file, &base(), &targets[..1])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("has extra") && err.contains("layers.1.mlp.up_proj"),
+            "{err}"
+        );
+        let wrong_rank = [targets[0].clone(), ("layers.1.mlp.up_proj".to_string(), 4)];
+        let err = back
+            .check_compatible(&file, &base(), &wrong_rank)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("has 3 values, the model's matrix has rank 4"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn other_files_are_refused_by_name() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let plain = dir.path().join("plain.safetensors");
+        candle_core::safetensors::save(
+            &HashMap::from([("w".to_string(), Tensor::zeros(2, DType::F32, &Device::Cpu)?)]),
+            &plain,
+        )?;
+        let err = Expert::load(&plain).err().unwrap().to_string();
+        assert!(
+            err.contains("plain.safetensors: not a tsq expert file"),
+            "{err}"
+        );
+        let junk = dir.path().join("junk.safetensors");
+        std::fs::write(&junk, b"not at all")?;
+        let err = Expert::load(&junk).err().unwrap().to_string();
+        assert!(
+            err.contains("junk.safetensors: not a safetensors file"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn combining_mixes_effective_scales() -> TestResult {
+        let s = singular_values();
+        let a = Expert::initial(base(), Parametrization::Sigmoid, &s, 1)?;
+        let b = Expert::initial(base(), Parametrization::Linear, &s, 2)?;
+        let (ea, eb) = (a.effective_scales()?, b.effective_scales()?);
+        let experts = [("a".to_string(), a), ("b".to_string(), b)];
+        // One expert at weight 1 is that expert.
+        let only_a = combine(&experts, &Mix::PerExpert(vec![1.0, 0.0]))?;
+        assert_eq!(only_a.meta.parametrization, Parametrization::Linear);
+        for (name, e) in only_a.effective_scales()? {
+            let diff: f32 = values(&e)
+                .iter()
+                .zip(values(&ea[&name]))
+                .map(|(x, y)| (x - y).abs())
+                .sum();
+            assert!(diff < 1e-6, "{name}");
+        }
+        // Per layer: layer 0 all a, layer 1 all b.
+        let per_layer = combine(
+            &experts,
+            &Mix::PerLayer(vec![vec![1.0, 0.0], vec![0.0, 1.0]]),
+        )?;
+        let scales = per_layer.effective_scales()?;
+        assert_eq!(
+            values(&scales["layers.0.mlp.up_proj"]),
+            values(&ea["layers.0.mlp.up_proj"])
+        );
+        assert_eq!(
+            values(&scales["layers.1.mlp.up_proj"]),
+            values(&eb["layers.1.mlp.up_proj"])
+        );
+        let err = combine(&experts, &Mix::PerExpert(vec![1.0]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("1 weights for 2 experts"), "{err}");
+        Ok(())
+    }
 }

@@ -12,14 +12,97 @@ pub mod apply;
 pub mod expert;
 pub mod train;
 
+use std::path::Path;
+
 use candle_core::{DType, Device, Result, Tensor};
 use rand::SeedableRng;
+
+use crate::assets::TsqHome;
+use crate::model::Model;
+use crate::svd::cache::{CacheError, Decomposed, SvdCache};
+use expert::{BaseModel, Expert, ExpertError};
 use rand_distr::{Distribution, Normal};
 
 use crate::pipeline::spec::Parametrization;
 
 /// The paper's `max_mult`: sigmoid scales lie in (0, 1).
 pub const MAX_MULT: f64 = 1.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SvfError {
+    #[error(transparent)]
+    Expert(#[from] ExpertError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Model(#[from] crate::model::error::ModelError),
+    #[error("{}: {message}", path.display())]
+    Base {
+        path: std::path::PathBuf,
+        message: String,
+    },
+}
+
+impl BaseModel {
+    /// The identity experts are checked against: the weights file's name and blake3.
+    pub fn of_file(path: &Path) -> std::result::Result<Self, SvfError> {
+        let base = |message: String| SvfError::Base {
+            path: path.into(),
+            message,
+        };
+        if path.is_dir() {
+            return Err(base(
+                "SVF experts need a single weights file (GGUF or safetensors) as base model".into(),
+            ));
+        }
+        Ok(Self {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            blake3: crate::hash::file_blake3(path).map_err(|e| base(e.to_string()))?,
+        })
+    }
+}
+
+/// The SVD factors of `names` in `model`, from the shared cache (decomposing what is missing).
+pub fn factors_for(
+    model: &Model,
+    base: &BaseModel,
+    names: &[String],
+    home: &TsqHome,
+) -> std::result::Result<Vec<Decomposed>, SvfError> {
+    let cache = SvdCache::new(home, &base.blake3);
+    Ok(cache.load_or_decompose(names, &model.transformer.tensors(), &|| false)?)
+}
+
+/// Loads an expert file, checks it against `model`, and composes it into the model's weights.
+pub fn compose_expert_file(
+    model: &mut Model,
+    file: &Path,
+    home: &TsqHome,
+) -> std::result::Result<Expert, SvfError> {
+    let expert = Expert::load(file)?;
+    let base = BaseModel::of_file(&model.path)?;
+    if expert.meta.base_model.blake3 != base.blake3 {
+        // Refuse before decomposing anything.
+        expert.check_compatible(file, &base, &[])?;
+    }
+    let factors = factors_for(model, &base, &expert.meta.targets, home)?;
+    let ranks = factors
+        .iter()
+        .map(|d| Ok((d.name.clone(), d.factors.s.dim(0)?)))
+        .collect::<Result<Vec<_>>>()
+        .map_err(ExpertError::from)?;
+    expert.check_compatible(file, &base, &ranks)?;
+    apply::apply(
+        &mut model.transformer,
+        &factors,
+        &expert.effective_scales()?,
+        apply::Application::Compose,
+    )?;
+    Ok(expert)
+}
 
 /// The initial expert vector of length `rank` for a parametrisation.
 pub fn init_vector(

@@ -1,7 +1,13 @@
-//! One SVF optimisation step: compose every target's W'(z) differentiably, run the model's
-//! differentiable forward, and minimise a weighted token log-likelihood
+//! One SVF optimisation step: run the model's differentiable forward with every target applied in
+//! factored form, y = U (s ⊙ e(z) ⊙ (Vᵀ x)), and minimise a weighted token log-likelihood
 //! `−Σ_b Σ_t w[b][t] · log p(ids[b][t] | ids[b][..t])` (REINFORCE puts advantage / batch size on
 //! completion tokens), then clip the gradient norm and take an Adam step on z alone.
+//!
+//! Why factored rather than composing W'(z) = U diag(s ⊙ e) Vᵀ: composing costs a matmul per
+//! target and its backward two more (gradients for U and Vᵀ that nobody needs) on top of the
+//! weight gradient ∂L/∂W'; the factored form needs only input gradients through the frozen U and
+//! Vᵀ, and ∂L/∂e falls out of one elementwise product. (The tests check the result against
+//! end-to-end autograd through composed weights.)
 //!
 //! Memory: frozen weights get no gradients (see `model::frozen`), and the LM head's logits and
 //! log-softmax are never built for the whole batch: the loss and its gradient with respect to the
@@ -37,7 +43,7 @@ pub struct StepReport {
     /// Gradient norm over all z before clipping.
     pub grad_norm: f64,
     pub clipped: bool,
-    pub compose_s: f64,
+    pub apply_s: f64,
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
@@ -107,11 +113,16 @@ impl SvfTrainer {
         })
     }
 
-    /// The current vectors, by target name (on the CPU).
-    pub fn vectors(&self) -> Result<Vec<(String, Tensor)>> {
+    /// Each target's gradient from a [`GradStore`] returned by [`SvfTrainer::gradients`].
+    pub fn gradient_vectors(&self, grads: &GradStore) -> Result<Vec<(String, Tensor)>> {
         self.targets
             .iter()
-            .map(|t| Ok((t.name.clone(), t.z.as_tensor().to_device(&Device::Cpu)?)))
+            .map(|t| {
+                let g = grads.get(t.z.as_tensor()).ok_or_else(|| {
+                    ModelError::Input(format!("`{}` received no gradient", t.name))
+                })?;
+                Ok((t.name.clone(), g.clone()))
+            })
             .collect()
     }
 
@@ -121,10 +132,10 @@ impl SvfTrainer {
         let clock = Instant::now();
         let mut model = self.base.clone();
         for t in &self.targets {
-            let w = super::adapted_weight(self.parametrization, &t.u, &t.s, &t.vt, &t.z)?;
-            model.replace_weight(&t.name, w)?;
+            let scaled_s = (&t.s * super::effective_scale(self.parametrization, &t.s, &t.z)?)?;
+            model.set_factored(&t.name, t.u.clone(), t.vt.clone(), scaled_s)?;
         }
-        report.compose_s = clock.elapsed().as_secs_f64();
+        report.apply_s = clock.elapsed().as_secs_f64();
 
         let clock = Instant::now();
         let (ids, pad, width) = left_pad(&batch.ids, model.device())?;
