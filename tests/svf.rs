@@ -119,7 +119,7 @@ fn svf_on_smollm2_linear_init_is_the_base_and_every_z_gets_a_gradient() {
     let (loss, grads, _) = trainer.gradients(&batch).unwrap();
     assert!(loss.is_finite());
     let mut zeroes = Vec::new();
-    for (name, grad) in trainer.gradient_vectors(&grads).unwrap() {
+    for (name, grad) in trainer.target_names().zip(&grads) {
         let g: Vec<f32> = grad.to_vec1().unwrap();
         assert!(
             g.iter().all(|v| v.is_finite()),

@@ -163,6 +163,13 @@ impl Batch {
     }
 }
 
+/// Rotary tables and mask of one forward call ([`Transformer::positions`]).
+pub struct Positions {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
 /// Cheap to clone: tensors are shared, so a clone with some weights replaced (an SVF expert
 /// being trained or applied) costs only those weights.
 #[derive(Clone)]
@@ -454,31 +461,67 @@ impl Transformer {
             )));
         }
         cache.layers.resize_with(self.layers.len(), || None);
-        let flat_pos = batch.positions.flatten_all()?;
-        let half = self.config.head_dim / 2;
-        let cos = self.cos.index_select(&flat_pos, 0)?.reshape((b, t, half))?;
-        let sin = self.sin.index_select(&flat_pos, 0)?.reshape((b, t, half))?;
-        let mask = batch.mask.to_dtype(self.dtype)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.config.hidden_size,
-        ))?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = rms_norm(&x, &layer.attn_norm, self.config.rms_norm_eps, mode)?;
-            let attn = self.attention(layer, &h, &cos, &sin, &mask, kv, mode)?;
-            x = (x + attn)?;
-            let h = rms_norm(&x, &layer.mlp_norm, self.config.rms_norm_eps, mode)?;
-            let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, mode)?)?
-                * layer.up.forward(&h, mode)?)?;
-            let mlp = layer.down.forward(&gated, mode)?;
-            x = (x + mlp)?;
+        let positions = self.positions(batch, b, t)?;
+        let mut x = self.embed(ids)?;
+        for (index, kv) in cache.layers.iter_mut().enumerate() {
+            x = self.block(index, &x, &positions, kv, mode)?;
         }
         let x = match at {
             LogitsAt::All => x,
             LogitsAt::Last => x.i((.., t - 1..t, ..))?,
         };
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps, mode)
+        self.final_norm(&x, mode)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Rotary tables and attention mask for a `(batch, time)` call, shared by every block.
+    pub fn positions(&self, batch: &Batch, b: usize, t: usize) -> Result<Positions> {
+        let flat_pos = batch.positions.flatten_all()?;
+        let half = self.config.head_dim / 2;
+        Ok(Positions {
+            cos: self.cos.index_select(&flat_pos, 0)?.reshape((b, t, half))?,
+            sin: self.sin.index_select(&flat_pos, 0)?.reshape((b, t, half))?,
+            mask: batch.mask.to_dtype(self.dtype)?,
+        })
+    }
+
+    /// Token embeddings (batch, time, hidden) for `ids` (batch, time).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.config.hidden_size,
+        ))?)
+    }
+
+    /// One transformer block (attention and MLP, each with its residual). `kv` holds the block's
+    /// cached keys and values, extended in place (`&mut None` for no cache).
+    pub fn block(
+        &self,
+        index: usize,
+        x: &Tensor,
+        positions: &Positions,
+        kv: &mut Option<(Tensor, Tensor)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[index];
+        let eps = self.config.rms_norm_eps;
+        let h = rms_norm(x, &layer.attn_norm, eps, mode)?;
+        let (cos, sin, mask) = (&positions.cos, &positions.sin, &positions.mask);
+        let x = (x + self.attention(layer, &h, cos, sin, mask, kv, mode)?)?;
+        let h = rms_norm(&x, &layer.mlp_norm, eps, mode)?;
+        let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, mode)?)?
+            * layer.up.forward(&h, mode)?)?;
+        Ok((&x + layer.down.forward(&gated, mode)?)?)
+    }
+
+    /// The final RMS norm, whose output the LM head reads.
+    pub fn final_norm(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps, mode)
     }
 
     #[allow(clippy::too_many_arguments)]
