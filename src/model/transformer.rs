@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 
+use super::autograd;
 use super::config::ModelConfig;
 use super::error::{ModelError, Result};
-use super::frozen;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -55,12 +55,12 @@ struct Factored {
 
 impl Factored {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = frozen::matmul_t(x, &self.vt)?;
+        let h = autograd::frozen_matmul_t(x, &self.vt)?;
         let h = match self.scaled_s.rank() {
             1 => h.broadcast_mul(&self.scaled_s)?,
             _ => h.broadcast_mul(&self.scaled_s.unsqueeze(1)?)?,
         };
-        Ok(frozen::matmul_t(&h, &self.u)?)
+        Ok(autograd::frozen_matmul_t(&h, &self.u)?)
     }
 }
 
@@ -79,14 +79,14 @@ impl Linear {
     }
 
     /// `x W^T (+ b)` over the last dimension. A weight that is not being trained gets no
-    /// gradient (see [`frozen`]).
+    /// gradient (see [`autograd`]).
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         let y = match (&self.factored, &self.quantized) {
             (Some(f), _) => f.forward(x)?,
             (None, Some(q)) if mode == Mode::Fast && rows <= QUANTIZED_MAX_ROWS => q.forward(x)?,
-            _ if self.weight.track_op() => frozen::plain_matmul_t(x, &self.weight)?,
-            _ => frozen::matmul_t(x, &self.weight)?,
+            _ if self.weight.track_op() => autograd::plain_matmul_t(x, &self.weight)?,
+            _ => autograd::frozen_matmul_t(x, &self.weight)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -566,6 +566,9 @@ impl Transformer {
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
         let probs = match mode {
             Mode::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
+            Mode::Differentiable if scores.device().is_cpu() => {
+                autograd::softmax_last_dim(&scores)?
+            }
             Mode::Differentiable => softmax_primitive(&scores)?,
         };
         let out = probs
@@ -610,6 +613,7 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor>
             weight,
             eps as f32,
         )?),
+        Mode::Differentiable if x.device().is_cpu() => Ok(autograd::rms_norm(x, weight, eps)?),
         Mode::Differentiable => {
             let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
             Ok(x.broadcast_div(&(variance + eps)?.sqrt()?)?
@@ -627,6 +631,9 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
             &cos.contiguous()?,
             &sin.contiguous()?,
         )?),
+        Mode::Differentiable if x.device().is_cpu() => {
+            Ok(autograd::rope(x, &cos.contiguous()?, &sin.contiguous()?)?)
+        }
         Mode::Differentiable => {
             let d = x.dim(D::Minus1)?;
             let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(1)?;
@@ -831,7 +838,7 @@ mod quantized_tests {
         tf.quantize_for_decoding(GgmlDType::Q8_0)?;
         // Compare the head alone: same hidden state, float head vs quantized head + exact top.
         let x = Tensor::randn(0f32, 1.0, (1, 1, config.hidden_size), &dev)?;
-        let float_head = frozen::plain_matmul_t(&x, &tf.lm_head.weight)?
+        let float_head = autograd::plain_matmul_t(&x, &tf.lm_head.weight)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let mixed = tf
