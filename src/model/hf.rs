@@ -146,3 +146,72 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
     crate::fsutil::write_json(path, value)
         .map_err(|e| ModelError::load(path, format!("cannot write: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Architecture;
+    use crate::model::testing::{random_weights, tiny_config};
+    use crate::model::transformer::{Batch, LogitsAt, Mode, Transformer};
+
+    fn logits(tf: &Transformer) -> Tensor {
+        let ids = Tensor::new(&[[5u32, 3, 9, 1, 7]], &Device::Cpu).unwrap();
+        let batch = Batch::left_padded(&[0], 0, 5, &Device::Cpu).unwrap();
+        tf.forward(&ids, &batch, None, Mode::Fast, LogitsAt::All)
+            .unwrap()
+    }
+
+    #[test]
+    fn sharded_weights_load_as_one_model_in_f32_bf16_and_f16() {
+        let config = tiny_config(Architecture::Qwen2);
+        let weights = random_weights(&config, 9, &Device::Cpu);
+        let dir = tempfile::tempdir().unwrap();
+        // Two shards, as HF writes them for large models: every tensor in exactly one file.
+        let (first, second): (Vec<_>, Vec<_>) = weights
+            .iter()
+            .map(|(k, v)| (hf_name(k), v.clone()))
+            .enumerate()
+            .partition(|(i, _)| i % 2 == 0);
+        for (file, shard) in [
+            ("model-00001-of-00002", first),
+            ("model-00002-of-00002", second),
+        ] {
+            let shard: std::collections::HashMap<String, Tensor> =
+                shard.into_iter().map(|(_, kv)| kv).collect();
+            candle_core::safetensors::save(&shard, dir.path().join(format!("{file}.safetensors")))
+                .unwrap();
+        }
+        let loaded = load_tensors(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(loaded.len(), weights.len());
+        let expected = logits(&Transformer::new(config.clone(), weights).unwrap());
+        let f32_logits = logits(&Transformer::new(config.clone(), loaded).unwrap());
+        let diff = (&f32_logits - &expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+
+        // bf16 keeps ~3 significant digits, f16 ~4: same logits to a few percent of their range.
+        let max_abs = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let scale = max_abs(&expected);
+        for dtype in [DType::BF16, DType::F16] {
+            let weights = load_tensors(dir.path(), dtype, &Device::Cpu).unwrap();
+            let tf = Transformer::new(config.clone(), weights).unwrap();
+            assert_eq!(tf.dtype(), dtype);
+            let diff = max_abs(&(logits(&tf) - &expected).unwrap());
+            assert!(
+                diff < 0.05 * scale,
+                "{dtype:?} logits differ by {diff} (scale {scale})"
+            );
+        }
+    }
+}
