@@ -562,10 +562,18 @@ impl Transformer {
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        let rep = c.num_heads / c.num_kv_heads;
-        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+        // Grouped-query attention without repeating keys and values: the `rep` query heads that
+        // share a key/value head are stacked along the query axis, so each product is one
+        // (rep·t × d)·(d × total) matmul per key/value head instead of `rep` small ones (3x fewer,
+        // larger gemm calls, and no copies of k and v).
+        let (kv_heads, rep) = (c.num_kv_heads, c.num_heads / c.num_kv_heads);
+        let total = k.dim(2)?;
+        let q = q.reshape((b, kv_heads, rep * t, c.head_dim))?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .reshape((b, kv_heads, rep, t, total))?
+            .broadcast_add(&mask.unsqueeze(2)?)?
+            .reshape((b, kv_heads, rep * t, total))?;
         let probs = match mode {
             Mode::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
             Mode::Differentiable if scores.device().is_cpu() => {
@@ -575,6 +583,7 @@ impl Transformer {
         };
         let out = probs
             .matmul(&v)?
+            .reshape((b, c.num_heads, t, c.head_dim))?
             .transpose(1, 2)?
             .reshape((b, t, c.num_heads * c.head_dim))?;
         layer.o.forward(&out, mode)
@@ -596,16 +605,6 @@ fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)
         .reshape((config.max_position_embeddings, 1))?;
     let freqs = positions.broadcast_mul(&inv_freq)?;
     Ok((freqs.cos()?, freqs.sin()?))
-}
-
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, h, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .expand((b, h, rep, t, d))?
-        .reshape((b, h * rep, t, d))?)
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {

@@ -455,3 +455,48 @@ mod tests {
         Ok(())
     }
 }
+#[cfg(test)]
+mod block_timing {
+    use super::*;
+    use crate::model::config::{Architecture, ModelConfig};
+    #[test]
+    #[ignore]
+    fn time_one_block() {
+        let config = ModelConfig { architecture: Architecture::Llama, hidden_size: 576, intermediate_size: 1536, num_layers: 1, num_heads: 9, num_kv_heads: 3, head_dim: 64, vocab_size: 1000, rope_theta: 10000.0, rms_norm_eps: 1e-5, max_position_embeddings: 512, tie_word_embeddings: true };
+        let weights = crate::model::testing::random_weights(&config, 1, &Device::Cpu);
+        let mut tf = Transformer::new(config.clone(), weights.clone()).unwrap();
+        let mut vars = vec![];
+        for m in ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+            let name = format!("layers.0.{m}");
+            let f = crate::svd::decompose(&name, &weights[&format!("{name}.weight")]).unwrap();
+            let z = Var::from_tensor(&f.s.ones_like().unwrap()).unwrap();
+            let scaled = (&f.s * z.as_tensor()).unwrap();
+            tf.set_factored(&name, f.u.clone(), f.vt.clone(), scaled).unwrap();
+            vars.push(z);
+        }
+        let (b, t) = (8, 256);
+        let batch = Batch::left_padded(&vec![0; b], 0, t, &Device::Cpu).unwrap();
+        let pos = tf.positions(&batch, b, t).unwrap();
+        let x0 = Tensor::randn(0f32, 1.0, (b, t, 576), &Device::Cpu).unwrap();
+        for _ in 0..2 {
+            let c = Instant::now();
+            let _ = tf.block(0, &x0, &pos, &mut None, Mode::Fast).unwrap();
+            let fast = c.elapsed().as_secs_f64();
+            let x = Var::from_tensor(&x0).unwrap();
+            let c = Instant::now();
+            let y = tf.block(0, x.as_tensor(), &pos, &mut None, Mode::Differentiable).unwrap();
+            let diff = c.elapsed().as_secs_f64();
+            let g = Tensor::randn(0f32, 1.0, y.dims(), &Device::Cpu).unwrap();
+            let c = Instant::now();
+            let _ = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let back = c.elapsed().as_secs_f64();
+            println!("fast {fast:.3} diff-forward {diff:.3} backward {back:.3}");
+            let c = Instant::now();
+            let y = tf.block(0, &x0, &pos, &mut None, Mode::Differentiable).unwrap();
+            let diff = c.elapsed().as_secs_f64();
+            let c = Instant::now();
+            let _ = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            println!("x untracked: diff-forward {diff:.3} backward {:.3}", c.elapsed().as_secs_f64());
+        }
+    }
+}
