@@ -6,7 +6,7 @@
 //! `embed`, `layers.{i}.attn.{q,k,v,o}_proj`, `layers.{i}.mlp.{gate,up,down}_proj`,
 //! `layers.{i}.attn_norm`, `layers.{i}.mlp_norm`, `norm`, `lm_head` (tensors add `.weight`/`.bias`).
 
-mod autograd;
+pub mod autograd;
 pub mod chat;
 pub mod config;
 pub mod error;

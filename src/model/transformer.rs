@@ -570,7 +570,7 @@ impl Transformer {
         let total = k.dim(2)?;
         let q = q.reshape((b, kv_heads, rep * t, c.head_dim))?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?
+        let scores = (autograd::batched_matmul(&q, &k, true)? * scale)?
             .reshape((b, kv_heads, rep, t, total))?
             .broadcast_add(&mask.unsqueeze(2)?)?
             .reshape((b, kv_heads, rep * t, total))?;
@@ -581,8 +581,7 @@ impl Transformer {
             }
             Mode::Differentiable => softmax_primitive(&scores)?,
         };
-        let out = probs
-            .matmul(&v)?
+        let out = autograd::batched_matmul(&probs, &v, false)?
             .reshape((b, c.num_heads, t, c.head_dim))?
             .transpose(1, 2)?
             .reshape((b, t, c.num_heads * c.head_dim))?;

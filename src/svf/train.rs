@@ -23,6 +23,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::Serialize;
 
 use super::expert::Expert;
+use crate::model::autograd;
 use crate::model::error::{ModelError, Result};
 use crate::model::transformer::{Batch, Mode, Transformer};
 use crate::pipeline::spec::Parametrization;
@@ -281,7 +282,7 @@ fn weighted_nll(
         let n = HEAD_CHUNK_ROWS.min(targets.len() - start);
         let y = Tensor::new(&targets[start..start + n], device)?.unsqueeze(1)?;
         let w = Tensor::new(&weights[start..start + n], device)?.unsqueeze(1)?;
-        let logits = h.narrow(0, start, n)?.matmul(&head.t()?)?;
+        let logits = autograd::plain_matmul_t(&h.narrow(0, start, n)?, head)?;
         let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
         let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(1)?.log()?)?;
         let picked = log_probs.gather(&y, 1)?;
@@ -293,7 +294,7 @@ fn weighted_nll(
             .exp()?
             .broadcast_mul(&w)?
             .scatter_add(&y, &w.neg()?, 1)?;
-        grads.push(grad_logits.matmul(head)?);
+        grads.push(autograd::matmul(&grad_logits, head)?);
     }
     let grad = if grads.is_empty() {
         h.zeros_like()?
