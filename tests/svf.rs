@@ -174,6 +174,35 @@ fn experts_inspect_combine_and_export_to_a_model_that_loads_back() {
         text(&inspect)
     );
 
+    let json = tsq(&["expert", "inspect", "b.safetensors", "--format", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["targets"].as_array().unwrap().len(), 90);
+    assert_eq!(report["base_model"]["blake3"], base.blake3);
+    let mass = report["targets"][0]["singular_value_mass"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (mass - 1.0).abs() < 1e-4,
+        "sigmoid rescale keeps Σs: {mass}"
+    );
+    let bad = tsq(&[
+        "expert",
+        "combine",
+        "a.safetensors",
+        "b.safetensors",
+        "--weights",
+        "1",
+        "--out",
+        "x.safetensors",
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(
+        text(&bad).contains("1 weights for 2 experts"),
+        "{}",
+        text(&bad)
+    );
+    assert!(!dir.path().join("x.safetensors").exists());
+
     let combined = tsq(&[
         "expert",
         "combine",
@@ -195,7 +224,7 @@ fn experts_inspect_combine_and_export_to_a_model_that_loads_back() {
     let expected = ((&ea[name] * 0.25).unwrap() + (&eb[name] * 0.75).unwrap()).unwrap();
     assert!(max_abs_diff(&em[name], &expected) < 1e-6);
 
-    let export = tsq(&[
+    let export_args = [
         "expert",
         "export",
         "--model",
@@ -204,7 +233,8 @@ fn experts_inspect_combine_and_export_to_a_model_that_loads_back() {
         "mix.safetensors",
         "--out",
         "merged",
-    ]);
+    ];
+    let export = tsq(&export_args);
     assert!(export.status.success(), "{}", text(&export));
     let merged = Model::load(&dir.path().join("merged"), DType::F32, &Device::Cpu).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(
@@ -232,16 +262,7 @@ fn experts_inspect_combine_and_export_to_a_model_that_loads_back() {
         "the expert should change the model"
     );
 
-    let again = tsq(&[
-        "expert",
-        "export",
-        "--model",
-        SMOLLM2,
-        "--expert",
-        "mix.safetensors",
-        "--out",
-        "merged",
-    ]);
+    let again = tsq(&export_args);
     assert_eq!(again.status.code(), Some(2), "{}", text(&again));
     assert!(text(&again).contains("already exists"), "{}", text(&again));
 
