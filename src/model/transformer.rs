@@ -516,8 +516,8 @@ impl Transformer {
         let (cos, sin, mask) = (&positions.cos, &positions.sin, &positions.mask);
         let x = (x + self.attention(layer, &h, cos, sin, mask, kv, mode)?)?;
         let h = rms_norm(&x, &layer.mlp_norm, eps, mode)?;
-        let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, mode)?)?
-            * layer.up.forward(&h, mode)?)?;
+        let gated =
+            autograd::silu_mul(&layer.gate.forward(&h, mode)?, &layer.up.forward(&h, mode)?)?;
         Ok((&x + layer.down.forward(&gated, mode)?)?)
     }
 
@@ -570,16 +570,18 @@ impl Transformer {
         let total = k.dim(2)?;
         let q = q.reshape((b, kv_heads, rep * t, c.head_dim))?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let scores = (autograd::batched_matmul(&q, &k, true)? * scale)?
-            .reshape((b, kv_heads, rep, t, total))?
-            .broadcast_add(&mask.unsqueeze(2)?)?
-            .reshape((b, kv_heads, rep * t, total))?;
+        let scores = autograd::batched_matmul(&q, &k, true)?;
+        let add_mask = |s: Tensor| {
+            s.reshape((b, kv_heads, rep, t, total))?
+                .broadcast_add(&mask.unsqueeze(2)?)?
+                .reshape((b, kv_heads, rep * t, total))
+        };
         let probs = match mode {
-            Mode::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
+            Mode::Fast => candle_nn::ops::softmax_last_dim(&add_mask((scores * scale)?)?)?,
             Mode::Differentiable if scores.device().is_cpu() => {
-                autograd::softmax_last_dim(&scores)?
+                autograd::masked_softmax(&scores, scale, add_mask)?
             }
-            Mode::Differentiable => softmax_primitive(&scores)?,
+            Mode::Differentiable => softmax_primitive(&add_mask((scores * scale)?)?)?,
         };
         let out = autograd::batched_matmul(&probs, &v, false)?
             .reshape((b, c.num_heads, t, c.head_dim))?
