@@ -351,6 +351,82 @@ impl candle_core::CustomOp3 for SiluMul {
     }
 }
 
+/// `h ⊙ s` for h (…, r) and s (r): the scaled singular values of a factored projection. One
+/// node whose backward computes d h = g ⊙ s and d s = Σ_rows g ⊙ h in one pass; as candle's
+/// broadcast multiply it took several (rows × r) elementwise ops plus a reduction.
+pub fn scale_columns(h: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let tracked = h.track_op() || s.track_op();
+    if !(tracked && is_cpu_f32(h) && is_cpu_f32(s)) {
+        return h.broadcast_mul(s);
+    }
+    let product = h.detach().broadcast_mul(&s.detach())?;
+    h.apply_op3(s, &product, ScaleColumns)
+}
+
+struct ScaleColumns;
+
+impl candle_core::CustomOp3 for ScaleColumns {
+    fn name(&self) -> &'static str {
+        "scale-columns"
+    }
+
+    /// Passes the precomputed product (third argument) through.
+    fn cpu_fwd(
+        &self,
+        _h: &CpuStorage,
+        _h_layout: &Layout,
+        _s: &CpuStorage,
+        _s_layout: &Layout,
+        product: &CpuStorage,
+        layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("scale-columns: expects a contiguous product");
+        }
+        Ok((product.clone(), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        s: &Tensor,
+        _product: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (hc, sc, g) = (
+            h.detach().contiguous()?,
+            s.detach().contiguous()?,
+            grad.contiguous()?,
+        );
+        let r = sc.elem_count();
+        let (grad_h, grad_s) = with_f32_slice(&hc, |hs| {
+            with_f32_slice(&sc, |ss| {
+                with_f32_slice(&g, |gs| {
+                    let mut grad_h = Vec::with_capacity(hs.len());
+                    let mut grad_s = vec![0f32; r];
+                    for (hr, gr) in hs.chunks(r).zip(gs.chunks(r)) {
+                        for j in 0..r {
+                            grad_h.push(gr[j] * ss[j]);
+                            grad_s[j] += gr[j] * hr[j];
+                        }
+                    }
+                    (grad_h, grad_s)
+                })
+            })
+        })???;
+        Ok((
+            h.track_op()
+                .then(|| Tensor::from_vec(grad_h, hc.dims(), hc.device()))
+                .transpose()?,
+            s.track_op()
+                .then(|| Tensor::from_vec(grad_s, sc.dims(), sc.device()))
+                .transpose()?,
+            None,
+        ))
+    }
+}
+
 /// RMS norm with a frozen weight; backward r ⊙ (g w − x̂ · mean(g w ⊙ x̂)), r = 1/rms(x), x̂ = x r.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let input = x.detach();
@@ -487,6 +563,22 @@ mod tests {
                     .exp()?;
                 e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
             },
+        )
+    }
+
+    #[test]
+    fn scale_columns_matches_broadcast_mul_for_both_inputs() -> Result<()> {
+        let h = Var::randn(0f32, 1.0, (2, 3, 5), &Device::Cpu)?;
+        let s = Var::randn(0f32, 1.0, 5, &Device::Cpu)?;
+        agree(
+            &h,
+            |h| scale_columns(h, s.as_tensor()),
+            |h| h.broadcast_mul(s.as_tensor()),
+        )?;
+        agree(
+            &s,
+            |s| scale_columns(h.as_tensor(), s),
+            |s| h.as_tensor().broadcast_mul(s),
         )
     }
 

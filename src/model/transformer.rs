@@ -57,7 +57,7 @@ impl Factored {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = autograd::frozen_matmul_t(x, &self.vt)?;
         let h = match self.scaled_s.rank() {
-            1 => h.broadcast_mul(&self.scaled_s)?,
+            1 => autograd::scale_columns(&h, &self.scaled_s)?,
             _ => h.broadcast_mul(&self.scaled_s.unsqueeze(1)?)?,
         };
         Ok(autograd::frozen_matmul_t(&h, &self.u)?)
