@@ -433,13 +433,44 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let y = candle_nn::ops::rms_norm(&input.contiguous()?, weight, eps as f32)?;
     let weight = weight.clone();
     attach(x, y, "rms-norm", move |_, g| {
-        let r = (input.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-            .sqrt()?
-            .recip()?;
-        let x_hat = input.broadcast_mul(&r)?;
-        let gw = g.broadcast_mul(&weight)?;
-        let dot = (&gw * &x_hat)?.mean_keepdim(D::Minus1)?;
-        (gw - x_hat.broadcast_mul(&dot)?)?.broadcast_mul(&r)
+        if !(is_cpu_f32(&input) && is_cpu_f32(g) && is_cpu_f32(&weight)) {
+            let r = (input.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                .sqrt()?
+                .recip()?;
+            let x_hat = input.broadcast_mul(&r)?;
+            let gw = g.broadcast_mul(&weight)?;
+            let dot = (&gw * &x_hat)?.mean_keepdim(D::Minus1)?;
+            return (gw - x_hat.broadcast_mul(&dot)?)?.broadcast_mul(&r);
+        }
+        // One pass per row: r = 1/rms(x), x̂ = x r, gw = g w, d x = r (gw − x̂ mean(gw ⊙ x̂)).
+        let (xc, gc, wc) = (input.contiguous()?, g.contiguous()?, weight.contiguous()?);
+        let width = xc.dim(D::Minus1)?;
+        let out = with_f32_slice(&xc, |xs| {
+            with_f32_slice(&gc, |gs| {
+                with_f32_slice(&wc, |ws| {
+                    let mut out = Vec::with_capacity(xs.len());
+                    for (xr, gr) in xs.chunks(width).zip(gs.chunks(width)) {
+                        let mean_sq = xr.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                        let r = 1.0 / (mean_sq + eps as f32).sqrt();
+                        let dot = xr
+                            .iter()
+                            .zip(gr)
+                            .zip(ws)
+                            .map(|((x, g), w)| g * w * x * r)
+                            .sum::<f32>()
+                            / width as f32;
+                        out.extend(
+                            xr.iter()
+                                .zip(gr)
+                                .zip(ws)
+                                .map(|((x, g), w)| r * (g * w - x * r * dot)),
+                        );
+                    }
+                    out
+                })
+            })
+        })???;
+        Tensor::from_vec(out, xc.dims(), xc.device())
     })
 }
 
@@ -448,19 +479,45 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// g cos + (s₂, −s₁) where s = g sin.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
-    let full = |t: &Tensor| -> Result<Tensor> { Tensor::cat(&[t, t], D::Minus1)?.unsqueeze(1) };
-    let (cos, sin) = (full(cos)?, full(sin)?);
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     attach(x, y, "rope", move |_, g| {
-        let d = g.dim(D::Minus1)?;
-        let s = g.broadcast_mul(&sin)?;
-        let unrotated = Tensor::cat(
-            &[
-                &s.narrow(D::Minus1, d / 2, d / 2)?,
-                &s.narrow(D::Minus1, 0, d / 2)?.neg()?,
-            ],
-            D::Minus1,
-        )?;
-        g.broadcast_mul(&cos)? + unrotated
+        if !(is_cpu_f32(g) && is_cpu_f32(&cos) && is_cpu_f32(&sin)) {
+            let full = |t: &Tensor| Tensor::cat(&[t, t], D::Minus1)?.unsqueeze(1);
+            let d = g.dim(D::Minus1)?;
+            let s = g.broadcast_mul(&full(&sin)?)?;
+            let unrotated = Tensor::cat(
+                &[
+                    &s.narrow(D::Minus1, d / 2, d / 2)?,
+                    &s.narrow(D::Minus1, 0, d / 2)?.neg()?,
+                ],
+                D::Minus1,
+            )?;
+            return g.broadcast_mul(&full(&cos)?)? + unrotated;
+        }
+        // One pass: with h = d/2, d x_i = g_i cos_i + g_{i+h} sin_i and
+        // d x_{i+h} = g_{i+h} cos_i − g_i sin_i, rows of g indexed (batch, head, time).
+        let g = g.contiguous()?;
+        let (batch, heads, time, d) = g.dims4()?;
+        let h = d / 2;
+        let out = with_f32_slice(&g, |gs| {
+            with_f32_slice(&cos, |cs| {
+                with_f32_slice(&sin, |ss| {
+                    let mut out = vec![0f32; gs.len()];
+                    for (row, (gr, or)) in gs.chunks(d).zip(out.chunks_mut(d)).enumerate() {
+                        let (b, t) = (row / (heads * time), row % time);
+                        let at = (b * time + t) * h;
+                        let (c, s) = (&cs[at..at + h], &ss[at..at + h]);
+                        for i in 0..h {
+                            or[i] = gr[i] * c[i] + gr[i + h] * s[i];
+                            or[i + h] = gr[i + h] * c[i] - gr[i] * s[i];
+                        }
+                    }
+                    out
+                })
+            })
+        })???;
+        debug_assert_eq!(out.len(), batch * heads * time * d);
+        Tensor::from_vec(out, g.dims(), g.device())
     })
 }
 
