@@ -102,6 +102,12 @@ impl Expert {
         base: &BaseModel,
         targets: &[(String, usize)],
     ) -> Result<(), ExpertError> {
+        self.check_base(file, base)?;
+        self.check_targets(file, targets)
+    }
+
+    /// Refuses an expert made for another base model (by the blake3 of its weights file).
+    pub fn check_base(&self, file: &Path, base: &BaseModel) -> Result<(), ExpertError> {
         if self.meta.base_model.blake3 != base.blake3 {
             let (found, expected) = (&self.meta.base_model, base);
             return Err(ExpertError::File {
@@ -112,6 +118,11 @@ impl Expert {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// Refuses an expert whose targets (names and ranks) differ from the model's.
+    fn check_targets(&self, file: &Path, targets: &[(String, usize)]) -> Result<(), ExpertError> {
         let mismatch = |detail: String| ExpertError::Targets {
             file: file.into(),
             detail,

@@ -84,10 +84,8 @@ pub fn compose_expert_file(
 ) -> std::result::Result<Expert, SvfError> {
     let expert = Expert::load(file)?;
     let base = BaseModel::of_file(&model.path)?;
-    if expert.meta.base_model.blake3 != base.blake3 {
-        // Refuse before decomposing anything.
-        expert.check_compatible(file, &base, &[])?;
-    }
+    // Refuse a foreign expert before decomposing anything.
+    expert.check_base(file, &base)?;
     let factors = factors_for(model, &base, &expert.meta.targets, home)?;
     let ranks = factors
         .iter()
