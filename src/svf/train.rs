@@ -12,8 +12,8 @@
 //! Memory: frozen weights get no gradients (see `model::frozen`); the LM head's logits and
 //! log-softmax are never built for the whole batch (the loss and its gradient with respect to the
 //! final hidden states are computed analytically in row chunks); and blocks are checkpointed
-//! (see [`SvfTrainer::gradients`]). Gradients move from one piece to the next as the backward
-//! pass of the surrogate `Σ y ⊙ ∂L/∂y`.
+//! (see [`SvfTrainer::gradients`]). Gradients move from one piece to the next by seeding each
+//! piece's backward pass with ∂L/∂y (`autograd::backward_from`).
 
 use std::time::Instant;
 
@@ -161,7 +161,7 @@ impl SvfTrainer {
             &targets,
             &weights,
         )?;
-        let grads = (picked * grad_picked)?.sum_all()?.backward()?;
+        let grads = autograd::backward_from(&picked, &grad_picked)?;
         let mut grad_out = grads.get(last.as_tensor()).cloned();
         let mut z_grads: Vec<Option<Tensor>> = vec![None; self.targets.len()];
         for (index, input) in inputs.into_iter().enumerate().rev() {
@@ -173,7 +173,7 @@ impl SvfTrainer {
                 Var::from_tensor(&input)?.as_tensor().clone()
             };
             let out = tracked.block(index, &input, &positions, &mut None, Mode::Differentiable)?;
-            let grads = (out * grad)?.sum_all()?.backward()?;
+            let grads = autograd::backward_from(&out, &grad)?;
             for (t, acc) in self.targets.iter().zip(z_grads.iter_mut()) {
                 if let Some(g) = grads.get(t.z.as_tensor()) {
                     *acc = Some(match acc.take() {
