@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, D, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor};
 
 type Backward = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
@@ -35,10 +35,7 @@ impl CustomOp2 for Attached {
         result: &CpuStorage,
         layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("{}: expects a contiguous result", self.name);
-        }
-        Ok((result.clone(), layout.shape().clone()))
+        pass_through(self.name, result, layout)
     }
 
     fn bwd(
@@ -65,6 +62,79 @@ fn attach(
     input.apply_op2(
         &result.contiguous()?,
         Attached {
+            name,
+            backward: Arc::new(backward),
+        },
+    )
+}
+
+/// The forward of every op here: the result, computed beforehand, passed through unchanged.
+fn pass_through(name: &str, result: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        candle_core::bail!("{name}: expects a contiguous result");
+    }
+    Ok((result.clone(), layout.shape().clone()))
+}
+
+type PairBackward = Arc<
+    dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync,
+>;
+
+/// [`Attached`] for two inputs: the backward maps (a, b, output gradient) to the gradients of
+/// those inputs that need one.
+struct AttachedPair {
+    name: &'static str,
+    backward: PairBackward,
+}
+
+impl CustomOp3 for AttachedPair {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _a: &CpuStorage,
+        _a_layout: &Layout,
+        _b: &CpuStorage,
+        _b_layout: &Layout,
+        result: &CpuStorage,
+        layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        pass_through(self.name, result, layout)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _result: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_a, grad_b) = (self.backward)(a, b, grad)?;
+        Ok((grad_a, grad_b, None))
+    }
+}
+
+/// `result` (computed from `a` and `b` without a graph) as a node of their graphs.
+fn attach_pair(
+    a: &Tensor,
+    b: &Tensor,
+    result: Tensor,
+    name: &'static str,
+    backward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)>
+    + Send
+    + Sync
+    + 'static,
+) -> Result<Tensor> {
+    if !a.track_op() && !b.track_op() {
+        return Ok(result);
+    }
+    a.apply_op3(
+        b,
+        &result.contiguous()?,
+        AttachedPair {
             name,
             backward: Arc::new(backward),
         },
@@ -145,58 +215,20 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Tens
         };
     }
     let product = blas_gemm(&a.detach(), false, &b.detach(), b_transposed)?;
-    if !a.track_op() && !b.track_op() {
-        return Ok(product);
-    }
-    a.apply_op3(b, &product, BatchedMatmul { b_transposed })
-}
-
-struct BatchedMatmul {
-    b_transposed: bool,
-}
-
-impl candle_core::CustomOp3 for BatchedMatmul {
-    fn name(&self) -> &'static str {
-        "batched-matmul"
-    }
-
-    /// Passes the precomputed product (third argument) through.
-    fn cpu_fwd(
-        &self,
-        _a: &CpuStorage,
-        _a_layout: &Layout,
-        _b: &CpuStorage,
-        _b_layout: &Layout,
-        product: &CpuStorage,
-        layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("batched-matmul: expects a contiguous product");
-        }
-        Ok((product.clone(), layout.shape().clone()))
-    }
-
-    /// C = A·B: dA = G·Bᵀ, dB = Aᵀ·G.  C = A·Bᵀ: dA = G·B, dB = Gᵀ·A.
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        _product: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    // C = A·B: dA = G·Bᵀ, dB = Aᵀ·G.  C = A·Bᵀ: dA = G·B, dB = Gᵀ·A.
+    attach_pair(a, b, product, "batched-matmul", move |a, b, grad| {
         let (a_const, b_const) = (a.detach(), b.detach());
         let grad_a = match a.track_op() {
-            true => Some(blas_gemm(grad, false, &b_const, !self.b_transposed)?),
+            true => Some(blas_gemm(grad, false, &b_const, !b_transposed)?),
             false => None,
         };
-        let grad_b = match (b.track_op(), self.b_transposed) {
+        let grad_b = match (b.track_op(), b_transposed) {
             (false, _) => None,
             (true, true) => Some(blas_gemm(grad, true, &a_const, false)?),
             (true, false) => Some(blas_gemm(&a_const, true, grad, false)?),
         };
-        Ok((grad_a, grad_b, None))
-    }
+        Ok((grad_a, grad_b))
+    })
 }
 
 /// Whether OpenBLAS can take this operand: f32 on the CPU, and tsq built with `openblas`.
@@ -293,48 +325,11 @@ fn is_cpu_f32(t: &Tensor) -> bool {
 /// pass: d gate = d · up · σ(g)(1 + g(1 − σ(g))), d up = d · silu(g). candle's own silu backward
 /// takes ~8 full-size elementwise ops; at 2048 tokens it cost more than the MLP's products.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let tracked = gate.track_op() || up.track_op();
-    if tracked && !(is_cpu_f32(gate) && is_cpu_f32(up)) {
+    if (gate.track_op() || up.track_op()) && !(is_cpu_f32(gate) && is_cpu_f32(up)) {
         return candle_nn::ops::silu(gate)? * up;
     }
     let product = (candle_nn::ops::silu(&gate.detach())? * up.detach())?;
-    if !tracked {
-        return Ok(product);
-    }
-    gate.apply_op3(up, &product, SiluMul)
-}
-
-struct SiluMul;
-
-impl candle_core::CustomOp3 for SiluMul {
-    fn name(&self) -> &'static str {
-        "silu-mul"
-    }
-
-    /// Passes the precomputed product (third argument) through.
-    fn cpu_fwd(
-        &self,
-        _gate: &CpuStorage,
-        _gate_layout: &Layout,
-        _up: &CpuStorage,
-        _up_layout: &Layout,
-        product: &CpuStorage,
-        layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("silu-mul: expects a contiguous product");
-        }
-        Ok((product.clone(), layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        _product: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    attach_pair(gate, up, product, "silu-mul", |gate, up, grad| {
         let (g, u, d) = (
             gate.detach().contiguous()?,
             up.detach().contiguous()?,
@@ -358,54 +353,19 @@ impl candle_core::CustomOp3 for SiluMul {
         Ok((
             gate.track_op().then(|| tensor(grad_gate)).transpose()?,
             up.track_op().then(|| tensor(grad_up)).transpose()?,
-            None,
         ))
-    }
+    })
 }
 
 /// `h ⊙ s` for h (…, r) and s (r): the scaled singular values of a factored projection. One
 /// node whose backward computes d h = g ⊙ s and d s = Σ_rows g ⊙ h in one pass; as candle's
 /// broadcast multiply it took several (rows × r) elementwise ops plus a reduction.
 pub fn scale_columns(h: &Tensor, s: &Tensor) -> Result<Tensor> {
-    let tracked = h.track_op() || s.track_op();
-    if !(tracked && is_cpu_f32(h) && is_cpu_f32(s)) {
+    if !((h.track_op() || s.track_op()) && is_cpu_f32(h) && is_cpu_f32(s)) {
         return h.broadcast_mul(s);
     }
     let product = h.detach().broadcast_mul(&s.detach())?;
-    h.apply_op3(s, &product, ScaleColumns)
-}
-
-struct ScaleColumns;
-
-impl candle_core::CustomOp3 for ScaleColumns {
-    fn name(&self) -> &'static str {
-        "scale-columns"
-    }
-
-    /// Passes the precomputed product (third argument) through.
-    fn cpu_fwd(
-        &self,
-        _h: &CpuStorage,
-        _h_layout: &Layout,
-        _s: &CpuStorage,
-        _s_layout: &Layout,
-        product: &CpuStorage,
-        layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("scale-columns: expects a contiguous product");
-        }
-        Ok((product.clone(), layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        h: &Tensor,
-        s: &Tensor,
-        _product: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    attach_pair(h, s, product, "scale-columns", |h, s, grad| {
         let (hc, sc, g) = (
             h.detach().contiguous()?,
             s.detach().contiguous()?,
@@ -434,9 +394,8 @@ impl candle_core::CustomOp3 for ScaleColumns {
             s.track_op()
                 .then(|| Tensor::from_vec(grad_s, sc.dims(), sc.device()))
                 .transpose()?,
-            None,
         ))
-    }
+    })
 }
 
 /// RMS norm with a frozen weight; backward r ⊙ (g w − x̂ · mean(g w ⊙ x̂)), r = 1/rms(x), x̂ = x r.
