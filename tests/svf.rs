@@ -8,7 +8,7 @@ use tsq::assets::{AssetSource, TsqHome};
 use tsq::model::Model;
 use tsq::model::transformer::{Batch, LogitsAt, Mode};
 use tsq::pipeline::spec::Parametrization;
-use tsq::svd::cache::Decomposed;
+use tsq::svd::cache::{Decomposed, singular_values};
 use tsq::svf::apply::{Application, apply};
 use tsq::svf::expert::{BaseModel, Expert};
 use tsq::svf::train::{SvfTrainer, TokenBatch};
@@ -30,13 +30,6 @@ fn load() -> (Model, BaseModel, Vec<Decomposed>) {
     let factors =
         tsq::svf::factors_for(&model, &base, &names, &TsqHome(shared_tsq_home())).unwrap();
     (model, base, factors)
-}
-
-fn singular_values(factors: &[Decomposed]) -> Vec<(String, Tensor)> {
-    factors
-        .iter()
-        .map(|d| (d.name.clone(), d.factors.s.clone()))
-        .collect()
 }
 
 fn logits(model: &tsq::model::transformer::Transformer, ids: &[u32]) -> Tensor {

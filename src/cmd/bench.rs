@@ -300,10 +300,7 @@ pub fn svf_step_bench(model_args: &ModelArgs, shape: &SvfStepShape) -> Result<()
     let home = crate::assets::TsqHome::from_env();
     let factors = crate::svf::factors_for(&model, &base, &names, &home).map_err(fail)?;
     let factors_s = started.elapsed().as_secs_f64();
-    let singular_values: Vec<(String, Tensor)> = factors
-        .iter()
-        .map(|d| (d.name.clone(), d.factors.s.clone()))
-        .collect();
+    let singular_values = crate::svd::cache::singular_values(&factors);
     let expert =
         Expert::initial(base, Parametrization::Sigmoid, &singular_values, 0).map_err(fail)?;
     let parameters: usize = singular_values.iter().map(|(_, s)| s.elem_count()).sum();

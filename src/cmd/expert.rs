@@ -142,11 +142,12 @@ pub fn export(model_args: &ModelArgs, out: &Path) -> Result<(), CmdError> {
             out.display()
         )));
     }
-    let (model, expert) = model_args.load_with_expert()?;
-    let Some(expert) = expert else {
+    // Checked before loading (and maybe fetching) the model.
+    let Some(expert_file) = model_args.expert.as_deref() else {
         return Err(CmdError::Usage("export needs --expert FILE".into()));
     };
-    let expert_file = model_args.expert.as_deref().unwrap_or(Path::new(""));
+    let (model, expert) = model_args.load_with_expert()?;
+    let expert = expert.ok_or_else(|| fail("the expert was not applied"))?;
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -35,6 +35,14 @@ pub struct Decomposed {
     pub reused: bool,
 }
 
+/// Each target's singular values, by name: what a new expert is built on.
+pub fn singular_values(decomposed: &[Decomposed]) -> Vec<(String, Tensor)> {
+    decomposed
+        .iter()
+        .map(|d| (d.name.clone(), d.factors.s.clone()))
+        .collect()
+}
+
 pub struct SvdCache {
     dir: PathBuf,
 }

@@ -74,10 +74,7 @@ mod tests {
     type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
     fn expert(factors: &[Decomposed], seed: u64) -> Expert {
-        let s: Vec<(String, Tensor)> = factors
-            .iter()
-            .map(|d| (d.name.clone(), d.factors.s.clone()))
-            .collect();
+        let s = crate::svd::cache::singular_values(factors);
         let base = BaseModel {
             name: "tiny".into(),
             blake3: "0".into(),

@@ -337,10 +337,7 @@ mod tests {
         if mlp_only {
             factors.retain(|d| d.name.contains(".mlp."));
         }
-        let s: Vec<(String, Tensor)> = factors
-            .iter()
-            .map(|d| (d.name.clone(), d.factors.s.clone()))
-            .collect();
+        let s = crate::svd::cache::singular_values(&factors);
         let base_model = BaseModel {
             name: "tiny".into(),
             blake3: "0".into(),
