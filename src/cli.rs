@@ -180,17 +180,17 @@ pub enum BenchCommand {
     SvfStep {
         #[command(flatten)]
         model: ModelOptions,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+        batch: u16,
         /// Tokens per sequence.
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        /// Prompt tokens per sequence; the rest is scored as the completion.
-        #[arg(long, default_value_t = 64)]
-        prompt: usize,
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(2..))]
+        seq: u16,
+        /// Prompt tokens per sequence (at least 1); the rest is scored as the completion.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+        prompt: u16,
         /// Measured steps after one warm-up step; the median is reported.
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        steps: u16,
     },
 }
 
@@ -368,10 +368,10 @@ pub fn main() -> Result<(), cmd::CmdError> {
         } => cmd::bench::svf_step_bench(
             &model.into(),
             &cmd::bench::SvfStepShape {
-                batch,
-                seq,
-                prompt,
-                steps,
+                batch: batch.into(),
+                seq: seq.into(),
+                prompt: prompt.into(),
+                steps: steps.into(),
             },
         ),
         Command::Schema => cmd::schema::run(),

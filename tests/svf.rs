@@ -97,8 +97,7 @@ fn svf_on_smollm2_linear_init_is_the_base_and_every_z_gets_a_gradient() {
         0,
     )
     .unwrap();
-    let trainer =
-        SvfTrainer::new(model.transformer.clone(), &factors, &sigmoid, 2e-3, 1e-3).unwrap();
+    let trainer = SvfTrainer::new(&model.transformer, &factors, &sigmoid, 2e-3, 1e-3).unwrap();
     let n = ids.len();
     let batch = TokenBatch {
         ids: vec![ids.clone(), ids[..n - 3].to_vec()],

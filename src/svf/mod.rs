@@ -9,7 +9,9 @@
 //! Everything here is differentiable in z (primitive candle ops only).
 
 pub mod apply;
+mod backprop;
 pub mod expert;
+mod kernels;
 pub mod train;
 
 use std::path::Path;

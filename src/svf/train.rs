@@ -1,19 +1,12 @@
-//! One SVF optimisation step: run the model's differentiable forward with every target applied in
-//! factored form, y = U (s ⊙ e(z) ⊙ (Vᵀ x)), and minimise a weighted token log-likelihood
+//! One SVF optimisation step: minimise a weighted token log-likelihood
 //! `−Σ_b Σ_t w[b][t] · log p(ids[b][t] | ids[b][..t])` (REINFORCE puts advantage / batch size on
-//! completion tokens), then clip the gradient norm and take an Adam step on z alone.
+//! completion tokens) with every target applied as W' = U diag(s ⊙ e(z)) Vᵀ, then clip the
+//! gradient norm and take an Adam step on z alone.
 //!
-//! Why factored rather than composing W'(z) = U diag(s ⊙ e) Vᵀ: composing costs a matmul per
-//! target and its backward two more (gradients for U and Vᵀ that nobody needs) on top of the
-//! weight gradient ∂L/∂W'; the factored form needs only input gradients through the frozen U and
-//! Vᵀ, and ∂L/∂e falls out of one elementwise product. (The tests check the result against
-//! end-to-end autograd through composed weights.)
-//!
-//! Memory: frozen weights get no gradients (see `model::frozen`); the LM head's logits and
-//! log-softmax are never built for the whole batch (the loss and its gradient with respect to the
-//! final hidden states are computed analytically in row chunks); and blocks are checkpointed
-//! (see [`SvfTrainer::gradients`]). Gradients move from one piece to the next by seeding each
-//! piece's backward pass with ∂L/∂y (`autograd::backward_from`).
+//! The model's forward and backward passes run in [`super::backprop`] (hand-written, on the
+//! CPU, whatever device the model was loaded on); they give ∂L/∂s' for the scaled singular
+//! values s' = s ⊙ e(z), and candle's autograd maps that to ∂L/∂z through the parametrisation
+//! ([`super::effective_scale`]), so each parametrisation is written once.
 
 use std::time::Instant;
 
@@ -22,15 +15,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::Serialize;
 
+use super::backprop::{Engine, Sequence};
 use super::expert::Expert;
-use crate::model::autograd;
 use crate::model::error::{ModelError, Result};
-use crate::model::transformer::{Batch, Mode, Transformer};
+use crate::model::transformer::Transformer;
 use crate::pipeline::spec::Parametrization;
 use crate::svd::cache::Decomposed;
-
-/// Rows of the LM head computed at once: 256 × 49k vocabulary × 4 bytes ≈ 50 MB per buffer.
-const HEAD_CHUNK_ROWS: usize = 256;
 
 /// Sequences (unpadded) and per-token loss weights of one step. `weights[b][t]` weighs the
 /// log-probability of `ids[b][t]` given the tokens before it, so `weights[b][0]` must be 0.
@@ -53,14 +43,12 @@ pub struct StepReport {
 
 struct TrainTarget {
     name: String,
-    u: Tensor,
     s: Tensor,
-    vt: Tensor,
     z: Var,
 }
 
 pub struct SvfTrainer {
-    base: Transformer,
+    engine: Engine,
     parametrization: Parametrization,
     targets: Vec<TrainTarget>,
     optimizer: AdamW,
@@ -72,31 +60,24 @@ impl SvfTrainer {
     /// Adam with the paper's betas and no weight decay; `clip` is the gradient-norm limit
     /// (0 disables it).
     pub fn new(
-        base: Transformer,
+        base: &Transformer,
         factors: &[Decomposed],
         expert: &Expert,
         lr: f64,
         clip: f64,
     ) -> Result<Self> {
-        if base.dtype() != DType::F32 {
-            return Err(ModelError::Input(
-                "SVF training needs the model in f32".into(),
-            ));
-        }
-        let device = base.device().clone();
+        let engine = Engine::new(&base.config, &base.tensors(), factors)?;
         let targets = factors
             .iter()
             .map(|d| {
                 let (z, _) = expert.vectors.get(&d.name).ok_or_else(|| {
                     ModelError::Input(format!("the expert has no vector for `{}`", d.name))
                 })?;
-                let to = |t: &Tensor| t.to_device(&device);
+                let on_cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
                 Ok(TrainTarget {
                     name: d.name.clone(),
-                    u: to(&d.factors.u)?,
-                    s: to(&d.factors.s)?,
-                    vt: to(&d.factors.vt)?,
-                    z: Var::from_tensor(&to(z)?)?,
+                    s: on_cpu(&d.factors.s)?,
+                    z: Var::from_tensor(&on_cpu(z)?)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -107,7 +88,7 @@ impl SvfTrainer {
         };
         let optimizer = AdamW::new(targets.iter().map(|t| t.z.clone()).collect(), params)?;
         Ok(Self {
-            base,
+            engine,
             parametrization: expert.meta.parametrization,
             targets,
             optimizer,
@@ -116,82 +97,54 @@ impl SvfTrainer {
     }
 
     /// The loss and the gradient of every z (in target order), without changing anything.
-    ///
-    /// Activation checkpointing per block: a first pass without a graph (fast kernels) keeps
-    /// only each block's input; the head's gradient is computed in chunks; then each block, last
-    /// to first, is recomputed with a graph and back-propagated on its own. Memory holds one
-    /// block's graph instead of all of them (for 8 × 256 tokens on SmolLM2, ~0.2 GB instead of
-    /// ~6 GB) for the price of a second forward pass.
     pub fn gradients(&self, batch: &TokenBatch) -> Result<(f64, Vec<Tensor>, StepReport)> {
         let mut report = StepReport::default();
         let clock = Instant::now();
-        let (mut tracked, mut constant) = (self.base.clone(), self.base.clone());
-        for t in &self.targets {
-            let scaled_s = (&t.s * super::effective_scale(self.parametrization, &t.s, &t.z)?)?;
-            constant.set_factored(&t.name, t.u.clone(), t.vt.clone(), scaled_s.detach())?;
-            tracked.set_factored(&t.name, t.u.clone(), t.vt.clone(), scaled_s)?;
-        }
+        let scaled = self
+            .targets
+            .iter()
+            .map(|t| &t.s * super::effective_scale(self.parametrization, &t.s, &t.z)?)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let values = scaled
+            .iter()
+            .map(|s| s.to_vec1::<f32>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         report.apply_s = clock.elapsed().as_secs_f64();
 
-        let clock = Instant::now();
-        let (ids, pad, width) = left_pad(&batch.ids, self.base.device())?;
-        let positions = constant.positions(
-            &Batch::left_padded(&pad, 0, width, self.base.device())?,
-            batch.ids.len(),
-            width,
-        )?;
-        let mut inputs = Vec::with_capacity(constant.num_layers());
-        let mut x = constant.embed(&ids)?;
-        for index in 0..constant.num_layers() {
-            let next = constant.block(index, &x, &positions, &mut None, Mode::Fast)?;
-            inputs.push(x);
-            x = next;
+        let sequences: Vec<Sequence> = batch
+            .ids
+            .iter()
+            .zip(&batch.weights)
+            .map(|(ids, weights)| Sequence { ids, weights })
+            .collect();
+        if batch.ids.len() != batch.weights.len() {
+            return Err(ModelError::Input(format!(
+                "{} sequences but {} weight rows",
+                batch.ids.len(),
+                batch.weights.len()
+            )));
         }
-        report.forward_s = clock.elapsed().as_secs_f64();
+        let found = self.engine.gradients(&values, &sequences)?;
+        report.forward_s = found.forward_s;
+        report.backward_s = found.backward_s;
+        report.loss = found.loss;
 
-        let clock = Instant::now();
-        let (rows, targets, weights) = scored_rows(batch, &pad, width)?;
-        let last = Var::from_tensor(&x)?;
-        let hidden = tracked.final_norm(last.as_tensor(), Mode::Differentiable)?;
-        let flat = hidden.reshape((batch.ids.len() * width, self.base.config.hidden_size))?;
-        let picked = flat.index_select(&Tensor::new(rows, self.base.device())?, 0)?;
-        let (loss, grad_picked) = weighted_nll(
-            &picked.detach(),
-            self.base.head_weight(),
-            &targets,
-            &weights,
-        )?;
-        let grads = autograd::backward_from(&picked, &grad_picked)?;
-        let mut grad_out = grads.get(last.as_tensor()).cloned();
-        let mut z_grads: Vec<Option<Tensor>> = vec![None; self.targets.len()];
-        for (index, input) in inputs.into_iter().enumerate().rev() {
-            let Some(grad) = grad_out.take() else { break };
-            // The first block's input (embeddings) needs no gradient.
-            let input = if index == 0 {
-                input
-            } else {
-                Var::from_tensor(&input)?.as_tensor().clone()
-            };
-            let out = tracked.block(index, &input, &positions, &mut None, Mode::Differentiable)?;
-            let grads = autograd::backward_from(&out, &grad)?;
-            for (t, acc) in self.targets.iter().zip(z_grads.iter_mut()) {
-                if let Some(g) = grads.get(t.z.as_tensor()) {
-                    *acc = Some(match acc.take() {
-                        Some(previous) => (previous + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
-            grad_out = grads.get(&input).cloned();
+        // ∂L/∂z through the parametrisation: the gradient of Σ_targets ⟨s', ∂L/∂s'⟩.
+        let mut surrogate = Tensor::zeros((), DType::F32, &Device::Cpu)?;
+        for (s, g) in scaled.iter().zip(found.scaled_s) {
+            let g = Tensor::from_vec(g, s.dims(), &Device::Cpu)?;
+            surrogate = (surrogate + (s * g)?.sum_all()?)?;
         }
-        report.backward_s = clock.elapsed().as_secs_f64();
-        report.loss = loss;
-        let z_grads = z_grads
-            .into_iter()
-            .zip(&self.targets)
-            .map(|(g, t)| g.map_or_else(|| t.z.as_tensor().zeros_like(), Ok))
+        let grads = surrogate.backward()?;
+        let z_grads = self
+            .targets
+            .iter()
+            .map(|t| match grads.get(t.z.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => t.z.as_tensor().zeros_like(),
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok((loss, z_grads, report))
+        Ok((found.loss, z_grads, report))
     }
 
     pub fn target_names(&self) -> impl Iterator<Item = &str> {
@@ -227,87 +180,10 @@ impl SvfTrainer {
     }
 }
 
-/// Left-pads sequences into one (batch, width) tensor; returns the padding of each.
-fn left_pad(seqs: &[Vec<u32>], device: &Device) -> Result<(Tensor, Vec<usize>, usize)> {
-    let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
-    let pad: Vec<usize> = seqs.iter().map(|s| width - s.len()).collect();
-    let flat: Vec<u32> = seqs
-        .iter()
-        .zip(&pad)
-        .flat_map(|(s, &p)| std::iter::repeat_n(0, p).chain(s.iter().copied()))
-        .collect();
-    Ok((
-        Tensor::from_vec(flat, (seqs.len(), width), device)?,
-        pad,
-        width,
-    ))
-}
-
-/// For every weighted token: the flat row of the position that predicts it, the token, the weight.
-fn scored_rows(
-    batch: &TokenBatch,
-    pad: &[usize],
-    width: usize,
-) -> Result<(Vec<u32>, Vec<u32>, Vec<f32>)> {
-    let (mut rows, mut targets, mut weights) = (vec![], vec![], vec![]);
-    for (b, (ids, w)) in batch.ids.iter().zip(&batch.weights).enumerate() {
-        if ids.len() != w.len() || w.first().is_some_and(|&x| x != 0.0) {
-            return Err(ModelError::Input(format!(
-                "sequence {b}: needs one weight per token and none on the first"
-            )));
-        }
-        for t in 1..ids.len() {
-            if w[t] != 0.0 {
-                rows.push((b * width + pad[b] + t - 1) as u32);
-                targets.push(ids[t]);
-                weights.push(w[t]);
-            }
-        }
-    }
-    Ok((rows, targets, weights))
-}
-
-/// `−Σ_i w_i log softmax(h_i headᵀ)[y_i]` and its gradient with respect to h, in row chunks.
-/// d/dlogits = w (softmax − onehot(y)); d/dh = that · head.
-fn weighted_nll(
-    h: &Tensor,
-    head: &Tensor,
-    targets: &[u32],
-    weights: &[f32],
-) -> Result<(f64, Tensor)> {
-    let device = h.device();
-    let mut loss = 0f64;
-    let mut grads = Vec::new();
-    for start in (0..targets.len()).step_by(HEAD_CHUNK_ROWS) {
-        let n = HEAD_CHUNK_ROWS.min(targets.len() - start);
-        let y = Tensor::new(&targets[start..start + n], device)?.unsqueeze(1)?;
-        let w = Tensor::new(&weights[start..start + n], device)?.unsqueeze(1)?;
-        let logits = autograd::plain_matmul_t(&h.narrow(0, start, n)?, head)?;
-        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
-        let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(1)?.log()?)?;
-        let picked = log_probs.gather(&y, 1)?;
-        loss -= (&picked * &w)?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        let grad_logits = log_probs
-            .exp()?
-            .broadcast_mul(&w)?
-            .scatter_add(&y, &w.neg()?, 1)?;
-        grads.push(autograd::matmul(&grad_logits, head)?);
-    }
-    let grad = if grads.is_empty() {
-        h.zeros_like()?
-    } else {
-        Tensor::cat(&grads, 0)?
-    };
-    Ok((loss, grad))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::transformer::LogitsAt;
+    use crate::model::transformer::{Batch, LogitsAt, Mode};
     use crate::svf::expert::BaseModel;
     use candle_core::D;
     use rand::{Rng, SeedableRng};
@@ -332,7 +208,14 @@ mod tests {
         TokenBatch { ids, weights }
     }
 
-    fn trainer(p: Parametrization, mlp_only: bool) -> SvfTrainer {
+    /// A trainer on a tiny random model, with what the reference computation needs.
+    struct Fixture {
+        base: Transformer,
+        factors: Vec<Decomposed>,
+        trainer: SvfTrainer,
+    }
+
+    fn fixture(p: Parametrization, mlp_only: bool) -> Fixture {
         let (base, mut factors) = crate::svf::tiny_decomposed(21);
         if mlp_only {
             factors.retain(|d| d.name.contains(".mlp."));
@@ -343,27 +226,47 @@ mod tests {
             blake3: "0".into(),
         };
         let expert = Expert::initial(base_model, p, &s, 3).unwrap();
-        SvfTrainer::new(base, &factors, &expert, 1e-2, 0.0).unwrap()
+        let trainer = SvfTrainer::new(&base, &factors, &expert, 1e-2, 0.0).unwrap();
+        Fixture {
+            base,
+            factors,
+            trainer,
+        }
     }
 
-    /// The same loss through candle's autograd end to end: full logits, log-softmax from
-    /// primitives, no chunking.
-    fn reference_loss(t: &SvfTrainer, batch: &TokenBatch) -> Result<Tensor> {
-        let mut model = t.base.clone();
-        for target in &t.targets {
-            let w = crate::svf::adapted_weight(
-                t.parametrization,
-                &target.u,
-                &target.s,
-                &target.vt,
-                &target.z,
-            )?;
+    /// Left-pads sequences into one (batch, width) tensor; returns the padding of each.
+    fn left_pad(seqs: &[Vec<u32>]) -> Result<(Tensor, Vec<usize>, usize)> {
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let pad: Vec<usize> = seqs.iter().map(|s| width - s.len()).collect();
+        let flat: Vec<u32> = seqs
+            .iter()
+            .zip(&pad)
+            .flat_map(|(s, &p)| std::iter::repeat_n(0, p).chain(s.iter().copied()))
+            .collect();
+        let ids = Tensor::from_vec(flat, (seqs.len(), width), &Device::Cpu)?;
+        Ok((ids, pad, width))
+    }
+
+    /// The same loss through candle's autograd end to end: composed weights W'(z), full
+    /// logits of left-padded sequences, log-softmax from primitives, no chunking.
+    fn reference_loss(f: &Fixture, batch: &TokenBatch) -> Result<Tensor> {
+        let mut model = f.base.clone();
+        for (d, target) in f.factors.iter().zip(&f.trainer.targets) {
+            let (u, s, vt) = (&d.factors.u, &d.factors.s, &d.factors.vt);
+            let w = crate::svf::adapted_weight(f.trainer.parametrization, u, s, vt, &target.z)?;
             model.replace_weight(&target.name, w)?;
         }
-        let (ids, pad, width) = left_pad(&batch.ids, &Device::Cpu)?;
+        let (ids, pad, width) = left_pad(&batch.ids)?;
         let mask = Batch::left_padded(&pad, 0, width, &Device::Cpu)?;
         let logits = model.forward(&ids, &mask, None, Mode::Differentiable, LogitsAt::All)?;
-        let (rows, targets, weights) = scored_rows(batch, &pad, width)?;
+        let (mut rows, mut targets, mut weights) = (vec![], vec![], vec![]);
+        for (b, (ids, w)) in batch.ids.iter().zip(&batch.weights).enumerate() {
+            for t in 1..ids.len() {
+                rows.push((b * width + pad[b] + t - 1) as u32);
+                targets.push(ids[t]);
+                weights.push(w[t]);
+            }
+        }
         let flat = logits.reshape((batch.ids.len() * width, model.config.vocab_size))?;
         let picked = flat.index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?;
         let max = picked.max_keepdim(D::Minus1)?.detach();
@@ -378,9 +281,10 @@ mod tests {
     fn chunked_head_gives_autograds_loss_and_gradients() -> TestResult {
         let batch = batch(64);
         for p in [Parametrization::Sigmoid, Parametrization::Linear] {
-            let t = trainer(p, false);
+            let f = fixture(p, false);
+            let t = &f.trainer;
             let (loss, grads, _) = t.gradients(&batch)?;
-            let reference = reference_loss(&t, &batch)?;
+            let reference = reference_loss(&f, &batch)?;
             let expected = reference.to_scalar::<f32>()? as f64;
             assert!(
                 (loss - expected).abs() < 1e-3 * expected.abs().max(1.0),
@@ -404,7 +308,7 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences_through_the_whole_model() -> TestResult {
         let batch = batch(64);
-        let t = trainer(Parametrization::Sigmoid, true);
+        let t = fixture(Parametrization::Sigmoid, true).trainer;
         let (_, grads, _) = t.gradients(&batch)?;
         let target = &t.targets[1];
         let analytic: Vec<f32> = grads[1].to_vec1()?;
@@ -432,7 +336,7 @@ mod tests {
     #[test]
     fn steps_lower_the_loss_and_clipping_engages_above_the_limit() -> TestResult {
         let batch = batch(64);
-        let mut t = trainer(Parametrization::Sigmoid, true);
+        let mut t = fixture(Parametrization::Sigmoid, true).trainer;
         let first = t.step(&batch)?;
         let mut last = first.clone();
         for _ in 0..5 {
@@ -446,7 +350,7 @@ mod tests {
         );
         assert!(first.grad_norm.is_finite() && first.grad_norm > 0.0);
 
-        let mut clipped = trainer(Parametrization::Sigmoid, true);
+        let mut clipped = fixture(Parametrization::Sigmoid, true).trainer;
         clipped.clip = 1e-6;
         let report = clipped.step(&batch)?;
         assert!(report.clipped && report.grad_norm > 1e-6);

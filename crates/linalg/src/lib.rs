@@ -1,10 +1,14 @@
-//! Dense linear algebra behind plain-slice APIs: faer's thin SVD for `f32`, and (feature
-//! `openblas`) f32 matrix products through OpenBLAS.
+//! Dense linear algebra behind plain-slice APIs: faer's thin SVD and matrix products for `f32`,
+//! and (feature `openblas`) f32 matrix products through OpenBLAS.
 //!
-//! Why a crate of its own: faer's SVD is generic, so it is compiled in whichever crate
-//! instantiates it, at that crate's optimisation level. Inside tsq that meant opt-level 0 in dev
-//! and test builds, 30x slower than release (214 s instead of 7 s for SmolLM2's MLP matrices).
-//! The workspace profile builds this crate at opt-level 3 in every profile.
+//! Why a crate of its own: faer's SVD and matmul are generic, so they are compiled in whichever
+//! crate instantiates them, at that crate's optimisation level. Inside tsq that meant opt-level 0
+//! in dev and test builds, 30x slower than release (214 s instead of 7 s for SmolLM2's MLP
+//! matrices). The workspace profile builds this crate at opt-level 3 in every profile.
+
+mod matmul;
+
+pub use matmul::{Mat, Threads, matmul};
 
 /// W (rows × cols) = U diag(s) Vᵀ with r = min(rows, cols), singular values descending.
 pub struct ThinSvd {

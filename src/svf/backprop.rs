@@ -1,0 +1,872 @@
+//! The SVF training engine: the transformer's forward pass keeping what its backward pass needs,
+//! and that backward pass written out by hand, over plain f32 buffers on the CPU.
+//!
+//! Why not candle's autograd: on an SVF step (SmolLM2, 8 × 256 tokens) candle spent more time
+//! around the products than in them: every graph node's backward allocates a zero-filled
+//! gradient and adds into it, its matmul backward computes gradients for frozen weights, and
+//! keeping the whole graph took 15 GB, so blocks had to be recomputed (31 s per step at best,
+//! PyTorch 13.7 s). Here each block keeps a few activations per token (~40 KB on SmolLM2), the
+//! backward pass computes input gradients only, and nearly all time is spent in faer's gemm.
+//!
+//! Projections that are SVF targets run factored, y = U (s' ⊙ (Vᵀ x)), keeping h = Vᵀ x; the
+//! backward pass gets ∂L/∂s' = Σ_tokens (Uᵀ ∂y) ⊙ h from the product it needs anyway for ∂x. The
+//! caller maps ∂L/∂s' to ∂L/∂z (the parametrisation lives in [`super::effective_scale`]).
+//!
+//! Sequences are packed without padding: each attends causally within itself, and a batch too
+//! large for memory runs as several passes whose gradients add up.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+use tsq_linalg::{Mat, Threads, matmul};
+
+use super::kernels;
+use crate::model::config::ModelConfig;
+use crate::model::error::{ModelError, Result};
+use crate::svd::cache::Decomposed;
+
+/// The projections of a block, in the order of [`Layer::projections`].
+const PROJECTIONS: [&str; 7] = [
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+/// Rows of the LM head computed at once: 256 × 49k vocabulary × 4 bytes ≈ 50 MB per buffer.
+const HEAD_CHUNK_ROWS: usize = 256;
+
+/// Activation memory one pass may take; larger batches are split into passes. At ~40 KB per
+/// token and layer on SmolLM2 plus attention probabilities, 8 × 256 tokens take ~2.4 GB.
+const PASS_BYTES: usize = 3 << 30;
+
+enum Weight {
+    /// Frozen (out × in).
+    Dense(Vec<f32>),
+    /// An SVF target: U (out × rank), Vᵀ (rank × in), and its index among the targets.
+    Factored {
+        u: Vec<f32>,
+        vt: Vec<f32>,
+        rank: usize,
+        target: usize,
+    },
+}
+
+struct Projection {
+    weight: Weight,
+    bias: Option<Vec<f32>>,
+    out: usize,
+    inp: usize,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    mlp_norm: Vec<f32>,
+    projections: [Projection; 7],
+}
+
+/// A base model's weights as the engine uses them, with the SVF targets factored.
+pub struct Engine {
+    config: ModelConfig,
+    embed: Vec<f32>,
+    /// `None` when tied to the embeddings.
+    head: Option<Vec<f32>>,
+    norm: Vec<f32>,
+    layers: Vec<Layer>,
+    inv_freq: Vec<f32>,
+    /// Rank of each target, in target order.
+    ranks: Vec<usize>,
+}
+
+/// One sequence of a step: its tokens and the loss weight of each (`weights[0]` is 0: nothing
+/// predicts the first token).
+pub struct Sequence<'a> {
+    pub ids: &'a [u32],
+    pub weights: &'a [f32],
+}
+
+/// What a call to [`Engine::gradients`] found.
+pub struct Gradients {
+    /// −Σ w · log p over all weighted tokens.
+    pub loss: f64,
+    /// ∂loss/∂s' per target, in target order.
+    pub scaled_s: Vec<Vec<f32>>,
+    pub forward_s: f64,
+    pub backward_s: f64,
+}
+
+/// A position whose prediction is weighted: its row in the pass, the token, the weight.
+struct Scored {
+    row: usize,
+    token: u32,
+    weight: f32,
+}
+
+/// The sequences of one pass, packed one after another.
+struct Pass {
+    lengths: Vec<usize>,
+    tokens: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// What one block's backward pass needs from its forward pass.
+struct Saved {
+    x: Vec<f32>,
+    inv_rms_attn: Vec<f32>,
+    /// Head-major per sequence (heads × len × head_dim), after rotation for q and k.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Per sequence and key/value head: (rep · len) × len.
+    probs: Vec<f32>,
+    x_mid: Vec<f32>,
+    inv_rms_mlp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// h = Vᵀ x of each factored projection.
+    hidden: [Option<Vec<f32>>; 7],
+}
+
+fn f32s(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl Engine {
+    /// The weights of `tensors` (canonical names, f32) with `factors` as the SVF targets, in
+    /// that order.
+    pub fn new(
+        config: &ModelConfig,
+        tensors: &BTreeMap<String, Tensor>,
+        factors: &[Decomposed],
+    ) -> Result<Self> {
+        let get = |name: &str| {
+            tensors
+                .get(name)
+                .ok_or_else(|| ModelError::Input(format!("weights lack `{name}`")))
+        };
+        let targets: BTreeMap<&str, (usize, &Decomposed)> = factors
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.name.as_str(), (i, d)))
+            .collect();
+        let mut layers = Vec::with_capacity(config.num_layers);
+        let mut used = 0;
+        for i in 0..config.num_layers {
+            let projection = |name: &str| -> Result<Projection> {
+                let module = format!("layers.{i}.{name}");
+                let dense = get(&format!("{module}.weight"))?;
+                let (out, inp) = dense.dims2()?;
+                let weight = match targets.get(module.as_str()) {
+                    Some(&(target, d)) => Weight::Factored {
+                        u: f32s(&d.factors.u)?,
+                        vt: f32s(&d.factors.vt)?,
+                        rank: d.factors.s.dim(0)?,
+                        target,
+                    },
+                    None => Weight::Dense(f32s(dense)?),
+                };
+                let bias = match tensors.get(&format!("{module}.bias")) {
+                    Some(b) => Some(f32s(b)?),
+                    None => None,
+                };
+                Ok(Projection {
+                    weight,
+                    bias,
+                    out,
+                    inp,
+                })
+            };
+            let projections = [Q, K, V, O, GATE, UP, DOWN].map(|p| projection(PROJECTIONS[p]));
+            let [q, k, v, o, gate, up, down] = projections;
+            let projections = [q?, k?, v?, o?, gate?, up?, down?];
+            used += projections
+                .iter()
+                .filter(|p| matches!(p.weight, Weight::Factored { .. }))
+                .count();
+            layers.push(Layer {
+                attn_norm: f32s(get(&format!("layers.{i}.attn_norm.weight"))?)?,
+                mlp_norm: f32s(get(&format!("layers.{i}.mlp_norm.weight"))?)?,
+                projections,
+            });
+        }
+        if used != factors.len() {
+            return Err(ModelError::Input(format!(
+                "{} of {} SVF targets name no projection of this model",
+                factors.len() - used,
+                factors.len()
+            )));
+        }
+        let half = config.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_theta
+                    .powf(2.0 * i as f64 / config.head_dim as f64) as f32
+            })
+            .collect();
+        Ok(Self {
+            config: config.clone(),
+            embed: f32s(get("embed.weight")?)?,
+            head: match config.tie_word_embeddings {
+                true => None,
+                false => Some(f32s(get("lm_head.weight")?)?),
+            },
+            norm: f32s(get("norm.weight")?)?,
+            layers,
+            inv_freq,
+            ranks: factors
+                .iter()
+                .map(|d| d.factors.s.dim(0))
+                .collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// The loss −Σ w · log p(token | prefix) over `batch` with the targets' scaled singular
+    /// values `scaled_s` (target order), and its gradient with respect to them.
+    pub fn gradients(&self, scaled_s: &[Vec<f32>], batch: &[Sequence]) -> Result<Gradients> {
+        self.check(scaled_s, batch)?;
+        let mut out = Gradients {
+            loss: 0.0,
+            scaled_s: self.ranks.iter().map(|&r| vec![0f32; r]).collect(),
+            forward_s: 0.0,
+            backward_s: 0.0,
+        };
+        for pass in self.passes(batch) {
+            self.run_pass(scaled_s, &pass, &mut out);
+        }
+        Ok(out)
+    }
+
+    fn check(&self, scaled_s: &[Vec<f32>], batch: &[Sequence]) -> Result<()> {
+        let bad = |message: String| Err(ModelError::Input(message));
+        if scaled_s.len() != self.ranks.len()
+            || scaled_s.iter().zip(&self.ranks).any(|(s, &r)| s.len() != r)
+        {
+            return bad("scaled singular values do not match the SVF targets".into());
+        }
+        let (vocab, context) = (self.config.vocab_size, self.config.max_position_embeddings);
+        for (b, seq) in batch.iter().enumerate() {
+            if seq.ids.len() != seq.weights.len() || seq.weights.first().is_some_and(|&w| w != 0.0)
+            {
+                return bad(format!(
+                    "sequence {b}: needs one weight per token and none on the first"
+                ));
+            }
+            if seq.ids.len() > context {
+                return bad(format!(
+                    "sequence {b}: {} tokens exceed the model's context of {context}",
+                    seq.ids.len()
+                ));
+            }
+            if let Some(id) = seq.ids.iter().find(|&&id| id as usize >= vocab) {
+                return bad(format!(
+                    "sequence {b}: token {id} is outside the vocabulary of {vocab}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Groups the batch into passes of at most [`PASS_BYTES`] of activations (a longer single
+    /// sequence gets a pass of its own).
+    fn passes<'a>(&self, batch: &'a [Sequence<'a>]) -> Vec<Vec<&'a Sequence<'a>>> {
+        let c = &self.config;
+        let per_token =
+            4 * c.num_layers * (6 * c.hidden_size + 2 * c.intermediate_size + 3 * c.hidden_size);
+        let bytes = |len: usize| len * per_token + 4 * c.num_layers * c.num_heads * len * len;
+        let mut passes: Vec<Vec<&Sequence>> = vec![];
+        let mut used = 0;
+        for seq in batch {
+            let need = bytes(seq.ids.len());
+            match passes.last_mut() {
+                Some(pass) if used + need <= PASS_BYTES => pass.push(seq),
+                _ => {
+                    passes.push(vec![seq]);
+                    used = 0;
+                }
+            }
+            used += need;
+        }
+        passes
+    }
+
+    fn run_pass(&self, scaled_s: &[Vec<f32>], seqs: &[&Sequence], out: &mut Gradients) {
+        let clock = std::time::Instant::now();
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let (cos, sin) = kernels::rope_tables(&self.inv_freq, longest);
+        let pass = Pass {
+            tokens: lengths.iter().sum(),
+            lengths,
+            cos,
+            sin,
+        };
+        let hidden = self.config.hidden_size;
+        let mut x: Vec<f32> = seqs
+            .iter()
+            .flat_map(|s| s.ids.iter())
+            .flat_map(|&id| &self.embed[id as usize * hidden..(id as usize + 1) * hidden])
+            .copied()
+            .collect();
+        let mut saved = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (next, keep) = self.block_forward(layer, x, &pass, scaled_s);
+            saved.push(keep);
+            x = next;
+        }
+        out.forward_s += clock.elapsed().as_secs_f64();
+
+        let clock = std::time::Instant::now();
+        let mut scored = vec![];
+        let mut row = 0;
+        for seq in seqs {
+            for t in 1..seq.ids.len() {
+                if seq.weights[t] != 0.0 {
+                    scored.push(Scored {
+                        row: row + t - 1,
+                        token: seq.ids[t],
+                        weight: seq.weights[t],
+                    });
+                }
+            }
+            row += seq.ids.len();
+        }
+        let mut grad = vec![0f32; x.len()];
+        out.loss += self.head_loss(&x, &scored, &mut grad);
+        for (layer, keep) in self.layers.iter().zip(saved).rev() {
+            grad = self.block_backward(layer, keep, grad, &pass, scaled_s, &mut out.scaled_s);
+        }
+        out.backward_s += clock.elapsed().as_secs_f64();
+    }
+
+    fn block_forward(
+        &self,
+        layer: &Layer,
+        x: Vec<f32>,
+        pass: &Pass,
+        scaled_s: &[Vec<f32>],
+    ) -> (Vec<f32>, Saved) {
+        let c = &self.config;
+        let (n, eps) = (pass.tokens, c.rms_norm_eps as f32);
+        let p = &layer.projections;
+        let mut hidden: [Option<Vec<f32>>; 7] = Default::default();
+        let mut project = |slot: usize, input: &[f32]| {
+            let (y, h) = p[slot].forward(input, n, scaled_s);
+            hidden[slot] = h;
+            y
+        };
+
+        let mut normed = vec![0f32; x.len()];
+        let mut inv_rms_attn = vec![0f32; n];
+        kernels::rms_norm(&x, &layer.attn_norm, eps, &mut normed, &mut inv_rms_attn);
+        let (heads, kv_heads, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let q = self.to_heads(&project(Q, &normed), pass, heads, true);
+        let k = self.to_heads(&project(K, &normed), pass, kv_heads, true);
+        let v = self.to_heads(&project(V, &normed), pass, kv_heads, false);
+        let (probs, attended) = self.attention(&q, &k, &v, pass);
+        let attended = self.to_tokens(&attended, pass, heads, false);
+        let mut x_mid = project(O, &attended);
+        x_mid.par_iter_mut().zip(&x).for_each(|(o, x)| *o += x);
+        debug_assert_eq!(q.len(), n * heads * d);
+
+        let mut inv_rms_mlp = vec![0f32; n];
+        kernels::rms_norm(&x_mid, &layer.mlp_norm, eps, &mut normed, &mut inv_rms_mlp);
+        let gate = project(GATE, &normed);
+        let up = project(UP, &normed);
+        let mut gated = vec![0f32; gate.len()];
+        kernels::silu_mul(&gate, &up, &mut gated);
+        let mut y = project(DOWN, &gated);
+        y.par_iter_mut().zip(&x_mid).for_each(|(y, x)| *y += x);
+        let keep = Saved {
+            x,
+            inv_rms_attn,
+            q,
+            k,
+            v,
+            probs,
+            x_mid,
+            inv_rms_mlp,
+            gate,
+            up,
+            hidden,
+        };
+        (y, keep)
+    }
+
+    fn block_backward(
+        &self,
+        layer: &Layer,
+        saved: Saved,
+        grad_y: Vec<f32>,
+        pass: &Pass,
+        scaled_s: &[Vec<f32>],
+        grad_s: &mut [Vec<f32>],
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let n = pass.tokens;
+        let p = &layer.projections;
+        let mut back = |slot: usize, grad: &[f32], grad_x: &mut [f32], accumulate: bool| {
+            p[slot].backward(
+                grad,
+                n,
+                &saved.hidden[slot],
+                scaled_s,
+                grad_x,
+                accumulate,
+                grad_s,
+            )
+        };
+
+        // MLP: y = x_mid + down(silu(gate) ⊙ up), gate and up of rms_norm(x_mid).
+        let mut grad_gate = vec![0f32; saved.gate.len()];
+        back(DOWN, &grad_y, &mut grad_gate, false);
+        let mut grad_up = vec![0f32; saved.up.len()];
+        kernels::silu_mul_backward(&saved.gate, &saved.up, &mut grad_gate, &mut grad_up);
+        let mut grad_normed = vec![0f32; grad_y.len()];
+        back(GATE, &grad_gate, &mut grad_normed, false);
+        back(UP, &grad_up, &mut grad_normed, true);
+        let mut grad_mid = grad_y;
+        kernels::rms_norm_backward(
+            &saved.x_mid,
+            &layer.mlp_norm,
+            &saved.inv_rms_mlp,
+            &grad_normed,
+            &mut grad_mid,
+        );
+
+        // Attention: x_mid = x + o(attention(q, k, v)), q, k, v of rms_norm(x).
+        let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
+        let mut grad_attended = vec![0f32; n * heads * c.head_dim];
+        back(O, &grad_mid, &mut grad_attended, false);
+        let grad_attended = self.to_heads(&grad_attended, pass, heads, false);
+        let (grad_q, grad_k, grad_v) = self.attention_backward(&saved, &grad_attended, pass);
+        back(
+            Q,
+            &self.to_tokens(&grad_q, pass, heads, true),
+            &mut grad_normed,
+            false,
+        );
+        back(
+            K,
+            &self.to_tokens(&grad_k, pass, kv_heads, true),
+            &mut grad_normed,
+            true,
+        );
+        back(
+            V,
+            &self.to_tokens(&grad_v, pass, kv_heads, false),
+            &mut grad_normed,
+            true,
+        );
+        let mut grad_x = grad_mid;
+        kernels::rms_norm_backward(
+            &saved.x,
+            &layer.attn_norm,
+            &saved.inv_rms_attn,
+            &grad_normed,
+            &mut grad_x,
+        );
+        grad_x
+    }
+
+    /// Token-major (tokens × heads·d) to head-major per sequence (heads × len × d), rotating
+    /// each head vector by its position when `rotate`.
+    fn to_heads(&self, x: &[f32], pass: &Pass, heads: usize, rotate: bool) -> Vec<f32> {
+        self.transpose_heads(x, pass, heads, rotate, true)
+    }
+
+    /// The inverse of [`Engine::to_heads`]; with `rotate`, applies the inverse rotation (the
+    /// backward pass of the rotation).
+    fn to_tokens(&self, x: &[f32], pass: &Pass, heads: usize, rotate: bool) -> Vec<f32> {
+        self.transpose_heads(x, pass, heads, rotate, false)
+    }
+
+    fn transpose_heads(
+        &self,
+        x: &[f32],
+        pass: &Pass,
+        heads: usize,
+        rotate: bool,
+        to_heads: bool,
+    ) -> Vec<f32> {
+        let d = self.config.head_dim;
+        let half = d / 2;
+        let width = heads * d;
+        let mut out = vec![0f32; x.len()];
+        let sizes: Vec<usize> = pass.lengths.iter().map(|l| l * width).collect();
+        split_mut(&mut out, &sizes)
+            .into_par_iter()
+            .zip(split(x, &sizes))
+            .zip(&pass.lengths)
+            .for_each(|((out, x), &len)| {
+                for t in 0..len {
+                    for h in 0..heads {
+                        let token_major = t * width + h * d;
+                        let head_major = (h * len + t) * d;
+                        let (from, to) = match to_heads {
+                            true => (token_major, head_major),
+                            false => (head_major, token_major),
+                        };
+                        let v = &mut out[to..to + d];
+                        v.copy_from_slice(&x[from..from + d]);
+                        if rotate {
+                            let angles = t * half..(t + 1) * half;
+                            let (cos, sin) = (&pass.cos[angles.clone()], &pass.sin[angles]);
+                            kernels::rotate(v, cos, sin, !to_heads);
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    /// Causal attention of every sequence and key/value head: the probabilities and the
+    /// attended values (head-major).
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], pass: &Pass) -> (Vec<f32>, Vec<f32>) {
+        let (rep, d, scale) = self.attention_shape();
+        let mut probs = vec![0f32; self.probs_len(pass)];
+        let mut out = vec![0f32; q.len()];
+        let groups = self.groups(pass);
+        split_groups_mut(&mut probs, &groups, |len| rep * len * len)
+            .into_par_iter()
+            .zip(split_groups_mut(&mut out, &groups, |len| rep * len * d))
+            .zip(split_groups(q, &groups, |len| rep * len * d))
+            .zip(split_groups(k, &groups, |len| len * d))
+            .zip(split_groups(v, &groups, |len| len * d))
+            .zip(&groups)
+            .for_each(|(((((p, o), q), k), v), &len)| {
+                let rows = rep * len;
+                matmul(
+                    p,
+                    Mat::new(q, rows, d),
+                    Mat::new(k, len, d).t(),
+                    false,
+                    Threads::One,
+                );
+                kernels::causal_softmax(p, len, scale);
+                matmul(
+                    o,
+                    Mat::new(p, rows, len),
+                    Mat::new(v, len, d),
+                    false,
+                    Threads::One,
+                );
+            });
+        (probs, out)
+    }
+
+    /// Gradients of q, k and v (head-major, before the inverse rotation) from those of the
+    /// attended values.
+    fn attention_backward(
+        &self,
+        saved: &Saved,
+        grad_out: &[f32],
+        pass: &Pass,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (rep, d, scale) = self.attention_shape();
+        let (mut grad_q, mut grad_k, mut grad_v) = (
+            vec![0f32; saved.q.len()],
+            vec![0f32; saved.k.len()],
+            vec![0f32; saved.v.len()],
+        );
+        let groups = self.groups(pass);
+        split_groups_mut(&mut grad_q, &groups, |len| rep * len * d)
+            .into_par_iter()
+            .zip(split_groups_mut(&mut grad_k, &groups, |len| len * d))
+            .zip(split_groups_mut(&mut grad_v, &groups, |len| len * d))
+            .zip(split_groups(&saved.probs, &groups, |len| rep * len * len))
+            .zip(split_groups(grad_out, &groups, |len| rep * len * d))
+            .zip(split_groups(&saved.q, &groups, |len| rep * len * d))
+            .zip(split_groups(&saved.k, &groups, |len| len * d))
+            .zip(split_groups(&saved.v, &groups, |len| len * d))
+            .zip(&groups)
+            .for_each(|((((((((gq, gk), gv), p), go), q), k), v), &len)| {
+                let rows = rep * len;
+                let mut gs = vec![0f32; rows * len];
+                matmul(
+                    &mut gs,
+                    Mat::new(go, rows, d),
+                    Mat::new(v, len, d).t(),
+                    false,
+                    Threads::One,
+                );
+                matmul(
+                    gv,
+                    Mat::new(p, rows, len).t(),
+                    Mat::new(go, rows, d),
+                    false,
+                    Threads::One,
+                );
+                kernels::causal_softmax_backward(p, &mut gs, len, scale);
+                matmul(
+                    gq,
+                    Mat::new(&gs, rows, len),
+                    Mat::new(k, len, d),
+                    false,
+                    Threads::One,
+                );
+                matmul(
+                    gk,
+                    Mat::new(&gs, rows, len).t(),
+                    Mat::new(q, rows, d),
+                    false,
+                    Threads::One,
+                );
+            });
+        (grad_q, grad_k, grad_v)
+    }
+
+    /// Query heads per key/value head, head dimension, score scale.
+    fn attention_shape(&self) -> (usize, usize, f32) {
+        let c = &self.config;
+        let d = c.head_dim;
+        (c.num_heads / c.num_kv_heads, d, 1.0 / (d as f32).sqrt())
+    }
+
+    /// The length of each (sequence, key/value head) group, in layout order.
+    fn groups(&self, pass: &Pass) -> Vec<usize> {
+        let kv_heads = self.config.num_kv_heads;
+        pass.lengths
+            .iter()
+            .flat_map(|&len| std::iter::repeat_n(len, kv_heads))
+            .collect()
+    }
+
+    fn probs_len(&self, pass: &Pass) -> usize {
+        pass.lengths
+            .iter()
+            .map(|l| self.config.num_heads * l * l)
+            .sum()
+    }
+
+    /// `−Σ w log softmax(norm(x_row) headᵀ)[token]` over the scored rows; writes the gradient of
+    /// those rows of `x` into `grad_x`. The head runs on [`HEAD_CHUNK_ROWS`] rows at a time, so
+    /// full logits never exist for the whole batch.
+    fn head_loss(&self, x: &[f32], scored: &[Scored], grad_x: &mut [f32]) -> f64 {
+        let (hidden, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let head = self.head.as_deref().unwrap_or(&self.embed);
+        let eps = self.config.rms_norm_eps as f32;
+        let mut loss = 0f64;
+        for chunk in scored.chunks(HEAD_CHUNK_ROWS) {
+            let rows = chunk.len();
+            let picked: Vec<f32> = chunk
+                .iter()
+                .flat_map(|s| &x[s.row * hidden..(s.row + 1) * hidden])
+                .copied()
+                .collect();
+            let (mut normed, mut inv_rms) = (vec![0f32; picked.len()], vec![0f32; rows]);
+            kernels::rms_norm(&picked, &self.norm, eps, &mut normed, &mut inv_rms);
+            let mut logits = vec![0f32; rows * vocab];
+            let head_mat = Mat::new(head, vocab, hidden);
+            matmul(
+                &mut logits,
+                Mat::new(&normed, rows, hidden),
+                head_mat.t(),
+                false,
+                Threads::All,
+            );
+            // In place: logits become w · (softmax − onehot(token)), the gradient of the loss.
+            loss += logits
+                .par_chunks_mut(vocab)
+                .zip(chunk)
+                .map(|(row, s)| {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let picked = row[s.token as usize] - max;
+                    let mut total = 0f64;
+                    for v in row.iter_mut() {
+                        *v = kernels::exp(*v - max);
+                        total += *v as f64;
+                    }
+                    let scale = s.weight / total as f32;
+                    row.iter_mut().for_each(|v| *v *= scale);
+                    row[s.token as usize] -= s.weight;
+                    -(s.weight as f64) * (picked as f64 - total.ln())
+                })
+                .sum::<f64>();
+            let mut grad_normed = vec![0f32; picked.len()];
+            matmul(
+                &mut grad_normed,
+                Mat::new(&logits, rows, vocab),
+                head_mat,
+                false,
+                Threads::All,
+            );
+            let mut grad_picked = vec![0f32; picked.len()];
+            kernels::rms_norm_backward(
+                &picked,
+                &self.norm,
+                &inv_rms,
+                &grad_normed,
+                &mut grad_picked,
+            );
+            for (s, g) in chunk.iter().zip(grad_picked.chunks(hidden)) {
+                grad_x[s.row * hidden..(s.row + 1) * hidden].copy_from_slice(g);
+            }
+        }
+        loss
+    }
+}
+
+impl Projection {
+    /// `x Wᵀ (+ b)` for `n` rows of x; a factored projection also returns h = x V (n × rank).
+    fn forward(&self, x: &[f32], n: usize, scaled_s: &[Vec<f32>]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut y = vec![0f32; n * self.out];
+        let input = Mat::new(x, n, self.inp);
+        let hidden = match &self.weight {
+            Weight::Dense(w) => {
+                matmul(
+                    &mut y,
+                    input,
+                    Mat::new(w, self.out, self.inp).t(),
+                    false,
+                    Threads::All,
+                );
+                None
+            }
+            Weight::Factored {
+                u,
+                vt,
+                rank,
+                target,
+            } => {
+                let mut h = vec![0f32; n * rank];
+                matmul(
+                    &mut h,
+                    input,
+                    Mat::new(vt, *rank, self.inp).t(),
+                    false,
+                    Threads::All,
+                );
+                let mut scaled = h.clone();
+                scale_columns(&mut scaled, &scaled_s[*target]);
+                let u = Mat::new(u, self.out, *rank);
+                matmul(
+                    &mut y,
+                    Mat::new(&scaled, n, *rank),
+                    u.t(),
+                    false,
+                    Threads::All,
+                );
+                Some(h)
+            }
+        };
+        if let Some(b) = &self.bias {
+            y.par_chunks_mut(self.out)
+                .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+        }
+        (y, hidden)
+    }
+
+    /// Writes (or with `accumulate` adds) ∂L/∂x into `grad_x`, and for a factored projection
+    /// adds ∂L/∂s' = Σ_rows (∂y U) ⊙ h into `grad_s`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        grad_y: &[f32],
+        n: usize,
+        hidden: &Option<Vec<f32>>,
+        scaled_s: &[Vec<f32>],
+        grad_x: &mut [f32],
+        accumulate: bool,
+        grad_s: &mut [Vec<f32>],
+    ) {
+        let grad_y = Mat::new(grad_y, n, self.out);
+        match (&self.weight, hidden) {
+            (Weight::Dense(w), _) => {
+                let w = Mat::new(w, self.out, self.inp);
+                matmul(grad_x, grad_y, w, accumulate, Threads::All);
+            }
+            (
+                Weight::Factored {
+                    u,
+                    vt,
+                    rank,
+                    target,
+                },
+                Some(h),
+            ) => {
+                let mut g = vec![0f32; n * rank];
+                matmul(
+                    &mut g,
+                    grad_y,
+                    Mat::new(u, self.out, *rank),
+                    false,
+                    Threads::All,
+                );
+                for (g, h) in g.chunks(*rank).zip(h.chunks(*rank)) {
+                    for ((acc, g), h) in grad_s[*target].iter_mut().zip(g).zip(h) {
+                        *acc += g * h;
+                    }
+                }
+                scale_columns(&mut g, &scaled_s[*target]);
+                let vt = Mat::new(vt, *rank, self.inp);
+                matmul(grad_x, Mat::new(&g, n, *rank), vt, accumulate, Threads::All);
+            }
+            (Weight::Factored { .. }, None) => {
+                unreachable!("a factored projection's forward pass keeps Vᵀx")
+            }
+        }
+    }
+}
+
+fn scale_columns(m: &mut [f32], scale: &[f32]) {
+    m.par_chunks_mut(scale.len())
+        .for_each(|row| row.iter_mut().zip(scale).for_each(|(v, s)| *v *= s));
+}
+
+/// `buf` cut into consecutive pieces of `sizes`.
+fn split<'a>(mut buf: &'a [f32], sizes: &[usize]) -> Vec<&'a [f32]> {
+    sizes
+        .iter()
+        .map(|&n| {
+            let (head, rest) = buf.split_at(n);
+            buf = rest;
+            head
+        })
+        .collect()
+}
+
+fn split_mut<'a>(mut buf: &'a mut [f32], sizes: &[usize]) -> Vec<&'a mut [f32]> {
+    sizes
+        .iter()
+        .map(|&n| {
+            let (head, rest) = std::mem::take(&mut buf).split_at_mut(n);
+            buf = rest;
+            head
+        })
+        .collect()
+}
+
+fn split_groups<'a>(
+    buf: &'a [f32],
+    groups: &[usize],
+    size: impl Fn(usize) -> usize,
+) -> Vec<&'a [f32]> {
+    split(
+        buf,
+        &groups.iter().map(|&len| size(len)).collect::<Vec<_>>(),
+    )
+}
+
+fn split_groups_mut<'a>(
+    buf: &'a mut [f32],
+    groups: &[usize],
+    size: impl Fn(usize) -> usize,
+) -> Vec<&'a mut [f32]> {
+    split_mut(
+        buf,
+        &groups.iter().map(|&len| size(len)).collect::<Vec<_>>(),
+    )
+}
