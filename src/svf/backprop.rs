@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use rayon::prelude::*;
-use tsq_linalg::{Mat, Threads, matmul};
+use tsq_linalg::{Mat, MatMut, Threads, matmul};
 
 use super::kernels;
 use crate::model::config::ModelConfig;
@@ -44,6 +44,10 @@ const GATE: usize = 4;
 const UP: usize = 5;
 const DOWN: usize = 6;
 
+/// Query positions per block of causal attention: a block of t positions needs the first
+/// t_end keys only, so blocks skip ~3/8 of the score products at 256 tokens.
+const QUERY_BLOCK: usize = 64;
+
 /// Rows of the LM head computed at once: 256 × 49k vocabulary × 4 bytes ≈ 50 MB per buffer.
 const HEAD_CHUNK_ROWS: usize = 256;
 
@@ -51,14 +55,44 @@ const HEAD_CHUNK_ROWS: usize = 256;
 /// token and layer on SmolLM2 plus attention probabilities, 8 × 256 tokens take ~2.4 GB.
 const PASS_BYTES: usize = 3 << 30;
 
+/// A frozen matrix kept row-major both as itself and transposed, so that every product reads
+/// its operands in storage order: faer ran 1.2-1.5x slower on a transposed read of the right
+/// operand (SVF-step shapes on 2 cores, 2026-11-27). Memory is cheap here next to time.
+struct Frozen {
+    m: Vec<f32>,
+    t: Vec<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Frozen {
+    fn new(tensor: &Tensor) -> Result<Self> {
+        let (rows, cols) = tensor.dims2()?;
+        Ok(Self {
+            m: f32s(tensor)?,
+            t: f32s(&tensor.t()?)?,
+            rows,
+            cols,
+        })
+    }
+
+    fn mat(&self) -> Mat<'_> {
+        Mat::new(&self.m, self.rows, self.cols)
+    }
+
+    /// The transpose, as a matrix of its own.
+    fn mat_t(&self) -> Mat<'_> {
+        Mat::new(&self.t, self.cols, self.rows)
+    }
+}
+
 enum Weight {
-    /// Frozen (out × in).
-    Dense(Vec<f32>),
+    /// W (out × in).
+    Dense(Frozen),
     /// An SVF target: U (out × rank), Vᵀ (rank × in), and its index among the targets.
     Factored {
-        u: Vec<f32>,
-        vt: Vec<f32>,
-        rank: usize,
+        u: Frozen,
+        vt: Frozen,
         target: usize,
     },
 }
@@ -80,8 +114,7 @@ struct Layer {
 pub struct Engine {
     config: ModelConfig,
     embed: Vec<f32>,
-    /// `None` when tied to the embeddings.
-    head: Option<Vec<f32>>,
+    head: Frozen,
     norm: Vec<f32>,
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
@@ -170,12 +203,11 @@ impl Engine {
                 let (out, inp) = dense.dims2()?;
                 let weight = match targets.get(module.as_str()) {
                     Some(&(target, d)) => Weight::Factored {
-                        u: f32s(&d.factors.u)?,
-                        vt: f32s(&d.factors.vt)?,
-                        rank: d.factors.s.dim(0)?,
+                        u: Frozen::new(&d.factors.u)?,
+                        vt: Frozen::new(&d.factors.vt)?,
                         target,
                     },
-                    None => Weight::Dense(f32s(dense)?),
+                    None => Weight::Dense(Frozen::new(dense)?),
                 };
                 let bias = match tensors.get(&format!("{module}.bias")) {
                     Some(b) => Some(f32s(b)?),
@@ -219,10 +251,10 @@ impl Engine {
         Ok(Self {
             config: config.clone(),
             embed: f32s(get("embed.weight")?)?,
-            head: match config.tie_word_embeddings {
-                true => None,
-                false => Some(f32s(get("lm_head.weight")?)?),
-            },
+            head: Frozen::new(match config.tie_word_embeddings {
+                true => get("embed.weight")?,
+                false => get("lm_head.weight")?,
+            })?,
             norm: f32s(get("norm.weight")?)?,
             layers,
             inv_freq,
@@ -481,8 +513,13 @@ impl Engine {
         grad_x
     }
 
-    /// Token-major (tokens × heads·d) to head-major per sequence (heads × len × d), rotating
-    /// each head vector by its position when `rotate`.
+    /// Token-major (tokens × heads·d) to grouped: per sequence and key/value head g, the rows
+    /// t·rep + j hold query head g·rep + j at position t (rep = heads / kv_heads; 1 for keys
+    /// and values). Each head vector is rotated by its position when `rotate`.
+    ///
+    /// Why this order: the rep query heads of one position are adjacent in both layouts (one
+    /// copy each), and a block of positions is a block of rows for all of them at once, so
+    /// causal attention can skip the masked blocks with a few large products.
     fn to_heads(&self, x: &[f32], pass: &Pass, heads: usize, rotate: bool) -> Vec<f32> {
         self.transpose_heads(x, pass, heads, rotate, true)
     }
@@ -501,9 +538,9 @@ impl Engine {
         rotate: bool,
         to_heads: bool,
     ) -> Vec<f32> {
-        let d = self.config.head_dim;
-        let half = d / 2;
-        let width = heads * d;
+        let (d, kv_heads) = (self.config.head_dim, self.config.num_kv_heads);
+        let (half, width) = (d / 2, heads * d);
+        let run = heads / kv_heads * d;
         let mut out = vec![0f32; x.len()];
         let sizes: Vec<usize> = pass.lengths.iter().map(|l| l * width).collect();
         split_mut(&mut out, &sizes)
@@ -511,20 +548,22 @@ impl Engine {
             .zip(split(x, &sizes))
             .zip(&pass.lengths)
             .for_each(|((out, x), &len)| {
-                for t in 0..len {
-                    for h in 0..heads {
-                        let token_major = t * width + h * d;
-                        let head_major = (h * len + t) * d;
+                for g in 0..kv_heads {
+                    for t in 0..len {
+                        let token_major = t * width + g * run;
+                        let grouped = (g * len + t) * run;
                         let (from, to) = match to_heads {
-                            true => (token_major, head_major),
-                            false => (head_major, token_major),
+                            true => (token_major, grouped),
+                            false => (grouped, token_major),
                         };
-                        let v = &mut out[to..to + d];
-                        v.copy_from_slice(&x[from..from + d]);
+                        let run = &mut out[to..to + run];
+                        run.copy_from_slice(&x[from..from + run.len()]);
                         if rotate {
                             let angles = t * half..(t + 1) * half;
                             let (cos, sin) = (&pass.cos[angles.clone()], &pass.sin[angles]);
-                            kernels::rotate(v, cos, sin, !to_heads);
+                            for v in run.chunks_mut(d) {
+                                kernels::rotate(v, cos, sin, !to_heads);
+                            }
                         }
                     }
                 }
@@ -533,7 +572,8 @@ impl Engine {
     }
 
     /// Causal attention of every sequence and key/value head: the probabilities and the
-    /// attended values (head-major).
+    /// attended values (grouped like q). Queries go in blocks of [`QUERY_BLOCK`] positions,
+    /// each against the keys up to its last position only.
     fn attention(&self, q: &[f32], k: &[f32], v: &[f32], pass: &Pass) -> (Vec<f32>, Vec<f32>) {
         let (rep, d, scale) = self.attention_shape();
         let mut probs = vec![0f32; self.probs_len(pass)];
@@ -547,27 +587,23 @@ impl Engine {
             .zip(split_groups(v, &groups, |len| len * d))
             .zip(&groups)
             .for_each(|(((((p, o), q), k), v), &len)| {
-                let rows = rep * len;
-                matmul(
-                    p,
-                    Mat::new(q, rows, d),
-                    Mat::new(k, len, d).t(),
-                    false,
-                    Threads::One,
-                );
-                kernels::causal_softmax(p, len, scale);
-                matmul(
-                    o,
-                    Mat::new(p, rows, len),
-                    Mat::new(v, len, d),
-                    false,
-                    Threads::One,
-                );
+                for (first, end) in query_blocks(len) {
+                    let (r0, rows) = (first * rep, (end - first) * rep);
+                    let scores = &mut p[r0 * len..(r0 + rows) * len];
+                    let q = Mat::new(&q[r0 * d..(r0 + rows) * d], rows, d);
+                    let k = Mat::new(&k[..end * d], end, d);
+                    let visible = MatMut::strided(scores, rows, end, len);
+                    matmul(visible, q, k.t(), false, Threads::One);
+                    kernels::causal_softmax(scores, len, rep, first, end, scale);
+                    let o = MatMut::new(&mut o[r0 * d..(r0 + rows) * d], rows, d);
+                    let p = Mat::strided(scores, rows, end, len);
+                    matmul(o, p, Mat::new(&v[..end * d], end, d), false, Threads::One);
+                }
             });
         (probs, out)
     }
 
-    /// Gradients of q, k and v (head-major, before the inverse rotation) from those of the
+    /// Gradients of q, k and v (grouped, before the inverse rotation) from those of the
     /// attended values.
     fn attention_backward(
         &self,
@@ -593,37 +629,27 @@ impl Engine {
             .zip(split_groups(&saved.v, &groups, |len| len * d))
             .zip(&groups)
             .for_each(|((((((((gq, gk), gv), p), go), q), k), v), &len)| {
-                let rows = rep * len;
-                let mut gs = vec![0f32; rows * len];
-                matmul(
-                    &mut gs,
-                    Mat::new(go, rows, d),
-                    Mat::new(v, len, d).t(),
-                    false,
-                    Threads::One,
-                );
-                matmul(
-                    gv,
-                    Mat::new(p, rows, len).t(),
-                    Mat::new(go, rows, d),
-                    false,
-                    Threads::One,
-                );
-                kernels::causal_softmax_backward(p, &mut gs, len, scale);
-                matmul(
-                    gq,
-                    Mat::new(&gs, rows, len),
-                    Mat::new(k, len, d),
-                    false,
-                    Threads::One,
-                );
-                matmul(
-                    gk,
-                    Mat::new(&gs, rows, len).t(),
-                    Mat::new(q, rows, d),
-                    false,
-                    Threads::One,
-                );
+                let mut gs = vec![0f32; rep * QUERY_BLOCK.min(len) * len];
+                for (first, end) in query_blocks(len) {
+                    let (r0, rows) = (first * rep, (end - first) * rep);
+                    let (q, go) = (&q[r0 * d..(r0 + rows) * d], &go[r0 * d..(r0 + rows) * d]);
+                    let (q, go) = (Mat::new(q, rows, d), Mat::new(go, rows, d));
+                    let p_rows = &p[r0 * len..];
+                    let p = Mat::strided(p_rows, rows, end, len);
+                    let (k, v) = (
+                        Mat::new(&k[..end * d], end, d),
+                        Mat::new(&v[..end * d], end, d),
+                    );
+                    let gs = &mut gs[..rows * end];
+                    matmul(MatMut::new(gs, rows, end), go, v.t(), false, Threads::One);
+                    let gv = MatMut::new(&mut gv[..end * d], end, d);
+                    matmul(gv, p.t(), go, true, Threads::One);
+                    kernels::causal_softmax_backward(p_rows, len, gs, end, scale);
+                    let gq = MatMut::new(&mut gq[r0 * d..(r0 + rows) * d], rows, d);
+                    matmul(gq, Mat::new(gs, rows, end), k, false, Threads::One);
+                    let gk = MatMut::new(&mut gk[..end * d], end, d);
+                    matmul(gk, Mat::new(gs, rows, end).t(), q, true, Threads::One);
+                }
             });
         (grad_q, grad_k, grad_v)
     }
@@ -656,7 +682,6 @@ impl Engine {
     /// full logits never exist for the whole batch.
     fn head_loss(&self, x: &[f32], scored: &[Scored], grad_x: &mut [f32]) -> f64 {
         let (hidden, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let head = self.head.as_deref().unwrap_or(&self.embed);
         let eps = self.config.rms_norm_eps as f32;
         let mut loss = 0f64;
         for chunk in scored.chunks(HEAD_CHUNK_ROWS) {
@@ -669,14 +694,8 @@ impl Engine {
             let (mut normed, mut inv_rms) = (vec![0f32; picked.len()], vec![0f32; rows]);
             kernels::rms_norm(&picked, &self.norm, eps, &mut normed, &mut inv_rms);
             let mut logits = vec![0f32; rows * vocab];
-            let head_mat = Mat::new(head, vocab, hidden);
-            matmul(
-                &mut logits,
-                Mat::new(&normed, rows, hidden),
-                head_mat.t(),
-                false,
-                Threads::All,
-            );
+            let normed = Mat::new(&normed, rows, hidden);
+            product(&mut logits, normed, self.head.mat_t(), false);
             // In place: logits become w · (softmax − onehot(token)), the gradient of the loss.
             loss += logits
                 .par_chunks_mut(vocab)
@@ -696,12 +715,11 @@ impl Engine {
                 })
                 .sum::<f64>();
             let mut grad_normed = vec![0f32; picked.len()];
-            matmul(
+            product(
                 &mut grad_normed,
                 Mat::new(&logits, rows, vocab),
-                head_mat,
+                self.head.mat(),
                 false,
-                Threads::All,
             );
             let mut grad_picked = vec![0f32; picked.len()];
             kernels::rms_norm_backward(
@@ -726,39 +744,16 @@ impl Projection {
         let input = Mat::new(x, n, self.inp);
         let hidden = match &self.weight {
             Weight::Dense(w) => {
-                matmul(
-                    &mut y,
-                    input,
-                    Mat::new(w, self.out, self.inp).t(),
-                    false,
-                    Threads::All,
-                );
+                product(&mut y, input, w.mat_t(), false);
                 None
             }
-            Weight::Factored {
-                u,
-                vt,
-                rank,
-                target,
-            } => {
-                let mut h = vec![0f32; n * rank];
-                matmul(
-                    &mut h,
-                    input,
-                    Mat::new(vt, *rank, self.inp).t(),
-                    false,
-                    Threads::All,
-                );
+            Weight::Factored { u, vt, target } => {
+                let mut h = vec![0f32; n * vt.rows];
+                product(&mut h, input, vt.mat_t(), false);
                 let mut scaled = h.clone();
                 scale_columns(&mut scaled, &scaled_s[*target]);
-                let u = Mat::new(u, self.out, *rank);
-                matmul(
-                    &mut y,
-                    Mat::new(&scaled, n, *rank),
-                    u.t(),
-                    false,
-                    Threads::All,
-                );
+                let scaled = Mat::new(&scaled, n, vt.rows);
+                product(&mut y, scaled, u.mat_t(), false);
                 Some(h)
             }
         };
@@ -784,41 +779,38 @@ impl Projection {
     ) {
         let grad_y = Mat::new(grad_y, n, self.out);
         match (&self.weight, hidden) {
-            (Weight::Dense(w), _) => {
-                let w = Mat::new(w, self.out, self.inp);
-                matmul(grad_x, grad_y, w, accumulate, Threads::All);
-            }
-            (
-                Weight::Factored {
-                    u,
-                    vt,
-                    rank,
-                    target,
-                },
-                Some(h),
-            ) => {
+            (Weight::Dense(w), _) => product(grad_x, grad_y, w.mat(), accumulate),
+            (Weight::Factored { u, vt, target }, Some(h)) => {
+                let rank = vt.rows;
                 let mut g = vec![0f32; n * rank];
-                matmul(
-                    &mut g,
-                    grad_y,
-                    Mat::new(u, self.out, *rank),
-                    false,
-                    Threads::All,
-                );
-                for (g, h) in g.chunks(*rank).zip(h.chunks(*rank)) {
+                product(&mut g, grad_y, u.mat(), false);
+                for (g, h) in g.chunks(rank).zip(h.chunks(rank)) {
                     for ((acc, g), h) in grad_s[*target].iter_mut().zip(g).zip(h) {
                         *acc += g * h;
                     }
                 }
                 scale_columns(&mut g, &scaled_s[*target]);
-                let vt = Mat::new(vt, *rank, self.inp);
-                matmul(grad_x, Mat::new(&g, n, *rank), vt, accumulate, Threads::All);
+                let g = Mat::new(&g, n, rank);
+                product(grad_x, g, vt.mat(), accumulate);
             }
             (Weight::Factored { .. }, None) => {
                 unreachable!("a factored projection's forward pass keeps Vᵀx")
             }
         }
     }
+}
+
+/// `c = a · b` (or `c += a · b`) for a contiguous `c`, on all threads: the large products.
+fn product(c: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
+    let (rows, cols) = (a.shape().0, b.shape().1);
+    matmul(MatMut::new(c, rows, cols), a, b, accumulate, Threads::All);
+}
+
+/// (first, end) positions of each query block of a sequence of `len` tokens.
+fn query_blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(QUERY_BLOCK)
+        .map(move |first| (first, (first + QUERY_BLOCK).min(len)))
 }
 
 fn scale_columns(m: &mut [f32], scale: &[f32]) {

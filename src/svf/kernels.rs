@@ -131,12 +131,21 @@ pub fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
     }
 }
 
-/// Causal softmax of each row of `scores` (rep·len × len: `rep` query heads stacked, query
-/// position = row mod len) after multiplying by `scale`; masked entries become 0.
-pub fn causal_softmax(scores: &mut [f32], len: usize, scale: f32) {
-    for (row, p) in scores.chunks_mut(len).enumerate() {
-        let visible = row % len + 1;
-        let (seen, hidden) = p.split_at_mut(visible);
+/// Causal softmax, in place, of a block of score rows (`len` apart) for query positions
+/// `first..end`, `rep` query heads per position (row r is position first + r / rep), each row
+/// seeing keys 0..=its position, after multiplying by `scale`. Entries in the block past a row's
+/// position become 0; columns from `end` on are left alone.
+pub fn causal_softmax(
+    scores: &mut [f32],
+    len: usize,
+    rep: usize,
+    first: usize,
+    end: usize,
+    scale: f32,
+) {
+    for (r, row) in scores.chunks_mut(len).enumerate() {
+        let visible = first + r / rep + 1;
+        let (seen, hidden) = row[..end].split_at_mut(visible);
         let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
         let mut total = 0.0;
         for v in seen.iter_mut() {
@@ -149,9 +158,17 @@ pub fn causal_softmax(scores: &mut [f32], len: usize, scale: f32) {
     }
 }
 
-/// Turns ∂probs into ∂scores (pre-scale) in place: ∂s = scale · p ⊙ (∂p − Σ_j ∂p_j p_j).
-pub fn causal_softmax_backward(probs: &[f32], grad: &mut [f32], len: usize, scale: f32) {
-    for (g, p) in grad.chunks_mut(len).zip(probs.chunks(len)) {
+/// Turns ∂probs (rows × `cols`) into ∂scores (before scaling) in place:
+/// ∂s = scale · p ⊙ (∂p − Σ_j ∂p_j p_j), with p's rows `stride` apart.
+pub fn causal_softmax_backward(
+    probs: &[f32],
+    stride: usize,
+    grad: &mut [f32],
+    cols: usize,
+    scale: f32,
+) {
+    for (r, g) in grad.chunks_mut(cols).enumerate() {
+        let p = &probs[r * stride..r * stride + cols];
         let dot: f32 = g.iter().zip(p).map(|(g, p)| g * p).sum();
         for (g, p) in g.iter_mut().zip(p) {
             *g = scale * p * (*g - dot);
@@ -265,26 +282,33 @@ mod tests {
 
     #[test]
     fn causal_softmax_backward_matches_finite_differences() {
-        let (rep, len, scale) = (2, 5, 0.7);
-        let (scores, probe, dir) = (
-            values(rep * len * len, 10),
-            values(rep * len * len, 11),
-            values(rep * len * len, 12),
-        );
+        // Positions 2..5 of a 6-token sequence, 2 query heads per position.
+        let (rep, len, first, end, scale) = (2, 6, 2, 5, 0.7);
+        let n = rep * (end - first) * len;
+        let (scores, dir) = (values(n, 10), values(n, 12));
+        // Columns past the block hold no probability: the probe ignores them.
+        let probe: Vec<f32> = values(n, 11)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| if i % len < end { v } else { 0.0 })
+            .collect();
         let loss = |s: &[f32]| {
             let mut p = s.to_vec();
-            causal_softmax(&mut p, len, scale);
+            causal_softmax(&mut p, len, rep, first, end, scale);
             dot(&p, &probe)
         };
         let mut probs = scores.clone();
-        causal_softmax(&mut probs, len, scale);
-        for (row, p) in probs.chunks(len).enumerate() {
-            let visible = row % len + 1;
-            assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-            assert!(p[visible..].iter().all(|&v| v == 0.0));
+        causal_softmax(&mut probs, len, rep, first, end, scale);
+        for (r, (p, s)) in probs.chunks(len).zip(scores.chunks(len)).enumerate() {
+            let visible = first + r / rep + 1;
+            assert!((p[..visible].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            assert!(p[visible..end].iter().all(|&v| v == 0.0));
+            assert_eq!(p[end..], s[end..], "columns past the block are left alone");
         }
-        let mut grad = probe.clone();
-        causal_softmax_backward(&probs, &mut grad, len, scale);
-        assert_close(dot(&grad, &dir), directional(loss, &scores, &dir));
+        let block =
+            |m: &[f32]| -> Vec<f32> { m.chunks(len).flat_map(|r| r[..end].to_vec()).collect() };
+        let mut grad = block(&probe);
+        causal_softmax_backward(&probs, len, &mut grad, end, scale);
+        assert_close(dot(&grad, &block(&dir)), directional(loss, &scores, &dir));
     }
 }

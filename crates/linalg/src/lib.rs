@@ -8,7 +8,7 @@
 
 mod matmul;
 
-pub use matmul::{Mat, Threads, matmul};
+pub use matmul::{Mat, MatMut, Threads, matmul};
 
 /// W (rows × cols) = U diag(s) Vᵀ with r = min(rows, cols), singular values descending.
 pub struct ThinSvd {

@@ -5,7 +5,7 @@
 //! gemm; single-threaded 45-78 GFLOP/s, which is what many small products run side by side use.
 
 use faer::linalg::matmul::matmul as faer_matmul;
-use faer::{Accum, MatMut, MatRef, Par};
+use faer::{Accum, Par};
 
 /// A read-only matrix view: `rows × cols`, row-major with `row_stride` elements between the
 /// starts of consecutive rows, possibly read transposed.
@@ -56,14 +56,48 @@ impl<'a> Mat<'a> {
         }
     }
 
-    fn faer(&self) -> MatRef<'a, f32> {
-        let m = MatRef::from_row_major_slice_with_stride(
+    fn faer(&self) -> faer::MatRef<'a, f32> {
+        let m = faer::MatRef::from_row_major_slice_with_stride(
             self.data,
             self.rows,
             self.cols,
             self.row_stride,
         );
         if self.transposed { m.transpose() } else { m }
+    }
+}
+
+/// A writable row-major matrix view: `rows × cols` with `row_stride` elements between rows.
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A contiguous row-major `rows × cols` matrix.
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "C does not have {rows} × {cols} elements"
+        );
+        Self::strided(data, rows, cols, cols)
+    }
+
+    /// Rows `row_stride` elements apart (a column block of a wider matrix).
+    pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(
+            rows == 0 || data.len() >= (rows - 1) * row_stride + cols,
+            "slice too short for a {rows} × {cols} matrix with row stride {row_stride}"
+        );
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+        }
     }
 }
 
@@ -76,13 +110,16 @@ pub enum Threads {
     One,
 }
 
-/// `c = a · b` or, with `accumulate`, `c += a · b`; `c` is a contiguous row-major matrix of
-/// `a`'s rows × `b`'s columns.
-pub fn matmul(c: &mut [f32], a: Mat, b: Mat, accumulate: bool, threads: Threads) {
+/// `c = a · b` or, with `accumulate`, `c += a · b`.
+pub fn matmul(c: MatMut, a: Mat, b: Mat, accumulate: bool, threads: Threads) {
     let ((m, k), (k2, n)) = (a.shape(), b.shape());
     assert_eq!(k, k2, "inner dimensions differ: {m} × {k} · {k2} × {n}");
-    assert_eq!(c.len(), m * n, "C does not have {m} × {n} elements");
-    let c = MatMut::from_row_major_slice_mut(c, m, n);
+    assert_eq!((c.rows, c.cols), (m, n), "C is not {m} × {n}");
+    // Built as the transpose of a column-major view: faer 0.24.4's
+    // `from_row_major_slice_with_stride_mut` lays the view out column-major (wrong results and
+    // out-of-bounds writes; the test below catches it).
+    let c = faer::MatMut::from_column_major_slice_with_stride_mut(c.data, n, m, c.row_stride)
+        .transpose_mut();
     let accum = if accumulate {
         Accum::Add
     } else {
@@ -114,7 +151,7 @@ mod tests {
         for threads in [Threads::All, Threads::One] {
             let mut c = vec![0f32; m * n];
             matmul(
-                &mut c,
+                MatMut::new(&mut c, m, n),
                 Mat::new(&a, m, k),
                 Mat::new(&b, k, n),
                 false,
@@ -133,7 +170,7 @@ mod tests {
                 })
                 .collect();
             matmul(
-                &mut c,
+                MatMut::new(&mut c, m, n),
                 Mat::new(&at, k, m).t(),
                 Mat::strided(&wide, k, n, 2 * n),
                 true,
@@ -142,15 +179,28 @@ mod tests {
             for (got, want) in c.iter().zip(&expected) {
                 assert!((got - 2.0 * want).abs() < 1e-5, "{got} vs {}", 2.0 * want);
             }
+            // Into the left n columns of an m × 2n matrix, leaving the rest alone.
+            let mut wide_c = vec![7f32; m * 2 * n];
+            let left = MatMut::strided(&mut wide_c, m, n, 2 * n);
+            matmul(left, Mat::new(&a, m, k), Mat::new(&b, k, n), false, threads);
+            for (i, v) in wide_c.iter().enumerate() {
+                let (row, col) = (i / (2 * n), i % (2 * n));
+                let want = if col < n {
+                    expected[row * n + col]
+                } else {
+                    7.0
+                };
+                assert_eq!(*v, want);
+            }
         }
     }
 
     #[test]
     #[should_panic(expected = "inner dimensions differ")]
     fn mismatched_shapes_are_refused() {
-        let a = [0f32; 6];
+        let (a, mut c) = ([0f32; 6], [0f32; 4]);
         matmul(
-            &mut [0f32; 4],
+            MatMut::new(&mut c, 2, 2),
             Mat::new(&a, 2, 3),
             Mat::new(&a, 2, 3),
             false,
