@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor};
+use tsq_linalg::{Mat, MatMut, Threads};
 
 type Backward = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
@@ -177,7 +178,7 @@ pub fn plain_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let inner = dims.pop().unwrap_or(1);
     let rows: usize = dims.iter().product();
     let x = x.reshape((rows, inner))?;
-    let y = match blas_product(&x, weight, true)? {
+    let y = match linalg_product(&x, weight, true)? {
         Some(y) => y,
         None => x.matmul(&weight.t()?)?,
     };
@@ -185,61 +186,61 @@ pub fn plain_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     y.reshape(dims)
 }
 
-/// `a · b` for 2-D tensors, through OpenBLAS where available.
+/// `a · b` for 2-D tensors, through `tsq_linalg` where it applies.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match blas_product(a, b, false)? {
+    match linalg_product(a, b, false)? {
         Some(y) => Ok(y),
         None => a.matmul(b),
     }
 }
 
-/// `x · w` (or `x · wᵀ`) for 2-D f32 CPU tensors outside any graph through OpenBLAS; `None`
-/// where that does not apply, for candle's gemm to do it. OpenBLAS ran a (2048×576)·(576×1536)
-/// product at ~120 GFLOP/s on this project's 2-core machines, candle's gemm at ~50.
-fn blas_product(x: &Tensor, w: &Tensor, w_transposed: bool) -> Result<Option<Tensor>> {
-    if !(blas_applies(x) && blas_applies(w)) || x.track_op() || w.track_op() || x.rank() != 2 {
+/// `x · w` (or `x · wᵀ`) for 2-D f32 CPU tensors outside any graph through `tsq_linalg`; `None`
+/// where that does not apply, for candle's gemm to do it. faer and OpenBLAS ran a
+/// (2048×576)·(576×1536) product at 100-140 GFLOP/s on this project's 2-core machines, candle's
+/// gemm at ~50.
+fn linalg_product(x: &Tensor, w: &Tensor, w_transposed: bool) -> Result<Option<Tensor>> {
+    if !(linalg_applies(x) && linalg_applies(w)) || x.track_op() || w.track_op() || x.rank() != 2 {
         return Ok(None);
     }
-    blas_gemm(x, false, w, w_transposed).map(Some)
+    linalg_gemm(x, false, w, w_transposed).map(Some)
 }
 
 /// Batched `a · b` (or `a · bᵀ` with `b_transposed`) over equal leading dimensions, where both
-/// operands may need gradients (attention: q·kᵀ and p·v). Through OpenBLAS where available, with
+/// operands may need gradients (attention: q·kᵀ and p·v). Through `tsq_linalg` where it applies, with
 /// the backward products through it too.
 pub fn batched_matmul(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Tensor> {
-    if !(blas_applies(a) && blas_applies(b)) {
+    if !(linalg_applies(a) && linalg_applies(b)) {
         return if b_transposed {
             a.matmul(&b.t()?)
         } else {
             a.matmul(b)
         };
     }
-    let product = blas_gemm(&a.detach(), false, &b.detach(), b_transposed)?;
+    let product = linalg_gemm(&a.detach(), false, &b.detach(), b_transposed)?;
     // C = A·B: dA = G·Bᵀ, dB = Aᵀ·G.  C = A·Bᵀ: dA = G·B, dB = Gᵀ·A.
     attach_pair(a, b, product, "batched-matmul", move |a, b, grad| {
         let (a_const, b_const) = (a.detach(), b.detach());
         let grad_a = match a.track_op() {
-            true => Some(blas_gemm(grad, false, &b_const, !b_transposed)?),
+            true => Some(linalg_gemm(grad, false, &b_const, !b_transposed)?),
             false => None,
         };
         let grad_b = match (b.track_op(), b_transposed) {
             (false, _) => None,
-            (true, true) => Some(blas_gemm(grad, true, &a_const, false)?),
-            (true, false) => Some(blas_gemm(&a_const, true, grad, false)?),
+            (true, true) => Some(linalg_gemm(grad, true, &a_const, false)?),
+            (true, false) => Some(linalg_gemm(&a_const, true, grad, false)?),
         };
         Ok((grad_a, grad_b))
     })
 }
 
-/// Whether OpenBLAS can take this operand: f32 on the CPU, and tsq built with `openblas`.
-fn blas_applies(t: &Tensor) -> bool {
-    cfg!(feature = "openblas") && t.dtype() == candle_core::DType::F32 && t.device().is_cpu()
+/// Whether `tsq_linalg` can take this operand: f32 on the CPU.
+fn linalg_applies(t: &Tensor) -> bool {
+    t.dtype() == candle_core::DType::F32 && t.device().is_cpu()
 }
 
-/// op(a) · op(b) over equal leading dimensions, one OpenBLAS call per matrix. `a_t`/`b_t` say
-/// the operand's last two dimensions are stored transposed.
-#[cfg(feature = "openblas")]
-fn blas_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
+/// op(a) · op(b) over equal leading dimensions, one `tsq_linalg::matmul` per matrix. `a_t`/`b_t`
+/// say the operand's last two dimensions are stored transposed.
+fn linalg_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     let (ad, bd) = (a.dims(), b.dims());
     let (ra, ca) = (ad[ad.len() - 2], ad[ad.len() - 1]);
@@ -251,15 +252,13 @@ fn blas_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
         candle_core::bail!("gemm: shapes {ad:?} and {bd:?} do not multiply");
     }
     let count: usize = batch.iter().product();
-    let mut out = Vec::with_capacity(count * m * n);
+    let mut out = vec![0f32; count * m * n];
     with_f32_slice(&a, |a| {
         with_f32_slice(&b, |b| {
-            for i in 0..count {
-                let (x, y) = (
-                    &a[i * m * k..(i + 1) * m * k],
-                    &b[i * k * n..(i + 1) * k * n],
-                );
-                out.extend(tsq_linalg::sgemm(x, a_t, y, b_t, m, k, n));
+            for (i, c) in out.chunks_mut(m * n).enumerate() {
+                let x = operand(&a[i * m * k..(i + 1) * m * k], a_t, m, k);
+                let y = operand(&b[i * k * n..(i + 1) * k * n], b_t, k, n);
+                tsq_linalg::matmul(MatMut::new(c, m, n), x, y, false, Threads::All);
             }
         })
     })??;
@@ -268,9 +267,12 @@ fn blas_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
     Tensor::from_vec(out, dims, a.device())
 }
 
-#[cfg(not(feature = "openblas"))]
-fn blas_gemm(_: &Tensor, _: bool, _: &Tensor, _: bool) -> Result<Tensor> {
-    unreachable!("blas_applies() is false without the openblas feature")
+/// `rows × cols` as read, stored transposed (`cols × rows`) when `transposed`.
+fn operand(data: &[f32], transposed: bool, rows: usize, cols: usize) -> Mat<'_> {
+    match transposed {
+        true => Mat::new(data, cols, rows).t(),
+        false => Mat::new(data, rows, cols),
+    }
 }
 
 /// Runs `f` on the elements of a contiguous f32 CPU tensor, without copying them.

@@ -701,13 +701,10 @@ impl Engine {
                 .par_chunks_mut(vocab)
                 .zip(chunk)
                 .map(|(row, s)| {
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let max = kernels::max(row);
                     let picked = row[s.token as usize] - max;
-                    let mut total = 0f64;
-                    for v in row.iter_mut() {
-                        *v = kernels::exp(*v - max);
-                        total += *v as f64;
-                    }
+                    row.iter_mut().for_each(|v| *v = kernels::exp(*v - max));
+                    let total = kernels::sum(row) as f64;
                     let scale = s.weight / total as f32;
                     row.iter_mut().for_each(|v| *v *= scale);
                     row[s.token as usize] -= s.weight;

@@ -31,6 +31,35 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
+/// Σ values over eight running sums, so the loop vectorises: one f32 accumulator is a serial
+/// chain the compiler may not reorder.
+pub fn sum(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder().iter().sum::<f32>();
+    for chunk in chunks {
+        lanes.iter_mut().zip(chunk).for_each(|(l, v)| *l += v);
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
+/// The largest value (−∞ for none), over eight running maxima like [`sum`].
+pub fn max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for chunk in chunks {
+        lanes
+            .iter_mut()
+            .zip(chunk)
+            .for_each(|(l, &v)| *l = l.max(v));
+    }
+    lanes.iter().fold(rest, |m, &v| m.max(v))
+}
+
 /// `out = x / rms(x) ⊙ weight` per row of `x` (rows × weight.len()); `inv_rms` gets each row's
 /// 1 / sqrt(mean(x²) + eps) for the backward pass.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], inv_rms: &mut [f32]) {
@@ -146,13 +175,9 @@ pub fn causal_softmax(
     for (r, row) in scores.chunks_mut(len).enumerate() {
         let visible = first + r / rep + 1;
         let (seen, hidden) = row[..end].split_at_mut(visible);
-        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-        let mut total = 0.0;
-        for v in seen.iter_mut() {
-            *v = exp(*v * scale - max);
-            total += *v;
-        }
-        let inv = 1.0 / total;
+        let max = max(seen) * scale;
+        seen.iter_mut().for_each(|v| *v = exp(*v * scale - max));
+        let inv = 1.0 / sum(seen);
         seen.iter_mut().for_each(|v| *v *= inv);
         hidden.fill(0.0);
     }
@@ -210,6 +235,20 @@ mod tests {
             (analytic - numeric).abs() < 2e-2 * numeric.abs().max(1e-2),
             "analytic {analytic} vs numeric {numeric}"
         );
+    }
+
+    #[test]
+    fn lane_sums_and_maxima_match_plain_folds() {
+        for n in [0, 5, 8, 29] {
+            let v = values(n, 13);
+            let plain: f32 = v.iter().sum();
+            assert!(
+                (sum(&v) - plain).abs() < 1e-5,
+                "{n}: {} vs {plain}",
+                sum(&v)
+            );
+            assert_eq!(max(&v), v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)));
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Dense linear algebra behind plain-slice APIs: faer's thin SVD and matrix products for `f32`,
-//! and (feature `openblas`) f32 matrix products through OpenBLAS.
+//! Dense linear algebra behind plain-slice APIs: faer's thin SVD and f32 matrix products (with
+//! feature `openblas`, the multi-threaded products go through OpenBLAS instead).
 //!
 //! Why a crate of its own: faer's SVD and matmul are generic, so they are compiled in whichever
 //! crate instantiates them, at that crate's optimisation level. Inside tsq that meant opt-level 0
@@ -57,6 +57,8 @@ pub fn without_inner_parallelism<R>(work: impl FnOnce() -> R) -> R {
 mod blas {
     use std::os::raw::c_int;
 
+    use crate::matmul::{Mat, MatMut};
+
     const ROW_MAJOR: c_int = 101;
     const NO_TRANS: c_int = 111;
     const TRANS: c_int = 112;
@@ -81,77 +83,41 @@ mod blas {
         );
     }
 
-    /// C (m × n) = op(A) · op(B) with op(A) m × k and op(B) k × n; `a_t` / `b_t` say that A is
-    /// stored transposed (k × m) / B is stored transposed (n × k). Row-major throughout.
-    pub fn sgemm(
-        a: &[f32],
-        a_t: bool,
-        b: &[f32],
-        b_t: bool,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Vec<f32> {
-        assert_eq!(a.len(), m * k, "A does not have m × k elements");
-        assert_eq!(b.len(), k * n, "B does not have k × n elements");
-        let mut c = vec![0f32; m * n];
-        if m == 0 || n == 0 || k == 0 {
-            return c;
+    /// `c (+)= a · b` through OpenBLAS; shapes are checked by the caller.
+    pub fn sgemm(c: MatMut, a: Mat, b: Mat, accumulate: bool) {
+        let ((m, k), n) = (a.shape(), b.shape().1);
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !accumulate {
+                let rows = c.data.chunks_mut(c.row_stride).take(m);
+                rows.for_each(|row| row[..n].fill(0.0));
+            }
+            return;
         }
         let dim = |x: usize| c_int::try_from(x).expect("matrix dimension fits a C int");
-        let (trans_a, lda) = if a_t { (TRANS, m) } else { (NO_TRANS, k) };
-        let (trans_b, ldb) = if b_t { (TRANS, k) } else { (NO_TRANS, n) };
-        // SAFETY: the slices hold exactly m×k, k×n and m×n elements (asserted above), the leading
-        // dimensions match row-major storage of those shapes, and C is exclusively borrowed.
+        let trans = |transposed: bool| if transposed { TRANS } else { NO_TRANS };
+        // SAFETY: `Mat::strided` / `MatMut::strided` checked that each slice holds its matrix
+        // at its row stride, the caller checked that the shapes multiply, and C is
+        // exclusively borrowed.
         unsafe {
             cblas_sgemm(
                 ROW_MAJOR,
-                trans_a,
-                trans_b,
+                trans(a.transposed),
+                trans(b.transposed),
                 dim(m),
                 dim(n),
                 dim(k),
                 1.0,
-                a.as_ptr(),
-                dim(lda),
-                b.as_ptr(),
-                dim(ldb),
-                0.0,
-                c.as_mut_ptr(),
-                dim(n),
+                a.data.as_ptr(),
+                dim(a.row_stride),
+                b.data.as_ptr(),
+                dim(b.row_stride),
+                if accumulate { 1.0 } else { 0.0 },
+                c.data.as_mut_ptr(),
+                dim(c.row_stride),
             );
-        }
-        c
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn products_match_a_naive_loop() {
-            let (m, k, n) = (3, 4, 5);
-            let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.5 - 2.0).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 - 3.0).collect();
-            let nn = super::sgemm(&a, false, &b, false, m, k, n);
-            let nt = super::sgemm(&a, false, &b, true, m, k, n);
-            // op(A) = Aᵀ: A stored m × k is read as a k × m operand.
-            let tn = super::sgemm(&a, true, &a, false, k, m, k);
-            for i in 0..m {
-                for j in 0..n {
-                    let plain: f32 = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
-                    let transposed: f32 = (0..k).map(|l| a[i * k + l] * b[j * k + l]).sum();
-                    assert!((nn[i * n + j] - plain).abs() < 1e-5);
-                    assert!((nt[i * n + j] - transposed).abs() < 1e-5);
-                }
-            }
-            for i in 0..k {
-                for j in 0..k {
-                    let gram: f32 = (0..m).map(|l| a[l * k + i] * a[l * k + j]).sum();
-                    assert!((tn[i * k + j] - gram).abs() < 1e-4);
-                }
-            }
         }
     }
 }
-
-#[cfg(feature = "openblas")]
-pub use blas::sgemm;

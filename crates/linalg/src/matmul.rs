@@ -1,4 +1,5 @@
-//! `C (+)= A · B` over row-major f32 slices with row strides, through faer's gemm.
+//! `C (+)= A · B` over row-major f32 slices with row strides, through faer's gemm (or, with
+//! feature `openblas`, OpenBLAS for the products that may use every thread).
 //!
 //! Measured on the project's 2-core AVX2 machines (2026-11-27, shapes of an SVF step on
 //! SmolLM2): 95-138 GFLOP/s on both cores, on a par with OpenBLAS (78-130) and twice candle's
@@ -11,11 +12,11 @@ use faer::{Accum, Par};
 /// starts of consecutive rows, possibly read transposed.
 #[derive(Clone, Copy)]
 pub struct Mat<'a> {
-    data: &'a [f32],
+    pub(crate) data: &'a [f32],
     rows: usize,
     cols: usize,
-    row_stride: usize,
-    transposed: bool,
+    pub(crate) row_stride: usize,
+    pub(crate) transposed: bool,
 }
 
 impl<'a> Mat<'a> {
@@ -69,10 +70,10 @@ impl<'a> Mat<'a> {
 
 /// A writable row-major matrix view: `rows × cols` with `row_stride` elements between rows.
 pub struct MatMut<'a> {
-    data: &'a mut [f32],
+    pub(crate) data: &'a mut [f32],
     rows: usize,
     cols: usize,
-    row_stride: usize,
+    pub(crate) row_stride: usize,
 }
 
 impl<'a> MatMut<'a> {
@@ -115,6 +116,10 @@ pub fn matmul(c: MatMut, a: Mat, b: Mat, accumulate: bool, threads: Threads) {
     let ((m, k), (k2, n)) = (a.shape(), b.shape());
     assert_eq!(k, k2, "inner dimensions differ: {m} × {k} · {k2} × {n}");
     assert_eq!((c.rows, c.cols), (m, n), "C is not {m} × {n}");
+    #[cfg(feature = "openblas")]
+    if threads == Threads::All {
+        return crate::blas::sgemm(c, a, b, accumulate);
+    }
     // Built as the transpose of a column-major view: faer 0.24.4's
     // `from_row_major_slice_with_stride_mut` lays the view out column-major (wrong results and
     // out-of-bounds writes; the test below catches it).
