@@ -27,12 +27,8 @@ const PEERS: [(&str, &str, f64); 5] = [
 const TEXT: &str = "Transformer-squared adapts a language model to each prompt in two passes: the first pass \
 looks at the prompt and picks or mixes expert vectors, the second answers with the adapted weights. ";
 
-/// Which library multiplies f32 matrices in this build (the `openblas` feature).
-const GEMM: &str = if cfg!(feature = "openblas") {
-    "OpenBLAS"
-} else {
-    "candle's gemm"
-};
+/// Which library multiplies large f32 matrices in this build (the `openblas` feature).
+const GEMM: &str = tsq_linalg::LARGE_PRODUCTS_BY;
 
 fn fail(e: impl std::fmt::Display) -> CmdError {
     CmdError::Failed(e.to_string())
@@ -330,7 +326,7 @@ pub fn svf_step_bench(model_args: &ModelArgs, shape: &SvfStepShape) -> Result<()
     let rss = peak_rss_gb();
     let (peer, peer_step, peer_fwd, peer_bwd) = SVF_STEP_PEER;
     println!(
-        "tsq bench svf-step: {} ({} threads, products by faer), {} MLP targets, {parameters} parameters, batch {}×{} ({} prompt)",
+        "tsq bench svf-step: {} ({} threads, products by {GEMM}), {} MLP targets, {parameters} parameters, batch {}×{} ({} prompt)",
         model_args.source,
         rayon::current_num_threads(),
         names.len(),
@@ -356,7 +352,7 @@ pub fn svf_step_bench(model_args: &ModelArgs, shape: &SvfStepShape) -> Result<()
         peer_step / median,
         rss.unwrap_or(f64::NAN) / SVF_STEP_PEER_RSS_GB
     );
-    let record = json!({"bench": "svf_step", "gemm": "faer", "threads": rayon::current_num_threads(), "targets": names.len(), "parameters": parameters, "batch": shape.batch, "seq": shape.seq, "prompt": shape.prompt, "median_step_s": median, "phases": report, "peak_rss_gb": rss, "factors_s": factors_s});
+    let record = json!({"bench": "svf_step", "gemm": GEMM, "threads": rayon::current_num_threads(), "targets": names.len(), "parameters": parameters, "batch": shape.batch, "seq": shape.seq, "prompt": shape.prompt, "median_step_s": median, "phases": report, "peak_rss_gb": rss, "factors_s": factors_s});
     println!("{record}");
     Ok(())
 }

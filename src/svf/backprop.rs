@@ -154,6 +154,8 @@ pub struct Engine {
     inv_freq: Vec<f32>,
     /// Rank of each target, in target order.
     ranks: Vec<usize>,
+    /// Activation memory one pass may take ([`PASS_BYTES`]).
+    pass_bytes: usize,
     pool: Pool,
 }
 
@@ -315,6 +317,7 @@ impl Engine {
                 .iter()
                 .map(|d| d.factors.s.dim(0))
                 .collect::<candle_core::Result<_>>()?,
+            pass_bytes: PASS_BYTES,
             pool: Pool::default(),
         })
     }
@@ -365,7 +368,7 @@ impl Engine {
         Ok(())
     }
 
-    /// Groups the batch into passes of at most [`PASS_BYTES`] of activations (a longer single
+    /// Groups the batch into passes of at most `pass_bytes` of activations (a longer single
     /// sequence gets a pass of its own).
     fn passes<'a>(&self, batch: &'a [Sequence<'a>]) -> Vec<Vec<&'a Sequence<'a>>> {
         let c = &self.config;
@@ -377,7 +380,7 @@ impl Engine {
         for seq in batch {
             let need = bytes(seq.ids.len());
             match passes.last_mut() {
-                Some(pass) if used + need <= PASS_BYTES => pass.push(seq),
+                Some(pass) if used + need <= self.pass_bytes => pass.push(seq),
                 _ => {
                     passes.push(vec![seq]);
                     used = 0;
@@ -921,4 +924,88 @@ fn split_groups_mut<'a>(
         buf,
         &groups.iter().map(|&len| size(len)).collect::<Vec<_>>(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Architecture;
+    use crate::model::testing::{random_weights, tiny_config};
+    use crate::model::transformer::{Batch, LogitsAt, Mode, Transformer};
+    use candle_core::Device;
+
+    /// Two sequences of different lengths (longer than a query block), weights of both signs.
+    fn batch(vocab: u32) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+        let ids: Vec<Vec<u32>> = [70usize, 45]
+            .iter()
+            .map(|&n| (0..n as u32).map(|t| (t * 7 + n as u32) % vocab).collect())
+            .collect();
+        let weights = ids
+            .iter()
+            .zip([0.5f32, -0.75])
+            .map(|(s, a)| (0..s.len()).map(|t| if t > 20 { a } else { 0.0 }).collect())
+            .collect();
+        (ids, weights)
+    }
+
+    fn sequences<'a>(ids: &'a [Vec<u32>], weights: &'a [Vec<f32>]) -> Vec<Sequence<'a>> {
+        ids.iter()
+            .zip(weights)
+            .map(|(ids, weights)| Sequence { ids, weights })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_split_into_passes_gives_the_same_loss_and_gradients() -> Result<()> {
+        let (base, factors) = crate::svf::tiny_decomposed(5);
+        let mut engine = Engine::new(&base.config, &base.tensors(), &factors)?;
+        let scaled_s: Vec<Vec<f32>> = factors
+            .iter()
+            .map(|d| d.factors.s.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        let (ids, weights) = batch(base.config.vocab_size as u32);
+        let batch = sequences(&ids, &weights);
+        let whole = engine.gradients(&scaled_s, &batch)?;
+        engine.pass_bytes = 1;
+        assert_eq!(engine.passes(&batch).len(), 2);
+        let split = engine.gradients(&scaled_s, &batch)?;
+        assert!((whole.loss - split.loss).abs() < 1e-9 * whole.loss.abs().max(1.0));
+        for (a, b) in whole.scaled_s.iter().zip(&split.scaled_s) {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(scale > 0.0 && diff <= 1e-5 * scale, "{diff} vs {scale}");
+        }
+        Ok(())
+    }
+
+    /// The engine's loss equals the one from the inference path's logits, on a Qwen2-shaped
+    /// model (biases on q, k and v; grouped-query attention) with no SVF targets.
+    #[test]
+    fn loss_matches_the_inference_path_with_biases() -> Result<()> {
+        let config = tiny_config(Architecture::Qwen2);
+        let model = Transformer::new(config.clone(), random_weights(&config, 9, &Device::Cpu))?;
+        let engine = Engine::new(&config, &model.tensors(), &[])?;
+        let (ids, weights) = batch(config.vocab_size as u32);
+        let ours = engine.gradients(&[], &sequences(&ids, &weights))?.loss;
+        let mut expected = 0f64;
+        for (ids, weights) in ids.iter().zip(&weights) {
+            let n = ids.len();
+            let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let mask = Batch::left_padded(&[0], 0, n, &Device::Cpu)?;
+            let logits = model.forward(&input, &mask, None, Mode::Fast, LogitsAt::All)?;
+            let rows: Vec<Vec<f32>> = logits.squeeze(0)?.to_vec2()?;
+            for t in 1..n {
+                let row = &rows[t - 1];
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let total: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                let log_p = row[ids[t] as usize] as f64 - max - total.ln();
+                expected -= weights[t] as f64 * log_p;
+            }
+        }
+        assert!(
+            (ours - expected).abs() < 1e-4 * expected.abs().max(1.0),
+            "{ours} vs {expected}"
+        );
+        Ok(())
+    }
 }

@@ -10,6 +10,13 @@ mod matmul;
 
 pub use matmul::{Mat, MatMut, Threads, matmul};
 
+/// Which library runs the multi-threaded products in this build.
+pub const LARGE_PRODUCTS_BY: &str = if cfg!(feature = "openblas") {
+    "OpenBLAS"
+} else {
+    "faer"
+};
+
 /// W (rows × cols) = U diag(s) Vᵀ with r = min(rows, cols), singular values descending.
 pub struct ThinSvd {
     /// rows × r, row-major.
