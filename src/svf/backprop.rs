@@ -26,17 +26,9 @@ use super::kernels;
 use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
 use crate::svd::cache::Decomposed;
+use crate::svd::targets::LAYER_MODULES;
 
-/// The projections of a block, in the order of [`Layer::projections`].
-const PROJECTIONS: [&str; 7] = [
-    "attn.q_proj",
-    "attn.k_proj",
-    "attn.v_proj",
-    "attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+// Slots of [`Layer::projections`], in `LAYER_MODULES` order.
 const Q: usize = 0;
 const K: usize = 1;
 const V: usize = 2;
@@ -275,7 +267,7 @@ impl Engine {
                     inp,
                 })
             };
-            let projections = [Q, K, V, O, GATE, UP, DOWN].map(|p| projection(PROJECTIONS[p]));
+            let projections = [Q, K, V, O, GATE, UP, DOWN].map(|p| projection(LAYER_MODULES[p]));
             let [q, k, v, o, gate, up, down] = projections;
             let projections = [q?, k?, v?, o?, gate?, up?, down?];
             used += projections

@@ -27,10 +27,7 @@ impl<'a> Mat<'a> {
 
     /// Rows `row_stride` elements apart (a column block of a wider matrix).
     pub fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
-        assert!(
-            rows == 0 || data.len() >= (rows - 1) * row_stride + cols,
-            "slice too short for a {rows} × {cols} matrix with row stride {row_stride}"
-        );
+        check_fits(data.len(), rows, cols, row_stride);
         Self {
             data,
             rows,
@@ -89,10 +86,7 @@ impl<'a> MatMut<'a> {
 
     /// Rows `row_stride` elements apart (a column block of a wider matrix).
     pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
-        assert!(
-            rows == 0 || data.len() >= (rows - 1) * row_stride + cols,
-            "slice too short for a {rows} × {cols} matrix with row stride {row_stride}"
-        );
+        check_fits(data.len(), rows, cols, row_stride);
         Self {
             data,
             rows,
@@ -100,6 +94,14 @@ impl<'a> MatMut<'a> {
             row_stride,
         }
     }
+}
+
+/// Panics unless `len` elements hold `rows × cols` with rows `row_stride` apart.
+fn check_fits(len: usize, rows: usize, cols: usize, row_stride: usize) {
+    assert!(
+        rows == 0 || (cols <= row_stride && len >= (rows - 1) * row_stride + cols),
+        "slice of {len} cannot hold a {rows} × {cols} matrix with row stride {row_stride}"
+    );
 }
 
 /// How many threads one product may use.
