@@ -142,18 +142,6 @@ fn attach_pair(
     )
 }
 
-/// Back-propagates a given gradient of `y` through `y`'s graph, as if `y` fed a loss with
-/// ∂L/∂y = `grad`. Cheaper than the usual surrogate `Σ y ⊙ grad`, whose own backward costs
-/// several full-size elementwise ops.
-pub fn backward_from(y: &Tensor, grad: &Tensor) -> Result<candle_core::backprop::GradStore> {
-    if !y.device().is_cpu() {
-        return (y * grad)?.sum_all()?.backward();
-    }
-    let seed = Tensor::zeros((), y.dtype(), y.device())?;
-    let grad = grad.clone();
-    attach(y, seed, "seed", move |_, _| Ok(grad.clone()))?.backward()
-}
-
 /// `x Wᵀ` (x: (…, in), W: (out, in)) where only `x` may need a gradient.
 pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if x.track_op() && !x.device().is_cpu() {
@@ -187,7 +175,7 @@ pub fn plain_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 }
 
 /// `a · b` for 2-D tensors, through `tsq_linalg` where it applies.
-pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match linalg_product(a, b, false)? {
         Some(y) => Ok(y),
         None => a.matmul(b),
@@ -522,21 +510,6 @@ mod tests {
             scale > 0.0 && diff < 1e-4 * scale.max(1.0),
             "gradients differ by {diff}"
         );
-        Ok(())
-    }
-
-    #[test]
-    fn backward_from_a_given_gradient_equals_the_surrogate_loss() -> Result<()> {
-        let x = Var::randn(0f32, 1.0, (3, 4), &Device::Cpu)?;
-        let y = (x.as_tensor().sqr()? * 3.0)?;
-        let g = Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu)?;
-        let ours = backward_from(&y, &g)?;
-        let theirs = (&y * &g)?.sum_all()?.backward()?;
-        let (a, b) = (
-            ours.get(x.as_tensor()).expect("gradient"),
-            theirs.get(x.as_tensor()).expect("gradient"),
-        );
-        assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
         Ok(())
     }
 

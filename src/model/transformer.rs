@@ -3,7 +3,9 @@
 //!
 //! - [`Mode::Fast`]: candle's fused kernels (`rms_norm`, `softmax_last_dim`, `rope`). They have no
 //!   backward pass, so this path is for inference only.
-//! - [`Mode::Differentiable`]: the same maths from primitive ops, so gradients flow (SVF training).
+//! - [`Mode::Differentiable`]: the same maths from differentiable ops, so candle's autograd
+//!   reaches the weights. SVF training itself runs in `svf::backprop` (hand-written, much faster);
+//!   this path is the independent reference its losses and gradients are tested against.
 //!
 //! Batches of different lengths are left-padded: [`Batch`] carries per-sequence positions (counted
 //! from each sequence's first real token) and an additive attention mask that hides padding and
@@ -166,7 +168,7 @@ impl Batch {
 }
 
 /// Rotary tables and mask of one forward call ([`Transformer::positions`]).
-pub struct Positions {
+struct Positions {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
@@ -438,11 +440,6 @@ impl Transformer {
         self.head_logits(&x, mode)
     }
 
-    /// The LM head's weight (vocab, hidden): logits are `hidden · headᵀ`.
-    pub fn head_weight(&self) -> &Tensor {
-        &self.lm_head.weight
-    }
-
     /// The final normalised hidden states (batch, time or 1, hidden) that the LM head reads.
     pub fn hidden(
         &self,
@@ -475,12 +472,8 @@ impl Transformer {
         self.final_norm(&x, mode)
     }
 
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
     /// Rotary tables and attention mask for a `(batch, time)` call, shared by every block.
-    pub fn positions(&self, batch: &Batch, b: usize, t: usize) -> Result<Positions> {
+    fn positions(&self, batch: &Batch, b: usize, t: usize) -> Result<Positions> {
         let flat_pos = batch.positions.flatten_all()?;
         let half = self.config.head_dim / 2;
         Ok(Positions {
@@ -491,7 +484,7 @@ impl Transformer {
     }
 
     /// Token embeddings (batch, time, hidden) for `ids` (batch, time).
-    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
             b,
@@ -502,7 +495,7 @@ impl Transformer {
 
     /// One transformer block (attention and MLP, each with its residual). `kv` holds the block's
     /// cached keys and values, extended in place (`&mut None` for no cache).
-    pub fn block(
+    fn block(
         &self,
         index: usize,
         x: &Tensor,
@@ -522,7 +515,7 @@ impl Transformer {
     }
 
     /// The final RMS norm, whose output the LM head reads.
-    pub fn final_norm(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn final_norm(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         rms_norm(x, &self.norm, self.config.rms_norm_eps, mode)
     }
 
