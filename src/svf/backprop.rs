@@ -961,11 +961,13 @@ mod tests {
         engine.pass_bytes = 1;
         assert_eq!(engine.passes(&batch).len(), 2);
         let split = engine.gradients(&scaled_s, &batch)?;
-        assert!((whole.loss - split.loss).abs() < 1e-9 * whole.loss.abs().max(1.0));
+        // Equal up to f32 rounding: products over different row counts sum in other orders.
+        let (a, b) = (whole.loss, split.loss);
+        assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "{a} vs {b}");
         for (a, b) in whole.scaled_s.iter().zip(&split.scaled_s) {
             let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(scale > 0.0 && diff <= 1e-5 * scale, "{diff} vs {scale}");
+            assert!(scale > 0.0 && diff <= 1e-4 * scale, "{diff} vs {scale}");
         }
         Ok(())
     }
