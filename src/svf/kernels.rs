@@ -14,10 +14,13 @@ const ROWS_PER_TASK: usize = 16;
 pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5·2^23 rounds to the nearest integer (|x·log2 e| < 2^22).
+    // Adding 1.5·2^23 rounds x·log2 e to the nearest integer n (|x·log2 e| < 2^22) and leaves
+    // n in the low mantissa bits, so 2^n is built from integer bits without a float-to-int
+    // conversion (which SSE2 cannot vectorise cheaply).
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     // e^r on |r| ≤ ln2/2: Taylor to r^7 (truncation error < 3e-9).
     let p = 1.0 / 5040.0;
@@ -28,7 +31,8 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// Σ values over eight running sums, so the loop vectorises: one f32 accumulator is a serial
