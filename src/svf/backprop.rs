@@ -219,8 +219,11 @@ impl Saved {
     }
 }
 
+/// The elements of `t` as f32, whatever its dtype and device (bf16 / f16 models train in f32).
 fn f32s(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 impl Engine {
@@ -364,8 +367,9 @@ impl Engine {
     /// sequence gets a pass of its own).
     fn passes<'a>(&self, batch: &'a [Sequence<'a>]) -> Vec<Vec<&'a Sequence<'a>>> {
         let c = &self.config;
-        let per_token =
-            4 * c.num_layers * (6 * c.hidden_size + 2 * c.intermediate_size + 3 * c.hidden_size);
+        // Per token and layer, f32: x, q, k, v, x_mid and a few norms (≤ 6 hidden), gate and up
+        // (2 intermediate), h = Vᵀx of up to three factored MLP targets (≤ 3 hidden).
+        let per_token = 4 * c.num_layers * (9 * c.hidden_size + 2 * c.intermediate_size);
         let bytes = |len: usize| len * per_token + 4 * c.num_layers * c.num_heads * len * len;
         let mut passes: Vec<Vec<&Sequence>> = vec![];
         let mut used = 0;
@@ -999,6 +1003,28 @@ mod tests {
         assert!(
             (ours - expected).abs() < 1e-4 * expected.abs().max(1.0),
             "{ours} vs {expected}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_weights_are_trained_in_f32() -> Result<()> {
+        let config = tiny_config(Architecture::Llama);
+        let weights = random_weights(&config, 3, &Device::Cpu);
+        let half: BTreeMap<String, Tensor> = (weights.iter())
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(candle_core::DType::BF16)?)))
+            .collect::<candle_core::Result<_>>()?;
+        let (ids, weights_of_tokens) = batch(config.vocab_size as u32);
+        let loss = |tensors: &BTreeMap<String, Tensor>| -> Result<f64> {
+            let engine = Engine::new(&config, tensors, &[])?;
+            Ok(engine
+                .gradients(&[], &sequences(&ids, &weights_of_tokens))?
+                .loss)
+        };
+        let (full, rounded) = (loss(&weights)?, loss(&half)?);
+        assert!(
+            (full - rounded).abs() < 2e-2 * full.abs(),
+            "{full} vs {rounded}"
         );
         Ok(())
     }
