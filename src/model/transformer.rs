@@ -68,9 +68,10 @@ impl Factored {
 
 /// Up to this many rows (batch × new tokens) use the quantized copy: quantized matmul is fast for
 /// matrix-vector work and slow for prompt processing on the CPU. Measured decoding SmolLM2 on 2
-/// cores (2026-11-26): Q8_0 vs f32 at 4 rows 45.6 vs 29.1 tok/s, at 8 rows 49.5 vs 47.2, at 16
-/// rows 48.7 vs 62.8, so from 16 rows on the f32 gemm wins.
-const QUANTIZED_MAX_ROWS: usize = 8;
+/// cores with f32 products by faer (2026-11-27): Q8_0 vs f32 at 2 rows 51.9 vs 26.7 tok/s, at 4
+/// rows 50.8 vs 46.1, at 8 rows 52.4 vs 70.2 (with candle's gemm, 2026-11-26, f32 caught up only
+/// at 16 rows), so from 8 rows on f32 wins.
+const QUANTIZED_MAX_ROWS: usize = 4;
 
 impl Linear {
     fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
