@@ -111,12 +111,6 @@ impl SvfTrainer {
             .collect::<candle_core::Result<Vec<_>>>()?;
         report.apply_s = clock.elapsed().as_secs_f64();
 
-        let sequences: Vec<Sequence> = batch
-            .ids
-            .iter()
-            .zip(&batch.weights)
-            .map(|(ids, weights)| Sequence { ids, weights })
-            .collect();
         if batch.ids.len() != batch.weights.len() {
             return Err(ModelError::Input(format!(
                 "{} sequences but {} weight rows",
@@ -124,6 +118,12 @@ impl SvfTrainer {
                 batch.weights.len()
             )));
         }
+        let sequences: Vec<Sequence> = batch
+            .ids
+            .iter()
+            .zip(&batch.weights)
+            .map(|(ids, weights)| Sequence { ids, weights })
+            .collect();
         let found = self.engine.gradients(&values, &sequences)?;
         report.forward_s = found.forward_s;
         report.backward_s = found.backward_s;
