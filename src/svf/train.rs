@@ -356,4 +356,30 @@ mod tests {
         assert!(report.clipped && report.grad_norm > 1e-6);
         Ok(())
     }
+
+    #[test]
+    fn malformed_batches_are_refused_with_the_sequence_named() {
+        let f = fixture(Parametrization::Linear, true);
+        let (t, vocab) = (&f.trainer, f.base.config.vocab_size as u32);
+        let cases = [
+            (
+                vec![vec![1, 2, 3]],
+                vec![vec![0.0, 1.0]],
+                "sequence 0: needs one weight per token",
+            ),
+            (vec![vec![1, 2]], vec![vec![1.0, 1.0]], "none on the first"),
+            (
+                vec![vec![1, 2], vec![1, vocab]],
+                vec![vec![0.0, 1.0]; 2],
+                "sequence 1: token",
+            ),
+            (vec![vec![1, 2]], vec![], "1 sequences but 0 weight rows"),
+        ];
+        for (ids, weights, expected) in cases {
+            let err = t
+                .gradients(&TokenBatch { ids, weights })
+                .expect_err("an error");
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+    }
 }
