@@ -191,6 +191,10 @@ pub enum BenchCommand {
         /// Measured steps after one warm-up step; the median is reported.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
         steps: u16,
+        /// The JSON line from `shared/peers/torch_svf_bench.py --parts svf` run just before, to
+        /// compare with (default: the figures recorded in shared/peers/README.md).
+        #[arg(long, value_name = "FILE")]
+        peer: Option<PathBuf>,
     },
 }
 
@@ -364,6 +368,7 @@ pub fn main() -> Result<(), cmd::CmdError> {
                     seq,
                     prompt,
                     steps,
+                    peer,
                 },
         } => cmd::bench::svf_step_bench(
             &model.into(),
@@ -373,6 +378,7 @@ pub fn main() -> Result<(), cmd::CmdError> {
                 prompt: prompt.into(),
                 steps: steps.into(),
             },
+            peer.as_deref(),
         ),
         Command::Schema => cmd::schema::run(),
     }

@@ -1,6 +1,7 @@
 //! `tsq bench`: performance figures on this machine, printed as a table and one JSON line, beside
 //! the peer figures measured on this machine type (shared/peers/README.md, 2 threads, 2026-11-26).
 
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -237,9 +238,53 @@ pub fn svd_bench(model_args: &ModelArgs, large: bool) -> Result<(), CmdError> {
     Ok(())
 }
 
-/// PyTorch on this machine type (shared/peers/README.md): one SVF step, MLP targets, 8 × 256.
-const SVF_STEP_PEER: (&str, f64, f64, f64) = ("PyTorch f32 (transformers)", 13.7, 4.8, 8.5);
-const SVF_STEP_PEER_RSS_GB: f64 = 6.9;
+/// One SVF step of a peer: seconds per step, forward, backward, and peak RSS in GB.
+struct PeerStep {
+    label: String,
+    step_s: f64,
+    forward_s: f64,
+    backward_s: f64,
+    rss_gb: f64,
+}
+
+impl PeerStep {
+    /// PyTorch on this machine type as recorded in shared/peers/README.md (MLP targets, 8 × 256).
+    fn recorded() -> Self {
+        Self {
+            label: "PyTorch f32 (transformers), recorded".into(),
+            step_s: 13.7,
+            forward_s: 4.8,
+            backward_s: 8.5,
+            rss_gb: 6.9,
+        }
+    }
+
+    /// The JSON line printed by `shared/peers/torch_svf_bench.py --parts svf`, run beside tsq.
+    fn from_file(path: &Path) -> Result<Self, CmdError> {
+        let bad = |what: String| CmdError::Usage(format!("{}: {what}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(text.trim()).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let number = |pointer: &str| {
+            value
+                .pointer(pointer)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "expected a number at `{pointer}` (torch_svf_bench.py --parts svf output)"
+                    ))
+                })
+        };
+        Ok(Self {
+            label: format!("PyTorch f32 (transformers), {}", path.display()),
+            step_s: number("/svf/median_step_s")?,
+            forward_s: number("/svf/median_phase_s/forward")?,
+            backward_s: number("/svf/median_phase_s/backward")?,
+            // MiB, in the KiB / 1e6 unit of `peak_rss_gb`.
+            rss_gb: number("/svf/peak_rss_mib")? * 1024.0 / 1e6,
+        })
+    }
+}
 
 /// Peak resident memory of this process (Linux), in GB.
 fn peak_rss_gb() -> Option<f64> {
@@ -286,7 +331,17 @@ pub struct SvfStepShape {
     pub steps: usize,
 }
 
-pub fn svf_step_bench(model_args: &ModelArgs, shape: &SvfStepShape) -> Result<(), CmdError> {
+/// `peer`: a file with the PyTorch peer's output from a run beside this one; without it, the
+/// figures recorded in shared/peers/README.md.
+pub fn svf_step_bench(
+    model_args: &ModelArgs,
+    shape: &SvfStepShape,
+    peer: Option<&Path>,
+) -> Result<(), CmdError> {
+    let peer = match peer {
+        Some(path) => PeerStep::from_file(path)?,
+        None => PeerStep::recorded(),
+    };
     let model = model_args.load()?;
     let base = BaseModel::of_file(&model.path).map_err(fail)?;
     let names: Vec<String> = (0..model.transformer.config.num_layers)
@@ -324,7 +379,6 @@ pub fn svf_step_bench(model_args: &ModelArgs, shape: &SvfStepShape) -> Result<()
     reports.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (median, report) = reports[reports.len() / 2].clone();
     let rss = peak_rss_gb();
-    let (peer, peer_step, peer_fwd, peer_bwd) = SVF_STEP_PEER;
     println!(
         "tsq bench svf-step: {} ({} threads, products by {GEMM}), {} MLP targets, {parameters} parameters, batch {}×{} ({} prompt)",
         model_args.source,
@@ -348,11 +402,16 @@ pub fn svf_step_bench(model_args: &ModelArgs, shape: &SvfStepShape) -> Result<()
         rss.unwrap_or(f64::NAN)
     );
     println!(
-        "  peer: {peer}: {peer_step} s per step (forward {peer_fwd}, backward {peer_bwd}), {SVF_STEP_PEER_RSS_GB} GB → tsq is {:.2}x its speed at {:.2}x its memory",
-        peer_step / median,
-        rss.unwrap_or(f64::NAN) / SVF_STEP_PEER_RSS_GB
+        "  peer: {}: {:.2} s per step (forward {:.2}, backward {:.2}), {:.2} GB → tsq is {:.2}x its speed at {:.2}x its memory",
+        peer.label,
+        peer.step_s,
+        peer.forward_s,
+        peer.backward_s,
+        peer.rss_gb,
+        peer.step_s / median,
+        rss.unwrap_or(f64::NAN) / peer.rss_gb
     );
-    let record = json!({"bench": "svf_step", "gemm": GEMM, "threads": rayon::current_num_threads(), "targets": names.len(), "parameters": parameters, "batch": shape.batch, "seq": shape.seq, "prompt": shape.prompt, "median_step_s": median, "phases": report, "peak_rss_gb": rss, "factors_s": factors_s});
+    let record = json!({"bench": "svf_step", "gemm": GEMM, "threads": rayon::current_num_threads(), "targets": names.len(), "parameters": parameters, "batch": shape.batch, "seq": shape.seq, "prompt": shape.prompt, "median_step_s": median, "phases": report, "peak_rss_gb": rss, "factors_s": factors_s, "peer": {"label": peer.label, "step_s": peer.step_s, "peak_rss_gb": peer.rss_gb}});
     println!("{record}");
     Ok(())
 }
