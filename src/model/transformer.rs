@@ -59,7 +59,7 @@ impl Factored {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = autograd::frozen_matmul_t(x, &self.vt)?;
         let h = match self.scaled_s.rank() {
-            1 => autograd::scale_columns(&h, &self.scaled_s)?,
+            1 => h.broadcast_mul(&self.scaled_s)?,
             _ => h.broadcast_mul(&self.scaled_s.unsqueeze(1)?)?,
         };
         Ok(autograd::frozen_matmul_t(&h, &self.u)?)
@@ -510,8 +510,8 @@ impl Transformer {
         let (cos, sin, mask) = (&positions.cos, &positions.sin, &positions.mask);
         let x = (x + self.attention(layer, &h, cos, sin, mask, kv, mode)?)?;
         let h = rms_norm(&x, &layer.mlp_norm, eps, mode)?;
-        let gated =
-            autograd::silu_mul(&layer.gate.forward(&h, mode)?, &layer.up.forward(&h, mode)?)?;
+        let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, mode)?)?
+            * layer.up.forward(&h, mode)?)?;
         Ok((&x + layer.down.forward(&gated, mode)?)?)
     }
 
@@ -572,9 +572,6 @@ impl Transformer {
         };
         let probs = match mode {
             Mode::Fast => candle_nn::ops::softmax_last_dim(&add_mask((scores * scale)?)?)?,
-            Mode::Differentiable if scores.device().is_cpu() => {
-                autograd::masked_softmax(&scores, scale, add_mask)?
-            }
             Mode::Differentiable => softmax_primitive(&add_mask((scores * scale)?)?)?,
         };
         let out = autograd::batched_matmul(&probs, &v, false)?
@@ -609,7 +606,6 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor>
             weight,
             eps as f32,
         )?),
-        Mode::Differentiable if x.device().is_cpu() => Ok(autograd::rms_norm(x, weight, eps)?),
         Mode::Differentiable => {
             let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
             Ok(x.broadcast_div(&(variance + eps)?.sqrt()?)?
@@ -627,9 +623,6 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
             &cos.contiguous()?,
             &sin.contiguous()?,
         )?),
-        Mode::Differentiable if x.device().is_cpu() => {
-            Ok(autograd::rope(x, &cos.contiguous()?, &sin.contiguous()?)?)
-        }
         Mode::Differentiable => {
             let d = x.dim(D::Minus1)?;
             let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(1)?;
