@@ -51,13 +51,28 @@ const PASS_BYTES: usize = 3 << 30;
 /// Buffers kept for reuse. A training step allocates the same few gigabytes of activations
 /// every time; taken fresh from the OS each step they cost ~1 s of page faults per step on
 /// SmolLM2 (sys time 8.8 s → 4.0 s over a 3-step benchmark when freed memory was kept).
-/// Buffers come out zeroed and go back with [`Pool::give`]; one not given back is just freed.
+/// Buffers come out zeroed (or holding a copy) and go back with [`Pool::give`]; one not given
+/// back is just freed.
 #[derive(Default)]
 struct Pool(Mutex<Vec<Vec<f32>>>);
 
 impl Pool {
     /// `len` zeros, in the smallest kept buffer that holds them.
     fn zeros(&self, len: usize) -> Vec<f32> {
+        let mut buffer = self.take(len);
+        buffer.resize(len, 0.0);
+        buffer
+    }
+
+    /// A copy of `values`, in the smallest kept buffer that holds them.
+    fn copy_of(&self, values: &[f32]) -> Vec<f32> {
+        let mut buffer = self.take(values.len());
+        buffer.extend_from_slice(values);
+        buffer
+    }
+
+    /// An empty buffer with room for `len`.
+    fn take(&self, len: usize) -> Vec<f32> {
         let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let best = (kept.iter().enumerate())
             .filter(|(_, b)| b.capacity() >= len)
@@ -66,12 +81,10 @@ impl Pool {
         match best {
             Some(i) => {
                 let mut buffer = kept.swap_remove(i);
-                drop(kept);
                 buffer.clear();
-                buffer.resize(len, 0.0);
                 buffer
             }
-            None => vec![0f32; len],
+            None => Vec::with_capacity(len),
         }
     }
 
@@ -807,8 +820,7 @@ impl Projection {
             Weight::Factored { u, vt, target } => {
                 let mut h = pool.zeros(n * vt.rows);
                 product(&mut h, input, vt.mat_t(), false);
-                let mut scaled = pool.zeros(h.len());
-                scaled.copy_from_slice(&h);
+                let mut scaled = pool.copy_of(&h);
                 scale_columns(&mut scaled, &scaled_s[*target]);
                 product(&mut y, Mat::new(&scaled, n, vt.rows), u.mat_t(), false);
                 pool.give([scaled]);
