@@ -2,7 +2,9 @@
 //!
 //! Module map (see README "Architecture"): `pipeline` (the file users write), `dag` (stages from a
 //! pipeline), `exec` (running stages with caching and resume), `assets` (model and data sources),
-//! `data` (dataset cards and the data stage), `model` (the model stage), `cmd`/`cli` (commands).
+//! `data` (dataset cards and the data stage), `model` (the engine), `svd`, `svf` (experts),
+//! `reward` (judging answers, the code sandbox), `eval` (evaluation), `stages` (stage kinds),
+//! `cmd`/`cli` (commands).
 
 pub mod assets;
 pub mod cli;
@@ -10,11 +12,13 @@ pub mod cmd;
 pub mod dag;
 pub mod data;
 pub mod diagnostic;
+pub mod eval;
 pub mod exec;
 pub mod fsutil;
 pub mod hash;
 pub mod model;
 pub mod pipeline;
+pub mod reward;
 pub mod stages;
 pub mod svd;
 pub mod svf;

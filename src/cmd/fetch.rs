@@ -14,7 +14,7 @@ pub fn run(file: &Path, overrides: &[Override]) -> Result<(), CmdError> {
         pipeline.dir().to_path_buf(),
         pipeline.spec.model.sha256.clone(),
     )];
-    for card in pipeline.cards.values() {
+    for card in pipeline.datasets.values().map(|d| &d.card) {
         assets.push((
             card.card.source.clone(),
             card.dir().to_path_buf(),

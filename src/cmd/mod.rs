@@ -98,7 +98,7 @@ fn render(diagnostics: &[Diagnostic]) -> String {
 
 /// The stage graph of a valid pipeline (cycles were ruled out by validation).
 fn graph_of(pipeline: &Pipeline) -> Result<Graph, CmdError> {
-    Graph::from_spec(&pipeline.spec).map_err(|e| CmdError::Failed(e.to_string()))
+    crate::stages::graph(pipeline).map_err(|e| CmdError::Failed(e.to_string()))
 }
 
 /// Which model to load, as given on the command line.

@@ -19,7 +19,8 @@ pub fn run(
     let graph = graph_of(&pipeline)?;
     let opts = selection.resolve(&graph)?;
     let home = TsqHome::from_env();
-    let factory = |stage: &crate::dag::Stage| crate::stages::runner_for(&pipeline, &home, stage);
+    let env = crate::stages::Env::new(&pipeline, home);
+    let factory = |stage: &crate::dag::Stage| env.runner_for(stage);
     let executor = Executor {
         graph: &graph,
         factory: &factory,

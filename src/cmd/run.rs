@@ -17,7 +17,8 @@ pub fn run(
     let graph = graph_of(&pipeline)?;
     let opts = selection.resolve(&graph)?;
     let home = TsqHome::from_env();
-    let factory = |stage: &crate::dag::Stage| crate::stages::runner_for(&pipeline, &home, stage);
+    let env = crate::stages::Env::new(&pipeline, home);
+    let factory = |stage: &crate::dag::Stage| env.runner_for(stage);
     let executor = Executor {
         graph: &graph,
         factory: &factory,
@@ -43,11 +44,25 @@ pub fn run(
     eprintln!("run `{}` in {}", pipeline.spec.name, run_root.display());
     let interrupt = Interrupt::install();
     match executor.run(&run_dir, &opts, &interrupt) {
-        Ok(_) => {
+        Ok(plan) => {
+            print_results(&run_root, &graph, &plan);
             eprintln!("finished: outputs in {}", run_root.display());
             Ok(())
         }
         Err(e @ ExecError::Interrupted(_)) => Err(CmdError::Interrupted(e.to_string())),
         Err(e) => Err(CmdError::Failed(e.to_string())),
+    }
+}
+
+/// The results table of every evaluation the run finished or found cached.
+fn print_results(run_root: &Path, graph: &crate::dag::Graph, plan: &[crate::exec::PlanEntry]) {
+    for entry in plan {
+        let is_eval = graph.get(&entry.stage).is_some_and(|s| s.kind == "eval");
+        let table = run_root
+            .join(&entry.stage.0)
+            .join(crate::eval::results::RESULTS_MD);
+        if is_eval && let Ok(text) = std::fs::read_to_string(table) {
+            println!("\n{text}");
+        }
     }
 }

@@ -4,9 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
-use serde_json::{Value, json};
-
-use crate::pipeline::spec::PipelineSpec;
+use serde_json::Value;
 
 /// A stage's name, also its directory under the run directory: `model`, `data.arc`, `train.math`...
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -18,31 +16,20 @@ impl fmt::Display for StageId {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum StageKind {
-    Model,
-    Data { dataset: String },
-    Decompose,
-    Train { expert: String },
-    Adapt,
-    Eval { dataset: String },
-    Report,
-}
-
-impl StageKind {
-    /// Whether this version of tsq can run the stage. The others are accepted in pipeline files
-    /// (so files can be written ahead) but `run` refuses them up front.
-    pub fn is_available(&self) -> bool {
-        matches!(self, Self::Model | Self::Data { .. } | Self::Decompose)
-    }
-}
-
 /// One node: its kind, its dependencies, and the config subtree that goes into its cache key.
+/// Stage kinds (what declares stages and runs them) live in `crate::stages`; the graph only
+/// orders what they declare.
 #[derive(Clone, Debug, Serialize)]
 pub struct Stage {
     pub id: StageId,
-    pub kind: StageKind,
+    /// The kind's name (`model`, `data`, `eval`, ...).
+    pub kind: &'static str,
+    /// The kind's behaviour version, part of the cache key: bumped when the stage would compute
+    /// something different from the same inputs, and only then.
+    pub version: u32,
+    /// What the stage works on within its kind (a dataset, an expert, an evaluation), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     pub deps: Vec<StageId>,
     /// The part of the pipeline this stage reads; a change to it re-runs the stage.
     pub config: Value,
@@ -70,9 +57,9 @@ pub struct Graph {
 }
 
 impl Graph {
-    /// Derives the stages of a spec whose references have been checked, and orders them.
-    pub fn from_spec(spec: &PipelineSpec) -> Result<Self, CycleError> {
-        order(derive_stages(spec))
+    /// Orders declared stages (dependencies first); a dependency cycle is reported in full.
+    pub fn new(stages: Vec<Stage>) -> Result<Self, CycleError> {
+        order(stages)
     }
 
     pub fn get(&self, id: &StageId) -> Option<&Stage> {
@@ -89,116 +76,6 @@ impl Graph {
         }
         out
     }
-}
-
-fn stage(id: String, kind: StageKind, deps: Vec<String>, config: Value, pointer: &str) -> Stage {
-    Stage {
-        id: StageId(id),
-        kind,
-        deps: deps.into_iter().map(StageId).collect(),
-        config,
-        pointer: pointer.into(),
-    }
-}
-
-fn derive_stages(spec: &PipelineSpec) -> Vec<Stage> {
-    let mut stages = vec![stage(
-        "model".into(),
-        StageKind::Model,
-        vec![],
-        to(&spec.model),
-        "/model",
-    )];
-    for (name, ds) in &spec.datasets {
-        let seed = ds.split.seed.unwrap_or(spec.seed);
-        let config = json!({"dataset": to(ds), "split_seed": seed});
-        stages.push(stage(
-            format!("data.{name}"),
-            StageKind::Data {
-                dataset: name.clone(),
-            },
-            vec![],
-            config,
-            &format!("/datasets/{name}"),
-        ));
-    }
-    if let Some(svd) = &spec.svd {
-        stages.push(stage(
-            "decompose".into(),
-            StageKind::Decompose,
-            vec!["model".into()],
-            to(svd),
-            "/svd",
-        ));
-    }
-    for (name, ex) in &spec.experts {
-        let mut deps = vec!["model".to_string(), format!("data.{}", ex.dataset)];
-        if spec.svd.is_some() {
-            deps.push("decompose".into());
-        }
-        if let Some(from) = &ex.init_from {
-            deps.push(format!("train.{from}"));
-        }
-        let config = json!({"expert": to(ex), "reward": spec.rewards.get(&ex.reward).map(to), "seed": spec.seed});
-        stages.push(stage(
-            format!("train.{name}"),
-            StageKind::Train {
-                expert: name.clone(),
-            },
-            deps,
-            config,
-            &format!("/experts/{name}"),
-        ));
-    }
-    if let Some(ad) = &spec.adaptation {
-        let deps = ad.experts.iter().map(|e| format!("train.{e}")).collect();
-        stages.push(stage(
-            "adapt".into(),
-            StageKind::Adapt,
-            deps,
-            to(ad),
-            "/adaptation",
-        ));
-    }
-    for (i, ev) in spec.evaluate.iter().enumerate() {
-        let mut deps = vec!["model".to_string(), format!("data.{}", ev.dataset)];
-        for w in &ev.with {
-            match w.as_str() {
-                "base" => {}
-                "adaptive" => deps.push("adapt".into()),
-                expert => deps.push(format!("train.{expert}")),
-            }
-        }
-        let config = json!({"evaluate": to(ev), "reward": ev.reward.as_ref().and_then(|r| spec.rewards.get(r)).map(to)});
-        stages.push(stage(
-            format!("eval.{}", ev.dataset),
-            StageKind::Eval {
-                dataset: ev.dataset.clone(),
-            },
-            deps,
-            config,
-            &format!("/evaluate/{i}"),
-        ));
-    }
-    if let Some(report) = &spec.report {
-        let deps = spec
-            .evaluate
-            .iter()
-            .map(|e| format!("eval.{}", e.dataset))
-            .collect();
-        stages.push(stage(
-            "report".into(),
-            StageKind::Report,
-            deps,
-            to(report),
-            "/report",
-        ));
-    }
-    stages
-}
-
-fn to<T: serde::Serialize>(section: &T) -> Value {
-    serde_json::to_value(section).expect("spec types serialise to JSON")
 }
 
 /// Topological order, stable with respect to declaration order; reports a cycle in full.
@@ -256,37 +133,41 @@ fn order(stages: Vec<Stage>) -> Result<Graph, CycleError> {
 mod tests {
     use super::*;
 
-    fn spec(yaml_experts: &str) -> PipelineSpec {
-        let text = format!(
-            "version: 1\nname: t\nmodel: {{source: m.gguf}}\ndatasets:\n  d: {{card: c.yaml, prompt: p.jinja}}\nrewards:\n  r: {{kind: exact_number}}\nexperts:\n{yaml_experts}evaluate:\n  - {{dataset: d, with: [base, a]}}\n"
-        );
-        let doc = crate::yaml::LocatedDoc::parse(std::path::Path::new("t.yaml"), &text).unwrap();
-        serde_json::from_value(doc.value).unwrap()
+    fn node(id: &str, deps: &[&str]) -> Stage {
+        Stage {
+            id: StageId(id.into()),
+            kind: "test",
+            version: 1,
+            subject: None,
+            deps: deps.iter().map(|d| StageId(d.to_string())).collect(),
+            config: Value::Null,
+            pointer: String::new(),
+        }
     }
 
     #[test]
     fn orders_dependencies_first() {
-        let g = Graph::from_spec(&spec(
-            "  a: {dataset: d, reward: r, init_from: b}\n  b: {dataset: d, reward: r}\n",
-        ))
+        let g = Graph::new(vec![
+            node("a", &["b", "d"]),
+            node("b", &["d"]),
+            node("d", &[]),
+            node("e", &["a"]),
+        ])
         .unwrap();
         let pos = |id: &str| g.stages.iter().position(|s| s.id.0 == id).unwrap();
-        assert!(pos("train.b") < pos("train.a"));
-        assert!(pos("data.d") < pos("train.b"));
-        assert!(pos("train.a") < pos("eval.d"));
-        let down = g.downstream_of(&BTreeSet::from([StageId("train.b".into())]));
+        assert!(pos("b") < pos("a"));
+        assert!(pos("d") < pos("b"));
+        assert!(pos("a") < pos("e"));
+        let down = g.downstream_of(&BTreeSet::from([StageId("b".into())]));
         assert_eq!(
             down.into_iter().map(|s| s.0).collect::<Vec<_>>(),
-            ["eval.d", "train.a", "train.b"]
+            ["a", "b", "e"]
         );
     }
 
     #[test]
     fn reports_the_whole_cycle() {
-        let err = Graph::from_spec(&spec("  a: {dataset: d, reward: r, init_from: b}\n  b: {dataset: d, reward: r, init_from: a}\n")).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "dependency cycle: `train.a` → `train.b` → `train.a`"
-        );
+        let err = Graph::new(vec![node("a", &["b"]), node("b", &["a"])]).unwrap_err();
+        assert_eq!(err.to_string(), "dependency cycle: `a` → `b` → `a`");
     }
 }

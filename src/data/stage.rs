@@ -9,25 +9,19 @@ use indicatif::ProgressBar;
 use polars::prelude::*;
 use serde_json::{Value, json};
 
-use super::card::LoadedCard;
 use super::read::read_rows;
 use super::records::{BadRecord, Record, map_rows};
 use super::split::{PARTS, part_sizes, seeded_order};
 use super::template::TemplateFile;
 use crate::assets::{AssetSource, TsqHome, verify_sha256};
-use crate::exec::{StageContext, StageError, StageRunner, file_input};
-use crate::pipeline::spec::DatasetSpec;
+use crate::exec::{StageContext, StageError, StageRunner, failed_to, file_input};
+use crate::pipeline::ResolvedDataset;
 
 pub const RECORDS_FILE: &str = "records.parquet";
 pub const SUMMARY_FILE: &str = "summary.json";
 
 pub struct DataStage {
-    pub name: String,
-    pub spec: DatasetSpec,
-    pub card: LoadedCard,
-    pub prompt: PathBuf,
-    pub target: Option<PathBuf>,
-    pub seed: u64,
+    pub dataset: ResolvedDataset,
     pub home: TsqHome,
 }
 
@@ -40,8 +34,8 @@ struct Rendered {
 
 impl DataStage {
     fn source(&self) -> Result<AssetSource, StageError> {
-        AssetSource::parse(&self.card.card.source, self.card.dir())
-            .map_err(|e| StageError::failed(e.to_string()))
+        AssetSource::parse(&self.dataset.card.card.source, self.dataset.card.dir())
+            .map_err(|e| StageError::at("reading the source of", &self.dataset.card.file, e))
     }
 
     fn render_all(
@@ -49,12 +43,11 @@ impl DataStage {
         records: Vec<Record>,
         ctx: &StageContext,
     ) -> Result<(Vec<Rendered>, Vec<BadRecord>), StageError> {
-        let load =
-            |p: &PathBuf| TemplateFile::load(p).map_err(|d| StageError::failed(d.to_string()));
-        let prompt = load(&self.prompt)?;
-        let target = self.target.as_ref().map(load).transpose()?;
-        let bar =
-            ProgressBar::new(records.len() as u64).with_message(format!("rendering {}", self.name));
+        let load = |p: &PathBuf| TemplateFile::load(p).map_err(|d| StageError::at("loading", p, d));
+        let prompt = load(&self.dataset.prompt)?;
+        let target = self.dataset.target.as_ref().map(load).transpose()?;
+        let bar = ProgressBar::new(records.len() as u64)
+            .with_message(format!("rendering {}", self.dataset.name));
         let (mut good, mut bad) = (Vec::new(), Vec::new());
         for (i, record) in records.into_iter().enumerate() {
             if i % 256 == 0 {
@@ -87,7 +80,7 @@ impl DataStage {
         } else {
             bad.len() as f64 / total as f64
         };
-        if bad.is_empty() || fraction <= self.spec.max_bad_fraction {
+        if bad.is_empty() || fraction <= self.dataset.spec.max_bad_fraction {
             return Ok(());
         }
         let listed: Vec<String> = bad
@@ -95,52 +88,63 @@ impl DataStage {
             .take(5)
             .map(|b| format!("row {}: {}", b.row, b.reason))
             .collect();
-        Err(StageError::failed(format!(
-            "{} of {total} records are bad ({:.1}%, allowed {:.1}% by `max_bad_fraction`):\n    {}{}",
-            bad.len(),
-            fraction * 100.0,
-            self.spec.max_bad_fraction * 100.0,
-            listed.join("\n    "),
-            if bad.len() > 5 { "\n    ..." } else { "" }
-        )))
+        Err(StageError::failed(
+            format!("checking the records of `{}`", self.dataset.name),
+            format!(
+                "{} of {total} records are bad ({:.1}%, allowed {:.1}% by `max_bad_fraction`):\n    {}{}",
+                bad.len(),
+                fraction * 100.0,
+                self.dataset.spec.max_bad_fraction * 100.0,
+                listed.join("\n    "),
+                if bad.len() > 5 { "\n    ..." } else { "" }
+            ),
+        ))
     }
 }
 
 impl StageRunner for DataStage {
     fn inputs(&self) -> Result<BTreeMap<String, String>, StageError> {
         let mut inputs = BTreeMap::from([
-            ("card".to_string(), file_input(&self.card.file)?),
-            ("prompt_template".to_string(), file_input(&self.prompt)?),
+            ("card".to_string(), file_input(&self.dataset.card.file)?),
+            (
+                "prompt_template".to_string(),
+                file_input(&self.dataset.prompt)?,
+            ),
             (
                 "source".to_string(),
                 self.source()?
                     .identity()
-                    .map_err(|e| StageError::failed(e.to_string()))?,
+                    .map_err(failed_to("identifying the data source"))?,
             ),
         ]);
-        if let Some(target) = &self.target {
+        if let Some(target) = &self.dataset.target {
             inputs.insert("target_template".into(), file_input(target)?);
         }
         Ok(inputs)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
-        let card = &self.card.card;
+        let card = &self.dataset.card.card;
         let path = self
             .source()?
             .resolve(&self.home)
-            .map_err(|e| StageError::failed(e.to_string()))?;
+            .map_err(failed_to("fetching the data source"))?;
         verify_sha256(&path, card.sha256.as_deref())
-            .map_err(|e| StageError::failed(e.to_string()))?;
+            .map_err(|e| StageError::at("checking the sha256 pin of", &path, e))?;
         ctx.check_interrupt()?;
-        let rows = read_rows(&path, self.card.format).map_err(StageError::failed)?;
+        let rows = read_rows(&path, self.dataset.card.format)
+            .map_err(|e| StageError::at("reading", &path, e))?;
         let mapped = map_rows(card, &rows);
         let total = mapped.records.len() + mapped.bad.len();
         if let Some(expected) = card.records.filter(|&n| n as usize != total) {
-            return Err(StageError::failed(format!(
-                "card `{}` expects {expected} records but the source has {total} after deduplication; is the source the one the card describes?",
-                self.card.file.display()
-            )));
+            return Err(StageError::at(
+                "reading",
+                &path,
+                format!(
+                    "card `{}` expects {expected} records but the source has {total} after deduplication; is the source the one the card describes?",
+                    self.dataset.card.file.display()
+                ),
+            ));
         }
         let (rendered, render_bad) = self.render_all(mapped.records, ctx)?;
         let bad: Vec<BadRecord> = mapped.bad.into_iter().chain(render_bad).collect();
@@ -148,7 +152,7 @@ impl StageRunner for DataStage {
         let parts = self.split(rendered)?;
         write_records(&ctx.output(RECORDS_FILE), &parts)?;
         let summary = json!({
-            "dataset": self.name,
+            "dataset": self.dataset.name,
             "card": card.name,
             "license": card.license,
             "rows": rows.len(),
@@ -159,7 +163,7 @@ impl StageRunner for DataStage {
             "examples": parts.iter().zip(PARTS).flat_map(|(p, name)| p.first().map(|r| json!({"split": name, "id": r.record.id, "prompt": r.prompt, "target": r.target}))).collect::<Vec<_>>(),
         });
         crate::fsutil::write_json(&ctx.output(SUMMARY_FILE), &summary)
-            .map_err(|e| StageError::failed(format!("cannot write summary: {e}")))?;
+            .map_err(|e| StageError::at("writing", &ctx.output(SUMMARY_FILE), e))?;
         Ok(summary)
     }
 }
@@ -168,9 +172,10 @@ impl DataStage {
     /// Orders by seed, applies `limit`, and cuts train / val / test.
     fn split(&self, rendered: Vec<Rendered>) -> Result<[Vec<Rendered>; 3], StageError> {
         let ids: Vec<&str> = rendered.iter().map(|r| r.record.id.as_str()).collect();
-        let order = seeded_order(&ids, self.seed);
+        let order = seeded_order(&ids, self.dataset.seed);
         let mut slots: Vec<Option<Rendered>> = rendered.into_iter().map(Some).collect();
         let limit = self
+            .dataset
             .spec
             .limit
             .map_or(order.len(), |l| (l as usize).min(order.len()));
@@ -178,7 +183,7 @@ impl DataStage {
             .into_iter()
             .take(limit)
             .filter_map(|i| slots[i].take());
-        let sizes = part_sizes(&self.spec.split, limit).map_err(StageError::failed)?;
+        let sizes = part_sizes(&self.dataset.spec.split, limit).map_err(failed_to("splitting"))?;
         Ok(sizes.map(|n| ordered.by_ref().take(n).collect()))
     }
 }
@@ -216,11 +221,40 @@ fn write_records(path: &std::path::Path, parts: &[Vec<Rendered>; 3]) -> Result<(
                 .collect(),
         ),
     ])
-    .map_err(|e| StageError::failed(format!("cannot build the records table: {e}")))?;
-    let file = std::fs::File::create(path)
-        .map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", path.display())))?;
-    ParquetWriter::new(file)
-        .finish(&mut df)
-        .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
-    Ok(())
+    .map_err(failed_to("building the records table"))?;
+    crate::data::write_parquet(path, &mut df)
+}
+
+/// A prepared record as later stages read it back from `records.parquet`.
+#[derive(Clone, Debug)]
+pub struct StoredRecord {
+    pub id: String,
+    pub split: String,
+    pub prompt: String,
+    pub target: Option<String>,
+    pub fields: serde_json::Map<String, Value>,
+}
+
+/// The records a finished `data.<name>` stage wrote, in file order (split order, then the
+/// split's seeded order).
+pub fn read_stored(stage_dir: &std::path::Path) -> Result<Vec<StoredRecord>, StageError> {
+    let path = stage_dir.join(RECORDS_FILE);
+    let bad = |why: String| StageError::at("reading", &path, why);
+    let rows = read_rows(&path, super::card::DataFormat::Parquet).map_err(bad)?;
+    rows.into_iter()
+        .map(|row| {
+            let text = |k: &str| row.get(k).and_then(Value::as_str).map(String::from);
+            let fields = text("record")
+                .and_then(|r| serde_json::from_str::<Value>(&r).ok())
+                .and_then(|v| v.as_object().cloned())
+                .ok_or_else(|| bad("a row lacks its `record` object".into()))?;
+            Ok(StoredRecord {
+                id: text("id").ok_or_else(|| bad("a row lacks `id`".into()))?,
+                split: text("split").unwrap_or_default(),
+                prompt: text("prompt").unwrap_or_default(),
+                target: text("target"),
+                fields,
+            })
+        })
+        .collect()
 }

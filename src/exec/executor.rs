@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::manifest::{Manifest, differences, key_of};
-use super::{Interrupt, RunDir, RunnerFactory, StageContext, StageError};
+use super::{Failure, Interrupt, Metrics, RunDir, RunnerFactory, StageContext, StageError};
 use crate::dag::{Graph, Stage, StageId};
 
 /// What the user asked for beyond "run what is not cached".
@@ -31,7 +31,7 @@ pub enum Status {
     ToRun,
     /// Its kind of stage is not available in this version of tsq.
     Unavailable,
-    /// Not selected by `--only`.
+    /// Not selected by `--only` (it may still be finished, which is all its dependents need).
     Skipped,
 }
 
@@ -50,6 +50,9 @@ pub struct PlanEntry {
     /// reading large files, so it is done once per command).
     #[serde(skip)]
     pub inputs: BTreeMap<String, String>,
+    /// Finished in the run directory with this key (whatever `--only` or `--force` say).
+    #[serde(skip)]
+    pub finished: bool,
 }
 
 impl PlanEntry {
@@ -62,8 +65,11 @@ impl PlanEntry {
 pub enum ExecError {
     #[error("{0}")]
     Setup(String),
-    #[error("stage `{stage}` failed: {message}")]
-    StageFailed { stage: StageId, message: String },
+    #[error("stage `{stage}` failed: {failure}")]
+    StageFailed {
+        stage: StageId,
+        failure: Box<Failure>,
+    },
     #[error("interrupted during stage `{0}`; finished stages are kept, run again to resume")]
     Interrupted(StageId),
 }
@@ -74,10 +80,10 @@ pub struct Executor<'a> {
     pub factory: &'a RunnerFactory<'a>,
 }
 
-const TSQ_VERSION: &str = env!("CARGO_PKG_VERSION");
-
 impl Executor<'_> {
-    /// Every stage's cache inputs (in graph order): config, tsq version, upstream keys, own inputs.
+    /// Every stage's cache inputs (in graph order): config, the stage kind's version, upstream
+    /// keys, own inputs. The tsq version is not among them: a release that leaves a stage's
+    /// behaviour alone keeps its cached results (its kind's version says when it does not).
     fn inputs(&self) -> Result<BTreeMap<StageId, BTreeMap<String, String>>, ExecError> {
         let mut all: BTreeMap<StageId, BTreeMap<String, String>> = BTreeMap::new();
         for stage in &self.graph.stages {
@@ -86,7 +92,10 @@ impl Executor<'_> {
                     "config".to_string(),
                     crate::hash::json_blake3(&stage.config),
                 ),
-                ("tsq".to_string(), TSQ_VERSION.to_string()),
+                (
+                    "stage_version".to_string(),
+                    format!("{}/{}", stage.kind, stage.version),
+                ),
             ]);
             for dep in &stage.deps {
                 let dep_key = all.get(dep).map(key_of).unwrap_or_default();
@@ -111,13 +120,14 @@ impl Executor<'_> {
         for stage in &self.graph.stages {
             let stage_inputs = inputs.remove(&stage.id).unwrap_or_default();
             let key = key_of(&stage_inputs);
+            let finished = run.finished(&stage.id.0).is_some_and(|m| m.key == key);
             let status = if opts
                 .only
                 .as_ref()
                 .is_some_and(|only| !only.contains(&stage.id))
             {
                 Status::Skipped
-            } else if !stage.kind.is_available() {
+            } else if (self.factory)(stage).is_none() {
                 Status::Unavailable
             } else if forced.contains(&stage.id) {
                 Status::Stale(vec!["forced".into()])
@@ -140,6 +150,7 @@ impl Executor<'_> {
                 status,
                 detail,
                 inputs: stage_inputs,
+                finished,
             });
         }
         Ok(entries)
@@ -177,7 +188,7 @@ impl Executor<'_> {
             if interrupt.requested() {
                 return Err(ExecError::Interrupted(stage.id.clone()));
             }
-            self.run_stage(run, stage, entry.inputs.clone(), interrupt, &mut log)?;
+            self.run_stage(run, stage, entry, interrupt, &mut log)?;
         }
         Ok(plan)
     }
@@ -186,7 +197,7 @@ impl Executor<'_> {
         &self,
         run: &RunDir,
         stage: &Stage,
-        inputs: BTreeMap<String, String>,
+        entry: &PlanEntry,
         interrupt: &Interrupt,
         log: &mut EventLog,
     ) -> Result<(), ExecError> {
@@ -196,10 +207,15 @@ impl Executor<'_> {
                 "stage `{id}` is not available in this version of tsq"
             ))
         })?;
-        let failed = |message: String| ExecError::StageFailed {
-            stage: id.clone(),
-            message,
+        let failed = |e: StageError| match e {
+            StageError::Interrupted => ExecError::Interrupted(id.clone()),
+            StageError::Failed(failure) => ExecError::StageFailed {
+                stage: id.clone(),
+                failure,
+            },
         };
+        let io =
+            |doing: &'static str| move |e: std::io::Error| failed(StageError::failed(doing, e));
         eprintln!("  running {id}");
         log.event("stage_started", Some(id), json!({}));
         let started = Instant::now();
@@ -209,7 +225,10 @@ impl Executor<'_> {
             .unwrap_or(0.0);
         let staged = run
             .staging_dir(&id.0)
-            .map_err(|e| failed(format!("cannot create staging directory: {e}")))?;
+            .map_err(io("creating the staging directory"))?;
+        let checkpoint_dir = run
+            .checkpoint_dir(&id.0, &entry.key)
+            .map_err(io("creating the checkpoint directory"))?;
         let upstream = stage
             .deps
             .iter()
@@ -217,33 +236,40 @@ impl Executor<'_> {
             .collect();
         let ctx = StageContext {
             out_dir: staged.path().to_path_buf(),
+            checkpoint_dir,
             upstream,
             interrupt,
+            metrics: Metrics::open(staged.path()),
+            stage: id.0.clone(),
         };
         let summary = match runner.run(&ctx) {
             Ok(summary) => summary,
-            Err(StageError::Interrupted) => {
-                log.event("stage_interrupted", Some(id), json!({}));
-                return Err(ExecError::Interrupted(id.clone()));
-            }
-            Err(StageError::Failed(message)) => {
-                log.event("stage_failed", Some(id), json!({"error": message}));
-                return Err(failed(message));
+            Err(e) => {
+                let event = match &e {
+                    StageError::Interrupted => ("stage_interrupted", json!({})),
+                    StageError::Failed(f) => (
+                        "stage_failed",
+                        json!({"doing": f.doing, "path": f.path, "why": f.why}),
+                    ),
+                };
+                log.event(event.0, Some(id), event.1);
+                return Err(failed(e));
             }
         };
-        let mut manifest = Manifest::new(&id.0, inputs);
+        drop(ctx);
+        let mut manifest = Manifest::new(&id.0, entry.inputs.clone());
         manifest.started_unix = started_unix;
         manifest.duration_s = started.elapsed().as_secs_f64();
         manifest.summary = summary;
         manifest
             .record_outputs(staged.path())
-            .map_err(|e| failed(format!("cannot list outputs: {e}")))?;
+            .map_err(io("listing outputs"))?;
         manifest
             .write(staged.path())
-            .map_err(|e| failed(format!("cannot write manifest: {e}")))?;
+            .map_err(io("writing the manifest"))?;
         test_hook_stall(id);
         run.commit(&id.0, staged)
-            .map_err(|e| failed(format!("cannot commit outputs: {e}")))?;
+            .map_err(io("committing outputs"))?;
         eprintln!("  done    {id} ({:.1}s)", manifest.duration_s);
         log.event(
             "stage_finished",
@@ -279,7 +305,10 @@ fn check_runnable(plan: &[PlanEntry], graph: &Graph) -> Result<(), ExecError> {
     let status: BTreeMap<&StageId, &PlanEntry> = plan.iter().map(|e| (&e.stage, e)).collect();
     for entry in plan.iter().filter(|e| e.will_run()) {
         for dep in &entry.deps {
-            if status.get(dep).is_some_and(|d| d.status == Status::Skipped) {
+            if status
+                .get(dep)
+                .is_some_and(|d| d.status == Status::Skipped && !d.finished)
+            {
                 return Err(ExecError::Setup(format!(
                     "`{}` needs `{dep}`, which is not finished and not selected by --only",
                     entry.stage

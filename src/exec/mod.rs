@@ -6,17 +6,23 @@
 //! - `.staging/`: stage outputs being written; cleared at the start of every run,
 //! - `<stage>/`: a finished stage's outputs plus `manifest.json`, written last and moved into place
 //!   with its directory, so a stage directory that exists is complete,
+//! - `.checkpoints/<stage>/<key>/`: resumable state of a long stage, kept across kills and
+//!   reruns, removed when the stage commits,
 //! - `events.jsonl`: one JSON object per event (stage started / finished / cached / failed),
 //! - `pipeline.json`: the effective pipeline (after `--set`) of the latest run.
 
 mod executor;
 mod interrupt;
 mod manifest;
+mod metrics;
+mod progress;
 mod rundir;
 
 pub use executor::{ExecError, Executor, PlanEntry, RunOptions, Status};
 pub use interrupt::Interrupt;
 pub use manifest::Manifest;
+pub use metrics::Metrics;
+pub use progress::Progress;
 pub use rundir::RunDir;
 
 use std::collections::BTreeMap;
@@ -26,13 +32,21 @@ use serde_json::Value;
 
 use crate::dag::Stage;
 
-/// What a stage runner gets while running: where to write, and how to notice Ctrl-C.
+/// What a stage runner gets while running: where to write, where to keep checkpoints, how to
+/// report progress and metrics, and how to notice Ctrl-C.
 pub struct StageContext<'a> {
     /// The (staging) directory this stage writes its outputs into.
     pub out_dir: PathBuf,
+    /// A directory that survives kills and reruns until the stage commits, specific to this
+    /// stage's cache key (a changed input starts from scratch). Long stages keep their
+    /// resumable state here.
+    pub checkpoint_dir: PathBuf,
     /// Finished upstream stages' directories, by stage id.
     pub upstream: BTreeMap<String, PathBuf>,
     pub interrupt: &'a Interrupt,
+    /// `metrics.jsonl` in the stage directory: one JSON object per line, flushed as written.
+    pub metrics: Metrics,
+    pub(crate) stage: String,
 }
 
 impl StageContext<'_> {
@@ -49,27 +63,77 @@ impl StageContext<'_> {
             Ok(())
         }
     }
+
+    /// A progress bar over `total` units for this stage (plain lines when stderr is no terminal).
+    pub fn progress(&self, total: u64, unit: &str) -> Progress {
+        Progress::new(&self.stage, total, unit)
+    }
+
+    /// The directory of a finished upstream stage.
+    pub fn upstream_dir(&self, stage: &str) -> Result<&Path, StageError> {
+        self.upstream
+            .get(stage)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| {
+                StageError::failed(
+                    format!("finding the `{stage}` stage's outputs"),
+                    "it is not a dependency of this stage",
+                )
+            })
+    }
 }
 
+/// Why a stage stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error("interrupted")]
     Interrupted,
     #[error("{0}")]
-    Failed(String),
+    Failed(Box<Failure>),
+}
+
+/// A failed stage: what it was doing, on which file if any, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}{}: {why}", path.as_ref().map(|p| format!(" `{}`", p.display())).unwrap_or_default())]
+pub struct Failure {
+    /// What the stage was doing, as a phrase ("reading records", "scoring options").
+    pub doing: String,
+    /// The file or directory concerned.
+    pub path: Option<PathBuf>,
+    /// The cause, as reported by whatever failed.
+    pub why: String,
 }
 
 impl StageError {
-    pub fn failed(message: impl Into<String>) -> Self {
-        Self::Failed(message.into())
+    /// `doing` failed because of `why`.
+    pub fn failed(doing: impl Into<String>, why: impl std::fmt::Display) -> Self {
+        Self::Failed(Box::new(Failure {
+            doing: doing.into(),
+            path: None,
+            why: why.to_string(),
+        }))
     }
+
+    /// `doing` failed on `path` because of `why`.
+    pub fn at(doing: impl Into<String>, path: &Path, why: impl std::fmt::Display) -> Self {
+        Self::Failed(Box::new(Failure {
+            doing: doing.into(),
+            path: Some(path.to_path_buf()),
+            why: why.to_string(),
+        }))
+    }
+}
+
+/// A closure turning any error into a failure of `doing`, for `map_err`.
+pub fn failed_to<E: std::fmt::Display>(doing: &str) -> impl Fn(E) -> StageError + '_ {
+    move |e| StageError::failed(doing, e)
 }
 
 /// One kind of stage's behaviour. The executor knows stages only through this trait.
 ///
 /// Convention: `inputs` names everything outside the stage's config subtree that its result
-/// depends on (file contents, asset identities) as `name → hash`; upstream stage keys and the tsq
-/// version are added by the executor. `run` writes only under `ctx.out_dir` and returns a small
+/// depends on (file contents, asset identities) as `name → hash`; upstream stage keys and the
+/// stage kind's version are added by the executor. `run` writes only under `ctx.out_dir` and returns a small
 /// JSON summary kept in the manifest.
 pub trait StageRunner {
     fn inputs(&self) -> Result<BTreeMap<String, String>, StageError>;
@@ -85,6 +149,5 @@ pub type RunnerFactory<'a> = dyn Fn(&Stage) -> Option<Box<dyn StageRunner + 'a>>
 
 /// The blake3 of a file, as a stage input.
 pub fn file_input(path: &Path) -> Result<String, StageError> {
-    crate::hash::file_blake3(path)
-        .map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))
+    crate::hash::file_blake3(path).map_err(|e| StageError::at("hashing", path, e))
 }

@@ -7,6 +7,7 @@ use super::manifest::Manifest;
 use crate::fsutil::sync_dir;
 
 const STAGING: &str = ".staging";
+const CHECKPOINTS: &str = ".checkpoints";
 
 /// An open run directory. Holding a `RunDir` with `lock` means holding the run's lock.
 #[derive(Debug)]
@@ -77,6 +78,22 @@ impl RunDir {
             .tempdir_in(staging)
     }
 
+    /// The checkpoint directory of a stage for one cache key (created); checkpoints of other
+    /// keys are removed, so a changed input never resumes from stale state.
+    pub fn checkpoint_dir(&self, stage: &str, key: &str) -> std::io::Result<PathBuf> {
+        let stage_dir = self.root.join(CHECKPOINTS).join(stage);
+        if let Ok(entries) = std::fs::read_dir(&stage_dir) {
+            for entry in entries.flatten() {
+                if entry.file_name() != key {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let dir = stage_dir.join(key);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
     /// Moves a complete staging directory into place as the stage's directory. The previous
     /// version stays intact until the new one is complete, and is removed only afterwards.
     pub fn commit(&self, stage: &str, staged: tempfile::TempDir) -> std::io::Result<()> {
@@ -98,6 +115,8 @@ impl RunDir {
         if let Some(old) = old {
             std::fs::remove_dir_all(old)?;
         }
+        // The stage is committed: its resumable state has served its purpose.
+        let _ = std::fs::remove_dir_all(self.root.join(CHECKPOINTS).join(stage));
         Ok(())
     }
 }

@@ -8,10 +8,30 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use crate::assets::{AssetSource, TsqHome, verify_sha256};
-use crate::exec::{StageContext, StageError, StageRunner};
+use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::pipeline::spec::ModelSpec;
 
 pub const MODEL_FILE: &str = "model.json";
+
+/// What the `model` stage records in `model.json`, as later stages read it.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct ModelRecord {
+    pub source: String,
+    pub path: std::path::PathBuf,
+    pub format: String,
+    /// Content hash of a single weights file (`None` for a model directory).
+    pub blake3: Option<String>,
+}
+
+impl ModelRecord {
+    /// The record of the finished `model` stage this stage depends on.
+    pub fn from_upstream(ctx: &StageContext) -> Result<Self, StageError> {
+        let file = ctx.upstream_dir("model")?.join(MODEL_FILE);
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| StageError::at("reading", &file, e))?;
+        serde_json::from_str(&text).map_err(|e| StageError::at("reading", &file, e))
+    }
+}
 
 pub struct ModelStage {
     pub spec: ModelSpec,
@@ -22,7 +42,7 @@ pub struct ModelStage {
 impl ModelStage {
     fn source(&self) -> Result<AssetSource, StageError> {
         AssetSource::parse(&self.spec.source, &self.base_dir)
-            .map_err(|e| StageError::failed(e.to_string()))
+            .map_err(failed_to("reading the model source"))
     }
 }
 
@@ -41,7 +61,7 @@ impl StageRunner for ModelStage {
         let identity = self
             .source()?
             .identity()
-            .map_err(|e| StageError::failed(e.to_string()))?;
+            .map_err(failed_to("identifying the model"))?;
         Ok(BTreeMap::from([("model".to_string(), identity)]))
     }
 
@@ -49,15 +69,16 @@ impl StageRunner for ModelStage {
         let path = self
             .source()?
             .resolve(&self.home)
-            .map_err(|e| StageError::failed(e.to_string()))?;
+            .map_err(failed_to("fetching the model"))?;
         verify_sha256(&path, self.spec.sha256.as_deref())
-            .map_err(|e| StageError::failed(e.to_string()))?;
+            .map_err(|e| StageError::at("checking the sha256 pin of", &path, e))?;
         let format = format_of(&path);
         if format == "unknown" {
-            return Err(StageError::failed(format!(
-                "`{}` is not a GGUF or safetensors file or a model directory",
-                path.display()
-            )));
+            return Err(StageError::at(
+                "loading the model",
+                &path,
+                "not a GGUF or safetensors file or a model directory",
+            ));
         }
         let (size, hash) = if path.is_file() {
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -67,7 +88,7 @@ impl StageRunner for ModelStage {
         };
         let info = json!({"source": self.spec.source, "path": path, "format": format, "bytes": size, "blake3": hash});
         crate::fsutil::write_json(&ctx.output(MODEL_FILE), &info)
-            .map_err(|e| StageError::failed(format!("cannot write {MODEL_FILE}: {e}")))?;
+            .map_err(|e| StageError::at("writing", &ctx.output(MODEL_FILE), e))?;
         Ok(info)
     }
 }

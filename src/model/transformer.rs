@@ -132,6 +132,31 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A cache whose row `i` is this cache's row `rows[i]`: a prompt computed once serves every
+    /// continuation that follows it.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
+        let Some(device) = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.device().clone())
+        else {
+            return Ok(Self::default());
+        };
+        let index = Tensor::new(rows, &device)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(k, v)| Ok((k.index_select(&index, 0)?, v.index_select(&index, 0)?)))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
 }
 
 /// Positions and mask for one forward call over `(batch, time)` token ids.

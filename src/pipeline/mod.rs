@@ -1,8 +1,11 @@
 //! Pipeline files: the typed spec, loading with positions, `--set` overrides, and validation
 //! (schema first, then semantic checks), reporting every problem at once.
 
+mod resolved;
 pub mod spec;
 mod validate;
+
+pub use resolved::{ResolvedDataset, ResolvedEval};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,7 +13,6 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
-use crate::data::card::LoadedCard;
 use crate::diagnostic::{Diagnostic, Origin};
 use crate::yaml::{LocatedDoc, SchemaChecker, check_and_deserialize};
 use spec::PipelineSpec;
@@ -55,13 +57,15 @@ impl std::str::FromStr for Override {
     }
 }
 
-/// A pipeline that passed validation: its spec, where it lives, and its loaded dataset cards.
+/// A pipeline that passed validation: its spec, where it lives, and what validation resolved
+/// (datasets with their cards, evaluations with their names).
 #[derive(Clone, Debug)]
 pub struct Pipeline {
     pub file: PathBuf,
     pub spec: PipelineSpec,
     pub doc: LocatedDoc,
-    pub cards: BTreeMap<String, LoadedCard>,
+    pub datasets: BTreeMap<String, ResolvedDataset>,
+    pub evaluations: Vec<ResolvedEval>,
 }
 
 impl Pipeline {
@@ -111,7 +115,8 @@ pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, Vec<Diagnos
         file: file.to_path_buf(),
         spec,
         doc,
-        cards: BTreeMap::new(),
+        datasets: BTreeMap::new(),
+        evaluations: Vec::new(),
     };
     validate::semantic_checks(&mut pipeline)?;
     Ok(pipeline)

@@ -150,24 +150,253 @@ pub struct SplitSpec {
     pub seed: Option<u64>,
 }
 
-/// A reward function; its answer extractor is shared with evaluation.
+/// A reward function: how a completion is judged against its record. Its answer extractor is
+/// the one evaluation uses, so a reward and an evaluation never disagree about what is correct.
+/// Each kind has its own options; every kind takes `values` and `tests`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RewardSpec {
+    /// The last number in the completion (or the one after `####`) equals the gold number
+    /// (GSM8K). Signs, thousands separators, decimals, `$` and trailing units are handled.
+    ExactNumber(NumberReward),
+    /// The chosen option ("the answer is (C)", "Answer: C", a lone letter, or the option's text)
+    /// is the gold option (ARC, basic skills). An unparsable answer is wrong, never a guess.
+    MultipleChoice(ChoiceReward),
+    /// The last `\boxed{}` (or "The answer is ...") equals the gold answer after normalisation,
+    /// or numerically (MATH).
+    MathAnswer(MathReward),
+    /// The generated code passes the record's tests in a sandboxed `python3` (MBPP, HumanEval).
+    CodeTests(CodeReward),
+    /// A regex's first capture group, normalised, equals the gold field, normalised.
+    Regex(RegexReward),
+    /// A weighted sum of other rewards (by name); correct when every part is.
+    Composite(CompositeReward),
+}
+
+/// Reward values for each verdict; accuracy counts `correct` verdicts whatever the values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardValues {
+    pub correct: f64,
+    pub wrong: f64,
+    /// No answer could be extracted.
+    pub unparsable: f64,
+}
+
+impl Default for RewardValues {
+    fn default() -> Self {
+        Self {
+            correct: 1.0,
+            wrong: 0.0,
+            unparsable: 0.0,
+        }
+    }
+}
+
+/// A unit test of a reward, run by `tsq validate`: this completion, for a record with these
+/// fields, must get this verdict.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RewardSpec {
-    pub kind: RewardKind,
+pub struct RewardTest {
+    pub completion: String,
+    /// The record's fields (as the dataset card maps them), e.g. `{answer: "#### 42"}`.
+    pub record: serde_json::Map<String, serde_json::Value>,
+    pub expect: Verdict,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum RewardKind {
-    /// Last number in the answer equals the gold number (GSM8K).
-    ExactNumber,
-    /// The chosen option letter or text equals the gold option (ARC).
-    MultipleChoice,
-    /// The generated code passes the task's tests in a sandbox (MBPP, HumanEval).
-    CodeTests,
-    /// The final `\boxed{}` answer equals the gold answer after normalisation (MATH).
-    MathAnswer,
+pub enum Verdict {
+    Correct,
+    Wrong,
+    Unparsable,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NumberReward {
+    /// Record field holding the gold answer (a number, or text whose last number is the answer).
+    #[serde(default = "field_answer")]
+    pub gold: String,
+    /// Largest absolute difference still counted as equal.
+    #[serde(default = "default_tolerance")]
+    #[schemars(range(min = 0.0))]
+    pub tolerance: f64,
+    #[serde(default)]
+    pub values: RewardValues,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<RewardTest>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChoiceReward {
+    /// Record field holding the options (a list of strings).
+    #[serde(default = "field_choices")]
+    pub choices: String,
+    /// Record field holding the gold option: its 0-based index or its letter.
+    #[serde(default = "field_gold")]
+    pub gold: String,
+    #[serde(default)]
+    pub values: RewardValues,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<RewardTest>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MathReward {
+    /// Record field holding the gold answer (LaTeX).
+    #[serde(default = "field_answer")]
+    pub gold: String,
+    #[serde(default)]
+    pub values: RewardValues,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<RewardTest>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CodeReward {
+    /// Record field holding the checks: a list of assert statements (MBPP) or a test program
+    /// defining `check(candidate)` (HumanEval, with `entry_point`).
+    #[serde(default = "field_tests")]
+    pub checks: String,
+    /// Record field naming the function `check` is called with (HumanEval); absent for MBPP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_point: Option<String>,
+    /// Record field holding code run before the tests (MBPP's `test_setup_code`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<String>,
+    /// Record field holding the prompt's code that the completion continues (HumanEval's
+    /// signature and docstring), prepended when the completion does not define the function.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub sandbox: SandboxSpec,
+    #[serde(default)]
+    pub values: RewardValues,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<RewardTest>,
+}
+
+/// Limits of the `python3` sandbox that runs generated code.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSpec {
+    /// Wall-clock limit per program, seconds.
+    #[schemars(range(min = 0.1, max = 600.0))]
+    pub timeout_s: f64,
+    /// CPU-time limit per program, seconds.
+    #[schemars(range(min = 1, max = 600))]
+    pub cpu_s: u64,
+    /// Address-space limit, MiB.
+    #[schemars(range(min = 64, max = 65536))]
+    pub memory_mb: u64,
+    /// Largest file the program may write, MiB.
+    #[schemars(range(min = 0, max = 1024))]
+    pub file_mb: u64,
+    /// Most processes (threads included) the sandbox user may have at once.
+    #[schemars(range(min = 1, max = 4096))]
+    pub processes: u64,
+    /// Programs run at once.
+    #[schemars(range(min = 1, max = 64))]
+    pub concurrency: usize,
+    /// Bytes of stdout / stderr kept per program.
+    #[schemars(range(min = 0, max = 1048576))]
+    pub output_bytes: usize,
+}
+
+impl Default for SandboxSpec {
+    fn default() -> Self {
+        Self {
+            timeout_s: 10.0,
+            cpu_s: 10,
+            memory_mb: 1024,
+            file_mb: 16,
+            processes: 64,
+            concurrency: 2,
+            output_bytes: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegexReward {
+    /// A regex with one capture group; the last match in the completion is the answer.
+    #[schemars(length(min = 1))]
+    pub pattern: String,
+    /// Record field holding the gold answer.
+    #[serde(default = "field_answer")]
+    pub gold: String,
+    #[serde(default)]
+    pub values: RewardValues,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<RewardTest>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompositeReward {
+    #[schemars(length(min = 1))]
+    pub parts: Vec<CompositePart>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<RewardTest>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompositePart {
+    /// Name of another reward in `rewards`.
+    pub reward: String,
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+}
+
+fn field_answer() -> String {
+    "answer".into()
+}
+fn field_choices() -> String {
+    "choices".into()
+}
+fn field_gold() -> String {
+    "gold".into()
+}
+fn field_tests() -> String {
+    "tests".into()
+}
+fn default_tolerance() -> f64 {
+    1e-6
+}
+fn default_weight() -> f64 {
+    1.0
+}
+
+impl RewardSpec {
+    /// The kind's name as written in pipeline files.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ExactNumber(_) => "exact_number",
+            Self::MultipleChoice(_) => "multiple_choice",
+            Self::MathAnswer(_) => "math_answer",
+            Self::CodeTests(_) => "code_tests",
+            Self::Regex(_) => "regex",
+            Self::Composite(_) => "composite",
+        }
+    }
+
+    /// The reward's unit tests.
+    pub fn tests(&self) -> &[RewardTest] {
+        match self {
+            Self::ExactNumber(r) => &r.tests,
+            Self::MultipleChoice(r) => &r.tests,
+            Self::MathAnswer(r) => &r.tests,
+            Self::CodeTests(r) => &r.tests,
+            Self::Regex(r) => &r.tests,
+            Self::Composite(r) => &r.tests,
+        }
+    }
 }
 
 /// An SVF expert trained with REINFORCE on one dataset.
@@ -256,19 +485,107 @@ pub enum Strategy {
     FewShot,
 }
 
-/// One evaluation: a dataset scored with the base model, experts and/or the adaptive model.
+/// One evaluation: a dataset's split scored with the base model and/or experts. Each entry is an
+/// `eval.<name>` stage (`name` defaults to the dataset's), so one dataset can be evaluated
+/// several times with different modes, splits or settings.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluateSpec {
+    /// Stage name: `eval.<name>`; default the dataset's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"))]
+    pub name: Option<String>,
     /// Name of a dataset in `datasets`.
     pub dataset: String,
-    /// What to evaluate: `base`, `adaptive`, or expert names.
+    #[serde(default)]
+    pub split: SplitName,
+    /// What to evaluate: `base`, expert names, or `adaptive`.
     #[serde(rename = "with")]
     #[schemars(length(min = 1))]
     pub with: Vec<String>,
-    /// Name of a reward in `rewards` that scores answers.
+    /// Name of a reward in `rewards`. Required in `generate` mode; in `loglik` mode a
+    /// `multiple_choice` reward names the record's `choices` and `gold` fields (default those).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<String>,
+    #[serde(default)]
+    pub mode: EvalMode,
+    /// Render prompts with the model's chat template (default: on for `generate`, off for
+    /// `loglik`, as lm-evaluation-harness).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<bool>,
+    /// Solved examples put before each prompt, drawn (seeded) from the dataset's train split;
+    /// they need the dataset's `target` template (or, in `loglik` mode, the gold option).
+    #[serde(default)]
+    #[schemars(range(max = 32))]
+    pub shots: u32,
+    /// Evaluate at most this many items of the split (the first ones in the split's seeded order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub limit: Option<u32>,
+    /// `generate` mode: the most tokens generated per answer.
+    #[serde(default = "default_eval_tokens")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_new_tokens: u32,
+    /// `generate` mode: 0 is greedy.
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 5.0))]
+    pub temperature: f64,
+    /// `generate` mode: generation stops at any of these strings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    /// `loglik` mode: score each option's text (as lm-evaluation-harness) or its letter.
+    #[serde(default)]
+    pub options: OptionForm,
+    /// Items per batch.
+    #[serde(default = "default_eval_batch")]
+    #[schemars(range(min = 1, max = 256))]
+    pub batch_size: u32,
+}
+
+fn default_eval_tokens() -> u32 {
+    256
+}
+fn default_eval_batch() -> u32 {
+    8
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitName {
+    Train,
+    Val,
+    #[default]
+    Test,
+}
+
+impl SplitName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Val => "val",
+            Self::Test => "test",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalMode {
+    /// Generate an answer and judge it with the reward.
+    #[default]
+    Generate,
+    /// Rank the options of a multiple-choice item by log-likelihood (`acc` and `acc_norm`).
+    Loglik,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OptionForm {
+    /// " {option text}" after the prompt.
+    #[default]
+    Text,
+    /// " A", " B", ... after the prompt.
+    Letter,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]

@@ -5,10 +5,10 @@ use std::collections::BTreeSet;
 
 use regex::Regex;
 
-use super::Pipeline;
-use super::spec::{Layers, PipelineSpec, Strategy};
+use super::spec::{EvalMode, Layers, PipelineSpec, RewardSpec, Strategy};
+use super::{Pipeline, ResolvedDataset, ResolvedEval};
 use crate::assets::AssetSource;
-use crate::dag::Graph;
+use crate::dag::{Graph, Stage, StageId};
 use crate::data::card::load_card;
 use crate::data::template::TemplateFile;
 use crate::diagnostic::{Diagnostic, did_you_mean};
@@ -20,9 +20,45 @@ pub fn semantic_checks(p: &mut Pipeline) -> Result<(), Vec<Diagnostic>> {
     check_model(p, &mut errors);
     check_svd(&p.spec, p, &mut errors);
     check_datasets(p, &mut errors);
-    if errors.is_empty()
-        && let Err(cycle) = Graph::from_spec(&p.spec)
-    {
+    check_rewards(p, &mut errors);
+    if errors.is_empty() {
+        check_init_cycles(p, &mut errors);
+    }
+    p.evaluations = p
+        .spec
+        .evaluate
+        .iter()
+        .enumerate()
+        .map(|(i, ev)| ResolvedEval::new(i, ev, p.spec.seed))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// `init_from` chains between experts must not loop (the only references that can).
+fn check_init_cycles(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
+    let nodes = p
+        .spec
+        .experts
+        .iter()
+        .map(|(name, ex)| Stage {
+            id: StageId(format!("train.{name}")),
+            kind: "train",
+            version: 0,
+            subject: None,
+            deps: ex
+                .init_from
+                .iter()
+                .map(|f| StageId(format!("train.{f}")))
+                .collect(),
+            config: serde_json::Value::Null,
+            pointer: String::new(),
+        })
+        .collect();
+    if let Err(cycle) = Graph::new(nodes) {
         let first = cycle
             .cycle
             .first()
@@ -34,11 +70,70 @@ pub fn semantic_checks(p: &mut Pipeline) -> Result<(), Vec<Diagnostic>> {
             cycle.to_string(),
         ));
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors)
+}
+
+/// Each reward compiles (regexes, composite parts) and passes its own unit tests.
+fn check_rewards(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
+    for (name, spec) in &p.spec.rewards {
+        let base = format!("/rewards/{name}");
+        let dangling = match spec {
+            RewardSpec::Composite(c) => c
+                .parts
+                .iter()
+                .any(|part| !p.spec.rewards.contains_key(&part.reward)),
+            _ => false,
+        };
+        if dangling {
+            continue; // reported by `check_references`
+        }
+        let reward = match crate::reward::Reward::compile(name, &p.spec.rewards) {
+            Ok(reward) => reward,
+            Err(e) => {
+                errors.push(
+                    p.doc
+                        .diagnostic(&format!("{base}{}", e.pointer), false, e.message),
+                );
+                continue;
+            }
+        };
+        for (i, test) in spec.tests().iter().enumerate() {
+            let ptr = format!("{base}/tests/{i}");
+            match reward.judge(&test.completion, &test.record) {
+                Ok(j) if j.verdict == test.expect => {}
+                Ok(j) => {
+                    let d = p.doc.diagnostic(
+                        &format!("{ptr}/expect"),
+                        false,
+                        format!(
+                            "reward test failed: expected `{}`, got `{}` (extracted {}, gold `{}`)",
+                            verdict_name(test.expect),
+                            verdict_name(j.verdict),
+                            j.extracted
+                                .map(|e| format!("`{e}`"))
+                                .unwrap_or("nothing".into()),
+                            j.gold
+                        ),
+                    );
+                    errors.push(match j.detail {
+                        Some(detail) => d.with_help(detail),
+                        None => d,
+                    });
+                }
+                Err(e) => errors.push(p.doc.diagnostic(
+                    &format!("{ptr}/record"),
+                    false,
+                    e.to_string(),
+                )),
+            }
+        }
     }
+}
+
+fn verdict_name(v: crate::reward::Verdict) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 /// Checks that `name` is one of `known`; `what` names the section for the message.
@@ -119,8 +214,23 @@ fn check_references(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
             ));
         }
     }
+    for (name, r) in &spec.rewards {
+        if let RewardSpec::Composite(c) = r {
+            for (i, part) in c.parts.iter().enumerate() {
+                reference(
+                    p,
+                    &format!("/rewards/{name}/parts/{i}/reward"),
+                    &part.reward,
+                    &rewards,
+                    "rewards",
+                    errors,
+                );
+            }
+        }
+    }
     let mut evaluated = BTreeSet::new();
     for (i, ev) in spec.evaluate.iter().enumerate() {
+        check_eval_mode(p, i, ev, errors);
         reference(
             p,
             &format!("/evaluate/{i}/dataset"),
@@ -129,15 +239,18 @@ fn check_references(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
             "datasets",
             errors,
         );
-        if !evaluated.insert(ev.dataset.as_str()) {
-            errors.push(p.doc.diagnostic(
-                &format!("/evaluate/{i}/dataset"),
-                false,
-                format!(
-                    "`{}` is evaluated twice; list everything to compare in one entry's `with`",
-                    ev.dataset
-                ),
-            ));
+        let name = ev.name.as_deref().unwrap_or(&ev.dataset);
+        if !evaluated.insert(name) {
+            let field = if ev.name.is_some() { "name" } else { "dataset" };
+            errors.push(
+                p.doc
+                    .diagnostic(
+                        &format!("/evaluate/{i}/{field}"),
+                        false,
+                        format!("a second evaluation named `{name}` (stage `eval.{name}`)"),
+                    )
+                    .with_help("give one of them a `name`, or list everything to compare in one entry's `with`"),
+            );
         }
         if let Some(r) = &ev.reward {
             reference(
@@ -169,6 +282,53 @@ fn check_references(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
                 ));
             }
         }
+    }
+}
+
+/// What each mode needs: `generate` a reward to judge answers, `loglik` options to rank.
+fn check_eval_mode(
+    p: &Pipeline,
+    i: usize,
+    ev: &super::spec::EvaluateSpec,
+    errors: &mut Vec<Diagnostic>,
+) {
+    let reward = ev.reward.as_ref().and_then(|r| p.spec.rewards.get(r));
+    match ev.mode {
+        EvalMode::Generate if ev.reward.is_none() => errors.push(
+            p.doc
+                .diagnostic(
+                    &format!("/evaluate/{i}"),
+                    true,
+                    "`generate` mode needs a `reward` to judge the answers",
+                )
+                .with_help("name one of `rewards`, or use `mode: loglik` for multiple choice"),
+        ),
+        EvalMode::Loglik if reward.is_some_and(|r| !matches!(r, RewardSpec::MultipleChoice(_))) => {
+            errors.push(p.doc.diagnostic(
+                &format!("/evaluate/{i}/reward"),
+                false,
+                format!(
+                    "`loglik` mode ranks options: its reward must be `multiple_choice`, not `{}`",
+                    reward.map(RewardSpec::kind).unwrap_or_default()
+                ),
+            ))
+        }
+        _ => {}
+    }
+    let has_target = p
+        .spec
+        .datasets
+        .get(&ev.dataset)
+        .is_some_and(|d| d.target.is_some());
+    if ev.shots > 0 && ev.mode == EvalMode::Generate && !has_target {
+        errors.push(p.doc.diagnostic(
+            &format!("/evaluate/{i}/shots"),
+            false,
+            format!(
+                "shots need solved examples: dataset `{}` has no `target` template",
+                ev.dataset
+            ),
+        ));
     }
 }
 
@@ -215,7 +375,15 @@ fn check_datasets(p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
         } else {
             match load_card(&card_path) {
                 Ok(card) => {
-                    p.cards.insert(name.clone(), card);
+                    let resolved = ResolvedDataset {
+                        name: name.clone(),
+                        spec: ds.clone(),
+                        card,
+                        prompt: p.path(&ds.prompt),
+                        target: ds.target.as_ref().map(|t| p.path(t)),
+                        seed: ds.split.seed.unwrap_or(p.spec.seed),
+                    };
+                    p.datasets.insert(name.clone(), resolved);
                 }
                 Err(card_errors) => errors.extend(card_errors),
             }

@@ -5,24 +5,24 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::cache::{ALGORITHM_VERSION, CacheError, SvdCache};
 use super::targets::{select, shape};
-use crate::assets::TsqHome;
 use crate::exec::{StageContext, StageError, StageRunner};
+use crate::model::stage::ModelRecord;
 use crate::pipeline::spec::SvdSpec;
+use crate::stages::Shared;
 
 pub const TARGETS_FILE: &str = "targets.json";
 
-pub struct DecomposeStage {
+pub struct DecomposeStage<'a> {
     pub spec: SvdSpec,
     /// The pipeline's model source and the directory it is relative to (for `describe`).
     pub model_source: String,
     pub base_dir: PathBuf,
-    pub home: TsqHome,
+    pub shared: &'a Shared,
 }
 
 /// One decomposed matrix, as listed in `targets.json`.
@@ -37,29 +37,10 @@ pub struct Target {
 }
 
 fn failed(e: impl std::fmt::Display) -> StageError {
-    StageError::failed(e.to_string())
+    StageError::failed("decomposing", e)
 }
 
-/// The model file and its content hash, from the upstream `model` stage's record.
-fn upstream_model(ctx: &StageContext) -> Result<(PathBuf, String), StageError> {
-    let dir = ctx
-        .upstream
-        .get("model")
-        .ok_or_else(|| failed("the decompose stage needs the model stage"))?;
-    let record: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join(crate::model::stage::MODEL_FILE)).map_err(failed)?,
-    )
-    .map_err(failed)?;
-    let path = record["path"]
-        .as_str()
-        .ok_or_else(|| failed("model record lacks `path`"))?;
-    let hash = record["blake3"].as_str().ok_or_else(|| {
-        failed("decomposing a model directory is not supported yet: use a single weights file")
-    })?;
-    Ok((PathBuf::from(path), hash.to_string()))
-}
-
-impl StageRunner for DecomposeStage {
+impl StageRunner for DecomposeStage<'_> {
     fn inputs(&self) -> Result<BTreeMap<String, String>, StageError> {
         Ok(BTreeMap::from([(
             "svd_algorithm".to_string(),
@@ -70,7 +51,7 @@ impl StageRunner for DecomposeStage {
     /// Targets, trainable parameters and cache size, from the model's config alone.
     fn describe(&self) -> Option<String> {
         let source = crate::assets::AssetSource::parse(&self.model_source, &self.base_dir).ok()?;
-        let Some(path) = source.cached(&self.home) else {
+        let Some(path) = source.cached(&self.shared.home) else {
             return Some("targets are known once the model is fetched (`tsq fetch`)".into());
         };
         let config = match crate::model::read_config(&path) {
@@ -96,11 +77,13 @@ impl StageRunner for DecomposeStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
-        let (model_path, model_hash) = upstream_model(ctx)?;
-        let model =
-            crate::model::Model::load(&model_path, DType::F32, &Device::Cpu).map_err(failed)?;
+        let record = ModelRecord::from_upstream(ctx)?;
+        let model_hash = record.blake3.clone().ok_or_else(|| {
+            failed("decomposing a model directory is not supported yet: use a single weights file")
+        })?;
+        let model = self.shared.model(&record.path)?;
         let names = select(&self.spec, model.transformer.config.num_layers).map_err(failed)?;
-        let cache = SvdCache::new(&self.home, &model_hash);
+        let cache = SvdCache::new(&self.shared.home, &model_hash);
         let interrupted = || ctx.check_interrupt().is_err();
         let decomposed = cache
             .load_or_decompose(&names, &model.transformer.tensors(), &interrupted)

@@ -9,4 +9,4 @@ mod doc;
 mod schema_check;
 
 pub use doc::{LocatedDoc, Pointer, dotted};
-pub use schema_check::{SchemaChecker, check_and_deserialize};
+pub use schema_check::{SchemaChecker, check_and_deserialize, describe};

@@ -24,7 +24,7 @@ impl SchemaChecker {
     /// Every schema violation in `doc`, each located at its field.
     pub fn check(&self, doc: &LocatedDoc) -> Vec<Diagnostic> {
         let mut out = Vec::new();
-        self.diagnose(&self.validator, &doc.value, "", doc, &mut out);
+        self.diagnose(&self.validator, &self.schema, &doc.value, "", doc, &mut out);
         out
     }
 
@@ -32,6 +32,7 @@ impl SchemaChecker {
     fn diagnose(
         &self,
         validator: &jsonschema::Validator,
+        root: &Value,
         instance: &Value,
         base: &str,
         doc: &LocatedDoc,
@@ -43,7 +44,7 @@ impl SchemaChecker {
             let instance = error.instance();
             match error.kind() {
                 ValidationErrorKind::AdditionalProperties { unexpected } => {
-                    let allowed = self.allowed_keys(&schema_ptr);
+                    let allowed = allowed_keys(root, &schema_ptr);
                     for key in unexpected {
                         let mut d = doc.diagnostic(
                             &format!("{ptr}/{key}"),
@@ -88,7 +89,7 @@ impl SchemaChecker {
                     out.push(one_of_values(doc, &ptr, &options, instance));
                 }
                 ValidationErrorKind::AnyOf { .. } | ValidationErrorKind::OneOfNotValid { .. } => {
-                    self.alternatives(&schema_ptr, instance, &ptr, doc, out);
+                    self.alternatives(root, &schema_ptr, instance, &ptr, doc, out);
                 }
                 ValidationErrorKind::Minimum { limit } => {
                     out.push(range(doc, &ptr, "≥", limit, instance))
@@ -130,14 +131,14 @@ impl SchemaChecker {
     /// Say what was expected instead of "not valid under any of the schemas".
     fn alternatives(
         &self,
+        root: &Value,
         schema_ptr: &str,
         instance: &Value,
         ptr: &str,
         doc: &LocatedDoc,
         out: &mut Vec<Diagnostic>,
     ) {
-        let branches: Vec<&Value> = self
-            .schema
+        let branches: Vec<&Value> = root
             .pointer(schema_ptr)
             .and_then(Value::as_array)
             .into_iter()
@@ -145,26 +146,26 @@ impl SchemaChecker {
             .map(|b| self.resolve(b))
             .filter(|b| b.get("type").and_then(Value::as_str) != Some("null"))
             .collect();
+        if let Some((tag, values)) = discriminator(&branches) {
+            // A tagged enum (`kind: ...`): judge the instance by the branch its tag names.
+            match instance.get(tag) {
+                None => {
+                    out.push(doc.diagnostic(ptr, true, format!("missing required field `{tag}`")))
+                }
+                Some(v) => match values.iter().position(|c| c == v) {
+                    Some(i) => self.diagnose_within(branches[i], instance, ptr, doc, out),
+                    None => out.push(one_of_values(doc, &format!("{ptr}/{tag}"), &values, v)),
+                },
+            }
+            return;
+        }
         let consts: Option<Vec<Value>> = branches.iter().map(|b| b.get("const").cloned()).collect();
         match (consts, branches.as_slice()) {
             (Some(values), _) if !values.is_empty() => {
                 out.push(one_of_values(doc, ptr, &values, instance))
             }
-            (_, [only]) => {
-                // The one real alternative: report its own violations, located inside it.
-                let mut sub = (*only).clone();
-                if let (Some(obj), Some(defs)) = (sub.as_object_mut(), self.schema.get("$defs")) {
-                    obj.insert("$defs".into(), defs.clone());
-                }
-                match jsonschema::validator_for(&sub) {
-                    Ok(validator) => self.diagnose(&validator, instance, ptr, doc, out),
-                    Err(_) => out.push(doc.diagnostic(
-                        ptr,
-                        false,
-                        format!("unexpected {}", describe(instance)),
-                    )),
-                }
-            }
+            // The one real alternative: report its own violations, located inside it.
+            (_, [only]) => self.diagnose_within(only, instance, ptr, doc, out),
             _ => {
                 let expected: Vec<String> = branches.iter().map(|b| alternative_name(b)).collect();
                 out.push(doc.diagnostic(
@@ -180,6 +181,27 @@ impl SchemaChecker {
         }
     }
 
+    /// Reports `instance`'s violations of one branch schema, located inside it.
+    fn diagnose_within(
+        &self,
+        branch: &Value,
+        instance: &Value,
+        ptr: &str,
+        doc: &LocatedDoc,
+        out: &mut Vec<Diagnostic>,
+    ) {
+        let mut sub = branch.clone();
+        if let (Some(obj), Some(defs)) = (sub.as_object_mut(), self.schema.get("$defs")) {
+            obj.insert("$defs".into(), defs.clone());
+        }
+        match jsonschema::validator_for(&sub) {
+            Ok(validator) => self.diagnose(&validator, &sub, instance, ptr, doc, out),
+            Err(_) => {
+                out.push(doc.diagnostic(ptr, false, format!("unexpected {}", describe(instance))))
+            }
+        }
+    }
+
     /// Follows a local `$ref` (`#/$defs/Name`) to its schema.
     fn resolve<'a>(&'a self, schema: &'a Value) -> &'a Value {
         schema
@@ -188,21 +210,6 @@ impl SchemaChecker {
             .and_then(|r| r.strip_prefix('#'))
             .and_then(|p| self.schema.pointer(p))
             .unwrap_or(schema)
-    }
-
-    /// The property names the schema allows at the object whose `additionalProperties` keyword is at
-    /// `schema_ptr`.
-    fn allowed_keys(&self, schema_ptr: &str) -> Vec<String> {
-        let object_ptr = schema_ptr
-            .rsplit_once('/')
-            .map(|(head, _)| head)
-            .unwrap_or("");
-        self.schema
-            .pointer(object_ptr)
-            .and_then(|s| s.get("properties"))
-            .and_then(Value::as_object)
-            .map(|props| props.keys().cloned().collect())
-            .unwrap_or_default()
     }
 }
 
@@ -217,6 +224,21 @@ pub fn check_and_deserialize<T: DeserializeOwned>(
     }
     serde_json::from_value(doc.value.clone())
         .map_err(|e| vec![doc.diagnostic("", false, format!("invalid value: {e}"))])
+}
+
+/// The tag property and its values when every branch is an object fixing one property to a
+/// constant (schemars' internally tagged enums).
+fn discriminator<'a>(branches: &[&'a Value]) -> Option<(&'a str, Vec<Value>)> {
+    let first = branches.first()?.get("properties")?.as_object()?;
+    let tag = first
+        .iter()
+        .find(|(_, p)| p.get("const").is_some())
+        .map(|(k, _)| k.as_str())?;
+    let values = branches
+        .iter()
+        .map(|b| b.get("properties")?.get(tag)?.get("const").cloned())
+        .collect::<Option<Vec<_>>>()?;
+    (branches.len() > 1).then_some((tag, values))
 }
 
 /// How an `anyOf` branch reads in "expected ...": its description as a phrase, else its type.
@@ -295,4 +317,18 @@ fn show(v: &Value) -> String {
         Value::String(s) => format!("`{s}`"),
         other => format!("`{other}`"),
     }
+}
+
+/// The property names `root` allows at the object whose `additionalProperties` keyword is at
+/// `schema_ptr`.
+fn allowed_keys(root: &Value, schema_ptr: &str) -> Vec<String> {
+    let object_ptr = schema_ptr
+        .rsplit_once('/')
+        .map(|(head, _)| head)
+        .unwrap_or("");
+    root.pointer(object_ptr)
+        .and_then(|s| s.get("properties"))
+        .and_then(Value::as_object)
+        .map(|props| props.keys().cloned().collect())
+        .unwrap_or_default()
 }

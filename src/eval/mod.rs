@@ -1,0 +1,85 @@
+//! Evaluation: scoring a dataset split with the base model (and, once they can be trained,
+//! experts), as lm-evaluation-harness does. Two modes: `generate` (answer, then judge with the
+//! reward — the same judge training uses) and `loglik` (rank multiple-choice options by
+//! log-likelihood: `acc` and length-normalised `acc_norm`).
+//!
+//! Outputs of an `eval.<name>` stage:
+//! - `samples.parquet`: one row per item and model (`with`): prompt, completion or option scores,
+//!   extracted answer, gold, verdict, reward,
+//! - `results.json`: per model, each metric with its standard error and 95% interval, item
+//!   counts, config, versions, input hashes, timings (laid out close to lm-eval's),
+//! - `results.md`: the same as a table, printed by `tsq run`.
+
+mod prompts;
+pub mod results;
+mod runner;
+pub mod stage;
+
+use serde::{Deserialize, Serialize};
+
+/// A proportion measured on `n` items, with its uncertainty.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Proportion {
+    pub value: f64,
+    /// Standard error of the mean, sqrt(p(1-p)/(n-1)) (the sample estimate lm-eval reports).
+    pub stderr: f64,
+    /// 95% Wilson score interval: stays inside [0, 1] and is honest for small n or p near 0/1,
+    /// where the normal interval is not.
+    pub ci95: (f64, f64),
+    pub n: usize,
+}
+
+impl Proportion {
+    pub fn of(successes: usize, n: usize) -> Self {
+        if n == 0 {
+            return Self {
+                value: 0.0,
+                stderr: 0.0,
+                ci95: (0.0, 1.0),
+                n,
+            };
+        }
+        let p = successes as f64 / n as f64;
+        let stderr = if n > 1 {
+            (p * (1.0 - p) / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Self {
+            value: p,
+            stderr,
+            ci95: wilson(p, n as f64, 1.959_964),
+            n,
+        }
+    }
+}
+
+fn wilson(p: f64, n: f64, z: f64) -> (f64, f64) {
+    let z2 = z * z;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proportions_have_sample_stderr_and_wilson_intervals() {
+        let p = Proportion::of(30, 100);
+        assert!((p.value - 0.3).abs() < 1e-12);
+        // sqrt(0.3 * 0.7 / 99)
+        assert!((p.stderr - 0.046_057_5).abs() < 1e-6, "{}", p.stderr);
+        // Wilson 95% for 30/100: [0.2189, 0.3958]
+        assert!(
+            (p.ci95.0 - 0.2189).abs() < 1e-3 && (p.ci95.1 - 0.3958).abs() < 1e-3,
+            "{:?}",
+            p.ci95
+        );
+        let none = Proportion::of(0, 10);
+        assert_eq!(none.ci95.0, 0.0);
+        assert!(none.ci95.1 > 0.25 && none.ci95.1 < 0.35, "{:?}", none.ci95);
+        assert_eq!(Proportion::of(0, 0).ci95, (0.0, 1.0));
+    }
+}

@@ -1,0 +1,309 @@
+//! The `eval.<name>` stage: evaluates a dataset split with each model of `with`, batch by batch.
+//! Finished batches are appended to `<with>.jsonl` in the stage's checkpoint directory, so a
+//! killed evaluation resumes where it stopped; the outputs are written once every item is done.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use polars::prelude::*;
+use serde_json::{Value, json};
+
+use super::results::{ModelResult, NSamples, RESULTS_JSON, RESULTS_MD, Results, SAMPLES_FILE};
+use super::runner::{Sample, Task};
+use crate::data::stage::{StoredRecord, read_stored};
+use crate::exec::{StageContext, StageError, StageRunner, failed_to, file_input};
+use crate::model::stage::ModelRecord;
+use crate::pipeline::ResolvedEval;
+use crate::pipeline::spec::{EvalMode, RewardSpec, RewardValues};
+use crate::reward::Reward;
+use crate::stages::Shared;
+
+pub struct EvalStage<'a> {
+    pub eval: ResolvedEval,
+    pub rewards: BTreeMap<String, RewardSpec>,
+    /// The stage kind's `kind/version`, recorded in `results.json`.
+    pub version: String,
+    pub shared: &'a Shared,
+}
+
+impl StageRunner for EvalStage<'_> {
+    fn inputs(&self) -> Result<BTreeMap<String, String>, StageError> {
+        // Everything is in the config subtree and the upstream keys.
+        Ok(BTreeMap::new())
+    }
+
+    fn describe(&self) -> Option<String> {
+        let spec = &self.eval.spec;
+        let mode = match spec.mode {
+            EvalMode::Generate => "generate",
+            EvalMode::Loglik => "loglik",
+        };
+        Some(format!(
+            "{} split of `{}`, {mode}, {}-shot, with {}",
+            spec.split.as_str(),
+            spec.dataset,
+            spec.shots,
+            spec.with.join(", ")
+        ))
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
+        let started = Instant::now();
+        let spec = &self.eval.spec;
+        let model_record = ModelRecord::from_upstream(ctx)?;
+        let data_dir = ctx.upstream_dir(&format!("data.{}", spec.dataset))?;
+        let records = read_stored(data_dir)?;
+        let (items, original) = self.items(&records);
+        let train: Vec<StoredRecord> = records
+            .iter()
+            .filter(|r| r.split == "train")
+            .cloned()
+            .collect();
+        let reward = spec
+            .reward
+            .as_ref()
+            .map(|name| Reward::compile(name, &self.rewards))
+            .transpose()
+            .map_err(failed_to("compiling the reward"))?;
+        let task = self.task(&train, reward.as_ref());
+        let mut results = BTreeMap::new();
+        let mut all_samples = Vec::new();
+        for with in &spec.with {
+            if with != "base" {
+                return Err(StageError::failed(
+                    format!("evaluating `{with}`"),
+                    "experts are evaluated once their `train` stage can run (not in this version)",
+                ));
+            }
+            let model = self.shared.model(&model_record.path)?;
+            let (samples, timing) = self.evaluate_with(ctx, &task, &model, with, &items)?;
+            let refs: Vec<&Sample> = samples.iter().collect();
+            results.insert(
+                with.clone(),
+                ModelResult::of(&refs, timing.seconds, timing.items, timing.tokens),
+            );
+            all_samples.extend(samples);
+        }
+        let mut inputs = BTreeMap::from([(
+            "records".to_string(),
+            file_input(&data_dir.join(crate::data::stage::RECORDS_FILE))?,
+        )]);
+        if let Some(hash) = &model_record.blake3 {
+            inputs.insert("model".into(), hash.clone());
+        }
+        let out = Results {
+            task: format!("eval.{}", self.eval.name),
+            dataset: spec.dataset.clone(),
+            split: spec.split.as_str().into(),
+            mode: serde_json::to_value(spec.mode)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            results,
+            n_shot: spec.shots,
+            n_samples: NSamples {
+                original,
+                effective: items.len(),
+            },
+            config: json!({"evaluate": spec, "chat": self.eval.chat, "seed": self.eval.seed, "reward": spec.reward.as_ref().map(|r| crate::stages::rewards_config(&self.rewards, r))}),
+            versions: BTreeMap::from([
+                ("tsq".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+                ("stage".to_string(), self.version.clone()),
+            ]),
+            inputs,
+            total_evaluation_time_seconds: started.elapsed().as_secs_f64(),
+        };
+        write_samples(&ctx.output(SAMPLES_FILE), &all_samples)?;
+        crate::fsutil::write_json(&ctx.output(RESULTS_JSON), &out)
+            .map_err(|e| StageError::at("writing", &ctx.output(RESULTS_JSON), e))?;
+        crate::fsutil::write_atomic(&ctx.output(RESULTS_MD), out.markdown().as_bytes())
+            .map_err(|e| StageError::at("writing", &ctx.output(RESULTS_MD), e))?;
+        Ok(json!({
+            "items": items.len(),
+            "acc": out.results.iter().map(|(w, r)| (w.clone(), json!(r.acc.value))).collect::<serde_json::Map<_, _>>(),
+        }))
+    }
+}
+
+/// Wall time and tokens of the items this process evaluated.
+struct Timing {
+    seconds: f64,
+    items: usize,
+    tokens: usize,
+}
+
+impl EvalStage<'_> {
+    /// The split's items (after `limit`) and how many the split has.
+    fn items<'r>(&self, records: &'r [StoredRecord]) -> (Vec<&'r StoredRecord>, usize) {
+        let split = self.eval.spec.split.as_str();
+        let all: Vec<&StoredRecord> = records.iter().filter(|r| r.split == split).collect();
+        let original = all.len();
+        let limit = self.eval.spec.limit.map_or(original, |l| l as usize);
+        (all.into_iter().take(limit).collect(), original)
+    }
+
+    fn task<'t>(&'t self, train: &'t [StoredRecord], reward: Option<&'t Reward>) -> Task<'t> {
+        let choice = self
+            .eval
+            .spec
+            .reward
+            .as_ref()
+            .and_then(|r| self.rewards.get(r));
+        let (values, choices, gold) = match choice {
+            Some(RewardSpec::MultipleChoice(c)) => {
+                (c.values.clone(), c.choices.clone(), c.gold.clone())
+            }
+            _ => (RewardValues::default(), "choices".into(), "gold".into()),
+        };
+        Task {
+            eval: &self.eval,
+            train,
+            reward,
+            values,
+            choices,
+            gold,
+        }
+    }
+
+    /// Evaluates `items` with one model, resuming from the checkpoint of finished batches.
+    fn evaluate_with(
+        &self,
+        ctx: &StageContext,
+        task: &Task,
+        model: &crate::model::Model,
+        with: &str,
+        items: &[&StoredRecord],
+    ) -> Result<(Vec<Sample>, Timing), StageError> {
+        let checkpoint = ctx.checkpoint_dir.join(format!("{with}.jsonl"));
+        let mut done = read_checkpoint(&checkpoint);
+        let finished: BTreeSet<&str> = done.iter().map(|s| s.id.as_str()).collect();
+        let mut todo: Vec<&StoredRecord> = items
+            .iter()
+            .copied()
+            .filter(|r| !finished.contains(r.id.as_str()))
+            .collect();
+        // Similar lengths batch together: less padding.
+        todo.sort_by_key(|r| r.prompt.len());
+        let mut progress = ctx.progress(items.len() as u64, "items");
+        progress.advance(done.len() as u64, String::new());
+        let mut append = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&checkpoint)
+            .map_err(|e| StageError::at("opening", &checkpoint, e))?;
+        let started = Instant::now();
+        let (mut timed_items, mut tokens) = (0, 0);
+        for batch in todo.chunks(self.eval.spec.batch_size as usize) {
+            ctx.check_interrupt()?;
+            let batch_started = Instant::now();
+            let samples = task.run(model, with, batch)?;
+            for s in &samples {
+                let line = serde_json::to_string(s).map_err(failed_to("saving samples"))?;
+                writeln!(append, "{line}")
+                    .map_err(|e| StageError::at("writing", &checkpoint, e))?;
+            }
+            append
+                .sync_data()
+                .map_err(|e| StageError::at("writing", &checkpoint, e))?;
+            timed_items += samples.len();
+            tokens += samples
+                .iter()
+                .map(|s| s.prompt_tokens + s.new_tokens)
+                .sum::<usize>();
+            done.extend(samples);
+            let correct = done
+                .iter()
+                .filter(|s| s.verdict == crate::reward::Verdict::Correct)
+                .count();
+            let acc = correct as f64 / done.len().max(1) as f64;
+            ctx.metrics.log(json!({
+                "with": with, "items_done": done.len(), "items_total": items.len(),
+                "running_acc": acc, "batch_seconds": batch_started.elapsed().as_secs_f64(),
+            }));
+            progress.advance(batch.len() as u64, format!("acc {:.1}%", 100.0 * acc));
+        }
+        // Back in split order, whatever order batches ran or resumed in.
+        let position: BTreeMap<&str, usize> = items
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.as_str(), i))
+            .collect();
+        done.retain(|s| position.contains_key(s.id.as_str()));
+        done.sort_by_key(|s| position[s.id.as_str()]);
+        done.dedup_by(|a, b| a.id == b.id);
+        let timing = Timing {
+            seconds: started.elapsed().as_secs_f64(),
+            items: timed_items,
+            tokens,
+        };
+        Ok((done, timing))
+    }
+}
+
+/// Samples saved by an earlier, interrupted attempt; a torn last line is dropped.
+fn read_checkpoint(path: &Path) -> Vec<Sample> {
+    let Ok(file) = std::fs::File::open(path) else {
+        return vec![];
+    };
+    std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|line| serde_json::from_str(&line).ok())
+        .collect()
+}
+
+fn write_samples(path: &Path, samples: &[Sample]) -> Result<(), StageError> {
+    let col = |name: &str, v: Vec<Option<String>>| Column::new(name.into(), v);
+    let text = |f: &dyn Fn(&Sample) -> Option<String>| samples.iter().map(f).collect::<Vec<_>>();
+    let mut df = DataFrame::new_infer_height(vec![
+        col("with", text(&|s| Some(s.with.clone()))),
+        col("id", text(&|s| Some(s.id.clone()))),
+        col("prompt", text(&|s| Some(s.prompt.clone()))),
+        col("completion", text(&|s| s.completion.clone())),
+        col(
+            "option_logliks",
+            text(&|s| s.option_logliks.as_ref().map(|o| json!(o).to_string())),
+        ),
+        col("extracted", text(&|s| s.extracted.clone())),
+        col("gold", text(&|s| Some(s.gold.clone()))),
+        col(
+            "verdict",
+            text(&|s| {
+                serde_json::to_value(s.verdict)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+            }),
+        ),
+        Column::new(
+            "reward".into(),
+            samples.iter().map(|s| s.reward).collect::<Vec<f64>>(),
+        ),
+        Column::new(
+            "correct_norm".into(),
+            samples
+                .iter()
+                .map(|s| s.correct_norm)
+                .collect::<Vec<Option<bool>>>(),
+        ),
+        col("detail", text(&|s| s.detail.clone())),
+        col("finish_reason", text(&|s| s.finish_reason.clone())),
+        Column::new(
+            "prompt_tokens".into(),
+            samples
+                .iter()
+                .map(|s| s.prompt_tokens as u64)
+                .collect::<Vec<u64>>(),
+        ),
+        Column::new(
+            "new_tokens".into(),
+            samples
+                .iter()
+                .map(|s| s.new_tokens as u64)
+                .collect::<Vec<u64>>(),
+        ),
+    ])
+    .map_err(failed_to("building the samples table"))?;
+    crate::data::write_parquet(path, &mut df)
+}

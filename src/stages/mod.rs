@@ -1,0 +1,158 @@
+//! Stage kinds: the one place each kind of stage is defined. A kind declares which stages a
+//! pipeline has of it (id, dependencies, the config subtree in its cache key), carries its own
+//! behaviour version, and builds the runner that the executor drives through
+//! [`StageRunner`](crate::exec::StageRunner). Adding a kind means one file here and one line in
+//! [`KINDS`].
+//!
+//! Runners share one [`Shared`]: the model is loaded once per run, whichever stages need it.
+
+mod adapt;
+mod data;
+mod decompose;
+mod eval;
+mod model;
+mod report;
+mod train;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use serde_json::Value;
+
+use crate::assets::TsqHome;
+use crate::dag::{CycleError, Graph, Stage, StageId};
+use crate::exec::{StageError, StageRunner};
+use crate::pipeline::Pipeline;
+
+/// One kind of stage.
+pub trait Kind: Sync {
+    /// The kind's name: the first part of its stage ids (`data` in `data.arc`).
+    fn name(&self) -> &'static str;
+    /// Bumped when stages of this kind would compute something different from the same inputs;
+    /// part of every such stage's cache key (the tsq version is not).
+    fn version(&self) -> u32;
+    /// The stages of this kind that `pipeline` has.
+    fn declare(&self, pipeline: &Pipeline) -> Vec<Declared>;
+    /// The runner of one of its stages, or `None` when this version of tsq cannot run the kind
+    /// (pipelines may declare it; `run` refuses it up front).
+    fn runner<'a>(&self, env: &'a Env<'a>, stage: &Stage) -> Option<Box<dyn StageRunner + 'a>>;
+}
+
+/// A stage as a kind declares it; [`graph`] adds the kind's name and version.
+pub struct Declared {
+    pub id: String,
+    pub subject: Option<String>,
+    pub deps: Vec<String>,
+    pub config: Value,
+    pub pointer: String,
+}
+
+/// Every kind, in the order their stages are listed before sorting.
+const KINDS: &[&dyn Kind] = &[
+    &model::ModelKind,
+    &data::DataKind,
+    &decompose::DecomposeKind,
+    &train::TrainKind,
+    &adapt::AdaptKind,
+    &eval::EvalKind,
+    &report::ReportKind,
+];
+
+fn kind(name: &str) -> Option<&'static dyn Kind> {
+    KINDS.iter().copied().find(|k| k.name() == name)
+}
+
+/// The stage graph of a validated pipeline.
+pub fn graph(pipeline: &Pipeline) -> Result<Graph, CycleError> {
+    let stages = KINDS
+        .iter()
+        .flat_map(|k| {
+            k.declare(pipeline).into_iter().map(|d| Stage {
+                id: StageId(d.id),
+                kind: k.name(),
+                version: k.version(),
+                subject: d.subject,
+                deps: d.deps.into_iter().map(StageId).collect(),
+                config: d.config,
+                pointer: d.pointer,
+            })
+        })
+        .collect();
+    Graph::new(stages)
+}
+
+/// What runners are built from: the pipeline and the resources a run shares.
+pub struct Env<'a> {
+    pub pipeline: &'a Pipeline,
+    pub shared: Shared,
+}
+
+impl<'a> Env<'a> {
+    pub fn new(pipeline: &'a Pipeline, home: TsqHome) -> Self {
+        Self {
+            pipeline,
+            shared: Shared {
+                home,
+                models: RefCell::default(),
+            },
+        }
+    }
+
+    /// The runner for `stage`, or `None` for kinds this version cannot run.
+    pub fn runner_for(&'a self, stage: &Stage) -> Option<Box<dyn StageRunner + 'a>> {
+        kind(stage.kind)?.runner(self, stage)
+    }
+}
+
+/// Resources loaded once per run and shared by its stages.
+pub struct Shared {
+    pub home: TsqHome,
+    models: RefCell<BTreeMap<PathBuf, Rc<crate::model::Model>>>,
+}
+
+impl Shared {
+    /// The model at `path` in f32 on the CPU, loaded on first use.
+    pub fn model(&self, path: &Path) -> Result<Rc<crate::model::Model>, StageError> {
+        if let Some(model) = self.models.borrow().get(path) {
+            return Ok(Rc::clone(model));
+        }
+        let model =
+            crate::model::Model::load(path, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .map_err(|e| StageError::at("loading the model", path, e))?;
+        let model = Rc::new(model);
+        self.models
+            .borrow_mut()
+            .insert(path.to_path_buf(), Rc::clone(&model));
+        Ok(model)
+    }
+}
+
+/// The reward `name` and every reward it is composed of, by name, as JSON (for cache keys):
+/// a change to any part re-runs what it judges.
+pub fn rewards_config(
+    rewards: &BTreeMap<String, crate::pipeline::spec::RewardSpec>,
+    name: &str,
+) -> Value {
+    let mut out = serde_json::Map::new();
+    let mut todo = vec![name.to_string()];
+    while let Some(n) = todo.pop() {
+        if out.contains_key(&n) {
+            continue;
+        }
+        let Some(spec) = rewards.get(&n) else {
+            continue;
+        };
+        if let crate::pipeline::spec::RewardSpec::Composite(c) = spec {
+            todo.extend(c.parts.iter().map(|p| p.reward.clone()));
+        }
+        out.insert(n, to_json(spec));
+    }
+    Value::Object(out)
+}
+
+/// A spec section as JSON (for cache keys).
+fn to_json<T: serde::Serialize>(section: &T) -> Value {
+    serde_json::to_value(section).expect("spec types serialise to JSON")
+}
