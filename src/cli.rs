@@ -159,6 +159,23 @@ pub enum ExpertCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// An evaluation stage's throughput (items/s, tokens/s) on its prepared items, beside
+    /// PyTorch: `--write-items` writes them for `shared/peers/torch_score_bench.py`, whose JSON
+    /// line (`--peer`) and per-item sums (`--peer-items`, its `--out`) it then compares with.
+    Eval {
+        pipeline: PathBuf,
+        /// The evaluation stage, e.g. `eval.logic`.
+        stage: String,
+        /// Evaluate at most this many of the stage's items.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, value_name = "FILE")]
+        write_items: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        peer: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        peer_items: Option<PathBuf>,
+    },
     /// Prompt processing (512 tokens), decoding 128 tokens at batch 1, and at batch 16 (total).
     Generate {
         #[command(flatten)]
@@ -354,6 +371,24 @@ pub fn main() -> Result<(), cmd::CmdError> {
             }
             ExpertCommand::Export { model, out } => cmd::expert::export(&model.into(), &out),
         },
+        Command::Bench {
+            what:
+                BenchCommand::Eval {
+                    pipeline,
+                    stage,
+                    limit,
+                    write_items,
+                    peer,
+                    peer_items,
+                },
+        } => cmd::bench_eval::run(&cmd::bench_eval::BenchEvalArgs {
+            pipeline: &pipeline,
+            stage: &stage,
+            limit,
+            write_items: write_items.as_deref(),
+            peer: peer.as_deref(),
+            peer_items: peer_items.as_deref(),
+        }),
         Command::Bench {
             what: BenchCommand::Generate { model, repeat },
         } => cmd::bench::generate_bench(&model.into(), repeat),

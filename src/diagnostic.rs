@@ -95,12 +95,16 @@ pub fn render_text(
     diagnostics: &[Diagnostic],
     read_source: impl Fn(&Path) -> Option<String>,
 ) -> String {
+    // Each file is read and split once, however many problems it has: linear in the input.
+    let mut sources: std::collections::BTreeMap<&Path, Option<Vec<String>>> = Default::default();
     let mut out = String::new();
-    for d in diagnostics {
+    for d in diagnostics.iter().take(MAX_SHOWN) {
         out.push_str(&format!("error: {d}\n"));
         if let Origin::File { file, line, column } = &d.origin
-            && let Some(text) = read_source(file)
-            && let Some(src_line) = text.lines().nth(line.saturating_sub(1))
+            && let Some(lines) = sources
+                .entry(file.as_path())
+                .or_insert_with(|| read_source(file).map(|t| t.lines().map(String::from).collect()))
+            && let Some(src_line) = lines.get(line.saturating_sub(1))
         {
             let gutter = line.to_string();
             out.push_str(&format!("  {gutter} | {src_line}\n"));
@@ -109,8 +113,17 @@ pub fn render_text(
             out.push_str(&format!("  {pad} | {caret_pad}^\n"));
         }
     }
+    if diagnostics.len() > MAX_SHOWN {
+        out.push_str(&format!(
+            "... and {} more problem(s) (`--format json` lists them all)\n",
+            diagnostics.len() - MAX_SHOWN
+        ));
+    }
     out
 }
+
+/// Problems shown in a text report; the JSON report has them all.
+pub const MAX_SHOWN: usize = 50;
 
 /// The closest candidate to `word` by edit distance, if it is close enough to be a likely typo.
 pub fn did_you_mean<'a>(

@@ -25,6 +25,41 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result
     write_atomic(path, text.as_bytes())
 }
 
+/// Largest YAML file (pipeline, card) tsq reads.
+pub const MAX_YAML_BYTES: u64 = 16 << 20;
+/// Largest template or JSON config tsq reads.
+pub const MAX_TEXT_BYTES: u64 = 16 << 20;
+
+/// Reads a text file of at most `max` bytes. Anything that is not a regular file (a device, a
+/// FIFO, a symlink to one) is refused before reading, so an endless source cannot hang a
+/// command; a larger file is refused with its size.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (a device, pipe or directory cannot be read as text)",
+        ));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!(
+            "the file is {} bytes, more than the {max} allowed",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    // A file that grows while being read still stops at the bound.
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "the file grew past the {max} bytes allowed while being read"
+        )));
+    }
+    Ok(text)
+}
+
 /// fsyncs a directory so that renames inside it survive a crash.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -56,6 +91,19 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(read_bounded(&p, 3).unwrap(), "two");
+        assert!(
+            read_bounded(&p, 2)
+                .unwrap_err()
+                .to_string()
+                .contains("more than")
+        );
+        assert!(
+            read_bounded(Path::new("/dev/zero"), 10)
+                .unwrap_err()
+                .to_string()
+                .contains("not a regular file")
+        );
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
     }
 }

@@ -104,3 +104,76 @@ fn real_cards_load_through_pip_and_split_as_asked() {
         "{record}"
     );
 }
+
+/// The code sandbox passes the canonical solutions shipped with MBPP and HumanEval, and fails
+/// empty and wrong ones.
+#[test]
+fn code_rewards_pass_the_canonical_solutions() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = repo().join("pipelines/eval_base.yaml");
+    let set_run_dir = format!("run_dir={}", dir.path().join("runs").display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
+        .args(["run", file.to_str().unwrap(), "--set", &set_run_dir])
+        .args(["--only", "data.mbpp", "--only", "data.humaneval"])
+        .env("TSQ_HOME", shared_tsq_home())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let pipeline = tsq::pipeline::load(&file, &[]).unwrap();
+    for (dataset, reward, solution) in [
+        ("mbpp", "mbpp_tests", "code"),
+        ("humaneval", "humaneval_tests", "canonical_solution"),
+    ] {
+        let records = tsq::data::stage::read_stored(
+            &dir.path().join(format!("runs/eval_base/data.{dataset}")),
+        )
+        .unwrap();
+        let reward = tsq::reward::Reward::compile(reward, &pipeline.spec.rewards).unwrap();
+        let completions: Vec<String> = records
+            .iter()
+            .map(|r| format!("```python\n{}\n```", r.fields[solution].as_str().unwrap()))
+            .collect();
+        let items: Vec<_> = completions
+            .iter()
+            .zip(&records)
+            .map(|(c, r)| (c.as_str(), &r.fields))
+            .collect();
+        let judged = reward.judge_all(&items);
+        let passed = judged
+            .iter()
+            .filter(|j| {
+                j.as_ref()
+                    .is_ok_and(|j| j.verdict == tsq::reward::Verdict::Correct)
+            })
+            .count();
+        let failures: Vec<String> = judged
+            .iter()
+            .zip(&records)
+            .filter_map(|(j, r)| match j {
+                Ok(j) if j.verdict == tsq::reward::Verdict::Correct => None,
+                Ok(j) => Some(format!(
+                    "{}: {}",
+                    r.id,
+                    j.detail.clone().unwrap_or_default()
+                )),
+                Err(e) => Some(format!("{}: {e}", r.id)),
+            })
+            .collect();
+        eprintln!(
+            "{dataset}: canonical solutions pass {passed}/{}; failing: {failures:?}",
+            records.len()
+        );
+        assert!(
+            passed * 100 >= records.len() * 98,
+            "{dataset}: {passed}/{}: {failures:?}",
+            records.len()
+        );
+        let first = &records[0].fields;
+        let empty = reward.judge("", first).unwrap();
+        assert_eq!(empty.verdict, tsq::reward::Verdict::Unparsable);
+        let wrong = reward
+            .judge("```python\ndef nothing():\n    return None\n```", first)
+            .unwrap();
+        assert_eq!(wrong.verdict, tsq::reward::Verdict::Wrong);
+    }
+}

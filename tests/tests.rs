@@ -1,6 +1,7 @@
 //! Integration tests, one binary (see `Cargo.toml` `autotests = false`).
 
 mod common;
+mod eval;
 mod model;
 mod real_data;
 mod run;

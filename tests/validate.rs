@@ -218,3 +218,60 @@ fn overrides_apply_and_unknown_keys_are_errors() {
         text(&missing_parent)
     );
 }
+
+#[test]
+fn endless_inputs_are_refused_instead_of_read() {
+    let p = Project::new();
+    std::os::unix::fs::symlink("/dev/zero", p.path().join("endless.yaml")).unwrap();
+    let out = p.tsq(&["validate", "endless.yaml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("not a regular file"), "{}", text(&out));
+
+    std::fs::remove_file(p.path().join("cards/letters.yaml")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", p.path().join("cards/letters.yaml")).unwrap();
+    std::fs::remove_file(p.path().join("templates/plain.jinja")).unwrap();
+    std::os::unix::fs::symlink("/dev/urandom", p.path().join("templates/plain.jinja")).unwrap();
+    let out = p.tsq(&["validate", "pipeline.yaml"]).output().unwrap();
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("letters.yaml") && shown.contains("plain.jinja"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn many_errors_are_capped_in_text_and_complete_in_json() {
+    let p = Project::new();
+    let keys: String = (0..30_000)
+        .map(|i| format!("unknown_key_{i}: {i}\n"))
+        .collect();
+    std::fs::write(
+        p.path().join("noisy.yaml"),
+        format!("version: 1\nname: noisy\nmodel: {{source: model.gguf}}\n{keys}"),
+    )
+    .unwrap();
+    let out = p.tsq(&["validate", "noisy.yaml"]).output().unwrap();
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        shown.matches("error: ").count(),
+        tsq::diagnostic::MAX_SHOWN,
+        "{}",
+        &shown[..500]
+    );
+    assert!(
+        shown.contains("and 29950 more problem(s)"),
+        "{}",
+        &shown[shown.len() - 300..]
+    );
+    let json = p
+        .tsq(&["validate", "noisy.yaml", "--format", "json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        report["files"][0]["errors"].as_array().unwrap().len(),
+        30_000
+    );
+}

@@ -65,15 +65,23 @@ impl AssetSource {
                 .map_err(|r| syntax(&r));
         }
         if let Some(rest) = text.strip_prefix("hf://") {
+            let expected = "expected `hf://org/repo[@revision]/path/to/file`";
             let mut parts = rest.splitn(3, '/');
             let (Some(org), Some(repo_rev), Some(path)) =
                 (parts.next(), parts.next(), parts.next())
             else {
-                return Err(syntax("expected `hf://org/repo[@revision]/path/to/file`"));
+                return Err(syntax(expected));
             };
             let (repo, revision) = repo_rev.split_once('@').unwrap_or((repo_rev, "main"));
-            if org.is_empty() || repo.is_empty() || path.is_empty() || revision.is_empty() {
-                return Err(syntax("expected `hf://org/repo[@revision]/path/to/file`"));
+            if ![org, repo, revision].into_iter().all(is_name) {
+                return Err(syntax(&format!(
+                    "{expected}; org, repo and revision may hold letters, digits, `-`, `_`, `.`"
+                )));
+            }
+            if !is_relative_inside(path) {
+                return Err(syntax(&format!(
+                    "{expected}; the path inside the repo must be relative and stay inside it"
+                )));
             }
             return Ok(Self::Hf {
                 repo: format!("{org}/{repo}"),
@@ -148,6 +156,25 @@ impl AssetSource {
             _ => Ok(source),
         }
     }
+}
+
+/// A package, org, repo, version or revision name: letters, digits and `-_.+!`, not `.` or `..`.
+pub(crate) fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+!".contains(c))
+}
+
+/// A path inside a package or repo: relative, no empty, `.` or `..` segments, no backslashes.
+pub(crate) fn is_relative_inside(path: &str) -> bool {
+    !path.is_empty()
+        && !path.contains('\\')
+        && path
+            .trim_end_matches('/')
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
 impl fmt::Display for AssetSource {
@@ -229,7 +256,18 @@ mod tests {
                 path: "sub/model.safetensors".into()
             }
         );
-        for bad in ["pip://nover#x", "pip://a==1", "hf://org", "s3://bucket/x"] {
+        for bad in [
+            "pip://nover#x",
+            "pip://a==1",
+            "pip://a==1#../x",
+            "pip://a==1#x//y",
+            "hf://org",
+            "hf://org/repo/../../etc/passwd",
+            "hf://../repo/x",
+            "hf://org/repo@/x",
+            "hf://org/repo/./x",
+            "s3://bucket/x",
+        ] {
             assert!(AssetSource::parse(bad, base).is_err(), "{bad}");
         }
     }

@@ -25,17 +25,12 @@ impl PipSource {
         let expected = "expected `pip://name==version#path/inside/wheel`";
         let (spec, member) = rest.split_once('#').ok_or(expected)?;
         let (name, version) = spec.split_once("==").ok_or(expected)?;
-        let ok_token = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.+!".contains(c))
-        };
-        if !ok_token(name) || !ok_token(version) {
+        if !super::is_name(name) || !super::is_name(version) {
             return Err(format!(
                 "{expected}; name and version may hold letters, digits, `-`, `_`, `.`"
             ));
         }
-        if member.is_empty() || member.starts_with('/') || member.split('/').any(|s| s == "..") {
+        if !super::is_relative_inside(member) {
             return Err("the path inside the wheel must be relative and stay inside it".into());
         }
         Ok(Self {

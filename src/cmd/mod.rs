@@ -2,6 +2,7 @@
 //! return a [`CmdError`] that `main` maps to an exit code.
 
 pub mod bench;
+pub mod bench_eval;
 pub mod expert;
 pub mod fetch;
 pub mod generate;
@@ -93,7 +94,9 @@ fn load_or_report(file: &Path, overrides: &[Override]) -> Result<Pipeline, CmdEr
 }
 
 fn render(diagnostics: &[Diagnostic]) -> String {
-    render_text(diagnostics, |p| std::fs::read_to_string(p).ok())
+    render_text(diagnostics, |p| {
+        crate::fsutil::read_bounded(p, crate::fsutil::MAX_YAML_BYTES).ok()
+    })
 }
 
 /// The stage graph of a valid pipeline (cycles were ruled out by validation).

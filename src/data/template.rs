@@ -24,7 +24,7 @@ impl TemplateFile {
     pub fn load(path: &Path) -> Result<Self, Diagnostic> {
         let at =
             |line: usize, msg: String| Diagnostic::at(path, Position { line, column: 1 }, "", msg);
-        let source = std::fs::read_to_string(path)
+        let source = crate::fsutil::read_bounded(path, crate::fsutil::MAX_TEXT_BYTES)
             .map_err(|e| at(1, format!("cannot read template: {e}")))?;
         let mut env = environment();
         env.add_template_owned("t", source).map_err(|e| {

@@ -12,7 +12,7 @@
 
 mod prompts;
 pub mod results;
-mod runner;
+pub mod runner;
 pub mod stage;
 
 use serde::{Deserialize, Serialize};

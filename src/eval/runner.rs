@@ -81,6 +81,20 @@ impl Task<'_> {
         }
     }
 
+    /// A multiple-choice record's options as scored after its prompt, and the gold index.
+    pub fn scored_options(
+        &self,
+        fields: &Map<String, Value>,
+    ) -> Result<(Vec<String>, usize), String> {
+        let (options, gold) = self.options_of(fields)?;
+        Ok((
+            (0..options.len())
+                .map(|i| self.option_text(&options, i))
+                .collect(),
+            gold,
+        ))
+    }
+
     fn options_of(&self, fields: &Map<String, Value>) -> Result<(Vec<String>, usize), String> {
         let options = choices_field(fields, &self.choices).map_err(|e| e.to_string())?;
         let gold = gold_index(fields, &self.gold, options.len()).map_err(|e| e.to_string())?;

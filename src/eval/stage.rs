@@ -128,15 +128,44 @@ impl StageRunner for EvalStage<'_> {
 }
 
 /// Wall time and tokens of the items this process evaluated.
-struct Timing {
-    seconds: f64,
-    items: usize,
-    tokens: usize,
+pub struct Timing {
+    pub seconds: f64,
+    pub items: usize,
+    pub tokens: usize,
+}
+
+/// Evaluates `items` in batches of `batch_size`, handing each batch's samples (and its seconds)
+/// to `each`; what the stage and `tsq bench eval` share.
+pub fn run_batches(
+    task: &Task,
+    model: &crate::model::Model,
+    with: &str,
+    items: &[&StoredRecord],
+    batch_size: usize,
+    each: &mut dyn FnMut(&[Sample], f64) -> Result<(), StageError>,
+) -> Result<Timing, StageError> {
+    let started = Instant::now();
+    let (mut timed_items, mut tokens) = (0, 0);
+    for batch in items.chunks(batch_size.max(1)) {
+        let batch_started = Instant::now();
+        let samples = task.run(model, with, batch)?;
+        timed_items += samples.len();
+        tokens += samples
+            .iter()
+            .map(|s| s.prompt_tokens + s.new_tokens)
+            .sum::<usize>();
+        each(&samples, batch_started.elapsed().as_secs_f64())?;
+    }
+    Ok(Timing {
+        seconds: started.elapsed().as_secs_f64(),
+        items: timed_items,
+        tokens,
+    })
 }
 
 impl EvalStage<'_> {
     /// The split's items (after `limit`) and how many the split has.
-    fn items<'r>(&self, records: &'r [StoredRecord]) -> (Vec<&'r StoredRecord>, usize) {
+    pub fn items<'r>(&self, records: &'r [StoredRecord]) -> (Vec<&'r StoredRecord>, usize) {
         let split = self.eval.spec.split.as_str();
         let all: Vec<&StoredRecord> = records.iter().filter(|r| r.split == split).collect();
         let original = all.len();
@@ -144,7 +173,7 @@ impl EvalStage<'_> {
         (all.into_iter().take(limit).collect(), original)
     }
 
-    fn task<'t>(&'t self, train: &'t [StoredRecord], reward: Option<&'t Reward>) -> Task<'t> {
+    pub fn task<'t>(&'t self, train: &'t [StoredRecord], reward: Option<&'t Reward>) -> Task<'t> {
         let choice = self
             .eval
             .spec
@@ -193,37 +222,37 @@ impl EvalStage<'_> {
             .append(true)
             .open(&checkpoint)
             .map_err(|e| StageError::at("opening", &checkpoint, e))?;
-        let started = Instant::now();
-        let (mut timed_items, mut tokens) = (0, 0);
-        for batch in todo.chunks(self.eval.spec.batch_size as usize) {
-            ctx.check_interrupt()?;
-            let batch_started = Instant::now();
-            let samples = task.run(model, with, batch)?;
-            for s in &samples {
-                let line = serde_json::to_string(s).map_err(failed_to("saving samples"))?;
-                writeln!(append, "{line}")
+        let total = items.len();
+        let timing = run_batches(
+            task,
+            model,
+            with,
+            &todo,
+            self.eval.spec.batch_size as usize,
+            &mut |samples, seconds| {
+                ctx.check_interrupt()?;
+                for s in samples {
+                    let line = serde_json::to_string(s).map_err(failed_to("saving samples"))?;
+                    writeln!(append, "{line}")
+                        .map_err(|e| StageError::at("writing", &checkpoint, e))?;
+                }
+                append
+                    .sync_data()
                     .map_err(|e| StageError::at("writing", &checkpoint, e))?;
-            }
-            append
-                .sync_data()
-                .map_err(|e| StageError::at("writing", &checkpoint, e))?;
-            timed_items += samples.len();
-            tokens += samples
-                .iter()
-                .map(|s| s.prompt_tokens + s.new_tokens)
-                .sum::<usize>();
-            done.extend(samples);
-            let correct = done
-                .iter()
-                .filter(|s| s.verdict == crate::reward::Verdict::Correct)
-                .count();
-            let acc = correct as f64 / done.len().max(1) as f64;
-            ctx.metrics.log(json!({
-                "with": with, "items_done": done.len(), "items_total": items.len(),
-                "running_acc": acc, "batch_seconds": batch_started.elapsed().as_secs_f64(),
-            }));
-            progress.advance(batch.len() as u64, format!("acc {:.1}%", 100.0 * acc));
-        }
+                done.extend(samples.iter().cloned());
+                let correct = done
+                    .iter()
+                    .filter(|s| s.verdict == crate::reward::Verdict::Correct)
+                    .count();
+                let acc = correct as f64 / done.len().max(1) as f64;
+                ctx.metrics.log(json!({
+                    "with": with, "items_done": done.len(), "items_total": total,
+                    "running_acc": acc, "batch_seconds": seconds,
+                }));
+                progress.advance(samples.len() as u64, format!("acc {:.1}%", 100.0 * acc));
+                Ok(())
+            },
+        )?;
         // Back in split order, whatever order batches ran or resumed in.
         let position: BTreeMap<&str, usize> = items
             .iter()
@@ -233,11 +262,6 @@ impl EvalStage<'_> {
         done.retain(|s| position.contains_key(s.id.as_str()));
         done.sort_by_key(|s| position[s.id.as_str()]);
         done.dedup_by(|a, b| a.id == b.id);
-        let timing = Timing {
-            seconds: started.elapsed().as_secs_f64(),
-            items: timed_items,
-            tokens,
-        };
         Ok((done, timing))
     }
 }

@@ -47,6 +47,34 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Checks the relations between sizes that the forward pass relies on.
     pub fn check(&self) -> Result<(), String> {
+        // Bounds well above any real model: a crafted file must not make tsq allocate without
+        // limit (rope tables are context × head_dim, the head vocab × hidden).
+        for (field, value, max) in [
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("num_layers", self.num_layers, 1024),
+            ("num_heads", self.num_heads, 1024),
+            ("num_kv_heads", self.num_kv_heads, 1024),
+            ("head_dim", self.head_dim, 1024),
+            ("vocab_size", self.vocab_size, 1 << 21),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 17,
+            ),
+        ] {
+            if value == 0 || value > max {
+                return Err(format!("`{field}` is {value}; expected 1 to {max}"));
+            }
+        }
+        for (field, value) in [
+            ("rope_theta", self.rope_theta),
+            ("rms_norm_eps", self.rms_norm_eps),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("`{field}` is {value}; expected a positive number"));
+            }
+        }
         if self.num_heads == 0
             || self.num_kv_heads == 0
             || !self.num_heads.is_multiple_of(self.num_kv_heads)

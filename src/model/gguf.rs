@@ -125,11 +125,24 @@ fn meta<'a>(path: &Path, md: &'a HashMap<String, Value>, key: &str) -> Result<&'
 
 fn meta_usize(path: &Path, md: &HashMap<String, Value>, key: &str) -> Result<usize> {
     let v = meta(path, md, key)?;
-    v.to_u64()
-        .or_else(|_| v.to_u32().map(u64::from))
-        .or_else(|_| v.to_i32().map(|x| x as u64))
-        .map(|x| x as usize)
-        .map_err(|_| ModelError::load(path, format!("GGUF metadata `{key}` is not an integer")))
+    let not_count = || {
+        ModelError::load(
+            path,
+            format!("GGUF metadata `{key}` is not a count (a non-negative integer)"),
+        )
+    };
+    let value = match v.to_u64().or_else(|_| v.to_u32().map(u64::from)) {
+        Ok(x) => x,
+        Err(_) => {
+            let signed = v
+                .to_i32()
+                .map(i64::from)
+                .or_else(|_| v.to_i64())
+                .map_err(|_| not_count())?;
+            u64::try_from(signed).map_err(|_| not_count())?
+        }
+    };
+    usize::try_from(value).map_err(|_| not_count())
 }
 
 fn meta_f64(path: &Path, md: &HashMap<String, Value>, key: &str) -> Result<f64> {
@@ -189,6 +202,70 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GGUF holding only this metadata (no tensors), as a crafted file would.
+    fn gguf_with(dir: &Path, overrides: &[(&str, Value)]) -> std::path::PathBuf {
+        let mut meta: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("llama.embedding_length".into(), Value::U32(64)),
+            ("llama.attention.head_count".into(), Value::U32(4)),
+            ("llama.vocab_size".into(), Value::U32(100)),
+            ("llama.feed_forward_length".into(), Value::U32(128)),
+            ("llama.block_count".into(), Value::U32(2)),
+            (
+                "llama.attention.layer_norm_rms_epsilon".into(),
+                Value::F32(1e-5),
+            ),
+            ("llama.context_length".into(), Value::U32(512)),
+        ];
+        for (k, v) in overrides {
+            meta.retain(|(name, _)| name != k);
+            meta.push((k.to_string(), v.clone()));
+        }
+        let path = dir.join("crafted.gguf");
+        let mut file = File::create(&path).unwrap();
+        let refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        candle_core::quantized::gguf_file::write(&mut file, &refs, &[]).unwrap();
+        path
+    }
+
+    #[test]
+    fn crafted_metadata_is_a_located_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(crate::model::read_config(&gguf_with(dir.path(), &[])).is_ok());
+        let cases: [(&str, Value, &str); 6] = [
+            (
+                "llama.block_count",
+                Value::I32(-3),
+                "`llama.block_count` is not a count",
+            ),
+            (
+                "llama.block_count",
+                Value::U64(1 << 40),
+                "`num_layers` is 1099511627776",
+            ),
+            (
+                "llama.context_length",
+                Value::U64(u64::MAX),
+                "`max_position_embeddings`",
+            ),
+            ("llama.vocab_size", Value::U32(0), "`vocab_size` is 0"),
+            ("llama.embedding_length", Value::I64(-1), "is not a count"),
+            (
+                "llama.attention.layer_norm_rms_epsilon",
+                Value::F32(f32::NAN),
+                "`rms_norm_eps`",
+            ),
+        ];
+        for (key, value, want) in cases {
+            let path = gguf_with(dir.path(), &[(key, value)]);
+            let err = crate::model::read_config(&path).unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("crafted.gguf"),
+                "{key}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn canonical_names() {

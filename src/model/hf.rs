@@ -49,7 +49,7 @@ pub fn canonical_name(hf: &str) -> Option<String> {
 
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
+    let text = crate::fsutil::read_bounded(&path, crate::fsutil::MAX_TEXT_BYTES)
         .map_err(|e| ModelError::load(&path, format!("cannot read: {e}")))?;
     let hf: HfConfig = serde_json::from_str(&text)
         .map_err(|e| ModelError::load(&path, format!("invalid config: {e}")))?;
@@ -89,7 +89,9 @@ pub fn load_tensors(dir: &Path, dtype: DType, device: &Device) -> Result<BTreeMa
 
 /// `tokenizer_config.json`, if present.
 pub fn tokenizer_config(dir: &Path) -> Option<Value> {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?).ok()
+    let path = dir.join("tokenizer_config.json");
+    serde_json::from_str(&crate::fsutil::read_bounded(&path, crate::fsutil::MAX_TEXT_BYTES).ok()?)
+        .ok()
 }
 
 /// A special token's text from `tokenizer_config.json` (plain string or `{content: ...}`).

@@ -214,6 +214,23 @@ pub struct Transformer {
     dtype: DType,
 }
 
+/// The shape each projection must have under `config` (rows = outputs).
+fn expected_shapes(config: &ModelConfig) -> impl Fn(&str) -> [usize; 2] + use<> {
+    let (h, i, d) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.head_dim,
+    );
+    let (q, kv) = (config.num_heads * d, config.num_kv_heads * d);
+    move |module| match module {
+        "attn.q_proj" => [q, h],
+        "attn.k_proj" | "attn.v_proj" => [kv, h],
+        "attn.o_proj" => [h, q],
+        "mlp.gate_proj" | "mlp.up_proj" => [i, h],
+        _ => [h, i], // mlp.down_proj
+    }
+}
+
 impl Transformer {
     /// Builds the model from canonical-name tensors (`embed.weight`, `layers.0.attn.q_proj.weight`...).
     pub fn new(config: ModelConfig, mut tensors: BTreeMap<String, Tensor>) -> Result<Self> {
@@ -231,11 +248,20 @@ impl Transformer {
             )));
         }
         let dtype = embed.dtype();
+        let shapes = expected_shapes(&config);
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let linear =
                 |m: &str, take: &mut dyn FnMut(&str) -> Result<Tensor>| -> Result<Linear> {
-                    let weight = take(&format!("layers.{i}.{m}.weight"))?;
+                    let name = format!("layers.{i}.{m}.weight");
+                    let weight = take(&name)?;
+                    let want = shapes(m);
+                    if weight.dims() != want {
+                        return Err(ModelError::Input(format!(
+                            "`{name}` is {:?}, the config implies {want:?}",
+                            weight.dims()
+                        )));
+                    }
                     let bias = take(&format!("layers.{i}.{m}.bias")).ok();
                     Ok(Linear::new(weight, bias))
                 };
@@ -672,6 +698,21 @@ mod tests {
     use super::*;
     use crate::model::config::Architecture;
     use crate::model::testing::{random_weights, tiny_config};
+
+    #[test]
+    fn weights_that_disagree_with_the_config_are_refused() {
+        let config = tiny_config(crate::model::config::Architecture::Llama);
+        let mut weights = random_weights(&config, 1, &Device::Cpu);
+        weights.insert(
+            "layers.1.mlp.down_proj.weight".into(),
+            Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = Transformer::new(config, weights).err().unwrap().to_string();
+        assert!(
+            err.contains("layers.1.mlp.down_proj.weight") && err.contains("[3, 5]"),
+            "{err}"
+        );
+    }
 
     fn tiny(arch: Architecture) -> Transformer {
         let config = tiny_config(arch);

@@ -237,6 +237,10 @@ impl Reward {
                 values,
             } => {
                 let source = program.build(completion, record)?;
+                if source.solution.trim().is_empty() {
+                    // No code at all: nothing to run.
+                    return Ok(judged(values, None, None, "tests pass".into()));
+                }
                 let outcome = sandbox.run(&source).map_err(RewardError::Sandbox)?;
                 Ok(code_judgement(values, &source.solution, outcome))
             }
@@ -345,14 +349,9 @@ fn combine(parts: &[(Reward, f64)], judged: Vec<Judgement>) -> Judgement {
 }
 
 fn code_judgement(values: &RewardValues, solution: &str, outcome: SandboxOutcome) -> Judgement {
-    let correct = if solution.trim().is_empty() {
-        None
-    } else {
-        Some(outcome.passed())
-    };
     let mut j = judged(
         values,
-        correct,
+        Some(outcome.passed()),
         Some(solution.to_string()),
         "tests pass".into(),
     );
@@ -419,7 +418,8 @@ impl CodeFields {
         completion: &str,
         record: &Map<String, Value>,
     ) -> Result<sandbox::Program, RewardError> {
-        let mut solution = extract::code_block(completion);
+        let written = extract::code_block(completion);
+        let mut solution = written.clone();
         let checks = match record.get(&self.checks) {
             Some(Value::Array(lines)) => lines
                 .iter()
@@ -451,7 +451,7 @@ impl CodeFields {
         };
         Ok(sandbox::Program {
             source: format!("{}\n{solution}\n\n{checks}\n{call}", optional(&self.setup)?),
-            solution,
+            solution: written,
         })
     }
 }

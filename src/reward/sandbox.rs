@@ -32,7 +32,7 @@ const MAX_PROGRAM_BYTES: usize = 120 * 1024;
 const FIRST_UID: u32 = 61_000;
 const UIDS: u32 = 1024;
 
-/// A program to run and the part of it that the model wrote.
+/// A program to run and the code the model wrote (empty: nothing to judge).
 pub struct Program {
     pub source: String,
     pub solution: String,

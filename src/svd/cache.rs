@@ -119,15 +119,8 @@ fn write(factors: &Factors, file: &Path) -> Result<(), CacheError> {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
-    let dir = file.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(|e| fail(e.to_string()))?;
-    candle_core::safetensors::save(&tensors, tmp.path()).map_err(|e| fail(e.to_string()))?;
-    tmp.persist(file).map_err(|e| fail(e.error.to_string()))?;
-    Ok(())
+    let bytes = safetensors::serialize(&tensors, None).map_err(|e| fail(e.to_string()))?;
+    crate::fsutil::write_atomic(file, &bytes).map_err(|e| fail(e.to_string()))
 }
 
 /// A cached decomposition of `weight`, if present, readable and accurate.

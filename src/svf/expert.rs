@@ -147,7 +147,8 @@ impl Expert {
         Ok(())
     }
 
-    /// Writes the expert atomically (temporary file, then rename).
+    /// Writes the expert atomically (the project's one atomic write: temporary file, fsync,
+    /// rename, directory fsync).
     pub fn save(&self, file: &Path) -> Result<(), ExpertError> {
         let fail = |message: String| ExpertError::File {
             file: file.into(),
@@ -159,20 +160,10 @@ impl Expert {
             tensors.push((format!("{name}.s"), s.clone()));
         }
         let meta = serde_json::to_string(&self.meta).map_err(|e| fail(e.to_string()))?;
-        let dir = file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(dir)
-            .map_err(|e| fail(e.to_string()))?;
         let metadata = HashMap::from([(METADATA_KEY.to_string(), meta)]);
-        safetensors::serialize_to_file(tensors, Some(metadata), tmp.path())
-            .map_err(|e| fail(e.to_string()))?;
-        tmp.persist(file).map_err(|e| fail(e.error.to_string()))?;
-        Ok(())
+        let bytes =
+            safetensors::serialize(tensors, Some(metadata)).map_err(|e| fail(e.to_string()))?;
+        crate::fsutil::write_atomic(file, &bytes).map_err(|e| fail(e.to_string()))
     }
 
     pub fn load(file: &Path) -> Result<Self, ExpertError> {
@@ -196,6 +187,20 @@ impl Expert {
                 meta.format_version
             )));
         }
+        let algorithm = crate::svd::cache::ALGORITHM_VERSION;
+        if meta.svd_algorithm != algorithm {
+            return Err(fail(format!(
+                "made with SVD algorithm version {}, this tsq computes version {algorithm}: its vectors scale other singular vectors",
+                meta.svd_algorithm
+            )));
+        }
+        if meta.max_mult != super::MAX_MULT {
+            return Err(fail(format!(
+                "`max_mult` is {}, this tsq supports only {}",
+                meta.max_mult,
+                super::MAX_MULT
+            )));
+        }
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| fail(format!("cannot read tensors: {e}")))?;
         let mut vectors = BTreeMap::new();
@@ -214,10 +219,15 @@ impl Expert {
                     s.dims()
                 )));
             }
-            vectors.insert(
-                name.clone(),
-                (z.to_dtype(DType::F32)?, s.to_dtype(DType::F32)?),
-            );
+            let (z, s) = (z.to_dtype(DType::F32)?, s.to_dtype(DType::F32)?);
+            for (what, t) in [("z", &z), ("s", &s)] {
+                if t.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
+                    return Err(fail(format!(
+                        "target `{name}`: `{what}` holds NaN or infinite values"
+                    )));
+                }
+            }
+            vectors.insert(name.clone(), (z, s));
         }
         Ok(Self { meta, vectors })
     }
@@ -422,6 +432,29 @@ mod tests {
             err.contains("junk.safetensors: not a safetensors file"),
             "{err}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn foreign_algorithms_options_and_non_finite_vectors_are_refused() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("e.safetensors");
+        let fresh = || Expert::initial(base(), Parametrization::Sigmoid, &singular_values(), 1);
+        let refused = |e: &Expert| -> std::result::Result<String, Box<dyn std::error::Error>> {
+            e.save(&file)?;
+            Ok(Expert::load(&file).err().ok_or("loaded")?.to_string())
+        };
+        let mut old = fresh()?;
+        old.meta.svd_algorithm += 1;
+        assert!(refused(&old)?.contains("SVD algorithm version"));
+        let mut mult = fresh()?;
+        mult.meta.max_mult = 2.0;
+        assert!(refused(&mult)?.contains("max_mult"));
+        let mut nan = fresh()?;
+        let name = nan.meta.targets[0].clone();
+        nan.vectors.get_mut(&name).ok_or("target")?.0 =
+            Tensor::new(&[f32::NAN, 1.0, 1.0], &Device::Cpu)?;
+        assert!(refused(&nan)?.contains("NaN"));
         Ok(())
     }
 

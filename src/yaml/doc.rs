@@ -69,14 +69,15 @@ impl LocatedDoc {
 
     /// Reads and parses a file; an unreadable file becomes one diagnostic.
     pub fn load(file: &Path) -> Result<Self, Vec<Diagnostic>> {
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            vec![Diagnostic::at(
-                file,
-                Position { line: 1, column: 1 },
-                "",
-                format!("cannot read file: {e}"),
-            )]
-        })?;
+        let text =
+            crate::fsutil::read_bounded(file, crate::fsutil::MAX_YAML_BYTES).map_err(|e| {
+                vec![Diagnostic::at(
+                    file,
+                    Position { line: 1, column: 1 },
+                    "",
+                    format!("cannot read file: {e}"),
+                )]
+            })?;
         Self::parse(file, &text)
     }
 

@@ -1,0 +1,215 @@
+//! `tsq bench eval PIPELINE STAGE`: the evaluation path's throughput (items/s, tokens/s) on
+//! the stage's items, run in-process without checkpoints or outputs, and beside PyTorch: it can
+//! write the exact rendered items for `shared/peers/torch_score_bench.py` and compare with that
+//! peer's JSON line and per-item option log-likelihoods.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use super::{CmdError, load_or_report};
+use crate::eval::runner::Sample;
+use crate::eval::stage::{EvalStage, run_batches};
+use crate::pipeline::spec::EvalMode;
+use crate::stages::Env;
+
+pub struct BenchEvalArgs<'a> {
+    pub pipeline: &'a Path,
+    pub stage: &'a str,
+    pub limit: Option<usize>,
+    /// Write the rendered items as the peer's input (JSONL) here.
+    pub write_items: Option<&'a Path>,
+    /// The peer's JSON line, run just before on the written items.
+    pub peer: Option<&'a Path>,
+    /// The peer's per-item option log-likelihoods (`--out` of the peer).
+    pub peer_items: Option<&'a Path>,
+}
+
+fn fail(e: impl std::fmt::Display) -> CmdError {
+    CmdError::Failed(e.to_string())
+}
+
+pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
+    let pipeline = load_or_report(args.pipeline, &[])?;
+    let eval = pipeline
+        .evaluations
+        .iter()
+        .find(|e| e.stage_id() == args.stage)
+        .ok_or_else(|| {
+            let known: Vec<String> = pipeline.evaluations.iter().map(|e| e.stage_id()).collect();
+            CmdError::Usage(format!(
+                "no evaluation stage `{}` in this pipeline; evaluations: {}",
+                args.stage,
+                known.join(", ")
+            ))
+        })?;
+    let run_root = pipeline.runs_root().join(&pipeline.spec.name);
+    let data_dir = run_root.join(format!("data.{}", eval.spec.dataset));
+    let model_dir = run_root.join("model");
+    if !data_dir.join("manifest.json").exists() || !model_dir.join("manifest.json").exists() {
+        return Err(CmdError::Failed(format!(
+            "the benchmark evaluates prepared items: run `tsq run {} --only model --only data.{}` first",
+            args.pipeline.display(),
+            eval.spec.dataset
+        )));
+    }
+    let record: crate::model::stage::ModelRecord = serde_json::from_str(
+        &std::fs::read_to_string(model_dir.join(crate::model::stage::MODEL_FILE)).map_err(fail)?,
+    )
+    .map_err(fail)?;
+    let env = Env::new(&pipeline, crate::assets::TsqHome::from_env());
+    let stage = EvalStage {
+        eval: eval.clone(),
+        rewards: pipeline.spec.rewards.clone(),
+        version: String::new(),
+        shared: &env.shared,
+    };
+    let records = crate::data::stage::read_stored(&data_dir).map_err(fail)?;
+    let (mut items, _) = stage.items(&records);
+    items.truncate(args.limit.unwrap_or(items.len()));
+    items.sort_by_key(|r| r.prompt.len());
+    let train: Vec<_> = records
+        .iter()
+        .filter(|r| r.split == "train")
+        .cloned()
+        .collect();
+    let reward = eval
+        .spec
+        .reward
+        .as_ref()
+        .map(|n| crate::reward::Reward::compile(n, &pipeline.spec.rewards))
+        .transpose()
+        .map_err(fail)?;
+    let task = stage.task(&train, reward.as_ref());
+    let model = env.shared.model(&record.path).map_err(fail)?;
+    let mut samples: Vec<Sample> = Vec::new();
+    let timing = run_batches(
+        &task,
+        &model,
+        "base",
+        &items,
+        eval.spec.batch_size as usize,
+        &mut |batch, _| {
+            samples.extend(batch.iter().cloned());
+            Ok(())
+        },
+    )
+    .map_err(fail)?;
+    if let Some(file) = args.write_items {
+        write_peer_items(file, &task, &items, &samples)?;
+    }
+    let correct = samples
+        .iter()
+        .filter(|s| s.verdict == crate::reward::Verdict::Correct)
+        .count();
+    let ours = json!({
+        "bench": "tsq_eval", "stage": args.stage, "mode": eval.spec.mode, "items": samples.len(),
+        "tokens": timing.tokens, "seconds": round(timing.seconds),
+        "tokens_per_s": round(timing.tokens as f64 / timing.seconds),
+        "items_per_s": round(samples.len() as f64 / timing.seconds),
+        "acc": round(correct as f64 / samples.len().max(1) as f64),
+        "gemm": tsq_linalg::LARGE_PRODUCTS_BY,
+    });
+    println!(
+        "tsq {}: {} items, {} tokens in {:.2} s: {:.1} tok/s, {:.2} items/s, acc {:.4}",
+        args.stage,
+        samples.len(),
+        timing.tokens,
+        timing.seconds,
+        timing.tokens as f64 / timing.seconds,
+        samples.len() as f64 / timing.seconds,
+        ours["acc"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(file) = args.peer {
+        compare_with_peer(file, &ours)?;
+    }
+    if let Some(file) = args.peer_items {
+        compare_per_item(file, &samples)?;
+    }
+    println!("{ours}");
+    Ok(())
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
+/// The items exactly as tsq scored them, in the peer's input format.
+fn write_peer_items(
+    file: &Path,
+    task: &crate::eval::runner::Task,
+    items: &[&crate::data::stage::StoredRecord],
+    samples: &[Sample],
+) -> Result<(), CmdError> {
+    if task.eval.spec.mode != EvalMode::Loglik {
+        return Err(CmdError::Usage(
+            "--write-items needs a `loglik` evaluation (the peer scores options)".into(),
+        ));
+    }
+    let mut out = std::fs::File::create(file).map_err(fail)?;
+    for (item, sample) in items.iter().zip(samples) {
+        let (continuations, gold) = task.scored_options(&item.fields).map_err(fail)?;
+        let line = json!({"id": item.id, "prompt": sample.prompt, "continuations": continuations, "gold": gold});
+        writeln!(out, "{line}").map_err(fail)?;
+    }
+    Ok(())
+}
+
+fn compare_with_peer(file: &Path, ours: &Value) -> Result<(), CmdError> {
+    let text = std::fs::read_to_string(file).map_err(fail)?;
+    let peer: Value = text
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| fail(format!("`{}` holds no JSON line", file.display())))?;
+    let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "PyTorch: {} items, {:.1} tok/s, {:.2} items/s, acc {:.4}; tsq/PyTorch items/s: {:.2}x",
+        peer["items"],
+        get(&peer, "tokens_per_s"),
+        get(&peer, "items_per_s"),
+        get(&peer, "acc"),
+        get(ours, "items_per_s") / get(&peer, "items_per_s")
+    );
+    Ok(())
+}
+
+/// Per-item agreement with the peer's option log-likelihoods: largest difference and how many
+/// items pick the same option.
+fn compare_per_item(file: &Path, samples: &[Sample]) -> Result<(), CmdError> {
+    let text = std::fs::read_to_string(file).map_err(fail)?;
+    let peer: BTreeMap<String, Vec<f64>> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| {
+            let id = match &v["id"] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let sums = v["logprob_sums"]
+                .as_array()?
+                .iter()
+                .map(|x| x.as_f64())
+                .collect::<Option<Vec<_>>>()?;
+            Some((id, sums))
+        })
+        .collect();
+    let (mut compared, mut same, mut worst) = (0, 0, 0.0f64);
+    for s in samples {
+        let (Some(ours), Some(theirs)) = (&s.option_logliks, peer.get(&s.id)) else {
+            continue;
+        };
+        compared += 1;
+        for (a, b) in ours.iter().zip(theirs) {
+            worst = worst.max((a - b).abs());
+        }
+        let best = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j]));
+        same += usize::from(best(ours) == best(theirs));
+    }
+    println!(
+        "per item vs PyTorch: {compared} items compared, same choice on {same}, largest log-likelihood difference {worst:.2e}"
+    );
+    Ok(())
+}
