@@ -70,18 +70,8 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
     let (mut items, _) = stage.items(&records);
     items.truncate(args.limit.unwrap_or(items.len()));
     items.sort_by_key(|r| r.prompt.len());
-    let train: Vec<_> = records
-        .iter()
-        .filter(|r| r.split == "train")
-        .cloned()
-        .collect();
-    let reward = eval
-        .spec
-        .reward
-        .as_ref()
-        .map(|n| crate::reward::Reward::compile(n, &pipeline.spec.rewards))
-        .transpose()
-        .map_err(fail)?;
+    let train = crate::eval::stage::train_split(&records);
+    let reward = stage.reward().map_err(fail)?;
     let task = stage.task(&train, reward.as_ref());
     let model = env.shared.model(&record.path).map_err(fail)?;
     let mut samples: Vec<Sample> = Vec::new();

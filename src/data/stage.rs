@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use indicatif::ProgressBar;
 use polars::prelude::*;
 use serde_json::{Value, json};
 
@@ -46,14 +45,13 @@ impl DataStage {
         let load = |p: &PathBuf| TemplateFile::load(p).map_err(|d| StageError::at("loading", p, d));
         let prompt = load(&self.dataset.prompt)?;
         let target = self.dataset.target.as_ref().map(load).transpose()?;
-        let bar = ProgressBar::new(records.len() as u64)
-            .with_message(format!("rendering {}", self.dataset.name));
+        let mut bar = ctx.progress(records.len() as u64, "records");
         let (mut good, mut bad) = (Vec::new(), Vec::new());
         for (i, record) in records.into_iter().enumerate() {
             if i % 256 == 0 {
                 ctx.check_interrupt()?;
             }
-            bar.inc(1);
+            bar.advance(1, String::new());
             let context = Value::Object(record.fields.clone());
             let rendered = prompt
                 .render(&context)
@@ -70,7 +68,6 @@ impl DataStage {
                 }),
             }
         }
-        bar.finish_and_clear();
         Ok((good, bad))
     }
 

@@ -56,17 +56,8 @@ impl StageRunner for EvalStage<'_> {
         let data_dir = ctx.upstream_dir(&format!("data.{}", spec.dataset))?;
         let records = read_stored(data_dir)?;
         let (items, original) = self.items(&records);
-        let train: Vec<StoredRecord> = records
-            .iter()
-            .filter(|r| r.split == "train")
-            .cloned()
-            .collect();
-        let reward = spec
-            .reward
-            .as_ref()
-            .map(|name| Reward::compile(name, &self.rewards))
-            .transpose()
-            .map_err(failed_to("compiling the reward"))?;
+        let train = train_split(&records);
+        let reward = self.reward()?;
         let task = self.task(&train, reward.as_ref());
         let mut results = BTreeMap::new();
         let mut all_samples = Vec::new();
@@ -173,6 +164,17 @@ impl EvalStage<'_> {
         (all.into_iter().take(limit).collect(), original)
     }
 
+    /// The entry's reward, compiled.
+    pub fn reward(&self) -> Result<Option<Reward>, StageError> {
+        self.eval
+            .spec
+            .reward
+            .as_ref()
+            .map(|name| Reward::compile(name, &self.rewards))
+            .transpose()
+            .map_err(failed_to("compiling the reward"))
+    }
+
     pub fn task<'t>(&'t self, train: &'t [StoredRecord], reward: Option<&'t Reward>) -> Task<'t> {
         let choice = self
             .eval
@@ -264,6 +266,15 @@ impl EvalStage<'_> {
         done.dedup_by(|a, b| a.id == b.id);
         Ok((done, timing))
     }
+}
+
+/// The records shots may come from.
+pub fn train_split(records: &[StoredRecord]) -> Vec<StoredRecord> {
+    records
+        .iter()
+        .filter(|r| r.split == "train")
+        .cloned()
+        .collect()
 }
 
 /// Samples saved by an earlier, interrupted attempt; a torn last line is dropped.

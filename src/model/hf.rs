@@ -51,7 +51,27 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
     let text = crate::fsutil::read_bounded(&path, crate::fsutil::MAX_TEXT_BYTES)
         .map_err(|e| ModelError::load(&path, format!("cannot read: {e}")))?;
-    let hf: HfConfig = serde_json::from_str(&text)
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::load(&path, format!("invalid config: {e}")))?;
+    // serde would say "expected usize at line 2 column 39"; name the field instead.
+    for field in [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "max_position_embeddings",
+    ] {
+        if let Some(v) = value.get(field).filter(|v| !v.is_null() && !v.is_u64()) {
+            return Err(ModelError::load(
+                &path,
+                format!("`{field}` must be a non-negative integer, found {v}"),
+            ));
+        }
+    }
+    let hf: HfConfig = serde_json::from_value(value)
         .map_err(|e| ModelError::load(&path, format!("invalid config: {e}")))?;
     hf.resolve().map_err(|m| ModelError::load(&path, m))
 }
@@ -155,6 +175,29 @@ mod tests {
     use crate::model::config::Architecture;
     use crate::model::testing::{random_weights, tiny_config};
     use crate::model::transformer::{Batch, LogitsAt, Mode, Transformer};
+
+    #[test]
+    fn crafted_configs_are_errors_naming_the_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |layers: &str, vocab: &str| {
+            format!(
+                r#"{{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": {layers}, "num_attention_heads": 4, "vocab_size": {vocab},
+                "rms_norm_eps": 1e-5}}"#
+            )
+        };
+        std::fs::write(dir.path().join("config.json"), config("2", "100")).unwrap();
+        assert!(read_config(dir.path()).is_ok());
+        for (layers, vocab, want) in [
+            ("-1", "100", "num_hidden_layers"),
+            ("100000000000", "100", "`num_layers` is 100000000000"),
+            ("2", "0", "`vocab_size` is 0"),
+        ] {
+            std::fs::write(dir.path().join("config.json"), config(layers, vocab)).unwrap();
+            let err = read_config(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("config.json"), "{err}");
+        }
+    }
 
     fn logits(tf: &Transformer) -> Tensor {
         let ids = Tensor::new(&[[5u32, 3, 9, 1, 7]], &Device::Cpu).unwrap();
