@@ -4,6 +4,10 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // `tsq ... | head` should end quietly when the reader goes away, as other Unix tools do,
+    // not panic on the broken pipe (Rust ignores SIGPIPE by default).
+    // SAFETY: restoring a signal's default disposition at startup, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match tsq::cli::main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

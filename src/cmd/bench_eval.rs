@@ -69,10 +69,10 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
     let records = crate::data::stage::read_stored(&data_dir).map_err(fail)?;
     let (mut items, _) = stage.items(&records);
     items.truncate(args.limit.unwrap_or(items.len()));
-    items.sort_by_key(|r| r.prompt.len());
     let train = crate::eval::stage::train_split(&records);
     let reward = stage.reward().map_err(fail)?;
     let task = stage.task(&train, reward.as_ref());
+    task.sort_for_batching(&mut items);
     let model = env.shared.model(&record.path).map_err(fail)?;
     let mut samples: Vec<Sample> = Vec::new();
     let timing = run_batches(

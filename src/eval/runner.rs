@@ -81,6 +81,22 @@ impl Task<'_> {
         }
     }
 
+    /// Orders items for batching, so a batch's padding stays small: by the longest option in
+    /// `loglik` mode (options are padded once per option row), by prompt length otherwise.
+    pub fn sort_for_batching(&self, items: &mut [&StoredRecord]) {
+        let options = |r: &StoredRecord| {
+            choices_field(&r.fields, &self.choices)
+                .map(|o| o.iter().map(String::len).max().unwrap_or(0))
+                .unwrap_or(0)
+        };
+        match self.eval.spec.mode {
+            crate::pipeline::spec::EvalMode::Loglik => {
+                items.sort_by_key(|r| (options(r), r.prompt.len()))
+            }
+            crate::pipeline::spec::EvalMode::Generate => items.sort_by_key(|r| r.prompt.len()),
+        }
+    }
+
     /// A multiple-choice record's options as scored after its prompt, and the gold index.
     pub fn scored_options(
         &self,

@@ -40,8 +40,12 @@ impl StageRunner for EvalStage<'_> {
             EvalMode::Generate => "generate",
             EvalMode::Loglik => "loglik",
         };
+        let items = spec
+            .limit
+            .map(|l| format!("{l} items of the "))
+            .unwrap_or_default();
         Some(format!(
-            "{} split of `{}`, {mode}, {}-shot, with {}",
+            "{items}{} split of `{}`, {mode}, {}-shot, with {}",
             spec.split.as_str(),
             spec.dataset,
             spec.shots,
@@ -125,6 +129,9 @@ pub struct Timing {
     pub tokens: usize,
 }
 
+/// What happens to each finished batch: its samples and how many seconds it took.
+pub type BatchDone<'a> = dyn FnMut(&[Sample], f64) -> Result<(), StageError> + 'a;
+
 /// Evaluates `items` in batches of `batch_size`, handing each batch's samples (and its seconds)
 /// to `each`; what the stage and `tsq bench eval` share.
 pub fn run_batches(
@@ -133,7 +140,7 @@ pub fn run_batches(
     with: &str,
     items: &[&StoredRecord],
     batch_size: usize,
-    each: &mut dyn FnMut(&[Sample], f64) -> Result<(), StageError>,
+    each: &mut BatchDone,
 ) -> Result<Timing, StageError> {
     let started = Instant::now();
     let (mut timed_items, mut tokens) = (0, 0);
@@ -215,8 +222,7 @@ impl EvalStage<'_> {
             .copied()
             .filter(|r| !finished.contains(r.id.as_str()))
             .collect();
-        // Similar lengths batch together: less padding.
-        todo.sort_by_key(|r| r.prompt.len());
+        task.sort_for_batching(&mut todo);
         let mut progress = ctx.progress(items.len() as u64, "items");
         progress.advance(done.len() as u64, String::new());
         let mut append = std::fs::File::options()

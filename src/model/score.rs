@@ -115,13 +115,90 @@ pub struct OptionScore {
 }
 
 /// Scores every option of every item: `items[i]` is a prompt and its options (token ids, the
-/// options without BOS). Each prompt is computed once; its KV cache is copied to one row per
-/// option, and the options run together (right-padded after their shared prompt).
+/// options without BOS). Each prompt is computed once, with the tokens all its options start
+/// with (" Hence," in "Hence, X" / "Hence, Y"); then each item's options run packed in one row
+/// after it, each seeing the prompt and itself only (no padding between options).
 pub fn score_options(
     model: &Model,
     items: &[(Vec<u32>, Vec<Vec<u32>>)],
 ) -> Result<Vec<Vec<OptionScore>>> {
     score_options_in(&model.transformer, filler(model), items)
+}
+
+/// How many leading tokens all `options` share, leaving every option at least one of its own.
+fn shared_prefix(options: &[Vec<u32>]) -> usize {
+    let shortest = options.iter().map(Vec::len).min().unwrap_or(0);
+    (0..shortest.saturating_sub(1))
+        .take_while(|&k| options.iter().all(|o| o[k] == options[0][k]))
+        .count()
+}
+
+/// One item's options packed for the options pass: each option's own tokens but its last (they
+/// predict the rest), the tokens they predict, and where each option sits in the row.
+struct Packed {
+    ids: Vec<u32>,
+    targets: Vec<u32>,
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+impl Packed {
+    fn new(options: &[Vec<u32>], shared: usize) -> Self {
+        let (mut ids, mut targets, mut spans) = (Vec::new(), Vec::new(), Vec::new());
+        for o in options {
+            let own = &o[shared..];
+            let start = ids.len();
+            ids.extend_from_slice(&own[..own.len() - 1]);
+            targets.extend_from_slice(&own[1..]);
+            spans.push(start..ids.len());
+        }
+        Self {
+            ids,
+            targets,
+            spans,
+        }
+    }
+}
+
+/// Positions and mask of the options pass: an option's token at offset `k` of its span sits at
+/// rotary position prompt + k (the prompt counting the shared tokens) and sees the row's prompt (cached) and its own span up to
+/// itself; padding sees only itself, so its softmax row stays finite.
+fn packed_batch(
+    packed: &[Packed],
+    pad: &[usize],
+    past: usize,
+    time: usize,
+    device: &candle_core::Device,
+) -> Result<Batch> {
+    let total = past + time;
+    let mut positions = Vec::with_capacity(packed.len() * time);
+    let mut mask = vec![f32::NEG_INFINITY; packed.len() * time * total];
+    for (b, (p, &pad)) in packed.iter().zip(pad).enumerate() {
+        let prompt = past - pad;
+        let mut owner = vec![None; time];
+        for span in &p.spans {
+            for j in span.clone() {
+                owner[j] = Some(span.start);
+            }
+        }
+        for (j, own) in owner.iter().enumerate() {
+            let row = &mut mask[(b * time + j) * total..(b * time + j + 1) * total];
+            match own {
+                Some(start) => {
+                    positions.push((prompt + j - start) as u32);
+                    row[pad..past].fill(0.0);
+                    row[past + start..=past + j].fill(0.0);
+                }
+                None => {
+                    positions.push(prompt as u32);
+                    row[past + j] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Batch {
+        positions: Tensor::from_vec(positions, (packed.len(), time), device)?,
+        mask: Tensor::from_vec(mask, (packed.len(), 1, time, total), device)?,
+    })
 }
 
 fn score_options_in(
@@ -138,78 +215,89 @@ fn score_options_in(
         ));
     }
     let device = tf.device();
-    let longest = items.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
-    let pad: Vec<usize> = items.iter().map(|(p, _)| longest - p.len()).collect();
-    let ids: Vec<u32> = items
+    let shared: Vec<usize> = items.iter().map(|(_, opts)| shared_prefix(opts)).collect();
+    // The prompt pass: each prompt followed by its options' shared tokens, left-padded.
+    let prompts: Vec<Vec<u32>> = items
+        .iter()
+        .zip(&shared)
+        .map(|((p, opts), &c)| p.iter().chain(&opts[0][..c]).copied().collect())
+        .collect();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let ids: Vec<u32> = prompts
         .iter()
         .zip(&pad)
-        .flat_map(|((p, _), &n)| std::iter::repeat_n(filler, n).chain(p.iter().copied()))
+        .flat_map(|(p, &n)| std::iter::repeat_n(filler, n).chain(p.iter().copied()))
         .collect();
+    let tail = shared.iter().max().copied().unwrap_or(0) + 1;
     let mut cache = KvCache::default();
-    let last = tf.forward(
+    let head = tf.forward(
         &Tensor::from_vec(ids, (items.len(), longest), device)?,
         &Batch::left_padded(&pad, 0, longest, device)?,
         Some(&mut cache),
         Mode::Fast,
-        LogitsAt::Last,
+        LogitsAt::Tail(tail),
     )?;
-    // log p(first option token | prompt), one row per item.
-    let first: Vec<Vec<f32>> =
-        candle_nn::ops::log_softmax(&last.squeeze(1)?, D::Minus1)?.to_vec2()?;
-    let rows: Vec<(usize, &Vec<u32>)> = items
+    // head_logp[i][j]: log-probabilities at the j-th of the last `tail` positions of item i.
+    let head_logp: Vec<Vec<Vec<f32>>> = candle_nn::ops::log_softmax(&head, D::Minus1)?.to_vec3()?;
+    // The options pass: per item, its options' own tokens (but each one's last) packed into one
+    // row, each option attending to the shared prompt and to its own earlier tokens only.
+    let packed: Vec<Packed> = items
         .iter()
-        .enumerate()
-        .flat_map(|(i, (_, opts))| opts.iter().map(move |o| (i, o)))
+        .zip(&shared)
+        .map(|((_, opts), &c)| Packed::new(opts, c))
         .collect();
-    // The options' tokens but their last feed the model; each predicts the next one.
-    let fed = rows.iter().map(|(_, o)| o.len() - 1).max().unwrap_or(0);
-    let rest: Vec<Vec<f32>> = if fed == 0 {
-        vec![vec![]; rows.len()]
+    let time = packed.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    let later: Vec<Vec<f32>> = if time == 0 {
+        vec![vec![]; items.len()]
     } else {
-        let index: Vec<u32> = rows.iter().map(|&(i, _)| i as u32).collect();
-        let mut option_cache = cache.select_rows(&index)?;
-        let row_pad: Vec<usize> = rows.iter().map(|&(i, _)| pad[i]).collect();
-        let ids: Vec<u32> = rows
+        let ids: Vec<u32> = packed
             .iter()
-            .flat_map(|(_, o)| {
-                let fed_here = &o[..o.len() - 1];
-                fed_here
+            .flat_map(|p| {
+                p.ids
                     .iter()
                     .copied()
-                    .chain(std::iter::repeat_n(filler, fed - fed_here.len()))
+                    .chain(std::iter::repeat_n(filler, time - p.ids.len()))
             })
             .collect();
-        let targets: Vec<u32> = rows
+        let targets: Vec<u32> = packed
             .iter()
-            .flat_map(|(_, o)| {
-                o[1..]
+            .flat_map(|p| {
+                p.targets
                     .iter()
                     .copied()
-                    .chain(std::iter::repeat_n(0, fed - (o.len() - 1)))
+                    .chain(std::iter::repeat_n(0, time - p.ids.len()))
             })
             .collect();
+        let batch = packed_batch(&packed, &pad, longest, time, device)?;
         let logits = tf.forward(
-            &Tensor::from_vec(ids, (rows.len(), fed), device)?,
-            &Batch::left_padded(&row_pad, longest, fed, device)?,
-            Some(&mut option_cache),
+            &Tensor::from_vec(ids, (items.len(), time), device)?,
+            &batch,
+            Some(&mut cache),
             Mode::Fast,
             LogitsAt::All,
         )?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let index = Tensor::from_vec(targets, (rows.len(), fed, 1), device)?;
+        let index = Tensor::from_vec(targets, (items.len(), time, 1), device)?;
         logp.gather(&index, 2)?.squeeze(2)?.to_vec2()?
     };
-    let mut out: Vec<Vec<OptionScore>> = items.iter().map(|_| Vec::new()).collect();
-    for ((i, option), later) in rows.into_iter().zip(rest) {
-        let head = f64::from(first[i][option[0] as usize]);
-        let tail: f64 = later[..option.len() - 1]
+    let mut out = Vec::with_capacity(items.len());
+    for (i, ((_, opts), &c)) in items.iter().zip(&shared).enumerate() {
+        // The last `c + 1` prompt-pass positions predict the shared tokens, then each option's first own.
+        let at = |k: usize| &head_logp[i][tail - 1 - c + k];
+        let prefix: f64 = (0..c).map(|k| f64::from(at(k)[opts[0][k] as usize])).sum();
+        let scores = opts
             .iter()
-            .map(|&l| f64::from(l))
-            .sum();
-        out[i].push(OptionScore {
-            sum: head + tail,
-            tokens: option.len(),
-        });
+            .zip(&packed[i].spans)
+            .map(|(o, span)| {
+                let own: f64 = later[i][span.clone()].iter().map(|&l| f64::from(l)).sum();
+                OptionScore {
+                    sum: prefix + f64::from(at(c)[o[c] as usize]) + own,
+                    tokens: o.len(),
+                }
+            })
+            .collect();
+        out.push(scores);
     }
     Ok(out)
 }
@@ -217,6 +305,14 @@ fn score_options_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_prefixes_leave_each_option_a_token() {
+        assert_eq!(shared_prefix(&[vec![1, 2, 3], vec![1, 2, 4]]), 2);
+        assert_eq!(shared_prefix(&[vec![1, 2], vec![1, 2, 4]]), 1);
+        assert_eq!(shared_prefix(&[vec![5], vec![5]]), 0);
+        assert_eq!(shared_prefix(&[vec![1, 2], vec![3, 2]]), 0);
+    }
 
     /// Sharing the prompt's computation must give what scoring each pair whole gives.
     #[test]
@@ -229,6 +325,12 @@ mod tests {
         let items = vec![
             (vec![1, 5, 9], vec![vec![3], vec![4, 7, 2], vec![8, 8]]),
             (vec![2, 6, 10, 11, 12], vec![vec![5, 1], vec![9]]),
+            // Options sharing their first tokens, one of them only those plus one.
+            (
+                vec![7],
+                vec![vec![4, 4, 9, 1], vec![4, 4, 2], vec![4, 4, 9, 3, 3]],
+            ),
+            (vec![3, 3], vec![vec![6, 2], vec![6, 2]]),
         ];
         let shared = score_options_in(&tf, 0, &items)?;
         for ((prompt, options), scores) in items.iter().zip(&shared) {

@@ -26,11 +26,13 @@ pub enum Mode {
     Differentiable,
 }
 
-/// Which positions to compute logits for: all (scoring) or only the last (generation).
+/// Which positions to compute logits for: all (scoring), only the last (generation), or the
+/// last n (scoring what follows a shared prefix).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitsAt {
     All,
     Last,
+    Tail(usize),
 }
 
 #[derive(Clone)]
@@ -131,31 +133,6 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// A cache whose row `i` is this cache's row `rows[i]`: a prompt computed once serves every
-    /// continuation that follows it.
-    pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
-        let Some(device) = self
-            .layers
-            .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.device().clone())
-        else {
-            return Ok(Self::default());
-        };
-        let index = Tensor::new(rows, &device)?;
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.as_ref()
-                    .map(|(k, v)| Ok((k.index_select(&index, 0)?, v.index_select(&index, 0)?)))
-                    .transpose()
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { layers })
     }
 }
 
@@ -520,6 +497,7 @@ impl Transformer {
         let x = match at {
             LogitsAt::All => x,
             LogitsAt::Last => x.i((.., t - 1..t, ..))?,
+            LogitsAt::Tail(n) => x.i((.., t - n.clamp(1, t)..t, ..))?,
         };
         self.final_norm(&x, mode)
     }

@@ -10,11 +10,10 @@
 
 use std::time::Instant;
 
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::Serialize;
 
+use super::adam::{AdamConfig, AdamState};
 use super::backprop::{Engine, Sequence};
 use super::expert::Expert;
 use crate::model::error::{ModelError, Result};
@@ -51,7 +50,8 @@ pub struct SvfTrainer {
     engine: Engine,
     parametrization: Parametrization,
     targets: Vec<TrainTarget>,
-    optimizer: AdamW,
+    optimizer: AdamState,
+    lr: f64,
     clip: f64,
 }
 
@@ -81,17 +81,16 @@ impl SvfTrainer {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let params = ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..ParamsAdamW::default()
-        };
-        let optimizer = AdamW::new(targets.iter().map(|t| t.z.clone()).collect(), params)?;
+        let lengths: Vec<usize> = targets
+            .iter()
+            .map(|t| t.z.as_tensor().elem_count())
+            .collect();
         Ok(Self {
             engine,
             parametrization: expert.meta.parametrization,
+            optimizer: AdamState::new(AdamConfig::default(), &lengths),
             targets,
-            optimizer,
+            lr,
             clip,
         })
     }
@@ -170,11 +169,20 @@ impl SvfTrainer {
         } else {
             1.0
         };
-        let mut store = GradStore::default();
-        for (t, g) in self.targets.iter().zip(z_grads) {
-            store.insert(t.z.as_tensor(), (g * factor)?);
+        let grads = z_grads
+            .iter()
+            .map(|g| (g * factor)?.to_vec1::<f32>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut params = self
+            .targets
+            .iter()
+            .map(|t| t.z.as_tensor().to_vec1::<f32>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.optimizer.update(self.lr, &mut params, &grads);
+        for (t, p) in self.targets.iter().zip(params) {
+            let n = p.len();
+            t.z.set(&Tensor::from_vec(p, n, &Device::Cpu)?)?;
         }
-        self.optimizer.step(&store)?;
         report.optimizer_s = clock.elapsed().as_secs_f64();
         Ok(report)
     }
