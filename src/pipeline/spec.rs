@@ -265,7 +265,8 @@ pub struct CodeReward {
     /// Record field naming the function `check` is called with (HumanEval); absent for MBPP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry_point: Option<String>,
-    /// Record field holding code run before the tests (MBPP's `test_setup_code`).
+    /// Record field holding code run after the solution and before the checks (MBPP's
+    /// `test_setup_code`, which may use what the solution defines).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup: Option<String>,
     /// Record field holding the prompt's code that the completion continues (HumanEval's

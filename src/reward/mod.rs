@@ -450,7 +450,9 @@ impl CodeFields {
             format!("\ncheck({entry})\n")
         };
         Ok(sandbox::Program {
-            source: format!("{}\n{solution}\n\n{checks}\n{call}", optional(&self.setup)?),
+            // MBPP's order: the solution, then the setup (which may use what it defines), then
+            // the checks.
+            source: format!("{solution}\n\n{}\n{checks}\n{call}", optional(&self.setup)?),
             solution: written,
         })
     }
