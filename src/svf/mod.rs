@@ -8,7 +8,7 @@
 //!
 //! Everything here is differentiable in z (primitive candle ops only).
 
-mod adam;
+pub mod adam;
 pub mod apply;
 mod backprop;
 pub mod expert;
