@@ -75,7 +75,7 @@ pub fn choice(text: &str, choices: &[String]) -> Option<usize> {
     static STATED: OnceLock<Regex> = OnceLock::new();
     let stated = cached(
         &STATED,
-        r"(?i:answer|option|choice)\s*(?i:is|:)?\s*(?i:option\s*)?[:\s]*[\(\[]?\s*([A-Z])\s*[\)\]]?(?:[\s.,:;!]|$)",
+        r#"(?i:answer|option|choice)\s*(?i:is|:)?\s*(?i:option\s*)?[:\s]*[\(\["'*]*\s*([A-Z])\s*[\)\]"'*]*(?:[\s.,:;!]|$)"#,
     );
     if let Some(i) = stated
         .captures_iter(text)
@@ -253,6 +253,9 @@ mod tests {
             ("cat", Some(1)),
             ("It is 14.", Some(2)),
             ("The answer is (E)", None),
+            ("The answer is \"B\".", Some(1)),
+            ("The answer is **C**", Some(2)),
+            ("The answer is (X).", None),
             ("I don't know", None),
             ("dog or cat", None),
             ("the answer is a cat", Some(1)),
