@@ -152,7 +152,9 @@ pub struct SplitSpec {
 
 /// A reward function: how a completion is judged against its record. Its answer extractor is
 /// the one evaluation uses, so a reward and an evaluation never disagree about what is correct.
-/// Each kind has its own options; every kind takes `values` and `tests`.
+/// Each kind has its own options; every kind takes `values` and `tests`. (Each variant repeats
+/// those two fields: serde cannot flatten a shared struct into a variant and still refuse
+/// unknown keys, and the schema's `additionalProperties: false` is what gives located errors.)
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RewardSpec {
