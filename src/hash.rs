@@ -34,6 +34,14 @@ fn hex(bytes: &[u8]) -> String {
 
 /// blake3 of a JSON value in canonical form (object keys sorted), so that key order in a file does
 /// not change a cache key.
+/// The name a unit enum variant is written with in files (per its serde attributes).
+pub fn serde_name(value: &impl serde::Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
 pub fn json_blake3(value: &Value) -> String {
     blake3::hash(canonical(value).as_bytes())
         .to_hex()

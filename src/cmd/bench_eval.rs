@@ -55,10 +55,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
             eval.spec.dataset
         )));
     }
-    let record: crate::model::stage::ModelRecord = serde_json::from_str(
-        &std::fs::read_to_string(model_dir.join(crate::model::stage::MODEL_FILE)).map_err(fail)?,
-    )
-    .map_err(fail)?;
+    let record = crate::model::stage::ModelRecord::read(&model_dir).map_err(fail)?;
     let env = Env::new(&pipeline, crate::assets::TsqHome::from_env());
     let stage = EvalStage {
         eval: eval.clone(),

@@ -270,9 +270,7 @@ impl Task<'_> {
                 reward: j.reward,
                 correct_norm: None,
                 detail: j.detail,
-                finish_reason: serde_json::to_value(generation.finish_reason)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from)),
+                finish_reason: Some(crate::hash::serde_name(&generation.finish_reason)),
                 prompt_tokens: prompt_ids.len(),
                 new_tokens: generation.token_ids.len(),
             });

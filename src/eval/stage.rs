@@ -92,10 +92,7 @@ impl StageRunner for EvalStage<'_> {
             task: format!("eval.{}", self.eval.name),
             dataset: spec.dataset.clone(),
             split: spec.split.as_str().into(),
-            mode: serde_json::to_value(spec.mode)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            mode: crate::hash::serde_name(&spec.mode),
             results,
             n_shot: spec.shots,
             n_samples: NSamples {
@@ -311,11 +308,7 @@ fn write_samples(path: &Path, samples: &[Sample]) -> Result<(), StageError> {
         col("gold", text(&|s| Some(s.gold.clone()))),
         col(
             "verdict",
-            text(&|s| {
-                serde_json::to_value(s.verdict)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-            }),
+            text(&|s| Some(crate::hash::serde_name(&s.verdict))),
         ),
         Column::new(
             "reward".into(),

@@ -26,7 +26,12 @@ pub struct ModelRecord {
 impl ModelRecord {
     /// The record of the finished `model` stage this stage depends on.
     pub fn from_upstream(ctx: &StageContext) -> Result<Self, StageError> {
-        let file = ctx.upstream_dir("model")?.join(MODEL_FILE);
+        Self::read(ctx.upstream_dir("model")?)
+    }
+
+    /// The record in a finished model stage's directory.
+    pub fn read(stage_dir: &Path) -> Result<Self, StageError> {
+        let file = stage_dir.join(MODEL_FILE);
         let text =
             std::fs::read_to_string(&file).map_err(|e| StageError::at("reading", &file, e))?;
         serde_json::from_str(&text).map_err(|e| StageError::at("reading", &file, e))

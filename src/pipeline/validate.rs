@@ -106,8 +106,8 @@ fn check_rewards(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
                         false,
                         format!(
                             "reward test failed: expected `{}`, got `{}` (extracted {}, gold `{}`)",
-                            verdict_name(test.expect),
-                            verdict_name(j.verdict),
+                            crate::hash::serde_name(&test.expect),
+                            crate::hash::serde_name(&j.verdict),
                             j.extracted
                                 .map(|e| format!("`{e}`"))
                                 .unwrap_or("nothing".into()),
@@ -127,13 +127,6 @@ fn check_rewards(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
             }
         }
     }
-}
-
-fn verdict_name(v: crate::reward::Verdict) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
 }
 
 /// Checks that `name` is one of `known`; `what` names the section for the message.
