@@ -207,3 +207,51 @@ fn a_killed_evaluation_resumes_from_its_checkpoint() {
         "a committed stage's checkpoints are removed"
     );
 }
+
+/// kill -9 after every item was evaluated but before the stage committed: the rerun takes all
+/// of them from the checkpoint and evaluates none again.
+#[test]
+fn an_evaluation_killed_before_commit_resumes_without_redoing_items() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = repo().join("pipelines/eval_base.yaml");
+    let set_run_dir = format!("run_dir={}", dir.path().join("runs").display());
+    let args = [
+        "run",
+        pipeline.to_str().unwrap(),
+        "--set",
+        &set_run_dir,
+        "--set",
+        "evaluate.6.limit=4",
+        "--only",
+        "model",
+        "--only",
+        "data.arithmetic",
+        "--only",
+        "eval.arithmetic",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tsq"))
+        .args(args)
+        .env("TSQ_HOME", shared_tsq_home())
+        .env("TSQ_TEST_STALL_BEFORE_COMMIT", "eval.arithmetic")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    for line in stderr.lines() {
+        if line
+            .unwrap()
+            .contains("stalling before commit of eval.arithmetic")
+        {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let stage = dir.path().join("runs/eval_base/eval.arithmetic");
+    assert!(!stage.exists(), "an unfinished stage must not appear");
+    ok(dir.path(), &args);
+    let results = json(&stage.join("results.json"));
+    assert_eq!(results["results"]["base"]["acc"]["n"], 4);
+    assert_eq!(results["results"]["base"]["items_timed"], 0);
+}
