@@ -227,7 +227,7 @@ impl Sandbox {
             // SAFETY: the closure makes only async-signal-safe system calls on data prepared
             // before the fork (no allocation, no locks).
             unsafe { cmd.pre_exec(move || prepared.apply()) };
-            match cmd.spawn() {
+            match tsq_linalg::fork_safely(|| cmd.spawn()) {
                 Ok(child) => break (child, setup),
                 Err(e) if attempts.is_empty() => return Err(format!("cannot start python3: {e}")),
                 Err(_) => continue,
@@ -424,7 +424,7 @@ fn kill_uid(uid: u32) {
             Ok(())
         })
     };
-    if let Ok(mut child) = cmd.spawn() {
+    if let Ok(mut child) = tsq_linalg::fork_safely(|| cmd.spawn()) {
         let _ = child.wait();
     }
 }
@@ -570,6 +570,46 @@ mod tests {
         );
         // tsq goes on: the next program runs normally.
         assert!(run("assert 1 + 1 == 2", 10.0).passed());
+    }
+
+    /// Starting programs while another thread multiplies matrices must not stall either side:
+    /// OpenBLAS's fork handler used to strand a running product (see `tsq_linalg::fork_safely`).
+    #[test]
+    fn programs_start_while_products_run_on_other_threads() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tsq_linalg::{Mat, MatMut, Threads, matmul};
+        let stop = Arc::new(AtomicBool::new(false));
+        let multiplying = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let n = 384;
+                let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+                let mut c = vec![0f32; n * n];
+                let mut products = 0;
+                while !stop.load(Ordering::Relaxed) || products < 20 {
+                    let (x, y) = (Mat::new(&a, n, n), Mat::new(&a, n, n));
+                    matmul(MatMut::new(&mut c, n, n), x, y, false, Threads::All);
+                    products += 1;
+                }
+                products
+            })
+        };
+        let (done, finished) = std::sync::mpsc::channel();
+        let starting = std::thread::spawn(move || {
+            let passed = (0..6).filter(|_| run("assert 2 + 2 == 4", 10.0).passed());
+            let _ = done.send(passed.count());
+        });
+        let passed = finished.recv_timeout(Duration::from_secs(120));
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(passed, Ok(6), "programs stalled beside running products");
+        starting.join().unwrap();
+        let (products_done, products) = std::sync::mpsc::channel();
+        std::thread::spawn(move || products_done.send(multiplying.join().unwrap()));
+        let products = products.recv_timeout(Duration::from_secs(60));
+        assert!(
+            products.is_ok(),
+            "a product stalled beside starting programs"
+        );
     }
 
     #[test]

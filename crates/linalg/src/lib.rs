@@ -10,6 +10,22 @@ mod matmul;
 
 pub use matmul::{Mat, MatMut, Threads, matmul};
 
+/// Runs `fork` (something that calls `fork(2)`, such as spawning a process with a `pre_exec`
+/// hook) while no OpenBLAS product runs.
+///
+/// OpenBLAS registers a fork handler that stops its thread pool; a product running on another
+/// thread at that moment then waits forever for workers that are gone. (CI's test run hung this
+/// way when the code sandbox started programs beside a model test.) Products hold the lock
+/// shared, forks exclusively; the pool restarts with the next product. Without OpenBLAS there
+/// is nothing to wait for.
+pub fn fork_safely<R>(fork: impl FnOnce() -> R) -> R {
+    #[cfg(feature = "openblas")]
+    let _no_products = blas::RUNNING
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    fork()
+}
+
 /// Which library runs the multi-threaded products in this build.
 pub const LARGE_PRODUCTS_BY: &str = if cfg!(feature = "openblas") {
     "OpenBLAS"
@@ -63,8 +79,12 @@ pub fn without_inner_parallelism<R>(work: impl FnOnce() -> R) -> R {
 #[cfg(feature = "openblas")]
 mod blas {
     use std::os::raw::c_int;
+    use std::sync::RwLock;
 
     use crate::matmul::{Mat, MatMut};
+
+    /// Held shared by every running product, exclusively by a fork (see [`crate::fork_safely`]).
+    pub(crate) static RUNNING: RwLock<()> = RwLock::new(());
 
     const ROW_MAJOR: c_int = 101;
     const NO_TRANS: c_int = 111;
@@ -105,6 +125,9 @@ mod blas {
         }
         let dim = |x: usize| c_int::try_from(x).expect("matrix dimension fits a C int");
         let trans = |transposed: bool| if transposed { TRANS } else { NO_TRANS };
+        let _running = RUNNING
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // SAFETY: `Mat::strided` / `MatMut::strided` checked that each slice holds its matrix
         // at its row stride, the caller checked that the shapes multiply, and C is
         // exclusively borrowed.
