@@ -3,7 +3,7 @@
 //! Module map (see README "Architecture"): `pipeline` (the file users write), `dag` (stages from a
 //! pipeline), `exec` (running stages with caching and resume), `assets` (model and data sources),
 //! `data` (dataset cards and the data stage), `model` (the engine), `svd`, `svf` (experts),
-//! `reward` (judging answers, the code sandbox), `eval` (evaluation), `stages` (stage kinds),
+//! `reward` (judging answers, the code sandbox), `rl` (training experts), `eval` (evaluation), `stages` (stage kinds),
 //! `cmd`/`cli` (commands).
 
 pub mod assets;
@@ -19,6 +19,7 @@ pub mod hash;
 pub mod model;
 pub mod pipeline;
 pub mod reward;
+pub mod rl;
 pub mod stages;
 pub mod svd;
 pub mod svf;

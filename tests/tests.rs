@@ -6,4 +6,5 @@ mod model;
 mod real_data;
 mod run;
 mod svf;
+mod train;
 mod validate;

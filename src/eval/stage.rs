@@ -65,14 +65,28 @@ impl StageRunner for EvalStage<'_> {
         let task = self.task(&train, reward.as_ref());
         let mut results = BTreeMap::new();
         let mut all_samples = Vec::new();
+        let mut expert_hashes = BTreeMap::new();
         for with in &spec.with {
-            if with != "base" {
-                return Err(StageError::failed(
-                    format!("evaluating `{with}`"),
-                    "experts are evaluated once their `train` stage can run (not in this version)",
-                ));
-            }
-            let model = self.shared.model(&model_record.path)?;
+            let base = self.shared.model(&model_record.path)?;
+            let model = match with.as_str() {
+                "base" => base,
+                "adaptive" => {
+                    return Err(StageError::failed(
+                        "evaluating `adaptive`",
+                        "adaptation is not available in this version",
+                    ));
+                }
+                expert => {
+                    let file = ctx
+                        .upstream_dir(&format!("train.{expert}"))?
+                        .join(crate::rl::stage::EXPERT_FILE);
+                    expert_hashes.insert(format!("expert.{expert}"), file_input(&file)?);
+                    let mut model = (*base).clone();
+                    crate::svf::compose_expert_file(&mut model, &file, &self.shared.home)
+                        .map_err(|e| StageError::at("applying the expert", &file, e))?;
+                    std::rc::Rc::new(model)
+                }
+            };
             let (samples, timing) = self.evaluate_with(ctx, &task, &model, with, &items)?;
             let refs: Vec<&Sample> = samples.iter().collect();
             results.insert(
@@ -88,6 +102,7 @@ impl StageRunner for EvalStage<'_> {
         if let Some(hash) = &model_record.blake3 {
             inputs.insert("model".into(), hash.clone());
         }
+        inputs.extend(expert_hashes);
         let out = Results {
             task: format!("eval.{}", self.eval.name),
             dataset: spec.dataset.clone(),

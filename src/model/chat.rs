@@ -28,6 +28,7 @@ impl Message {
     }
 }
 
+#[derive(Clone)]
 pub struct ChatTemplate {
     source: String,
     bos_token: String,

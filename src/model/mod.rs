@@ -59,7 +59,9 @@ pub fn read_config(path: &Path) -> Result<config::ModelConfig> {
     Ok(config)
 }
 
-/// A loaded model: transformer, tokenizer and chat template.
+/// A loaded model: transformer, tokenizer and chat template. Cheap to clone (the weights are
+/// shared), so an expert can be composed into a copy.
+#[derive(Clone)]
 pub struct Model {
     pub path: PathBuf,
     pub transformer: Transformer,

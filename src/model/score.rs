@@ -53,7 +53,7 @@ pub fn score_ids(model: &Model, pairs: Vec<(Vec<u32>, Vec<u32>)>) -> Result<Vec<
 }
 
 /// The token that pads batches (never attended to).
-fn filler(model: &Model) -> u32 {
+pub(crate) fn filler(model: &Model) -> u32 {
     model.tokenizer.eos_ids.first().copied().unwrap_or(0)
 }
 
@@ -201,7 +201,7 @@ fn packed_batch(
     })
 }
 
-fn score_options_in(
+pub(crate) fn score_options_in(
     tf: &Transformer,
     filler: u32,
     items: &[(Vec<u32>, Vec<Vec<u32>>)],

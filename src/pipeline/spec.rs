@@ -417,27 +417,77 @@ pub struct ExpertSpec {
     pub train: TrainSpec,
 }
 
-/// REINFORCE hyper-parameters (defaults follow the paper where it is right).
+/// How an expert is trained: REINFORCE on task rewards (the paper) or supervised next-token
+/// loss on the dataset's targets (its ablation). Defaults follow the paper where it is right.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSpec {
+    /// Optimisation steps.
     #[schemars(range(min = 1))]
     pub steps: u32,
-    #[schemars(range(min = 1))]
+    /// Train-split prompts per step, drawn in a seeded order without replacement.
+    #[schemars(range(min = 1, max = 1024))]
     pub prompts_per_step: u32,
-    #[schemars(range(min = 1))]
+    /// `rl`: REINFORCE from the reward; `sft`: next-token loss on the rendered target.
+    pub objective: Objective,
+    /// Where rollouts come from: free generation, or the options of a multiple-choice record.
+    pub rollout: Rollout,
+    /// `generate` (and sampled `options`): samples per prompt, the group advantages compare.
+    #[schemars(range(min = 1, max = 64))]
     pub samples_per_prompt: u32,
+    /// `generate`: sampling temperature.
     #[schemars(range(min = 0.0, max = 5.0))]
     pub temperature: f64,
-    #[schemars(range(min = 1))]
+    /// `generate`: nucleus sampling (1 keeps every token).
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub top_p: f64,
+    /// `generate`: the most tokens of one completion.
+    #[schemars(range(min = 1, max = 4096))]
     pub max_new_tokens: u32,
+    /// `generate`: a completion stops at any of these strings.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    /// `options`: score each option's text or its letter.
+    pub options: OptionForm,
+    /// `options`: take the exact expected reward over the options (no sampling variance) or
+    /// sample `samples_per_prompt` options from the model's distribution over them.
+    pub option_policy: OptionPolicy,
+    /// Render prompts with the model's chat template (default: on for `generate`, off for
+    /// `options`, as evaluation does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat: Option<bool>,
+    /// What a sample's reward is compared with.
+    pub baseline: Baseline,
+    /// What advantages are divided by.
+    pub scale: AdvantageScale,
+    /// How the summed token losses are normalised.
+    pub loss_norm: LossNorm,
+    /// Leave out groups whose samples all got the same reward (they carry no signal once a
+    /// baseline is subtracted).
+    pub skip_uniform_groups: bool,
+    /// Adam's learning rate on z.
     #[schemars(range(min = 0.0, max = 1.0))]
     pub lr: f64,
+    pub schedule: Schedule,
+    /// Steps of linear warm-up before the schedule.
+    pub warmup_steps: u32,
+    /// Gradient-norm limit (0: no clipping).
     #[schemars(range(min = 0.0))]
     pub clip: f64,
+    /// Coefficient of the KL divergence from the base model, KL(policy ‖ base).
     #[schemars(range(min = 0.0))]
     pub kl: f64,
     pub parametrization: Parametrization,
+    /// Validate on the val split every this many steps (0: only after the last step).
+    pub validate_every: u32,
+    /// Validate on at most this many val items.
+    #[schemars(range(min = 1))]
+    pub validate_limit: u32,
+    /// Save a resumable checkpoint every this many steps.
+    #[schemars(range(min = 1))]
+    pub checkpoint_every: u32,
+    /// Which vector the stage's expert is: the best on validation or the last.
+    pub keep: Keep,
 }
 
 impl Default for TrainSpec {
@@ -445,15 +495,124 @@ impl Default for TrainSpec {
         Self {
             steps: 100,
             prompts_per_step: 16,
+            objective: Objective::Rl,
+            rollout: Rollout::Generate,
             samples_per_prompt: 4,
             temperature: 0.7,
+            top_p: 1.0,
             max_new_tokens: 256,
+            stop: Vec::new(),
+            options: OptionForm::Text,
+            option_policy: OptionPolicy::Expectation,
+            chat: None,
+            baseline: Baseline::Rloo,
+            scale: AdvantageScale::None,
+            loss_norm: LossNorm::Sequence,
+            skip_uniform_groups: true,
             lr: 2e-3,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
             clip: 1e-3,
             kl: 0.0,
             parametrization: Parametrization::Sigmoid,
+            validate_every: 10,
+            validate_limit: 200,
+            checkpoint_every: 5,
+            keep: Keep::Best,
         }
     }
+}
+
+impl TrainSpec {
+    /// Whether prompts are rendered with the chat template.
+    pub fn chat(&self) -> bool {
+        self.chat.unwrap_or(self.rollout == Rollout::Generate)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// REINFORCE: maximise the expected reward.
+    #[default]
+    Rl,
+    /// Minimise the next-token loss of the dataset's rendered target.
+    Sft,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Rollout {
+    /// Free generation, judged by the reward (math, code, open answers).
+    #[default]
+    Generate,
+    /// The record's options: the policy is the model's probability of each option after the
+    /// prompt, renormalised over the options (multiple choice only).
+    Options,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OptionPolicy {
+    /// E[r] = Σ_k p_k r_k, differentiated exactly.
+    #[default]
+    Expectation,
+    /// `samples_per_prompt` options drawn from p.
+    Sample,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    /// The raw reward (the paper's).
+    None,
+    /// The mean reward of the prompt's samples (GRPO).
+    Mean,
+    /// The mean reward of the prompt's other samples (RLOO).
+    #[default]
+    Rloo,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvantageScale {
+    #[default]
+    None,
+    /// The standard deviation of the prompt's rewards (GRPO).
+    GroupStd,
+    /// The standard deviation of the step's rewards.
+    BatchStd,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LossNorm {
+    /// Each sequence's token losses summed, averaged over sequences (the paper's).
+    #[default]
+    Sequence,
+    /// Divided by the step's number of completion tokens (DAPO).
+    Token,
+    /// Divided by sequences × `max_new_tokens` (Dr. GRPO).
+    Constant,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    #[default]
+    Constant,
+    /// Cosine decay to 0 over the steps after warm-up.
+    Cosine,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    /// The vector with the best validation accuracy.
+    #[default]
+    Best,
+    /// The vector after the last step.
+    Last,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 
 use regex::Regex;
 
-use super::spec::{EvalMode, Layers, PipelineSpec, RewardSpec, Strategy};
+use super::spec::{
+    EvalMode, ExpertSpec, Layers, Objective, PipelineSpec, RewardSpec, Rollout, Strategy,
+};
 use super::{Pipeline, ResolvedDataset, ResolvedEval};
 use crate::assets::AssetSource;
 use crate::dag::{Graph, Stage, StageId};
@@ -129,6 +131,47 @@ fn check_rewards(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
     }
 }
 
+/// What training an expert needs beyond its references: decomposed matrices, a reward that can
+/// judge its rollouts, and options only where the reward has them.
+fn check_training(p: &Pipeline, name: &str, ex: &ExpertSpec, errors: &mut Vec<Diagnostic>) {
+    let ptr = format!("/experts/{name}");
+    if p.spec.svd.is_none() {
+        errors.push(
+            p.doc
+                .diagnostic(&ptr, true, "training an expert needs the `svd` section")
+                .with_help(
+                    "add `svd: {targets: ['mlp\\.(gate|up|down)_proj']}` (the paper's targets)",
+                ),
+        );
+    }
+    let t = &ex.train;
+    let multiple_choice = matches!(
+        p.spec.rewards.get(&ex.reward),
+        Some(RewardSpec::MultipleChoice(_))
+    );
+    if t.objective == Objective::Rl && t.rollout == Rollout::Options && !multiple_choice {
+        errors.push(p.doc.diagnostic(
+            &format!("{ptr}/train/rollout"),
+            false,
+            format!(
+                "`rollout: options` needs a `multiple_choice` reward, and `{}` is not one",
+                ex.reward
+            ),
+        ));
+    }
+    if t.objective == Objective::Rl && t.rollout == Rollout::Generate && t.kl > 0.0 {
+        errors.push(
+            p.doc
+                .diagnostic(
+                    &format!("{ptr}/train/kl"),
+                    false,
+                    "`kl` with `rollout: generate` is not available in this version",
+                )
+                .with_help("use `rollout: options` (exact KL over the options) or `kl: 0`"),
+        );
+    }
+}
+
 /// Checks that `name` is one of `known`; `what` names the section for the message.
 fn reference(
     p: &Pipeline,
@@ -161,6 +204,7 @@ fn check_references(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
     let rewards: BTreeSet<&str> = spec.rewards.keys().map(String::as_str).collect();
     let experts: BTreeSet<&str> = spec.experts.keys().map(String::as_str).collect();
     for (name, ex) in &spec.experts {
+        check_training(p, name, ex, errors);
         reference(
             p,
             &format!("/experts/{name}/dataset"),

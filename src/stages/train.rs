@@ -1,5 +1,4 @@
-//! The `train` kind: one `train.<expert>` stage per expert. Declared (so pipelines can be
-//! written ahead and planned) but not runnable in this version.
+//! The `train` kind: one `train.<expert>` stage per expert ([`crate::rl::stage`]).
 
 use serde_json::json;
 
@@ -7,6 +6,7 @@ use super::{Declared, Env, Kind, rewards_config, to_json};
 use crate::dag::Stage;
 use crate::exec::StageRunner;
 use crate::pipeline::Pipeline;
+use crate::rl::stage::TrainStage;
 
 pub struct TrainKind;
 
@@ -15,8 +15,9 @@ impl Kind for TrainKind {
         "train"
     }
 
+    /// 2: the first version that trains.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn declare(&self, p: &Pipeline) -> Vec<Declared> {
@@ -40,7 +41,16 @@ impl Kind for TrainKind {
             .collect()
     }
 
-    fn runner<'a>(&self, _: &'a Env<'a>, _: &Stage) -> Option<Box<dyn StageRunner + 'a>> {
-        None
+    fn runner<'a>(&self, env: &'a Env<'a>, stage: &Stage) -> Option<Box<dyn StageRunner + 'a>> {
+        let name = stage.subject.as_deref()?;
+        let spec = &env.pipeline.spec;
+        Some(Box::new(TrainStage {
+            name: name.to_string(),
+            expert: spec.experts.get(name)?.clone(),
+            rewards: spec.rewards.clone(),
+            seed: spec.seed,
+            version: format!("{}/{}", self.name(), self.version()),
+            shared: &env.shared,
+        }))
     }
 }

@@ -189,6 +189,11 @@ impl SvfTrainer {
         Ok(())
     }
 
+    /// The learning rate of the next steps (schedules set it before each step).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
     pub fn target_names(&self) -> impl Iterator<Item = &str> {
         self.targets.iter().map(|t| t.name.as_str())
     }

@@ -1,0 +1,169 @@
+//! Training experts on the real model: the quickstart's `train.reasoning` stage runs two steps
+//! with every metric finite and its expert is evaluated beside the base model; a training run
+//! killed with SIGKILL resumes from its checkpoint and ends with the same vectors, bit for bit,
+//! as an uninterrupted run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::common::{repo, shared_tsq_home, text};
+
+/// A small quickstart run: `steps` steps of 2 prompts, 4 validation items, 8 test items.
+fn args(run_dir: &Path, steps: u32, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        repo().join("pipelines/quickstart.yaml").to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    for set in [
+        format!("run_dir={}", run_dir.display()),
+        format!("experts.reasoning.train.steps={steps}"),
+        "experts.reasoning.train.prompts_per_step=2".into(),
+        "experts.reasoning.train.validate_limit=4".into(),
+        "experts.reasoning.train.checkpoint_every=1".into(),
+        "evaluate.0.limit=8".into(),
+    ] {
+        args.extend(["--set".into(), set]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn tsq(args: &[String]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tsq"));
+    cmd.args(args).env("TSQ_HOME", shared_tsq_home());
+    cmd
+}
+
+fn run_ok(args: &[String]) -> String {
+    let out = tsq(args).output().unwrap();
+    assert!(out.status.success(), "tsq {args:?}:\n{}", text(&out));
+    text(&out)
+}
+
+fn stage(run_dir: &Path, id: &str) -> PathBuf {
+    run_dir.join("quickstart").join(id)
+}
+
+/// The trained vectors of an expert file, by target.
+fn vectors(file: &Path) -> Vec<(String, Vec<f32>)> {
+    let expert = tsq::svf::expert::Expert::load(file).unwrap();
+    expert
+        .vectors
+        .iter()
+        .map(|(name, (z, _))| (name.clone(), z.to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn real_model_trains_with_finite_metrics_and_its_expert_is_evaluated() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(&args(dir.path(), 2, &[]));
+    let train = stage(dir.path(), "train.reasoning");
+    let lines: Vec<Value> = std::fs::read_to_string(train.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in &lines {
+        for key in [
+            "/loss",
+            "/grad_norm",
+            "/lr",
+            "/rollout/reward",
+            "/rollout/entropy",
+            "/rollout/completion_length",
+            "/time_train_s",
+            "/tokens_per_s",
+        ] {
+            let v = line.pointer(key).and_then(Value::as_f64);
+            assert!(v.is_some_and(f64::is_finite), "{key} in {line}");
+        }
+    }
+    assert!(lines[1]["val_accuracy"].as_f64().is_some(), "{}", lines[1]);
+    // One validation (after the last step): the kept expert is the last vector.
+    let training: Value =
+        serde_json::from_str(&std::fs::read_to_string(train.join("training.json")).unwrap())
+            .unwrap();
+    assert_eq!(training["kept_step"], 2, "{training}");
+    assert_eq!(
+        vectors(&train.join("expert.safetensors")),
+        vectors(&train.join("last.safetensors"))
+    );
+    let results: Value = serde_json::from_str(
+        &std::fs::read_to_string(stage(dir.path(), "eval.logic").join("results.json")).unwrap(),
+    )
+    .unwrap();
+    for with in ["base", "reasoning"] {
+        assert_eq!(results["results"][with]["acc"]["n"], 8, "{results}");
+    }
+    assert!(
+        results["inputs"]["expert.reasoning"].is_string(),
+        "{results}"
+    );
+    assert!(out.contains("| reasoning | acc |"), "{out}");
+}
+
+#[test]
+fn a_killed_training_resumes_and_ends_as_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (straight, killed) = (dir.path().join("straight"), dir.path().join("killed"));
+    let only = ["--only", "train.reasoning"];
+    run_ok(&args(&straight, 4, &[]));
+    // The killed run: upstream stages first, then training until its second checkpoint.
+    run_ok(&args(
+        &killed,
+        4,
+        &[
+            "--only",
+            "model",
+            "--only",
+            "data.logic",
+            "--only",
+            "decompose",
+        ],
+    ));
+    let mut child = tsq(&args(&killed, 4, &only))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = killed.join("quickstart/.checkpoints/train.reasoning");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let step = std::fs::read_dir(&checkpoints)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("state.json")).ok())
+            .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
+            .filter_map(|v| v["step"].as_u64())
+            .max();
+        if step.is_some_and(|s| s >= 2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!stage(&killed, "train.reasoning").exists());
+    let out = run_ok(&args(&killed, 4, &only));
+    assert!(
+        out.contains("resuming `train.reasoning` after step"),
+        "{out}"
+    );
+    for file in ["last.safetensors", "expert.safetensors"] {
+        assert!(
+            vectors(&stage(&straight, "train.reasoning").join(file))
+                == vectors(&stage(&killed, "train.reasoning").join(file)),
+            "{file} differs after resuming"
+        );
+    }
+}
