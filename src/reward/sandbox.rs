@@ -644,7 +644,9 @@ mod tests {
         assert!(!outside.exists(), "a file escaped the sandbox's /tmp");
 
         let daemon = run(
-            "import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    print(os.getpid(), flush=True)\n    time.sleep(60)\nelse:\n    time.sleep(0.3)\n    sys.exit(1)",
+            // The parent exits once the child has printed its pid (a pipe, not a sleep: under
+            // load 0.3 s was not always enough).
+            "import os, sys, time\nr, w = os.pipe()\nif os.fork() == 0:\n    os.setsid()\n    print(os.getpid(), flush=True)\n    os.write(w, b'x')\n    time.sleep(60)\nelse:\n    os.read(r, 1)\n    sys.exit(1)",
             10.0,
         );
         assert!(!daemon.passed());
