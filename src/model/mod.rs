@@ -59,13 +59,14 @@ pub fn read_config(path: &Path) -> Result<config::ModelConfig> {
     Ok(config)
 }
 
-/// A loaded model: transformer, tokenizer and chat template. Cheap to clone (the weights are
-/// shared), so an expert can be composed into a copy.
+/// A loaded model: transformer, tokenizer and chat template. Cheap to clone (weights and
+/// tokenizer are shared), so an expert can be composed into a copy.
 #[derive(Clone)]
 pub struct Model {
     pub path: PathBuf,
     pub transformer: Transformer,
-    pub tokenizer: Tokenizer,
+    /// Shared: a model with an expert composed in is a clone of its base.
+    pub tokenizer: std::sync::Arc<Tokenizer>,
     pub chat: Option<ChatTemplate>,
 }
 
@@ -106,7 +107,7 @@ impl Model {
         Ok(Self {
             path: path.to_path_buf(),
             transformer,
-            tokenizer,
+            tokenizer: std::sync::Arc::new(tokenizer),
             chat,
         })
     }
@@ -145,7 +146,7 @@ impl Model {
         Ok(Self {
             path: dir.to_path_buf(),
             transformer,
-            tokenizer,
+            tokenizer: std::sync::Arc::new(tokenizer),
             chat,
         })
     }

@@ -15,7 +15,6 @@ use super::error::{ModelError, Result};
 use super::gguf::meta_str;
 
 /// A tokenizer plus the ids that generation needs.
-#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_id: Option<u32>,

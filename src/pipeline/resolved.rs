@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crate::data::card::LoadedCard;
-use crate::pipeline::spec::{DatasetSpec, EvalMode, EvaluateSpec};
+use crate::pipeline::spec::{DatasetSpec, EvaluateSpec};
 
 /// A dataset with its card loaded and its template paths and split seed resolved.
 #[derive(Clone, Debug)]
@@ -36,7 +36,7 @@ impl ResolvedEval {
         Self {
             name: spec.name.clone().unwrap_or_else(|| spec.dataset.clone()),
             index,
-            chat: spec.chat.unwrap_or(spec.mode == EvalMode::Generate),
+            chat: spec.chat.unwrap_or(spec.mode.chats_by_default()),
             spec: spec.clone(),
             seed,
         }

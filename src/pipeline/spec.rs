@@ -526,7 +526,8 @@ impl Default for TrainSpec {
 impl TrainSpec {
     /// Whether prompts are rendered with the chat template.
     pub fn chat(&self) -> bool {
-        self.chat.unwrap_or(self.rollout == Rollout::Generate)
+        self.chat
+            .unwrap_or(self.rollout.eval_mode().chats_by_default())
     }
 }
 
@@ -549,6 +550,16 @@ pub enum Rollout {
     /// The record's options: the policy is the model's probability of each option after the
     /// prompt, renormalised over the options (multiple choice only).
     Options,
+}
+
+impl Rollout {
+    /// The evaluation mode that judges rollouts of this kind (validation uses it).
+    pub fn eval_mode(self) -> EvalMode {
+        match self {
+            Self::Generate => EvalMode::Generate,
+            Self::Options => EvalMode::Loglik,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -738,6 +749,14 @@ pub enum EvalMode {
     Generate,
     /// Rank the options of a multiple-choice item by log-likelihood (`acc` and `acc_norm`).
     Loglik,
+}
+
+impl EvalMode {
+    /// Whether prompts use the chat template unless told: instruct models answer in their
+    /// template, while options are ranked as continuations of plain text (as lm-eval does).
+    pub fn chats_by_default(self) -> bool {
+        self == Self::Generate
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

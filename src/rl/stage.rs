@@ -29,7 +29,7 @@ use crate::model::Model;
 use crate::model::stage::ModelRecord;
 use crate::pipeline::ResolvedEval;
 use crate::pipeline::spec::{
-    EvalMode, EvaluateSpec, ExpertSpec, Keep, Objective, RewardSpec, Rollout, Schedule, SplitName,
+    EvaluateSpec, ExpertSpec, Keep, Objective, RewardSpec, Rollout, Schedule, SplitName,
 };
 use crate::reward::{Reward, Verdict};
 use crate::stages::Shared;
@@ -112,12 +112,8 @@ impl StageRunner for TrainStage<'_> {
         let base = BaseModel::of_file(&record.path).map_err(failed_to("identifying the model"))?;
         let factors = self.factors(ctx, &model, &base)?;
         let records = read_stored(ctx.upstream_dir(&format!("data.{}", self.expert.dataset))?)?;
-        let split = |name: &str| -> Vec<StoredRecord> {
-            records
-                .iter()
-                .filter(|r| r.split == name)
-                .cloned()
-                .collect()
+        let split = |name: &str| -> Vec<&StoredRecord> {
+            records.iter().filter(|r| r.split == name).collect()
         };
         let (train, val) = (split("train"), split("val"));
         if train.is_empty() {
@@ -148,53 +144,48 @@ impl StageRunner for TrainStage<'_> {
         let mut progress = ctx.progress(spec.steps as u64, "steps");
         progress.advance(state.step as u64, String::new());
         let order = PromptOrder::new(train.len(), spec.prompts_per_step as usize, self.seed);
+        let mut z = trainer.z().map_err(failed_to("reading z"))?;
+        // The model with the current z, when a validation already composed it.
+        let mut composed: Option<Model> = None;
         while state.step < spec.steps {
             let step = state.step;
-            trainer.set_lr(learning_rate(spec, step));
-            let expert = expert_of(
-                &initial,
-                &trainer.state().map_err(failed_to("reading z"))?.z,
-            )?;
-            let policy = compose(&model, &factors, &expert)?;
-            let items: Vec<&StoredRecord> = order.step(step).iter().map(|&i| &train[i]).collect();
+            let lr = learning_rate(spec, step);
+            trainer.set_lr(lr);
+            let policy = match composed.take() {
+                Some(policy) => policy,
+                None => compose(&model, &factors, &expert_of(&initial, &z)?)?,
+            };
+            let items: Vec<&StoredRecord> = order.step(step).iter().map(|&i| train[i]).collect();
             let clock = Instant::now();
             let made = self.batch(&rollouts, &policy, &items, step)?;
             let rollout_s = clock.elapsed().as_secs_f64();
-            let line = self.train_step(&mut trainer, &made, step, rollout_s)?;
+            let mut line = self.train_step(&mut trainer, &made, step, lr, rollout_s, &mut z)?;
             state.step += 1;
             let validate_now = (spec.validate_every > 0 && state.step % spec.validate_every == 0)
                 || state.step == spec.steps;
-            let mut line = line;
             if validate_now && !val.is_empty() {
-                let after = expert_of(
-                    &initial,
-                    &trainer.state().map_err(failed_to("reading z"))?.z,
-                )?;
-                let v =
-                    self.validate(&task, &compose(&model, &factors, &after)?, &val, state.step)?;
+                let policy = compose(&model, &factors, &expert_of(&initial, &z)?)?;
+                let v = self.validate(&task, &policy, &val, state.step)?;
+                composed = Some(policy);
                 line["val_accuracy"] = json!(v.accuracy);
                 if state
                     .best
                     .as_ref()
                     .is_none_or(|(b, _)| v.accuracy > b.accuracy)
                 {
-                    state.best = Some((
-                        v.clone(),
-                        trainer.state().map_err(failed_to("reading z"))?.z,
-                    ));
+                    state.best = Some((v.clone(), z.clone()));
                 }
                 state.validations.push(v);
             }
             ctx.metrics.log(line.clone());
-            state.metrics.push(line.clone());
             progress.advance(1, step_message(&line));
-            if state.step % spec.checkpoint_every == 0 || state.step == spec.steps {
+            state.metrics.push(line);
+            let interrupted = ctx.interrupt.requested();
+            if interrupted || state.step % spec.checkpoint_every == 0 || state.step == spec.steps {
                 state.trainer = trainer.state().map_err(failed_to("reading z"))?;
                 save_checkpoint(&ctx.checkpoint_dir, &state)?;
             }
-            if ctx.interrupt.requested() {
-                state.trainer = trainer.state().map_err(failed_to("reading z"))?;
-                save_checkpoint(&ctx.checkpoint_dir, &state)?;
+            if interrupted {
                 return Err(StageError::Interrupted);
             }
         }
@@ -307,18 +298,21 @@ impl TrainStage<'_> {
         }
     }
 
-    /// One optimiser step on `made`; the step's metrics line.
+    /// One optimiser step on `made` at learning rate `lr`, leaving the new vectors in `z`; the
+    /// step's metrics line.
     fn train_step(
         &self,
         trainer: &mut SvfTrainer,
         made: &StepBatch,
         step: u32,
+        lr: f64,
         rollout_s: f64,
+        z: &mut Vectors,
     ) -> Result<Value, StageError> {
         let clock = Instant::now();
         let mut line = json!({
             "step": step + 1,
-            "lr": learning_rate(&self.expert.train, step),
+            "lr": lr,
             "rollout": made.stats,
             "time_rollout_s": rollout_s,
         });
@@ -330,12 +324,8 @@ impl TrainStage<'_> {
         let report = trainer
             .step(&made.batch)
             .map_err(failed_to("taking a training step"))?;
-        let z_finite = trainer
-            .state()
-            .map_err(failed_to("reading z"))?
-            .z
-            .iter()
-            .all(|(_, z)| z.iter().all(|v| v.is_finite()));
+        *z = trainer.z().map_err(failed_to("reading z"))?;
+        let z_finite = z.iter().all(|(_, z)| z.iter().all(|v| v.is_finite()));
         if !report.loss.is_finite() || !report.grad_norm.is_finite() || !z_finite {
             return Err(StageError::failed(
                 format!("training step {}", step + 1),
@@ -366,10 +356,7 @@ impl TrainStage<'_> {
             split: SplitName::Val,
             with: vec![self.name.clone()],
             reward: Some(self.expert.reward.clone()),
-            mode: match t.rollout {
-                Rollout::Options => EvalMode::Loglik,
-                Rollout::Generate => EvalMode::Generate,
-            },
+            mode: t.rollout.eval_mode(),
             chat: Some(t.chat()),
             shots: 0,
             limit: Some(t.validate_limit),
@@ -391,11 +378,11 @@ impl TrainStage<'_> {
         &self,
         task: &Task,
         policy: &Model,
-        val: &[StoredRecord],
+        val: &[&StoredRecord],
         step: u32,
     ) -> Result<Validation, StageError> {
         let limit = self.expert.train.validate_limit as usize;
-        let mut items: Vec<&StoredRecord> = val.iter().take(limit).collect();
+        let mut items: Vec<&StoredRecord> = val.iter().take(limit).copied().collect();
         task.sort_for_batching(&mut items);
         let mut correct = 0;
         run_batches(task, policy, &self.name, &items, 8, &mut |samples, _| {
@@ -420,7 +407,7 @@ impl TrainStage<'_> {
         state: &Checkpoint,
         started: Instant,
     ) -> Result<Value, StageError> {
-        let last_z = trainer.state().map_err(failed_to("reading z"))?.z;
+        let last_z = trainer.z().map_err(failed_to("reading z"))?;
         let (kept_step, kept_z) = match (&self.expert.train.keep, &state.best) {
             (Keep::Best, Some((v, z))) => (v.step, z.clone()),
             _ => (state.step, last_z.clone()),
@@ -481,8 +468,16 @@ impl PromptOrder {
 
     fn step(&self, step: u32) -> Vec<usize> {
         let first = step as usize * self.per_step;
+        // A step spans at most a few epochs: shuffle each once.
+        let mut epoch: Option<(usize, Vec<usize>)> = None;
         (first..first + self.per_step)
-            .map(|at| self.epoch(at / self.len)[at % self.len])
+            .map(|at| {
+                let number = at / self.len;
+                if epoch.as_ref().is_none_or(|(n, _)| *n != number) {
+                    epoch = Some((number, self.epoch(number)));
+                }
+                epoch.as_ref().map_or(0, |(_, order)| order[at % self.len])
+            })
             .collect()
     }
 }
@@ -518,11 +513,7 @@ fn expert_of(template: &Expert, z: &[(String, Vec<f32>)]) -> Result<Expert, Stag
 }
 
 /// A copy of `model` with `expert` composed into its weights.
-pub fn compose(
-    model: &Model,
-    factors: &[Decomposed],
-    expert: &Expert,
-) -> Result<Model, StageError> {
+fn compose(model: &Model, factors: &[Decomposed], expert: &Expert) -> Result<Model, StageError> {
     let mut policy = model.clone();
     let scales = expert
         .effective_scales()

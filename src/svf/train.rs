@@ -153,15 +153,18 @@ impl SvfTrainer {
         Ok((found.loss, z_grads, report))
     }
 
-    /// Everything a resumed run needs to continue exactly: each z and the optimiser's state.
-    pub fn state(&self) -> Result<TrainerState> {
-        let z = self
-            .targets
+    /// Each target's z, in target order.
+    pub fn z(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        self.targets
             .iter()
             .map(|t| Ok((t.name.clone(), t.z.as_tensor().to_vec1::<f32>()?)))
-            .collect::<Result<Vec<_>>>()?;
+            .collect()
+    }
+
+    /// Everything a resumed run needs to continue exactly: each z and the optimiser's state.
+    pub fn state(&self) -> Result<TrainerState> {
         Ok(TrainerState {
-            z,
+            z: self.z()?,
             adam: self.optimizer.clone(),
         })
     }
