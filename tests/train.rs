@@ -167,3 +167,62 @@ fn a_killed_training_resumes_and_ends_as_an_uninterrupted_one() {
         );
     }
 }
+
+/// Generated rollouts (sampled answers judged by the reward) and the supervised ablation each
+/// train a step on the real model with finite metrics.
+#[test]
+fn generated_and_supervised_rollouts_train_on_the_real_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str]); 2] = [
+        (
+            "generate",
+            &[
+                "experts.reasoning.train.rollout=generate",
+                "experts.reasoning.train.samples_per_prompt=2",
+                "experts.reasoning.train.max_new_tokens=8",
+                "experts.reasoning.train.skip_uniform_groups=false",
+            ],
+        ),
+        (
+            "sft",
+            &[
+                "experts.reasoning.train.objective=sft",
+                "datasets.logic.target=../templates/targets/choice_text.jinja",
+            ],
+        ),
+    ];
+    for (name, sets) in cases {
+        let run_dir = dir.path().join(name);
+        let mut extra = vec![
+            "--only",
+            "model",
+            "--only",
+            "data.logic",
+            "--only",
+            "decompose",
+        ];
+        extra.extend(["--only", "train.reasoning"]);
+        for set in sets {
+            extra.extend(["--set", set]);
+        }
+        run_ok(&args(&run_dir, 1, &extra));
+        let metrics =
+            std::fs::read_to_string(stage(&run_dir, "train.reasoning").join("metrics.jsonl"))
+                .unwrap();
+        let line: Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        for key in [
+            "/loss",
+            "/grad_norm",
+            "/rollout/completion_length",
+            "/val_accuracy",
+        ] {
+            let v = line.pointer(key).and_then(Value::as_f64);
+            assert!(v.is_some_and(f64::is_finite), "{name}: {key} in {line}");
+        }
+        assert!(
+            line["rollout"]["completion_length"].as_f64() > Some(0.0),
+            "{name}: {line}"
+        );
+        assert!(line["trained_tokens"].as_u64() > Some(0), "{name}: {line}");
+    }
+}

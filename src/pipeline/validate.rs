@@ -159,6 +159,25 @@ fn check_training(p: &Pipeline, name: &str, ex: &ExpertSpec, errors: &mut Vec<Di
             ),
         ));
     }
+    let has_target = p
+        .spec
+        .datasets
+        .get(&ex.dataset)
+        .is_some_and(|d| d.target.is_some());
+    if t.objective == Objective::Sft && !has_target {
+        errors.push(
+            p.doc
+                .diagnostic(
+                    &format!("{ptr}/train/objective"),
+                    false,
+                    format!(
+                        "`objective: sft` trains on the rendered target, and dataset `{}` has no `target` template",
+                        ex.dataset
+                    ),
+                )
+                .with_help("give the dataset a `target:` template (e.g. templates/targets/choice_text.jinja)"),
+        );
+    }
     if t.objective == Objective::Rl && t.rollout == Rollout::Generate && t.kl > 0.0 {
         errors.push(
             p.doc
