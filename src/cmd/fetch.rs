@@ -4,6 +4,7 @@ use std::path::Path;
 
 use super::{CmdError, load_or_report};
 use crate::assets::{AssetSource, TsqHome, verify_sha256};
+use crate::data::card::Origin;
 use crate::pipeline::Override;
 
 pub fn run(file: &Path, overrides: &[Override]) -> Result<(), CmdError> {
@@ -15,11 +16,13 @@ pub fn run(file: &Path, overrides: &[Override]) -> Result<(), CmdError> {
         pipeline.spec.model.sha256.clone(),
     )];
     for card in pipeline.datasets.values().map(|d| &d.card) {
-        assets.push((
-            card.card.source.clone(),
-            card.dir().to_path_buf(),
-            card.card.sha256.clone(),
-        ));
+        if let Origin::File { source, .. } = &card.origin {
+            assets.push((
+                source.clone(),
+                card.dir().to_path_buf(),
+                card.card.sha256.clone(),
+            ));
+        }
     }
     for (text, base, sha256) in assets {
         let fail = |e: crate::assets::AssetError| CmdError::Failed(e.to_string());

@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::generate::Generator;
 use crate::assets::AssetSource;
 use crate::diagnostic::Diagnostic;
 use crate::yaml::{LocatedDoc, SchemaChecker, check_and_deserialize};
@@ -24,7 +25,12 @@ pub struct DatasetCard {
     /// Licence of the data (SPDX identifier where there is one).
     pub license: String,
     /// Asset source of the data file: local path (relative to the card), `pip://` or `hf://`.
-    pub source: String,
+    /// Exactly one of `source` and `generator`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// A built-in generator of the records, instead of a source file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator: Option<Generator>,
     /// sha256 of the data file in hex; verified before reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
@@ -79,7 +85,14 @@ impl DataFormat {
 pub struct LoadedCard {
     pub file: PathBuf,
     pub card: DatasetCard,
-    pub format: DataFormat,
+    pub origin: Origin,
+}
+
+/// Where a checked card's rows come from.
+#[derive(Clone, Debug)]
+pub enum Origin {
+    File { source: String, format: DataFormat },
+    Generated(Generator),
 }
 
 pub const REQUIRED_FIELDS: [&str; 2] = ["id", "question"];
@@ -107,18 +120,54 @@ pub fn load_card(file: &Path) -> Result<LoadedCard, Vec<Diagnostic>> {
             ));
         }
     }
+    let origin = match (&card.source, &card.generator) {
+        (Some(source), None) => file_origin(&doc, file, source, card.format, &mut errors),
+        (None, Some(generator)) => {
+            if let Err((field, message)) = generator.check() {
+                errors.push(doc.diagnostic(&format!("/generator/{field}"), false, message));
+            }
+            Some(Origin::Generated(generator.clone()))
+        }
+        (Some(_), Some(_)) => {
+            errors.push(doc.diagnostic(
+                "/generator",
+                true,
+                "a card has either `source` or `generator`, not both".to_string(),
+            ));
+            None
+        }
+        (None, None) => {
+            errors.push(
+                doc.diagnostic("", true, "the card names no data".to_string())
+                    .with_help("add `source:` (a file) or `generator:` (built-in records)"),
+            );
+            None
+        }
+    };
+    match (errors.is_empty(), origin) {
+        (true, Some(origin)) => Ok(LoadedCard {
+            file: file.to_path_buf(),
+            card,
+            origin,
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// Checks a source file's address and tells its format.
+fn file_origin(
+    doc: &LocatedDoc,
+    file: &Path,
+    source: &str,
+    format: Option<DataFormat>,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<Origin> {
     let dir = file.parent().unwrap_or(Path::new("."));
-    if let Err(message) = AssetSource::check(&card.source, dir) {
+    if let Err(message) = AssetSource::check(source, dir) {
         errors.push(doc.diagnostic("/source", false, message));
     }
-    let source_name = card
-        .source
-        .rsplit(['/', '#'])
-        .next()
-        .unwrap_or(&card.source);
-    let format = card
-        .format
-        .or_else(|| DataFormat::from_file_name(source_name));
+    let source_name = source.rsplit(['/', '#']).next().unwrap_or(source);
+    let format = format.or_else(|| DataFormat::from_file_name(source_name));
     if format.is_none() {
         errors.push(
             doc.diagnostic(
@@ -129,14 +178,10 @@ pub fn load_card(file: &Path) -> Result<LoadedCard, Vec<Diagnostic>> {
             .with_help("add `format:` (jsonl, jsonl.gz, json, csv or parquet)"),
         );
     }
-    match (errors.is_empty(), format) {
-        (true, Some(format)) => Ok(LoadedCard {
-            file: file.to_path_buf(),
-            card,
-            format,
-        }),
-        _ => Err(errors),
-    }
+    format.map(|format| Origin::File {
+        source: source.to_string(),
+        format,
+    })
 }
 
 impl LoadedCard {

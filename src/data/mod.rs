@@ -1,7 +1,8 @@
-//! Datasets: cards, reading source files (polars), mapping rows to records, templating, splitting,
+//! Datasets: cards, reading source files (polars) or built-in generators, mapping rows to records, templating, splitting,
 //! and the `data.<name>` stage that writes the prepared records.
 
 pub mod card;
+pub mod generate;
 mod read;
 mod records;
 pub mod split;

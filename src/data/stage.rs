@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use polars::prelude::*;
 use serde_json::{Value, json};
 
+use super::card::Origin;
 use super::read::read_rows;
 use super::records::{BadRecord, Record, map_rows};
 use super::split::{PARTS, part_sizes, seeded_order};
@@ -32,9 +33,24 @@ struct Rendered {
 }
 
 impl DataStage {
-    fn source(&self) -> Result<AssetSource, StageError> {
-        AssetSource::parse(&self.dataset.card.card.source, self.dataset.card.dir())
+    fn source(&self, source: &str) -> Result<AssetSource, StageError> {
+        AssetSource::parse(source, self.dataset.card.dir())
             .map_err(|e| StageError::at("reading the source of", &self.dataset.card.file, e))
+    }
+
+    /// The card's rows: read from its (fetched, checksum-verified) file, or generated.
+    fn rows(&self) -> Result<Vec<Value>, StageError> {
+        let (source, format) = match &self.dataset.card.origin {
+            Origin::Generated(generator) => return Ok(generator.rows()),
+            Origin::File { source, format } => (source, *format),
+        };
+        let path = self
+            .source(source)?
+            .resolve(&self.home)
+            .map_err(failed_to("fetching the data source"))?;
+        verify_sha256(&path, self.dataset.card.card.sha256.as_deref())
+            .map_err(|e| StageError::at("checking the sha256 pin of", &path, e))?;
+        read_rows(&path, format).map_err(|e| StageError::at("reading", &path, e))
     }
 
     fn render_all(
@@ -107,12 +123,7 @@ impl StageRunner for DataStage {
                 "prompt_template".to_string(),
                 file_input(&self.dataset.prompt)?,
             ),
-            (
-                "source".to_string(),
-                self.source()?
-                    .identity()
-                    .map_err(failed_to("identifying the data source"))?,
-            ),
+            ("source".to_string(), self.source_identity()?),
         ]);
         if let Some(target) = &self.dataset.target {
             inputs.insert("target_template".into(), file_input(target)?);
@@ -122,24 +133,16 @@ impl StageRunner for DataStage {
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
         let card = &self.dataset.card.card;
-        let path = self
-            .source()?
-            .resolve(&self.home)
-            .map_err(failed_to("fetching the data source"))?;
-        verify_sha256(&path, card.sha256.as_deref())
-            .map_err(|e| StageError::at("checking the sha256 pin of", &path, e))?;
+        let rows = self.rows()?;
         ctx.check_interrupt()?;
-        let rows = read_rows(&path, self.dataset.card.format)
-            .map_err(|e| StageError::at("reading", &path, e))?;
         let mapped = map_rows(card, &rows);
         let total = mapped.records.len() + mapped.bad.len();
         if let Some(expected) = card.records.filter(|&n| n as usize != total) {
             return Err(StageError::at(
-                "reading",
-                &path,
+                "reading the records of",
+                &self.dataset.card.file,
                 format!(
-                    "card `{}` expects {expected} records but the source has {total} after deduplication; is the source the one the card describes?",
-                    self.dataset.card.file.display()
+                    "the card expects {expected} records but its data has {total} after deduplication; is the source the one the card describes?"
                 ),
             ));
         }
@@ -166,6 +169,16 @@ impl StageRunner for DataStage {
 }
 
 impl DataStage {
+    fn source_identity(&self) -> Result<String, StageError> {
+        match &self.dataset.card.origin {
+            Origin::Generated(generator) => Ok(generator.identity()),
+            Origin::File { source, .. } => self
+                .source(source)?
+                .identity()
+                .map_err(failed_to("identifying the data source")),
+        }
+    }
+
     /// Orders by seed, applies `limit`, and cuts train / val / test.
     fn split(&self, rendered: Vec<Rendered>) -> Result<[Vec<Rendered>; 3], StageError> {
         let ids: Vec<&str> = rendered.iter().map(|r| r.record.id.as_str()).collect();
