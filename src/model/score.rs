@@ -107,11 +107,11 @@ fn score_ids_in(
     Ok(out)
 }
 
-/// The log-likelihood of one option and its length in tokens.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// The log-likelihood of one option, token by token and summed.
+#[derive(Clone, Debug, PartialEq)]
 pub struct OptionScore {
+    pub logprobs: Vec<f64>,
     pub sum: f64,
-    pub tokens: usize,
 }
 
 /// Scores every option of every item: `items[i]` is a prompt and its options (token ids, the
@@ -285,15 +285,21 @@ pub(crate) fn score_options_in(
     for (i, ((_, opts), &c)) in items.iter().zip(&shared).enumerate() {
         // The last `c + 1` prompt-pass positions predict the shared tokens, then each option's first own.
         let at = |k: usize| &head_logp[i][tail - 1 - c + k];
-        let prefix: f64 = (0..c).map(|k| f64::from(at(k)[opts[0][k] as usize])).sum();
+        let prefix = (0..c).map(|k| f64::from(at(k)[opts[0][k] as usize]));
         let scores = opts
             .iter()
             .zip(&packed[i].spans)
             .map(|(o, span)| {
-                let own: f64 = later[i][span.clone()].iter().map(|&l| f64::from(l)).sum();
+                let first = f64::from(at(c)[o[c] as usize]);
+                let own = later[i][span.clone()].iter().map(|&l| f64::from(l));
+                let logprobs: Vec<f64> = prefix
+                    .clone()
+                    .chain(std::iter::once(first))
+                    .chain(own)
+                    .collect();
                 OptionScore {
-                    sum: prefix + f64::from(at(c)[o[c] as usize]) + own,
-                    tokens: o.len(),
+                    sum: logprobs.iter().sum(),
+                    logprobs,
                 }
             })
             .collect();
@@ -341,7 +347,10 @@ mod tests {
             let whole = score_ids_in(&tf, 0, pairs)?;
             for (s, w) in scores.iter().zip(&whole) {
                 assert!((s.sum - w.sum).abs() < 1e-3, "{} vs {}", s.sum, w.sum);
-                assert_eq!(s.tokens, w.continuation_ids.len());
+                assert_eq!(s.logprobs.len(), w.logprobs.len());
+                for (a, b) in s.logprobs.iter().zip(&w.logprobs) {
+                    assert!((a - b).abs() < 1e-4, "per token {a} vs {b}");
+                }
             }
         }
         Ok(())

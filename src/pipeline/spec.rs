@@ -474,7 +474,8 @@ pub struct TrainSpec {
     /// Gradient-norm limit (0: no clipping).
     #[schemars(range(min = 0.0))]
     pub clip: f64,
-    /// Coefficient of the KL divergence from the base model, KL(policy ‖ base).
+    /// Coefficient of the KL divergence from the base model, KL(policy ‖ base): exact over the
+    /// options with `rollout: options`, else per sampled token (the k3 estimator, as TRL).
     #[schemars(range(min = 0.0))]
     pub kl: f64,
     pub parametrization: Parametrization,

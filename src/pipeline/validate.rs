@@ -178,17 +178,6 @@ fn check_training(p: &Pipeline, name: &str, ex: &ExpertSpec, errors: &mut Vec<Di
                 .with_help("give the dataset a `target:` template (e.g. templates/targets/choice_text.jinja)"),
         );
     }
-    if t.objective == Objective::Rl && t.rollout == Rollout::Generate && t.kl > 0.0 {
-        errors.push(
-            p.doc
-                .diagnostic(
-                    &format!("{ptr}/train/kl"),
-                    false,
-                    "`kl` with `rollout: generate` is not available in this version",
-                )
-                .with_help("use `rollout: options` (exact KL over the options) or `kl: 0`"),
-        );
-    }
 }
 
 /// Checks that `name` is one of `known`; `what` names the section for the message.

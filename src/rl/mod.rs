@@ -3,6 +3,7 @@
 //! stage.
 
 pub mod advantage;
+pub mod kl;
 pub mod options;
 pub mod rollout;
 pub mod stage;

@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::advantage::{advantages, is_uniform, normaliser, std_dev};
+use super::kl;
 use super::options::OptionPolicy;
 use crate::data::stage::StoredRecord;
 use crate::eval::prompts::render;
@@ -32,7 +33,8 @@ pub struct RolloutStats {
     pub frac_reward_zero_std: f64,
     /// Prompts left out of the update for that reason.
     pub skipped_groups: usize,
-    /// Mean KL(policy ‖ base) (options: exact over the options).
+    /// Mean KL(policy ‖ base) per prompt: exact over the options, or the per-token estimates
+    /// summed over each sampled completion.
     pub kl: f64,
     /// Mean entropy of the option distribution (options only).
     pub entropy: f64,
@@ -64,13 +66,30 @@ fn failed(doing: &str, item: &StoredRecord, e: impl std::fmt::Display) -> StageE
     StageError::failed(format!("{doing} item `{}`", item.id), e)
 }
 
-/// A sequence to train on: prompt tokens (weight 0) then completion tokens (weight `w`).
-fn weighted(prompt: &[u32], completion: &[u32], w: f64) -> (Vec<u32>, Vec<f32>) {
+/// A sequence to train on: prompt tokens (weight 0) then completion tokens, each with its weight.
+fn weighted(
+    prompt: &[u32],
+    completion: &[u32],
+    weights: impl IntoIterator<Item = f64>,
+) -> (Vec<u32>, Vec<f32>) {
     let ids = [prompt, completion].concat();
-    let weights = (0..ids.len())
-        .map(|i| if i < prompt.len() { 0.0 } else { w as f32 })
+    let weights = std::iter::repeat_n(0.0, prompt.len())
+        .chain(weights.into_iter().map(|w| w as f32))
         .collect();
     (ids, weights)
+}
+
+/// Same weight on every completion token.
+fn uniform(completion: &[u32], w: f64) -> impl Iterator<Item = f64> {
+    std::iter::repeat_n(w, completion.len())
+}
+
+/// The KL term of a step's sampled completions.
+struct KlPenalty {
+    /// Per completion, per token: the weight the penalty adds on ∇log π.
+    weights: Vec<Vec<f64>>,
+    /// Mean over completions of the summed per-token estimates (the sequence KL).
+    kl: f64,
 }
 
 impl Rollouts<'_> {
@@ -124,21 +143,24 @@ impl Rollouts<'_> {
         option_batch(self.spec, &models, &inputs, &rewards, seed)
     }
 
-    /// Sampled completions with `policy`, judged by the reward, weighted by their advantages.
+    /// Sampled completions with `policy`, judged by the reward, weighted by their advantages
+    /// (and, with `kl`, each token by the KL penalty's derivative).
     pub fn generate(
         &self,
         policy: &Model,
         items: &[&StoredRecord],
         seed: u64,
     ) -> Result<StepBatch, StageError> {
-        // Validation refuses `kl` with generated rollouts (no per-token estimator yet).
         let spec = self.spec;
         let per = spec.samples_per_prompt as usize;
-        let mut prompts = Vec::with_capacity(items.len() * per);
-        for item in items {
-            let ids = self.prompt_ids(policy, item)?;
-            prompts.extend(std::iter::repeat_n(ids, per));
-        }
+        let group_prompts = items
+            .iter()
+            .map(|item| self.prompt_ids(policy, item))
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompts: Vec<Vec<u32>> = group_prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), per))
+            .collect();
         let opts = GenerateOptions {
             max_new_tokens: spec.max_new_tokens as usize,
             temperature: spec.temperature,
@@ -173,17 +195,22 @@ impl Rollouts<'_> {
                 ids
             })
             .collect();
+        let penalty = (spec.kl > 0.0)
+            .then(|| self.kl_penalty(policy, &group_prompts, &completions))
+            .transpose()?;
         let lengths: Vec<usize> = completions.iter().map(Vec::len).collect();
         let mut stats = RolloutStats {
             tokens: prompts.iter().map(Vec::len).sum::<usize>() + lengths.iter().sum::<usize>(),
             ..RolloutStats::default()
         };
+        // (completion, advantage): a group without reward signal still carries its KL term.
         let mut kept = Vec::new();
         for (g, group) in rewards.iter().enumerate() {
             let skip = spec.skip_uniform_groups && is_uniform(group);
             stats.skipped_groups += usize::from(skip);
-            if !skip {
-                kept.extend((0..per).map(|s| (g * per + s, adv[g][s])));
+            if !skip || penalty.is_some() {
+                let a = |s: usize| if skip { 0.0 } else { adv[g][s] };
+                kept.extend((0..per).map(|s| (g * per + s, a(s))));
             }
         }
         let kept_lengths: Vec<usize> = kept.iter().map(|&(i, _)| lengths[i]).collect();
@@ -191,7 +218,13 @@ impl Rollouts<'_> {
         let (ids, weights) = kept
             .iter()
             .filter(|&&(i, _)| !completions[i].is_empty())
-            .map(|&(i, a)| weighted(&prompts[i], &completions[i], a / n))
+            .map(|&(i, a)| {
+                let w = (0..completions[i].len()).map(|t| {
+                    let kl = penalty.as_ref().map_or(0.0, |p| p.weights[i][t]);
+                    (a + kl) / n
+                });
+                weighted(&prompts[i], &completions[i], w)
+            })
             .unzip();
         let truncated = generations
             .iter()
@@ -204,9 +237,53 @@ impl Rollouts<'_> {
             truncated,
             items.len() as f64,
         );
+        // Reported per completion (finish_stats divides the options' KL by prompts).
+        stats.kl = penalty.map_or(0.0, |p| p.kl);
         Ok(StepBatch {
             batch: TokenBatch { ids, weights },
             stats,
+        })
+    }
+
+    /// The KL penalty of sampled completions (`per` consecutive ones per prompt): each token's
+    /// log-probabilities under the policy and the base model, a prompt computed once for its
+    /// samples, turned into token weights and the mean sequence KL estimate.
+    fn kl_penalty(
+        &self,
+        policy: &Model,
+        group_prompts: &[Vec<u32>],
+        completions: &[Vec<u32>],
+    ) -> Result<KlPenalty, StageError> {
+        let per = completions.len() / group_prompts.len().max(1);
+        let inputs: Vec<(Vec<u32>, Vec<Vec<u32>>)> = group_prompts
+            .iter()
+            .zip(completions.chunks(per.max(1)))
+            .map(|(p, c)| (p.clone(), c.to_vec()))
+            .collect();
+        let logprobs = |tf: &Transformer| -> Result<Vec<Vec<f64>>, StageError> {
+            let scored = score_options_in(tf, filler(policy), &inputs)
+                .map_err(|e| StageError::failed("scoring completions for the KL term", e))?;
+            Ok(scored.into_iter().flatten().map(|s| s.logprobs).collect())
+        };
+        let (mine, base) = (
+            logprobs(&policy.transformer)?,
+            logprobs(&self.base.transformer)?,
+        );
+        let pairs = || mine.iter().zip(&base);
+        let weights = pairs()
+            .map(|(m, b)| {
+                m.iter()
+                    .zip(b)
+                    .map(|(&m, &b)| kl::token_weight(m, b, self.spec.kl))
+                    .collect()
+            })
+            .collect();
+        let total: f64 = pairs()
+            .map(|(m, b)| m.iter().zip(b).map(|(&m, &b)| kl::k3(m, b)).sum::<f64>())
+            .sum();
+        Ok(KlPenalty {
+            weights,
+            kl: total / completions.len().max(1) as f64,
         })
     }
 
@@ -234,7 +311,10 @@ impl Rollouts<'_> {
             &lengths,
             self.spec.max_new_tokens as usize,
         );
-        let (ids, weights) = pairs.iter().map(|(p, c)| weighted(p, c, 1.0 / n)).unzip();
+        let (ids, weights) = pairs
+            .iter()
+            .map(|(p, c)| weighted(p, c, uniform(c, 1.0 / n)))
+            .unzip();
         finish_stats(&mut stats, &[], &lengths, 0, items.len() as f64);
         Ok(StepBatch {
             batch: TokenBatch { ids, weights },
@@ -285,7 +365,11 @@ pub fn option_batch(
         stats.tokens += prompt.len() + options.iter().map(Vec::len).sum::<usize>();
         for (k, option) in options.iter().enumerate() {
             // The objective is a mean over prompts.
-            let (i, w) = weighted(prompt, option, weighing.weights[g][k] / prompts);
+            let (i, w) = weighted(
+                prompt,
+                option,
+                uniform(option, weighing.weights[g][k] / prompts),
+            );
             ids.push(i);
             weights.push(w);
             lengths.push(option.len());

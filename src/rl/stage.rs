@@ -29,7 +29,8 @@ use crate::model::Model;
 use crate::model::stage::ModelRecord;
 use crate::pipeline::ResolvedEval;
 use crate::pipeline::spec::{
-    EvaluateSpec, ExpertSpec, Keep, Objective, RewardSpec, Rollout, Schedule, SplitName,
+    EvaluateSpec, ExpertSpec, Keep, Objective, RewardSpec, RewardValues, Rollout, Schedule,
+    SplitName,
 };
 use crate::reward::{Reward, Verdict};
 use crate::stages::Shared;
@@ -177,9 +178,14 @@ impl StageRunner for TrainStage<'_> {
                 }
                 state.validations.push(v);
             }
-            ctx.metrics.log(line.clone());
-            progress.advance(1, step_message(&line));
             state.metrics.push(line);
+            if let Some(warning) = no_signal_warning(&state.metrics, &task.values) {
+                progress.warn(&warning);
+                state.metrics.last_mut().expect("just pushed")["warning"] = json!(warning);
+            }
+            let line = state.metrics.last().expect("just pushed");
+            ctx.metrics.log(line.clone());
+            progress.advance(1, step_message(line));
             let interrupted = ctx.interrupt.requested();
             if interrupted || state.step % spec.checkpoint_every == 0 || state.step == spec.steps {
                 state.trainer = trainer.state().map_err(failed_to("reading z"))?;
@@ -533,6 +539,49 @@ fn save_checkpoint(dir: &Path, state: &Checkpoint) -> Result<(), StageError> {
     crate::fsutil::write_json(&file, state).map_err(|e| StageError::at("writing", &file, e))
 }
 
+/// Steps in a row with most groups uniform before the trainer warns (and again every 4x that).
+const NO_SIGNAL_STEPS: usize = 3;
+
+/// A warning when most prompt groups of the last [`NO_SIGNAL_STEPS`] steps got equal rewards for
+/// all their samples: those groups have no advantage, so the steps learn (next to) nothing.
+/// Derived from the metrics lines alone, so a resumed run warns as an uninterrupted one.
+fn no_signal_warning(lines: &[Value], values: &RewardValues) -> Option<String> {
+    let frac = |line: &Value| {
+        line.pointer("/rollout/frac_reward_zero_std")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0)
+    };
+    let streak = lines.iter().rev().take_while(|l| frac(l) > 0.5).count();
+    if streak != NO_SIGNAL_STEPS && (streak == 0 || streak % (4 * NO_SIGNAL_STEPS) != 0) {
+        return None;
+    }
+    let recent = &lines[lines.len() - streak..];
+    let mean = |f: &dyn Fn(&Value) -> f64| recent.iter().map(f).sum::<f64>() / streak as f64;
+    let reward = mean(&|l| {
+        l.pointer("/rollout/reward")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0)
+    });
+    // Where the mean reward sits between a wrong and a right answer.
+    let span = values.correct - values.wrong;
+    let right = if span.abs() > 0.0 {
+        (reward - values.wrong) / span
+    } else {
+        0.5
+    };
+    let why = if right > 0.9 {
+        "nearly every sample is right: the task is too easy for this model"
+    } else if right < 0.1 {
+        "nearly every sample is wrong: the task is too hard, or the reward never matches the completions (look at a few with an evaluation in generate mode)"
+    } else {
+        "the samples of a prompt tend to agree"
+    };
+    Some(format!(
+        "for {streak} steps {:.0}% of prompt groups got the same reward for every sample (mean reward {reward:.2}) and taught nothing: {why}. Raise `samples_per_prompt` or `temperature`, change the data or its prompt, or use `rollout: options` on multiple-choice data",
+        100.0 * mean(&frac)
+    ))
+}
+
 /// The progress line of a step.
 fn step_message(line: &Value) -> String {
     let num = |key: &str| line.pointer(key).and_then(Value::as_f64);
@@ -566,6 +615,32 @@ mod tests {
         assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "{first:?}");
         assert_eq!(order.step(3), PromptOrder::new(10, 4, 7).step(3));
         assert_ne!(order.epoch(0), order.epoch(1));
+    }
+
+    /// The warning comes after three uniform steps in a row, says why from the mean reward,
+    /// and is not repeated every step.
+    #[test]
+    fn a_run_without_reward_signal_is_warned_about() {
+        let values = RewardValues::default();
+        let line = |frac: f64, reward: f64| json!({"rollout": {"frac_reward_zero_std": frac, "reward": reward}});
+        let mut lines = vec![line(0.9, 0.0), line(0.2, 0.5)];
+        let warnings: Vec<Option<String>> = (0..13)
+            .map(|_| {
+                lines.push(line(0.875, 0.02));
+                no_signal_warning(&lines, &values)
+            })
+            .collect();
+        let at: Vec<usize> = (0..13).filter(|&i| warnings[i].is_some()).collect();
+        assert_eq!(at, vec![2, 11], "after 3 and 12 uniform steps");
+        let text = warnings[2].as_deref().unwrap();
+        assert!(
+            text.contains("for 3 steps 88%") && text.contains("too hard"),
+            "{text}"
+        );
+        lines.extend([line(0.6, 0.97), line(0.7, 0.95), line(0.8, 0.99)]);
+        lines.insert(lines.len() - 3, line(0.0, 0.5));
+        let easy = no_signal_warning(&lines, &values).unwrap();
+        assert!(easy.contains("too easy"), "{easy}");
     }
 
     #[test]
