@@ -64,6 +64,15 @@ impl Progress {
         }
     }
 
+    /// Prints a warning above the bar (or as a plain line), without disturbing it.
+    pub fn warn(&self, message: &str) {
+        let text = format!("  warning: {}: {message}", self.stage);
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{text}")),
+            None => eprintln!("{text}"),
+        }
+    }
+
     fn print_line(&self) {
         let secs = self.started.elapsed().as_secs_f64();
         let rate = self.done as f64 / secs.max(1e-9);
