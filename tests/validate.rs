@@ -275,3 +275,37 @@ fn many_errors_are_capped_in_text_and_complete_in_json() {
         30_000
     );
 }
+
+/// A preset fills the fields an expert's `train` does not write; written fields win.
+#[test]
+fn a_preset_fills_what_is_not_written() {
+    use tsq::pipeline::spec::{Baseline, Preset, Rollout};
+    let file = repo().join("pipelines/quickstart.yaml");
+    let set = |s: &str| s.parse::<tsq::pipeline::Override>().unwrap();
+    let pipeline = tsq::pipeline::load(
+        &file,
+        &[
+            set("experts.reasoning.train.preset=paper"),
+            set("experts.reasoning.train.lr=0.01"),
+        ],
+    )
+    .unwrap();
+    let train = &pipeline.spec.experts["reasoning"].train;
+    assert_eq!(train.preset, Preset::Paper);
+    assert_eq!(
+        (train.samples_per_prompt, train.temperature, train.baseline),
+        (1, 0.0, Baseline::None)
+    );
+    assert!(!train.skip_uniform_groups);
+    assert_eq!(train.lr, 0.01, "a written field beats the preset");
+    assert_eq!(
+        train.rollout,
+        Rollout::Options,
+        "the file's own field beats the preset"
+    );
+    let plain = tsq::pipeline::load(&file, &[]).unwrap();
+    assert_eq!(
+        plain.spec.experts["reasoning"].train.baseline,
+        Baseline::Rloo
+    );
+}

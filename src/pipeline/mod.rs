@@ -91,6 +91,27 @@ impl Pipeline {
     }
 }
 
+/// Fills each expert's `train` with the fields of its `preset` that it does not write itself
+/// (fields written beside a preset win). An unknown preset is left for the schema to report.
+fn expand_presets(value: &mut Value) {
+    let Some(experts) = value.get_mut("experts").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for train in experts
+        .values_mut()
+        .filter_map(|e| e.get_mut("train").and_then(Value::as_object_mut))
+    {
+        let preset = train
+            .get("preset")
+            .and_then(|p| serde_json::from_value::<spec::Preset>(p.clone()).ok());
+        if let Some(preset) = preset {
+            for (key, field) in preset.fields() {
+                train.entry(key).or_insert(field);
+            }
+        }
+    }
+}
+
 /// Loads a pipeline file, applies overrides, and runs every check; all problems come back at once.
 pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, Vec<Diagnostic>> {
     let mut doc = LocatedDoc::load(file)?;
@@ -110,6 +131,7 @@ pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, Vec<Diagnos
     if !errors.is_empty() {
         return Err(errors);
     }
+    expand_presets(&mut doc.value);
     let spec: PipelineSpec = check_and_deserialize(checker(), &doc)?;
     let mut pipeline = Pipeline {
         file: file.to_path_buf(),

@@ -422,6 +422,11 @@ pub struct ExpertSpec {
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSpec {
+    /// A named set of defaults that the fields written beside it override: `tsq` (what works
+    /// best here, measured) or `paper` (the paper's loop: one greedy completion per prompt, no
+    /// baseline; pair it with reward `values: {correct: 1, wrong: -1, unparsable: -1}` for its
+    /// ±1 rewards).
+    pub preset: Preset,
     /// Optimisation steps.
     #[schemars(range(min = 1))]
     pub steps: u32,
@@ -494,6 +499,7 @@ pub struct TrainSpec {
 impl Default for TrainSpec {
     fn default() -> Self {
         Self {
+            preset: Preset::Tsq,
             steps: 100,
             prompts_per_step: 16,
             objective: Objective::Rl,
@@ -525,10 +531,48 @@ impl Default for TrainSpec {
 }
 
 impl TrainSpec {
+    /// The paper's loop (reference.md): greedy rollouts, one per prompt, the raw reward as the
+    /// advantage, per-sequence sums, Adam lr 2e-3, clip 1e-3, no KL, sigmoid z from 0.1.
+    pub fn paper() -> Self {
+        Self {
+            preset: Preset::Paper,
+            rollout: Rollout::Generate,
+            samples_per_prompt: 1,
+            temperature: 0.0,
+            baseline: Baseline::None,
+            scale: AdvantageScale::None,
+            loss_norm: LossNorm::Sequence,
+            skip_uniform_groups: false,
+            ..Self::default()
+        }
+    }
+
     /// Whether prompts are rendered with the chat template.
     pub fn chat(&self) -> bool {
         self.chat
             .unwrap_or(self.rollout.eval_mode().chats_by_default())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    #[default]
+    Tsq,
+    Paper,
+}
+
+impl Preset {
+    /// The fields this preset sets, as written in a pipeline file.
+    pub fn fields(self) -> serde_json::Map<String, serde_json::Value> {
+        let spec = match self {
+            Self::Tsq => TrainSpec::default(),
+            Self::Paper => TrainSpec::paper(),
+        };
+        match serde_json::to_value(spec) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => unreachable!("a TrainSpec serialises to an object"),
+        }
     }
 }
 
