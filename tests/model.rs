@@ -72,6 +72,48 @@ fn greedy_chat_answer_names_paris_without_a_double_bos() {
     ));
 }
 
+/// Samples of one prompt share its prefill and finished sequences leave the batch, yet every
+/// sequence is what generating it alone gives (sequence i samples from the stream of seed ^ i·K).
+#[test]
+fn shared_prefills_and_early_finishes_leave_each_sample_unchanged() {
+    let model = smollm2();
+    let ids = |q: &str| {
+        model
+            .tokenizer
+            .encode(&model.chat_prompt(q).unwrap())
+            .unwrap()
+    };
+    let (a, b) = (
+        ids("Name a color."),
+        ids("What is 6 + 7? Reply with the number only."),
+    );
+    let prompts = vec![a.clone(), a.clone(), b.clone(), a, b];
+    let opts = GenerateOptions {
+        max_new_tokens: 20,
+        temperature: 0.8,
+        seed: 11,
+        ..Default::default()
+    };
+    let batch = generate(model, &prompts, &opts).unwrap();
+    let lengths: Vec<usize> = batch.iter().map(|g| g.token_ids.len()).collect();
+    assert!(
+        lengths.iter().min() < lengths.iter().max(),
+        "the test needs sequences that finish at different steps: {lengths:?}"
+    );
+    for (i, prompt) in prompts.iter().enumerate() {
+        let alone = GenerateOptions {
+            seed: opts.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ..opts.clone()
+        };
+        let solo = generate(model, std::slice::from_ref(prompt), &alone).unwrap();
+        assert_eq!(solo[0].token_ids, batch[i].token_ids, "sequence {i}");
+        assert_eq!(
+            solo[0].finish_reason, batch[i].finish_reason,
+            "sequence {i}"
+        );
+    }
+}
+
 #[test]
 fn scoring_prefers_the_right_continuation() {
     let pairs: Vec<(String, String)> = [" Paris", " London", " a banana"]

@@ -1,7 +1,11 @@
 //! Batched generation with a KV cache: prompts of different lengths are left-padded and decoded
 //! together; each sequence stops on EOS, a stop string or the token budget, and says which.
+//! Repeated prompts (several samples of one prompt) are computed once, and a finished sequence
+//! leaves the batch, so cost follows the distinct prompt tokens and the tokens still wanted.
 //! Sampling is deterministic for a seed: sequence `i` draws from its own ChaCha stream seeded by
 //! (seed, i), so results do not depend on what else is in the batch.
+
+use std::collections::HashMap;
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
@@ -74,6 +78,9 @@ pub fn generate(
             "cannot generate from an empty prompt".into(),
         ));
     }
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
     let tf = &model.transformer;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let context = tf.config.max_position_embeddings;
@@ -83,11 +90,14 @@ pub fn generate(
             opts.max_new_tokens
         )));
     }
-    let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    // Samples of one prompt share its prefill: each distinct prompt is computed once, and its
+    // cache rows are copied to its samples.
+    let (distinct, source) = distinct_prompts(prompts);
+    let distinct_pad: Vec<usize> = distinct.iter().map(|p| longest - p.len()).collect();
     let filler = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let ids: Vec<u32> = prompts
+    let ids: Vec<u32> = distinct
         .iter()
-        .zip(&pad)
+        .zip(&distinct_pad)
         .flat_map(|(p, &n)| std::iter::repeat_n(filler, n).chain(p.iter().copied()))
         .collect();
     let device = tf.device();
@@ -102,32 +112,44 @@ pub fn generate(
             text: String::new(),
         })
         .collect();
-    let batch = Batch::left_padded(&pad, 0, longest, device)?;
-    let mut logits = tf.forward(
-        &Tensor::from_vec(ids, (prompts.len(), longest), device)?,
+    let batch = Batch::left_padded(&distinct_pad, 0, longest, device)?;
+    let prefill = tf.forward(
+        &Tensor::from_vec(ids, (distinct.len(), longest), device)?,
         &batch,
         Some(&mut cache),
         Mode::Fast,
         LogitsAt::Last,
     )?;
+    let rows: Vec<u32> = source.iter().map(|&d| d as u32).collect();
+    cache.select_rows(&rows)?;
+    let mut logits = prefill.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
+    // Batch row r decodes sequence live[r], left-padded by pad[r].
+    let mut pad: Vec<usize> = source.iter().map(|&d| distinct_pad[d]).collect();
+    let mut live: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..opts.max_new_tokens {
         let rows: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
-        let mut next = Vec::with_capacity(seqs.len());
-        for (seq, row) in seqs.iter_mut().zip(rows) {
-            if seq.done.is_some() {
-                next.push(filler);
-                continue;
-            }
-            let token = pick(&row, opts, &mut seq.rng);
+        let mut next = Vec::with_capacity(live.len());
+        for (&i, row) in live.iter().zip(rows) {
+            let token = pick(&row, opts, &mut seqs[i].rng);
+            advance(model, &mut seqs[i], token, opts, step + 1)?;
             next.push(token);
-            advance(model, seq, token, opts, step + 1)?;
         }
-        if seqs.iter().all(|s| s.done.is_some()) {
+        // Finished sequences leave the batch, so they stop costing.
+        let keep: Vec<usize> = (0..live.len())
+            .filter(|&r| seqs[live[r]].done.is_none())
+            .collect();
+        if keep.is_empty() {
             break;
+        }
+        if keep.len() < live.len() {
+            cache.select_rows(&keep.iter().map(|&r| r as u32).collect::<Vec<_>>())?;
+            next = keep.iter().map(|&r| next[r]).collect();
+            pad = keep.iter().map(|&r| pad[r]).collect();
+            live = keep.iter().map(|&r| live[r]).collect();
         }
         let batch = Batch::left_padded(&pad, cache.len(), 1, device)?;
         logits = tf.forward(
-            &Tensor::from_vec(next, (seqs.len(), 1), device)?,
+            &Tensor::from_vec(next, (live.len(), 1), device)?,
             &batch,
             Some(&mut cache),
             Mode::Fast,
@@ -142,6 +164,22 @@ pub fn generate(
             finish_reason: s.done.unwrap_or(FinishReason::Length),
         })
         .collect())
+}
+
+/// The distinct prompts, in order of first appearance, and which one each prompt is.
+fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<&[u32]>, Vec<usize>) {
+    let mut index: HashMap<&[u32], usize> = HashMap::new();
+    let mut distinct = Vec::new();
+    let source = prompts
+        .iter()
+        .map(|p| {
+            *index.entry(p.as_slice()).or_insert_with(|| {
+                distinct.push(p.as_slice());
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    (distinct, source)
 }
 
 /// Appends `token` and decides whether the sequence is finished.

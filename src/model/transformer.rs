@@ -134,6 +134,17 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps batch rows `rows`, in that order (a row may repeat): a prompt computed once becomes
+    /// its samples' rows, and finished sequences leave the batch.
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let index = Tensor::new(rows, k.device())?;
+            *k = k.index_select(&index, 0)?;
+            *v = v.index_select(&index, 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// Positions and mask for one forward call over `(batch, time)` token ids.
