@@ -213,6 +213,17 @@ pub enum BenchCommand {
         #[arg(long, value_name = "FILE")]
         peer: Option<PathBuf>,
     },
+    /// One whole RL step as `train.<expert>` takes it: compose the expert, sample 8 chat prompts
+    /// × 4 (T 0.7, ≤ 128 new tokens, also forced to 128), one SVF step on the 90 MLP targets
+    /// with leave-one-out advantages; rollout tokens/s, train time and peak memory beside PyTorch.
+    RlStep {
+        #[command(flatten)]
+        model: ModelOptions,
+        /// The JSON line from `shared/peers/torch_svf_bench.py --parts svf,rollout` run just
+        /// before (default: the figures recorded on 2026-12-01).
+        #[arg(long, value_name = "FILE")]
+        peer: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -415,6 +426,9 @@ pub fn main() -> Result<(), cmd::CmdError> {
             },
             peer.as_deref(),
         ),
+        Command::Bench {
+            what: BenchCommand::RlStep { model, peer },
+        } => cmd::bench_rl::run(&model.into(), peer.as_deref()),
         Command::Schema => cmd::schema::run(),
     }
 }

@@ -29,9 +29,9 @@ const TEXT: &str = "Transformer-squared adapts a language model to each prompt i
 looks at the prompt and picks or mixes expert vectors, the second answers with the adapted weights. ";
 
 /// Which library multiplies large f32 matrices in this build (the `openblas` feature).
-const GEMM: &str = tsq_linalg::LARGE_PRODUCTS_BY;
+pub(super) const GEMM: &str = tsq_linalg::LARGE_PRODUCTS_BY;
 
-fn fail(e: impl std::fmt::Display) -> CmdError {
+pub(super) fn fail(e: impl std::fmt::Display) -> CmdError {
     CmdError::Failed(e.to_string())
 }
 
@@ -287,7 +287,7 @@ impl PeerStep {
 }
 
 /// Peak resident memory of this process (Linux), in GB.
-fn peak_rss_gb() -> Option<f64> {
+pub(super) fn peak_rss_gb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

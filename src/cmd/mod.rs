@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_eval;
+pub mod bench_rl;
 pub mod expert;
 pub mod fetch;
 pub mod generate;

@@ -1,0 +1,248 @@
+//! `tsq bench rl-step`: one whole RL step on the real model, the way `train.<expert>` takes it —
+//! compose the current expert, sample 8 prompts × 4 completions (temperature 0.7, up to 128
+//! new tokens), weight them by leave-one-out advantages of a ±1 reward, one SVF step on the 90
+//! MLP targets — beside the PyTorch peer doing the same parts
+//! (`shared/peers/torch_svf_bench.py --parts svf,rollout`) in the same session.
+
+use std::path::Path;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+use super::bench::{GEMM, fail, peak_rss_gb};
+use super::{CmdError, ModelArgs};
+use crate::model::Model;
+use crate::model::generate::{FinishReason, GenerateOptions, Generation, generate};
+use crate::pipeline::spec::{AdvantageScale, Baseline, Parametrization};
+use crate::rl::advantage::advantages;
+use crate::svf::apply::{Application, apply};
+use crate::svf::expert::{BaseModel, Expert};
+use crate::svf::train::{SvfTrainer, TokenBatch};
+
+/// The peer's questions (torch_svf_bench.py), asked through the chat template.
+const QUESTIONS: [&str; 8] = [
+    "What is 12*7?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "How many legs does a spider have?",
+    "Give me a synonym for 'happy'.",
+    "What is 15 + 27?",
+];
+const SAMPLES: usize = 4;
+const NEW_TOKENS: usize = 128;
+/// The token count of the peer's SVF step (8 × 256), which its time is scaled from.
+const PEER_SVF_TOKENS: f64 = 2048.0;
+
+/// The peer's figures: from a JSON line of this session, or as recorded on 2026-12-01.
+struct Peer {
+    label: String,
+    /// Sampled rollouts stopping at EOS: seconds, and completion tokens per second.
+    natural_s: f64,
+    natural_useful_tok_s: f64,
+    /// Every sample forced to 128 tokens: tokens per second.
+    forced_tok_s: Option<f64>,
+    svf_step_s: f64,
+    rss_gb: f64,
+}
+
+impl Peer {
+    fn recorded() -> Self {
+        // shared/peers/README.md, 2026-12-01: rollout 125.8 slot / 49.6 useful tok/s (the
+        // batch runs 128 steps: 32 × 128 / 125.8 = 32.6 s); SVF step 15.40 s, 7.19 GB.
+        Self {
+            label: "PyTorch f32, recorded 2026-12-01".into(),
+            natural_s: 32.0 * 128.0 / 125.8,
+            natural_useful_tok_s: 49.6,
+            forced_tok_s: None,
+            svf_step_s: 15.40,
+            rss_gb: 7.19,
+        }
+    }
+
+    fn from_file(path: &Path) -> Result<Self, CmdError> {
+        let bad = |what: String| CmdError::Usage(format!("{}: {what}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let value: Value =
+            serde_json::from_str(text.trim()).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let number = |pointer: &str| {
+            value.pointer(pointer).and_then(Value::as_f64).ok_or_else(|| {
+                bad(format!(
+                    "expected a number at `{pointer}` (torch_svf_bench.py --parts svf,rollout output)"
+                ))
+            })
+        };
+        let rss_mib = number("/svf/peak_rss_mib")?.max(number("/rollout/peak_rss_mib")?);
+        Ok(Self {
+            label: format!("PyTorch f32, {}", path.display()),
+            natural_s: number("/rollout/natural/seconds")?,
+            natural_useful_tok_s: number("/rollout/natural/useful_tokens_per_s")?,
+            forced_tok_s: Some(number("/rollout/forced128/tokens_per_s")?),
+            svf_step_s: number("/svf/median_step_s")?,
+            rss_gb: rss_mib * 1024.0 / 1e6,
+        })
+    }
+}
+
+/// Sampled rollouts of the questions: seconds, and the generations.
+fn rollouts(
+    policy: &Model,
+    prompts: &[Vec<u32>],
+    ignore_eos: bool,
+    seed: u64,
+) -> Result<(f64, Vec<Generation>), CmdError> {
+    let opts = GenerateOptions {
+        max_new_tokens: NEW_TOKENS,
+        temperature: 0.7,
+        seed,
+        ignore_eos,
+        ..GenerateOptions::default()
+    };
+    let clock = Instant::now();
+    let out = generate(policy, prompts, &opts).map_err(fail)?;
+    Ok((clock.elapsed().as_secs_f64(), out))
+}
+
+/// The step's training batch: each completion (with EOS when it stopped) after its prompt,
+/// weighted by its leave-one-out advantage under a random ±1 reward, over the batch.
+fn weighted_batch(prompts: &[Vec<u32>], generations: &[Generation], eos: u32) -> TokenBatch {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let rewards: Vec<Vec<f64>> = generations
+        .chunks(SAMPLES)
+        .map(|g| {
+            g.iter()
+                .map(|_| if rng.random_bool(0.5) { 1.0 } else { -1.0 })
+                .collect()
+        })
+        .collect();
+    let adv: Vec<f64> = advantages(&rewards, Baseline::Rloo, AdvantageScale::None)
+        .into_iter()
+        .flatten()
+        .collect();
+    let n = generations.len() as f32;
+    let (mut ids, mut weights) = (Vec::new(), Vec::new());
+    for ((prompt, g), a) in prompts.iter().zip(generations).zip(adv) {
+        let mut completion = g.token_ids.clone();
+        if g.finish_reason == FinishReason::Eos {
+            completion.push(eos);
+        }
+        weights.push(
+            std::iter::repeat_n(0.0, prompt.len())
+                .chain(std::iter::repeat_n(a as f32 / n, completion.len()))
+                .collect(),
+        );
+        ids.push([prompt.as_slice(), &completion].concat());
+    }
+    TokenBatch { ids, weights }
+}
+
+pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> {
+    let peer = match peer {
+        Some(path) => Peer::from_file(path)?,
+        None => Peer::recorded(),
+    };
+    let model = model_args.load()?;
+    let base = BaseModel::of_file(&model.path).map_err(fail)?;
+    let names: Vec<String> = (0..model.transformer.config.num_layers)
+        .flat_map(|l| ["gate_proj", "up_proj", "down_proj"].map(|m| format!("layers.{l}.mlp.{m}")))
+        .collect();
+    let home = crate::assets::TsqHome::from_env();
+    let factors = crate::svf::factors_for(&model, &base, &names, &home).map_err(fail)?;
+    let s = crate::svd::cache::singular_values(&factors);
+    let expert = Expert::initial(base, Parametrization::Sigmoid, &s, 0).map_err(fail)?;
+    let mut trainer =
+        SvfTrainer::new(&model.transformer, &factors, &expert, 2e-3, 1e-3).map_err(fail)?;
+    let prompts: Vec<Vec<u32>> = QUESTIONS
+        .iter()
+        .map(|q| {
+            let text = model.chat_prompt(q).map_err(fail)?;
+            let ids = model.tokenizer.encode(&text).map_err(fail)?;
+            Ok(std::iter::repeat_n(ids, SAMPLES))
+        })
+        .collect::<Result<Vec<_>, CmdError>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let clock = Instant::now();
+    let mut policy = model.clone();
+    let scales = expert.effective_scales().map_err(fail)?;
+    apply(
+        &mut policy.transformer,
+        &factors,
+        &scales,
+        Application::Compose,
+    )
+    .map_err(fail)?;
+    let compose_s = clock.elapsed().as_secs_f64();
+    // Warm-up (allocations, page faults), then the measured runs.
+    rollouts(&policy, &prompts[..SAMPLES], false, 0)?;
+    let (forced_s, _) = rollouts(&policy, &prompts, true, 0)?;
+    let (natural_s, generations) = rollouts(&policy, &prompts, false, 1)?;
+    let eos = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let batch = weighted_batch(&prompts, &generations, eos);
+    let useful: usize = batch
+        .weights
+        .iter()
+        .map(|w| w.iter().filter(|&&x| x != 0.0).count())
+        .sum();
+    let trained: usize = batch.ids.iter().map(Vec::len).sum();
+    drop((factors, policy));
+    let clock = Instant::now();
+    let report = trainer.step(&batch).map_err(fail)?;
+    let train_s = clock.elapsed().as_secs_f64();
+    let rss = peak_rss_gb().unwrap_or(f64::NAN);
+    let forced_tok_s = (generations.len() * NEW_TOKENS) as f64 / forced_s;
+    let natural_tok_s = useful as f64 / natural_s;
+    let step_s = compose_s + natural_s + train_s;
+    // The peer's step on the same work: its rollout plus its SVF step scaled to our tokens.
+    let peer_train_s = peer.svf_step_s * trained as f64 / PEER_SVF_TOKENS;
+    let peer_step_s = peer.natural_s + peer_train_s;
+    println!(
+        "tsq bench rl-step: {} ({} threads, products by {GEMM}), 90 MLP targets, {} prompts × {SAMPLES} samples, T 0.7, ≤ {NEW_TOKENS} new tokens",
+        model_args.source,
+        rayon::current_num_threads(),
+        QUESTIONS.len()
+    );
+    println!("  compose expert           {compose_s:>7.2} s");
+    println!(
+        "  rollout, forced 128      {forced_s:>7.2} s  {forced_tok_s:>7.1} tok/s{}",
+        peer.forced_tok_s.map_or(String::new(), |p| format!(
+            "   peer {p:.1} tok/s → {:.2}x",
+            forced_tok_s / p
+        ))
+    );
+    println!(
+        "  rollout, stop at EOS     {natural_s:>7.2} s  {natural_tok_s:>7.1} tok/s   peer {:.1} tok/s → {:.2}x ({useful} completion tokens)",
+        peer.natural_useful_tok_s,
+        natural_tok_s / peer.natural_useful_tok_s
+    );
+    println!(
+        "  SVF step                 {train_s:>7.2} s  on {trained} tokens (loss {:.4}, grad norm {:.2e})",
+        report.loss, report.grad_norm
+    );
+    println!(
+        "  whole step               {step_s:>7.2} s   peer {peer_step_s:.2} s (rollout {:.2} + SVF {:.2}, its 8×256 step scaled to {trained} tokens) → {:.2} of the peer's time",
+        peer.natural_s,
+        peer_train_s,
+        step_s / peer_step_s
+    );
+    println!(
+        "  peak RSS                 {rss:>7.2} GB  peer {:.2} GB → {:.2}x",
+        peer.rss_gb,
+        rss / peer.rss_gb
+    );
+    println!("  peer: {}", peer.label);
+    let record = json!({
+        "bench": "rl_step", "gemm": GEMM, "threads": rayon::current_num_threads(),
+        "compose_s": compose_s, "rollout_forced_s": forced_s, "rollout_forced_tok_s": forced_tok_s,
+        "rollout_natural_s": natural_s, "rollout_natural_tok_s": natural_tok_s,
+        "completion_tokens": useful, "trained_tokens": trained, "train_s": train_s,
+        "step_s": step_s, "peak_rss_gb": rss,
+        "peer": {"label": peer.label, "natural_s": peer.natural_s, "natural_useful_tok_s": peer.natural_useful_tok_s,
+                 "forced_tok_s": peer.forced_tok_s, "svf_step_s": peer.svf_step_s, "step_s_scaled": peer_step_s, "peak_rss_gb": peer.rss_gb},
+    });
+    println!("{record}");
+    Ok(())
+}
