@@ -45,6 +45,9 @@ pub struct RolloutStats {
     pub clipped_ratio: f64,
     /// Tokens generated or scored while making the batch.
     pub tokens: usize,
+    /// Seconds spent judging completions (reported beside rollout and train time).
+    #[serde(skip)]
+    pub reward_s: f64,
 }
 
 /// A step's batch and its statistics.
@@ -176,7 +179,9 @@ impl Rollouts<'_> {
             .enumerate()
             .map(|(i, g)| (g.text.as_str(), &items[i / per].fields))
             .collect();
+        let clock = std::time::Instant::now();
         let judged = self.reward.judge_all(&judged_inputs);
+        let reward_s = clock.elapsed().as_secs_f64();
         let mut rewards: Vec<Vec<f64>> = vec![Vec::with_capacity(per); items.len()];
         for (i, j) in judged.into_iter().enumerate() {
             let j = j.map_err(|e| failed("judging", items[i / per], e))?;
@@ -201,6 +206,7 @@ impl Rollouts<'_> {
         let lengths: Vec<usize> = completions.iter().map(Vec::len).collect();
         let mut stats = RolloutStats {
             tokens: prompts.iter().map(Vec::len).sum::<usize>() + lengths.iter().sum::<usize>(),
+            reward_s,
             ..RolloutStats::default()
         };
         // (completion, advantage): a group without reward signal still carries its KL term.

@@ -320,7 +320,8 @@ impl TrainStage<'_> {
             "step": step + 1,
             "lr": lr,
             "rollout": made.stats,
-            "time_rollout_s": rollout_s,
+            "time_rollout_s": rollout_s - made.stats.reward_s,
+            "time_reward_s": made.stats.reward_s,
         });
         if made.batch.ids.is_empty() {
             // Every group was uniform: nothing to learn from this step.
