@@ -12,7 +12,8 @@
 //! backward pass gets ∂L/∂s' = Σ_tokens (Uᵀ ∂y) ⊙ h from the product it needs anyway for ∂x. The
 //! caller maps ∂L/∂s' to ∂L/∂z (the parametrisation lives in [`super::effective_scale`]).
 //!
-//! Sequences are packed without padding: each attends causally within itself, and a batch too
+//! Sequences are packed without padding: each attends causally within itself, sequences that
+//! share their first tokens are computed once up to there ([`super::packing`]), and a batch too
 //! large for memory runs as several passes whose gradients add up.
 
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ use rayon::prelude::*;
 use tsq_linalg::{Mat, MatMut, Threads, matmul};
 
 use super::kernels;
+use super::packing::{Expansion, MIN_SHARED, Pack, packs};
 use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
 use crate::svd::cache::Decomposed;
@@ -161,6 +163,8 @@ pub struct Engine {
     ranks: Vec<usize>,
     /// Activation memory one pass may take ([`PASS_BYTES`]).
     pass_bytes: usize,
+    /// Fewest shared leading tokens for which sequences are packed ([`MIN_SHARED`]).
+    min_shared: usize,
     pool: Pool,
 }
 
@@ -188,12 +192,27 @@ struct Scored {
     weight: f32,
 }
 
-/// The sequences of one pass, packed one after another.
+/// The packs of one pass, one after another.
 struct Pass {
+    /// Tokens of each pack (what the head layout groups by).
     lengths: Vec<usize>,
     tokens: usize,
+    /// Rotary position of each token.
+    positions: Vec<usize>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The members' own attention sequences, when some pack shares tokens.
+    expansion: Option<Expansion>,
+}
+
+impl Pass {
+    /// Lengths of the sequences attention runs over.
+    fn attention_lengths(&self) -> &[usize] {
+        match &self.expansion {
+            Some(e) => &e.lengths,
+            None => &self.lengths,
+        }
+    }
 }
 
 /// What one block's backward pass needs from its forward pass.
@@ -212,6 +231,15 @@ struct Saved {
     up: Vec<f32>,
     /// h = Vᵀ x of each factored projection.
     hidden: [Option<Vec<f32>>; 7],
+}
+
+/// Attention's results: what its backward pass keeps, and the attended values (packed).
+struct Attended {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    out: Vec<f32>,
 }
 
 impl Saved {
@@ -326,6 +354,7 @@ impl Engine {
                 .map(|d| d.factors.s.dim(0))
                 .collect::<candle_core::Result<_>>()?,
             pass_bytes: PASS_BYTES,
+            min_shared: MIN_SHARED,
             pool: Pool::default(),
         })
     }
@@ -340,8 +369,9 @@ impl Engine {
             forward_s: 0.0,
             backward_s: 0.0,
         };
-        for pass in self.passes(batch) {
-            self.run_pass(scaled_s, &pass, &mut out);
+        let packs = packs(batch, self.min_shared);
+        for pass in self.passes(&packs) {
+            self.run_pass(scaled_s, pass, &mut out);
         }
         Ok(out)
     }
@@ -376,46 +406,53 @@ impl Engine {
         Ok(())
     }
 
-    /// Groups the batch into passes of at most `pass_bytes` of activations (a longer single
-    /// sequence gets a pass of its own).
-    fn passes<'a>(&self, batch: &'a [Sequence<'a>]) -> Vec<Vec<&'a Sequence<'a>>> {
+    /// Groups the packs into passes of at most `pass_bytes` of activations (a larger single
+    /// pack gets a pass of its own).
+    fn passes<'p, 'a>(&self, packs: &'p [Pack<'a>]) -> Vec<&'p [Pack<'a>]> {
         let c = &self.config;
         // Per token and layer, f32: x, q, k, v, x_mid and a few norms (≤ 6 hidden), gate and up
-        // (2 intermediate), h = Vᵀx of up to three factored MLP targets (≤ 3 hidden).
+        // (2 intermediate), h = Vᵀx of up to three factored MLP targets (≤ 3 hidden); then the
+        // attention probabilities of each member's sequence.
         let per_token = 4 * c.num_layers * (9 * c.hidden_size + 2 * c.intermediate_size);
-        let bytes = |len: usize| len * per_token + 4 * c.num_layers * c.num_heads * len * len;
-        let mut passes: Vec<Vec<&Sequence>> = vec![];
-        let mut used = 0;
-        for seq in batch {
-            let need = bytes(seq.ids.len());
-            match passes.last_mut() {
-                Some(pass) if used + need <= self.pass_bytes => pass.push(seq),
-                _ => {
-                    passes.push(vec![seq]);
-                    used = 0;
-                }
+        let bytes = |pack: &Pack| {
+            let probs: usize = pack.members.iter().map(|m| m.ids.len().pow(2)).sum();
+            pack.tokens() * per_token + 4 * c.num_layers * c.num_heads * probs
+        };
+        let mut passes = vec![];
+        let (mut start, mut used) = (0, 0);
+        for (i, pack) in packs.iter().enumerate() {
+            let need = bytes(pack);
+            if i > start && used + need > self.pass_bytes {
+                passes.push(&packs[start..i]);
+                (start, used) = (i, 0);
             }
             used += need;
+        }
+        if start < packs.len() {
+            passes.push(&packs[start..]);
         }
         passes
     }
 
-    fn run_pass(&self, scaled_s: &[Vec<f32>], seqs: &[&Sequence], out: &mut Gradients) {
+    fn run_pass(&self, scaled_s: &[Vec<f32>], packs: &[Pack], out: &mut Gradients) {
         let clock = std::time::Instant::now();
-        let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
-        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let lengths: Vec<usize> = packs.iter().map(Pack::tokens).collect();
+        let positions: Vec<usize> = packs.iter().flat_map(Pack::positions).collect();
+        let longest = positions.iter().max().map_or(0, |p| p + 1);
         let (cos, sin) = kernels::rope_tables(&self.inv_freq, longest);
         let pass = Pass {
             tokens: lengths.iter().sum(),
             lengths,
+            positions,
             cos,
             sin,
+            expansion: Expansion::of(packs),
         };
         let hidden = self.config.hidden_size;
-        let mut x: Vec<f32> = seqs
+        let mut x: Vec<f32> = packs
             .iter()
-            .flat_map(|s| s.ids.iter())
-            .flat_map(|&id| &self.embed[id as usize * hidden..(id as usize + 1) * hidden])
+            .flat_map(Pack::ids)
+            .flat_map(|id| &self.embed[id as usize * hidden..(id as usize + 1) * hidden])
             .copied()
             .collect();
         let mut saved = Vec::with_capacity(self.layers.len());
@@ -428,18 +465,20 @@ impl Engine {
 
         let clock = std::time::Instant::now();
         let mut scored = vec![];
-        let mut row = 0;
-        for seq in seqs {
-            for t in 1..seq.ids.len() {
-                if seq.weights[t] != 0.0 {
-                    scored.push(Scored {
-                        row: row + t - 1,
-                        token: seq.ids[t],
-                        weight: seq.weights[t],
-                    });
+        let mut start = 0;
+        for pack in packs {
+            for (j, seq) in pack.members.iter().enumerate() {
+                for t in 1..seq.ids.len() {
+                    if seq.weights[t] != 0.0 {
+                        scored.push(Scored {
+                            row: start + pack.row(j, t - 1),
+                            token: seq.ids[t],
+                            weight: seq.weights[t],
+                        });
+                    }
                 }
             }
-            row += seq.ids.len();
+            start += pack.tokens();
         }
         let mut grad = self.pool.zeros(x.len());
         out.loss += self.head_loss(&x, &scored, &mut grad);
@@ -481,10 +520,16 @@ impl Engine {
         let q = heads_of(Q, heads, true);
         let k = heads_of(K, kv_heads, true);
         let v = heads_of(V, kv_heads, false);
-        let (probs, grouped) = self.attention(&q, &k, &v, pass);
-        let attended = self.to_tokens(&grouped, pass, heads, false);
+        let Attended {
+            q,
+            k,
+            v,
+            probs,
+            out,
+        } = self.attend(q, k, v, pass);
+        let attended = self.to_tokens(&out, pass, heads, false);
         let mut x_mid = project(O, &attended);
-        pool.give([grouped, attended]);
+        pool.give([out, attended]);
         x_mid.par_iter_mut().zip(&x).for_each(|(o, x)| *o += x);
 
         let mut inv_rms_mlp = pool.zeros(n);
@@ -554,7 +599,7 @@ impl Engine {
         let mut grad_attended = pool.zeros(n * heads * c.head_dim);
         back(O, &grad_mid, &mut grad_attended, false);
         let grad_grouped = self.to_heads(&grad_attended, pass, heads, false);
-        let (grad_q, grad_k, grad_v) = self.attention_backward(&saved, &grad_grouped, pass);
+        let (grad_q, grad_k, grad_v) = self.attend_backward(&saved, &grad_grouped, pass);
         pool.give([grad_attended, grad_grouped]);
         let qkv = [
             (Q, grad_q, heads, true),
@@ -609,13 +654,22 @@ impl Engine {
         let run = heads / kv_heads * d;
         let mut out = self.pool.zeros(x.len());
         let sizes: Vec<usize> = pass.lengths.iter().map(|l| l * width).collect();
+        let mut positions = pass.positions.as_slice();
+        let positions: Vec<&[usize]> = (pass.lengths.iter())
+            .map(|&len| {
+                let (head, rest) = positions.split_at(len);
+                positions = rest;
+                head
+            })
+            .collect();
         split_mut(&mut out, &sizes)
             .into_par_iter()
             .zip(split(x, &sizes))
-            .zip(&pass.lengths)
-            .for_each(|((out, x), &len)| {
+            .zip(positions)
+            .for_each(|((out, x), positions)| {
+                let len = positions.len();
                 for g in 0..kv_heads {
-                    for t in 0..len {
+                    for (t, &at) in positions.iter().enumerate() {
                         let token_major = t * width + g * run;
                         let grouped = (g * len + t) * run;
                         let (from, to) = match to_heads {
@@ -625,7 +679,7 @@ impl Engine {
                         let run = &mut out[to..to + run];
                         run.copy_from_slice(&x[from..from + run.len()]);
                         if rotate {
-                            let angles = t * half..(t + 1) * half;
+                            let angles = at * half..(at + 1) * half;
                             let (cos, sin) = (&pass.cos[angles.clone()], &pass.sin[angles]);
                             for v in run.chunks_mut(d) {
                                 kernels::rotate(v, cos, sin, !to_heads);
@@ -640,11 +694,17 @@ impl Engine {
     /// Causal attention of every sequence and key/value head: the probabilities and the
     /// attended values (grouped like q). Queries go in blocks of [`QUERY_BLOCK`] positions,
     /// each against the keys up to its last position only.
-    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], pass: &Pass) -> (Vec<f32>, Vec<f32>) {
+    fn attention(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        lengths: &[usize],
+    ) -> (Vec<f32>, Vec<f32>) {
         let (rep, d, scale) = self.attention_shape();
-        let mut probs = self.pool.zeros(self.probs_len(pass));
+        let mut probs = self.pool.zeros(self.probs_len(lengths));
         let mut out = self.pool.zeros(q.len());
-        let groups = self.groups(pass);
+        let groups = self.groups(lengths);
         split_groups_mut(&mut probs, &groups, |len| rep * len * len)
             .into_par_iter()
             .zip(split_groups_mut(&mut out, &groups, |len| rep * len * d))
@@ -675,7 +735,7 @@ impl Engine {
         &self,
         saved: &Saved,
         grad_out: &[f32],
-        pass: &Pass,
+        lengths: &[usize],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (rep, d, scale) = self.attention_shape();
         let (mut grad_q, mut grad_k, mut grad_v) = (
@@ -683,7 +743,7 @@ impl Engine {
             self.pool.zeros(saved.k.len()),
             self.pool.zeros(saved.v.len()),
         );
-        let groups = self.groups(pass);
+        let groups = self.groups(lengths);
         split_groups_mut(&mut grad_q, &groups, |len| rep * len * d)
             .into_par_iter()
             .zip(split_groups_mut(&mut grad_k, &groups, |len| len * d))
@@ -728,19 +788,71 @@ impl Engine {
     }
 
     /// The length of each (sequence, key/value head) group, in layout order.
-    fn groups(&self, pass: &Pass) -> Vec<usize> {
+    fn groups(&self, lengths: &[usize]) -> Vec<usize> {
         let kv_heads = self.config.num_kv_heads;
-        pass.lengths
+        lengths
             .iter()
             .flat_map(|&len| std::iter::repeat_n(len, kv_heads))
             .collect()
     }
 
-    fn probs_len(&self, pass: &Pass) -> usize {
-        pass.lengths
-            .iter()
-            .map(|l| self.config.num_heads * l * l)
-            .sum()
+    fn probs_len(&self, lengths: &[usize]) -> usize {
+        lengths.iter().map(|l| self.config.num_heads * l * l).sum()
+    }
+
+    /// Attention of the pass's sequences; packs that share tokens run one sequence per member
+    /// (see [`super::packing`]), folded back into packed rows.
+    fn attend(&self, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, pass: &Pass) -> Attended {
+        let (rep, d, _) = self.attention_shape();
+        let kv = self.config.num_kv_heads;
+        let (q, k, v) = match &pass.expansion {
+            None => (q, k, v),
+            Some(e) => {
+                let expanded = (
+                    e.gather(&q, kv, rep * d, false),
+                    e.gather(&k, kv, d, false),
+                    e.gather(&v, kv, d, false),
+                );
+                self.pool.give([q, k, v]);
+                expanded
+            }
+        };
+        let (probs, out) = self.attention(&q, &k, &v, pass.attention_lengths());
+        let out = match &pass.expansion {
+            None => out,
+            Some(e) => e.scatter(&out, kv, rep * d, false),
+        };
+        Attended {
+            q,
+            k,
+            v,
+            probs,
+            out,
+        }
+    }
+
+    /// Gradients of the packed q, k and v from those of the packed attended values.
+    fn attend_backward(
+        &self,
+        saved: &Saved,
+        grad_out: &[f32],
+        pass: &Pass,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (rep, d, _) = self.attention_shape();
+        let kv = self.config.num_kv_heads;
+        let Some(e) = &pass.expansion else {
+            return self.attention_backward(saved, grad_out, &pass.lengths);
+        };
+        // A shared row's output came from the pack's first member only.
+        let grad_out = e.gather(grad_out, kv, rep * d, true);
+        let (q, k, v) = self.attention_backward(saved, &grad_out, &e.lengths);
+        let folded = (
+            e.scatter(&q, kv, rep * d, true),
+            e.scatter(&k, kv, d, true),
+            e.scatter(&v, kv, d, true),
+        );
+        self.pool.give([q, k, v]);
+        folded
     }
 
     /// `−Σ w log softmax(norm(x_row) headᵀ)[token]` over the scored rows; writes the gradient of
@@ -792,8 +904,10 @@ impl Engine {
                 &grad_normed,
                 &mut grad_picked,
             );
+            // Members of a pack predict their first own tokens from the same shared row.
             for (s, g) in chunk.iter().zip(grad_picked.chunks(hidden)) {
-                grad_x[s.row * hidden..(s.row + 1) * hidden].copy_from_slice(g);
+                let row = &mut grad_x[s.row * hidden..(s.row + 1) * hidden];
+                row.iter_mut().zip(g).for_each(|(a, b)| *a += b);
             }
             self.pool.give([logits]);
         }
@@ -975,7 +1089,7 @@ mod tests {
         let batch = sequences(&ids, &weights);
         let whole = engine.gradients(&scaled_s, &batch)?;
         engine.pass_bytes = 1;
-        assert_eq!(engine.passes(&batch).len(), 2);
+        assert_eq!(engine.passes(&packs(&batch, MIN_SHARED)).len(), 2);
         let split = engine.gradients(&scaled_s, &batch)?;
         // Equal up to f32 rounding: products over different row counts sum in other orders.
         let (a, b) = (whole.loss, split.loss);
@@ -984,6 +1098,69 @@ mod tests {
             let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(scale > 0.0 && diff <= 1e-4 * scale, "{diff} vs {scale}");
+        }
+        Ok(())
+    }
+
+    /// Completions of shared prompts, packed (the prompt computed once), give the loss and
+    /// gradients of the same sequences trained apart; split across passes too.
+    #[test]
+    fn packed_prompts_give_the_gradients_of_separate_sequences() -> Result<()> {
+        let (base, factors) = crate::svf::tiny_decomposed(5);
+        let mut engine = Engine::new(&base.config, &base.tensors(), &factors)?;
+        let scaled_s: Vec<Vec<f32>> = factors
+            .iter()
+            .map(|d| d.factors.s.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        let vocab = base.config.vocab_size as u32;
+        let prompt =
+            |n: u32, seed: u32| (0..n).map(|t| (t * 11 + seed) % vocab).collect::<Vec<_>>();
+        // Two prompts (one past a query block) with completions of different lengths, then a
+        // sequence of its own.
+        let (p1, p2) = (prompt(70, 3), prompt(20, 8));
+        let mut ids: Vec<Vec<u32>> = Vec::new();
+        for (p, lens) in [(&p1, vec![5usize, 1, 9]), (&p2, vec![3, 4])] {
+            for (j, &n) in lens.iter().enumerate() {
+                let own = (0..n as u32).map(|t| (t * 5 + j as u32 * 13 + 1) % vocab);
+                ids.push(p.iter().copied().chain(own).collect());
+            }
+        }
+        ids.push(prompt(30, 1));
+        let weights: Vec<Vec<f32>> = (ids.iter().enumerate())
+            .map(|(i, s)| {
+                let start = if i == 5 {
+                    10
+                } else if i < 3 {
+                    70
+                } else {
+                    20
+                };
+                let w = if i % 2 == 0 { 0.5 } else { -0.75 };
+                (0..s.len())
+                    .map(|t| if t >= start { w } else { 0.0 })
+                    .collect()
+            })
+            .collect();
+        let batch = sequences(&ids, &weights);
+        let packed = packs(&batch, MIN_SHARED);
+        assert_eq!(
+            packed.iter().map(|p| p.members.len()).collect::<Vec<_>>(),
+            [3, 2, 1]
+        );
+        let together = engine.gradients(&scaled_s, &batch)?;
+        engine.min_shared = usize::MAX;
+        let apart = engine.gradients(&scaled_s, &batch)?;
+        engine.min_shared = MIN_SHARED;
+        engine.pass_bytes = 1;
+        let split = engine.gradients(&scaled_s, &batch)?;
+        for other in [&apart, &split] {
+            let (a, b) = (together.loss, other.loss);
+            assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+            for (a, b) in together.scaled_s.iter().zip(&other.scaled_s) {
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(scale > 0.0 && diff <= 1e-4 * scale, "{diff} vs {scale}");
+            }
         }
         Ok(())
     }

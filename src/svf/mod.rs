@@ -13,6 +13,7 @@ pub mod apply;
 mod backprop;
 pub mod expert;
 mod kernels;
+mod packing;
 pub mod train;
 
 use std::path::Path;
