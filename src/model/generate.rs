@@ -223,6 +223,9 @@ fn pick(logits: &[f32], opts: &GenerateOptions, rng: &mut ChaCha8Rng) -> u32 {
     if opts.temperature <= 0.0 {
         return argmax();
     }
+    if opts.top_k == 0 && opts.top_p >= 1.0 {
+        return draw_all(logits, opts.temperature, rng);
+    }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     if opts.top_k > 0 {
@@ -254,6 +257,29 @@ fn pick(logits: &[f32], opts: &GenerateOptions, rng: &mut ChaCha8Rng) -> u32 {
     order[kept - 1] as u32
 }
 
+/// A draw from the whole tempered distribution, in vocabulary order: no sort is needed when
+/// nothing is cut off (sorting 49k logits per sequence and step cost ~a third of decoding).
+fn draw_all(logits: &[f32], temperature: f64, rng: &mut ChaCha8Rng) -> u32 {
+    let top = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&l| ((l as f64 - top) / temperature).exp())
+        .collect();
+    let mut draw = rng.random::<f64>() * weights.iter().sum::<f64>();
+    for (i, w) in weights.iter().enumerate() {
+        draw -= w;
+        if draw <= 0.0 {
+            return i as u32;
+        }
+    }
+    // Rounding left a sliver: the likeliest token.
+    weights
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +307,27 @@ mod tests {
             draws.iter().all(|&t| t == 1 || t == 3) && draws.contains(&3),
             "top-p keeps the two near-equal tokens"
         );
+    }
+
+    /// Without top-k or top-p, draws follow the tempered softmax.
+    #[test]
+    fn full_draws_follow_the_tempered_distribution() {
+        let logits = [0.0f32, 1.0, 2.0];
+        let opts = GenerateOptions {
+            temperature: 0.5,
+            ..Default::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let n = 20_000;
+        let mut counts = [0usize; 3];
+        for _ in 0..n {
+            counts[pick(&logits, &opts, &mut rng) as usize] += 1;
+        }
+        let weights: Vec<f64> = logits.iter().map(|&l| (l as f64 / 0.5).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        for (c, w) in counts.iter().zip(&weights) {
+            let expected = w / total;
+            assert!((*c as f64 / n as f64 - expected).abs() < 0.01, "{counts:?}");
+        }
     }
 }
