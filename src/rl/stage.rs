@@ -29,8 +29,8 @@ use crate::model::Model;
 use crate::model::stage::ModelRecord;
 use crate::pipeline::ResolvedEval;
 use crate::pipeline::spec::{
-    EvaluateSpec, ExpertSpec, Keep, Objective, RewardSpec, RewardValues, Rollout, Schedule,
-    SplitName,
+    Baseline, EvaluateSpec, ExpertSpec, Keep, Objective, RewardSpec, RewardValues, Rollout,
+    Schedule, SplitName,
 };
 use crate::reward::{Reward, Verdict};
 use crate::stages::Shared;
@@ -179,7 +179,10 @@ impl StageRunner for TrainStage<'_> {
                 state.validations.push(v);
             }
             state.metrics.push(line);
-            if let Some(warning) = no_signal_warning(&state.metrics, &task.values) {
+            let warning = (spec.baseline != Baseline::None)
+                .then(|| no_signal_warning(&state.metrics, &task.values))
+                .flatten();
+            if let Some(warning) = warning {
                 progress.warn(&warning);
                 state.metrics.last_mut().expect("just pushed")["warning"] = json!(warning);
             }
@@ -544,7 +547,8 @@ fn save_checkpoint(dir: &Path, state: &Checkpoint) -> Result<(), StageError> {
 const NO_SIGNAL_STEPS: usize = 3;
 
 /// A warning when most prompt groups of the last [`NO_SIGNAL_STEPS`] steps got equal rewards for
-/// all their samples: those groups have no advantage, so the steps learn (next to) nothing.
+/// all their samples: under a group baseline those groups have no advantage, so the steps learn
+/// (next to) nothing. (Without a baseline every reward is its own advantage: no warning.)
 /// Derived from the metrics lines alone, so a resumed run warns as an uninterrupted one.
 fn no_signal_warning(lines: &[Value], values: &RewardValues) -> Option<String> {
     let frac = |line: &Value| {
