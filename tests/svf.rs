@@ -282,21 +282,28 @@ fn experts_inspect_combine_and_export_to_a_model_that_loads_back() {
     );
 }
 
+/// The training benches read their peer's JSON line before loading anything, and a line
+/// without the figures they compare with is a usage error naming the file and the field.
 #[test]
-fn svf_step_bench_refuses_a_peer_file_without_the_peer_figures() {
+fn training_benches_refuse_a_peer_file_without_the_peer_figures() {
     let dir = tempfile::tempdir().unwrap();
     let peer = dir.path().join("peer.json");
     std::fs::write(&peer, r#"{"svf": {"median_step_s": 13.7}}"#).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
-        .args(["bench", "svf-step", "--peer"])
-        .arg(&peer)
-        .env("TSQ_HOME", dir.path().join("home"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("peer.json") && stderr.contains("/svf/median_phase_s/forward"),
-        "{stderr}"
-    );
+    for (bench, field) in [
+        ("svf-step", "/svf/median_phase_s/forward"),
+        ("rl-step", "/svf/peak_rss_mib"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
+            .args(["bench", bench, "--peer"])
+            .arg(&peer)
+            .env("TSQ_HOME", dir.path().join("home"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bench}: {stderr}");
+        assert!(
+            stderr.contains("peer.json") && stderr.contains(field),
+            "{bench}: {stderr}"
+        );
+    }
 }

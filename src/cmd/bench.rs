@@ -323,6 +323,38 @@ fn reinforce_batch(vocab: usize, batch: usize, seq: usize, prompt: usize) -> Tok
     TokenBatch { ids, weights }
 }
 
+/// A model with its 90 MLP matrices decomposed and the initial sigmoid expert on them: what
+/// the training benches step.
+pub(super) struct MlpSetup {
+    pub model: Model,
+    pub names: Vec<String>,
+    pub factors: Vec<crate::svd::cache::Decomposed>,
+    pub expert: Expert,
+    /// Seconds to get the factors (the cache, or an SVD).
+    pub factors_s: f64,
+}
+
+pub(super) fn mlp_setup(model_args: &ModelArgs) -> Result<MlpSetup, CmdError> {
+    let model = model_args.load()?;
+    let base = BaseModel::of_file(&model.path).map_err(fail)?;
+    let names: Vec<String> = (0..model.transformer.config.num_layers)
+        .flat_map(|l| ["gate_proj", "up_proj", "down_proj"].map(|m| format!("layers.{l}.mlp.{m}")))
+        .collect();
+    let started = Instant::now();
+    let home = crate::assets::TsqHome::from_env();
+    let factors = crate::svf::factors_for(&model, &base, &names, &home).map_err(fail)?;
+    let factors_s = started.elapsed().as_secs_f64();
+    let s = crate::svd::cache::singular_values(&factors);
+    let expert = Expert::initial(base, Parametrization::Sigmoid, &s, 0).map_err(fail)?;
+    Ok(MlpSetup {
+        model,
+        names,
+        factors,
+        expert,
+        factors_s,
+    })
+}
+
 /// The shape of one measured SVF step.
 pub struct SvfStepShape {
     pub batch: usize,
@@ -342,19 +374,17 @@ pub fn svf_step_bench(
         Some(path) => PeerStep::from_file(path)?,
         None => PeerStep::recorded(),
     };
-    let model = model_args.load()?;
-    let base = BaseModel::of_file(&model.path).map_err(fail)?;
-    let names: Vec<String> = (0..model.transformer.config.num_layers)
-        .flat_map(|l| ["gate_proj", "up_proj", "down_proj"].map(|m| format!("layers.{l}.mlp.{m}")))
-        .collect();
-    let started = Instant::now();
-    let home = crate::assets::TsqHome::from_env();
-    let factors = crate::svf::factors_for(&model, &base, &names, &home).map_err(fail)?;
-    let factors_s = started.elapsed().as_secs_f64();
-    let singular_values = crate::svd::cache::singular_values(&factors);
-    let expert =
-        Expert::initial(base, Parametrization::Sigmoid, &singular_values, 0).map_err(fail)?;
-    let parameters: usize = singular_values.iter().map(|(_, s)| s.elem_count()).sum();
+    let MlpSetup {
+        model,
+        names,
+        factors,
+        expert,
+        factors_s,
+    } = mlp_setup(model_args)?;
+    let parameters: usize = crate::svd::cache::singular_values(&factors)
+        .iter()
+        .map(|(_, s)| s.elem_count())
+        .sum();
     let vocab = model.transformer.config.vocab_size;
     let mut trainer =
         SvfTrainer::new(&model.transformer, &factors, &expert, 2e-3, 1e-3).map_err(fail)?;

@@ -10,14 +10,13 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use super::bench::{GEMM, fail, peak_rss_gb};
+use super::bench::{GEMM, MlpSetup, fail, mlp_setup, peak_rss_gb};
 use super::{CmdError, ModelArgs};
 use crate::model::Model;
 use crate::model::generate::{FinishReason, GenerateOptions, Generation, generate};
-use crate::pipeline::spec::{AdvantageScale, Baseline, Parametrization};
+use crate::pipeline::spec::{AdvantageScale, Baseline};
 use crate::rl::advantage::advantages;
 use crate::svf::apply::{Application, apply};
-use crate::svf::expert::{BaseModel, Expert};
 use crate::svf::train::{SvfTrainer, TokenBatch};
 
 /// The peer's questions (torch_svf_bench.py), asked through the chat template.
@@ -143,15 +142,13 @@ pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> 
         Some(path) => Peer::from_file(path)?,
         None => Peer::recorded(),
     };
-    let model = model_args.load()?;
-    let base = BaseModel::of_file(&model.path).map_err(fail)?;
-    let names: Vec<String> = (0..model.transformer.config.num_layers)
-        .flat_map(|l| ["gate_proj", "up_proj", "down_proj"].map(|m| format!("layers.{l}.mlp.{m}")))
-        .collect();
-    let home = crate::assets::TsqHome::from_env();
-    let factors = crate::svf::factors_for(&model, &base, &names, &home).map_err(fail)?;
-    let s = crate::svd::cache::singular_values(&factors);
-    let expert = Expert::initial(base, Parametrization::Sigmoid, &s, 0).map_err(fail)?;
+    let MlpSetup {
+        model,
+        names,
+        factors,
+        expert,
+        ..
+    } = mlp_setup(model_args)?;
     let mut trainer =
         SvfTrainer::new(&model.transformer, &factors, &expert, 2e-3, 1e-3).map_err(fail)?;
     let prompts: Vec<Vec<u32>> = QUESTIONS
@@ -200,9 +197,10 @@ pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> 
     let peer_train_s = peer.svf_step_s * trained as f64 / PEER_SVF_TOKENS;
     let peer_step_s = peer.natural_s + peer_train_s;
     println!(
-        "tsq bench rl-step: {} ({} threads, products by {GEMM}), 90 MLP targets, {} prompts × {SAMPLES} samples, T 0.7, ≤ {NEW_TOKENS} new tokens",
+        "tsq bench rl-step: {} ({} threads, products by {GEMM}), {} MLP targets, {} prompts × {SAMPLES} samples, T 0.7, ≤ {NEW_TOKENS} new tokens",
         model_args.source,
         rayon::current_num_threads(),
+        names.len(),
         QUESTIONS.len()
     );
     println!("  compose expert           {compose_s:>7.2} s");

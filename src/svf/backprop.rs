@@ -1015,7 +1015,7 @@ fn split<'a>(mut buf: &'a [f32], sizes: &[usize]) -> Vec<&'a [f32]> {
         .collect()
 }
 
-fn split_mut<'a>(mut buf: &'a mut [f32], sizes: &[usize]) -> Vec<&'a mut [f32]> {
+pub(super) fn split_mut<'a>(mut buf: &'a mut [f32], sizes: &[usize]) -> Vec<&'a mut [f32]> {
     sizes
         .iter()
         .map(|&n| {
@@ -1079,40 +1079,44 @@ mod tests {
 
     #[test]
     fn a_batch_split_into_passes_gives_the_same_loss_and_gradients() -> Result<()> {
-        let (base, factors) = crate::svf::tiny_decomposed(5);
-        let mut engine = Engine::new(&base.config, &base.tensors(), &factors)?;
-        let scaled_s: Vec<Vec<f32>> = factors
-            .iter()
-            .map(|d| d.factors.s.to_vec1::<f32>())
-            .collect::<candle_core::Result<_>>()?;
-        let (ids, weights) = batch(base.config.vocab_size as u32);
+        let (mut engine, scaled_s, vocab) = tiny_engine()?;
+        let (ids, weights) = batch(vocab);
         let batch = sequences(&ids, &weights);
         let whole = engine.gradients(&scaled_s, &batch)?;
         engine.pass_bytes = 1;
         assert_eq!(engine.passes(&packs(&batch, MIN_SHARED)).len(), 2);
         let split = engine.gradients(&scaled_s, &batch)?;
-        // Equal up to f32 rounding: products over different row counts sum in other orders.
-        let (a, b) = (whole.loss, split.loss);
-        assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "{a} vs {b}");
-        for (a, b) in whole.scaled_s.iter().zip(&split.scaled_s) {
+        assert_same_gradients(&whole, &split);
+        Ok(())
+    }
+
+    /// A tiny decomposed model's engine and its targets' singular values.
+    fn tiny_engine() -> Result<(Engine, Vec<Vec<f32>>, u32)> {
+        let (base, factors) = crate::svf::tiny_decomposed(5);
+        let engine = Engine::new(&base.config, &base.tensors(), &factors)?;
+        let scaled_s = factors
+            .iter()
+            .map(|d| d.factors.s.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        Ok((engine, scaled_s, base.config.vocab_size as u32))
+    }
+
+    /// Equal up to f32 rounding: products over different row counts sum in other orders.
+    fn assert_same_gradients(a: &Gradients, b: &Gradients) {
+        let (x, y) = (a.loss, b.loss);
+        assert!((x - y).abs() < 1e-5 * x.abs().max(1.0), "{x} vs {y}");
+        for (a, b) in a.scaled_s.iter().zip(&b.scaled_s) {
             let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(scale > 0.0 && diff <= 1e-4 * scale, "{diff} vs {scale}");
         }
-        Ok(())
     }
 
     /// Completions of shared prompts, packed (the prompt computed once), give the loss and
     /// gradients of the same sequences trained apart; split across passes too.
     #[test]
     fn packed_prompts_give_the_gradients_of_separate_sequences() -> Result<()> {
-        let (base, factors) = crate::svf::tiny_decomposed(5);
-        let mut engine = Engine::new(&base.config, &base.tensors(), &factors)?;
-        let scaled_s: Vec<Vec<f32>> = factors
-            .iter()
-            .map(|d| d.factors.s.to_vec1::<f32>())
-            .collect::<candle_core::Result<_>>()?;
-        let vocab = base.config.vocab_size as u32;
+        let (mut engine, scaled_s, vocab) = tiny_engine()?;
         let prompt =
             |n: u32, seed: u32| (0..n).map(|t| (t * 11 + seed) % vocab).collect::<Vec<_>>();
         // Two prompts (one past a query block) with completions of different lengths, then a
@@ -1153,15 +1157,8 @@ mod tests {
         engine.min_shared = MIN_SHARED;
         engine.pass_bytes = 1;
         let split = engine.gradients(&scaled_s, &batch)?;
-        for other in [&apart, &split] {
-            let (a, b) = (together.loss, other.loss);
-            assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "{a} vs {b}");
-            for (a, b) in together.scaled_s.iter().zip(&other.scaled_s) {
-                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(scale > 0.0 && diff <= 1e-4 * scale, "{diff} vs {scale}");
-            }
-        }
+        assert_same_gradients(&together, &apart);
+        assert_same_gradients(&together, &split);
         Ok(())
     }
 

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::backprop::Sequence;
+use super::backprop::{Sequence, split_mut};
 
 /// Fewest shared tokens worth packing: below it the copies cost more than they save.
 pub(super) const MIN_SHARED: usize = 8;
@@ -203,17 +203,6 @@ fn offsets(sizes: impl Iterator<Item = usize>) -> Vec<usize> {
             let start = at;
             at += n;
             start
-        })
-        .collect()
-}
-
-fn split_mut<'a>(mut buf: &'a mut [f32], sizes: &[usize]) -> Vec<&'a mut [f32]> {
-    sizes
-        .iter()
-        .map(|&n| {
-            let (head, rest) = std::mem::take(&mut buf).split_at_mut(n);
-            buf = rest;
-            head
         })
         .collect()
 }
