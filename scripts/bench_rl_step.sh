@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# `tsq bench rl-step` beside the PyTorch peer, back to back in one session (this machine drifts
+# 10-35% between runs: only same-session ratios mean anything). Needs the peer virtualenv of
+# shared/peers/README.md ($PEERS_HOME/venv, SmolLM2 unpacked under $PEERS_HOME/models) and a
+# release build. Waits until the machine is quiet before each side.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${PEERS_HOME:=$HOME/.cache/tsq-peers}"
+: "${PEERS_DIR:=../shared/peers}"
+: "${TSQ:=${CARGO_TARGET_DIR:-target}/release/tsq}"
+export PEERS_HOME
+out=$(mktemp -d)
+wait_quiet() {
+  while awk '{exit !($1 >= 0.7)}' /proc/loadavg; do echo "load $(cut -d' ' -f1 /proc/loadavg), waiting" >&2; sleep 20; done
+}
+wait_quiet
+"$PEERS_HOME/venv/bin/python" "$PEERS_DIR/torch_svf_bench.py" --parts svf,rollout --source gguf | tee "$out/peer.json"
+wait_quiet
+"$TSQ" bench rl-step --peer "$out/peer.json"
