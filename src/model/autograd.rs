@@ -226,7 +226,8 @@ fn linalg_applies(t: &Tensor) -> bool {
 /// op(a) · op(b) over equal leading dimensions, one `tsq_linalg::matmul` per matrix. `a_t`/`b_t`
 /// say the operand's last two dimensions are stored transposed.
 fn linalg_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (a, b) = (matrices(a)?, matrices(b)?);
+    let (a_stride, b_stride) = (batch_stride(&a), batch_stride(&b));
     let (ad, bd) = (a.dims(), b.dims());
     let (ra, ca) = (ad[ad.len() - 2], ad[ad.len() - 1]);
     let (rb, cb) = (bd[bd.len() - 2], bd[bd.len() - 1]);
@@ -238,11 +239,11 @@ fn linalg_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
     }
     let count: usize = batch.iter().product();
     let mut out = vec![0f32; count * m * n];
-    with_f32_slice(&a, |a| {
-        with_f32_slice(&b, |b| {
+    with_f32_storage(&a, |a| {
+        with_f32_storage(&b, |b| {
             for (i, c) in out.chunks_mut(m * n).enumerate() {
-                let x = operand(&a[i * m * k..(i + 1) * m * k], a_t, m, k);
-                let y = operand(&b[i * k * n..(i + 1) * k * n], b_t, k, n);
+                let x = operand(&a[i * a_stride..i * a_stride + m * k], a_t, m, k);
+                let y = operand(&b[i * b_stride..i * b_stride + k * n], b_t, k, n);
                 tsq_linalg::matmul(MatMut::new(c, m, n), x, y, false, Threads::All);
             }
         })
@@ -252,23 +253,50 @@ fn linalg_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
     Tensor::from_vec(out, dims, a.device())
 }
 
+/// `t` as matrices over its last two dimensions, each stored contiguously, one every
+/// [`batch_stride`] elements: views of a larger buffer along the rows (the KV cache's filled
+/// part) stay as they are, anything else is made contiguous.
+fn matrices(t: &Tensor) -> Result<Tensor> {
+    let (dims, strides) = (t.dims(), t.stride());
+    let rank = dims.len();
+    let rows_contiguous =
+        rank >= 2 && strides[rank - 1] == 1 && strides[rank - 2] == dims[rank - 1];
+    // Leading dimensions must flatten to one stride.
+    let uniform = (0..rank.saturating_sub(3)).all(|j| strides[j] == dims[j + 1] * strides[j + 1]);
+    if rows_contiguous
+        && uniform
+        && rank >= 3
+        && strides[rank - 3] >= dims[rank - 2] * dims[rank - 1]
+    {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// Elements from one matrix of `t` (as [`matrices`] leaves it) to the next.
+fn batch_stride(t: &Tensor) -> usize {
+    let (dims, strides) = (t.dims(), t.stride());
+    match dims.len() {
+        0..=2 => dims.iter().product(),
+        r => strides[r - 3],
+    }
+}
+
+/// `f` on the f32 storage of `t` from its first element on.
+fn with_f32_storage<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[layout.start_offset()..])),
+        _ => candle_core::bail!("expected a CPU tensor"),
+    }
+}
+
 /// `rows × cols` as read, stored transposed (`cols × rows`) when `transposed`.
 fn operand(data: &[f32], transposed: bool, rows: usize, cols: usize) -> Mat<'_> {
     match transposed {
         true => Mat::new(data, cols, rows).t(),
         false => Mat::new(data, rows, cols),
-    }
-}
-
-/// Runs `f` on the elements of a contiguous f32 CPU tensor, without copying them.
-fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(cpu) => {
-            let start = layout.start_offset();
-            Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
-        }
-        _ => candle_core::bail!("expected a CPU tensor"),
     }
 }
 

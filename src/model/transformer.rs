@@ -118,7 +118,54 @@ struct Layer {
 /// Keys and values of every layer for the positions seen so far: (batch, kv_heads, time, head_dim).
 #[derive(Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+/// One layer's keys and values in buffers of some spare capacity along the time axis (dim 2),
+/// the first `len` positions filled. Appending writes in place, so a decoding step copies only
+/// its new positions (concatenating copied the whole cache every step); a full buffer doubles.
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Appends (batch, kv_heads, t, head_dim) keys and values; returns views of all of them.
+    fn append(slot: &mut Option<Self>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let Some(cache) = slot else {
+            // The first call keeps its tensors as they are: a call without a cache (scoring,
+            // training references) never pays for spare room.
+            *slot = Some(Self {
+                k: k.clone(),
+                v: v.clone(),
+                len: t,
+            });
+            return Ok((k, v));
+        };
+        let (len, capacity) = (cache.len, cache.k.dim(2)?);
+        if len + t > capacity {
+            let grown = (2 * capacity).max(len + t);
+            cache.k = Self::regrown(&cache.k, len, grown)?;
+            cache.v = Self::regrown(&cache.v, len, grown)?;
+        }
+        cache.k.slice_set(&k.contiguous()?, 2, len)?;
+        cache.v.slice_set(&v.contiguous()?, 2, len)?;
+        cache.len = len + t;
+        Ok((
+            cache.k.narrow(2, 0, len + t)?,
+            cache.v.narrow(2, 0, len + t)?,
+        ))
+    }
+
+    /// A buffer of `capacity` positions holding the first `len` of `buffer`.
+    fn regrown(buffer: &Tensor, len: usize, capacity: usize) -> Result<Tensor> {
+        let (b, h, _, d) = buffer.dims4()?;
+        let grown = Tensor::zeros((b, h, capacity, d), buffer.dtype(), buffer.device())?;
+        grown.slice_set(&buffer.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        Ok(grown)
+    }
 }
 
 impl KvCache {
@@ -127,8 +174,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+            .map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -138,10 +184,10 @@ impl KvCache {
     /// Keeps batch rows `rows`, in that order (a row may repeat): a prompt computed once becomes
     /// its samples' rows, and finished sequences leave the batch.
     pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            let index = Tensor::new(rows, k.device())?;
-            *k = k.index_select(&index, 0)?;
-            *v = v.index_select(&index, 0)?;
+        for layer in self.layers.iter_mut().flatten() {
+            let index = Tensor::new(rows, layer.k.device())?;
+            layer.k = layer.k.index_select(&index, 0)?;
+            layer.v = layer.v.index_select(&index, 0)?;
         }
         Ok(())
     }
@@ -541,7 +587,7 @@ impl Transformer {
         index: usize,
         x: &Tensor,
         positions: &Positions,
-        kv: &mut Option<(Tensor, Tensor)>,
+        kv: &mut Option<LayerCache>,
         mode: Mode,
     ) -> Result<Tensor> {
         let layer = &self.layers[index];
@@ -568,7 +614,7 @@ impl Transformer {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        kv: &mut Option<(Tensor, Tensor)>,
+        kv: &mut Option<LayerCache>,
         mode: Mode,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -591,11 +637,7 @@ impl Transformer {
             mode,
         )?;
         let v = heads(layer.v.forward(x, mode)?, c.num_kv_heads)?;
-        let (k, v) = match kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *kv = Some((k.clone(), v.clone()));
+        let (k, v) = LayerCache::append(kv, k, v)?;
         // Grouped-query attention without repeating keys and values: the `rep` query heads that
         // share a key/value head are stacked along the query axis, so each product is one
         // (rep·t × d)·(d × total) matmul per key/value head instead of `rep` small ones (3x fewer,
@@ -766,27 +808,31 @@ mod tests {
     #[test]
     fn kv_cache_decoding_equals_full_forward() -> Result<()> {
         let tf = tiny(Architecture::Llama);
-        let seqs = [vec![3u32, 9, 1, 4, 1, 5], vec![0, 0, 2, 7, 1, 8]];
+        // Decoding past the prefix fills the cache's buffers in place and grows them twice.
+        let seqs = [
+            vec![3u32, 9, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5],
+            vec![0, 0, 2, 7, 1, 8, 2, 8, 1, 8, 2, 8],
+        ];
         let pad = [0usize, 2];
         let dev = Device::Cpu;
         let all: Vec<u32> = seqs.iter().flatten().copied().collect();
         let full = tf.forward(
-            &Tensor::from_vec(all, (2, 6), &dev)?,
-            &Batch::left_padded(&pad, 0, 6, &dev)?,
+            &Tensor::from_vec(all, (2, 12), &dev)?,
+            &Batch::left_padded(&pad, 0, 12, &dev)?,
             None,
             Mode::Fast,
             LogitsAt::All,
         )?;
         let mut cache = KvCache::default();
-        let prefix: Vec<u32> = seqs.iter().flat_map(|s| s[..4].to_vec()).collect();
+        let prefix: Vec<u32> = seqs.iter().flat_map(|s| s[..3].to_vec()).collect();
         tf.forward(
-            &Tensor::from_vec(prefix, (2, 4), &dev)?,
-            &Batch::left_padded(&pad, 0, 4, &dev)?,
+            &Tensor::from_vec(prefix, (2, 3), &dev)?,
+            &Batch::left_padded(&pad, 0, 3, &dev)?,
             Some(&mut cache),
             Mode::Fast,
             LogitsAt::Last,
         )?;
-        for step in 4..6 {
+        for step in 3..12 {
             let next: Vec<u32> = seqs.iter().map(|s| s[step]).collect();
             let out = tf.forward(
                 &Tensor::from_vec(next, (2, 1), &dev)?,
@@ -799,7 +845,7 @@ mod tests {
             let diff = (out - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "step {step}: {diff}");
         }
-        assert_eq!(cache.len(), 6);
+        assert_eq!(cache.len(), 12);
         Ok(())
     }
 
