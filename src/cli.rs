@@ -109,6 +109,23 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Classify inputs with a prompt-based classifier template: each input's label and every
+    /// label's probability (the labels' answers `\boxed{label}` scored after the prompt).
+    Classify {
+        #[command(flatten)]
+        model: ModelOptions,
+        /// A minijinja template of the question to the model (variables: `question`, `labels`),
+        /// e.g. templates/classifiers/paper.jinja.
+        #[arg(long)]
+        template: PathBuf,
+        /// The categories, comma-separated (e.g. `code,math,reasoning,other`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        labels: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[arg(required = true)]
+        inputs: Vec<String>,
+    },
     /// SVF experts: inspect, combine, export merged weights.
     Expert {
         #[command(subcommand)]
@@ -366,6 +383,13 @@ pub fn main() -> Result<(), cmd::CmdError> {
             continuation,
             format,
         } => cmd::score::run(&model.into(), &prompt, &continuation, format),
+        Command::Classify {
+            model,
+            template,
+            labels,
+            format,
+            inputs,
+        } => cmd::classify::run(&model.into(), &template, &labels, &inputs, format),
         Command::Expert { what } => match what {
             ExpertCommand::Inspect { file, format } => cmd::expert::inspect(&file, format),
             ExpertCommand::Combine {

@@ -6,6 +6,7 @@
 //! `reward` (judging answers, the code sandbox), `rl` (training experts), `eval` (evaluation), `stages` (stage kinds),
 //! `cmd`/`cli` (commands).
 
+pub mod adapt;
 pub mod assets;
 pub mod cli;
 pub mod cmd;

