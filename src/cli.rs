@@ -121,6 +121,10 @@ pub enum Command {
         /// The categories, comma-separated (e.g. `code,math,reasoning,other`).
         #[arg(long, value_delimiter = ',', required = true)]
         labels: Vec<String>,
+        /// Divide each label's probability by its mean over the inputs given (batch
+        /// calibration): removes the model's preference for some labels whatever the input.
+        #[arg(long)]
+        calibrate: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         #[arg(required = true)]
@@ -387,9 +391,17 @@ pub fn main() -> Result<(), cmd::CmdError> {
             model,
             template,
             labels,
+            calibrate,
             format,
             inputs,
-        } => cmd::classify::run(&model.into(), &template, &labels, &inputs, format),
+        } => cmd::classify::run(
+            &model.into(),
+            &template,
+            &labels,
+            &inputs,
+            calibrate,
+            format,
+        ),
         Command::Expert { what } => match what {
             ExpertCommand::Inspect { file, format } => cmd::expert::inspect(&file, format),
             ExpertCommand::Combine {

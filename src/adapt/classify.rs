@@ -83,17 +83,42 @@ impl Classifier {
             .iter()
             .map(|scores| {
                 let logliks: Vec<f64> = scores.iter().map(|s| s.sum).collect();
-                let probs = softmax(&logliks);
-                let best = (0..probs.len())
-                    .max_by(|&a, &b| probs[a].total_cmp(&probs[b]).then(b.cmp(&a)))
-                    .unwrap_or(0);
-                Classified {
-                    label: self.labels[best].clone(),
-                    logliks,
-                    probs,
-                }
+                self.decided(logliks.clone(), softmax(&logliks))
             })
             .collect())
+    }
+
+    /// Batch calibration: each label's probability divided by its mean over `results` (the
+    /// model's prior for the label under this template), renormalised, and the labels decided
+    /// again. Small models favour some labels whatever the input (SmolLM2: whichever category
+    /// the template lists first); dividing by the prior removes that. Calibrate on unlabelled
+    /// inputs of the kind to be routed, never on items evaluated afterwards.
+    pub fn calibrate(&self, results: &[Classified]) -> Vec<Classified> {
+        let n = results.len().max(1) as f64;
+        let prior: Vec<f64> = (0..self.labels.len())
+            .map(|k| results.iter().map(|r| r.probs[k]).sum::<f64>() / n)
+            .collect();
+        results
+            .iter()
+            .map(|r| {
+                let scaled: Vec<f64> = r.probs.iter().zip(&prior).map(|(p, q)| p / q).collect();
+                let total: f64 = scaled.iter().sum();
+                let probs = scaled.iter().map(|p| p / total).collect();
+                self.decided(r.logliks.clone(), probs)
+            })
+            .collect()
+    }
+
+    /// The likeliest label (the first listed among equals).
+    fn decided(&self, logliks: Vec<f64>, probs: Vec<f64>) -> Classified {
+        let best = (0..probs.len())
+            .max_by(|&a, &b| probs[a].total_cmp(&probs[b]).then(b.cmp(&a)))
+            .unwrap_or(0);
+        Classified {
+            label: self.labels[best].clone(),
+            logliks,
+            probs,
+        }
     }
 }
 
@@ -144,6 +169,23 @@ mod tests {
         assert_eq!(c.prompt("2+2").unwrap(), "Is 2+2 math or code?");
         let strict = Classifier::new(template("{{ topic }}"), labels(&["a", "b"])).unwrap();
         assert!(strict.prompt("x").is_err(), "unknown variables are errors");
+    }
+
+    /// A label the model favours for every input stops winning once divided by its prior.
+    #[test]
+    fn calibration_divides_out_a_label_the_model_always_favours() {
+        let c = Classifier::new(template("{{ question }}"), labels(&["code", "math"])).unwrap();
+        let raw = [vec![0.9, 0.1], vec![0.6, 0.4], vec![0.8, 0.2]]
+            .into_iter()
+            .map(|p: Vec<f64>| c.decided(p.iter().map(|x| x.ln()).collect(), p))
+            .collect::<Vec<_>>();
+        assert!(raw.iter().all(|r| r.label == "code"));
+        let calibrated = c.calibrate(&raw);
+        let chosen: Vec<&str> = calibrated.iter().map(|r| r.label.as_str()).collect();
+        assert_eq!(chosen, ["code", "math", "code"]);
+        for r in &calibrated {
+            assert!((r.probs.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub fn run(
     template: &Path,
     labels: &[String],
     inputs: &[String],
+    calibrate: bool,
     format: Format,
 ) -> Result<(), CmdError> {
     let template = TemplateFile::load(template).map_err(|d| CmdError::Usage(d.to_string()))?;
@@ -25,9 +26,12 @@ pub fn run(
         })?;
     }
     let model = model_args.load()?;
-    let results = classifier
+    let mut results = classifier
         .classify(&model, inputs)
         .map_err(CmdError::Failed)?;
+    if calibrate {
+        results = classifier.calibrate(&results);
+    }
     match format {
         Format::Json => {
             let items: Vec<_> = inputs
