@@ -396,7 +396,9 @@ fn the_paper_classifier_labels_a_coding_request_as_code() {
     let template =
         tsq::data::template::TemplateFile::load(&repo().join("templates/classifiers/paper.jinja"))
             .unwrap();
-    let labels = ["code", "math", "reasoning", "other"].map(String::from).to_vec();
+    let labels = ["code", "math", "reasoning", "other"]
+        .map(String::from)
+        .to_vec();
     let classifier = Classifier::new(template, labels).unwrap();
     let inputs = [
         "Write a Python function that returns the reverse of a list.".to_string(),
@@ -417,7 +419,10 @@ fn classify_refuses_bad_labels_and_templates_up_front() {
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("t.jinja");
     std::fs::write(&template, "{{ topic }}").unwrap();
-    for (labels, expected) in [("math", "at least two labels"), ("math,code", "does not render")] {
+    for (labels, expected) in [
+        ("math", "at least two labels"),
+        ("math,code", "does not render"),
+    ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
             .args(["classify", "--template"])
             .arg(&template)

@@ -168,8 +168,8 @@ fn a_killed_training_resumes_and_ends_as_an_uninterrupted_one() {
     }
 }
 
-/// Generated rollouts (sampled answers judged by the reward, with the per-token KL penalty) and
-/// the supervised ablation each train a step on the real model with finite metrics.
+/// Generated rollouts (sampled answers judged by a composite reward, with the per-token KL
+/// penalty) and the supervised ablation each train a step on the real model with finite metrics.
 #[test]
 fn generated_and_supervised_rollouts_train_on_the_real_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -182,6 +182,8 @@ fn generated_and_supervised_rollouts_train_on_the_real_model() {
                 "experts.reasoning.train.max_new_tokens=8",
                 "experts.reasoning.train.skip_uniform_groups=false",
                 "experts.reasoning.train.kl=0.1",
+                "rewards.both={kind: composite, parts: [{reward: choice}]}",
+                "experts.reasoning.reward=both",
             ],
         ),
         (
@@ -229,6 +231,9 @@ fn generated_and_supervised_rollouts_train_on_the_real_model() {
             // The initial sigmoid vector (m ≈ 0.525, rescaled) is not the base model.
             let kl = line["rollout"]["kl"].as_f64().unwrap();
             assert!(kl.is_finite() && kl > 0.0, "KL estimate {kl}: {line}");
+            // A composite reward reports each part; one part of weight 1 is the whole reward.
+            let part = line["rollout"]["rewards"]["choice"].as_f64();
+            assert_eq!(part, line["rollout"]["reward"].as_f64(), "{line}");
         }
     }
 }

@@ -28,6 +28,9 @@ pub struct Judgement {
     /// Why, when the verdict needs explaining (a failed test, a timeout, a sandbox limit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A composite reward's parts: each part's name and reward (before its weight).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<(String, f64)>,
 }
 
 /// A record that cannot be judged at all (a data problem, not a wrong answer).
@@ -84,7 +87,8 @@ enum Judge {
         gold: String,
         values: RewardValues,
     },
-    Composite(Vec<(Reward, f64)>),
+    /// Parts by name, each with its weight.
+    Composite(Vec<(String, Reward, f64)>),
 }
 
 /// Which record fields make up a code test program.
@@ -160,7 +164,7 @@ impl Reward {
                     }
                     let compiled = Self::compile_inner(&part.reward, all, path)
                         .map_err(|e| SpecError { pointer, ..e })?;
-                    parts.push((compiled, part.weight));
+                    parts.push((part.reward.clone(), compiled, part.weight));
                 }
                 path.pop();
                 Judge::Composite(parts)
@@ -247,7 +251,7 @@ impl Reward {
             Judge::Composite(parts) => {
                 let judged: Vec<Judgement> = parts
                     .iter()
-                    .map(|(r, _)| r.judge(completion, record))
+                    .map(|(_, r, _)| r.judge(completion, record))
                     .collect::<Result<_, _>>()?;
                 Ok(combine(parts, judged))
             }
@@ -296,7 +300,7 @@ impl Reward {
     pub fn runs_code(&self) -> bool {
         match &self.judge {
             Judge::Code { .. } => true,
-            Judge::Composite(parts) => parts.iter().any(|(r, _)| r.runs_code()),
+            Judge::Composite(parts) => parts.iter().any(|(_, r, _)| r.runs_code()),
             _ => false,
         }
     }
@@ -320,11 +324,12 @@ fn judged(
         extracted,
         gold,
         detail: None,
+        parts: Vec::new(),
     }
 }
 
 /// Correct when every part is, unparsable when every part is; the reward is the weighted sum.
-fn combine(parts: &[(Reward, f64)], judged: Vec<Judgement>) -> Judgement {
+fn combine(parts: &[(String, Reward, f64)], judged: Vec<Judgement>) -> Judgement {
     let all = |v: Verdict| judged.iter().all(|j| j.verdict == v);
     let verdict = if all(Verdict::Correct) {
         Verdict::Correct
@@ -340,11 +345,16 @@ fn combine(parts: &[(Reward, f64)], judged: Vec<Judgement>) -> Judgement {
         reward: parts
             .iter()
             .zip(&judged)
-            .map(|((_, w), j)| w * j.reward)
+            .map(|((_, _, w), j)| w * j.reward)
             .sum(),
         extracted: Some(join(&|j| j.extracted.clone().unwrap_or_default())),
         gold: join(&|j| j.gold.clone()),
         detail: None,
+        parts: parts
+            .iter()
+            .zip(&judged)
+            .map(|((name, _, _), j)| (name.clone(), j.reward))
+            .collect(),
     }
 }
 
@@ -575,6 +585,7 @@ mod tests {
             .judge("A=4 and 3", &record(json!({"answer": "3"})))
             .unwrap();
         assert_eq!((j.verdict, j.reward), (Verdict::Wrong, 1.0));
+        assert_eq!(j.parts, [("a".to_string(), 0.0), ("b".to_string(), 1.0)]);
     }
 
     #[test]

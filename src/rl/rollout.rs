@@ -5,6 +5,8 @@
 //! options of multiple-choice records (`rollout: options`, exact expectation or sampled), and
 //! the supervised ablation (`objective: sft`, the rendered targets).
 
+use std::collections::BTreeMap;
+
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -29,6 +31,9 @@ pub struct RolloutStats {
     /// Mean and spread of the rewards (expected rewards, for exact option expectations).
     pub reward: f64,
     pub reward_std: f64,
+    /// A composite reward's parts: each one's mean reward, by name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rewards: BTreeMap<String, f64>,
     /// Fraction of prompts whose samples all got the same reward.
     pub frac_reward_zero_std: f64,
     /// Prompts left out of the update for that reason.
@@ -183,9 +188,13 @@ impl Rollouts<'_> {
         let judged = self.reward.judge_all(&judged_inputs);
         let reward_s = clock.elapsed().as_secs_f64();
         let mut rewards: Vec<Vec<f64>> = vec![Vec::with_capacity(per); items.len()];
+        let mut part_rewards: BTreeMap<String, f64> = BTreeMap::new();
         for (i, j) in judged.into_iter().enumerate() {
             let j = j.map_err(|e| failed("judging", items[i / per], e))?;
             rewards[i / per].push(j.reward);
+            for (name, r) in j.parts {
+                *part_rewards.entry(name).or_default() += r / generations.len() as f64;
+            }
         }
         let adv = advantages(&rewards, spec.baseline, spec.scale);
         let eos = policy.tokenizer.eos_ids.first().copied();
@@ -207,6 +216,7 @@ impl Rollouts<'_> {
         let mut stats = RolloutStats {
             tokens: prompts.iter().map(Vec::len).sum::<usize>() + lengths.iter().sum::<usize>(),
             reward_s,
+            rewards: part_rewards,
             ..RolloutStats::default()
         };
         // (completion, advantage): a group without reward signal still carries its KL term.
