@@ -231,6 +231,11 @@ fn generated_and_supervised_rollouts_train_on_the_real_model() {
             // The initial sigmoid vector (m ≈ 0.525, rescaled) is not the base model.
             let kl = line["rollout"]["kl"].as_f64().unwrap();
             assert!(kl.is_finite() && kl > 0.0, "KL estimate {kl}: {line}");
+            let entropy = line["rollout"]["entropy"].as_f64().unwrap();
+            assert!(
+                entropy.is_finite() && entropy > 0.0,
+                "entropy {entropy}: {line}"
+            );
             // A composite reward reports each part; one part of weight 1 is the whole reward.
             let part = line["rollout"]["rewards"]["choice"].as_f64();
             assert_eq!(part, line["rollout"]["reward"].as_f64(), "{line}");

@@ -58,6 +58,8 @@ pub struct Generation {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
+    /// Mean entropy (nats) of the model's next-token distribution over the steps it decoded.
+    pub entropy: f64,
 }
 
 struct Sequence {
@@ -65,6 +67,8 @@ struct Sequence {
     rng: ChaCha8Rng,
     done: Option<FinishReason>,
     text: String,
+    /// Σ over decoding steps of the model's entropy there, and the number of steps.
+    entropy: (f64, usize),
 }
 
 /// Generates a continuation of each prompt (token ids).
@@ -110,6 +114,7 @@ pub fn generate(
             ),
             done: None,
             text: String::new(),
+            entropy: (0.0, 0),
         })
         .collect();
     let batch = Batch::left_padded(&distinct_pad, 0, longest, device)?;
@@ -130,7 +135,9 @@ pub fn generate(
         let rows: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
         let mut next = Vec::with_capacity(live.len());
         for (&i, row) in live.iter().zip(rows) {
-            let token = pick(&row, opts, &mut seqs[i].rng);
+            let seq = &mut seqs[i];
+            seq.entropy = (seq.entropy.0 + entropy(&row), seq.entropy.1 + 1);
+            let token = pick(&row, opts, &mut seq.rng);
             advance(model, &mut seqs[i], token, opts, step + 1)?;
             next.push(token);
         }
@@ -162,8 +169,22 @@ pub fn generate(
             text: s.text,
             token_ids: s.tokens,
             finish_reason: s.done.unwrap_or(FinishReason::Length),
+            entropy: s.entropy.0 / s.entropy.1.max(1) as f64,
         })
         .collect())
+}
+
+/// Entropy (nats) of the model's own next-token distribution (temperature 1) from its logits.
+fn entropy(logits: &[f32]) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let (mut total, mut weighted) = (0f64, 0f64);
+    for &l in logits {
+        let shifted = l as f64 - max;
+        let e = shifted.exp();
+        total += e;
+        weighted += e * shifted;
+    }
+    total.ln() - weighted / total
 }
 
 /// The distinct prompts, in order of first appearance, and which one each prompt is.
@@ -307,6 +328,15 @@ mod tests {
             draws.iter().all(|&t| t == 1 || t == 3) && draws.contains(&3),
             "top-p keeps the two near-equal tokens"
         );
+    }
+
+    #[test]
+    fn entropy_by_hand() {
+        assert!((entropy(&[0.0, 0.0, 0.0, 0.0]) - 4f64.ln()).abs() < 1e-12);
+        assert!(entropy(&[0.0, -1000.0]).abs() < 1e-9);
+        // p = (2/3, 1/3): −Σ p ln p.
+        let h = -(2.0 / 3.0 * (2.0f64 / 3.0).ln() + 1.0 / 3.0 * (1.0f64 / 3.0).ln());
+        assert!((entropy(&[2f32.ln(), 0.0]) - h).abs() < 1e-6);
     }
 
     /// Without top-k or top-p, draws follow the tempered softmax.

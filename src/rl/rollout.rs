@@ -41,7 +41,8 @@ pub struct RolloutStats {
     /// Mean KL(policy ‖ base) per prompt: exact over the options, or the per-token estimates
     /// summed over each sampled completion.
     pub kl: f64,
-    /// Mean entropy of the option distribution (options only).
+    /// Mean entropy (nats): of the option distribution per prompt, or of the model's
+    /// next-token distribution per generated token.
     pub entropy: f64,
     pub completion_length: f64,
     pub completion_length_min: usize,
@@ -253,8 +254,14 @@ impl Rollouts<'_> {
             truncated,
             items.len() as f64,
         );
-        // Reported per completion (finish_stats divides the options' KL by prompts).
+        // Reported per completion and per token (finish_stats divides options' by prompts).
         stats.kl = penalty.map_or(0.0, |p| p.kl);
+        // Each completion as trained (with its EOS) is the steps that decoded it.
+        let steps: usize = lengths.iter().sum();
+        stats.entropy = (generations.iter().zip(&lengths))
+            .map(|(g, &n)| g.entropy * n as f64)
+            .sum::<f64>()
+            / steps.max(1) as f64;
         Ok(StepBatch {
             batch: TokenBatch { ids, weights },
             stats,
