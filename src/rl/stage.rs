@@ -543,8 +543,10 @@ fn save_checkpoint(dir: &Path, state: &Checkpoint) -> Result<(), StageError> {
     crate::fsutil::write_json(&file, state).map_err(|e| StageError::at("writing", &file, e))
 }
 
-/// Steps in a row with most groups uniform before the trainer warns (and again every 4x that).
+/// Steps in a row with most groups uniform before the trainer warns.
 const NO_SIGNAL_STEPS: usize = 3;
+/// Steps after a warning before the next one.
+const WARN_AGAIN_AFTER: usize = 12;
 
 /// A warning when most prompt groups of the last [`NO_SIGNAL_STEPS`] steps got equal rewards for
 /// all their samples: under a group baseline those groups have no advantage, so the steps learn
@@ -557,7 +559,11 @@ fn no_signal_warning(lines: &[Value], values: &RewardValues) -> Option<String> {
             .unwrap_or(0.0)
     };
     let streak = lines.iter().rev().take_while(|l| frac(l) > 0.5).count();
-    if streak != NO_SIGNAL_STEPS && (streak == 0 || streak % (4 * NO_SIGNAL_STEPS) != 0) {
+    // Earlier lines (the current one is the last) that already carry a warning.
+    let earlier = &lines[..lines.len().saturating_sub(1)];
+    let warned_lately =
+        (earlier.iter().rev().take(WARN_AGAIN_AFTER)).any(|l| l.get("warning").is_some());
+    if streak < NO_SIGNAL_STEPS || warned_lately {
         return None;
     }
     let recent = &lines[lines.len() - streak..];
@@ -629,22 +635,34 @@ mod tests {
         let values = RewardValues::default();
         let line = |frac: f64, reward: f64| json!({"rollout": {"frac_reward_zero_std": frac, "reward": reward}});
         let mut lines = vec![line(0.9, 0.0), line(0.2, 0.5)];
-        let warnings: Vec<Option<String>> = (0..13)
+        let warnings: Vec<Option<String>> = (0..16)
             .map(|_| {
                 lines.push(line(0.875, 0.02));
-                no_signal_warning(&lines, &values)
+                let warning = no_signal_warning(&lines, &values);
+                if let Some(w) = &warning {
+                    lines.last_mut().unwrap()["warning"] = json!(w);
+                }
+                warning
             })
             .collect();
-        let at: Vec<usize> = (0..13).filter(|&i| warnings[i].is_some()).collect();
-        assert_eq!(at, vec![2, 11], "after 3 and 12 uniform steps");
+        let at: Vec<usize> = (0..16).filter(|&i| warnings[i].is_some()).collect();
+        assert_eq!(
+            at,
+            vec![2, 15],
+            "after 3 uniform steps, then 12 steps later"
+        );
         let text = warnings[2].as_deref().unwrap();
         assert!(
             text.contains("for 3 steps 88%") && text.contains("too hard"),
             "{text}"
         );
-        lines.extend([line(0.6, 0.97), line(0.7, 0.95), line(0.8, 0.99)]);
-        lines.insert(lines.len() - 3, line(0.0, 0.5));
-        let easy = no_signal_warning(&lines, &values).unwrap();
+        let easy = [
+            line(0.0, 0.5),
+            line(0.6, 0.97),
+            line(0.7, 0.95),
+            line(0.8, 0.99),
+        ];
+        let easy = no_signal_warning(&easy, &values).unwrap();
         assert!(easy.contains("too easy"), "{easy}");
     }
 
