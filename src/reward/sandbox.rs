@@ -474,11 +474,13 @@ fn capture(pipe: Option<impl Read + Send + 'static>, cap: usize) -> Capture {
 }
 
 impl Capture {
-    /// What was captured; waits briefly for the reader (a pipe held open by a process that
-    /// escaped could block it forever, and the text so far is enough).
+    /// What was captured; waits a bounded time for the reader (a pipe held open by a process
+    /// that escaped could block it forever). Once every writer is dead the reader finishes at
+    /// once; the bound is generous because under load the reader thread may not have been
+    /// scheduled yet (200 ms lost a daemon's whole output in a parallel test run).
     fn finish(mut self) -> String {
         if let Some(thread) = self.thread.take() {
-            let deadline = Instant::now() + Duration::from_millis(200);
+            let deadline = Instant::now() + Duration::from_secs(2);
             while !thread.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));
             }

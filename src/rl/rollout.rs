@@ -18,7 +18,7 @@ use crate::eval::prompts::render;
 use crate::eval::runner::Task;
 use crate::exec::StageError;
 use crate::model::Model;
-use crate::model::generate::{FinishReason, GenerateOptions, generate};
+use crate::model::generate::{FinishReason, GenerateOptions, Generation, generate};
 use crate::model::score::{continuation_ids, filler, score_options_in};
 use crate::model::transformer::Transformer;
 use crate::pipeline::spec::{OptionPolicy as PolicyKind, TrainSpec};
@@ -91,6 +91,30 @@ fn weighted(
 /// Same weight on every completion token.
 fn uniform(completion: &[u32], w: f64) -> impl Iterator<Item = f64> {
     std::iter::repeat_n(w, completion.len())
+}
+
+/// A step's judged completions.
+struct Judged {
+    /// Rewards by group (prompt), in sample order.
+    rewards: Vec<Vec<f64>>,
+    /// A composite reward's parts: mean reward by name.
+    parts: BTreeMap<String, f64>,
+    seconds: f64,
+}
+
+/// Each completion as trained: its tokens, and EOS when the model chose to stop.
+fn as_trained(model: &Model, generations: &[Generation]) -> Vec<Vec<u32>> {
+    let eos = model.tokenizer.eos_ids.first().copied();
+    generations
+        .iter()
+        .map(|g| {
+            let mut ids = g.token_ids.clone();
+            if let (FinishReason::Eos, Some(eos)) = (g.finish_reason, eos) {
+                ids.push(eos);
+            }
+            ids
+        })
+        .collect()
 }
 
 /// The KL term of a step's sampled completions.
@@ -180,56 +204,19 @@ impl Rollouts<'_> {
         };
         let generations =
             generate(policy, &prompts, &opts).map_err(|e| StageError::failed("generating", e))?;
-        let judged_inputs: Vec<(&str, &serde_json::Map<String, serde_json::Value>)> = generations
-            .iter()
-            .enumerate()
-            .map(|(i, g)| (g.text.as_str(), &items[i / per].fields))
-            .collect();
-        let clock = std::time::Instant::now();
-        let judged = self.reward.judge_all(&judged_inputs);
-        let reward_s = clock.elapsed().as_secs_f64();
-        let mut rewards: Vec<Vec<f64>> = vec![Vec::with_capacity(per); items.len()];
-        let mut part_rewards: BTreeMap<String, f64> = BTreeMap::new();
-        for (i, j) in judged.into_iter().enumerate() {
-            let j = j.map_err(|e| failed("judging", items[i / per], e))?;
-            rewards[i / per].push(j.reward);
-            for (name, r) in j.parts {
-                *part_rewards.entry(name).or_default() += r / generations.len() as f64;
-            }
-        }
-        let adv = advantages(&rewards, spec.baseline, spec.scale);
-        let eos = policy.tokenizer.eos_ids.first().copied();
-        // The completion as trained: its tokens, and EOS when the model chose to stop.
-        let completions: Vec<Vec<u32>> = generations
-            .iter()
-            .map(|g| {
-                let mut ids = g.token_ids.clone();
-                if let (FinishReason::Eos, Some(eos)) = (g.finish_reason, eos) {
-                    ids.push(eos);
-                }
-                ids
-            })
-            .collect();
+        let judged = self.judge(items, &generations)?;
+        let completions = as_trained(policy, &generations);
         let penalty = (spec.kl > 0.0)
             .then(|| self.kl_penalty(policy, &group_prompts, &completions))
             .transpose()?;
         let lengths: Vec<usize> = completions.iter().map(Vec::len).collect();
         let mut stats = RolloutStats {
             tokens: prompts.iter().map(Vec::len).sum::<usize>() + lengths.iter().sum::<usize>(),
-            reward_s,
-            rewards: part_rewards,
+            reward_s: judged.seconds,
+            rewards: judged.parts,
             ..RolloutStats::default()
         };
-        // (completion, advantage): a group without reward signal still carries its KL term.
-        let mut kept = Vec::new();
-        for (g, group) in rewards.iter().enumerate() {
-            let skip = spec.skip_uniform_groups && is_uniform(group);
-            stats.skipped_groups += usize::from(skip);
-            if !skip || penalty.is_some() {
-                let a = |s: usize| if skip { 0.0 } else { adv[g][s] };
-                kept.extend((0..per).map(|s| (g * per + s, a(s))));
-            }
-        }
+        let kept = self.kept(&judged.rewards, penalty.is_some(), &mut stats);
         let kept_lengths: Vec<usize> = kept.iter().map(|&(i, _)| lengths[i]).collect();
         let n = normaliser(spec.loss_norm, &kept_lengths, spec.max_new_tokens as usize);
         let (ids, weights) = kept
@@ -249,7 +236,7 @@ impl Rollouts<'_> {
             .count();
         finish_stats(
             &mut stats,
-            &rewards,
+            &judged.rewards,
             &lengths,
             truncated,
             items.len() as f64,
@@ -257,15 +244,66 @@ impl Rollouts<'_> {
         // Reported per completion and per token (finish_stats divides options' by prompts).
         stats.kl = penalty.map_or(0.0, |p| p.kl);
         // Each completion as trained (with its EOS) is the steps that decoded it.
-        let steps: usize = lengths.iter().sum();
         stats.entropy = (generations.iter().zip(&lengths))
             .map(|(g, &n)| g.entropy * n as f64)
             .sum::<f64>()
-            / steps.max(1) as f64;
+            / lengths.iter().sum::<usize>().max(1) as f64;
         Ok(StepBatch {
             batch: TokenBatch { ids, weights },
             stats,
         })
+    }
+
+    /// The rewards of `generations` (`samples_per_prompt` consecutive ones per item), by group.
+    fn judge(
+        &self,
+        items: &[&StoredRecord],
+        generations: &[Generation],
+    ) -> Result<Judged, StageError> {
+        let per = self.spec.samples_per_prompt as usize;
+        let inputs: Vec<(&str, &serde_json::Map<String, serde_json::Value>)> = generations
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.text.as_str(), &items[i / per].fields))
+            .collect();
+        let clock = std::time::Instant::now();
+        let judgements = self.reward.judge_all(&inputs);
+        let mut judged = Judged {
+            rewards: vec![Vec::with_capacity(per); items.len()],
+            parts: BTreeMap::new(),
+            seconds: clock.elapsed().as_secs_f64(),
+        };
+        for (i, j) in judgements.into_iter().enumerate() {
+            let j = j.map_err(|e| failed("judging", items[i / per], e))?;
+            judged.rewards[i / per].push(j.reward);
+            for (name, r) in j.parts {
+                *judged.parts.entry(name).or_default() += r / generations.len() as f64;
+            }
+        }
+        Ok(judged)
+    }
+
+    /// The completions trained on, with their advantages: groups without reward variance are
+    /// left out when `skip_uniform_groups` says so, unless a KL term still applies to them.
+    fn kept(
+        &self,
+        rewards: &[Vec<f64>],
+        has_kl: bool,
+        stats: &mut RolloutStats,
+    ) -> Vec<(usize, f64)> {
+        let spec = self.spec;
+        let per = spec.samples_per_prompt as usize;
+        let adv = advantages(rewards, spec.baseline, spec.scale);
+        let mut kept = Vec::new();
+        for (g, group) in rewards.iter().enumerate() {
+            let skip = spec.skip_uniform_groups && is_uniform(group);
+            stats.skipped_groups += usize::from(skip);
+            if !skip || has_kl {
+                let a = |s: usize| if skip { 0.0 } else { adv[g][s] };
+                kept.extend((0..per).map(|s| (g * per + s, a(s))));
+            }
+        }
+        kept
     }
 
     /// The KL penalty of sampled completions (`per` consecutive ones per prompt): each token's
