@@ -369,6 +369,7 @@ pub fn main() -> Result<(), cmd::CmdError> {
                 seed,
                 stop,
                 ignore_eos,
+                track_entropy: false,
             };
             cmd::generate::run(
                 &model.into(),

@@ -404,7 +404,11 @@ fn the_paper_classifier_labels_a_coding_request_as_code() {
         "Write a Python function that returns the reverse of a list.".to_string(),
         "What is 17 * 23?".to_string(),
     ];
-    let out = classifier.classify(smollm2(), &inputs).unwrap();
+    let prompts: Vec<String> = inputs
+        .iter()
+        .map(|i| classifier.prompt(i).unwrap())
+        .collect();
+    let out = classifier.classify(smollm2(), &prompts).unwrap();
     assert_eq!(out[0].label, "code", "{out:?}");
     for r in &out {
         assert!((r.probs.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{r:?}");

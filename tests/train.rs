@@ -32,6 +32,33 @@ fn args(run_dir: &Path, steps: u32, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// The stages before training, to run alone first.
+const UPSTREAM: [&str; 6] = [
+    "--only",
+    "model",
+    "--only",
+    "data.logic",
+    "--only",
+    "decompose",
+];
+
+/// The metrics lines of a run's `train.reasoning` stage.
+fn metrics(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(stage(run_dir, "train.reasoning").join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Each of `keys` (JSON pointers) is a finite number in `line`.
+fn assert_finite(line: &Value, keys: &[&str], case: &str) {
+    for key in keys {
+        let v = line.pointer(key).and_then(Value::as_f64);
+        assert!(v.is_some_and(f64::is_finite), "{case}: {key} in {line}");
+    }
+}
+
 fn tsq(args: &[String]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tsq"));
     cmd.args(args).env("TSQ_HOME", shared_tsq_home());
@@ -63,14 +90,10 @@ fn real_model_trains_with_finite_metrics_and_its_expert_is_evaluated() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_ok(&args(dir.path(), 2, &[]));
     let train = stage(dir.path(), "train.reasoning");
-    let lines: Vec<Value> = std::fs::read_to_string(train.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = metrics(dir.path());
     assert_eq!(lines.len(), 2, "{lines:?}");
     for line in &lines {
-        for key in [
+        let keys = [
             "/loss",
             "/grad_norm",
             "/lr",
@@ -79,10 +102,8 @@ fn real_model_trains_with_finite_metrics_and_its_expert_is_evaluated() {
             "/rollout/completion_length",
             "/time_train_s",
             "/tokens_per_s",
-        ] {
-            let v = line.pointer(key).and_then(Value::as_f64);
-            assert!(v.is_some_and(f64::is_finite), "{key} in {line}");
-        }
+        ];
+        assert_finite(line, &keys, "options");
     }
     assert!(lines[1]["val_accuracy"].as_f64().is_some(), "{}", lines[1]);
     // One validation (after the last step): the kept expert is the last vector.
@@ -115,18 +136,7 @@ fn a_killed_training_resumes_and_ends_as_an_uninterrupted_one() {
     let only = ["--only", "train.reasoning"];
     run_ok(&args(&straight, 4, &[]));
     // The killed run: upstream stages first, then training until its second checkpoint.
-    run_ok(&args(
-        &killed,
-        4,
-        &[
-            "--only",
-            "model",
-            "--only",
-            "data.logic",
-            "--only",
-            "decompose",
-        ],
-    ));
+    run_ok(&args(&killed, 4, &UPSTREAM));
     let mut child = tsq(&args(&killed, 4, &only))
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -196,32 +206,20 @@ fn generated_and_supervised_rollouts_train_on_the_real_model() {
     ];
     for (name, sets) in cases {
         let run_dir = dir.path().join(name);
-        let mut extra = vec![
-            "--only",
-            "model",
-            "--only",
-            "data.logic",
-            "--only",
-            "decompose",
-        ];
+        let mut extra = UPSTREAM.to_vec();
         extra.extend(["--only", "train.reasoning"]);
         for set in sets {
             extra.extend(["--set", set]);
         }
         run_ok(&args(&run_dir, 1, &extra));
-        let metrics =
-            std::fs::read_to_string(stage(&run_dir, "train.reasoning").join("metrics.jsonl"))
-                .unwrap();
-        let line: Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
-        for key in [
+        let line = &metrics(&run_dir)[0];
+        let keys = [
             "/loss",
             "/grad_norm",
             "/rollout/completion_length",
             "/val_accuracy",
-        ] {
-            let v = line.pointer(key).and_then(Value::as_f64);
-            assert!(v.is_some_and(f64::is_finite), "{name}: {key} in {line}");
-        }
+        ];
+        assert_finite(line, &keys, name);
         assert!(
             line["rollout"]["completion_length"].as_f64() > Some(0.0),
             "{name}: {line}"

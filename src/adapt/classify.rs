@@ -10,6 +10,7 @@ use crate::data::template::TemplateFile;
 use crate::eval::prompts::render;
 use crate::model::Model;
 use crate::model::score::{continuation_ids, score_options};
+use crate::rl::options::softmax;
 
 /// A template and the labels it asks the model to choose from.
 pub struct Classifier {
@@ -61,19 +62,20 @@ impl Classifier {
             .render(&json!({"question": input, "labels": self.labels}))
     }
 
-    /// Classifies each input with `model` (in its chat template when it has one).
-    pub fn classify(&self, model: &Model, inputs: &[String]) -> Result<Vec<Classified>, String> {
+    /// Classifies the questions [`Self::prompt`] made, with `model` (in its chat template when
+    /// it has one).
+    pub fn classify(&self, model: &Model, prompts: &[String]) -> Result<Vec<Classified>, String> {
         let answers = self
             .labels
             .iter()
             .map(|l| continuation_ids(model, &answer(l)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
-        let items = inputs
+        let items = prompts
             .iter()
-            .map(|input| {
-                let text = render(model, &self.prompt(input)?, &[], model.chat.is_some())
-                    .map_err(|e| e.to_string())?;
+            .map(|prompt| {
+                let text =
+                    render(model, prompt, &[], model.chat.is_some()).map_err(|e| e.to_string())?;
                 let ids = model.tokenizer.encode(&text).map_err(|e| e.to_string())?;
                 Ok((ids, answers.clone()))
             })
@@ -120,13 +122,6 @@ impl Classifier {
             probs,
         }
     }
-}
-
-fn softmax(logits: &[f64]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let exps: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-    let total: f64 = exps.iter().sum();
-    exps.iter().map(|e| e / total).collect()
 }
 
 #[cfg(test)]

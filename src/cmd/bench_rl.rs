@@ -13,9 +13,10 @@ use serde_json::{Value, json};
 use super::bench::{GEMM, MlpSetup, fail, mlp_setup, peak_rss_gb};
 use super::{CmdError, ModelArgs};
 use crate::model::Model;
-use crate::model::generate::{FinishReason, GenerateOptions, Generation, generate};
+use crate::model::generate::{GenerateOptions, Generation, generate};
 use crate::pipeline::spec::{AdvantageScale, Baseline};
 use crate::rl::advantage::advantages;
+use crate::rl::rollout::{as_trained, uniform, weighted};
 use crate::svf::apply::{Application, apply};
 use crate::svf::train::{SvfTrainer, TokenBatch};
 
@@ -104,9 +105,9 @@ fn rollouts(
     Ok((clock.elapsed().as_secs_f64(), out))
 }
 
-/// The step's training batch: each completion (with EOS when it stopped) after its prompt,
+/// The step's training batch: each completion as the trainer takes it, after its prompt,
 /// weighted by its leave-one-out advantage under a random ±1 reward, over the batch.
-fn weighted_batch(prompts: &[Vec<u32>], generations: &[Generation], eos: u32) -> TokenBatch {
+fn weighted_batch(policy: &Model, prompts: &[Vec<u32>], generations: &[Generation]) -> TokenBatch {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let rewards: Vec<Vec<f64>> = generations
         .chunks(SAMPLES)
@@ -116,24 +117,14 @@ fn weighted_batch(prompts: &[Vec<u32>], generations: &[Generation], eos: u32) ->
                 .collect()
         })
         .collect();
-    let adv: Vec<f64> = advantages(&rewards, Baseline::Rloo, AdvantageScale::None)
-        .into_iter()
-        .flatten()
-        .collect();
-    let n = generations.len() as f32;
-    let (mut ids, mut weights) = (Vec::new(), Vec::new());
-    for ((prompt, g), a) in prompts.iter().zip(generations).zip(adv) {
-        let mut completion = g.token_ids.clone();
-        if g.finish_reason == FinishReason::Eos {
-            completion.push(eos);
-        }
-        weights.push(
-            std::iter::repeat_n(0.0, prompt.len())
-                .chain(std::iter::repeat_n(a as f32 / n, completion.len()))
-                .collect(),
-        );
-        ids.push([prompt.as_slice(), &completion].concat());
-    }
+    let adv = advantages(&rewards, Baseline::Rloo, AdvantageScale::None);
+    let n = generations.len() as f64;
+    let (ids, weights) = prompts
+        .iter()
+        .zip(as_trained(policy, generations))
+        .zip(adv.into_iter().flatten())
+        .map(|((prompt, completion), a)| weighted(prompt, &completion, uniform(&completion, a / n)))
+        .unzip();
     TokenBatch { ids, weights }
 }
 
@@ -177,8 +168,7 @@ pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> 
     rollouts(&policy, &prompts[..SAMPLES], false, 0)?;
     let (forced_s, _) = rollouts(&policy, &prompts, true, 0)?;
     let (natural_s, generations) = rollouts(&policy, &prompts, false, 1)?;
-    let eos = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let batch = weighted_batch(&prompts, &generations, eos);
+    let batch = weighted_batch(&policy, &prompts, &generations);
     let useful: usize = batch
         .weights
         .iter()

@@ -20,14 +20,17 @@ pub fn run(
     let template = TemplateFile::load(template).map_err(|d| CmdError::Usage(d.to_string()))?;
     let classifier = Classifier::new(template, labels.to_vec()).map_err(CmdError::Usage)?;
     // A template that does not render is the user's to fix: say so before loading the model.
-    for input in inputs {
-        classifier.prompt(input).map_err(|e| {
-            CmdError::Usage(format!("the template does not render for {input:?}: {e}"))
-        })?;
-    }
+    let prompts = inputs
+        .iter()
+        .map(|input| {
+            classifier.prompt(input).map_err(|e| {
+                CmdError::Usage(format!("the template does not render for {input:?}: {e}"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let model = model_args.load()?;
     let mut results = classifier
-        .classify(&model, inputs)
+        .classify(&model, &prompts)
         .map_err(CmdError::Failed)?;
     if calibrate {
         results = classifier.calibrate(&results);

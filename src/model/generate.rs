@@ -29,6 +29,9 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Keep generating past EOS (benchmarks need a fixed number of tokens).
     pub ignore_eos: bool,
+    /// Record the entropy of the model's next-token distribution at each step (rollouts report
+    /// it; it costs a pass over the vocabulary per sequence and step).
+    pub track_entropy: bool,
 }
 
 impl Default for GenerateOptions {
@@ -41,6 +44,7 @@ impl Default for GenerateOptions {
             seed: 0,
             stop: vec![],
             ignore_eos: false,
+            track_entropy: false,
         }
     }
 }
@@ -58,8 +62,10 @@ pub struct Generation {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
-    /// Mean entropy (nats) of the model's next-token distribution over the steps it decoded.
-    pub entropy: f64,
+    /// Mean entropy (nats) of the model's next-token distribution over the steps it decoded,
+    /// when asked for (`track_entropy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<f64>,
 }
 
 struct Sequence {
@@ -98,7 +104,7 @@ pub fn generate(
     // cache rows are copied to its samples.
     let (distinct, source) = distinct_prompts(prompts);
     let distinct_pad: Vec<usize> = distinct.iter().map(|p| longest - p.len()).collect();
-    let filler = model.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let filler = super::score::filler(model);
     let ids: Vec<u32> = distinct
         .iter()
         .zip(&distinct_pad)
@@ -136,9 +142,11 @@ pub fn generate(
         let mut next = Vec::with_capacity(live.len());
         for (&i, row) in live.iter().zip(rows) {
             let seq = &mut seqs[i];
-            seq.entropy = (seq.entropy.0 + entropy(&row), seq.entropy.1 + 1);
+            if opts.track_entropy {
+                seq.entropy = (seq.entropy.0 + entropy(&row), seq.entropy.1 + 1);
+            }
             let token = pick(&row, opts, &mut seq.rng);
-            advance(model, &mut seqs[i], token, opts, step + 1)?;
+            advance(model, seq, token, opts, step + 1)?;
             next.push(token);
         }
         // Finished sequences leave the batch, so they stop costing.
@@ -169,7 +177,9 @@ pub fn generate(
             text: s.text,
             token_ids: s.tokens,
             finish_reason: s.done.unwrap_or(FinishReason::Length),
-            entropy: s.entropy.0 / s.entropy.1.max(1) as f64,
+            entropy: opts
+                .track_entropy
+                .then(|| s.entropy.0 / s.entropy.1.max(1) as f64),
         })
         .collect())
 }

@@ -76,7 +76,7 @@ fn failed(doing: &str, item: &StoredRecord, e: impl std::fmt::Display) -> StageE
 }
 
 /// A sequence to train on: prompt tokens (weight 0) then completion tokens, each with its weight.
-fn weighted(
+pub(crate) fn weighted(
     prompt: &[u32],
     completion: &[u32],
     weights: impl IntoIterator<Item = f64>,
@@ -89,7 +89,7 @@ fn weighted(
 }
 
 /// Same weight on every completion token.
-fn uniform(completion: &[u32], w: f64) -> impl Iterator<Item = f64> {
+pub(crate) fn uniform(completion: &[u32], w: f64) -> impl Iterator<Item = f64> {
     std::iter::repeat_n(w, completion.len())
 }
 
@@ -103,7 +103,7 @@ struct Judged {
 }
 
 /// Each completion as trained: its tokens, and EOS when the model chose to stop.
-fn as_trained(model: &Model, generations: &[Generation]) -> Vec<Vec<u32>> {
+pub(crate) fn as_trained(model: &Model, generations: &[Generation]) -> Vec<Vec<u32>> {
     let eos = model.tokenizer.eos_ids.first().copied();
     generations
         .iter()
@@ -200,6 +200,7 @@ impl Rollouts<'_> {
             top_p: spec.top_p,
             seed,
             stop: spec.stop.clone(),
+            track_entropy: true,
             ..GenerateOptions::default()
         };
         let generations =
@@ -245,7 +246,7 @@ impl Rollouts<'_> {
         stats.kl = penalty.map_or(0.0, |p| p.kl);
         // Each completion as trained (with its EOS) is the steps that decoded it.
         stats.entropy = (generations.iter().zip(&lengths))
-            .map(|(g, &n)| g.entropy * n as f64)
+            .map(|(g, &n)| g.entropy.unwrap_or(0.0) * n as f64)
             .sum::<f64>()
             / lengths.iter().sum::<usize>().max(1) as f64;
         Ok(StepBatch {

@@ -179,10 +179,7 @@ impl StageRunner for TrainStage<'_> {
                 state.validations.push(v);
             }
             state.metrics.push(line);
-            let warning = (spec.baseline != Baseline::None)
-                .then(|| no_signal_warning(&state.metrics, &task.values))
-                .flatten();
-            if let Some(warning) = warning {
+            if let Some(warning) = no_signal_warning(&state.metrics, spec.baseline, &task.values) {
                 progress.warn(&warning);
                 state.metrics.last_mut().expect("just pushed")["warning"] = json!(warning);
             }
@@ -552,7 +549,10 @@ const WARN_AGAIN_AFTER: usize = 12;
 /// all their samples: under a group baseline those groups have no advantage, so the steps learn
 /// (next to) nothing. (Without a baseline every reward is its own advantage: no warning.)
 /// Derived from the metrics lines alone, so a resumed run warns as an uninterrupted one.
-fn no_signal_warning(lines: &[Value], values: &RewardValues) -> Option<String> {
+fn no_signal_warning(lines: &[Value], baseline: Baseline, values: &RewardValues) -> Option<String> {
+    if baseline == Baseline::None {
+        return None;
+    }
     let frac = |line: &Value| {
         line.pointer("/rollout/frac_reward_zero_std")
             .and_then(Value::as_f64)
@@ -638,7 +638,7 @@ mod tests {
         let warnings: Vec<Option<String>> = (0..16)
             .map(|_| {
                 lines.push(line(0.875, 0.02));
-                let warning = no_signal_warning(&lines, &values);
+                let warning = no_signal_warning(&lines, Baseline::Rloo, &values);
                 if let Some(w) = &warning {
                     lines.last_mut().unwrap()["warning"] = json!(w);
                 }
@@ -662,7 +662,7 @@ mod tests {
             line(0.7, 0.95),
             line(0.8, 0.99),
         ];
-        let easy = no_signal_warning(&easy, &values).unwrap();
+        let easy = no_signal_warning(&easy, Baseline::Rloo, &values).unwrap();
         assert!(easy.contains("too easy"), "{easy}");
     }
 

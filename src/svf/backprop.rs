@@ -205,16 +205,6 @@ struct Pass {
     expansion: Option<Expansion>,
 }
 
-impl Pass {
-    /// Lengths of the sequences attention runs over.
-    fn attention_lengths(&self) -> &[usize] {
-        match &self.expansion {
-            Some(e) => &e.lengths,
-            None => &self.lengths,
-        }
-    }
-}
-
 /// What one block's backward pass needs from its forward pass.
 struct Saved {
     x: Vec<f32>,
@@ -803,25 +793,28 @@ impl Engine {
     /// Attention of the pass's sequences; packs that share tokens run one sequence per member
     /// (see [`super::packing`]), folded back into packed rows.
     fn attend(&self, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, pass: &Pass) -> Attended {
-        let (rep, d, _) = self.attention_shape();
-        let kv = self.config.num_kv_heads;
-        let (q, k, v) = match &pass.expansion {
-            None => (q, k, v),
-            Some(e) => {
-                let expanded = (
-                    e.gather(&q, kv, rep * d, false),
-                    e.gather(&k, kv, d, false),
-                    e.gather(&v, kv, d, false),
-                );
-                self.pool.give([q, k, v]);
-                expanded
-            }
+        let Some(e) = &pass.expansion else {
+            let (probs, out) = self.attention(&q, &k, &v, &pass.lengths);
+            return Attended {
+                q,
+                k,
+                v,
+                probs,
+                out,
+            };
         };
-        let (probs, out) = self.attention(&q, &k, &v, pass.attention_lengths());
-        let out = match &pass.expansion {
-            None => out,
-            Some(e) => e.scatter(&out, kv, rep * d, false),
-        };
+        let [q, k, v] = [(q, true), (k, false), (v, false)].map(|(x, is_q)| {
+            let run = self.head_run(is_q);
+            let zeros = self
+                .pool
+                .zeros(e.expanded_len(self.config.num_kv_heads, run));
+            let expanded = e.gather(&x, self.config.num_kv_heads, run, false, zeros);
+            self.pool.give([x]);
+            expanded
+        });
+        let (probs, expanded_out) = self.attention(&q, &k, &v, &e.lengths);
+        let out = self.fold(e, &expanded_out, true, false);
+        self.pool.give([expanded_out]);
         Attended {
             q,
             k,
@@ -838,21 +831,35 @@ impl Engine {
         grad_out: &[f32],
         pass: &Pass,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (rep, d, _) = self.attention_shape();
-        let kv = self.config.num_kv_heads;
         let Some(e) = &pass.expansion else {
             return self.attention_backward(saved, grad_out, &pass.lengths);
         };
+        let kv = self.config.num_kv_heads;
+        let run = self.head_run(true);
         // A shared row's output came from the pack's first member only.
-        let grad_out = e.gather(grad_out, kv, rep * d, true);
+        let zeros = self.pool.zeros(e.expanded_len(kv, run));
+        let grad_out = e.gather(grad_out, kv, run, true, zeros);
         let (q, k, v) = self.attention_backward(saved, &grad_out, &e.lengths);
         let folded = (
-            e.scatter(&q, kv, rep * d, true),
-            e.scatter(&k, kv, d, true),
-            e.scatter(&v, kv, d, true),
+            self.fold(e, &q, true, true),
+            self.fold(e, &k, false, true),
+            self.fold(e, &v, false, true),
         );
-        self.pool.give([q, k, v]);
+        self.pool.give([grad_out, q, k, v]);
         folded
+    }
+
+    /// Floats per position and key/value head: the query heads that share it, or itself.
+    fn head_run(&self, queries: bool) -> usize {
+        let (rep, d, _) = self.attention_shape();
+        if queries { rep * d } else { d }
+    }
+
+    /// Members' rows folded back into packed rows (summed with `add`), in a pooled buffer.
+    fn fold(&self, e: &Expansion, expanded: &[f32], queries: bool, add: bool) -> Vec<f32> {
+        let (kv, run) = (self.config.num_kv_heads, self.head_run(queries));
+        let zeros = self.pool.zeros(e.packed_len(kv, run));
+        e.scatter(expanded, kv, run, add, zeros)
     }
 
     /// `−Σ w log softmax(norm(x_row) headᵀ)[token]` over the scored rows; writes the gradient of

@@ -130,14 +130,32 @@ impl Expansion {
         })
     }
 
+    /// Floats of the members' sequences with `kv` heads of `run` floats per position.
+    pub fn expanded_len(&self, kv: usize, run: usize) -> usize {
+        self.lengths.iter().sum::<usize>() * kv * run
+    }
+
+    /// Floats of the packed rows with `kv` heads of `run` floats per position.
+    pub fn packed_len(&self, kv: usize, run: usize) -> usize {
+        self.pack_tokens.iter().sum::<usize>() * kv * run
+    }
+
     /// Grouped rows (per pack and key/value head: `run` floats per position, as the engine lays
     /// out heads) copied into each member's attention sequence. With `shared_once`, a shared
     /// row goes to the pack's first member only (zero elsewhere): gradients of outputs that
     /// the first member alone delivers.
-    pub fn gather(&self, packed: &[f32], kv: usize, run: usize, shared_once: bool) -> Vec<f32> {
+    /// `out` is zeros of [`Self::expanded_len`].
+    pub fn gather(
+        &self,
+        packed: &[f32],
+        kv: usize,
+        run: usize,
+        shared_once: bool,
+        mut out: Vec<f32>,
+    ) -> Vec<f32> {
         let starts = offsets(self.pack_tokens.iter().map(|&n| n * kv * run));
         let sizes: Vec<usize> = self.lengths.iter().map(|&n| n * kv * run).collect();
-        let mut out = vec![0f32; sizes.iter().sum()];
+        debug_assert_eq!(out.len(), self.expanded_len(kv, run));
         split_mut(&mut out, &sizes)
             .into_par_iter()
             .zip(&self.members)
@@ -160,10 +178,18 @@ impl Expansion {
 
     /// The members' rows folded back into packed rows: shared rows from each pack's first
     /// member (outputs), or, with `add`, summed over members (gradients).
-    pub fn scatter(&self, expanded: &[f32], kv: usize, run: usize, add: bool) -> Vec<f32> {
+    /// `out` is zeros of [`Self::packed_len`].
+    pub fn scatter(
+        &self,
+        expanded: &[f32],
+        kv: usize,
+        run: usize,
+        add: bool,
+        mut out: Vec<f32>,
+    ) -> Vec<f32> {
         let sizes: Vec<usize> = self.pack_tokens.iter().map(|&n| n * kv * run).collect();
         let member_starts = offsets(self.lengths.iter().map(|&n| n * kv * run));
-        let mut out = vec![0f32; sizes.iter().sum()];
+        debug_assert_eq!(out.len(), self.packed_len(kv, run));
         split_mut(&mut out, &sizes)
             .into_par_iter()
             .enumerate()
@@ -258,15 +284,23 @@ mod tests {
         let packed: Vec<f32> = (0..packs[0].tokens() * kv * run)
             .map(|i| i as f32)
             .collect();
-        let expanded = expansion.gather(&packed, kv, run, false);
+        let zeros = |n: usize| vec![0f32; n];
+        let (e_len, p_len) = (
+            expansion.expanded_len(kv, run),
+            expansion.packed_len(kv, run),
+        );
+        let expanded = expansion.gather(&packed, kv, run, false, zeros(e_len));
         assert_eq!(expanded.len(), 19 * kv * run);
-        assert_eq!(expansion.scatter(&expanded, kv, run, false), packed);
-        let summed = expansion.scatter(&expanded, kv, run, true);
+        assert_eq!(
+            expansion.scatter(&expanded, kv, run, false, zeros(p_len)),
+            packed
+        );
+        let summed = expansion.scatter(&expanded, kv, run, true, zeros(p_len));
         let shared_row = 0; // head 0, position 0: in both members
         let own_row = 8 * run; // head 0, member a's own token
         assert_eq!(summed[shared_row + 1], 2.0 * packed[shared_row + 1]);
         assert_eq!(summed[own_row], packed[own_row]);
-        let once = expansion.gather(&packed, kv, run, true);
+        let once = expansion.gather(&packed, kv, run, true, zeros(e_len));
         let b_start = 9 * kv * run;
         assert!(once[b_start..b_start + 8 * run].iter().all(|&v| v == 0.0));
         assert_eq!(once[b_start + 8 * run], expanded[b_start + 8 * run]);
