@@ -217,6 +217,8 @@ fn generated_and_supervised_rollouts_train_on_the_real_model() {
             "/loss",
             "/grad_norm",
             "/rollout/completion_length",
+            "/time_rollout_s",
+            "/time_reward_s",
             "/val_accuracy",
         ];
         assert_finite(line, &keys, name);
