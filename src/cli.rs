@@ -93,10 +93,33 @@ pub enum Command {
         /// processing stays in full precision).
         #[arg(long)]
         decode_q8: bool,
+        /// A finished run directory (`runs/<name>`) whose adaptation `--adapt` names.
+        #[arg(long, value_name = "RUN_DIR", requires = "adapt")]
+        run: Option<PathBuf>,
+        /// Answer each prompt through this adaptation of `--run`: its first pass picks the
+        /// expert (or mixture), which is shown with the reason before the answer.
+        #[arg(long, value_name = "NAME", requires = "run", conflicts_with_all = ["expert", "model"])]
+        adapt: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         #[arg(required = true)]
         prompts: Vec<String>,
+    },
+    /// Chat with a finished run's model; with `--adapt`, each of your turns goes through that
+    /// adaptation first and the chosen expert (shown with the reason) answers, streamed.
+    Chat {
+        /// A finished run directory (`runs/<name>`).
+        run: PathBuf,
+        /// An adaptation of the run (`adaptations` in its pipeline).
+        #[arg(long, value_name = "NAME")]
+        adapt: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Score continuations: log p(continuation | prompt), per token and summed.
     Score {
@@ -358,6 +381,8 @@ pub fn main() -> Result<(), cmd::CmdError> {
             stop,
             ignore_eos,
             decode_q8,
+            run,
+            adapt,
             format,
             prompts,
         } => {
@@ -371,8 +396,13 @@ pub fn main() -> Result<(), cmd::CmdError> {
                 ignore_eos,
                 track_entropy: false,
             };
+            let adapt = run
+                .as_deref()
+                .zip(adapt.as_deref())
+                .map(|(run_dir, name)| cmd::generate::Adapt { run_dir, name });
             cmd::generate::run(
                 &model.into(),
+                adapt,
                 &prompts,
                 &cmd::generate::GenerateArgs {
                     chat,
@@ -381,6 +411,21 @@ pub fn main() -> Result<(), cmd::CmdError> {
                 },
                 &opts,
             )
+        }
+        Command::Chat {
+            run,
+            adapt,
+            max_new_tokens,
+            temperature,
+            seed,
+        } => {
+            let opts = GenerateOptions {
+                max_new_tokens,
+                temperature,
+                seed,
+                ..GenerateOptions::default()
+            };
+            cmd::chat::run(&run, adapt.as_deref(), &opts)
         }
         Command::Score {
             model,

@@ -1,5 +1,6 @@
 //! Integration tests, one binary (see `Cargo.toml` `autotests = false`).
 
+mod adapt;
 mod common;
 mod eval;
 mod model;

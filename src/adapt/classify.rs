@@ -1,7 +1,8 @@
-//! Prompt-based classification by scoring. A template turns an input into a question about its
-//! category; rather than generating an answer and parsing `\boxed{label}` (the paper's way, one
-//! decode per token), each label's answer `\boxed{label}` is scored after the prompt, all labels
-//! in one pass sharing the prompt, and the log-likelihoods renormalised over the labels decide.
+//! Prompt-based classification. A template turns an input into a question about its category.
+//! `score` mode: rather than generating an answer and parsing `\boxed{label}` (the paper's way,
+//! one decode per token), each label's answer `\boxed{label}` is scored after the prompt, all
+//! labels in one pass sharing the prompt, and the log-likelihoods renormalised over the labels
+//! decide. `generate` mode is the paper's: greedy answer, last `\boxed{}` parsed.
 
 use serde::Serialize;
 use serde_json::json;
@@ -9,6 +10,7 @@ use serde_json::json;
 use crate::data::template::TemplateFile;
 use crate::eval::prompts::render;
 use crate::model::Model;
+use crate::model::generate::{GenerateOptions, generate};
 use crate::model::score::{continuation_ids, score_options};
 use crate::rl::options::softmax;
 
@@ -21,6 +23,8 @@ pub struct Classifier {
 /// One input's classification.
 #[derive(Clone, Debug, Serialize)]
 pub struct Classified {
+    /// The chosen label; in `generate` mode, what the answer's last `\boxed{}` holds, which may
+    /// be no label at all (empty when it has none).
     pub label: String,
     /// log p(answer | prompt) of each label's answer, in label order.
     pub logliks: Vec<f64>,
@@ -36,19 +40,7 @@ pub fn answer(label: &str) -> String {
 impl Classifier {
     /// Labels must be distinct, non-empty words (they go inside `\boxed{}`).
     pub fn new(template: TemplateFile, labels: Vec<String>) -> Result<Self, String> {
-        if labels.len() < 2 {
-            return Err(format!("at least two labels are needed, got {labels:?}"));
-        }
-        for (i, label) in labels.iter().enumerate() {
-            if label.trim().is_empty() || label.contains(['{', '}']) || label.trim() != label {
-                return Err(format!(
-                    "label {label:?} must be non-empty, without surrounding spaces or braces"
-                ));
-            }
-            if labels[..i].contains(label) {
-                return Err(format!("label `{label}` is given twice"));
-            }
-        }
+        crate::pipeline::check_labels(&labels)?;
         Ok(Self { template, labels })
     }
 
@@ -62,6 +54,48 @@ impl Classifier {
             .render(&json!({"question": input, "labels": self.labels}))
     }
 
+    /// The question in the model's chat template (when it has one), as token ids.
+    fn encode(&self, model: &Model, prompt: &str) -> Result<Vec<u32>, String> {
+        let text = render(model, prompt, &[], model.chat.is_some()).map_err(|e| e.to_string())?;
+        model.tokenizer.encode(&text).map_err(|e| e.to_string())
+    }
+
+    /// The paper's way: a greedy answer of at most `max_new_tokens`, whose last `\boxed{}`
+    /// is the label. `probs` is one-hot on that label (all zero when it is none).
+    pub fn classify_by_generation(
+        &self,
+        model: &Model,
+        prompts: &[String],
+        max_new_tokens: usize,
+    ) -> Result<Vec<Classified>, String> {
+        let ids = prompts
+            .iter()
+            .map(|p| self.encode(model, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let opts = GenerateOptions {
+            max_new_tokens,
+            stop: vec!["}".into()],
+            ..GenerateOptions::default()
+        };
+        let generations = generate(model, &ids, &opts).map_err(|e| e.to_string())?;
+        Ok(generations
+            .iter()
+            .map(|g| {
+                let label = last_boxed(&g.text).unwrap_or_default();
+                let probs = self
+                    .labels
+                    .iter()
+                    .map(|l| f64::from(u8::from(*l == label)))
+                    .collect();
+                Classified {
+                    label,
+                    logliks: vec![],
+                    probs,
+                }
+            })
+            .collect())
+    }
+
     /// Classifies the questions [`Self::prompt`] made, with `model` (in its chat template when
     /// it has one).
     pub fn classify(&self, model: &Model, prompts: &[String]) -> Result<Vec<Classified>, String> {
@@ -73,12 +107,7 @@ impl Classifier {
             .map_err(|e| e.to_string())?;
         let items = prompts
             .iter()
-            .map(|prompt| {
-                let text =
-                    render(model, prompt, &[], model.chat.is_some()).map_err(|e| e.to_string())?;
-                let ids = model.tokenizer.encode(&text).map_err(|e| e.to_string())?;
-                Ok((ids, answers.clone()))
-            })
+            .map(|prompt| Ok((self.encode(model, prompt)?, answers.clone())))
             .collect::<Result<Vec<_>, String>>()?;
         let scored = score_options(model, &items).map_err(|e| e.to_string())?;
         Ok(scored
@@ -96,19 +125,29 @@ impl Classifier {
     /// the template lists first); dividing by the prior removes that. Calibrate on unlabelled
     /// inputs of the kind to be routed, never on items evaluated afterwards.
     pub fn calibrate(&self, results: &[Classified]) -> Vec<Classified> {
+        let prior = self.prior(results);
+        results.iter().map(|r| self.divided(r, &prior)).collect()
+    }
+
+    /// Each label's mean probability over `results`.
+    pub fn prior(&self, results: &[Classified]) -> Vec<f64> {
         let n = results.len().max(1) as f64;
-        let prior: Vec<f64> = (0..self.labels.len())
+        (0..self.labels.len())
             .map(|k| results.iter().map(|r| r.probs[k]).sum::<f64>() / n)
-            .collect();
-        results
-            .iter()
-            .map(|r| {
-                let scaled: Vec<f64> = r.probs.iter().zip(&prior).map(|(p, q)| p / q).collect();
-                let total: f64 = scaled.iter().sum();
-                let probs = scaled.iter().map(|p| p / total).collect();
-                self.decided(r.logliks.clone(), probs)
-            })
             .collect()
+    }
+
+    /// `r` with each label's probability divided by its `prior`, renormalised, decided again.
+    pub fn divided(&self, r: &Classified, prior: &[f64]) -> Classified {
+        let scaled: Vec<f64> = r
+            .probs
+            .iter()
+            .zip(prior)
+            .map(|(p, q)| p / q.max(f64::MIN_POSITIVE))
+            .collect();
+        let total: f64 = scaled.iter().sum();
+        let probs = scaled.iter().map(|p| p / total).collect();
+        self.decided(r.logliks.clone(), probs)
     }
 
     /// The likeliest label (the first listed among equals).
@@ -122,6 +161,15 @@ impl Classifier {
             probs,
         }
     }
+}
+
+/// The text inside the last `\boxed{...}` of `text` (up to its closing brace or the end: the
+/// generation stops at the brace).
+fn last_boxed(text: &str) -> Option<String> {
+    let start = text.rfind("\\boxed{")? + "\\boxed{".len();
+    let inner = &text[start..];
+    let end = inner.find('}').unwrap_or(inner.len());
+    Some(inner[..end].trim().to_string())
 }
 
 #[cfg(test)]
@@ -181,6 +229,19 @@ mod tests {
         for r in &calibrated {
             assert!((r.probs.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         }
+    }
+
+    #[test]
+    fn the_last_boxed_answer_is_the_label() {
+        assert_eq!(
+            last_boxed("\\boxed{math} or \\boxed{ code }"),
+            Some("code".into())
+        );
+        assert_eq!(
+            last_boxed("It is \\boxed{reasoning"),
+            Some("reasoning".into())
+        );
+        assert_eq!(last_boxed("code"), None);
     }
 
     #[test]

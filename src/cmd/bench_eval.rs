@@ -60,6 +60,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
     let stage = EvalStage {
         eval: eval.clone(),
         rewards: pipeline.spec.rewards.clone(),
+        adaptations: Default::default(),
         version: String::new(),
         shared: &env.shared,
     };

@@ -1,9 +1,15 @@
-//! `tsq generate`: continue prompts with a model (batched), printing text or JSON.
+//! `tsq generate`: continue prompts with a model (batched), printing text or JSON; with
+//! `--run RUN_DIR --adapt NAME`, each prompt first goes through the run's adaptation, which
+//! says which expert (or mixture) answers it and why, and prompts sent to the same expert are
+//! answered in one batch.
 
 use serde_json::json;
 
+use std::collections::BTreeMap;
+
 use super::{CmdError, Format, ModelArgs};
-use crate::model::generate::{GenerateOptions, generate};
+use crate::adapt::adapter::{Adapter, Choice};
+use crate::model::generate::{GenerateOptions, Generation, generate};
 
 /// How to present the prompts and run the decoding.
 pub struct GenerateArgs {
@@ -12,14 +18,75 @@ pub struct GenerateArgs {
     pub format: Format,
 }
 
+/// A run's adaptation to answer through.
+pub struct Adapt<'a> {
+    pub run_dir: &'a std::path::Path,
+    pub name: &'a str,
+}
+
+fn fail(e: crate::model::error::ModelError) -> CmdError {
+    CmdError::Failed(e.to_string())
+}
+
 pub fn run(
     model_args: &ModelArgs,
+    adapt: Option<Adapt>,
     prompts: &[String],
     args: &GenerateArgs,
     opts: &GenerateOptions,
 ) -> Result<(), CmdError> {
-    let mut model = model_args.load()?;
-    let fail = |e: crate::model::error::ModelError| CmdError::Failed(e.to_string());
+    let started = std::time::Instant::now();
+    let (generations, choices) = match adapt {
+        None => {
+            let model = model_args.load()?;
+            (answer(model, prompts, args, opts)?, vec![])
+        }
+        Some(a) => adapted(&a, prompts, args, opts)?,
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let tokens: usize = generations.iter().map(|g| g.token_ids.len()).sum();
+    match args.format {
+        Format::Json => {
+            let items: Vec<_> = prompts
+                .iter()
+                .zip(&generations)
+                .enumerate()
+                .map(|(i, (p, g))| json!({"prompt": p, "adaptation": choices.get(i), "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &json!({"generations": items, "tokens": tokens, "seconds": seconds})
+                )
+                .expect("json")
+            );
+        }
+        Format::Text => {
+            for (i, g) in generations.iter().enumerate() {
+                if let Some(choice) = choices.get(i) {
+                    println!("[{choice}]");
+                }
+                println!("{}", g.text);
+                if generations.len() > 1 {
+                    println!("---");
+                }
+            }
+            eprintln!(
+                "{tokens} tokens in {seconds:.2}s ({:.1} tok/s)",
+                tokens as f64 / seconds.max(1e-9)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Each prompt's answer from `model`, in one batch.
+fn answer(
+    mut model: crate::model::Model,
+    prompts: &[String],
+    args: &GenerateArgs,
+    opts: &GenerateOptions,
+) -> Result<Vec<Generation>, CmdError> {
     if args.decode_q8 {
         model
             .transformer
@@ -35,37 +102,34 @@ pub fn run(
         };
         ids.push(model.tokenizer.encode(&text).map_err(fail)?);
     }
-    let started = std::time::Instant::now();
-    let generations = generate(&model, &ids, opts).map_err(fail)?;
-    let seconds = started.elapsed().as_secs_f64();
-    let tokens: usize = generations.iter().map(|g| g.token_ids.len()).sum();
-    match args.format {
-        Format::Json => {
-            let items: Vec<_> = prompts
-                .iter()
-                .zip(&generations)
-                .map(|(p, g)| json!({"prompt": p, "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason}))
-                .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(
-                    &json!({"generations": items, "tokens": tokens, "seconds": seconds})
-                )
-                .expect("json")
-            );
-        }
-        Format::Text => {
-            for g in &generations {
-                println!("{}", g.text);
-                if generations.len() > 1 {
-                    println!("---");
-                }
-            }
-            eprintln!(
-                "{tokens} tokens in {seconds:.2}s ({:.1} tok/s)",
-                tokens as f64 / seconds.max(1e-9)
-            );
+    generate(&model, &ids, opts).map_err(fail)
+}
+
+/// The adaptation's choice for each prompt, and the answers: prompts with the same choice are
+/// answered together.
+fn adapted(
+    a: &Adapt,
+    prompts: &[String],
+    args: &GenerateArgs,
+    opts: &GenerateOptions,
+) -> Result<(Vec<Generation>, Vec<Choice>), CmdError> {
+    let home = crate::assets::TsqHome::from_env();
+    let mut adapter = Adapter::open(a.run_dir, a.name, home).map_err(CmdError::Failed)?;
+    let choices = adapter.choose(prompts).map_err(CmdError::Failed)?;
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, c) in choices.iter().enumerate() {
+        groups.entry(c.answered_by()).or_default().push(i);
+    }
+    let mut out: Vec<Option<Generation>> = (0..prompts.len()).map(|_| None).collect();
+    for members in groups.values() {
+        let model = adapter
+            .model_for(&choices[members[0]])
+            .map_err(CmdError::Failed)?;
+        let group: Vec<String> = members.iter().map(|&i| prompts[i].clone()).collect();
+        let answers = answer((*model).clone(), &group, args, opts)?;
+        for (&i, g) in members.iter().zip(answers) {
+            out[i] = Some(g);
         }
     }
-    Ok(())
+    Ok((out.into_iter().flatten().collect(), choices))
 }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_eval;
 pub mod bench_rl;
+pub mod chat;
 pub mod classify;
 pub mod expert;
 pub mod fetch;

@@ -39,6 +39,14 @@ impl TemplateFile {
         Ok(Self { env })
     }
 
+    /// Compiles a template kept as text (as a stage saved it).
+    pub fn from_source(source: &str) -> Result<Self, String> {
+        let mut env = environment();
+        env.add_template_owned("t", source.to_string())
+            .map_err(|e| format!("template does not parse: {e}"))?;
+        Ok(Self { env })
+    }
+
     /// Renders with `record`'s fields as top-level variables.
     pub fn render(&self, record: &serde_json::Value) -> Result<String, String> {
         let template = self.env.get_template("t").map_err(|e| e.to_string())?;

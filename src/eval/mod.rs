@@ -10,6 +10,7 @@
 //!   counts, config, versions, input hashes, timings (laid out close to lm-eval's),
 //! - `results.md`: the same as a table, printed by `tsq run`.
 
+mod adapted;
 pub mod prompts;
 pub mod results;
 pub mod runner;

@@ -33,6 +33,67 @@ pub struct ModelResult {
     pub items_timed: usize,
     pub items_per_s: f64,
     pub tokens_per_s: f64,
+    /// What the first pass did, when this is an adaptation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptation: Option<AdaptationResult>,
+}
+
+/// An adaptation's first pass on the evaluated items.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AdaptationResult {
+    pub strategy: String,
+    /// Routing: items per chosen expert (or `base`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routed: BTreeMap<String, usize>,
+    /// Routing: the expert trained on this dataset, when the labels lead to one; routing is
+    /// right when it is chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_accuracy: Option<Proportion>,
+    /// Routing: mean wall time per item of the first pass (choosing) and of the second
+    /// (answering), and their ratio: what adapting each input adds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_pass_seconds_per_item: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_pass_seconds_per_item: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_pass_fraction: Option<f64>,
+    /// Few-shot: the search's wall time (spent once per task) and the α it found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<Vec<Vec<f64>>>,
+}
+
+impl AdaptationResult {
+    /// One line for `results.md`.
+    fn summary(&self, with: &str) -> String {
+        let mut parts = vec![format!("{with} ({})", self.strategy)];
+        if !self.routed.is_empty() {
+            let routed: Vec<String> = self
+                .routed
+                .iter()
+                .map(|(t, n)| format!("{t} {n}"))
+                .collect();
+            parts.push(format!("routed: {}", routed.join(", ")));
+        }
+        if let (Some(acc), Some(expected)) = (&self.routing_accuracy, &self.expected) {
+            parts.push(format!(
+                "to `{expected}`: {}% [{}, {}]",
+                pct(acc.value),
+                pct(acc.ci95.0),
+                pct(acc.ci95.1)
+            ));
+        }
+        if let Some(f) = self.first_pass_fraction {
+            parts.push(format!("first pass {}% of the second's time", pct(f)));
+        }
+        if let (Some(alpha), Some(s)) = (&self.alpha, self.search_seconds) {
+            parts.push(format!("α {alpha:.3?} found in {s:.0} s"));
+        }
+        parts.join("; ")
+    }
 }
 
 impl ModelResult {
@@ -58,6 +119,7 @@ impl ModelResult {
             items_timed,
             items_per_s: rate(items_timed as f64),
             tokens_per_s: rate(timed_tokens as f64),
+            adaptation: None,
         }
     }
 }
@@ -122,6 +184,11 @@ impl Results {
                     r.unparsable,
                     r.items_per_s
                 ));
+            }
+        }
+        for (with, r) in &self.results {
+            if let Some(a) = &r.adaptation {
+                out.push_str(&format!("\n{}\n", a.summary(with)));
             }
         }
         out

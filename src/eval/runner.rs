@@ -16,7 +16,7 @@ use crate::reward::{Reward, Verdict, choices_field, extract, gold_index};
 /// One item evaluated with one model.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Sample {
-    /// `base` or an expert's name.
+    /// `base`, an expert's name or an adaptation's.
     pub with: String,
     pub id: String,
     /// The text the model was given (shots and chat template included).
@@ -35,6 +35,11 @@ pub struct Sample {
     pub finish_reason: Option<String>,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
+    /// Adaptations: the label the first pass chose and the expert (or `base`) it led to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed_to: Option<String>,
 }
 
 /// What every batch of one evaluation shares.
@@ -197,6 +202,8 @@ impl Task<'_> {
                 finish_reason: None,
                 prompt_tokens: prompt_ids.len(),
                 new_tokens: option_ids.iter().map(Vec::len).sum(),
+                route_label: None,
+                routed_to: None,
             });
         }
         Ok(out)
@@ -273,6 +280,8 @@ impl Task<'_> {
                 finish_reason: Some(crate::hash::serde_name(&generation.finish_reason)),
                 prompt_tokens: prompt_ids.len(),
                 new_tokens: generation.token_ids.len(),
+                route_label: None,
+                routed_to: None,
             });
         }
         Ok(out)

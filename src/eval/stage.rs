@@ -10,19 +10,22 @@ use std::time::Instant;
 use polars::prelude::*;
 use serde_json::{Value, json};
 
+use super::adapted::{Models, mixture_result};
 use super::results::{ModelResult, NSamples, RESULTS_JSON, RESULTS_MD, Results, SAMPLES_FILE};
 use super::runner::{Sample, Task};
 use crate::data::stage::{StoredRecord, read_stored};
 use crate::exec::{StageContext, StageError, StageRunner, failed_to, file_input};
 use crate::model::stage::ModelRecord;
 use crate::pipeline::ResolvedEval;
-use crate::pipeline::spec::{EvalMode, RewardSpec, RewardValues};
+use crate::pipeline::spec::{AdaptationSpec, EvalMode, RewardSpec, RewardValues};
 use crate::reward::Reward;
 use crate::stages::Shared;
 
 pub struct EvalStage<'a> {
     pub eval: ResolvedEval,
     pub rewards: BTreeMap<String, RewardSpec>,
+    /// The pipeline's adaptations (those `with` names are evaluated through them).
+    pub adaptations: BTreeMap<String, AdaptationSpec>,
     /// The stage kind's `kind/version`, recorded in `results.json`.
     pub version: String,
     pub shared: &'a Shared,
@@ -65,34 +68,29 @@ impl StageRunner for EvalStage<'_> {
         let task = self.task(&train, reward.as_ref());
         let mut results = BTreeMap::new();
         let mut all_samples = Vec::new();
-        let mut expert_hashes = BTreeMap::new();
+        let mut models = Models::new(self.shared, &model_record)?;
         for with in &spec.with {
-            let base = self.shared.model(&model_record.path)?;
-            let model = match with.as_str() {
-                "base" => base,
-                "adaptive" => {
-                    return Err(StageError::failed(
-                        "evaluating `adaptive`",
-                        "adaptation is not available in this version",
-                    ));
+            let (samples, timing, adaptation) = match self.adaptations.get(with) {
+                Some(ad) if ad.routing().is_some() => {
+                    self.evaluate_routed(ctx, &task, &mut models, with, &items, ad.strategy())?
                 }
-                expert => {
-                    let file = ctx
-                        .upstream_dir(&format!("train.{expert}"))?
-                        .join(crate::rl::stage::EXPERT_FILE);
-                    expert_hashes.insert(format!("expert.{expert}"), file_input(&file)?);
-                    let mut model = (*base).clone();
-                    crate::svf::compose_expert_file(&mut model, &file, &self.shared.home)
-                        .map_err(|e| StageError::at("applying the expert", &file, e))?;
-                    std::rc::Rc::new(model)
+                Some(ad) => {
+                    let dir = ctx.upstream_dir(&format!("adapt.{with}"))?;
+                    let model = models.expert(with, &dir.join(crate::rl::stage::EXPERT_FILE))?;
+                    let (samples, timing) = self.evaluate_with(ctx, &task, &model, with, &items)?;
+                    let adaptation = mixture_result(dir, ad.strategy())?;
+                    (samples, timing, Some(adaptation))
+                }
+                None => {
+                    let model = models.named(ctx, with)?;
+                    let (samples, timing) = self.evaluate_with(ctx, &task, &model, with, &items)?;
+                    (samples, timing, None)
                 }
             };
-            let (samples, timing) = self.evaluate_with(ctx, &task, &model, with, &items)?;
             let refs: Vec<&Sample> = samples.iter().collect();
-            results.insert(
-                with.clone(),
-                ModelResult::of(&refs, timing.seconds, timing.items, timing.tokens),
-            );
+            let mut result = ModelResult::of(&refs, timing.seconds, timing.items, timing.tokens);
+            result.adaptation = adaptation;
+            results.insert(with.clone(), result);
             all_samples.extend(samples);
         }
         let mut inputs = BTreeMap::from([(
@@ -102,7 +100,7 @@ impl StageRunner for EvalStage<'_> {
         if let Some(hash) = &model_record.blake3 {
             inputs.insert("model".into(), hash.clone());
         }
-        inputs.extend(expert_hashes);
+        inputs.extend(models.hashes);
         let out = Results {
             task: format!("eval.{}", self.eval.name),
             dataset: spec.dataset.clone(),
@@ -135,10 +133,19 @@ impl StageRunner for EvalStage<'_> {
 }
 
 /// Wall time and tokens of the items this process evaluated.
+#[derive(Default)]
 pub struct Timing {
     pub seconds: f64,
     pub items: usize,
     pub tokens: usize,
+}
+
+impl Timing {
+    pub(super) fn add(&mut self, other: &Timing) {
+        self.seconds += other.seconds;
+        self.items += other.items;
+        self.tokens += other.tokens;
+    }
 }
 
 /// What happens to each finished batch: its samples and how many seconds it took.
@@ -218,7 +225,7 @@ impl EvalStage<'_> {
     }
 
     /// Evaluates `items` with one model, resuming from the checkpoint of finished batches.
-    fn evaluate_with(
+    pub(super) fn evaluate_with(
         &self,
         ctx: &StageContext,
         task: &Task,
@@ -337,6 +344,8 @@ fn write_samples(path: &Path, samples: &[Sample]) -> Result<(), StageError> {
                 .collect::<Vec<Option<bool>>>(),
         ),
         col("detail", text(&|s| s.detail.clone())),
+        col("route_label", text(&|s| s.route_label.clone())),
+        col("routed_to", text(&|s| s.routed_to.clone())),
         col("finish_reason", text(&|s| s.finish_reason.clone())),
         Column::new(
             "prompt_tokens".into(),

@@ -83,6 +83,17 @@ pub fn generate(
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
 ) -> Result<Vec<Generation>> {
+    generate_streaming(model, prompts, opts, &mut |_, _| {})
+}
+
+/// [`generate`], handing each sequence's new text to `on_text(sequence, text)` as it is
+/// decoded (held back while it ends inside a multi-byte character).
+pub fn generate_streaming(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<Vec<Generation>> {
     if prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::Input(
             "cannot generate from an empty prompt".into(),
@@ -137,6 +148,7 @@ pub fn generate(
     // Batch row r decodes sequence live[r], left-padded by pad[r].
     let mut pad: Vec<usize> = source.iter().map(|&d| distinct_pad[d]).collect();
     let mut live: Vec<usize> = (0..prompts.len()).collect();
+    let mut shown = vec![0usize; prompts.len()];
     for step in 0..opts.max_new_tokens {
         let rows: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
         let mut next = Vec::with_capacity(live.len());
@@ -147,6 +159,13 @@ pub fn generate(
             }
             let token = pick(&row, opts, &mut seq.rng);
             advance(model, seq, token, opts, step + 1)?;
+            if seq.text.len() > shown[i]
+                && seq.text.is_char_boundary(shown[i])
+                && !seq.text.ends_with('\u{FFFD}')
+            {
+                on_text(i, &seq.text[shown[i]..]);
+                shown[i] = seq.text.len();
+            }
             next.push(token);
         }
         // Finished sequences leave the batch, so they stop costing.

@@ -1,10 +1,12 @@
 //! Pipeline files: the typed spec, loading with positions, `--set` overrides, and validation
 //! (schema first, then semantic checks), reporting every problem at once.
 
+mod check_adapt;
 mod resolved;
 pub mod spec;
 mod validate;
 
+pub use check_adapt::check_labels;
 pub use resolved::{ResolvedDataset, ResolvedEval};
 
 use std::collections::BTreeMap;

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use regex::Regex;
 
 use super::spec::{
-    EvalMode, ExpertSpec, Layers, Objective, PipelineSpec, RewardSpec, Rollout, Strategy,
+    BASE, EvalMode, ExpertSpec, Layers, Objective, PipelineSpec, RewardSpec, Rollout,
 };
 use super::{Pipeline, ResolvedDataset, ResolvedEval};
 use crate::assets::AssetSource;
@@ -23,6 +23,7 @@ pub fn semantic_checks(p: &mut Pipeline) -> Result<(), Vec<Diagnostic>> {
     check_svd(&p.spec, p, &mut errors);
     check_datasets(p, &mut errors);
     check_rewards(p, &mut errors);
+    super::check_adapt::check_adaptations(p, &mut errors);
     if errors.is_empty() {
         check_init_cycles(p, &mut errors);
     }
@@ -181,7 +182,7 @@ fn check_training(p: &Pipeline, name: &str, ex: &ExpertSpec, errors: &mut Vec<Di
 }
 
 /// Checks that `name` is one of `known`; `what` names the section for the message.
-fn reference(
+pub(super) fn reference(
     p: &Pipeline,
     ptr: &str,
     name: &str,
@@ -240,25 +241,6 @@ fn check_references(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
             );
         }
     }
-    if let Some(ad) = &spec.adaptation {
-        for (i, e) in ad.experts.iter().enumerate() {
-            reference(
-                p,
-                &format!("/adaptation/experts/{i}"),
-                e,
-                &experts,
-                "experts",
-                errors,
-            );
-        }
-        if ad.strategy == Strategy::FewShot && ad.shots.is_none() {
-            errors.push(p.doc.diagnostic(
-                "/adaptation/strategy",
-                false,
-                "the `few_shot` strategy needs `shots` (how many labelled examples)",
-            ));
-        }
-    }
     for (name, r) in &spec.rewards {
         if let RewardSpec::Composite(c) = r {
             for (i, part) in c.parts.iter().enumerate() {
@@ -308,58 +290,30 @@ fn check_references(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
             );
         }
         let mut targets: BTreeSet<&str> = experts.clone();
-        targets.extend(["base", "adaptive"]);
+        targets.extend(spec.adaptations.keys().map(String::as_str));
+        targets.insert(BASE);
         for (j, w) in ev.with.iter().enumerate() {
             let ptr = format!("/evaluate/{i}/with/{j}");
-            reference(
-                p,
-                &ptr,
-                w,
-                &targets,
-                "experts (or `base`, `adaptive`)",
-                errors,
-            );
-            if w == "adaptive" && spec.adaptation.is_none() {
-                errors.push(p.doc.diagnostic(
-                    &ptr,
-                    false,
-                    "`adaptive` needs an `adaptation` section",
-                ));
-            }
+            let what = "experts or `adaptations` (or `base`)";
+            reference(p, &ptr, w, &targets, what, errors);
         }
     }
 }
 
-/// What each mode needs: `generate` a reward to judge answers, `loglik` options to rank.
+/// What an evaluation needs beyond its mode (see [`check_mode`]): solved examples for shots.
 fn check_eval_mode(
     p: &Pipeline,
     i: usize,
     ev: &super::spec::EvaluateSpec,
     errors: &mut Vec<Diagnostic>,
 ) {
-    let reward = ev.reward.as_ref().and_then(|r| p.spec.rewards.get(r));
-    match ev.mode {
-        EvalMode::Generate if ev.reward.is_none() => errors.push(
-            p.doc
-                .diagnostic(
-                    &format!("/evaluate/{i}"),
-                    true,
-                    "`generate` mode needs a `reward` to judge the answers",
-                )
-                .with_help("name one of `rewards`, or use `mode: loglik` for multiple choice"),
-        ),
-        EvalMode::Loglik if reward.is_some_and(|r| !matches!(r, RewardSpec::MultipleChoice(_))) => {
-            errors.push(p.doc.diagnostic(
-                &format!("/evaluate/{i}/reward"),
-                false,
-                format!(
-                    "`loglik` mode ranks options: its reward must be `multiple_choice`, not `{}`",
-                    reward.map(RewardSpec::kind).unwrap_or_default()
-                ),
-            ))
-        }
-        _ => {}
-    }
+    check_mode(
+        p,
+        &format!("/evaluate/{i}"),
+        ev.mode,
+        ev.reward.as_deref(),
+        errors,
+    );
     let has_target = p
         .spec
         .datasets
@@ -374,6 +328,40 @@ fn check_eval_mode(
                 ev.dataset
             ),
         ));
+    }
+}
+
+/// What each mode needs: `generate` a reward to judge answers, `loglik` options to rank. `ptr`
+/// is the section holding `mode` and `reward`.
+pub(super) fn check_mode(
+    p: &Pipeline,
+    ptr: &str,
+    mode: EvalMode,
+    reward_name: Option<&str>,
+    errors: &mut Vec<Diagnostic>,
+) {
+    let reward = reward_name.and_then(|r| p.spec.rewards.get(r));
+    match mode {
+        EvalMode::Generate if reward_name.is_none() => errors.push(
+            p.doc
+                .diagnostic(
+                    ptr,
+                    true,
+                    "`generate` mode needs a `reward` to judge the answers",
+                )
+                .with_help("name one of `rewards`, or use `mode: loglik` for multiple choice"),
+        ),
+        EvalMode::Loglik if reward.is_some_and(|r| !matches!(r, RewardSpec::MultipleChoice(_))) => {
+            errors.push(p.doc.diagnostic(
+                &format!("{ptr}/reward"),
+                false,
+                format!(
+                    "`loglik` mode ranks options: its reward must be `multiple_choice`, not `{}`",
+                    reward.map(RewardSpec::kind).unwrap_or_default()
+                ),
+            ))
+        }
+        _ => {}
     }
 }
 

@@ -35,7 +35,6 @@ use crate::pipeline::spec::{
 use crate::reward::{Reward, Verdict};
 use crate::stages::Shared;
 use crate::svd::cache::Decomposed;
-use crate::svd::stage::{TARGETS_FILE, Target};
 use crate::svf::apply::{Application, apply};
 use crate::svf::expert::{BaseModel, Expert};
 use crate::svf::train::{SvfTrainer, TrainerState};
@@ -111,7 +110,7 @@ impl StageRunner for TrainStage<'_> {
         let record = ModelRecord::from_upstream(ctx)?;
         let model = self.shared.model(&record.path)?;
         let base = BaseModel::of_file(&record.path).map_err(failed_to("identifying the model"))?;
-        let factors = self.factors(ctx, &model, &base)?;
+        let factors = crate::svd::stage::upstream_factors(ctx, &model, &base, &self.shared.home)?;
         let records = read_stored(ctx.upstream_dir(&format!("data.{}", self.expert.dataset))?)?;
         let split = |name: &str| -> Vec<&StoredRecord> {
             records.iter().filter(|r| r.split == name).collect()
@@ -201,22 +200,6 @@ impl StageRunner for TrainStage<'_> {
 
 impl TrainStage<'_> {
     /// The SVD factors of the targets the `decompose` stage listed.
-    fn factors(
-        &self,
-        ctx: &StageContext,
-        model: &Model,
-        base: &BaseModel,
-    ) -> Result<Vec<Decomposed>, StageError> {
-        let file = ctx.upstream_dir("decompose")?.join(TARGETS_FILE);
-        let text =
-            std::fs::read_to_string(&file).map_err(|e| StageError::at("reading", &file, e))?;
-        let targets: Vec<Target> =
-            serde_json::from_str(&text).map_err(|e| StageError::at("reading", &file, e))?;
-        let names: Vec<String> = targets.into_iter().map(|t| t.name).collect();
-        crate::svf::factors_for(model, base, &names, &self.shared.home)
-            .map_err(failed_to("loading the SVD factors"))
-    }
-
     /// The starting vector: another expert's (`init_from`) or the parametrisation's initial one.
     fn initial_expert(
         &self,
@@ -376,6 +359,7 @@ impl TrainStage<'_> {
         EvalStage {
             eval: ResolvedEval::new(0, &spec, self.seed),
             rewards: self.rewards.clone(),
+            adaptations: Default::default(),
             version: String::new(),
             shared: self.shared,
         }

@@ -1,9 +1,15 @@
-//! The `adapt` kind: the two-pass adaptation stage. Declared but not runnable in this version.
+//! The `adapt` kind: one `adapt.<name>` stage per adaptation ([`crate::adapt::stage`]).
+//! Routing strategies depend on the routed experts' datasets (calibration and routing check);
+//! few-shot mixing on the target task's data, the decomposition and the experts it mixes.
 
-use super::{Declared, Env, Kind, to_json};
+use serde_json::json;
+
+use super::{Declared, Env, Kind, rewards_config, to_json};
+use crate::adapt::stage::AdaptStage;
 use crate::dag::Stage;
 use crate::exec::StageRunner;
 use crate::pipeline::Pipeline;
+use crate::pipeline::spec::AdaptationSpec;
 
 pub struct AdaptKind;
 
@@ -12,25 +18,63 @@ impl Kind for AdaptKind {
         "adapt"
     }
 
+    /// 2: named adaptations, the first version that runs.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn declare(&self, p: &Pipeline) -> Vec<Declared> {
-        p.spec
-            .adaptation
+        let spec = &p.spec;
+        spec.adaptations
             .iter()
-            .map(|ad| Declared {
-                id: "adapt".into(),
-                subject: None,
-                deps: ad.experts.iter().map(|e| format!("train.{e}")).collect(),
-                config: to_json(ad),
-                pointer: "/adaptation".into(),
+            .map(|(name, ad)| {
+                let mut deps = vec!["model".to_string()];
+                let experts = ad.experts(&spec.experts);
+                let mut reward = json!(null);
+                match ad {
+                    AdaptationSpec::FewShot(f) => {
+                        deps.push(format!("data.{}", f.dataset));
+                        deps.push("decompose".into());
+                        deps.extend(experts.iter().map(|e| format!("train.{e}")));
+                        if let Some(r) = &f.reward {
+                            reward = rewards_config(&spec.rewards, r);
+                        }
+                    }
+                    AdaptationSpec::Prompt(_) | AdaptationSpec::Classifier(_) => {
+                        for e in &experts {
+                            let data = format!("data.{}", spec.experts[*e].dataset);
+                            if !deps.contains(&data) {
+                                deps.push(data);
+                            }
+                        }
+                    }
+                }
+                Declared {
+                    id: format!("adapt.{name}"),
+                    subject: Some(name.clone()),
+                    deps,
+                    config: json!({"adaptation": to_json(ad), "rewards": reward, "seed": spec.seed}),
+                    pointer: format!("/adaptations/{name}"),
+                }
             })
             .collect()
     }
 
-    fn runner<'a>(&self, _: &'a Env<'a>, _: &Stage) -> Option<Box<dyn StageRunner + 'a>> {
-        None
+    fn runner<'a>(&self, env: &'a Env<'a>, stage: &Stage) -> Option<Box<dyn StageRunner + 'a>> {
+        let name = stage.subject.as_deref()?;
+        let p = env.pipeline;
+        let spec = p.spec.adaptations.get(name)?;
+        if matches!(spec, AdaptationSpec::Classifier(_)) {
+            return None;
+        }
+        Some(Box::new(AdaptStage {
+            name: name.to_string(),
+            spec: spec.clone(),
+            experts: p.spec.experts.clone(),
+            rewards: p.spec.rewards.clone(),
+            template: spec.routing().map(|r| p.path(r.template())),
+            seed: p.spec.seed,
+            shared: &env.shared,
+        }))
     }
 }

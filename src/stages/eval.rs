@@ -7,6 +7,7 @@ use crate::dag::Stage;
 use crate::eval::stage::EvalStage;
 use crate::exec::StageRunner;
 use crate::pipeline::Pipeline;
+use crate::pipeline::spec::BASE;
 
 pub struct EvalKind;
 
@@ -16,8 +17,9 @@ impl Kind for EvalKind {
     }
 
     /// 2: `code_tests` runs MBPP's setup code after the solution (it may use what it defines).
+    /// 3: adaptations in `with`; samples say where each item was routed.
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn declare(&self, p: &Pipeline) -> Vec<Declared> {
@@ -27,10 +29,22 @@ impl Kind for EvalKind {
                 let spec = &ev.spec;
                 let mut deps = vec!["model".to_string(), format!("data.{}", spec.dataset)];
                 for w in &spec.with {
-                    match w.as_str() {
-                        "base" => {}
-                        "adaptive" => deps.push("adapt".into()),
-                        expert => deps.push(format!("train.{expert}")),
+                    let more = match p.spec.adaptations.get(w) {
+                        // A routed item is answered by one of the experts the labels lead to.
+                        Some(ad) => std::iter::once(format!("adapt.{w}"))
+                            .chain(ad.routing().into_iter().flat_map(|r| {
+                                r.experts(&p.spec.experts)
+                                    .into_iter()
+                                    .map(|e| format!("train.{e}"))
+                            }))
+                            .collect(),
+                        None if w == BASE => vec![],
+                        None => vec![format!("train.{w}")],
+                    };
+                    for dep in more {
+                        if !deps.contains(&dep) {
+                            deps.push(dep);
+                        }
                     }
                 }
                 let reward = spec.reward.as_ref().map(|r| rewards_config(&p.spec.rewards, r));
@@ -51,6 +65,7 @@ impl Kind for EvalKind {
         Some(Box::new(EvalStage {
             eval: eval.clone(),
             rewards: env.pipeline.spec.rewards.clone(),
+            adaptations: env.pipeline.spec.adaptations.clone(),
             version: format!("{}/{}", self.name(), self.version()),
             shared: &env.shared,
         }))

@@ -36,6 +36,22 @@ pub struct Target {
     pub cache_file: PathBuf,
 }
 
+/// The SVD factors of the targets the upstream `decompose` stage listed, from the shared cache.
+pub fn upstream_factors(
+    ctx: &StageContext,
+    model: &crate::model::Model,
+    base: &crate::svf::expert::BaseModel,
+    home: &crate::assets::TsqHome,
+) -> Result<Vec<super::cache::Decomposed>, StageError> {
+    let file = ctx.upstream_dir("decompose")?.join(TARGETS_FILE);
+    let text = std::fs::read_to_string(&file).map_err(|e| StageError::at("reading", &file, e))?;
+    let targets: Vec<Target> =
+        serde_json::from_str(&text).map_err(|e| StageError::at("reading", &file, e))?;
+    let names: Vec<String> = targets.into_iter().map(|t| t.name).collect();
+    crate::svf::factors_for(model, base, &names, home)
+        .map_err(crate::exec::failed_to("loading the SVD factors"))
+}
+
 fn failed(e: impl std::fmt::Display) -> StageError {
     StageError::failed("decomposing", e)
 }

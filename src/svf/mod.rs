@@ -106,6 +106,41 @@ pub fn compose_expert_file(
     Ok(expert)
 }
 
+/// A base model and copies of it with an expert composed in, each made once and kept by label
+/// (an evaluation or a chat answers with the same few experts again and again).
+pub struct Composed {
+    pub base: std::rc::Rc<Model>,
+    home: TsqHome,
+    adapted: std::collections::BTreeMap<String, std::rc::Rc<Model>>,
+}
+
+impl Composed {
+    pub fn new(base: std::rc::Rc<Model>, home: TsqHome) -> Self {
+        Self {
+            base,
+            home,
+            adapted: Default::default(),
+        }
+    }
+
+    /// The base model with the expert in `file` composed in, known as `label`.
+    pub fn with_expert(
+        &mut self,
+        label: &str,
+        file: &Path,
+    ) -> std::result::Result<std::rc::Rc<Model>, SvfError> {
+        if let Some(model) = self.adapted.get(label) {
+            return Ok(std::rc::Rc::clone(model));
+        }
+        let mut model = (*self.base).clone();
+        compose_expert_file(&mut model, file, &self.home)?;
+        let model = std::rc::Rc::new(model);
+        self.adapted
+            .insert(label.to_string(), std::rc::Rc::clone(&model));
+        Ok(model)
+    }
+}
+
 /// The initial expert vector of length `rank` for a parametrisation.
 pub fn init_vector(
     parametrization: Parametrization,

@@ -1,0 +1,186 @@
+//! An adaptation of a finished run, for inference outside the pipeline (`tsq generate --adapt`,
+//! `tsq chat`): the run's base model, and either its router with the experts the labels lead to
+//! or its few-shot mixture. Each input gets a [`Choice`] (why) and the model that answers it
+//! (experts are composed once, on first use).
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use super::few_shot::{ALPHA_FILE, AlphaFile};
+use super::router::{ROUTER_FILE, Route, Router};
+use crate::assets::TsqHome;
+use crate::exec::RunDir;
+use crate::model::Model;
+use crate::model::stage::ModelRecord;
+use crate::pipeline::spec::BASE;
+use crate::rl::stage::EXPERT_FILE;
+use crate::svf::Composed;
+
+/// The base model of the finished run in `run_dir`, as its `model` stage resolved it.
+pub fn run_model(run_dir: &Path) -> Result<Model, String> {
+    let run = RunDir::read_only(run_dir);
+    if run.finished("model").is_none() {
+        return Err(format!(
+            "`{}` is not a run directory with a finished `model` stage",
+            run_dir.display()
+        ));
+    }
+    let record = ModelRecord::read(&run.stage_dir("model")).map_err(|e| e.to_string())?;
+    Model::load(
+        &record.path,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .map_err(|e| format!("{}: {e}", record.path.display()))
+}
+
+/// What the first pass decided for one input.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(tag = "strategy", rename_all = "snake_case")]
+pub enum Choice {
+    /// A routing strategy's label and where it led.
+    Routed {
+        label: String,
+        target: String,
+        labels: Vec<String>,
+        probs: Vec<f64>,
+    },
+    /// The few-shot mixture (the same for every input of its task).
+    Mixed {
+        experts: Vec<String>,
+        alpha: Vec<Vec<f64>>,
+    },
+}
+
+impl Choice {
+    /// Which model answers: an expert, `base`, or the mixture.
+    pub fn answered_by(&self) -> String {
+        match self {
+            Self::Routed { target, .. } => target.clone(),
+            Self::Mixed { .. } => "mixture".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Routed {
+                label,
+                target,
+                labels,
+                probs,
+            } => {
+                let scores: Vec<String> = labels
+                    .iter()
+                    .zip(probs)
+                    .map(|(l, p)| format!("{l} {p:.2}"))
+                    .collect();
+                write!(
+                    f,
+                    "expert `{target}` (label `{label}`; {})",
+                    scores.join(", ")
+                )
+            }
+            Self::Mixed { experts, alpha } => {
+                let parts: Vec<String> = experts
+                    .iter()
+                    .zip(alpha)
+                    .map(|(e, a)| format!("{e} {a:.2?}"))
+                    .collect();
+                write!(f, "mixture α: {}", parts.join(", "))
+            }
+        }
+    }
+}
+
+enum Strategy {
+    Routed(Box<Router>),
+    Mixed(AlphaFile),
+}
+
+pub struct Adapter {
+    run: RunDir,
+    /// The `adapt.<name>` stage directory.
+    dir: PathBuf,
+    strategy: Strategy,
+    /// The base model and the adapted ones by target (`mixture` for the few-shot one).
+    models: Composed,
+}
+
+impl Adapter {
+    /// Opens adaptation `name` of the finished run in `run_dir`.
+    pub fn open(run_dir: &Path, name: &str, home: TsqHome) -> Result<Self, String> {
+        let run = RunDir::read_only(run_dir);
+        let stage = format!("adapt.{name}");
+        let dir = run.stage_dir(&stage);
+        if run.finished(&stage).is_none() {
+            return Err(format!(
+                "`{}` has no finished `{stage}` stage: run the pipeline first (`tsq run`)",
+                run_dir.display()
+            ));
+        }
+        let strategy = if dir.join(ROUTER_FILE).exists() {
+            Strategy::Routed(Box::new(Router::load(&dir.join(ROUTER_FILE))?))
+        } else {
+            let path = dir.join(ALPHA_FILE);
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Strategy::Mixed(
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?,
+            )
+        };
+        let base = run_model(run_dir)?;
+        Ok(Self {
+            run,
+            dir,
+            strategy,
+            models: Composed::new(Rc::new(base), home),
+        })
+    }
+
+    pub fn base(&self) -> &Model {
+        &self.models.base
+    }
+
+    /// The first pass on each input.
+    pub fn choose(&self, inputs: &[String]) -> Result<Vec<Choice>, String> {
+        match &self.strategy {
+            Strategy::Routed(router) => Ok(router
+                .route(&self.models.base, inputs)?
+                .into_iter()
+                .map(|r: Route| Choice::Routed {
+                    label: r.label,
+                    target: r.target,
+                    labels: router.file.labels.clone(),
+                    probs: r.probs,
+                })
+                .collect()),
+            Strategy::Mixed(a) => Ok(inputs
+                .iter()
+                .map(|_| Choice::Mixed {
+                    experts: a.experts.clone(),
+                    alpha: a.alpha.clone(),
+                })
+                .collect()),
+        }
+    }
+
+    /// The model that answers after `choice`.
+    pub fn model_for(&mut self, choice: &Choice) -> Result<Rc<Model>, String> {
+        let key = choice.answered_by();
+        let file = match choice {
+            Choice::Routed { target, .. } if target == BASE => {
+                return Ok(Rc::clone(&self.models.base));
+            }
+            Choice::Routed { target, .. } => self
+                .run
+                .stage_dir(&format!("train.{target}"))
+                .join(EXPERT_FILE),
+            Choice::Mixed { .. } => self.dir.join(EXPERT_FILE),
+        };
+        self.models
+            .with_expert(&key, &file)
+            .map_err(|e| format!("{}: {e}", file.display()))
+    }
+}

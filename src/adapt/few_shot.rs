@@ -1,0 +1,430 @@
+//! Few-shot mixing: the cross-entropy method ([`super::cem`]) searches α so that the mixture
+//! e' = Σ_k α_k e_k of the experts' effective scales answers the target task's shots best.
+//!
+//! A mixture is linear in α: W'(α) = U diag(s ⊙ Σ α_k e_k) Vᵀ = Σ α_k W_k with W_k each expert's
+//! composed weight. So each expert is composed once ([`Mixer`]) and a candidate costs a weighted
+//! sum per target instead of an SVD product; candidates that clamping made equal are scored once.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::cem::{self, CemState, Fitness, GenerationRecord};
+use super::stage::AdaptStage;
+use crate::data::stage::{StoredRecord, read_stored};
+use crate::eval::runner::Task;
+use crate::eval::stage::EvalStage;
+use crate::exec::{StageContext, StageError, failed_to};
+use crate::model::Model;
+use crate::model::stage::ModelRecord;
+use crate::model::transformer::Transformer;
+use crate::pipeline::ResolvedEval;
+use crate::pipeline::spec::{EvalMode, EvaluateSpec, FewShotAdaptation, Granularity};
+use crate::reward::Verdict;
+use crate::svd::cache::Decomposed;
+use crate::svf::expert::{BaseModel, Expert, Mix, combine, layer_of};
+
+pub const ALPHA_FILE: &str = "alpha.json";
+const CHECKPOINT_FILE: &str = "cem.json";
+/// Shots scored per batch.
+const SHOT_BATCH: usize = 8;
+
+/// `alpha.json`: what the search found and how.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AlphaFile {
+    pub experts: Vec<String>,
+    pub granularity: Granularity,
+    /// One row per expert: one weight, or one per layer.
+    pub alpha: Vec<Vec<f64>>,
+    pub fitness: Fitness,
+    pub dataset: String,
+    pub split: String,
+    /// The ids of the shots (none from a test split).
+    pub shots: Vec<String>,
+    pub generations: u32,
+    /// Distinct candidates scored.
+    pub candidates_scored: usize,
+    pub search_seconds: f64,
+}
+
+/// The resumable search: the CEM state and the metrics lines so far.
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    state: CemState,
+    history: Vec<GenerationRecord>,
+    seconds: f64,
+    candidates_scored: usize,
+}
+
+pub fn run(
+    stage: &AdaptStage,
+    ctx: &StageContext,
+    model: &Model,
+    record: &ModelRecord,
+    f: &FewShotAdaptation,
+) -> Result<Value, StageError> {
+    let started = Instant::now();
+    let base = BaseModel::of_file(&record.path).map_err(failed_to("identifying the model"))?;
+    let factors = crate::svd::stage::upstream_factors(ctx, model, &base, &stage.shared.home)?;
+    let experts = load_experts(ctx, &f.experts)?;
+    let records = read_stored(ctx.upstream_dir(&format!("data.{}", f.dataset))?)?;
+    let shots = shots(&records, f)?;
+    let fitness_stage = fitness_stage(stage, f);
+    let reward = fitness_stage.reward()?;
+    let task = fitness_stage.task(&[], reward.as_ref());
+    let mixer = Mixer::new(&factors, &experts).map_err(failed_to("composing the experts"))?;
+    let dim = experts.len() * mixer.groups(f.granularity);
+    let seed = f.cem.seed.unwrap_or(stage.seed);
+    let checkpoint = ctx.checkpoint_dir.join(CHECKPOINT_FILE);
+    let mut saved = read_checkpoint(&checkpoint).unwrap_or_else(|| Checkpoint {
+        state: cem::initial_state(&f.cem, dim, experts.len()),
+        history: vec![],
+        seconds: 0.0,
+        candidates_scored: 0,
+    });
+    for line in &saved.history {
+        ctx.metrics.log(json!(line));
+    }
+    let mut work = model.clone();
+    let mut memo: HashMap<Vec<u64>, Fitness> = HashMap::new();
+    let mut progress = ctx.progress(u64::from(f.cem.generations), "generations");
+    progress.advance(u64::from(saved.state.generation), String::new());
+    let mut session = Instant::now();
+    while saved.state.generation < f.cem.generations {
+        ctx.check_interrupt()?;
+        let candidates = cem::population(&f.cem, &saved.state, seed);
+        let mut scores = Vec::with_capacity(candidates.len());
+        for alpha in &candidates {
+            let key: Vec<u64> = alpha.iter().map(|a| a.to_bits()).collect();
+            let fitness = match memo.get(&key) {
+                Some(fitness) => *fitness,
+                None => {
+                    mixer
+                        .apply(&mut work.transformer, alpha, f.granularity)
+                        .map_err(failed_to("mixing the experts"))?;
+                    let fitness = score_shots(&task, &work, &stage.name, &shots, f.mode)?;
+                    saved.candidates_scored += 1;
+                    *memo.entry(key).or_insert(fitness)
+                }
+            };
+            scores.push(fitness);
+        }
+        let line = cem::advance(&f.cem, &mut saved.state, candidates, &scores);
+        ctx.metrics.log(json!(&line));
+        let message = format!(
+            "best acc {:.0}%",
+            100.0 * saved.state.best.as_ref().map_or(0.0, |b| b.1.accuracy)
+        );
+        saved.history.push(line);
+        saved.seconds += session.elapsed().as_secs_f64();
+        session = Instant::now();
+        crate::fsutil::write_json(&checkpoint, &saved)
+            .map_err(|e| StageError::at("writing", &checkpoint, e))?;
+        progress.advance(1, message);
+    }
+    let (alpha, fitness) = saved
+        .state
+        .best
+        .clone()
+        .ok_or_else(|| StageError::failed("searching α", "no candidate was scored"))?;
+    let rows = rows(&alpha, experts.len());
+    let mix = match f.granularity {
+        Granularity::Expert => Mix::PerExpert(rows.iter().map(|r| r[0]).collect()),
+        Granularity::Layer => Mix::PerLayer(rows.clone()),
+    };
+    let mixed = combine(&experts, &mix).map_err(failed_to("combining the experts"))?;
+    let out = ctx.output(crate::rl::stage::EXPERT_FILE);
+    mixed
+        .save(&out)
+        .map_err(|e| StageError::at("writing", &out, e))?;
+    let summary = AlphaFile {
+        experts: f.experts.clone(),
+        granularity: f.granularity,
+        alpha: rows,
+        fitness,
+        dataset: f.dataset.clone(),
+        split: f.split.as_str().into(),
+        shots: shots.iter().map(|r| r.id.clone()).collect(),
+        generations: saved.state.generation,
+        candidates_scored: saved.candidates_scored,
+        search_seconds: saved.seconds,
+    };
+    crate::fsutil::write_json(&ctx.output(ALPHA_FILE), &summary)
+        .map_err(|e| StageError::at("writing", &ctx.output(ALPHA_FILE), e))?;
+    Ok(json!({
+        "alpha": summary.alpha,
+        "shot_accuracy": fitness.accuracy,
+        "seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// The first `shots` records of the shot split; never a test item.
+fn shots<'r>(
+    records: &'r [StoredRecord],
+    f: &FewShotAdaptation,
+) -> Result<Vec<&'r StoredRecord>, StageError> {
+    let split = f.split.as_str();
+    let shots: Vec<&StoredRecord> = records
+        .iter()
+        .filter(|r| r.split == split)
+        .take(f.shots as usize)
+        .collect();
+    if shots.is_empty() {
+        return Err(StageError::failed(
+            "choosing shots",
+            format!("dataset `{}` has no {split} split", f.dataset),
+        ));
+    }
+    assert!(
+        shots.iter().all(|r| r.split != "test"),
+        "shots come from a train or val split"
+    );
+    Ok(shots)
+}
+
+fn load_experts(ctx: &StageContext, names: &[String]) -> Result<Vec<(String, Expert)>, StageError> {
+    names
+        .iter()
+        .map(|name| {
+            let file = ctx
+                .upstream_dir(&format!("train.{name}"))?
+                .join(crate::rl::stage::EXPERT_FILE);
+            let expert = Expert::load(&file).map_err(|e| StageError::at("loading", &file, e))?;
+            Ok((name.clone(), expert))
+        })
+        .collect()
+}
+
+/// How shots are judged: an evaluation of the shot split with the adaptation's settings.
+fn fitness_stage<'a>(stage: &'a AdaptStage, f: &FewShotAdaptation) -> EvalStage<'a> {
+    let spec = EvaluateSpec {
+        name: Some(format!("{}_shots", stage.name)),
+        dataset: f.dataset.clone(),
+        split: f.split,
+        with: vec![stage.name.clone()],
+        reward: f.reward.clone(),
+        mode: f.mode,
+        chat: f.chat,
+        shots: 0,
+        limit: Some(f.shots),
+        max_new_tokens: f.max_new_tokens,
+        temperature: 0.0,
+        stop: f.stop.clone(),
+        options: f.options,
+        batch_size: SHOT_BATCH as u32,
+    };
+    EvalStage {
+        eval: ResolvedEval::new(0, &spec, stage.seed),
+        rewards: stage.rewards.clone(),
+        adaptations: Default::default(),
+        version: String::new(),
+        shared: stage.shared,
+    }
+}
+
+/// Accuracy on the shots, ties broken by the mean log-likelihood of the right answers: the
+/// gold option (`loglik`) or the rendered target (`generate`, when the dataset has one).
+fn score_shots(
+    task: &Task,
+    model: &Model,
+    name: &str,
+    shots: &[&StoredRecord],
+    mode: EvalMode,
+) -> Result<Fitness, StageError> {
+    let mut samples = Vec::with_capacity(shots.len());
+    for batch in shots.chunks(SHOT_BATCH) {
+        samples.extend(task.run(model, name, batch)?);
+    }
+    let right = samples
+        .iter()
+        .filter(|s| s.verdict == Verdict::Correct)
+        .count();
+    let logliks: Vec<f64> = match mode {
+        EvalMode::Loglik => samples
+            .iter()
+            .zip(shots)
+            .filter_map(|(s, r)| {
+                let gold = task.scored_options(&r.fields).ok()?.1;
+                s.option_logliks.as_ref()?.get(gold).copied()
+            })
+            .collect(),
+        EvalMode::Generate => {
+            let pairs: Vec<(String, String)> = samples
+                .iter()
+                .zip(shots)
+                .filter_map(|(s, r)| Some((s.prompt.clone(), r.target.clone()?)))
+                .collect();
+            crate::model::score::score(model, &pairs)
+                .map_err(failed_to("scoring the shots' targets"))?
+                .iter()
+                .map(|s| s.sum)
+                .collect()
+        }
+    };
+    Ok(Fitness {
+        accuracy: right as f64 / samples.len().max(1) as f64,
+        tie_break: logliks.iter().sum::<f64>() / logliks.len().max(1) as f64,
+    })
+}
+
+/// α as one row per expert.
+fn rows(alpha: &[f64], experts: usize) -> Vec<Vec<f64>> {
+    let per = alpha.len() / experts.max(1);
+    alpha.chunks(per.max(1)).map(<[f64]>::to_vec).collect()
+}
+
+/// Each expert's composed weights, ready to be mixed.
+pub struct Mixer {
+    /// Per target: its name, layer, and W_k for each expert.
+    targets: Vec<(String, usize, Vec<Tensor>)>,
+    layers: usize,
+}
+
+impl Mixer {
+    pub fn new(factors: &[Decomposed], experts: &[(String, Expert)]) -> candle_core::Result<Self> {
+        let scales = experts
+            .iter()
+            .map(|(_, e)| e.effective_scales())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(candle_core::Error::wrap)?;
+        let mut targets = Vec::new();
+        for d in factors {
+            let f = &d.factors;
+            let composed = scales
+                .iter()
+                .map(|s| match s.get(&d.name) {
+                    Some(e) => crate::svd::compose(&f.u, &(&f.s * e)?, &f.vt),
+                    None => crate::svd::compose(&f.u, &f.s, &f.vt),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            targets.push((d.name.clone(), layer_of(&d.name).unwrap_or(0), composed));
+        }
+        let layers = targets.iter().map(|t| t.1 + 1).max().unwrap_or(1);
+        Ok(Self { targets, layers })
+    }
+
+    /// How many weights each expert gets.
+    pub fn groups(&self, granularity: Granularity) -> usize {
+        match granularity {
+            Granularity::Expert => 1,
+            Granularity::Layer => self.layers,
+        }
+    }
+
+    /// Sets `tf`'s targets to the mixture `alpha` (expert-major: expert k's weights are
+    /// `alpha[k * groups .. (k + 1) * groups]`).
+    pub fn apply(
+        &self,
+        tf: &mut Transformer,
+        alpha: &[f64],
+        granularity: Granularity,
+    ) -> crate::model::error::Result<()> {
+        let groups = self.groups(granularity);
+        for (name, layer, composed) in &self.targets {
+            let group = if groups == 1 { 0 } else { *layer };
+            let mut mixed: Option<Tensor> = None;
+            for (k, w) in composed.iter().enumerate() {
+                let term = (w * alpha[k * groups + group])?;
+                mixed = Some(match mixed {
+                    Some(m) => (m + term)?,
+                    None => term,
+                });
+            }
+            if let Some(w) = mixed {
+                tf.replace_weight(name, w)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_checkpoint(path: &Path) -> Option<Checkpoint> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::spec::Parametrization;
+    use crate::svf::apply::{Application, apply};
+    use candle_core::Device;
+
+    fn expert(factors: &[Decomposed], seed: u64) -> Expert {
+        let s = crate::svd::cache::singular_values(factors);
+        let base = BaseModel {
+            name: "tiny".into(),
+            blake3: "0".into(),
+        };
+        let mut e = Expert::initial(base, Parametrization::Sigmoid, &s, seed).unwrap();
+        for (z, _) in e.vectors.values_mut() {
+            *z = (z.clone() + Tensor::randn(0f32, 1.0, z.dims(), &Device::Cpu).unwrap()).unwrap();
+        }
+        e
+    }
+
+    /// Mixing composed weights equals composing the combined expert (what is saved).
+    #[test]
+    fn mixed_weights_equal_the_combined_experts_weights() {
+        let (tf, factors) = crate::svf::tiny_decomposed(21);
+        let experts = vec![
+            ("a".to_string(), expert(&factors, 1)),
+            ("b".to_string(), expert(&factors, 2)),
+        ];
+        let mixer = Mixer::new(&factors, &experts).unwrap();
+        let layers = mixer.groups(Granularity::Layer);
+        let alpha: Vec<f64> = (0..2 * layers).map(|i| 0.1 + 0.2 * i as f64).collect();
+        let mut mixed = tf.clone();
+        mixer.apply(&mut mixed, &alpha, Granularity::Layer).unwrap();
+        let combined = combine(&experts, &Mix::PerLayer(rows(&alpha, 2))).unwrap();
+        let mut expected = tf.clone();
+        apply(
+            &mut expected,
+            &factors,
+            &combined.effective_scales().unwrap(),
+            Application::Compose,
+        )
+        .unwrap();
+        let (got, want) = (mixed.tensors(), expected.tensors());
+        for d in &factors {
+            let key = format!("{}.weight", d.name);
+            let diff = (&got[&key] - &want[&key])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "{}: {diff}", d.name);
+        }
+    }
+
+    #[test]
+    fn shots_never_come_from_the_test_split() {
+        let record = |id: &str, split: &str| StoredRecord {
+            id: id.into(),
+            split: split.into(),
+            prompt: String::new(),
+            target: None,
+            fields: Default::default(),
+        };
+        let records = vec![
+            record("t1", "test"),
+            record("a", "train"),
+            record("v", "val"),
+        ];
+        let spec: FewShotAdaptation = serde_json::from_value(json!({
+            "experts": ["a"], "dataset": "d", "shots": 5
+        }))
+        .unwrap();
+        let picked = shots(&records, &spec).unwrap();
+        assert_eq!(
+            picked.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+    }
+}
