@@ -50,6 +50,13 @@ adaptations:
     labels: [code, reasoning, other]
     calibration: 4
     check: 4
+  classify:
+    strategy: classifier
+    template: {template}
+    labels: [code, reasoning, other]
+    examples: 4
+    check: 4
+    train: {{steps: 1, prompts_per_step: 2, validate_limit: 2}}
   mix:
     strategy: few_shot
     experts: [reasoning, code]
@@ -59,7 +66,7 @@ adaptations:
     reward: choice
     cem: {{population: 4, generations: 2}}
 evaluate:
-  - {{dataset: logic, mode: loglik, reward: choice, with: [base, reasoning, code, router, mix], limit: 12, batch_size: 4}}
+  - {{dataset: logic, mode: loglik, reward: choice, with: [base, reasoning, code, router, classify, mix], limit: 12, batch_size: 4}}
 "#,
         run_dir = run_dir.display(),
         logic = r("datasets/basic_skills_logical_reasoning.yaml"),
@@ -136,7 +143,7 @@ fn routed_and_mixed_adaptations_evaluate_generate_and_chat() {
     let samples = samples(&eval);
     let mut routed = BTreeMap::new();
     for ((with, id), (logliks, to)) in &samples {
-        if with != "router" {
+        if with != "router" && with != "classify" {
             continue;
         }
         let to = to.clone().expect("routed items say where they went");
@@ -149,17 +156,41 @@ fn routed_and_mixed_adaptations_evaluate_generate_and_chat() {
         }
         *routed.entry(to).or_insert(0) += 1;
     }
-    assert_eq!(routed.values().sum::<usize>(), 12);
+    assert_eq!(routed.values().sum::<usize>(), 2 * 12);
     let results = json(&eval.join("results.json"));
     let adaptation = &results["results"]["router"]["adaptation"];
     assert_eq!(adaptation["expected"], "reasoning");
     assert_eq!(adaptation["routing_accuracy"]["n"], 12);
-    assert_eq!(
-        adaptation["routed"],
-        serde_json::to_value(&routed).unwrap(),
-        "{adaptation}"
-    );
+    let counted: usize =
+        serde_json::from_value::<BTreeMap<String, usize>>(adaptation["routed"].clone())
+            .unwrap()
+            .values()
+            .sum();
+    assert_eq!(counted, 12, "{adaptation}");
     assert!(adaptation["first_pass_fraction"].as_f64().unwrap() > 0.0);
+
+    // The classifier: an expert trained on labelled train prompts (validated on val ones), none
+    // from a test split, applied in its first pass.
+    let classifier = run.join("adapt.classify");
+    assert!(classifier.join("expert.safetensors").exists());
+    assert_eq!(
+        json(&classifier.join("router.json"))["first_pass_expert"],
+        "expert.safetensors"
+    );
+    let examples: Vec<Value> =
+        serde_json::from_value(json(&classifier.join("examples.json"))).unwrap();
+    assert_eq!(examples.len(), 2 * (4 + 4));
+    let mut splits = BTreeMap::new();
+    for dataset in ["logic", "coding"] {
+        for r in tsq::data::stage::read_stored(&run.join(format!("data.{dataset}"))).unwrap() {
+            splits.insert(format!("{dataset}/{}", r.id), r.split);
+        }
+    }
+    for e in &examples {
+        let id = e["id"].as_str().unwrap();
+        assert_eq!(splits[id], e["split"].as_str().unwrap(), "{e}");
+        assert_ne!(splits[id], "test", "{e}");
+    }
 
     // The mixture: α in bounds per expert, one metrics line per generation, shots from train.
     let alpha = json(&run.join("adapt.mix/alpha.json"));

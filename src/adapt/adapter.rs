@@ -95,7 +95,8 @@ impl std::fmt::Display for Choice {
 }
 
 enum Strategy {
-    Routed(Box<Router>),
+    /// The router and the model its first pass runs with.
+    Routed(Box<Router>, Rc<Model>),
     Mixed(AlphaFile),
 }
 
@@ -120,8 +121,16 @@ impl Adapter {
                 run_dir.display()
             ));
         }
+        let mut models = Composed::new(Rc::new(run_model(run_dir)?), home);
         let strategy = if dir.join(ROUTER_FILE).exists() {
-            Strategy::Routed(Box::new(Router::load(&dir.join(ROUTER_FILE))?))
+            let router = Router::load(&dir.join(ROUTER_FILE))?;
+            let first_pass = match &router.file.first_pass_expert {
+                Some(file) => models
+                    .with_expert("first pass", &dir.join(file))
+                    .map_err(|e| e.to_string())?,
+                None => Rc::clone(&models.base),
+            };
+            Strategy::Routed(Box::new(router), first_pass)
         } else {
             let path = dir.join(ALPHA_FILE);
             let text =
@@ -130,24 +139,19 @@ impl Adapter {
                 serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?,
             )
         };
-        let base = run_model(run_dir)?;
         Ok(Self {
             run,
             dir,
             strategy,
-            models: Composed::new(Rc::new(base), home),
+            models,
         })
-    }
-
-    pub fn base(&self) -> &Model {
-        &self.models.base
     }
 
     /// The first pass on each input.
     pub fn choose(&self, inputs: &[String]) -> Result<Vec<Choice>, String> {
         match &self.strategy {
-            Strategy::Routed(router) => Ok(router
-                .route(&self.models.base, inputs)?
+            Strategy::Routed(router, first_pass) => Ok(router
+                .route(first_pass, inputs)?
                 .into_iter()
                 .map(|r: Route| Choice::Routed {
                     label: r.label,

@@ -30,6 +30,9 @@ pub struct RouterFile {
     pub labels: Vec<String>,
     /// Where each label leads (an expert or `base`), in label order.
     pub targets: Vec<String>,
+    /// The classification expert the first pass runs with (`classifier`: a file of the stage),
+    /// or none (the base model).
+    pub first_pass_expert: Option<String>,
     /// Each label's mean probability on the calibration prompts (`score` mode), or none.
     pub prior: Option<Vec<f64>>,
     /// Calibration prompts used, by dataset (train splits only).
@@ -165,6 +168,7 @@ mod tests {
             template: "{{ question }}".into(),
             labels: vec!["code".into(), "math".into(), "other".into()],
             targets: vec!["coder".into(), "math".into(), BASE.into()],
+            first_pass_expert: None,
             prior,
             calibration_items: BTreeMap::new(),
             expert_datasets: BTreeMap::new(),

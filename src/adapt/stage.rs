@@ -1,6 +1,10 @@
 //! The `adapt.<name>` stage: what an adaptation prepares before evaluation can use it.
 //! - `prompt`: the label prior on the routed experts' train prompts (calibration) and a routing
 //!   check on their val prompts, saved with the template as `router.json` ([`super::router`]);
+//! - `classifier`: a classification expert trained with the RL trainer on the routed experts'
+//!   train prompts (`expert.safetensors`, `training.json`, `examples.json`, a metrics line per
+//!   step, resumable),
+//!   then the same routing check with it applied, in `router.json`;
 //! - `few_shot`: the CEM search of mixing weights on the target task's shots, saved as
 //!   `expert.safetensors` (the mixture, as `tsq expert combine` writes it) and `alpha.json`;
 //!   `metrics.jsonl` has a line per generation, and a killed search resumes from the last
@@ -11,14 +15,15 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use super::classify::Classified;
+use super::classify::{Classified, Classifier, answer};
 use super::router::{self, ROUTER_FILE, Route, Router, RouterFile};
 use crate::data::stage::{StoredRecord, read_stored};
+use crate::data::template::TemplateFile;
 use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::model::Model;
 use crate::model::stage::ModelRecord;
 use crate::pipeline::spec::{
-    AdaptationSpec, ClassifyMode, ExpertSpec, PromptAdaptation, RewardSpec, Routing,
+    AdaptationSpec, ClassifierAdaptation, ClassifyMode, ExpertSpec, RewardSpec, Routing,
 };
 use crate::stages::Shared;
 
@@ -52,7 +57,12 @@ impl StageRunner for AdaptStage<'_> {
                 crate::hash::serde_name(&p.mode),
                 p.labels.join(", ")
             ),
-            AdaptationSpec::Classifier(_) => "classifier routing".into(),
+            AdaptationSpec::Classifier(c) => format!(
+                "classifier routing over {}, trained {} steps on {} examples per expert",
+                c.labels.join(", "),
+                c.train.steps,
+                c.examples
+            ),
             AdaptationSpec::FewShot(f) => format!(
                 "CEM mixing of {} on {} `{}` {} shots, {} generations of {}",
                 f.experts.join(", "),
@@ -69,62 +79,100 @@ impl StageRunner for AdaptStage<'_> {
         let record = ModelRecord::from_upstream(ctx)?;
         let model = self.shared.model(&record.path)?;
         match &self.spec {
-            AdaptationSpec::Prompt(p) => self.prompt(ctx, &model, p),
+            AdaptationSpec::Prompt(p) => {
+                let tasks = self.tasks(ctx, p)?;
+                let calibration = match p.mode {
+                    ClassifyMode::Score => p.calibration,
+                    ClassifyMode::Generate => 0,
+                };
+                let first_pass = FirstPass {
+                    mode: p.mode,
+                    calibration,
+                    check: p.check,
+                    expert: None,
+                };
+                self.routing(ctx, &model, p, &tasks, first_pass)
+            }
+            AdaptationSpec::Classifier(c) => {
+                let tasks = self.tasks(ctx, c)?;
+                let trained = self.train_classifier(ctx, c, &tasks)?;
+                let mut classifying = (*model).clone();
+                let file = ctx.output(crate::rl::stage::EXPERT_FILE);
+                crate::svf::compose_expert_file(&mut classifying, &file, &self.shared.home)
+                    .map_err(|e| StageError::at("applying the classifier", &file, e))?;
+                let first_pass = FirstPass {
+                    mode: ClassifyMode::Score,
+                    calibration: 0,
+                    check: c.check,
+                    expert: Some(crate::rl::stage::EXPERT_FILE.into()),
+                };
+                let mut out = self.routing(ctx, &classifying, c, &tasks, first_pass)?;
+                out["training"] = trained;
+                Ok(out)
+            }
             AdaptationSpec::FewShot(f) => super::few_shot::run(self, ctx, &model, &record, f),
-            // The kind builds no runner for it (`run` refuses it up front); kept total anyway.
-            AdaptationSpec::Classifier(_) => Err(StageError::failed(
-                format!("preparing `{}`", self.name),
-                "the classifier strategy is not available in this version",
-            )),
         }
     }
 }
 
+/// A routed expert, its dataset and that dataset's records.
+type RoutedTask<'a> = (&'a str, &'a str, Vec<StoredRecord>);
+
+/// How a routing strategy's first pass is prepared.
+struct FirstPass {
+    mode: ClassifyMode,
+    /// Train prompts per task for the label prior (0: none).
+    calibration: u32,
+    /// Val prompts per task for the routing check.
+    check: u32,
+    /// The classification expert applied in the first pass (a file of the stage).
+    expert: Option<String>,
+}
+
 impl AdaptStage<'_> {
+    /// Each expert some label leads to, with its dataset's records.
+    fn tasks<'a>(
+        &'a self,
+        ctx: &StageContext,
+        r: &'a dyn Routing,
+    ) -> Result<Vec<RoutedTask<'a>>, StageError> {
+        r.experts(&self.experts)
+            .into_iter()
+            .map(|expert| {
+                let dataset = self.experts[expert].dataset.as_str();
+                let records = read_stored(ctx.upstream_dir(&format!("data.{dataset}"))?)?;
+                Ok((expert, dataset, records))
+            })
+            .collect()
+    }
+
     /// Calibrates the router on train prompts and checks it on val prompts of each routed
-    /// expert's task.
-    fn prompt(
+    /// expert's task; `model` is the first pass's model.
+    fn routing(
         &self,
         ctx: &StageContext,
         model: &Model,
-        p: &PromptAdaptation,
+        r: &dyn Routing,
+        tasks: &[RoutedTask],
+        first_pass: FirstPass,
     ) -> Result<Value, StageError> {
-        let routed = p.experts(&self.experts);
-        let mut tasks: Vec<(&str, &str, Vec<StoredRecord>)> = Vec::new();
-        for expert in &routed {
-            let dataset = self.experts[*expert].dataset.as_str();
-            let records = read_stored(ctx.upstream_dir(&format!("data.{dataset}"))?)?;
-            tasks.push((expert, dataset, records));
-        }
-        let pick = |split: &str, n: u32| -> Vec<(&str, &StoredRecord)> {
-            tasks
-                .iter()
-                .flat_map(|(e, _, records)| {
-                    let of_split = records.iter().filter(move |r| r.split == split);
-                    of_split.take(n as usize).map(move |r| (*e, r))
-                })
-                .collect()
-        };
-        let calibration = if p.mode == ClassifyMode::Score {
-            pick("train", p.calibration)
-        } else {
-            vec![]
-        };
-        let check = pick("val", p.check);
+        let calibration = pick(tasks, "train", first_pass.calibration);
+        let check = pick(tasks, "val", first_pass.check);
         let template = std::fs::read_to_string(self.template.as_ref().expect("routing template"))
             .map_err(failed_to("reading the classifier template"))?;
         let mut file = RouterFile {
             strategy: self.spec.strategy().into(),
-            mode: p.mode,
+            mode: first_pass.mode,
             template,
-            labels: p.labels.clone(),
-            targets: p
-                .labels
+            labels: r.labels().to_vec(),
+            targets: r
+                .labels()
                 .iter()
-                .map(|l| p.target(l, &self.experts).to_string())
+                .map(|l| r.target(l, &self.experts).to_string())
                 .collect(),
+            first_pass_expert: first_pass.expert,
             prior: None,
-            calibration_items: count_by_dataset(&tasks, &calibration),
+            calibration_items: count_by_dataset(tasks, &calibration),
             expert_datasets: tasks
                 .iter()
                 .map(|(e, d, _)| (e.to_string(), d.to_string()))
@@ -155,11 +203,90 @@ impl AdaptStage<'_> {
             "routing_accuracy": file.check.as_ref().map(|c| c.accuracy.value),
         }))
     }
+
+    /// Trains the classification expert with the RL trainer on labelled train-split prompts of
+    /// the routed experts' tasks (validated on their val split): the options are the labels'
+    /// answers, the right one the label leading to the prompt's expert.
+    fn train_classifier(
+        &self,
+        ctx: &StageContext,
+        c: &ClassifierAdaptation,
+        tasks: &[RoutedTask],
+    ) -> Result<Value, StageError> {
+        let template = TemplateFile::load(self.template.as_ref().expect("routing template"))
+            .map_err(failed_to("reading the classifier template"))?;
+        let classifier = Classifier::new(template, c.labels.clone())
+            .map_err(failed_to("building the classifier"))?;
+        let answers: Vec<String> = c.labels.iter().map(|l| answer(l)).collect();
+        let mut records = Vec::new();
+        for task in tasks {
+            let (expert, dataset, _) = task;
+            let gold = c
+                .labels
+                .iter()
+                .position(|l| c.target(l, &self.experts) == *expert)
+                .expect("a routed expert is some label's target");
+            for split in ["train", "val"] {
+                for (_, r) in pick(std::slice::from_ref(task), split, c.examples) {
+                    let question = classifier.prompt(&r.prompt).map_err(|e| {
+                        StageError::failed(format!("rendering the question for `{}`", r.id), e)
+                    })?;
+                    let fields = json!({"choices": answers, "gold": gold});
+                    records.push(StoredRecord {
+                        id: format!("{dataset}/{}", r.id),
+                        split: split.into(),
+                        prompt: question,
+                        target: None,
+                        fields: fields.as_object().cloned().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        let listed: Vec<Value> = records
+            .iter()
+            .map(|r| json!({"id": r.id, "split": r.split, "gold": r.fields["gold"]}))
+            .collect();
+        crate::fsutil::write_json(&ctx.output(EXAMPLES_FILE), &listed)
+            .map_err(|e| StageError::at("writing", &ctx.output(EXAMPLES_FILE), e))?;
+        let reward: RewardSpec = serde_json::from_value(json!({"kind": "multiple_choice"}))
+            .expect("a multiple_choice reward with its defaults");
+        let trainer = crate::rl::stage::TrainStage {
+            name: self.name.clone(),
+            expert: ExpertSpec {
+                dataset: format!("{} examples", self.name),
+                reward: LABEL_REWARD.into(),
+                init_from: None,
+                train: c.training(),
+            },
+            rewards: BTreeMap::from([(LABEL_REWARD.to_string(), reward)]),
+            seed: self.seed,
+            version: "adapt/2".into(),
+            shared: self.shared,
+        };
+        trainer.train_on(ctx, &records)
+    }
+}
+
+/// The classifier's labelled examples: `<dataset>/<id>`, split and the right label's index.
+pub const EXAMPLES_FILE: &str = "examples.json";
+
+/// The classifier's reward: the right label's answer.
+const LABEL_REWARD: &str = "label";
+
+/// The first `n` records of `split` of each task, with their expert.
+fn pick<'a>(tasks: &'a [RoutedTask], split: &str, n: u32) -> Vec<(&'a str, &'a StoredRecord)> {
+    tasks
+        .iter()
+        .flat_map(|(e, _, records)| {
+            let of_split = records.iter().filter(move |r| r.split == split);
+            of_split.take(n as usize).map(move |r| (*e, r))
+        })
+        .collect()
 }
 
 /// Inputs per dataset among `picked`.
 fn count_by_dataset(
-    tasks: &[(&str, &str, Vec<StoredRecord>)],
+    tasks: &[RoutedTask],
     picked: &[(&str, &StoredRecord)],
 ) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();

@@ -38,10 +38,6 @@ impl Models {
         })
     }
 
-    pub fn base(&self) -> &Model {
-        &self.composed.base
-    }
-
     /// `base` or the expert of that name (from its `train.<name>` stage).
     pub fn named(&mut self, ctx: &StageContext, name: &str) -> Result<Rc<Model>, StageError> {
         if name == BASE {
@@ -87,7 +83,11 @@ impl EvalStage<'_> {
         let dir = ctx.upstream_dir(&format!("adapt.{with}"))?;
         let router = Router::load(&dir.join(ROUTER_FILE))
             .map_err(|e| StageError::failed("loading the router", e))?;
-        let saved = self.route(ctx, &router, models.base(), with, items)?;
+        let first_pass = match &router.file.first_pass_expert {
+            Some(file) => models.expert(&format!("{with} (first pass)"), &dir.join(file))?,
+            None => models.named(ctx, BASE)?,
+        };
+        let saved = self.route(ctx, &router, &first_pass, with, items)?;
         let mut groups: BTreeMap<&str, Vec<&StoredRecord>> = BTreeMap::new();
         for item in items {
             groups

@@ -4,7 +4,10 @@
 use std::collections::BTreeSet;
 
 use super::Pipeline;
-use super::spec::{AdaptationSpec, BASE, FewShotAdaptation, Routing, SplitName};
+use super::spec::{
+    AdaptationSpec, BASE, ClassifierAdaptation, FewShotAdaptation, Objective, Rollout, Routing,
+    SplitName,
+};
 use super::validate::{check_mode, reference};
 use crate::data::template::TemplateFile;
 use crate::diagnostic::Diagnostic;
@@ -50,7 +53,10 @@ pub fn check_adaptations(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
         }
         match ad {
             AdaptationSpec::Prompt(r) => check_routing(p, &ptr, r, errors),
-            AdaptationSpec::Classifier(r) => check_routing(p, &ptr, r, errors),
+            AdaptationSpec::Classifier(c) => {
+                check_routing(p, &ptr, c, errors);
+                check_classifier(p, &ptr, c, errors);
+            }
             AdaptationSpec::FewShot(f) => check_few_shot(p, &ptr, f, errors),
         }
     }
@@ -98,6 +104,54 @@ fn check_routing(p: &Pipeline, ptr: &str, r: &dyn Routing, errors: &mut Vec<Diag
                         .with_help("a classifier template sees `question` and `labels` only"),
                 );
             }
+        }
+    }
+}
+
+/// The classification expert trains on the labels' answers after the chat-templated question.
+fn check_classifier(
+    p: &Pipeline,
+    ptr: &str,
+    c: &ClassifierAdaptation,
+    errors: &mut Vec<Diagnostic>,
+) {
+    if p.spec.svd.is_none() {
+        errors.push(p.doc.diagnostic(
+            ptr,
+            true,
+            "the classifier strategy trains an expert: it needs the `svd` section",
+        ));
+    }
+    let t = &c.train;
+    let written = |field: &str| {
+        p.doc
+            .value
+            .pointer(&format!("{ptr}/train/{field}"))
+            .is_some()
+    };
+    let conflicts = [
+        (
+            "rollout",
+            written("rollout") && t.rollout != Rollout::Options,
+            "`rollout` must be `options`: the classifier is trained on the labels' answers",
+        ),
+        (
+            "chat",
+            t.chat == Some(false),
+            "`chat` must be on: the classifier's question is a chat turn",
+        ),
+        (
+            "objective",
+            t.objective == Objective::Sft,
+            "`objective` must be `rl`: the classifier learns from the label reward",
+        ),
+    ];
+    for (field, bad, message) in conflicts {
+        if bad {
+            errors.push(
+                p.doc
+                    .diagnostic(&format!("{ptr}/train/{field}"), false, message),
+            );
         }
     }
 }

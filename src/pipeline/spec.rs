@@ -761,7 +761,9 @@ pub struct PromptAdaptation {
     pub check: u32,
 }
 
-/// Classifier-based routing (the paper's second strategy).
+/// Classifier-based routing (the paper's second strategy): a classification expert, trained
+/// with the RL trainer to give the right label's answer `\boxed{label}` the most probability,
+/// is applied during the first pass.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifierAdaptation {
@@ -773,6 +775,47 @@ pub struct ClassifierAdaptation {
     /// As in `prompt`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub route: BTreeMap<String, String>,
+    /// Labelled examples per routed expert, from the train split of its dataset (and as many
+    /// val-split ones, at most, for validation); the label is the expert's.
+    #[serde(default = "default_classifier_examples")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub examples: u32,
+    /// As in `prompt`.
+    #[serde(default = "default_routing_check")]
+    #[schemars(range(max = 1024))]
+    pub check: u32,
+    /// How the classification expert is trained (default: 16 steps of 8 examples). Its
+    /// rollouts are always the labels' answers after the chat-templated question (`rollout:
+    /// options`, `chat: true`); writing another `rollout`, `chat: false` or `objective: sft` is
+    /// an error.
+    #[serde(default = "default_classifier_train")]
+    pub train: TrainSpec,
+}
+
+impl ClassifierAdaptation {
+    /// The training as run: the written settings with the classifier's rollouts.
+    pub fn training(&self) -> TrainSpec {
+        TrainSpec {
+            rollout: Rollout::Options,
+            chat: Some(true),
+            ..self.train.clone()
+        }
+    }
+}
+
+fn default_classifier_examples() -> u32 {
+    200
+}
+
+fn default_classifier_train() -> TrainSpec {
+    TrainSpec {
+        rollout: Rollout::Options,
+        steps: 16,
+        prompts_per_step: 8,
+        validate_every: 8,
+        validate_limit: 100,
+        ..TrainSpec::default()
+    }
 }
 
 /// What a classifying first pass is asked and where its labels lead.

@@ -105,13 +105,25 @@ impl StageRunner for TrainStage<'_> {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
+        let records = read_stored(ctx.upstream_dir(&format!("data.{}", self.expert.dataset))?)?;
+        self.train_on(ctx, &records)
+    }
+}
+
+impl TrainStage<'_> {
+    /// Trains on the train split of `records`, validating on their val split; writes the
+    /// stage's outputs into `ctx`'s directory.
+    pub fn train_on(
+        &self,
+        ctx: &StageContext,
+        records: &[StoredRecord],
+    ) -> Result<Value, StageError> {
         let started = Instant::now();
         let spec = &self.expert.train;
         let record = ModelRecord::from_upstream(ctx)?;
         let model = self.shared.model(&record.path)?;
         let base = BaseModel::of_file(&record.path).map_err(failed_to("identifying the model"))?;
         let factors = crate::svd::stage::upstream_factors(ctx, &model, &base, &self.shared.home)?;
-        let records = read_stored(ctx.upstream_dir(&format!("data.{}", self.expert.dataset))?)?;
         let split = |name: &str| -> Vec<&StoredRecord> {
             records.iter().filter(|r| r.split == name).collect()
         };
@@ -196,10 +208,7 @@ impl StageRunner for TrainStage<'_> {
         }
         self.write_outputs(ctx, &initial, &trainer, &state, started)
     }
-}
 
-impl TrainStage<'_> {
-    /// The SVD factors of the targets the `decompose` stage listed.
     /// The starting vector: another expert's (`init_from`) or the parametrisation's initial one.
     fn initial_expert(
         &self,

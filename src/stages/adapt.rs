@@ -1,6 +1,7 @@
 //! The `adapt` kind: one `adapt.<name>` stage per adaptation ([`crate::adapt::stage`]).
-//! Routing strategies depend on the routed experts' datasets (calibration and routing check);
-//! few-shot mixing on the target task's data, the decomposition and the experts it mixes.
+//! Routing strategies depend on the routed experts' datasets (calibration, the classifier's
+//! examples, the routing check; the classifier also on the decomposition); few-shot mixing on
+//! the target task's data, the decomposition and the experts it mixes.
 
 use serde_json::json;
 
@@ -41,6 +42,9 @@ impl Kind for AdaptKind {
                         }
                     }
                     AdaptationSpec::Prompt(_) | AdaptationSpec::Classifier(_) => {
+                        if matches!(ad, AdaptationSpec::Classifier(_)) {
+                            deps.push("decompose".into());
+                        }
                         for e in &experts {
                             let data = format!("data.{}", spec.experts[*e].dataset);
                             if !deps.contains(&data) {
@@ -64,9 +68,6 @@ impl Kind for AdaptKind {
         let name = stage.subject.as_deref()?;
         let p = env.pipeline;
         let spec = p.spec.adaptations.get(name)?;
-        if matches!(spec, AdaptationSpec::Classifier(_)) {
-            return None;
-        }
         Some(Box::new(AdaptStage {
             name: name.to_string(),
             spec: spec.clone(),
