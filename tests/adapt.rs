@@ -64,7 +64,7 @@ adaptations:
     shots: 4
     mode: loglik
     reward: choice
-    cem: {{population: 4, generations: 2}}
+    cem: {{population: 6, elite_ratio: 0.5, generations: 3}}
 evaluate:
   - {{dataset: logic, mode: loglik, reward: choice, with: [base, reasoning, code, router, classify, mix], limit: 12, batch_size: 4}}
 "#,
@@ -201,7 +201,7 @@ fn routed_and_mixed_adaptations_evaluate_generate_and_chat() {
         "{rows:?}"
     );
     let generations = std::fs::read_to_string(run.join("adapt.mix/metrics.jsonl")).unwrap();
-    assert_eq!(generations.lines().count(), 2);
+    assert_eq!(generations.lines().count(), 3);
     let records = tsq::data::stage::read_stored(&run.join("data.logic")).unwrap();
     let split: BTreeMap<&str, &str> = records
         .iter()
@@ -214,6 +214,8 @@ fn routed_and_mixed_adaptations_evaluate_generate_and_chat() {
         "{shots:?}"
     );
     assert!(results["results"]["mix"]["adaptation"]["alpha"].is_array());
+
+    killed_search_resumes_and_ends_as_the_uninterrupted_one(dir.path(), file, &run);
 
     // Inference through the run's adaptation.
     let run_dir = run.to_str().unwrap();
@@ -257,4 +259,71 @@ fn routed_and_mixed_adaptations_evaluate_generate_and_chat() {
         after.lines().nth(1).is_some_and(|l| !l.trim().is_empty()),
         "{shown}"
     );
+}
+
+/// A copy of the finished run without its mixture: the search is killed (SIGKILL) after its first
+/// generation's checkpoint, resumed, and must end where the uninterrupted search did.
+fn killed_search_resumes_and_ends_as_the_uninterrupted_one(dir: &Path, file: &str, run: &Path) {
+    let root = dir.join("killed");
+    let copy = root.join("adapt");
+    std::fs::create_dir_all(&root).unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(run)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::remove_dir_all(copy.join("adapt.mix")).unwrap();
+    let set = format!("run_dir={}", root.display());
+    let args = ["run", file, "--set", &set, "--only", "adapt.mix"];
+    let mut child = tsq(&args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = copy.join(".checkpoints/adapt.mix");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let generation = std::fs::read_dir(&checkpoints)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("cem.json")).ok())
+            .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
+            .filter_map(|v| v["state"]["generation"].as_u64())
+            .max();
+        if generation.is_some_and(|g| g >= 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = run_ok(&args);
+    assert!(
+        out.contains("resuming `adapt.mix` after generation"),
+        "{out}"
+    );
+    let (a, b) = (
+        json(&run.join("adapt.mix/alpha.json")),
+        json(&copy.join("adapt.mix/alpha.json")),
+    );
+    assert_eq!(a["alpha"], b["alpha"]);
+    assert_eq!(a["fitness"], b["fitness"]);
+    // The same generations, whenever each line was written.
+    let lines = |d: &Path| -> Vec<Value> {
+        let text = std::fs::read_to_string(d.join("adapt.mix/metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| {
+                let mut v: Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("ts");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(lines(run), lines(&copy));
 }

@@ -80,12 +80,19 @@ pub fn run(
     let dim = experts.len() * mixer.groups(f.granularity);
     let seed = f.cem.seed.unwrap_or(stage.seed);
     let checkpoint = ctx.checkpoint_dir.join(CHECKPOINT_FILE);
-    let mut saved = read_checkpoint(&checkpoint).unwrap_or_else(|| Checkpoint {
-        state: cem::initial_state(&f.cem, dim, experts.len()),
-        history: vec![],
-        seconds: 0.0,
-        candidates_scored: 0,
-    });
+    let mut saved = match read_checkpoint(&checkpoint) {
+        Some(saved) => {
+            let done = saved.state.generation;
+            eprintln!("  resuming `adapt.{}` after generation {done}", stage.name);
+            saved
+        }
+        None => Checkpoint {
+            state: cem::initial_state(&f.cem, dim, experts.len()),
+            history: vec![],
+            seconds: 0.0,
+            candidates_scored: 0,
+        },
+    };
     for line in &saved.history {
         ctx.metrics.log(json!(line));
     }
