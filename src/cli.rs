@@ -139,11 +139,15 @@ pub enum Command {
         model: ModelOptions,
         /// A minijinja template of the question to the model (variables: `question`, `labels`),
         /// e.g. templates/classifiers/paper.jinja.
-        #[arg(long)]
-        template: PathBuf,
+        #[arg(long, required_unless_present = "adaptation", requires = "labels")]
+        template: Option<PathBuf>,
         /// The categories, comma-separated (e.g. `code,math,reasoning,other`).
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', requires = "template")]
         labels: Vec<String>,
+        /// Take the template and labels from a routing adaptation of a pipeline instead, as
+        /// `PIPELINE:NAME`; each label's expert is shown too.
+        #[arg(long, value_name = "PIPELINE:NAME", conflicts_with_all = ["template", "labels"])]
+        adaptation: Option<String>,
         /// Divide each label's probability by its mean over the inputs given (batch
         /// calibration): removes the model's preference for some labels whatever the input.
         #[arg(long)]
@@ -437,17 +441,21 @@ pub fn main() -> Result<(), cmd::CmdError> {
             model,
             template,
             labels,
+            adaptation,
             calibrate,
             format,
             inputs,
-        } => cmd::classify::run(
-            &model.into(),
-            &template,
-            &labels,
-            &inputs,
-            calibrate,
-            format,
-        ),
+        } => {
+            let source = match (adaptation, template) {
+                (Some(from), _) => cmd::classify::Source::Adaptation(from),
+                (None, Some(template)) => cmd::classify::Source::Template { template, labels },
+                (None, None) => {
+                    let message = "give `--template` and `--labels`, or `--adaptation`";
+                    return Err(cmd::CmdError::Usage(message.into()));
+                }
+            };
+            cmd::classify::run(&model.into(), source, &inputs, calibrate, format)
+        }
         Command::Expert { what } => match what {
             ExpertCommand::Inspect { file, format } => cmd::expert::inspect(&file, format),
             ExpertCommand::Combine {

@@ -233,6 +233,16 @@ fn routed_and_mixed_adaptations_evaluate_generate_and_chat() {
     ]);
     assert_eq!(out.matches("[expert `").count(), 2, "{out}");
 
+    // The router's template and labels tried from the pipeline, each label's expert shown.
+    let from = format!("{file}:router");
+    let out = run_ok(&[
+        "classify",
+        "--adaptation",
+        &from,
+        "Write a Python function that sorts a list.",
+    ]);
+    assert!(out.contains(" → "), "{out}");
+
     // `tsq chat` in a pseudo-terminal: the choice, then an answer, for each turn.
     let bin = env!("CARGO_BIN_EXE_tsq");
     let chat = format!("{bin} chat {run_dir} --adapt mix --max-new-tokens 8");

@@ -416,8 +416,8 @@ fn the_paper_classifier_labels_a_coding_request_as_code() {
     }
 }
 
-/// Bad labels and a template that does not render are usage errors, found before the model
-/// is loaded.
+/// Bad labels, a template that does not render and an adaptation that is not there are usage
+/// errors, found before the model is loaded.
 #[test]
 fn classify_refuses_bad_labels_and_templates_up_front() {
     let dir = tempfile::tempdir().unwrap();
@@ -431,6 +431,23 @@ fn classify_refuses_bad_labels_and_templates_up_front() {
             .args(["classify", "--template"])
             .arg(&template)
             .args(["--labels", labels, "What is 2 + 2?"])
+            .env("TSQ_HOME", dir.path().join("home"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+    let quickstart = repo().join("pipelines/quickstart.yaml");
+    for (from, expected) in [
+        (
+            format!("{}:router", quickstart.display()),
+            "no routing adaptation `router`",
+        ),
+        ("no-colon".to_string(), "is not `PIPELINE:NAME`"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
+            .args(["classify", "--adaptation", &from, "What is 2 + 2?"])
             .env("TSQ_HOME", dir.path().join("home"))
             .output()
             .unwrap();

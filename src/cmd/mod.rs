@@ -89,7 +89,7 @@ impl StageSelection {
 }
 
 /// Loads a pipeline, printing its diagnostics (to stderr) if it is invalid.
-fn load_or_report(file: &Path, overrides: &[Override]) -> Result<Pipeline, CmdError> {
+pub(crate) fn load_or_report(file: &Path, overrides: &[Override]) -> Result<Pipeline, CmdError> {
     crate::pipeline::load(file, overrides).map_err(|diagnostics| {
         eprint!("{}", render(&diagnostics));
         CmdError::Reported(diagnostics.len())
