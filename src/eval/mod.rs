@@ -1,13 +1,14 @@
-//! Evaluation: scoring a dataset split with the base model (and, once they can be trained,
-//! experts), as lm-evaluation-harness does. Two modes: `generate` (answer, then judge with the
-//! reward — the same judge training uses) and `loglik` (rank multiple-choice options by
-//! log-likelihood: `acc` and length-normalised `acc_norm`).
+//! Evaluation: scoring a dataset split with the base model, experts and adaptations (routed per
+//! item or mixed, `adapted.rs`), as lm-evaluation-harness does. Two modes: `generate` (answer,
+//! then judge with the reward — the same judge training uses) and `loglik` (rank
+//! multiple-choice options by log-likelihood: `acc` and length-normalised `acc_norm`).
 //!
 //! Outputs of an `eval.<name>` stage:
 //! - `samples.parquet`: one row per item and model (`with`): prompt, completion or option scores,
-//!   extracted answer, gold, verdict, reward,
+//!   extracted answer, gold, verdict, reward, and for routed adaptations the label and expert,
 //! - `results.json`: per model, each metric with its standard error and 95% interval, item
-//!   counts, config, versions, input hashes, timings (laid out close to lm-eval's),
+//!   counts, config, versions, input hashes, timings (laid out close to lm-eval's), and for
+//!   adaptations what the first pass did (items per expert, routing accuracy, its cost, α),
 //! - `results.md`: the same as a table, printed by `tsq run`.
 
 mod adapted;
