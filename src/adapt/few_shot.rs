@@ -356,22 +356,9 @@ fn read_checkpoint(path: &Path) -> Option<Checkpoint> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::spec::Parametrization;
     use crate::svf::apply::{Application, apply};
-    use candle_core::Device;
 
-    fn expert(factors: &[Decomposed], seed: u64) -> Expert {
-        let s = crate::svd::cache::singular_values(factors);
-        let base = BaseModel {
-            name: "tiny".into(),
-            blake3: "0".into(),
-        };
-        let mut e = Expert::initial(base, Parametrization::Sigmoid, &s, seed).unwrap();
-        for (z, _) in e.vectors.values_mut() {
-            *z = (z.clone() + Tensor::randn(0f32, 1.0, z.dims(), &Device::Cpu).unwrap()).unwrap();
-        }
-        e
-    }
+    use crate::svf::spread_expert as expert;
 
     /// Mixing composed weights equals composing the combined expert (what is saved).
     #[test]

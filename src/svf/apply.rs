@@ -67,25 +67,11 @@ pub fn apply_per_sequence(
 mod tests {
     use super::*;
     use crate::model::transformer::{Batch, LogitsAt, Mode};
-    use crate::pipeline::spec::Parametrization;
-    use crate::svf::expert::{BaseModel, Expert};
     use candle_core::{Device, IndexOp};
 
     type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
-    fn expert(factors: &[Decomposed], seed: u64) -> Expert {
-        let s = crate::svd::cache::singular_values(factors);
-        let base = BaseModel {
-            name: "tiny".into(),
-            blake3: "0".into(),
-        };
-        let mut e = Expert::initial(base, Parametrization::Sigmoid, &s, seed).unwrap();
-        // Spread the vectors so experts differ clearly.
-        for (z, _) in e.vectors.values_mut() {
-            *z = (z.clone() + Tensor::randn(0f32, 1.0, z.dims(), &Device::Cpu).unwrap()).unwrap();
-        }
-        e
-    }
+    use crate::svf::spread_expert as expert;
 
     fn logits(tf: &Transformer, seqs: &[[u32; 5]]) -> Result<Tensor> {
         let flat: Vec<u32> = seqs.iter().flatten().copied().collect();

@@ -302,6 +302,22 @@ pub(crate) fn tiny_decomposed(seed: u64) -> (Transformer, Vec<crate::svd::cache:
     (Transformer::new(config, weights).unwrap(), decomposed)
 }
 
+/// A sigmoid expert for `factors` with its vectors spread (z + N(0, 1)), so experts made with
+/// different seeds differ clearly; for tests.
+#[cfg(test)]
+pub(crate) fn spread_expert(factors: &[crate::svd::cache::Decomposed], seed: u64) -> Expert {
+    let s = crate::svd::cache::singular_values(factors);
+    let base = BaseModel {
+        name: "tiny".into(),
+        blake3: "0".into(),
+    };
+    let mut e = Expert::initial(base, Parametrization::Sigmoid, &s, seed).unwrap();
+    for (z, _) in e.vectors.values_mut() {
+        *z = (z.clone() + Tensor::randn(0f32, 1.0, z.dims(), &Device::Cpu).unwrap()).unwrap();
+    }
+    e
+}
+
 #[cfg(test)]
 use crate::model::transformer::Transformer;
 
