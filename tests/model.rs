@@ -423,31 +423,28 @@ fn classify_refuses_bad_labels_and_templates_up_front() {
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("t.jinja");
     std::fs::write(&template, "{{ topic }}").unwrap();
-    for (labels, expected) in [
-        ("math", "at least two labels"),
-        ("math,code", "does not render"),
-    ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
-            .args(["classify", "--template"])
-            .arg(&template)
-            .args(["--labels", labels, "What is 2 + 2?"])
-            .env("TSQ_HOME", dir.path().join("home"))
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(stderr.contains(expected), "{stderr}");
-    }
-    let quickstart = repo().join("pipelines/quickstart.yaml");
-    for (from, expected) in [
+    let template = template.display().to_string();
+    let router = format!(
+        "{}:router",
+        repo().join("pipelines/quickstart.yaml").display()
+    );
+    let cases: [(&[&str], &str); 4] = [
         (
-            format!("{}:router", quickstart.display()),
-            "no routing adaptation `router`",
+            &["--template", &template, "--labels", "math"],
+            "at least two labels",
         ),
-        ("no-colon".to_string(), "is not `PIPELINE:NAME`"),
-    ] {
+        (
+            &["--template", &template, "--labels", "math,code"],
+            "does not render",
+        ),
+        (&["--adaptation", &router], "no routing adaptation `router`"),
+        (&["--adaptation", "no-colon"], "is not `PIPELINE:NAME`"),
+    ];
+    for (args, expected) in cases {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
-            .args(["classify", "--adaptation", &from, "What is 2 + 2?"])
+            .arg("classify")
+            .args(args)
+            .arg("What is 2 + 2?")
             .env("TSQ_HOME", dir.path().join("home"))
             .output()
             .unwrap();
