@@ -4,6 +4,8 @@
 //! Prompt and continuation are tokenized separately and concatenated (the continuation without
 //! BOS), which is how the tokens stand when the model generates the continuation itself.
 
+use std::ops::Range;
+
 use candle_core::{D, Tensor};
 use serde::Serialize;
 
@@ -160,11 +162,12 @@ impl Packed {
 }
 
 /// Positions and mask of the options pass: an option's token at offset `k` of its span sits at
-/// rotary position prompt + k (the prompt counting the shared tokens) and sees the row's prompt (cached) and its own span up to
-/// itself; padding sees only itself, so its softmax row stays finite.
+/// rotary position prompt + k (the prompt counting the shared tokens) and sees the row's prompt
+/// (cached: `past` positions but the row's padding `gap`) and its own span up to itself; padding
+/// sees only itself, so its softmax row stays finite.
 fn packed_batch(
     packed: &[Packed],
-    pad: &[usize],
+    gaps: &[Range<usize>],
     past: usize,
     time: usize,
     device: &candle_core::Device,
@@ -172,8 +175,8 @@ fn packed_batch(
     let total = past + time;
     let mut positions = Vec::with_capacity(packed.len() * time);
     let mut mask = vec![f32::NEG_INFINITY; packed.len() * time * total];
-    for (b, (p, &pad)) in packed.iter().zip(pad).enumerate() {
-        let prompt = past - pad;
+    for (b, (p, gap)) in packed.iter().zip(gaps).enumerate() {
+        let prompt = past - gap.len();
         let mut owner = vec![None; time];
         for span in &p.spans {
             for j in span.clone() {
@@ -185,7 +188,8 @@ fn packed_batch(
             match own {
                 Some(start) => {
                     positions.push((prompt + j - start) as u32);
-                    row[pad..past].fill(0.0);
+                    row[..gap.start].fill(0.0);
+                    row[gap.end..past].fill(0.0);
                     row[past + start..=past + j].fill(0.0);
                 }
                 None => {
@@ -199,6 +203,25 @@ fn packed_batch(
         positions: Tensor::from_vec(positions, (packed.len(), time), device)?,
         mask: Tensor::from_vec(mask, (packed.len(), 1, time, total), device)?,
     })
+}
+
+/// How many leading tokens every prompt shares (a template's fixed instructions), leaving each
+/// at least `keep` of its own; none for a single prompt, which gains nothing from sharing.
+fn common_prefix(prompts: &[Vec<u32>], keep: usize) -> usize {
+    let [first, rest @ ..] = prompts else {
+        return 0;
+    };
+    if rest.is_empty() {
+        return 0;
+    }
+    let most = prompts
+        .iter()
+        .map(|p| p.len().saturating_sub(keep))
+        .min()
+        .unwrap_or(0);
+    (0..most)
+        .take_while(|&k| rest.iter().all(|p| p[k] == first[k]))
+        .count()
 }
 
 pub(crate) fn score_options_in(
@@ -222,18 +245,36 @@ pub(crate) fn score_options_in(
         .zip(&shared)
         .map(|((p, opts), &c)| p.iter().chain(&opts[0][..c]).copied().collect())
         .collect();
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let tail = shared.iter().max().copied().unwrap_or(0) + 1;
+    // Tokens all prompts start with are computed once, their keys and values copied to every row.
+    let common = common_prefix(&prompts, tail);
+    let mut cache = KvCache::default();
+    if common > 0 {
+        tf.forward(
+            &Tensor::new(&prompts[0][..common], device)?.unsqueeze(0)?,
+            &Batch::left_padded(&[0], 0, common, device)?,
+            Some(&mut cache),
+            Mode::Fast,
+            LogitsAt::Last,
+        )?;
+        cache.select_rows(&vec![0; items.len()])?;
+    }
+    // Then each prompt's own tokens, left-padded after the shared ones.
+    let longest = prompts.iter().map(|p| p.len() - common).max().unwrap_or(0);
+    let gaps: Vec<Range<usize>> = prompts
+        .iter()
+        .map(|p| common..common + longest - (p.len() - common))
+        .collect();
     let ids: Vec<u32> = prompts
         .iter()
-        .zip(&pad)
-        .flat_map(|(p, &n)| std::iter::repeat_n(filler, n).chain(p.iter().copied()))
+        .zip(&gaps)
+        .flat_map(|(p, gap)| {
+            std::iter::repeat_n(filler, gap.len()).chain(p[common..].iter().copied())
+        })
         .collect();
-    let tail = shared.iter().max().copied().unwrap_or(0) + 1;
-    let mut cache = KvCache::default();
     let head = tf.forward(
         &Tensor::from_vec(ids, (items.len(), longest), device)?,
-        &Batch::left_padded(&pad, 0, longest, device)?,
+        &Batch::with_gaps(&gaps, common, longest, device)?,
         Some(&mut cache),
         Mode::Fast,
         LogitsAt::Tail(tail),
@@ -269,7 +310,7 @@ pub(crate) fn score_options_in(
                     .chain(std::iter::repeat_n(0, time - p.ids.len()))
             })
             .collect();
-        let batch = packed_batch(&packed, &pad, longest, time, device)?;
+        let batch = packed_batch(&packed, &gaps, common + longest, time, device)?;
         let logits = tf.forward(
             &Tensor::from_vec(ids, (items.len(), time), device)?,
             &batch,
@@ -320,14 +361,80 @@ mod tests {
         assert_eq!(shared_prefix(&[vec![1, 2], vec![3, 2]]), 0);
     }
 
-    /// Sharing the prompt's computation must give what scoring each pair whole gives.
-    #[test]
-    fn shared_prompt_scores_equal_whole_pair_scores() -> Result<()> {
+    fn tiny() -> Result<Transformer> {
         use crate::model::config::Architecture;
         use crate::model::testing::{random_weights, tiny_config};
         let config = tiny_config(Architecture::Llama);
         let weights = random_weights(&config, 7, &candle_core::Device::Cpu);
-        let tf = Transformer::new(config, weights)?;
+        Transformer::new(config, weights)
+    }
+
+    /// Each item's option scores equal scoring each (prompt, option) pair whole, alone.
+    fn assert_equal_to_whole_pairs(
+        tf: &Transformer,
+        items: &[(Vec<u32>, Vec<Vec<u32>>)],
+    ) -> Result<()> {
+        let shared = score_options_in(tf, 0, items)?;
+        for ((prompt, options), scores) in items.iter().zip(&shared) {
+            let pairs = options
+                .iter()
+                .map(|o| (prompt.clone(), o.clone()))
+                .collect();
+            let whole = score_ids_in(tf, 0, pairs)?;
+            for (s, w) in scores.iter().zip(&whole) {
+                assert!((s.sum - w.sum).abs() < 1e-3, "{} vs {}", s.sum, w.sum);
+                assert_eq!(s.logprobs.len(), w.logprobs.len());
+                for (a, b) in s.logprobs.iter().zip(&w.logprobs) {
+                    assert!((a - b).abs() < 1e-4, "per token {a} vs {b}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn common_prefixes_leave_each_prompt_its_own_tokens() {
+        let p = |v: &[u32]| v.to_vec();
+        assert_eq!(
+            common_prefix(&[p(&[1, 2, 3, 4]), p(&[1, 2, 3, 5, 6])], 1),
+            3
+        );
+        assert_eq!(
+            common_prefix(&[p(&[1, 2, 3, 4]), p(&[1, 2, 3, 4, 6])], 1),
+            3
+        );
+        assert_eq!(
+            common_prefix(&[p(&[1, 2, 3, 4]), p(&[1, 2, 3, 5, 6])], 2),
+            2
+        );
+        assert_eq!(common_prefix(&[p(&[1, 2, 3, 4])], 1), 0, "alone");
+        assert_eq!(common_prefix(&[p(&[1]), p(&[1, 2])], 1), 0);
+        assert_eq!(common_prefix(&[p(&[7, 2]), p(&[1, 2])], 1), 0);
+    }
+
+    /// A template's fixed instructions computed once, then each question after them with its
+    /// padding between, must score as each prompt whole does.
+    #[test]
+    fn scores_after_a_shared_prefix_equal_whole_pair_scores() -> Result<()> {
+        let tf = tiny()?;
+        let prefix = [4u32, 9, 2, 7, 7, 1];
+        let with = |own: &[u32]| prefix.iter().chain(own).copied().collect::<Vec<u32>>();
+        let items = vec![
+            (with(&[3, 3, 1]), vec![vec![5, 2], vec![8]]),
+            (with(&[6, 10, 11, 2]), vec![vec![5, 2], vec![8]]),
+            // Options sharing tokens, which join the prompt pass after the shared prefix.
+            (with(&[12, 3, 5]), vec![vec![9, 9, 1], vec![9, 9, 4, 4]]),
+        ];
+        // Each prompt keeps a tail of 3 own tokens, so the whole prefix is computed once.
+        let prompts: Vec<Vec<u32>> = items.iter().map(|(p, _)| p.clone()).collect();
+        assert_eq!(common_prefix(&prompts, 3), prefix.len());
+        assert_equal_to_whole_pairs(&tf, &items)
+    }
+
+    /// Sharing the prompt's computation must give what scoring each pair whole gives.
+    #[test]
+    fn shared_prompt_scores_equal_whole_pair_scores() -> Result<()> {
+        let tf = tiny()?;
         let items = vec![
             (vec![1, 5, 9], vec![vec![3], vec![4, 7, 2], vec![8, 8]]),
             (vec![2, 6, 10, 11, 12], vec![vec![5, 1], vec![9]]),
@@ -338,21 +445,6 @@ mod tests {
             ),
             (vec![3, 3], vec![vec![6, 2], vec![6, 2]]),
         ];
-        let shared = score_options_in(&tf, 0, &items)?;
-        for ((prompt, options), scores) in items.iter().zip(&shared) {
-            let pairs = options
-                .iter()
-                .map(|o| (prompt.clone(), o.clone()))
-                .collect();
-            let whole = score_ids_in(&tf, 0, pairs)?;
-            for (s, w) in scores.iter().zip(&whole) {
-                assert!((s.sum - w.sum).abs() < 1e-3, "{} vs {}", s.sum, w.sum);
-                assert_eq!(s.logprobs.len(), w.logprobs.len());
-                for (a, b) in s.logprobs.iter().zip(&w.logprobs) {
-                    assert!((a - b).abs() < 1e-4, "per token {a} vs {b}");
-                }
-            }
-        }
-        Ok(())
+        assert_equal_to_whole_pairs(&tf, &items)
     }
 }
