@@ -217,21 +217,53 @@ fn routed_and_mixed_adaptations_evaluate_generate_and_chat() {
 
     killed_search_resumes_and_ends_as_the_uninterrupted_one(dir.path(), file, &run);
 
-    // Inference through the run's adaptation.
+    // Inference through the run's adaptation: prompts sent to different experts are answered
+    // in one batch, each as its expert alone answers it.
     let run_dir = run.to_str().unwrap();
-    let out = run_ok(&[
-        "generate",
-        "--run",
-        run_dir,
-        "--adapt",
-        "router",
-        "--chat",
-        "--max-new-tokens",
-        "8",
+    let prompts = [
         "Which of these Python functions returns the length of a list?",
         "If all cats are animals and Tom is a cat, is Tom an animal?",
-    ]);
-    assert_eq!(out.matches("[expert `").count(), 2, "{out}");
+        "Say hello.",
+    ];
+    let generate = ["generate", "--chat", "--max-new-tokens", "8"];
+    let text = run_ok(
+        &[
+            &generate[..],
+            &["--run", run_dir, "--adapt", "router"],
+            &prompts,
+        ]
+        .concat(),
+    );
+    assert_eq!(text.matches("[expert `").count(), 3, "{text}");
+    let out: Value = serde_json::from_str(&run_ok(
+        &[
+            &generate[..],
+            &["--format", "json", "--run", run_dir, "--adapt", "router"],
+            &prompts,
+        ]
+        .concat(),
+    ))
+    .unwrap();
+    let generations = out["generations"].as_array().unwrap();
+    for (prompt, g) in prompts.iter().zip(generations) {
+        let target = g["adaptation"]["target"].as_str().unwrap();
+        let alone = match target {
+            "base" => vec![],
+            expert => vec![run.join(format!("train.{expert}/expert.safetensors"))],
+        };
+        let mut args: Vec<String> = generate.iter().map(|a| a.to_string()).collect();
+        args.extend(["--format".into(), "json".into()]);
+        for file in &alone {
+            args.extend(["--expert".into(), file.to_str().unwrap().into()]);
+        }
+        args.push(prompt.to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let expected: Value = serde_json::from_str(&run_ok(&args)).unwrap();
+        assert_eq!(
+            g["token_ids"], expected["generations"][0]["token_ids"],
+            "{prompt:?} answered by {target}"
+        );
+    }
 
     // The router's template and labels tried from the pipeline, each label's expert shown.
     let from = format!("{file}:router");

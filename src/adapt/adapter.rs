@@ -170,21 +170,65 @@ impl Adapter {
         }
     }
 
+    /// The expert file that answers after `choice` (none: the base model answers).
+    fn expert_file(&self, choice: &Choice) -> Option<PathBuf> {
+        match choice {
+            Choice::Routed { target, .. } if target == BASE => None,
+            Choice::Routed { target, .. } => Some(
+                self.run
+                    .stage_dir(&format!("train.{target}"))
+                    .join(EXPERT_FILE),
+            ),
+            Choice::Mixed { .. } => Some(self.dir.join(EXPERT_FILE)),
+        }
+    }
+
     /// The model that answers after `choice`.
     pub fn model_for(&mut self, choice: &Choice) -> Result<Rc<Model>, String> {
-        let key = choice.answered_by();
-        let file = match choice {
-            Choice::Routed { target, .. } if target == BASE => {
-                return Ok(Rc::clone(&self.models.base));
-            }
-            Choice::Routed { target, .. } => self
-                .run
-                .stage_dir(&format!("train.{target}"))
-                .join(EXPERT_FILE),
-            Choice::Mixed { .. } => self.dir.join(EXPERT_FILE),
+        let Some(file) = self.expert_file(choice) else {
+            return Ok(Rc::clone(&self.models.base));
         };
         self.models
-            .with_expert(&key, &file)
+            .with_expert(&choice.answered_by(), &file)
             .map_err(|e| format!("{}: {e}", file.display()))
+    }
+
+    /// One model that answers every input after its choice, in one batch: the chosen model when
+    /// all choices agree; otherwise the base model with a table of the chosen experts, and the
+    /// row of that table each input uses (per-sequence application).
+    pub fn answering(
+        &mut self,
+        choices: &[Choice],
+    ) -> Result<(Rc<Model>, Option<Vec<u32>>), String> {
+        let targets: std::collections::BTreeSet<String> =
+            choices.iter().map(Choice::answered_by).collect();
+        let Some(first) = choices.first() else {
+            return Ok((Rc::clone(&self.models.base), None));
+        };
+        if targets.len() == 1 {
+            return Ok((self.model_for(first)?, None));
+        }
+        // Each chosen expert file once, in order of its target.
+        let files: Vec<(String, PathBuf)> = choices
+            .iter()
+            .filter_map(|c| Some((c.answered_by(), self.expert_file(c)?)))
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        let paths: Vec<&Path> = files.iter().map(|(_, f)| f.as_path()).collect();
+        let table = crate::svf::expert_table(&self.models.base, &paths, self.models.home())
+            .map_err(|e| e.to_string())?;
+        // Row 0 of the table is the base model, row k + 1 the k-th file.
+        let rows = choices
+            .iter()
+            .map(|c| {
+                let target = c.answered_by();
+                files
+                    .iter()
+                    .position(|(t, _)| *t == target)
+                    .map_or(0, |k| k as u32 + 1)
+            })
+            .collect();
+        Ok((Rc::new(table), Some(rows)))
     }
 }

@@ -1,15 +1,13 @@
 //! `tsq generate`: continue prompts with a model (batched), printing text or JSON; with
 //! `--run RUN_DIR --adapt NAME`, each prompt first goes through the run's adaptation, which
-//! says which expert (or mixture) answers it and why, and prompts sent to the same expert are
-//! answered in one batch.
+//! says which expert (or mixture) answers it and why; then all prompts are answered in one
+//! batch, each by its own expert (per-sequence application) when they differ.
 
 use serde_json::json;
 
-use std::collections::BTreeMap;
-
 use super::{CmdError, Format, ModelArgs};
 use crate::adapt::adapter::{Adapter, Choice};
-use crate::model::generate::{GenerateOptions, Generation, generate};
+use crate::model::generate::{GenerateOptions, Generation, generate, generate_per_sequence};
 
 /// How to present the prompts and run the decoding.
 pub struct GenerateArgs {
@@ -39,7 +37,7 @@ pub fn run(
     let (generations, choices) = match adapt {
         None => {
             let model = model_args.load()?;
-            (answer(model, prompts, args, opts)?, vec![])
+            (answer(model, prompts, None, args, opts)?, vec![])
         }
         Some(a) => adapted(&a, prompts, args, opts)?,
     };
@@ -80,10 +78,12 @@ pub fn run(
     Ok(())
 }
 
-/// Each prompt's answer from `model`, in one batch.
+/// Each prompt's answer from `model`, in one batch; prompt `i` by expert `experts[i]` of the
+/// model's table when given.
 fn answer(
     mut model: crate::model::Model,
     prompts: &[String],
+    experts: Option<&[u32]>,
     args: &GenerateArgs,
     opts: &GenerateOptions,
 ) -> Result<Vec<Generation>, CmdError> {
@@ -102,11 +102,14 @@ fn answer(
         };
         ids.push(model.tokenizer.encode(&text).map_err(fail)?);
     }
-    generate(&model, &ids, opts).map_err(fail)
+    match experts {
+        Some(e) => generate_per_sequence(&model, &ids, e, opts),
+        None => generate(&model, &ids, opts),
+    }
+    .map_err(fail)
 }
 
-/// The adaptation's choice for each prompt, and the answers: prompts with the same choice are
-/// answered together.
+/// The adaptation's choice for each prompt, and the answers, all in one batch.
 fn adapted(
     a: &Adapt,
     prompts: &[String],
@@ -116,20 +119,7 @@ fn adapted(
     let home = crate::assets::TsqHome::from_env();
     let mut adapter = Adapter::open(a.run_dir, a.name, home).map_err(CmdError::Failed)?;
     let choices = adapter.choose(prompts).map_err(CmdError::Failed)?;
-    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for (i, c) in choices.iter().enumerate() {
-        groups.entry(c.answered_by()).or_default().push(i);
-    }
-    let mut out: Vec<Option<Generation>> = (0..prompts.len()).map(|_| None).collect();
-    for members in groups.values() {
-        let model = adapter
-            .model_for(&choices[members[0]])
-            .map_err(CmdError::Failed)?;
-        let group: Vec<String> = members.iter().map(|&i| prompts[i].clone()).collect();
-        let answers = answer((*model).clone(), &group, args, opts)?;
-        for (&i, g) in members.iter().zip(answers) {
-            out[i] = Some(g);
-        }
-    }
-    Ok((out.into_iter().flatten().collect(), choices))
+    let (model, experts) = adapter.answering(&choices).map_err(CmdError::Failed)?;
+    let answers = answer((*model).clone(), prompts, experts.as_deref(), args, opts)?;
+    Ok((answers, choices))
 }

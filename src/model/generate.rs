@@ -86,11 +86,40 @@ pub fn generate(
     generate_streaming(model, prompts, opts, &mut |_, _| {})
 }
 
+/// [`generate`] on a model holding a table of experts (`svf::apply::apply_per_sequence`):
+/// prompt `i` is answered by expert `experts[i]` of the table, all prompts in one batch.
+pub fn generate_per_sequence(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    experts: &[u32],
+    opts: &GenerateOptions,
+) -> Result<Vec<Generation>> {
+    if experts.len() != prompts.len() {
+        return Err(ModelError::Input(format!(
+            "{} prompts but {} experts",
+            prompts.len(),
+            experts.len()
+        )));
+    }
+    decode(model, prompts, Some(experts), opts, &mut |_, _| {})
+}
+
 /// [`generate`], handing each sequence's new text to `on_text(sequence, text)` as it is
 /// decoded (held back while it ends inside a multi-byte character).
 pub fn generate_streaming(
     model: &Model,
     prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<Vec<Generation>> {
+    decode(model, prompts, None, opts, on_text)
+}
+
+/// Decodes every prompt, with its expert of the model's table when `experts` are given.
+fn decode(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    experts: Option<&[u32]>,
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(usize, &str),
 ) -> Result<Vec<Generation>> {
@@ -113,14 +142,22 @@ pub fn generate_streaming(
     }
     // Samples of one prompt share its prefill: each distinct prompt is computed once, and its
     // cache rows are copied to its samples.
-    let (distinct, source) = distinct_prompts(prompts);
-    let distinct_pad: Vec<usize> = distinct.iter().map(|p| longest - p.len()).collect();
+    let (distinct, source) = distinct_prompts(prompts, experts);
+    let distinct_pad: Vec<usize> = distinct
+        .iter()
+        .map(|&i| longest - prompts[i].len())
+        .collect();
     let filler = super::score::filler(model);
     let ids: Vec<u32> = distinct
         .iter()
         .zip(&distinct_pad)
-        .flat_map(|(p, &n)| std::iter::repeat_n(filler, n).chain(p.iter().copied()))
+        .flat_map(|(&i, &n)| std::iter::repeat_n(filler, n).chain(prompts[i].iter().copied()))
         .collect();
+    // A batch whose rows are prompts `rows`, each with its expert.
+    let with_experts = |batch: Batch, rows: &[usize]| match experts {
+        Some(e) => batch.with_experts(&rows.iter().map(|&i| e[i]).collect::<Vec<_>>()),
+        None => Ok(batch),
+    };
     let device = tf.device();
     let mut cache = KvCache::default();
     let mut seqs: Vec<Sequence> = (0..prompts.len())
@@ -134,7 +171,10 @@ pub fn generate_streaming(
             entropy: (0.0, 0),
         })
         .collect();
-    let batch = Batch::left_padded(&distinct_pad, 0, longest, device)?;
+    let batch = with_experts(
+        Batch::left_padded(&distinct_pad, 0, longest, device)?,
+        &distinct,
+    )?;
     let prefill = tf.forward(
         &Tensor::from_vec(ids, (distinct.len(), longest), device)?,
         &batch,
@@ -181,7 +221,7 @@ pub fn generate_streaming(
             pad = keep.iter().map(|&r| pad[r]).collect();
             live = keep.iter().map(|&r| live[r]).collect();
         }
-        let batch = Batch::left_padded(&pad, cache.len(), 1, device)?;
+        let batch = with_experts(Batch::left_padded(&pad, cache.len(), 1, device)?, &live)?;
         logits = tf.forward(
             &Tensor::from_vec(next, (live.len(), 1), device)?,
             &batch,
@@ -216,20 +256,23 @@ fn entropy(logits: &[f32]) -> f64 {
     total.ln() - weighted / total
 }
 
-/// The distinct prompts, in order of first appearance, and which one each prompt is.
-fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<&[u32]>, Vec<usize>) {
-    let mut index: HashMap<&[u32], usize> = HashMap::new();
-    let mut distinct = Vec::new();
+/// The distinct (expert, prompt) pairs as the index of each one's first appearance, and which
+/// of them each prompt is.
+fn distinct_prompts(prompts: &[Vec<u32>], experts: Option<&[u32]>) -> (Vec<usize>, Vec<usize>) {
+    let mut index: HashMap<(u32, &[u32]), usize> = HashMap::new();
+    let mut first = Vec::new();
     let source = prompts
         .iter()
-        .map(|p| {
-            *index.entry(p.as_slice()).or_insert_with(|| {
-                distinct.push(p.as_slice());
-                distinct.len() - 1
+        .enumerate()
+        .map(|(i, p)| {
+            let expert = experts.map_or(0, |e| e[i]);
+            *index.entry((expert, p.as_slice())).or_insert_with(|| {
+                first.push(i);
+                first.len() - 1
             })
         })
         .collect();
-    (distinct, source)
+    (first, source)
 }
 
 /// Appends `token` and decides whether the sequence is finished.

@@ -202,6 +202,7 @@ fn packed_batch(
     Ok(Batch {
         positions: Tensor::from_vec(positions, (packed.len(), time), device)?,
         mask: Tensor::from_vec(mask, (packed.len(), 1, time, total), device)?,
+        experts: None,
     })
 }
 

@@ -54,16 +54,24 @@ struct Factored {
     u: Tensor,
     /// (r, in)
     vt: Tensor,
-    /// (r) or (batch, r)
+    /// (r), or a table (experts, r) whose row a batch's [`Batch::experts`] picks per sequence.
     scaled_s: Tensor,
 }
 
 impl Factored {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, experts: Option<&Tensor>) -> Result<Tensor> {
         let h = autograd::frozen_matmul_t(x, &self.vt)?;
-        let h = match self.scaled_s.rank() {
-            1 => h.broadcast_mul(&self.scaled_s)?,
-            _ => h.broadcast_mul(&self.scaled_s.unsqueeze(1)?)?,
+        let h = match (self.scaled_s.rank(), experts) {
+            (1, _) => h.broadcast_mul(&self.scaled_s)?,
+            (_, Some(rows)) => {
+                h.broadcast_mul(&self.scaled_s.index_select(rows, 0)?.unsqueeze(1)?)?
+            }
+            (_, None) => {
+                return Err(ModelError::Input(
+                    "the model holds a table of experts: each sequence must say which it uses"
+                        .into(),
+                ));
+            }
         };
         Ok(autograd::frozen_matmul_t(&h, &self.u)?)
     }
@@ -88,10 +96,11 @@ impl Linear {
 
     /// `x W^T (+ b)` over the last dimension. A weight that is not being trained gets no
     /// gradient (see [`autograd`]).
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// `experts`: which expert of a factored table each sequence uses (see [`Batch::experts`]).
+    fn forward(&self, x: &Tensor, mode: Mode, experts: Option<&Tensor>) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         let y = match (&self.factored, &self.quantized) {
-            (Some(f), _) => f.forward(x)?,
+            (Some(f), _) => f.forward(x, experts)?,
             (None, Some(q)) if mode == Mode::Fast && rows <= QUANTIZED_MAX_ROWS => q.forward(x)?,
             _ if self.weight.track_op() => autograd::plain_matmul_t(x, &self.weight)?,
             _ => autograd::frozen_matmul_t(x, &self.weight)?,
@@ -200,6 +209,10 @@ pub struct Batch {
     pub positions: Tensor,
     /// (batch, 1, time, past + time) f32: 0 where attention is allowed, -inf elsewhere.
     pub mask: Tensor,
+    /// (batch) u32: which row of the expert table each sequence uses, when the model's
+    /// projections hold one (`svf::apply::apply_per_sequence`); sequences answered by different
+    /// experts then share a batch.
+    pub experts: Option<Tensor>,
 }
 
 impl Batch {
@@ -242,6 +255,16 @@ impl Batch {
         Ok(Self {
             positions: Tensor::from_vec(positions, (b, time), device)?,
             mask: Tensor::from_vec(mask, (b, 1, time, total), device)?,
+            experts: None,
+        })
+    }
+
+    /// This batch with sequence `b` answered by expert `experts[b]` of the model's table.
+    pub fn with_experts(self, experts: &[u32]) -> Result<Self> {
+        let device = self.positions.device().clone();
+        Ok(Self {
+            experts: Some(Tensor::new(experts, &device)?),
+            ..self
         })
     }
 }
@@ -251,6 +274,7 @@ struct Positions {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
+    experts: Option<Tensor>,
 }
 
 /// Cheap to clone: tensors are shared, so a clone with some weights replaced (an SVF expert
@@ -387,9 +411,9 @@ impl Transformer {
         let head = &self.lm_head;
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         if head.quantized.is_none() || mode != Mode::Fast || rows > QUANTIZED_MAX_ROWS {
-            return Ok(head.forward(x, mode)?.to_dtype(DType::F32)?);
+            return Ok(head.forward(x, mode, None)?.to_dtype(DType::F32)?);
         }
-        let approx = head.forward(x, mode)?.to_dtype(DType::F32)?;
+        let approx = head.forward(x, mode, None)?.to_dtype(DType::F32)?;
         let shape = approx.dims().to_vec();
         let vocab = *shape.last().unwrap_or(&0);
         let flat_x = x.reshape((rows, x.dim(D::Minus1)?))?;
@@ -586,6 +610,7 @@ impl Transformer {
             cos: self.cos.index_select(&flat_pos, 0)?.reshape((b, t, half))?,
             sin: self.sin.index_select(&flat_pos, 0)?.reshape((b, t, half))?,
             mask: batch.mask.to_dtype(self.dtype)?,
+            experts: batch.experts.clone(),
         })
     }
 
@@ -612,12 +637,12 @@ impl Transformer {
         let layer = &self.layers[index];
         let eps = self.config.rms_norm_eps;
         let h = rms_norm(x, &layer.attn_norm, eps, mode)?;
-        let (cos, sin, mask) = (&positions.cos, &positions.sin, &positions.mask);
-        let x = (x + self.attention(layer, &h, cos, sin, mask, kv, mode)?)?;
+        let x = (x + self.attention(layer, &h, positions, kv, mode)?)?;
         let h = rms_norm(&x, &layer.mlp_norm, eps, mode)?;
-        let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, mode)?)?
-            * layer.up.forward(&h, mode)?)?;
-        Ok((&x + layer.down.forward(&gated, mode)?)?)
+        let experts = positions.experts.as_ref();
+        let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, mode, experts)?)?
+            * layer.up.forward(&h, mode, experts)?)?;
+        Ok((&x + layer.down.forward(&gated, mode, experts)?)?)
     }
 
     /// The final RMS norm, whose output the LM head reads.
@@ -625,18 +650,17 @@ impl Transformer {
         rms_norm(x, &self.norm, self.config.rms_norm_eps, mode)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: &Layer,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        positions: &Positions,
         kv: &mut Option<LayerCache>,
         mode: Mode,
     ) -> Result<Tensor> {
         let c = &self.config;
+        let (cos, sin, mask) = (&positions.cos, &positions.sin, &positions.mask);
+        let experts = positions.experts.as_ref();
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, c.head_dim))?
@@ -644,18 +668,18 @@ impl Transformer {
                 .contiguous()?)
         };
         let q = rope(
-            &heads(layer.q.forward(x, mode)?, c.num_heads)?,
+            &heads(layer.q.forward(x, mode, experts)?, c.num_heads)?,
             cos,
             sin,
             mode,
         )?;
         let k = rope(
-            &heads(layer.k.forward(x, mode)?, c.num_kv_heads)?,
+            &heads(layer.k.forward(x, mode, experts)?, c.num_kv_heads)?,
             cos,
             sin,
             mode,
         )?;
-        let v = heads(layer.v.forward(x, mode)?, c.num_kv_heads)?;
+        let v = heads(layer.v.forward(x, mode, experts)?, c.num_kv_heads)?;
         let (k, v) = LayerCache::append(kv, k, v)?;
         // Grouped-query attention without repeating keys and values: the `rep` query heads that
         // share a key/value head are stacked along the query axis, so each product is one
@@ -679,7 +703,7 @@ impl Transformer {
             .reshape((b, c.num_heads, t, c.head_dim))?
             .transpose(1, 2)?
             .reshape((b, t, c.num_heads * c.head_dim))?;
-        layer.o.forward(&out, mode)
+        layer.o.forward(&out, mode, experts)
     }
 }
 
@@ -915,12 +939,12 @@ mod quantized_tests {
             let w = Tensor::randn(0f32, 1.0, (out, inp), &dev)?;
             let mut lin = Linear::new(w.clone(), None);
             let x = Tensor::randn(0f32, 1.0, (rows, 1, inp), &dev)?;
-            let exact = lin.forward(&x, Mode::Fast)?;
+            let exact = lin.forward(&x, Mode::Fast, None)?;
             lin.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(
                 &w,
                 GgmlDType::Q8_0,
             )?)?);
-            let approx = lin.forward(&x, Mode::Fast)?;
+            let approx = lin.forward(&x, Mode::Fast, None)?;
             let err = (exact.clone() - approx)?
                 .abs()?
                 .max_all()?

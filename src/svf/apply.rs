@@ -43,15 +43,17 @@ pub fn apply(
     Ok(())
 }
 
-/// Makes sequence `b` of the next batches use `per_sequence[b]` (factored application).
+/// Puts a table of experts into the factored projections: row `k` of each holds
+/// `s ⊙ table[k]` (the base's `s` where expert `k` leaves a target alone), and a batch's
+/// [`crate::model::transformer::Batch::with_experts`] says which row each sequence uses.
 pub fn apply_per_sequence(
     tf: &mut Transformer,
     factors: &[Decomposed],
-    per_sequence: &[&BTreeMap<String, Tensor>],
+    table: &[&BTreeMap<String, Tensor>],
 ) -> Result<()> {
     for d in factors {
         let f = &d.factors;
-        let rows = per_sequence
+        let rows = table
             .iter()
             .map(|scales| match scales.get(&d.name) {
                 Some(e) => Ok((&f.s * e)?),
@@ -74,9 +76,17 @@ mod tests {
     use crate::svf::spread_expert as expert;
 
     fn logits(tf: &Transformer, seqs: &[[u32; 5]]) -> Result<Tensor> {
+        logits_with(tf, seqs, None)
+    }
+
+    /// Logits of `seqs`, sequence `b` with expert `experts[b]` of the model's table if given.
+    fn logits_with(tf: &Transformer, seqs: &[[u32; 5]], experts: Option<&[u32]>) -> Result<Tensor> {
         let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, (seqs.len(), 5), &Device::Cpu)?;
-        let batch = Batch::left_padded(&vec![0; seqs.len()], 0, 5, &Device::Cpu)?;
+        let mut batch = Batch::left_padded(&vec![0; seqs.len()], 0, 5, &Device::Cpu)?;
+        if let Some(e) = experts {
+            batch = batch.with_experts(e)?;
+        }
         tf.forward(&ids, &batch, None, Mode::Fast, LogitsAt::All)
     }
 
@@ -120,13 +130,24 @@ mod tests {
             expert(&factors, 2).effective_scales()?,
             expert(&factors, 3).effective_scales()?,
         );
-        let seqs = [[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]];
-        let mut mixed = base.clone();
-        apply_per_sequence(&mut mixed, &factors, &[&a, &b])?;
-        let together = logits(&mixed, &seqs)?;
-        for (i, scales) in [&a, &b].into_iter().enumerate() {
+        let none = BTreeMap::new();
+        let mut table = base.clone();
+        apply_per_sequence(&mut table, &factors, &[&none, &a, &b])?;
+        let seqs = [
+            [3, 1, 4, 1, 5],
+            [2, 7, 1, 8, 2],
+            [3, 1, 4, 1, 5],
+            [9, 9, 2, 6, 1],
+        ];
+        // Rows 1, 2, 0 of the table: expert a, expert b, the base model; a again.
+        let rows = [1, 2, 0, 1];
+        let together = logits_with(&table, &seqs, Some(&rows))?;
+        for (i, &row) in rows.iter().enumerate() {
             let mut alone = base.clone();
-            apply(&mut alone, &factors, scales, Application::Compose)?;
+            if row > 0 {
+                let scales = [&a, &b][row as usize - 1];
+                apply(&mut alone, &factors, scales, Application::Compose)?;
+            }
             let expected = logits(&alone, &seqs[i..i + 1])?;
             let got = together.i(i..i + 1)?;
             assert!(
@@ -135,6 +156,10 @@ mod tests {
                 max_diff(&got, &expected)
             );
         }
+        assert!(
+            logits(&table, &seqs).is_err(),
+            "a table without rows chosen is refused"
+        );
         Ok(())
     }
 }

@@ -106,6 +106,50 @@ pub fn compose_expert_file(
     Ok(expert)
 }
 
+/// `model` with a table of experts in its factored projections: row 0 the model itself, row
+/// `k` the expert in `files[k - 1]`. A batch then answers each sequence with its own expert
+/// ([`crate::model::transformer::Batch::with_experts`]), at the cost of factored products
+/// (more work per token than a composed expert's weights).
+pub fn expert_table(
+    model: &Model,
+    files: &[&Path],
+    home: &TsqHome,
+) -> std::result::Result<Model, SvfError> {
+    let base = BaseModel::of_file(&model.path)?;
+    let experts = files
+        .iter()
+        .map(|file| {
+            let expert = Expert::load(file)?;
+            expert.check_base(file, &base)?;
+            Ok(expert)
+        })
+        .collect::<std::result::Result<Vec<_>, SvfError>>()?;
+    let targets: std::collections::BTreeSet<String> = experts
+        .iter()
+        .flat_map(|e| e.meta.targets.iter().cloned())
+        .collect();
+    let factors = factors_for(model, &base, &Vec::from_iter(targets), home)?;
+    let ranks = factors
+        .iter()
+        .map(|d| Ok((d.name.clone(), d.factors.s.dim(0)?)))
+        .collect::<Result<Vec<_>>>()
+        .map_err(ExpertError::from)?;
+    let mut scales = vec![std::collections::BTreeMap::new()];
+    for (expert, file) in experts.iter().zip(files) {
+        let own: Vec<(String, usize)> = ranks
+            .iter()
+            .filter(|(name, _)| expert.meta.targets.contains(name))
+            .cloned()
+            .collect();
+        expert.check_compatible(file, &base, &own)?;
+        scales.push(expert.effective_scales()?);
+    }
+    let mut out = model.clone();
+    let rows: Vec<_> = scales.iter().collect();
+    apply::apply_per_sequence(&mut out.transformer, &factors, &rows)?;
+    Ok(out)
+}
+
 /// A base model and copies of it with an expert composed in, each made once and kept by label
 /// (an evaluation or a chat answers with the same few experts again and again).
 pub struct Composed {
@@ -121,6 +165,11 @@ impl Composed {
             home,
             adapted: Default::default(),
         }
+    }
+
+    /// Where SVD factors are cached.
+    pub fn home(&self) -> &TsqHome {
+        &self.home
     }
 
     /// The base model with the expert in `file` composed in, known as `label`.
