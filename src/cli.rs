@@ -157,6 +157,25 @@ pub enum Command {
         #[arg(required = true)]
         inputs: Vec<String>,
     },
+    /// Render the report of a run directory, finished or not (what exists is shown, what is
+    /// missing is said): `report.md` (charts as `charts/*.svg` beside it) and a self-contained
+    /// `report.html`.
+    Report {
+        /// A run directory (`runs/<name>`).
+        run: PathBuf,
+        /// Formats to write, comma-separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ReportFormatArg::Md, ReportFormatArg::Html])]
+        format: Vec<ReportFormatArg>,
+        /// Where to write (default: the run directory itself).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// A minijinja template replacing the built-in Markdown report.
+        #[arg(long, value_name = "FILE")]
+        markdown_template: Option<PathBuf>,
+        /// A minijinja template replacing the built-in HTML report.
+        #[arg(long, value_name = "FILE")]
+        html_template: Option<PathBuf>,
+    },
     /// SVF experts: inspect, combine, export merged weights.
     Expert {
         #[command(subcommand)]
@@ -456,6 +475,20 @@ pub fn main() -> Result<(), cmd::CmdError> {
             };
             cmd::classify::run(&model.into(), source, &inputs, calibrate, format)
         }
+        Command::Report {
+            run,
+            format,
+            out,
+            markdown_template,
+            html_template,
+        } => {
+            let formats: Vec<_> = format.into_iter().map(Into::into).collect();
+            let templates = cmd::report::TemplateFiles {
+                markdown: markdown_template,
+                html: html_template,
+            };
+            cmd::report::run(&run, &formats, out.as_deref(), &templates)
+        }
         Command::Expert { what } => match what {
             ExpertCommand::Inspect { file, format } => cmd::expert::inspect(&file, format),
             ExpertCommand::Combine {
@@ -528,6 +561,22 @@ impl From<Selection> for cmd::StageSelection {
         cmd::StageSelection {
             force: s.force,
             only: s.only,
+        }
+    }
+}
+
+/// A report format on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ReportFormatArg {
+    Md,
+    Html,
+}
+
+impl From<ReportFormatArg> for crate::pipeline::spec::ReportFormat {
+    fn from(f: ReportFormatArg) -> Self {
+        match f {
+            ReportFormatArg::Md => Self::Markdown,
+            ReportFormatArg::Html => Self::Html,
         }
     }
 }

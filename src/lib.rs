@@ -19,6 +19,7 @@ pub mod fsutil;
 pub mod hash;
 pub mod model;
 pub mod pipeline;
+pub mod report;
 pub mod reward;
 pub mod rl;
 pub mod stages;

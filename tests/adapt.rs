@@ -67,6 +67,8 @@ adaptations:
     cem: {{population: 6, elite_ratio: 0.5, generations: 3}}
 evaluate:
   - {{dataset: logic, mode: loglik, reward: choice, with: [base, reasoning, code, router, classify, mix], limit: 12, batch_size: 4}}
+report:
+  formats: [markdown, html]
 "#,
         run_dir = run_dir.display(),
         logic = r("datasets/basic_skills_logical_reasoning.yaml"),
@@ -126,6 +128,12 @@ fn routed_and_mixed_adaptations_evaluate_generate_and_chat() {
     run_ok(&["validate", file]);
     run_ok(&["run", file]);
     let run: PathBuf = dir.path().join("runs/adapt");
+    // The report stage ran last and shows every adaptation.
+    let html = std::fs::read_to_string(run.join("report/report.html")).unwrap();
+    for name in ["router", "classify", "mix"] {
+        assert!(html.contains(&format!("<code>{name}</code>")), "{name}");
+    }
+    assert!(run.join("report/report.md").is_file());
 
     // The router: calibrated on train prompts, checked on val prompts of both tasks.
     let router = json(&run.join("adapt.router/router.json"));

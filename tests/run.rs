@@ -167,35 +167,32 @@ fn a_second_writer_is_refused() {
     );
 }
 
+/// The report stage runs after every other stage and renders what the run has (here, data
+/// only: the report says no evaluation has finished), and is cached like any stage.
 #[test]
-fn unavailable_stages_are_refused_up_front() {
+fn the_report_stage_renders_after_every_other_stage() {
     let p = Project::new();
     let with_report = format!(
-        "{}report: {{formats: [markdown]}}\n",
+        "{}report: {{formats: [markdown, html]}}\n",
         crate::common::PIPELINE
     );
     std::fs::write(p.path().join("report.yaml"), with_report).unwrap();
-    let out = p.tsq(&["run", "report.yaml"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out).contains("not available in this version of tsq: `report` (from `report`)"),
-        "{}",
-        text(&out)
-    );
-    assert!(
-        !p.run_dir().exists(),
-        "nothing may be written when a stage is refused"
-    );
+    p.run_ok(&["run", "report.yaml"]);
+    let events = crate::common::last_run_events(&p.run_dir());
+    let finished: Vec<&str> = events
+        .iter()
+        .filter(|(e, _)| e == "stage_finished")
+        .map(|(_, stage)| stage.as_str())
+        .collect();
+    assert_eq!(finished.last(), Some(&"report"), "{finished:?}");
+    let md = std::fs::read_to_string(p.run_dir().join("report/report.md")).unwrap();
+    assert!(md.contains("No evaluation has finished."), "{md}");
+    assert!(p.run_dir().join("report/report.html").is_file());
     let plan = text(&p.run_ok(&["plan", "report.yaml"]));
-    assert!(plan.contains("not available in this version"), "{plan}");
-    p.run_ok(&[
-        "run",
-        "report.yaml",
-        "--only",
-        "model",
-        "--only",
-        "data.letters",
-    ]);
+    assert!(
+        plan.contains("report") && !plan.contains("to run"),
+        "{plan}"
+    );
 }
 
 #[test]

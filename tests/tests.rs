@@ -5,6 +5,7 @@ mod common;
 mod eval;
 mod model;
 mod real_data;
+mod report;
 mod run;
 mod svf;
 mod train;

@@ -10,6 +10,7 @@ pub mod expert;
 pub mod fetch;
 pub mod generate;
 pub mod plan;
+pub mod report;
 pub mod run;
 pub mod schema;
 pub mod score;

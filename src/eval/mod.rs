@@ -56,6 +56,24 @@ impl Proportion {
     }
 }
 
+/// Exact two-sided McNemar test of two settings evaluated on the same items: `only_a` items
+/// only the first got right, `only_b` only the second. Under "no difference" each of those
+/// n = only_a + only_b items is a fair coin; p = P(a split at least as uneven). 1 when n = 0.
+pub fn paired_p_value(only_a: usize, only_b: usize) -> f64 {
+    let n = only_a + only_b;
+    let k = only_a.min(only_b);
+    // Σ_{i ≤ k} C(n, i) / 2^n in logs (2^n underflows from n = 1075).
+    let mut ln_choose = 0.0;
+    let mut tail = 0.0;
+    for i in 0..=k {
+        if i > 0 {
+            ln_choose += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        tail += (ln_choose - n as f64 * std::f64::consts::LN_2).exp();
+    }
+    (2.0 * tail).min(1.0)
+}
+
 fn wilson(p: f64, n: f64, z: f64) -> (f64, f64) {
     let z2 = z * z;
     let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
@@ -83,5 +101,17 @@ mod tests {
         assert_eq!(none.ci95.0, 0.0);
         assert!(none.ci95.1 > 0.25 && none.ci95.1 < 0.35, "{:?}", none.ci95);
         assert_eq!(Proportion::of(0, 0).ci95, (0.0, 1.0));
+    }
+
+    #[test]
+    fn paired_p_values_are_exact_mcnemar() {
+        assert_eq!(paired_p_value(0, 0), 1.0);
+        // 10 vs 2 discordant items: 2 * P(X <= 2), X ~ Bin(12, 1/2) = 2 * 79 / 4096.
+        assert!((paired_p_value(10, 2) - 2.0 * 79.0 / 4096.0).abs() < 1e-12);
+        assert_eq!(paired_p_value(2, 10), paired_p_value(10, 2));
+        assert_eq!(paired_p_value(5, 5), 1.0);
+        // Large n stays finite and tiny.
+        let p = paired_p_value(700, 500);
+        assert!(p > 0.0 && p < 1e-7, "{p}");
     }
 }

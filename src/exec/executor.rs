@@ -172,7 +172,11 @@ impl Executor<'_> {
     ) -> Result<Vec<PlanEntry>, ExecError> {
         let plan = self.preflight(run, opts)?;
         let mut log = EventLog::open(run);
-        log.event("run_started", None, json!({}));
+        log.event(
+            "run_started",
+            None,
+            json!({"tsq": env!("CARGO_PKG_VERSION"), "machine": machine()}),
+        );
         for entry in &plan {
             let stage = self
                 .graph
@@ -361,4 +365,21 @@ impl EventLog {
             let _ = writeln!(file, "{fields}");
         }
     }
+}
+
+/// This machine in a few words, for provenance: OS, architecture, cores and memory.
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kb: f64 = m.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
+            Some(format!(", {:.0} GiB", kb / (1024.0 * 1024.0)))
+        })
+        .unwrap_or_default();
+    format!(
+        "{} {}, {cores} cores{memory}",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    )
 }

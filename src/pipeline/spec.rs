@@ -1101,6 +1101,14 @@ pub enum OptionForm {
 pub struct ReportSpec {
     #[schemars(length(min = 1))]
     pub formats: Vec<ReportFormat>,
+    /// A minijinja template replacing the built-in Markdown report
+    /// (`templates/reports/report.md.jinja`), relative to the pipeline file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub markdown_template: Option<String>,
+    /// A minijinja template replacing the built-in HTML report
+    /// (`templates/reports/report.html.jinja`), relative to the pipeline file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html_template: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

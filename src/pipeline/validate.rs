@@ -22,6 +22,7 @@ pub fn semantic_checks(p: &mut Pipeline) -> Result<(), Vec<Diagnostic>> {
     check_model(p, &mut errors);
     check_svd(&p.spec, p, &mut errors);
     check_datasets(p, &mut errors);
+    check_report(p, &mut errors);
     check_rewards(p, &mut errors);
     super::check_adapt::check_adaptations(p, &mut errors);
     if errors.is_empty() {
@@ -435,6 +436,30 @@ fn check_datasets(p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
             }
         }
         check_split(p, &base, ds, errors);
+    }
+}
+
+/// Report templates that replace the built-in ones must exist and parse.
+fn check_report(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
+    let Some(report) = &p.spec.report else {
+        return;
+    };
+    let templates = [
+        ("markdown_template", &report.markdown_template),
+        ("html_template", &report.html_template),
+    ];
+    for (key, template) in templates {
+        let Some(template) = template else { continue };
+        let path = p.path(template);
+        if !path.exists() {
+            errors.push(p.doc.diagnostic(
+                &format!("/report/{key}"),
+                false,
+                format!("file `{}` does not exist", path.display()),
+            ));
+        } else if let Err(e) = TemplateFile::load(&path) {
+            errors.push(e);
+        }
     }
 }
 

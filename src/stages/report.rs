@@ -1,9 +1,16 @@
-//! The `report` kind: renders the run's report. Declared but not runnable in this version.
+//! The `report` kind: renders the run's report ([`crate::report`]) once everything it shows has
+//! finished. It depends on every other stage, so it reads a complete run directory.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
 
 use super::{Declared, Env, Kind, to_json};
 use crate::dag::Stage;
-use crate::exec::StageRunner;
+use crate::exec::{StageContext, StageError, StageRunner, file_input};
 use crate::pipeline::Pipeline;
+use crate::pipeline::spec::ReportFormat;
 
 pub struct ReportKind;
 
@@ -12,25 +19,87 @@ impl Kind for ReportKind {
         "report"
     }
 
+    /// 2: the first version that renders.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn declare(&self, p: &Pipeline) -> Vec<Declared> {
-        p.spec
-            .report
+        let spec = &p.spec;
+        let mut deps = vec!["model".to_string()];
+        deps.extend(spec.datasets.keys().map(|d| format!("data.{d}")));
+        if spec.svd.is_some() {
+            deps.push("decompose".into());
+        }
+        deps.extend(spec.experts.keys().map(|e| format!("train.{e}")));
+        deps.extend(spec.adaptations.keys().map(|a| format!("adapt.{a}")));
+        deps.extend(p.evaluations.iter().map(|e| e.stage_id()));
+        spec.report
             .iter()
             .map(|report| Declared {
                 id: "report".into(),
                 subject: None,
-                deps: p.evaluations.iter().map(|e| e.stage_id()).collect(),
+                deps: deps.clone(),
                 config: to_json(report),
                 pointer: "/report".into(),
             })
             .collect()
     }
 
-    fn runner<'a>(&self, _: &'a Env<'a>, _: &Stage) -> Option<Box<dyn StageRunner + 'a>> {
-        None
+    fn runner<'a>(&self, env: &'a Env<'a>, _: &Stage) -> Option<Box<dyn StageRunner + 'a>> {
+        let p = env.pipeline;
+        let spec = p.spec.report.as_ref()?;
+        Some(Box::new(ReportStage {
+            formats: spec.formats.clone(),
+            markdown: spec.markdown_template.as_ref().map(|t| p.path(t)),
+            html: spec.html_template.as_ref().map(|t| p.path(t)),
+        }))
+    }
+}
+
+struct ReportStage {
+    formats: Vec<ReportFormat>,
+    markdown: Option<PathBuf>,
+    html: Option<PathBuf>,
+}
+
+impl StageRunner for ReportStage {
+    fn inputs(&self) -> Result<BTreeMap<String, String>, StageError> {
+        let mut inputs = BTreeMap::new();
+        for (key, path) in [
+            ("markdown_template", &self.markdown),
+            ("html_template", &self.html),
+        ] {
+            if let Some(path) = path {
+                inputs.insert(key.to_string(), file_input(path)?);
+            }
+        }
+        Ok(inputs)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
+        // Every other stage is upstream: any of their directories sits in the run directory.
+        let run_dir = ctx
+            .upstream
+            .values()
+            .next()
+            .and_then(|d| d.parent())
+            .ok_or_else(|| StageError::failed("finding the run directory", "no upstream stage"))?;
+        let templates =
+            crate::report::Templates::with_files(self.markdown.as_deref(), self.html.as_deref())
+                .map_err(|e| StageError::failed("reading the report templates", e))?;
+        let written = crate::report::write(run_dir, &self.formats, &ctx.out_dir, &templates)
+            .map_err(|e| StageError::failed("writing the report", e))?;
+        let names: Vec<String> = written
+            .files
+            .iter()
+            .filter_map(|f| f.strip_prefix(&ctx.out_dir).ok())
+            .map(|f| f.display().to_string())
+            .collect();
+        Ok(json!({
+            "files": names,
+            "missing": written.missing.len(),
+            "chart_problems": written.chart_problems,
+        }))
     }
 }

@@ -1,0 +1,283 @@
+//! The report's charts, drawn to SVG with plotters: line charts (with a spread band), a
+//! log-scale spectrum and a heatmap. Each chart is a fixed-size SVG with a viewBox, so the page
+//! scales it to the screen (phone or print) and its text stays legible.
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+const SIZE: (u32, u32) = (640, 300);
+const FONT: &str = "sans-serif";
+
+/// Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
+const COLOURS: [RGBColor; 7] = [
+    RGBColor(0, 114, 178),
+    RGBColor(213, 94, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(230, 159, 0),
+    RGBColor(86, 180, 233),
+    RGBColor(0, 0, 0),
+];
+
+fn colour(i: usize) -> RGBColor {
+    COLOURS[i % COLOURS.len()]
+}
+
+/// One line of a chart, with an optional band (x, low, high) drawn faintly behind it.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    pub band: Vec<(f64, f64, f64)>,
+}
+
+/// The axes of a chart: title, axis descriptions (with units).
+pub struct Axes<'a> {
+    pub title: &'a str,
+    pub x: &'a str,
+    pub y: &'a str,
+}
+
+fn fail(e: impl std::fmt::Display) -> String {
+    format!("drawing a chart: {e}")
+}
+
+/// Draws into an SVG string with `draw`, labelled `title` for screen readers (plotters writes
+/// a viewBox, so the page can scale it).
+fn svg(
+    title: &str,
+    draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<(), String>,
+) -> Result<String, String> {
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(fail)?;
+        draw(&root)?;
+        root.present().map_err(fail)?;
+    }
+    let label = title
+        .replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;");
+    Ok(out.replacen(
+        "<svg ",
+        &format!("<svg role=\"img\" aria-label=\"{label}\" "),
+        1,
+    ))
+}
+
+/// An axis label: whole numbers without decimals, others with up to three significant decimals.
+fn tick(v: &f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round())
+    } else {
+        let text = format!("{v:.3}");
+        text.trim_end_matches('0').to_string()
+    }
+}
+
+/// The range a set of values spans, padded a little (and never empty).
+fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    // A flat series still gets a readable axis around its value.
+    let pad = ((hi - lo) * 0.05).max(hi.abs().max(1.0) * 0.05);
+    (lo - pad, hi + pad)
+}
+
+/// Lines over a shared x axis, each with its band; a legend when there is more than one.
+pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
+    let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+    let ys = series.iter().flat_map(|s| {
+        s.points
+            .iter()
+            .map(|p| p.1)
+            .chain(s.band.iter().flat_map(|b| [b.1, b.2]))
+    });
+    let ((x0, x1), (y0, y1)) = (span(xs), span(ys));
+    svg(axes.title, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(axes.title, (FONT, 20))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(fail)?;
+        chart
+            .configure_mesh()
+            .x_desc(axes.x)
+            .y_desc(axes.y)
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 15))
+            .light_line_style(WHITE.mix(0.0))
+            .x_label_formatter(&tick)
+            .y_label_formatter(&tick)
+            .draw()
+            .map_err(fail)?;
+        for (i, s) in series.iter().enumerate() {
+            let c = colour(i);
+            if !s.band.is_empty() {
+                let outline: Vec<(f64, f64)> = s
+                    .band
+                    .iter()
+                    .map(|b| (b.0, b.2))
+                    .chain(s.band.iter().rev().map(|b| (b.0, b.1)))
+                    .collect();
+                chart
+                    .draw_series(std::iter::once(Polygon::new(outline, c.mix(0.15))))
+                    .map_err(fail)?;
+            }
+            let line = chart
+                .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
+                .map_err(fail)?;
+            if series.len() > 1 {
+                line.label(s.name.as_str()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
+            }
+        }
+        if series.len() > 1 {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .label_font((FONT, 14))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.3))
+                .draw()
+                .map_err(fail)?;
+        }
+        Ok(())
+    })
+}
+
+/// Positive values per index on a log-scale y axis (singular value spectra).
+pub fn log_lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
+    let positive = |v: &f64| *v > 0.0;
+    let x1 = series.iter().map(|s| s.points.len()).max().unwrap_or(1) as f64;
+    let ys: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1).filter(positive))
+        .collect();
+    let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = if lo.is_finite() {
+        (lo * 0.8, hi * 1.25)
+    } else {
+        (0.1, 1.0)
+    };
+    svg(axes.title, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(axes.title, (FONT, 20))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..x1, (lo..hi).log_scale())
+            .map_err(fail)?;
+        chart
+            .configure_mesh()
+            .x_desc(axes.x)
+            .y_desc(axes.y)
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 15))
+            .light_line_style(WHITE.mix(0.0))
+            .x_label_formatter(&tick)
+            .draw()
+            .map_err(fail)?;
+        for (i, s) in series.iter().enumerate() {
+            let c = colour(i);
+            let points = s.points.iter().copied().filter(|p| positive(&p.1));
+            chart
+                .draw_series(LineSeries::new(points, c.stroke_width(2)))
+                .map_err(fail)?
+                .label(s.name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 13))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+            .map_err(fail)?;
+        Ok(())
+    })
+}
+
+/// A grid of values around `centre`: cells above it shade red, below it blue, white at it;
+/// missing cells grey. `columns` label x, `rows` label y (bottom to top).
+pub fn heatmap(
+    axes: &Axes,
+    columns: &[String],
+    rows: &[String],
+    values: &[Vec<Option<f64>>],
+    centre: f64,
+) -> Result<String, String> {
+    let reach = values
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|v| (v - centre).abs())
+        .fold(1e-9, f64::max);
+    let shade = |v: f64| {
+        let t = ((v - centre) / reach).clamp(-1.0, 1.0);
+        let towards = |c: u8| (255.0 - (255.0 - f64::from(c)) * t.abs()).round() as u8;
+        if t >= 0.0 {
+            RGBColor(towards(178), towards(24), towards(43))
+        } else {
+            RGBColor(towards(33), towards(102), towards(172))
+        }
+    };
+    let (nx, ny) = (columns.len().max(1), rows.len().max(1));
+    // At most ~15 row labels, so they stay legible.
+    let every = ny.div_ceil(15);
+    svg(axes.title, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(axes.title, (FONT, 20))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d((0..nx - 1).into_segmented(), (0..ny - 1).into_segmented())
+            .map_err(fail)?;
+        let label = |names: &[String], v: &SegmentValue<usize>, every: usize| match v {
+            SegmentValue::CenterOf(i) if i % every == 0 => {
+                names.get(*i).cloned().unwrap_or_default()
+            }
+            _ => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc(axes.x)
+            .y_desc(axes.y)
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 15))
+            .x_labels(nx)
+            .y_labels(ny)
+            .x_label_formatter(&|v| label(columns, v, 1))
+            .y_label_formatter(&|v| label(rows, v, every))
+            .draw()
+            .map_err(fail)?;
+        let cells = values.iter().enumerate().flat_map(|(y, row)| {
+            row.iter().enumerate().map(move |(x, v)| {
+                let fill = v.map_or(RGBColor(200, 200, 200), shade);
+                Rectangle::new(
+                    [
+                        (SegmentValue::Exact(x), SegmentValue::Exact(y)),
+                        (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
+                    ],
+                    fill.filled(),
+                )
+            })
+        });
+        chart.draw_series(cells).map_err(fail)?;
+        Ok(())
+    })
+}

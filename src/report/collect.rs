@@ -1,0 +1,675 @@
+//! Reading a run directory into what its report shows. Never fails as a whole: a stage that is
+//! missing or damaged is listed in [`Report::missing`] with the reason, and the rest is shown.
+//! Every number comes from the stages' own files (results.json, samples, metrics, router,
+//! alpha, expert files, manifests); nothing is recomputed that a stage already measured.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::data::card::DataFormat;
+use crate::data::read_rows;
+use crate::eval::results::{RESULTS_JSON, Results, SAMPLES_FILE};
+use crate::eval::{Proportion, paired_p_value};
+use crate::exec::{Manifest, RunDir};
+use crate::pipeline::spec::PipelineSpec;
+
+/// Below this paired p-value a difference is reported as real; above it, as within noise.
+pub const NOISE_P: f64 = 0.05;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub name: String,
+    pub run_dir: String,
+    pub summary: Vec<EvalTable>,
+    pub training: Vec<Training>,
+    /// The base model's singular values of a few targets (the same in every expert file).
+    pub spectra: Vec<Spectrum>,
+    pub experts: Vec<ExpertScales>,
+    pub routers: Vec<RouterCheck>,
+    pub mixtures: Vec<Mixture>,
+    pub costs: Vec<Cost>,
+    pub samples: Vec<SampleView>,
+    pub provenance: Provenance,
+    pub missing: Vec<Missing>,
+}
+
+/// A stage the pipeline has whose outputs could not be shown, and why.
+#[derive(Debug, Serialize)]
+pub struct Missing {
+    pub stage: String,
+    pub why: String,
+}
+
+/// One evaluation: every setting's accuracy, the best marked, each compared with the best and
+/// with the base model item by item.
+#[derive(Debug, Serialize)]
+pub struct EvalTable {
+    pub stage: String,
+    pub dataset: String,
+    pub split: String,
+    pub mode: String,
+    pub items: usize,
+    pub rows: Vec<EvalRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EvalRow {
+    pub with: String,
+    /// `base`, `expert`, or the adaptation's strategy.
+    pub kind: String,
+    pub acc: Proportion,
+    pub best: bool,
+    /// Paired comparison with the best setting (absent for the best itself).
+    pub vs_best: Option<Paired>,
+    /// Paired comparison with the base model (absent for the base itself).
+    pub vs_base: Option<Paired>,
+}
+
+/// Two settings on the same items: how many items only this one got right, only the other,
+/// and the exact McNemar p-value of that split.
+#[derive(Debug, Serialize)]
+pub struct Paired {
+    pub only_this: usize,
+    pub only_other: usize,
+    pub p_value: f64,
+    pub within_noise: bool,
+}
+
+/// An expert's training, step by step (`train.<expert>/metrics.jsonl`).
+#[derive(Debug, Serialize)]
+pub struct Training {
+    pub expert: String,
+    pub steps: Vec<TrainStep>,
+    pub kept_step: Option<u64>,
+    pub best_val_accuracy: Option<f64>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainStep {
+    pub step: u64,
+    pub reward: f64,
+    pub reward_std: f64,
+    pub kl: f64,
+    pub zero_std_fraction: f64,
+    pub tokens_per_s: f64,
+    pub val_accuracy: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Spectrum {
+    pub target: String,
+    pub values: Vec<f64>,
+}
+
+/// An expert's mean effective scale (1 = the base model's singular values) per layer and module.
+#[derive(Debug, Serialize)]
+pub struct ExpertScales {
+    pub expert: String,
+    pub layers: Vec<usize>,
+    pub modules: Vec<String>,
+    /// `scale[layer index][module index]`, absent where the expert leaves the target alone.
+    pub scale: Vec<Vec<Option<f64>>>,
+}
+
+/// A routing adaptation's check on held-out prompts (`router.json`).
+#[derive(Debug, Serialize)]
+pub struct RouterCheck {
+    pub adaptation: String,
+    pub strategy: String,
+    pub mode: String,
+    pub split: String,
+    pub accuracy: Proportion,
+    /// Routed-to targets, the confusion matrix's columns.
+    pub columns: Vec<String>,
+    /// Per true expert: items routed to each column.
+    pub rows: Vec<(String, Vec<usize>)>,
+    pub seconds_per_item: f64,
+}
+
+/// A few-shot mixture's search (`alpha.json`, one metrics line per CEM generation).
+#[derive(Debug, Serialize)]
+pub struct Mixture {
+    pub adaptation: String,
+    pub dataset: String,
+    pub experts: Vec<String>,
+    /// The kept α, per expert (one value each, or one per layer).
+    pub alpha: Vec<Vec<f64>>,
+    pub accuracy: f64,
+    pub search_seconds: f64,
+    pub generations: Vec<Generation>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Generation {
+    pub generation: u64,
+    /// Best shot accuracy so far and the population's mean accuracy this generation.
+    pub best_accuracy: f64,
+    pub mean_accuracy: f64,
+    /// The sampling distribution's mean α per expert.
+    pub mean_alpha: Vec<f64>,
+}
+
+/// What adapting each input cost in an evaluation (from its results' `adaptation` block).
+#[derive(Debug, Serialize)]
+pub struct Cost {
+    pub stage: String,
+    pub with: String,
+    pub strategy: String,
+    pub first_pass_s: Option<f64>,
+    pub second_pass_s: Option<f64>,
+    pub fraction: Option<f64>,
+    pub search_s: Option<f64>,
+}
+
+/// One sample completion of an evaluation.
+#[derive(Debug, Serialize)]
+pub struct SampleView {
+    pub stage: String,
+    pub with: String,
+    pub id: String,
+    pub correct: bool,
+    pub prompt: String,
+    pub answer: String,
+    pub gold: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Provenance {
+    /// The pipeline as run (`pipeline.json`), pretty-printed.
+    pub pipeline: String,
+    pub seed: Option<u64>,
+    pub model_source: String,
+    pub model_blake3: String,
+    pub datasets: Vec<(String, String)>,
+    /// From the latest `run_started` event: tsq version and machine.
+    pub tsq_version: String,
+    pub machine: String,
+    pub stages: Vec<StageTime>,
+    pub total_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StageTime {
+    pub stage: String,
+    pub started_unix: f64,
+    pub seconds: f64,
+    pub key: String,
+}
+
+/// Everything the report shows about the run in `run_dir`.
+pub fn collect(run_dir: &Path) -> Report {
+    let run = RunDir::read_only(run_dir);
+    let mut report = Report {
+        run_dir: run_dir.display().to_string(),
+        ..Report::default()
+    };
+    let spec = match read_json::<PipelineSpec>(&run_dir.join("pipeline.json")) {
+        Ok(spec) => spec,
+        Err(why) => {
+            report.missing.push(Missing {
+                stage: "pipeline.json".into(),
+                why,
+            });
+            return report;
+        }
+    };
+    report.name = spec.name.clone();
+    let mut manifests = BTreeMap::new();
+    for stage in expected_stages(&spec) {
+        match finished(&run, &stage) {
+            Ok(m) => {
+                manifests.insert(stage, m);
+            }
+            Err(why) => report.missing.push(Missing { stage, why }),
+        }
+    }
+    for stage in manifests.keys() {
+        let dir = run.stage_dir(stage);
+        let result = match stage.split_once('.') {
+            Some(("eval", _)) => evaluation(&dir, stage, &mut report),
+            Some(("train", expert)) => training(&dir, expert, &mut report),
+            Some(("adapt", name)) => adaptation(&dir, name, &mut report),
+            _ => Ok(()),
+        };
+        if let Err(why) = result {
+            report_missing(&mut report.missing, stage, why);
+        }
+    }
+    report.provenance = provenance(run_dir, &spec, &manifests);
+    report
+}
+
+fn report_missing(missing: &mut Vec<Missing>, stage: &str, why: String) {
+    missing.push(Missing {
+        stage: stage.to_string(),
+        why,
+    });
+}
+
+/// The stages a pipeline has, as the stage kinds name them.
+fn expected_stages(spec: &PipelineSpec) -> Vec<String> {
+    let mut out = vec!["model".to_string()];
+    out.extend(spec.datasets.keys().map(|d| format!("data.{d}")));
+    if spec.svd.is_some() {
+        out.push("decompose".into());
+    }
+    out.extend(spec.experts.keys().map(|e| format!("train.{e}")));
+    out.extend(spec.adaptations.keys().map(|a| format!("adapt.{a}")));
+    out.extend(
+        spec.evaluate
+            .iter()
+            .map(|e| format!("eval.{}", e.name.as_deref().unwrap_or(e.dataset.as_str()))),
+    );
+    out
+}
+
+/// A finished stage's manifest, or why there is none.
+fn finished(run: &RunDir, stage: &str) -> Result<Manifest, String> {
+    let dir = run.stage_dir(stage);
+    if !dir.exists() {
+        return Err("not run".into());
+    }
+    let Some(manifest) = Manifest::read(&dir) else {
+        return Err("its manifest is missing or unreadable".into());
+    };
+    if !manifest.outputs_intact(&dir) {
+        return Err("its outputs do not match its manifest (changed or removed files)".into());
+    }
+    Ok(manifest)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("cannot read `{}`: {e}", path.display()))
+}
+
+/// The JSON objects of a JSON-lines file.
+fn read_lines(path: &Path) -> Result<Vec<Value>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("`{}`: {e}", path.display())))
+        .collect()
+}
+
+fn number(v: &Value, pointer: &str) -> Option<f64> {
+    v.pointer(pointer).and_then(Value::as_f64)
+}
+
+/// How many characters of a sample's prompt and answer the report shows.
+const SAMPLE_CHARS: usize = 600;
+
+/// An evaluation's table, its two-pass costs and a right and a wrong sample per setting.
+fn evaluation(dir: &Path, stage: &str, report: &mut Report) -> Result<(), String> {
+    let results: Results = read_json(&dir.join(RESULTS_JSON))?;
+    let samples = read_rows(&dir.join(SAMPLES_FILE), DataFormat::Parquet)?;
+    let text = |row: &Value, key: &str| {
+        row.get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Per setting, which items it got right.
+    let mut right: BTreeMap<String, BTreeMap<String, bool>> = BTreeMap::new();
+    for row in &samples {
+        right
+            .entry(text(row, "with"))
+            .or_default()
+            .insert(text(row, "id"), text(row, "verdict") == "correct");
+    }
+    // Settings tied at the top are all best; the first of them is what others are compared to.
+    let top = results
+        .results
+        .values()
+        .map(|r| r.acc.value)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let best = results
+        .results
+        .iter()
+        .find(|(_, r)| r.acc.value == top)
+        .map(|(w, _)| w.clone())
+        .unwrap_or_default();
+    let paired = |this: &str, other: &str| -> Option<Paired> {
+        if this == other {
+            return None;
+        }
+        let (a, b) = (right.get(this)?, right.get(other)?);
+        let (mut only_this, mut only_other) = (0, 0);
+        for (id, &r) in a {
+            match (r, b.get(id)?) {
+                (true, false) => only_this += 1,
+                (false, true) => only_other += 1,
+                _ => {}
+            }
+        }
+        let p_value = paired_p_value(only_this, only_other);
+        Some(Paired {
+            only_this,
+            only_other,
+            p_value,
+            within_noise: p_value >= NOISE_P,
+        })
+    };
+    let base = crate::pipeline::spec::BASE;
+    let rows = results
+        .results
+        .iter()
+        .map(|(with, r)| EvalRow {
+            with: with.clone(),
+            kind: match (&r.adaptation, with.as_str()) {
+                (Some(a), _) => a.strategy.clone(),
+                (None, w) if w == base => base.to_string(),
+                _ => "expert".into(),
+            },
+            acc: r.acc,
+            best: r.acc.value == top,
+            vs_best: (r.acc.value < top).then(|| paired(with, &best)).flatten(),
+            vs_base: results
+                .results
+                .contains_key(base)
+                .then(|| paired(with, base))
+                .flatten(),
+        })
+        .collect();
+    report.summary.push(EvalTable {
+        stage: stage.to_string(),
+        dataset: results.dataset.clone(),
+        split: results.split.clone(),
+        mode: results.mode.clone(),
+        items: results.results.values().map(|r| r.acc.n).max().unwrap_or(0),
+        rows,
+    });
+    for (with, r) in &results.results {
+        if let Some(a) = &r.adaptation {
+            report.costs.push(Cost {
+                stage: stage.to_string(),
+                with: with.clone(),
+                strategy: a.strategy.clone(),
+                first_pass_s: a.first_pass_seconds_per_item,
+                second_pass_s: a.second_pass_seconds_per_item,
+                fraction: a.first_pass_fraction,
+                search_s: a.search_seconds,
+            });
+        }
+    }
+    // The first right and the first wrong answer of each setting, in item order.
+    let mut seen = BTreeSet::new();
+    for row in &samples {
+        let (with, correct) = (text(row, "with"), text(row, "verdict") == "correct");
+        if !seen.insert((with.clone(), correct)) {
+            continue;
+        }
+        let answer = match text(row, "completion") {
+            c if c.is_empty() => text(row, "extracted"),
+            c => c,
+        };
+        report.samples.push(SampleView {
+            stage: stage.to_string(),
+            with,
+            id: text(row, "id"),
+            correct,
+            prompt: shortened(&text(row, "prompt")),
+            answer: shortened(&answer),
+            gold: text(row, "gold"),
+        });
+    }
+    Ok(())
+}
+
+/// `text` cut to [`SAMPLE_CHARS`] characters (marked when cut).
+fn shortened(text: &str) -> String {
+    match text.char_indices().nth(SAMPLE_CHARS) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+/// An expert's training curves, and its scales and the base spectrum from its file.
+fn training(dir: &Path, expert: &str, report: &mut Report) -> Result<(), String> {
+    let lines = read_lines(&dir.join("metrics.jsonl"))?;
+    let steps = lines
+        .iter()
+        .filter_map(|l| {
+            Some(TrainStep {
+                step: l.get("step")?.as_u64()?,
+                reward: number(l, "/rollout/reward")?,
+                reward_std: number(l, "/rollout/reward_std").unwrap_or(0.0),
+                kl: number(l, "/rollout/kl").unwrap_or(0.0),
+                zero_std_fraction: number(l, "/rollout/frac_reward_zero_std").unwrap_or(0.0),
+                tokens_per_s: number(l, "/tokens_per_s").unwrap_or(0.0),
+                val_accuracy: number(l, "/val_accuracy"),
+            })
+        })
+        .collect();
+    let summary: Value = read_json(&dir.join("training.json")).unwrap_or_default();
+    report.training.push(Training {
+        expert: expert.to_string(),
+        steps,
+        kept_step: summary.get("kept_step").and_then(Value::as_u64),
+        best_val_accuracy: number(&summary, "/best_val_accuracy"),
+        seconds: Manifest::read(dir).map_or(0.0, |m| m.duration_s),
+    });
+    let file = dir.join(crate::rl::stage::EXPERT_FILE);
+    let loaded = crate::svf::expert::Expert::load(&file).map_err(|e| e.to_string())?;
+    report.experts.push(scales(expert, &loaded)?);
+    if report.spectra.is_empty() {
+        report.spectra = spectra(&loaded)?;
+    }
+    Ok(())
+}
+
+/// `layers.<i>.<module>` as (i, module).
+fn layer_and_module(target: &str) -> Option<(usize, &str)> {
+    let rest = target.strip_prefix("layers.")?;
+    let (layer, module) = rest.split_once('.')?;
+    Some((layer.parse().ok()?, module))
+}
+
+fn scales(name: &str, expert: &crate::svf::expert::Expert) -> Result<ExpertScales, String> {
+    let effective = expert.effective_scales().map_err(|e| e.to_string())?;
+    let mut layers = BTreeSet::new();
+    let mut modules = BTreeSet::new();
+    let mut means = BTreeMap::new();
+    for (target, scale) in &effective {
+        let Some((layer, module)) = layer_and_module(target) else {
+            continue;
+        };
+        let mean = scale
+            .mean_all()
+            .and_then(|m| m.to_scalar::<f32>())
+            .map_err(|e| e.to_string())?;
+        layers.insert(layer);
+        modules.insert(module.to_string());
+        means.insert((layer, module.to_string()), f64::from(mean));
+    }
+    let (layers, modules): (Vec<usize>, Vec<String>) =
+        (layers.into_iter().collect(), modules.into_iter().collect());
+    let scale = layers
+        .iter()
+        .map(|&l| {
+            modules
+                .iter()
+                .map(|m| means.get(&(l, m.clone())).copied())
+                .collect()
+        })
+        .collect();
+    Ok(ExpertScales {
+        expert: name.to_string(),
+        layers,
+        modules,
+        scale,
+    })
+}
+
+/// The base singular values of a few targets: the first, middle and last layer of the first
+/// module, and the middle layer of each other module.
+fn spectra(expert: &crate::svf::expert::Expert) -> Result<Vec<Spectrum>, String> {
+    let mut by_module: BTreeMap<&str, Vec<(usize, &String)>> = BTreeMap::new();
+    for target in expert.vectors.keys() {
+        if let Some((layer, module)) = layer_and_module(target) {
+            by_module.entry(module).or_default().push((layer, target));
+        }
+    }
+    let mut chosen = Vec::new();
+    for (k, targets) in by_module.values_mut().enumerate() {
+        targets.sort();
+        let middle = targets[targets.len() / 2].1;
+        if k == 0 {
+            chosen.push(targets[0].1);
+            chosen.push(middle);
+            chosen.push(targets[targets.len() - 1].1);
+        } else {
+            chosen.push(middle);
+        }
+    }
+    chosen.dedup();
+    chosen
+        .into_iter()
+        .map(|target| {
+            let values: Vec<f32> = expert.vectors[target]
+                .1
+                .to_vec1()
+                .map_err(|e| e.to_string())?;
+            Ok(Spectrum {
+                target: target.clone(),
+                values: values.into_iter().map(f64::from).collect(),
+            })
+        })
+        .collect()
+}
+
+/// A routing adaptation's check, or a mixture's search.
+fn adaptation(dir: &Path, name: &str, report: &mut Report) -> Result<(), String> {
+    use crate::adapt::few_shot::{ALPHA_FILE, AlphaFile};
+    use crate::adapt::router::{ROUTER_FILE, RouterFile};
+    if dir.join(ROUTER_FILE).exists() {
+        let router: RouterFile = read_json(&dir.join(ROUTER_FILE))?;
+        let Some(check) = router.check else {
+            return Ok(());
+        };
+        let columns: Vec<String> = check
+            .confusion
+            .values()
+            .flat_map(|row| row.keys().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let rows = check
+            .confusion
+            .iter()
+            .map(|(truth, row)| {
+                let counts = columns
+                    .iter()
+                    .map(|c| row.get(c).copied().unwrap_or(0))
+                    .collect();
+                (truth.clone(), counts)
+            })
+            .collect();
+        report.routers.push(RouterCheck {
+            adaptation: name.to_string(),
+            strategy: router.strategy.clone(),
+            mode: crate::hash::serde_name(&router.mode),
+            split: check.split.clone(),
+            accuracy: check.accuracy,
+            columns,
+            rows,
+            seconds_per_item: check.seconds_per_item,
+        });
+        return Ok(());
+    }
+    let alpha: AlphaFile = read_json(&dir.join(ALPHA_FILE))?;
+    let lines = read_lines(&dir.join("metrics.jsonl"))?;
+    let mut best = f64::NEG_INFINITY;
+    let generations = lines
+        .iter()
+        .filter_map(|l| {
+            let accuracy = number(l, "/fitness/accuracy")?;
+            best = best.max(accuracy);
+            Some(Generation {
+                generation: l.get("generation")?.as_u64()?,
+                best_accuracy: best,
+                mean_accuracy: number(l, "/mean_accuracy").unwrap_or(0.0),
+                mean_alpha: l
+                    .get("mean")
+                    .and_then(|m| serde_json::from_value(m.clone()).ok())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect();
+    report.mixtures.push(Mixture {
+        adaptation: name.to_string(),
+        dataset: alpha.dataset.clone(),
+        experts: alpha.experts.clone(),
+        alpha: alpha.alpha.clone(),
+        accuracy: alpha.fitness.accuracy,
+        search_seconds: alpha.search_seconds,
+        generations,
+    });
+    Ok(())
+}
+
+/// How the run was made: the pipeline, model and data sources, tsq and the machine, stage times.
+fn provenance(
+    run_dir: &Path,
+    spec: &PipelineSpec,
+    manifests: &BTreeMap<String, Manifest>,
+) -> Provenance {
+    let pipeline = std::fs::read_to_string(run_dir.join("pipeline.json")).unwrap_or_default();
+    let model = manifests.get("model");
+    let summary = |key: &str| {
+        model
+            .and_then(|m| m.summary.get(key))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let datasets = manifests
+        .iter()
+        .filter(|(id, _)| id.starts_with("data."))
+        .map(|(id, m)| {
+            let source = m.inputs.get("source").cloned().unwrap_or_default();
+            (id.trim_start_matches("data.").to_string(), source)
+        })
+        .collect();
+    let started = read_lines(&run_dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .into_iter()
+        .rfind(|e| e.get("event").and_then(Value::as_str) == Some("run_started"));
+    let field = |key: &str| {
+        started
+            .as_ref()
+            .and_then(|e| e.get(key))
+            .map(|v| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .unwrap_or_else(|| "not recorded".into())
+    };
+    let mut stages: Vec<StageTime> = manifests
+        .iter()
+        .map(|(id, m)| StageTime {
+            stage: id.clone(),
+            started_unix: m.started_unix,
+            seconds: m.duration_s,
+            key: m.key.chars().take(12).collect(),
+        })
+        .collect();
+    stages.sort_by(|a, b| a.started_unix.total_cmp(&b.started_unix));
+    Provenance {
+        pipeline,
+        seed: Some(spec.seed),
+        model_source: summary("source"),
+        model_blake3: summary("blake3"),
+        datasets,
+        tsq_version: field("tsq"),
+        machine: field("machine"),
+        total_seconds: stages.iter().map(|s| s.seconds).sum(),
+        stages,
+    }
+}

@@ -1,0 +1,130 @@
+//! Reports: what a run did, how well, at what cost and how it was made, as `report.md` (for
+//! terminals and pull requests; charts as `charts/*.svg` beside it) and `report.html` (one
+//! self-contained file: inline CSS and SVG, no scripts, no requests). [`collect`] reads a run
+//! directory (whatever exists of it), [`charts`] draws, [`render`] fills the templates.
+
+pub mod charts;
+pub mod collect;
+pub mod render;
+
+use std::path::{Path, PathBuf};
+
+use crate::pipeline::spec::ReportFormat;
+
+pub const REPORT_MD: &str = "report.md";
+pub const REPORT_HTML: &str = "report.html";
+const CHARTS_DIR: &str = "charts";
+
+/// The template sources to render with: the built-in ones unless replaced.
+pub struct Templates {
+    pub markdown: String,
+    pub html: String,
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        Self {
+            markdown: render::MARKDOWN_TEMPLATE.to_string(),
+            html: render::HTML_TEMPLATE.to_string(),
+        }
+    }
+}
+
+impl Templates {
+    /// The built-in templates, with either replaced by a file.
+    pub fn with_files(markdown: Option<&Path>, html: Option<&Path>) -> Result<Self, String> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read `{}`: {e}", path.display()))
+        };
+        let mut templates = Self::default();
+        if let Some(path) = markdown {
+            templates.markdown = read(path)?;
+        }
+        if let Some(path) = html {
+            templates.html = read(path)?;
+        }
+        Ok(templates)
+    }
+}
+
+/// What writing a report did.
+pub struct Written {
+    pub files: Vec<PathBuf>,
+    /// Stages whose outputs could not be shown, with why.
+    pub missing: Vec<collect::Missing>,
+    /// Charts that could not be drawn, with why.
+    pub chart_problems: Vec<String>,
+}
+
+/// Renders the report of the run in `run_dir` in each of `formats` into `out` (created if
+/// needed). Fails only when a template fails or a file cannot be written; missing stages are
+/// reported inside the report and in [`Written::missing`].
+pub fn write(
+    run_dir: &Path,
+    formats: &[ReportFormat],
+    out: &Path,
+    templates: &Templates,
+) -> Result<Written, String> {
+    let report = collect::collect(run_dir);
+    let (charts, chart_problems) = render::charts(&report);
+    let io = |path: &Path, e: std::io::Error| format!("cannot write `{}`: {e}", path.display());
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    let mut files = Vec::new();
+    for format in formats {
+        let (name, text) = match format {
+            ReportFormat::Markdown => (
+                REPORT_MD,
+                render::render(
+                    &report,
+                    &charts,
+                    "report.md",
+                    &templates.markdown,
+                    &templates.html,
+                )?,
+            ),
+            ReportFormat::Html => (
+                REPORT_HTML,
+                render::render(
+                    &report,
+                    &charts,
+                    "report.html",
+                    &templates.markdown,
+                    &templates.html,
+                )?,
+            ),
+        };
+        if *format == ReportFormat::Markdown {
+            files.extend(write_charts(&out.join(CHARTS_DIR), &charts)?);
+        }
+        let path = out.join(name);
+        crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|e| io(&path, e))?;
+        files.push(path);
+    }
+    Ok(Written {
+        files,
+        missing: report.missing,
+        chart_problems,
+    })
+}
+
+/// Writes each chart as `<dir>/<id>.svg` and removes charts an earlier report left there that
+/// this one no longer has (so the Markdown never shows a stale picture).
+fn write_charts(dir: &Path, charts: &[render::Chart]) -> Result<Vec<PathBuf>, String> {
+    let io = |path: &Path, e: std::io::Error| format!("cannot write `{}`: {e}", path.display());
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let mut written = Vec::new();
+    for chart in charts {
+        let path = dir.join(format!("{}.svg", chart.id));
+        crate::fsutil::write_atomic(&path, chart.svg.as_bytes()).map_err(|e| io(&path, e))?;
+        written.push(path);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| io(dir, e))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "svg") && !written.contains(&path) {
+            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+        }
+    }
+    Ok(written)
+}

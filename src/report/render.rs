@@ -1,0 +1,307 @@
+//! Rendering a collected [`Report`] with minijinja. The built-in templates are
+//! `templates/reports/report.md.jinja` and `report.html.jinja` (compiled in, so `tsq report`
+//! works anywhere); a pipeline's `report.templates` may replace either. Templates see `report`
+//! (the collected data), `charts` (id, section, title, svg) and `tsq` (the version).
+
+use minijinja::{AutoEscape, Environment, context};
+
+use super::charts::{self, Axes, Series};
+use super::collect::Report;
+
+pub const MARKDOWN_TEMPLATE: &str = include_str!("../../templates/reports/report.md.jinja");
+pub const HTML_TEMPLATE: &str = include_str!("../../templates/reports/report.html.jinja");
+
+/// One chart of the report, drawn.
+#[derive(Debug, serde::Serialize)]
+pub struct Chart {
+    /// File stem when written beside `report.md` (`charts/<id>.svg`).
+    pub id: String,
+    /// The report section it belongs to: `training`, `experts`, `adaptation`.
+    pub section: &'static str,
+    pub title: String,
+    pub svg: String,
+}
+
+/// Every chart the report's data allows, and a note for each one that could not be drawn.
+pub fn charts(report: &Report) -> (Vec<Chart>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    let mut add = |id: String, section, title: String, svg: Result<String, String>| match svg {
+        Ok(svg) => out.push(Chart {
+            id,
+            section,
+            title,
+            svg,
+        }),
+        Err(e) => problems.push(format!("{title}: {e}")),
+    };
+    for (id, title, y, value, spread) in TRAINING_CHARTS {
+        let series: Vec<Series> = report
+            .training
+            .iter()
+            .map(|t| {
+                let steps = t.steps.iter().filter(|s| value(s).is_some());
+                Series {
+                    name: t.expert.clone(),
+                    points: steps
+                        .clone()
+                        .map(|s| (s.step as f64, value(s).unwrap_or(0.0)))
+                        .collect(),
+                    band: steps
+                        .filter_map(|s| {
+                            Some((
+                                s.step as f64,
+                                value(s)? - spread(s)?,
+                                value(s)? + spread(s)?,
+                            ))
+                        })
+                        .collect(),
+                }
+            })
+            // A metric that is zero at every step was not measured (KL without a KL term).
+            .filter(|s| s.points.iter().any(|p| p.1 != 0.0))
+            .collect();
+        if !series.is_empty() {
+            let axes = Axes {
+                title,
+                x: "step",
+                y,
+            };
+            add(
+                format!("training-{id}"),
+                "training",
+                title.to_string(),
+                charts::lines(&axes, &series),
+            );
+        }
+    }
+    if !report.spectra.is_empty() {
+        let series: Vec<Series> = report
+            .spectra
+            .iter()
+            .map(|s| Series {
+                name: s.target.clone(),
+                points: s
+                    .values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (i as f64, v))
+                    .collect(),
+                band: vec![],
+            })
+            .collect();
+        let title = "Singular values of the base model's weights";
+        let axes = Axes {
+            title,
+            x: "index (descending)",
+            y: "singular value (log)",
+        };
+        add(
+            "spectrum".into(),
+            "experts",
+            title.into(),
+            charts::log_lines(&axes, &series),
+        );
+    }
+    for e in &report.experts {
+        let values = e.scale.iter().flatten().flatten();
+        let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+        let title = format!(
+            "Expert `{}`: mean scale of σ ({lo:.4} blue … 1 white … {hi:.4} red)",
+            e.expert
+        );
+        let layers: Vec<String> = e.layers.iter().map(usize::to_string).collect();
+        let axes = Axes {
+            title: &title,
+            x: "matrix",
+            y: "layer",
+        };
+        let svg = charts::heatmap(&axes, &e.modules, &layers, &e.scale, 1.0);
+        add(
+            format!("scales-{}", e.expert),
+            "experts",
+            title.clone(),
+            svg,
+        );
+    }
+    for m in &report.mixtures {
+        let title = format!("`{}`: CEM search on {}", m.adaptation, m.dataset);
+        let mut series = vec![
+            Series {
+                name: "best shot accuracy".into(),
+                points: m
+                    .generations
+                    .iter()
+                    .map(|g| (g.generation as f64, g.best_accuracy))
+                    .collect(),
+                band: vec![],
+            },
+            Series {
+                name: "population mean accuracy".into(),
+                points: m
+                    .generations
+                    .iter()
+                    .map(|g| (g.generation as f64, g.mean_accuracy))
+                    .collect(),
+                band: vec![],
+            },
+        ];
+        for (k, expert) in m.experts.iter().enumerate() {
+            series.push(Series {
+                name: format!("mean α {expert}"),
+                points: m
+                    .generations
+                    .iter()
+                    .filter_map(|g| Some((g.generation as f64, *g.mean_alpha.get(k)?)))
+                    .collect(),
+                band: vec![],
+            });
+        }
+        let axes = Axes {
+            title: &title,
+            x: "generation",
+            y: "accuracy / α",
+        };
+        add(
+            format!("cem-{}", m.adaptation),
+            "adaptation",
+            title.clone(),
+            charts::lines(&axes, &series),
+        );
+    }
+    (out, problems)
+}
+
+type StepValue = fn(&super::collect::TrainStep) -> Option<f64>;
+
+/// The training charts: id, title, y axis, value per step, spread around it.
+const TRAINING_CHARTS: [(&str, &str, &str, StepValue, StepValue); 5] = [
+    (
+        "reward",
+        "Reward per step (mean ± std over rollouts)",
+        "reward",
+        |s| Some(s.reward),
+        |s| Some(s.reward_std),
+    ),
+    (
+        "kl",
+        "KL to the base model",
+        "KL (nats/token)",
+        |s| Some(s.kl),
+        |_| None,
+    ),
+    (
+        "val",
+        "Validation accuracy",
+        "accuracy",
+        |s| s.val_accuracy,
+        |_| None,
+    ),
+    (
+        "zero-std",
+        "Prompts whose rollouts all got the same reward",
+        "fraction",
+        |s| Some(s.zero_std_fraction),
+        |_| None,
+    ),
+    (
+        "throughput",
+        "Training throughput",
+        "tokens/s",
+        |s| Some(s.tokens_per_s),
+        |_| None,
+    ),
+];
+
+fn environment(markdown: &str, html: &str) -> Result<Environment<'static>, String> {
+    let mut env = Environment::new();
+    env.set_auto_escape_callback(|name| {
+        if name.ends_with(".html") {
+            AutoEscape::Html
+        } else {
+            AutoEscape::None
+        }
+    });
+    env.add_filter("pct", |x: f64| format!("{:.1}", 100.0 * x));
+    env.add_filter("num", |x: f64, digits: Option<usize>| {
+        format!("{x:.*}", digits.unwrap_or(2))
+    });
+    env.add_filter("pvalue", |p: f64| {
+        if p < 0.001 {
+            "< 0.001".to_string()
+        } else {
+            format!("{p:.3}")
+        }
+    });
+    env.add_filter("duration", |s: f64| {
+        let s = s.max(0.0);
+        match s {
+            s if s < 60.0 => format!("{s:.1} s"),
+            s if s < 3600.0 => format!("{} min {:.0} s", (s / 60.0).floor(), s % 60.0),
+            s => format!(
+                "{} h {} min",
+                (s / 3600.0).floor(),
+                ((s % 3600.0) / 60.0).floor()
+            ),
+        }
+    });
+    env.add_filter("utc", |unix: f64| utc(unix));
+    env.add_template_owned("report.md", markdown.to_string())
+        .map_err(|e| format!("the Markdown report template: {e:#}"))?;
+    env.add_template_owned("report.html", html.to_string())
+        .map_err(|e| format!("the HTML report template: {e:#}"))?;
+    Ok(env)
+}
+
+/// Renders `report` with its charts through template `name` (`report.md` or `report.html`).
+pub fn render(
+    report: &Report,
+    charts: &[Chart],
+    name: &str,
+    markdown: &str,
+    html: &str,
+) -> Result<String, String> {
+    let env = environment(markdown, html)?;
+    let template = env.get_template(name).map_err(|e| e.to_string())?;
+    template
+        .render(context! {
+            report => minijinja::value::Serde(report),
+            charts => minijinja::value::Serde(charts),
+            tsq => env!("CARGO_PKG_VERSION"),
+        })
+        .map_err(|e| format!("rendering {name}: {e:#}"))
+}
+
+/// A Unix time as `YYYY-MM-DD HH:MM UTC` (civil-from-days, no time zone database needed).
+fn utc(unix: f64) -> String {
+    let secs = unix.max(0.0) as i64;
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rest / 3600,
+        (rest % 3600) / 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_times_read_as_utc_dates() {
+        assert_eq!(utc(0.0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc(951_782_400.0), "2000-02-29 00:00 UTC");
+        assert_eq!(utc(1_796_210_055.2), "2026-12-02 11:14 UTC");
+    }
+}
