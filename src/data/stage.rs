@@ -155,6 +155,7 @@ impl StageRunner for DataStage {
             "dataset": self.dataset.name,
             "card": card.name,
             "license": card.license,
+            "sha256": card.sha256,
             "rows": rows.len(),
             "deduplicated": mapped.deduplicated,
             "records": total,

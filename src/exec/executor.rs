@@ -175,7 +175,7 @@ impl Executor<'_> {
         log.event(
             "run_started",
             None,
-            json!({"tsq": env!("CARGO_PKG_VERSION"), "machine": machine()}),
+            json!({"tsq": crate::version(), "machine": machine()}),
         );
         for entry in &plan {
             let stage = self

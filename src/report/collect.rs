@@ -184,12 +184,20 @@ pub struct Provenance {
     pub seed: Option<u64>,
     pub model_source: String,
     pub model_blake3: String,
-    pub datasets: Vec<(String, String)>,
+    pub datasets: Vec<DataSource>,
     /// From the latest `run_started` event: tsq version and machine.
     pub tsq_version: String,
     pub machine: String,
     pub stages: Vec<StageTime>,
     pub total_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DataSource {
+    pub name: String,
+    pub source: String,
+    /// The source file's pinned (and checked) sha256, when its card pins one.
+    pub sha256: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -632,9 +640,14 @@ fn provenance(
     let datasets = manifests
         .iter()
         .filter(|(id, _)| id.starts_with("data."))
-        .map(|(id, m)| {
-            let source = m.inputs.get("source").cloned().unwrap_or_default();
-            (id.trim_start_matches("data.").to_string(), source)
+        .map(|(id, m)| DataSource {
+            name: id.trim_start_matches("data.").to_string(),
+            source: m.inputs.get("source").cloned().unwrap_or_default(),
+            sha256: m
+                .summary
+                .get("sha256")
+                .and_then(Value::as_str)
+                .map(String::from),
         })
         .collect();
     let started = read_lines(&run_dir.join("events.jsonl"))

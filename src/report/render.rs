@@ -269,7 +269,7 @@ pub fn render(
         .render(context! {
             report => minijinja::value::Serde(report),
             charts => minijinja::value::Serde(charts),
-            tsq => env!("CARGO_PKG_VERSION"),
+            tsq => crate::version(),
         })
         .map_err(|e| format!("rendering {name}: {e:#}"))
 }
