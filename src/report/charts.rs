@@ -102,18 +102,18 @@ pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
     let ((x0, x1), (y0, y1)) = (span(xs), span(ys));
     svg(axes.title, |root| {
         let mut chart = ChartBuilder::on(root)
-            .caption(axes.title, (FONT, 20))
+            .caption(axes.title, (FONT, 21))
             .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
+            .x_label_area_size(52)
+            .y_label_area_size(76)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(fail)?;
         chart
             .configure_mesh()
             .x_desc(axes.x)
             .y_desc(axes.y)
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 15))
+            .label_style((FONT, 17))
+            .axis_desc_style((FONT, 17))
             .light_line_style(WHITE.mix(0.0))
             .x_label_formatter(&tick)
             .y_label_formatter(&tick)
@@ -145,7 +145,7 @@ pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
             chart
                 .configure_series_labels()
                 .position(SeriesLabelPosition::UpperRight)
-                .label_font((FONT, 14))
+                .label_font((FONT, 17))
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK.mix(0.3))
                 .draw()
@@ -172,18 +172,18 @@ pub fn log_lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
     };
     svg(axes.title, |root| {
         let mut chart = ChartBuilder::on(root)
-            .caption(axes.title, (FONT, 20))
+            .caption(axes.title, (FONT, 21))
             .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
+            .x_label_area_size(52)
+            .y_label_area_size(76)
             .build_cartesian_2d(0f64..x1, (lo..hi).log_scale())
             .map_err(fail)?;
         chart
             .configure_mesh()
             .x_desc(axes.x)
             .y_desc(axes.y)
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 15))
+            .label_style((FONT, 17))
+            .axis_desc_style((FONT, 17))
             .light_line_style(WHITE.mix(0.0))
             .x_label_formatter(&tick)
             .draw()
@@ -202,7 +202,7 @@ pub fn log_lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)
-            .label_font((FONT, 13))
+            .label_font((FONT, 16))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK.mix(0.3))
             .draw()
@@ -240,10 +240,10 @@ pub fn heatmap(
     let every = ny.div_ceil(15);
     svg(axes.title, |root| {
         let mut chart = ChartBuilder::on(root)
-            .caption(axes.title, (FONT, 20))
+            .caption(axes.title, (FONT, 21))
             .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
+            .x_label_area_size(52)
+            .y_label_area_size(76)
             .build_cartesian_2d((0..nx - 1).into_segmented(), (0..ny - 1).into_segmented())
             .map_err(fail)?;
         let label = |names: &[String], v: &SegmentValue<usize>, every: usize| match v {
@@ -257,8 +257,8 @@ pub fn heatmap(
             .disable_mesh()
             .x_desc(axes.x)
             .y_desc(axes.y)
-            .label_style((FONT, 13))
-            .axis_desc_style((FONT, 15))
+            .label_style((FONT, 16))
+            .axis_desc_style((FONT, 17))
             .x_labels(nx)
             .y_labels(ny)
             .x_label_formatter(&|v| label(columns, v, 1))

@@ -105,14 +105,16 @@ pub struct Spectrum {
     pub values: Vec<f64>,
 }
 
-/// An expert's mean effective scale (1 = the base model's singular values) per layer and module.
+/// How strongly an expert rescales each matrix's singular values, per layer and module: the
+/// root-mean-square of (effective scale − 1). Not the mean scale: the sigmoid
+/// parametrisation's Σs rescale keeps that at 1 by construction.
 #[derive(Debug, Serialize)]
 pub struct ExpertScales {
     pub expert: String,
     pub layers: Vec<usize>,
     pub modules: Vec<String>,
-    /// `scale[layer index][module index]`, absent where the expert leaves the target alone.
-    pub scale: Vec<Vec<Option<f64>>>,
+    /// `change[layer index][module index]`, absent where the expert leaves the target alone.
+    pub change: Vec<Vec<Option<f64>>>,
 }
 
 /// A routing adaptation's check on held-out prompts (`router.json`).
@@ -483,27 +485,29 @@ fn scales(name: &str, expert: &crate::svf::expert::Expert) -> Result<ExpertScale
     let effective = expert.effective_scales().map_err(|e| e.to_string())?;
     let mut layers = BTreeSet::new();
     let mut modules = BTreeSet::new();
-    let mut means = BTreeMap::new();
+    let mut changes = BTreeMap::new();
     for (target, scale) in &effective {
         let Some((layer, module)) = layer_and_module(target) else {
             continue;
         };
-        let mean = scale
-            .mean_all()
+        let rms = scale
+            .affine(1.0, -1.0)
+            .and_then(|d| d.sqr())
+            .and_then(|d| d.mean_all())
             .and_then(|m| m.to_scalar::<f32>())
             .map_err(|e| e.to_string())?;
         layers.insert(layer);
         modules.insert(module.to_string());
-        means.insert((layer, module.to_string()), f64::from(mean));
+        changes.insert((layer, module.to_string()), f64::from(rms).sqrt());
     }
     let (layers, modules): (Vec<usize>, Vec<String>) =
         (layers.into_iter().collect(), modules.into_iter().collect());
-    let scale = layers
+    let change = layers
         .iter()
         .map(|&l| {
             modules
                 .iter()
-                .map(|m| means.get(&(l, m.clone())).copied())
+                .map(|m| changes.get(&(l, m.clone())).copied())
                 .collect()
         })
         .collect();
@@ -511,7 +515,7 @@ fn scales(name: &str, expert: &crate::svf::expert::Expert) -> Result<ExpertScale
         expert: name.to_string(),
         layers,
         modules,
-        scale,
+        change,
     })
 }
 

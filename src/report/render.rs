@@ -80,7 +80,12 @@ pub fn charts(report: &Report) -> (Vec<Chart>, Vec<String>) {
             .spectra
             .iter()
             .map(|s| Series {
-                name: s.target.clone(),
+                // `layers.15.mlp.down_proj` → `15 down_proj`: short enough for the legend.
+                name: s
+                    .target
+                    .trim_start_matches("layers.")
+                    .replacen(".mlp.", " ", 1)
+                    .replacen(".self_attn.", " ", 1),
                 points: s
                     .values
                     .iter()
@@ -104,12 +109,14 @@ pub fn charts(report: &Report) -> (Vec<Chart>, Vec<String>) {
         );
     }
     for e in &report.experts {
-        let values = e.scale.iter().flatten().flatten();
-        let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+        // Shaded from the expert's smallest change (white) to its largest (red): the changes
+        // differ little in size, and where they are largest is the point.
+        let changes = e.change.iter().flatten().flatten();
+        let (lo, hi) = changes.fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
         });
         let title = format!(
-            "Expert `{}`: mean scale of σ ({lo:.4} blue … 1 white … {hi:.4} red)",
+            "Expert `{}`: RMS change of σ's scale ({lo:.4} white … {hi:.4} red)",
             e.expert
         );
         let layers: Vec<String> = e.layers.iter().map(usize::to_string).collect();
@@ -118,7 +125,7 @@ pub fn charts(report: &Report) -> (Vec<Chart>, Vec<String>) {
             x: "matrix",
             y: "layer",
         };
-        let svg = charts::heatmap(&axes, &e.modules, &layers, &e.scale, 1.0);
+        let svg = charts::heatmap(&axes, &e.modules, &layers, &e.change, lo);
         add(
             format!("scales-{}", e.expert),
             "experts",

@@ -64,17 +64,22 @@ struct ReportStage {
 }
 
 impl StageRunner for ReportStage {
+    /// The templates' text (a file named in the pipeline, or the built-in one): a changed
+    /// template renders the report again.
     fn inputs(&self) -> Result<BTreeMap<String, String>, StageError> {
-        let mut inputs = BTreeMap::new();
-        for (key, path) in [
-            ("markdown_template", &self.markdown),
-            ("html_template", &self.html),
-        ] {
-            if let Some(path) = path {
-                inputs.insert(key.to_string(), file_input(path)?);
-            }
-        }
-        Ok(inputs)
+        let builtin = |text: &str| blake3::hash(text.as_bytes()).to_hex().to_string();
+        let markdown = match &self.markdown {
+            Some(path) => file_input(path)?,
+            None => builtin(crate::report::render::MARKDOWN_TEMPLATE),
+        };
+        let html = match &self.html {
+            Some(path) => file_input(path)?,
+            None => builtin(crate::report::render::HTML_TEMPLATE),
+        };
+        Ok(BTreeMap::from([
+            ("markdown_template".to_string(), markdown),
+            ("html_template".to_string(), html),
+        ]))
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
