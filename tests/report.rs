@@ -246,9 +246,9 @@ fn a_damaged_or_missing_stage_is_said_and_the_rest_renders() {
 }
 
 /// Debian's chromium (installed by .ci/run) draws the report at phone width without console
-/// errors; its Content-Security-Policy would log any request it refused.
+/// errors (its Content-Security-Policy would log any request it refused) and prints it.
 #[test]
-fn headless_chromium_renders_the_report_at_phone_width() {
+fn headless_chromium_renders_the_report_at_phone_width_and_prints_it() {
     let chromium = ["chromium", "chromium-browser"]
         .into_iter()
         .find(|c| {
@@ -295,4 +295,32 @@ fn headless_chromium_renders_the_report_at_phone_width() {
             "{line}"
         );
     }
+    // And it prints (the print stylesheet keeps charts and tables whole).
+    let pdf = dir.path().join("report.pdf");
+    let printed = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-pdf-header-footer",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.path().join("profile").display()
+        ))
+        .arg(format!("--print-to-pdf={}", pdf.display()))
+        .arg(&page)
+        .output()
+        .unwrap();
+    assert!(
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let pdf = std::fs::read(&pdf).unwrap();
+    assert!(
+        pdf.starts_with(b"%PDF") && pdf.len() > 20_000,
+        "{} bytes",
+        pdf.len()
+    );
 }

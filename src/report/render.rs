@@ -58,8 +58,10 @@ pub fn charts(report: &Report) -> (Vec<Chart>, Vec<String>) {
                         .collect(),
                 }
             })
-            // A metric that is zero at every step was not measured (KL without a KL term).
-            .filter(|s| s.points.iter().any(|p| p.1 != 0.0))
+            // A KL of zero at every step was not measured (option rollouts, no KL term); other
+            // metrics are shown whatever they are.
+            .filter(|s| id != "kl" || s.points.iter().any(|p| p.1 != 0.0))
+            .filter(|s| !s.points.is_empty())
             .collect();
         if !series.is_empty() {
             let axes = Axes {
