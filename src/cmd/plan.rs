@@ -49,7 +49,6 @@ pub fn render_plan(name: &str, run_root: &Path, plan: &[PlanEntry]) -> String {
             Status::Cached => "cached".to_string(),
             Status::Stale(reasons) => format!("stale: {}", reasons.join(", ")),
             Status::ToRun => "to run".to_string(),
-            Status::Unavailable => "not available in this version".to_string(),
             Status::Skipped => "not selected".to_string(),
         };
         let deps = if e.deps.is_empty() {

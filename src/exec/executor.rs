@@ -29,8 +29,6 @@ pub enum Status {
     Stale(Vec<String>),
     /// Never finished in this run directory.
     ToRun,
-    /// Its kind of stage is not available in this version of tsq.
-    Unavailable,
     /// Not selected by `--only` (it may still be finished, which is all its dependents need).
     Skipped,
 }
@@ -127,8 +125,6 @@ impl Executor<'_> {
                 .is_some_and(|only| !only.contains(&stage.id))
             {
                 Status::Skipped
-            } else if (self.factory)(stage).is_none() {
-                Status::Unavailable
             } else if forced.contains(&stage.id) {
                 Status::Stale(vec!["forced".into()])
             } else {
@@ -156,10 +152,10 @@ impl Executor<'_> {
         Ok(entries)
     }
 
-    /// The plan, refused if it would reach an unavailable stage or an unfinished dependency.
+    /// The plan, refused if a stage it runs would depend on an unfinished one.
     pub fn preflight(&self, run: &RunDir, opts: &RunOptions) -> Result<Vec<PlanEntry>, ExecError> {
         let plan = self.plan(run, opts)?;
-        check_runnable(&plan, self.graph)?;
+        check_runnable(&plan)?;
         Ok(plan)
     }
 
@@ -206,10 +202,9 @@ impl Executor<'_> {
         log: &mut EventLog,
     ) -> Result<(), ExecError> {
         let id = &stage.id;
+        // Every kind builds runners for the stages it declares; none means a bug in the kind.
         let runner = (self.factory)(stage).ok_or_else(|| {
-            ExecError::Setup(format!(
-                "stage `{id}` is not available in this version of tsq"
-            ))
+            ExecError::Setup(format!("internal error: no runner for stage `{id}`"))
         })?;
         let failed = |e: StageError| match e {
             StageError::Interrupted => ExecError::Interrupted(id.clone()),
@@ -284,28 +279,8 @@ impl Executor<'_> {
     }
 }
 
-/// Refuses up front a run that would reach an unavailable stage or depend on an unfinished one.
-fn check_runnable(plan: &[PlanEntry], graph: &Graph) -> Result<(), ExecError> {
-    let unavailable: Vec<String> = plan
-        .iter()
-        .filter(|e| e.status == Status::Unavailable)
-        .map(|e| {
-            format!(
-                "`{}` (from `{}`)",
-                e.stage,
-                graph
-                    .get(&e.stage)
-                    .map(|s| crate::yaml::dotted(&s.pointer))
-                    .unwrap_or_default()
-            )
-        })
-        .collect();
-    if !unavailable.is_empty() {
-        return Err(ExecError::Setup(format!(
-            "these stages are not available in this version of tsq: {}\n  help: remove those sections, or run the others with `--only STAGE`",
-            unavailable.join(", ")
-        )));
-    }
+/// Refuses up front a run that would depend on an unfinished stage it does not run.
+fn check_runnable(plan: &[PlanEntry]) -> Result<(), ExecError> {
     let status: BTreeMap<&StageId, &PlanEntry> = plan.iter().map(|e| (&e.stage, e)).collect();
     for entry in plan.iter().filter(|e| e.will_run()) {
         for dep in &entry.deps {

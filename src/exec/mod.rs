@@ -144,7 +144,7 @@ pub trait StageRunner {
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError>;
 }
 
-/// Builds the runner for a stage, or `None` if this version of tsq cannot run that kind of stage.
+/// Builds the runner for a stage (`None` only for a stage its kind did not declare: a bug).
 pub type RunnerFactory<'a> = dyn Fn(&Stage) -> Option<Box<dyn StageRunner + 'a>> + 'a;
 
 /// The blake3 of a file, as a stage input.

@@ -691,7 +691,7 @@ pub enum AdaptationSpec {
     /// The model classifies each input with a prompt template; the label picks the expert.
     Prompt(PromptAdaptation),
     /// A classification expert, trained with the RL trainer on the experts' train splits,
-    /// classifies each input (not in this version: `tsq run` refuses it).
+    /// classifies each input.
     Classifier(ClassifierAdaptation),
     /// Mixing weights over experts searched with the cross-entropy method on a few labelled
     /// examples of the target task; the mixture answers every input of that task.

@@ -35,8 +35,7 @@ pub trait Kind: Sync {
     fn version(&self) -> u32;
     /// The stages of this kind that `pipeline` has.
     fn declare(&self, pipeline: &Pipeline) -> Vec<Declared>;
-    /// The runner of one of its stages, or `None` when this version of tsq cannot run the kind
-    /// (pipelines may declare it; `run` refuses it up front).
+    /// The runner of one of its stages (`None` only for a stage it did not declare).
     fn runner<'a>(&self, env: &'a Env<'a>, stage: &Stage) -> Option<Box<dyn StageRunner + 'a>>;
 }
 
@@ -100,7 +99,7 @@ impl<'a> Env<'a> {
         }
     }
 
-    /// The runner for `stage`, or `None` for kinds this version cannot run.
+    /// The runner for `stage` (`None` only for a stage no kind declared).
     pub fn runner_for(&'a self, stage: &Stage) -> Option<Box<dyn StageRunner + 'a>> {
         kind(stage.kind)?.runner(self, stage)
     }
