@@ -34,7 +34,7 @@ pub struct ResolvedEval {
 impl ResolvedEval {
     pub fn new(index: usize, spec: &EvaluateSpec, seed: u64) -> Self {
         Self {
-            name: spec.name.clone().unwrap_or_else(|| spec.dataset.clone()),
+            name: spec.stage_name().to_string(),
             index,
             chat: spec.chat.unwrap_or(spec.mode.chats_by_default()),
             spec: spec.clone(),

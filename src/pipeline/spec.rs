@@ -1042,6 +1042,13 @@ pub struct EvaluateSpec {
     pub batch_size: u32,
 }
 
+impl EvaluateSpec {
+    /// Its stage is `eval.<this>`: `name`, else the dataset's name.
+    pub fn stage_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.dataset)
+    }
+}
+
 fn default_eval_tokens() -> u32 {
     256
 }

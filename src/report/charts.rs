@@ -65,6 +65,39 @@ fn svg(
     ))
 }
 
+/// A chart's frame: its caption and the room for axis labels, the same on every chart.
+fn frame<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    title: &str,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(title, (FONT, 21))
+        .margin(12)
+        .x_label_area_size(52)
+        .y_label_area_size(76);
+    builder
+}
+
+/// The legend of the series drawn with a label, in the upper right corner.
+fn legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(fail)
+}
+
+/// A legend entry's line in `c`.
+fn marker(c: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+}
+
 /// An axis label: whole numbers without decimals, others with up to three significant decimals.
 fn tick(v: &f64) -> String {
     if (v - v.round()).abs() < 1e-9 {
@@ -101,11 +134,7 @@ pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
     });
     let ((x0, x1), (y0, y1)) = (span(xs), span(ys));
     svg(axes.title, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(axes.title, (FONT, 21))
-            .margin(12)
-            .x_label_area_size(52)
-            .y_label_area_size(76)
+        let mut chart = frame(root, axes.title)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(fail)?;
         chart
@@ -136,20 +165,11 @@ pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
                 .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
                 .map_err(fail)?;
             if series.len() > 1 {
-                line.label(s.name.as_str()).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                });
+                line.label(s.name.as_str()).legend(marker(c));
             }
         }
         if series.len() > 1 {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .label_font((FONT, 17))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.3))
-                .draw()
-                .map_err(fail)?;
+            legend(&mut chart)?;
         }
         Ok(())
     })
@@ -171,11 +191,7 @@ pub fn log_lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
         (0.1, 1.0)
     };
     svg(axes.title, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(axes.title, (FONT, 21))
-            .margin(12)
-            .x_label_area_size(52)
-            .y_label_area_size(76)
+        let mut chart = frame(root, axes.title)
             .build_cartesian_2d(0f64..x1, (lo..hi).log_scale())
             .map_err(fail)?;
         chart
@@ -195,19 +211,9 @@ pub fn log_lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
                 .draw_series(LineSeries::new(points, c.stroke_width(2)))
                 .map_err(fail)?
                 .label(s.name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                });
+                .legend(marker(c));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FONT, 16))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(fail)?;
-        Ok(())
+        legend(&mut chart)
     })
 }
 
@@ -239,11 +245,7 @@ pub fn heatmap(
     // At most ~15 row labels, so they stay legible.
     let every = ny.div_ceil(15);
     svg(axes.title, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(axes.title, (FONT, 21))
-            .margin(12)
-            .x_label_area_size(52)
-            .y_label_area_size(76)
+        let mut chart = frame(root, axes.title)
             .build_cartesian_2d((0..nx - 1).into_segmented(), (0..ny - 1).into_segmented())
             .map_err(fail)?;
         let label = |names: &[String], v: &SegmentValue<usize>, every: usize| match v {

@@ -229,7 +229,7 @@ pub fn collect(run_dir: &Path) -> Report {
     };
     report.name = spec.name.clone();
     let mut manifests = BTreeMap::new();
-    for stage in expected_stages(&spec) {
+    for stage in crate::stages::ids_before_report(&spec) {
         match finished(&run, &stage) {
             Ok(m) => {
                 manifests.insert(stage, m);
@@ -258,23 +258,6 @@ fn report_missing(missing: &mut Vec<Missing>, stage: &str, why: String) {
         stage: stage.to_string(),
         why,
     });
-}
-
-/// The stages a pipeline has, as the stage kinds name them.
-fn expected_stages(spec: &PipelineSpec) -> Vec<String> {
-    let mut out = vec!["model".to_string()];
-    out.extend(spec.datasets.keys().map(|d| format!("data.{d}")));
-    if spec.svd.is_some() {
-        out.push("decompose".into());
-    }
-    out.extend(spec.experts.keys().map(|e| format!("train.{e}")));
-    out.extend(spec.adaptations.keys().map(|a| format!("adapt.{a}")));
-    out.extend(
-        spec.evaluate
-            .iter()
-            .map(|e| format!("eval.{}", e.name.as_deref().unwrap_or(e.dataset.as_str()))),
-    );
-    out
 }
 
 /// A finished stage's manifest, or why there is none.

@@ -39,6 +39,25 @@ pub trait Kind: Sync {
     fn runner<'a>(&self, env: &'a Env<'a>, stage: &Stage) -> Option<Box<dyn StageRunner + 'a>>;
 }
 
+/// The id of every stage a pipeline has except `report` (which follows them all), as the kinds
+/// declare them: what a report expects to find in a run directory. A test keeps it equal to
+/// the graph's.
+pub fn ids_before_report(spec: &crate::pipeline::spec::PipelineSpec) -> Vec<String> {
+    let mut ids = vec!["model".to_string()];
+    ids.extend(spec.datasets.keys().map(|d| format!("data.{d}")));
+    if spec.svd.is_some() {
+        ids.push("decompose".into());
+    }
+    ids.extend(spec.experts.keys().map(|e| format!("train.{e}")));
+    ids.extend(spec.adaptations.keys().map(|a| format!("adapt.{a}")));
+    ids.extend(
+        spec.evaluate
+            .iter()
+            .map(|e| format!("eval.{}", e.stage_name())),
+    );
+    ids
+}
+
 /// A stage as a kind declares it; [`graph`] adds the kind's name and version.
 pub struct Declared {
     pub id: String,
@@ -154,4 +173,27 @@ pub fn rewards_config(
 /// A spec section as JSON (for cache keys).
 fn to_json<T: serde::Serialize>(section: &T) -> Value {
     serde_json::to_value(section).expect("spec types serialise to JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ids_before_the_report_are_the_graphs() {
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/transformer2.yaml");
+        let pipeline = crate::pipeline::load(&file, &[]).expect("a valid pipeline");
+        let graph = graph(&pipeline).expect("no cycle");
+        let mut from_graph: Vec<String> = graph
+            .stages
+            .iter()
+            .map(|s| s.id.0.clone())
+            .filter(|id| id != "report")
+            .collect();
+        let mut listed = ids_before_report(&pipeline.spec);
+        from_graph.sort();
+        listed.sort();
+        assert_eq!(listed, from_graph);
+    }
 }

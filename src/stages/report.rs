@@ -26,14 +26,7 @@ impl Kind for ReportKind {
 
     fn declare(&self, p: &Pipeline) -> Vec<Declared> {
         let spec = &p.spec;
-        let mut deps = vec!["model".to_string()];
-        deps.extend(spec.datasets.keys().map(|d| format!("data.{d}")));
-        if spec.svd.is_some() {
-            deps.push("decompose".into());
-        }
-        deps.extend(spec.experts.keys().map(|e| format!("train.{e}")));
-        deps.extend(spec.adaptations.keys().map(|a| format!("adapt.{a}")));
-        deps.extend(p.evaluations.iter().map(|e| e.stage_id()));
+        let deps = super::ids_before_report(spec);
         spec.report
             .iter()
             .map(|report| Declared {
