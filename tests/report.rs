@@ -232,6 +232,25 @@ fn a_damaged_or_missing_stage_is_said_and_the_rest_renders() {
     }
     elements(&std::fs::read_to_string(out.join("report.html")).unwrap());
 
+    // A template that does not parse: refused, naming the file.
+    let bad = dir.path().join("bad.jinja");
+    std::fs::write(&bad, "{% for x in %}").unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_tsq"))
+        .arg("report")
+        .arg(&run)
+        .arg("--out")
+        .arg(dir.path().join("bad-out"))
+        .arg("--html-template")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused).contains(&format!("`{}`", bad.display())),
+        "{}",
+        text(&refused)
+    );
+
     // Not a run directory at all: refused, nothing written.
     let none = dir.path().join("nothing");
     std::fs::create_dir(&none).unwrap();

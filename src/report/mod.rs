@@ -15,17 +15,22 @@ pub const REPORT_MD: &str = "report.md";
 pub const REPORT_HTML: &str = "report.html";
 const CHARTS_DIR: &str = "charts";
 
-/// The template sources to render with: the built-in ones unless replaced.
+/// The templates to render with: the built-in ones unless replaced by files.
 pub struct Templates {
-    pub markdown: String,
-    pub html: String,
+    pub markdown: render::Template,
+    pub html: render::Template,
 }
 
 impl Default for Templates {
     fn default() -> Self {
+        let builtin = |text: &str, name| render::Template {
+            text: text.to_string(),
+            origin: "built-in".into(),
+            name,
+        };
         Self {
-            markdown: render::MARKDOWN_TEMPLATE.to_string(),
-            html: render::HTML_TEMPLATE.to_string(),
+            markdown: builtin(render::MARKDOWN_TEMPLATE, REPORT_MD),
+            html: builtin(render::HTML_TEMPLATE, REPORT_HTML),
         }
     }
 }
@@ -33,16 +38,16 @@ impl Default for Templates {
 impl Templates {
     /// The built-in templates, with either replaced by a file.
     pub fn with_files(markdown: Option<&Path>, html: Option<&Path>) -> Result<Self, String> {
-        let read = |path: &Path| {
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read `{}`: {e}", path.display()))
-        };
         let mut templates = Self::default();
-        if let Some(path) = markdown {
-            templates.markdown = read(path)?;
-        }
-        if let Some(path) = html {
-            templates.html = read(path)?;
+        for (path, template) in [
+            (markdown, &mut templates.markdown),
+            (html, &mut templates.html),
+        ] {
+            if let Some(path) = path {
+                template.text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+                template.origin = path.display().to_string();
+            }
         }
         Ok(templates)
     }
@@ -72,32 +77,15 @@ pub fn write(
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     let mut files = Vec::new();
     for format in formats {
-        let (name, text) = match format {
-            ReportFormat::Markdown => (
-                REPORT_MD,
-                render::render(
-                    &report,
-                    &charts,
-                    "report.md",
-                    &templates.markdown,
-                    &templates.html,
-                )?,
-            ),
-            ReportFormat::Html => (
-                REPORT_HTML,
-                render::render(
-                    &report,
-                    &charts,
-                    "report.html",
-                    &templates.markdown,
-                    &templates.html,
-                )?,
-            ),
+        let template = match format {
+            ReportFormat::Markdown => &templates.markdown,
+            ReportFormat::Html => &templates.html,
         };
+        let text = render::render(&report, &charts, template)?;
         if *format == ReportFormat::Markdown {
             files.extend(write_charts(&out.join(CHARTS_DIR), &charts)?);
         }
-        let path = out.join(name);
+        let path = out.join(template.name);
         crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|e| io(&path, e))?;
         files.push(path);
     }

@@ -224,7 +224,8 @@ const TRAINING_CHARTS: [(&str, &str, &str, StepValue, StepValue); 5] = [
     ),
 ];
 
-fn environment(markdown: &str, html: &str) -> Result<Environment<'static>, String> {
+/// The filters the templates use, and HTML escaping for `.html` templates.
+fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_auto_escape_callback(|name| {
         if name.ends_with(".html") {
@@ -257,30 +258,32 @@ fn environment(markdown: &str, html: &str) -> Result<Environment<'static>, Strin
         }
     });
     env.add_filter("utc", |unix: f64| utc(unix));
-    env.add_template_owned("report.md", markdown.to_string())
-        .map_err(|e| format!("the Markdown report template: {e:#}"))?;
-    env.add_template_owned("report.html", html.to_string())
-        .map_err(|e| format!("the HTML report template: {e:#}"))?;
-    Ok(env)
+    env
 }
 
-/// Renders `report` with its charts through template `name` (`report.md` or `report.html`).
-pub fn render(
-    report: &Report,
-    charts: &[Chart],
-    name: &str,
-    markdown: &str,
-    html: &str,
-) -> Result<String, String> {
-    let env = environment(markdown, html)?;
-    let template = env.get_template(name).map_err(|e| e.to_string())?;
-    template
+/// A report template: its text, where it came from (for errors) and what it writes.
+pub struct Template {
+    pub text: String,
+    /// The file it was read from, or `built-in`.
+    pub origin: String,
+    /// `report.md` or `report.html` (HTML templates escape what they insert).
+    pub name: &'static str,
+}
+
+/// Renders `report` with its charts through `template`.
+pub fn render(report: &Report, charts: &[Chart], template: &Template) -> Result<String, String> {
+    let mut env = environment();
+    let fail = |e: minijinja::Error| format!("report template `{}`: {e:#}", template.origin);
+    env.add_template(template.name, &template.text)
+        .map_err(fail)?;
+    env.get_template(template.name)
+        .map_err(fail)?
         .render(context! {
             report => minijinja::value::Serde(report),
             charts => minijinja::value::Serde(charts),
             tsq => crate::version(),
         })
-        .map_err(|e| format!("rendering {name}: {e:#}"))
+        .map_err(fail)
 }
 
 /// A Unix time as `YYYY-MM-DD HH:MM UTC` (civil-from-days, no time zone database needed).
