@@ -1,5 +1,6 @@
-//! Records the git commit tsq is built from, when it is built from a git checkout, as
-//! `TSQ_GIT_COMMIT` (reports and run logs name it beside the version).
+//! tsq's version as `TSQ_VERSION`: the package version, with the git commit it is built from
+//! when built from a git checkout (`0.1.0 (abc123def456)`), for `--version`, run logs and
+//! reports.
 
 use std::path::Path;
 use std::process::Command;
@@ -17,7 +18,10 @@ fn main() {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if let Some(commit) = commit {
-        println!("cargo:rustc-env=TSQ_GIT_COMMIT={commit}");
-    }
+    let package = std::env::var("CARGO_PKG_VERSION").unwrap_or_default();
+    let version = match commit {
+        Some(commit) => format!("{package} ({commit})"),
+        None => package,
+    };
+    println!("cargo:rustc-env=TSQ_VERSION={version}");
 }

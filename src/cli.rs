@@ -16,7 +16,7 @@ use crate::pipeline::Override;
 ///
 /// Exit codes: 0 success; 1 invalid pipeline or failed stage; 2 usage error; 130 interrupted.
 #[derive(Debug, Parser)]
-#[command(name = "tsq", version, max_term_width = 100)]
+#[command(name = "tsq", version = crate::VERSION, max_term_width = 100)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

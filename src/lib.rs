@@ -28,9 +28,4 @@ pub mod svf;
 pub mod yaml;
 
 /// This build's version, with the git commit it was built from when known (`0.1.0 (abc123)`).
-pub fn version() -> String {
-    match option_env!("TSQ_GIT_COMMIT") {
-        Some(commit) => format!("{} ({commit})", env!("CARGO_PKG_VERSION")),
-        None => env!("CARGO_PKG_VERSION").to_string(),
-    }
-}
+pub const VERSION: &str = env!("TSQ_VERSION");

@@ -171,7 +171,7 @@ impl Executor<'_> {
         log.event(
             "run_started",
             None,
-            json!({"tsq": crate::version(), "machine": machine()}),
+            json!({"tsq": crate::VERSION, "machine": machine()}),
         );
         for entry in &plan {
             let stage = self

@@ -281,7 +281,7 @@ pub fn render(report: &Report, charts: &[Chart], template: &Template) -> Result<
         .render(context! {
             report => minijinja::value::Serde(report),
             charts => minijinja::value::Serde(charts),
-            tsq => crate::version(),
+            tsq => crate::VERSION,
         })
         .map_err(fail)
 }
