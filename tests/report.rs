@@ -153,6 +153,28 @@ fn the_fixture_run_reports_every_section_with_its_own_numbers() {
             );
         }
     }
+    // The overview: one row per setting, one column per evaluation, in the pipeline's order.
+    let logic = json(&run.join("eval.logic/results.json"));
+    let coding = json(&run.join("eval.coding/results.json"));
+    let cell = |r: &Value, with: &str| {
+        format!(
+            "{:.1}",
+            100.0 * r["results"][with]["acc"]["value"].as_f64().unwrap()
+        )
+    };
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| base | "))
+        .expect("an overview row for base");
+    let (at_logic, at_coding) = (
+        row.find(&cell(&logic, "base")),
+        row.find(&cell(&coding, "base")),
+    );
+    assert!(
+        at_logic.is_some() && at_coding.is_some() && at_logic < at_coding,
+        "{row}"
+    );
+
     // The router's check and the mixture's α.
     let router = json(&run.join("adapt.router/router.json"));
     let routed = format!(

@@ -23,6 +23,8 @@ pub const NOISE_P: f64 = 0.05;
 pub struct Report {
     pub name: String,
     pub run_dir: String,
+    /// Every setting's accuracy on every evaluation, one row per setting (the paper's layout).
+    pub overview: Overview,
     pub summary: Vec<EvalTable>,
     pub training: Vec<Training>,
     /// The base model's singular values of a few targets (the same in every expert file).
@@ -41,6 +43,30 @@ pub struct Report {
 pub struct Missing {
     pub stage: String,
     pub why: String,
+}
+
+/// Settings by evaluations: each cell an accuracy, marked when best or within noise of it.
+#[derive(Debug, Default, Serialize)]
+pub struct Overview {
+    /// Evaluation stages, the columns.
+    pub columns: Vec<String>,
+    pub rows: Vec<OverviewRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OverviewRow {
+    pub with: String,
+    pub kind: String,
+    /// Per column: absent where the evaluation did not run this setting.
+    pub cells: Vec<Option<OverviewCell>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OverviewCell {
+    pub acc: f64,
+    pub best: bool,
+    /// Not the best, but not distinguishable from it item by item.
+    pub within_noise: bool,
 }
 
 /// One evaluation: every setting's accuracy, the best marked, each compared with the best and
@@ -228,16 +254,18 @@ pub fn collect(run_dir: &Path) -> Report {
         }
     };
     report.name = spec.name.clone();
+    // In the pipeline's order, so evaluations appear as the pipeline lists them.
+    let stages = crate::stages::ids_before_report(&spec);
     let mut manifests = BTreeMap::new();
-    for stage in crate::stages::ids_before_report(&spec) {
-        match finished(&run, &stage) {
+    for stage in &stages {
+        match finished(&run, stage) {
             Ok(m) => {
-                manifests.insert(stage, m);
+                manifests.insert(stage.clone(), m);
             }
-            Err(why) => report.missing.push(Missing { stage, why }),
+            Err(why) => report_missing(&mut report.missing, stage, why),
         }
     }
-    for stage in manifests.keys() {
+    for stage in stages.iter().filter(|s| manifests.contains_key(*s)) {
         let dir = run.stage_dir(stage);
         let result = match stage.split_once('.') {
             Some(("eval", _)) => evaluation(&dir, stage, &mut report),
@@ -249,6 +277,7 @@ pub fn collect(run_dir: &Path) -> Report {
             report_missing(&mut report.missing, stage, why);
         }
     }
+    report.overview = overview(&report.summary);
     report.provenance = provenance(run_dir, &spec, &manifests);
     report
 }
@@ -671,5 +700,41 @@ fn provenance(
         machine: field("machine"),
         total_seconds: stages.iter().map(|s| s.seconds).sum(),
         stages,
+    }
+}
+
+/// The evaluations' tables folded into one: settings in the order they first appear.
+fn overview(tables: &[EvalTable]) -> Overview {
+    let mut rows: Vec<OverviewRow> = Vec::new();
+    for (column, table) in tables.iter().enumerate() {
+        for r in &table.rows {
+            let at = match rows.iter().position(|row| row.with == r.with) {
+                Some(at) => at,
+                None => {
+                    rows.push(OverviewRow {
+                        with: r.with.clone(),
+                        kind: r.kind.clone(),
+                        cells: (0..tables.len()).map(|_| None).collect(),
+                    });
+                    rows.len() - 1
+                }
+            };
+            rows[at].cells[column] = Some(OverviewCell {
+                acc: r.acc.value,
+                best: r.best,
+                within_noise: r.vs_best.as_ref().is_some_and(|p| p.within_noise),
+            });
+        }
+    }
+    // The base model, then experts, then adaptations.
+    let rank = |kind: &str| match kind {
+        crate::pipeline::spec::BASE => 0,
+        "expert" => 1,
+        _ => 2,
+    };
+    rows.sort_by(|a, b| rank(&a.kind).cmp(&rank(&b.kind)));
+    Overview {
+        columns: tables.iter().map(|t| t.stage.clone()).collect(),
+        rows,
     }
 }
