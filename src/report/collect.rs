@@ -732,7 +732,7 @@ fn overview(tables: &[EvalTable]) -> Overview {
         "expert" => 1,
         _ => 2,
     };
-    rows.sort_by(|a, b| rank(&a.kind).cmp(&rank(&b.kind)));
+    rows.sort_by_key(|r| rank(&r.kind));
     Overview {
         columns: tables.iter().map(|t| t.stage.clone()).collect(),
         rows,
