@@ -243,13 +243,10 @@ pub fn collect(run_dir: &Path) -> Report {
         run_dir: run_dir.display().to_string(),
         ..Report::default()
     };
-    let spec = match read_json::<PipelineSpec>(&run_dir.join("pipeline.json")) {
-        Ok(spec) => spec,
+    let (spec, pipeline) = match read_pipeline(run_dir) {
+        Ok(read) => read,
         Err(why) => {
-            report.missing.push(Missing {
-                stage: "pipeline.json".into(),
-                why,
-            });
+            report_missing(&mut report.missing, "pipeline.json", why);
             return report;
         }
     };
@@ -278,8 +275,17 @@ pub fn collect(run_dir: &Path) -> Report {
         }
     }
     report.overview = overview(&report.summary);
-    report.provenance = provenance(run_dir, &spec, &manifests);
+    report.provenance = provenance(run_dir, &spec, pipeline, &manifests);
     report
+}
+
+/// The pipeline as run (`pipeline.json`), parsed and as written.
+fn read_pipeline(run_dir: &Path) -> Result<(PipelineSpec, String), String> {
+    let path = run_dir.join("pipeline.json");
+    let fail = |e: &dyn std::fmt::Display| format!("cannot read `{}`: {e}", path.display());
+    let text = std::fs::read_to_string(&path).map_err(|e| fail(&e))?;
+    let spec = serde_json::from_str(&text).map_err(|e| fail(&e))?;
+    Ok((spec, text))
 }
 
 fn report_missing(missing: &mut Vec<Missing>, stage: &str, why: String) {
@@ -642,9 +648,9 @@ fn adaptation(dir: &Path, name: &str, report: &mut Report) -> Result<(), String>
 fn provenance(
     run_dir: &Path,
     spec: &PipelineSpec,
+    pipeline: String,
     manifests: &BTreeMap<String, Manifest>,
 ) -> Provenance {
-    let pipeline = std::fs::read_to_string(run_dir.join("pipeline.json")).unwrap_or_default();
     let model = manifests.get("model");
     let summary = |key: &str| {
         model
