@@ -398,11 +398,7 @@ fn evaluation(dir: &Path, stage: &str, report: &mut Report) -> Result<(), String
             acc: r.acc,
             best: r.acc.value == top,
             vs_best: (r.acc.value < top).then(|| paired(with, &best)).flatten(),
-            vs_base: results
-                .results
-                .contains_key(base)
-                .then(|| paired(with, base))
-                .flatten(),
+            vs_base: paired(with, base),
         })
         .collect();
     report.summary.push(EvalTable {
