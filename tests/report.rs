@@ -34,11 +34,28 @@ fn fixture_copy(into: &Path) -> PathBuf {
 }
 
 fn report(run: &Path, out: &Path) -> std::process::Output {
+    report_with(run, out, &[])
+}
+
+/// `tsq report RUN --out OUT` with `extra` arguments.
+fn report_with(run: &Path, out: &Path, extra: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tsq"))
         .arg("report")
         .arg(run)
         .arg("--out")
         .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Headless Chromium on `page` with this test's profile and `args`.
+fn chromium(bin: &str, profile: &Path, page: &str, args: &[String]) -> std::process::Output {
+    Command::new(bin)
+        .args(["--headless", "--no-sandbox", "--disable-gpu"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(page)
         .output()
         .unwrap()
 }
@@ -257,15 +274,11 @@ fn a_damaged_or_missing_stage_is_said_and_the_rest_renders() {
     // A template that does not parse: refused, naming the file.
     let bad = dir.path().join("bad.jinja");
     std::fs::write(&bad, "{% for x in %}").unwrap();
-    let refused = Command::new(env!("CARGO_BIN_EXE_tsq"))
-        .arg("report")
-        .arg(&run)
-        .arg("--out")
-        .arg(dir.path().join("bad-out"))
-        .arg("--html-template")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let refused = report_with(
+        &run,
+        &dir.path().join("bad-out"),
+        &["--html-template".as_ref(), bad.as_os_str()],
+    );
     assert_eq!(refused.status.code(), Some(1));
     assert!(
         text(&refused).contains(&format!("`{}`", bad.display())),
@@ -290,7 +303,7 @@ fn a_damaged_or_missing_stage_is_said_and_the_rest_renders() {
 /// errors (its Content-Security-Policy would log any request it refused) and prints it.
 #[test]
 fn headless_chromium_renders_the_report_at_phone_width_and_prints_it() {
-    let chromium = ["chromium", "chromium-browser"]
+    let bin = ["chromium", "chromium-browser"]
         .into_iter()
         .find(|c| {
             Command::new(c)
@@ -305,23 +318,18 @@ fn headless_chromium_renders_the_report_at_phone_width_and_prints_it() {
     assert!(report(&run, &out).status.success());
     let shot = dir.path().join("phone.png");
     let page = format!("file://{}", out.join("report.html").display());
-    let done = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--enable-logging=stderr",
-            "--window-size=412,3000",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            dir.path().join("profile").display()
-        ))
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(&page)
-        .output()
-        .unwrap();
+    let profile = dir.path().join("profile");
+    let done = chromium(
+        bin,
+        &profile,
+        &page,
+        &[
+            "--hide-scrollbars".into(),
+            "--enable-logging=stderr".into(),
+            "--window-size=412,3000".into(),
+            format!("--screenshot={}", shot.display()),
+        ],
+    );
     let log = String::from_utf8_lossy(&done.stderr);
     assert!(done.status.success(), "{log}");
     let png = std::fs::read(&shot).unwrap();
@@ -338,21 +346,15 @@ fn headless_chromium_renders_the_report_at_phone_width_and_prints_it() {
     }
     // And it prints (the print stylesheet keeps charts and tables whole).
     let pdf = dir.path().join("report.pdf");
-    let printed = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-pdf-header-footer",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            dir.path().join("profile").display()
-        ))
-        .arg(format!("--print-to-pdf={}", pdf.display()))
-        .arg(&page)
-        .output()
-        .unwrap();
+    let printed = chromium(
+        bin,
+        &profile,
+        &page,
+        &[
+            "--no-pdf-header-footer".into(),
+            format!("--print-to-pdf={}", pdf.display()),
+        ],
+    );
     assert!(
         printed.status.success(),
         "{}",

@@ -65,8 +65,21 @@ impl RunDir {
 
     /// The finished manifest of a stage, if it has one with intact outputs.
     pub fn finished(&self, stage: &str) -> Option<Manifest> {
+        self.finished_or_why(stage).ok()
+    }
+
+    /// The finished manifest of a stage, or why it has none (for reports of what is missing).
+    pub fn finished_or_why(&self, stage: &str) -> Result<Manifest, String> {
         let dir = self.stage_dir(stage);
-        Manifest::read(&dir).filter(|m| m.outputs_intact(&dir))
+        if !dir.exists() {
+            return Err("not run".into());
+        }
+        let manifest =
+            Manifest::read(&dir).ok_or("its manifest is missing or unreadable".to_string())?;
+        if !manifest.outputs_intact(&dir) {
+            return Err("its outputs do not match its manifest (changed or removed files)".into());
+        }
+        Ok(manifest)
     }
 
     /// A fresh empty directory to write a stage's outputs into before commit.

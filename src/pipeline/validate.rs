@@ -423,16 +423,8 @@ fn check_datasets(p: &mut Pipeline, errors: &mut Vec<Diagnostic>) {
             }
         }
         for (key, template) in [("prompt", Some(&ds.prompt)), ("target", ds.target.as_ref())] {
-            let Some(template) = template else { continue };
-            let path = p.path(template);
-            if !path.exists() {
-                errors.push(p.doc.diagnostic(
-                    &format!("{base}/{key}"),
-                    false,
-                    format!("file `{}` does not exist", path.display()),
-                ));
-            } else if let Err(e) = TemplateFile::load(&path) {
-                errors.push(e);
+            if let Some(template) = template {
+                check_template_file(p, &format!("{base}/{key}"), template, errors);
             }
         }
         check_split(p, &base, ds, errors);
@@ -449,17 +441,23 @@ fn check_report(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
         ("html_template", &report.html_template),
     ];
     for (key, template) in templates {
-        let Some(template) = template else { continue };
-        let path = p.path(template);
-        if !path.exists() {
-            errors.push(p.doc.diagnostic(
-                &format!("/report/{key}"),
-                false,
-                format!("file `{}` does not exist", path.display()),
-            ));
-        } else if let Err(e) = TemplateFile::load(&path) {
-            errors.push(e);
+        if let Some(template) = template {
+            check_template_file(p, &format!("/report/{key}"), template, errors);
         }
+    }
+}
+
+/// A template file the pipeline names at `pointer` must exist and parse.
+fn check_template_file(p: &Pipeline, pointer: &str, written: &str, errors: &mut Vec<Diagnostic>) {
+    let path = p.path(written);
+    if !path.exists() {
+        errors.push(p.doc.diagnostic(
+            pointer,
+            false,
+            format!("file `{}` does not exist", path.display()),
+        ));
+    } else if let Err(e) = TemplateFile::load(&path) {
+        errors.push(e);
     }
 }
 

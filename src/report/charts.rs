@@ -2,7 +2,9 @@
 //! log-scale spectrum and a heatmap. Each chart is a fixed-size SVG with a viewBox, so the page
 //! scales it to the screen (phone or print) and its text stays legible.
 
+use plotters::chart::MeshStyle;
 use plotters::coord::Shift;
+use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 
 const SIZE: (u32, u32) = (640, 300);
@@ -79,6 +81,19 @@ fn frame<'a, 'b>(
     builder
 }
 
+/// The axes' descriptions and text sizes, the same on every chart.
+fn described<X, Y, XT, YT, DB>(mesh: &mut MeshStyle<'_, '_, X, Y, DB>, axes: &Axes)
+where
+    X: Ranged<ValueType = XT> + ValueFormatter<XT>,
+    Y: Ranged<ValueType = YT> + ValueFormatter<YT>,
+    DB: DrawingBackend,
+{
+    mesh.x_desc(axes.x)
+        .y_desc(axes.y)
+        .label_style((FONT, 17))
+        .axis_desc_style((FONT, 17));
+}
+
 /// The legend of the series drawn with a label, in the upper right corner.
 fn legend<'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
@@ -137,13 +152,9 @@ pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
         let mut chart = frame(root, axes.title)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(fail)?;
-        chart
-            .configure_mesh()
-            .x_desc(axes.x)
-            .y_desc(axes.y)
-            .label_style((FONT, 17))
-            .axis_desc_style((FONT, 17))
-            .light_line_style(WHITE.mix(0.0))
+        let mut mesh = chart.configure_mesh();
+        described(&mut mesh, axes);
+        mesh.light_line_style(WHITE.mix(0.0))
             .x_label_formatter(&tick)
             .y_label_formatter(&tick)
             .draw()
@@ -194,13 +205,9 @@ pub fn log_lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
         let mut chart = frame(root, axes.title)
             .build_cartesian_2d(0f64..x1, (lo..hi).log_scale())
             .map_err(fail)?;
-        chart
-            .configure_mesh()
-            .x_desc(axes.x)
-            .y_desc(axes.y)
-            .label_style((FONT, 17))
-            .axis_desc_style((FONT, 17))
-            .light_line_style(WHITE.mix(0.0))
+        let mut mesh = chart.configure_mesh();
+        described(&mut mesh, axes);
+        mesh.light_line_style(WHITE.mix(0.0))
             .x_label_formatter(&tick)
             .draw()
             .map_err(fail)?;
@@ -254,13 +261,10 @@ pub fn heatmap(
             }
             _ => String::new(),
         };
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_desc(axes.x)
-            .y_desc(axes.y)
+        let mut mesh = chart.configure_mesh();
+        described(&mut mesh, axes);
+        mesh.disable_mesh()
             .label_style((FONT, 16))
-            .axis_desc_style((FONT, 17))
             .x_labels(nx)
             .y_labels(ny)
             .x_label_formatter(&|v| label(columns, v, 1))

@@ -255,7 +255,7 @@ pub fn collect(run_dir: &Path) -> Report {
     let stages = crate::stages::ids_before_report(&spec);
     let mut manifests = BTreeMap::new();
     for stage in &stages {
-        match finished(&run, stage) {
+        match run.finished_or_why(stage) {
             Ok(m) => {
                 manifests.insert(stage.clone(), m);
             }
@@ -293,21 +293,6 @@ fn report_missing(missing: &mut Vec<Missing>, stage: &str, why: String) {
         stage: stage.to_string(),
         why,
     });
-}
-
-/// A finished stage's manifest, or why there is none.
-fn finished(run: &RunDir, stage: &str) -> Result<Manifest, String> {
-    let dir = run.stage_dir(stage);
-    if !dir.exists() {
-        return Err("not run".into());
-    }
-    let Some(manifest) = Manifest::read(&dir) else {
-        return Err("its manifest is missing or unreadable".into());
-    };
-    if !manifest.outputs_intact(&dir) {
-        return Err("its outputs do not match its manifest (changed or removed files)".into());
-    }
-    Ok(manifest)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
