@@ -299,7 +299,7 @@ fn a_damaged_or_missing_stage_is_said_and_the_rest_renders() {
     assert!(!none.join("out").exists());
 }
 
-/// Debian's chromium (installed by .ci/run) draws the report at phone width without console
+/// Debian's chromium (installed by scripts/test) draws the report at phone width without console
 /// errors (its Content-Security-Policy would log any request it refused) and prints it.
 #[test]
 fn headless_chromium_renders_the_report_at_phone_width_and_prints_it() {
@@ -311,7 +311,7 @@ fn headless_chromium_renders_the_report_at_phone_width_and_prints_it() {
                 .output()
                 .is_ok_and(|o| o.status.success())
         })
-        .expect("chromium is needed for this test: `apt-get install chromium` (.ci/run does)");
+        .expect("chromium is needed for this test: `apt-get install chromium` (scripts/test does)");
     let dir = tempfile::tempdir().unwrap();
     let run = fixture_copy(dir.path());
     let out = dir.path().join("out");

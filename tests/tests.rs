@@ -7,6 +7,7 @@ mod model;
 mod real_data;
 mod report;
 mod run;
+mod sandbox;
 mod svf;
 mod train;
 mod validate;

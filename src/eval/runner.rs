@@ -23,6 +23,9 @@ pub struct Sample {
     pub prompt: String,
     /// `generate` mode: the generated answer.
     pub completion: Option<String>,
+    /// A multiple-choice item's options, as the record gives them (for readers of samples).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<Vec<String>>,
     /// `loglik` mode: each option's log-likelihood.
     pub option_logliks: Option<Vec<f64>>,
     pub extracted: Option<String>,
@@ -52,6 +55,8 @@ pub struct Task<'a> {
     pub values: RewardValues,
     /// Record fields holding the options and the gold option (`loglik` mode and its shots).
     pub choices: String,
+    /// Whether the reward is `multiple_choice` (so a generated answer's record has options).
+    pub multiple_choice: bool,
     pub gold: String,
 }
 
@@ -164,12 +169,12 @@ impl Task<'_> {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| failed("tokenizing the options of", item, e))?;
             inputs.push((prompt_ids, ids));
-            prepared.push((prompt, texts, gold));
+            prepared.push((prompt, texts, options, gold));
         }
         let scores =
             score_options(model, &inputs).map_err(|e| StageError::failed("scoring options", e))?;
         let mut out = Vec::with_capacity(batch.len());
-        for (((item, (prompt, texts, gold)), scores), (prompt_ids, option_ids)) in
+        for (((item, (prompt, texts, options, gold)), scores), (prompt_ids, option_ids)) in
             batch.iter().zip(prepared).zip(scores).zip(&inputs)
         {
             let sums: Vec<f64> = scores.iter().map(|s| s.sum).collect();
@@ -192,6 +197,7 @@ impl Task<'_> {
                 id: item.id.clone(),
                 prompt,
                 completion: None,
+                options: Some(options),
                 option_logliks: Some(sums),
                 extracted: Some(letter(best)),
                 gold: letter(gold),
@@ -270,6 +276,10 @@ impl Task<'_> {
                 id: item.id.clone(),
                 prompt,
                 completion: Some(generation.text.clone()),
+                options: self
+                    .multiple_choice
+                    .then(|| choices_field(&item.fields, &self.choices).ok())
+                    .flatten(),
                 option_logliks: None,
                 extracted: j.extracted,
                 gold: j.gold,

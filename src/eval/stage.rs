@@ -214,12 +214,14 @@ impl EvalStage<'_> {
             }
             _ => (RewardValues::default(), "choices".into(), "gold".into()),
         };
+        let multiple_choice = matches!(choice, Some(RewardSpec::MultipleChoice(_)));
         Task {
             eval: &self.eval,
             train,
             reward,
             values,
             choices,
+            multiple_choice,
             gold,
         }
     }
@@ -322,6 +324,10 @@ fn write_samples(path: &Path, samples: &[Sample]) -> Result<(), StageError> {
         col("id", text(&|s| Some(s.id.clone()))),
         col("prompt", text(&|s| Some(s.prompt.clone()))),
         col("completion", text(&|s| s.completion.clone())),
+        col(
+            "options",
+            text(&|s| s.options.as_ref().map(|o| json!(o).to_string())),
+        ),
         col(
             "option_logliks",
             text(&|s| s.option_logliks.as_ref().map(|o| json!(o).to_string())),

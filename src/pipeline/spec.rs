@@ -310,6 +310,19 @@ pub struct SandboxSpec {
     /// Bytes of stdout / stderr kept per program.
     #[schemars(range(min = 0, max = 1048576))]
     pub output_bytes: usize,
+    /// `full` (the default): programs run in a jail (namespaces, a read-only minimal root, no
+    /// network, a private uid as root), and are refused where none can be built. `none` runs
+    /// them without one (rlimits and a system-call filter only): unsafe, see docs/security.md.
+    pub isolation: SandboxIsolation,
+}
+
+/// How generated code is contained.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxIsolation {
+    #[default]
+    Full,
+    None,
 }
 
 impl Default for SandboxSpec {
@@ -322,6 +335,7 @@ impl Default for SandboxSpec {
             processes: 64,
             concurrency: 2,
             output_bytes: 4096,
+            isolation: SandboxIsolation::Full,
         }
     }
 }

@@ -203,6 +203,20 @@ pub struct SampleView {
     pub prompt: String,
     pub answer: String,
     pub gold: String,
+    /// A multiple-choice item's options, so a reader can tell what the answer's letter was.
+    pub options: Vec<OptionView>,
+}
+
+/// One option of a multiple-choice sample.
+#[derive(Debug, Serialize)]
+pub struct OptionView {
+    pub letter: String,
+    pub text: String,
+    /// `loglik` mode: the option's log-likelihood.
+    pub loglik: Option<f64>,
+    /// The model's answer.
+    pub chosen: bool,
+    pub gold: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -426,9 +440,38 @@ fn evaluation(dir: &Path, stage: &str, report: &mut Report) -> Result<(), String
             prompt: shortened(&text(row, "prompt")),
             answer: shortened(&answer),
             gold: text(row, "gold"),
+            options: options(row),
         });
     }
     Ok(())
+}
+
+/// A sample's options (a JSON list in the `options` column; absent in runs before it existed),
+/// each with its log-likelihood and whether it was the answer or the gold one.
+fn options(row: &Value) -> Vec<OptionView> {
+    let list = |key: &str| -> Vec<Value> {
+        row.get(key)
+            .and_then(Value::as_str)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default()
+    };
+    let (extracted, gold) = (row.get("extracted"), row.get("gold"));
+    let logliks = list("option_logliks");
+    list("options")
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let letter = crate::reward::extract::letter(i)?.to_string();
+            let is = |v: Option<&Value>| v.and_then(Value::as_str) == Some(letter.as_str());
+            Some(OptionView {
+                chosen: is(extracted),
+                gold: is(gold),
+                text: shortened(text.as_str().unwrap_or_default()),
+                loglik: logliks.get(i).and_then(Value::as_f64),
+                letter,
+            })
+        })
+        .collect()
 }
 
 /// `text` cut to [`SAMPLE_CHARS`] characters (marked when cut).
@@ -723,5 +766,44 @@ fn overview(tables: &[EvalTable]) -> Overview {
     Overview {
         columns: tables.iter().map(|t| t.stage.clone()).collect(),
         rows,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loglik sample's options carry their letters, log-likelihoods and which one the model
+    /// chose and which was gold; runs from before the `options` column show none.
+    #[test]
+    fn sample_options_name_the_answer_and_the_gold() {
+        let row = serde_json::json!({
+            "options": "[\"a cat\",\"a dog\",\"a cow\"]",
+            "option_logliks": "[-3.5,-1.25,-7.0]",
+            "extracted": "B",
+            "gold": "C",
+        });
+        let views = options(&row);
+        let seen: Vec<(&str, &str, Option<f64>, bool, bool)> = views
+            .iter()
+            .map(|o| {
+                (
+                    o.letter.as_str(),
+                    o.text.as_str(),
+                    o.loglik,
+                    o.chosen,
+                    o.gold,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("A", "a cat", Some(-3.5), false, false),
+                ("B", "a dog", Some(-1.25), true, false),
+                ("C", "a cow", Some(-7.0), false, true),
+            ]
+        );
+        assert!(options(&serde_json::json!({"extracted": "A", "gold": "A"})).is_empty());
     }
 }

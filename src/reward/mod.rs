@@ -240,13 +240,13 @@ impl Reward {
                 sandbox,
                 values,
             } => {
-                let source = program.build(completion, record)?;
-                if source.solution.trim().is_empty() {
+                let program = program.build(completion, record)?;
+                if program.written.trim().is_empty() {
                     // No code at all: nothing to run.
                     return Ok(judged(values, None, None, "tests pass".into()));
                 }
-                let outcome = sandbox.run(&source).map_err(RewardError::Sandbox)?;
-                Ok(code_judgement(values, &source.solution, outcome))
+                let outcome = sandbox.run(&program).map_err(RewardError::Sandbox)?;
+                Ok(code_judgement(values, &program.written, outcome))
             }
             Judge::Composite(parts) => {
                 let judged: Vec<Judgement> = parts
@@ -454,16 +454,12 @@ impl CodeFields {
             // A completion that only wrote the body continues the prompt's signature.
             solution = format!("{}{solution}", optional(&self.prefix)?);
         }
-        let call = if entry.is_empty() {
-            String::new()
-        } else {
-            format!("\ncheck({entry})\n")
-        };
         Ok(sandbox::Program {
-            // MBPP's order: the solution, then the setup (which may use what it defines), then
-            // the checks.
-            source: format!("{solution}\n\n{}\n{checks}\n{call}", optional(&self.setup)?),
-            solution: written,
+            solution,
+            setup: optional(&self.setup)?,
+            checks,
+            entry_point: entry,
+            written,
         })
     }
 }
