@@ -261,7 +261,7 @@ fn experts_inspect_combine_and_export_to_a_model_that_loads_back() {
     let mut foreign = a.clone();
     foreign.meta.base_model = BaseModel {
         name: "other.gguf".into(),
-        blake3: "0123".into(),
+        blake3: "0123".repeat(16),
     };
     foreign
         .save(&dir.path().join("foreign.safetensors"))

@@ -62,7 +62,13 @@ pub fn inspect(file: &Path, format: Format) -> Result<(), CmdError> {
     println!(
         "  base model      {} (blake3 {})",
         expert.meta.base_model.name,
-        &expert.meta.base_model.blake3[..expert.meta.base_model.blake3.len().min(16)]
+        expert
+            .meta
+            .base_model
+            .blake3
+            .chars()
+            .take(16)
+            .collect::<String>()
     );
     println!(
         "  parametrization {:?}, {} targets, {} parameters",

@@ -574,7 +574,7 @@ mod tests {
         let s = crate::svd::cache::singular_values(&factors);
         let who = BaseModel {
             name: "tiny".into(),
-            blake3: "0".into(),
+            blake3: "0".repeat(64),
         };
         let expert = Expert::initial(who, Parametrization::Linear, &s, 1).unwrap();
         let mut trainer = SvfTrainer::new(&base, &factors, &expert, 0.05, 0.0).unwrap();

@@ -194,6 +194,13 @@ impl Expert {
                 meta.svd_algorithm
             )));
         }
+        let hash = &meta.base_model.blake3;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(fail(format!(
+                "`base_model.blake3` must be 64 hexadecimal digits, found {:?}",
+                hash.chars().take(80).collect::<String>()
+            )));
+        }
         if meta.max_mult != super::MAX_MULT {
             return Err(fail(format!(
                 "`max_mult` is {}, this tsq supports only {}",
@@ -341,7 +348,7 @@ mod tests {
     fn base() -> BaseModel {
         BaseModel {
             name: "tiny".into(),
-            blake3: "abc".into(),
+            blake3: "ab".repeat(32),
         }
     }
 
@@ -380,9 +387,21 @@ mod tests {
             ("layers.1.mlp.up_proj".to_string(), 3),
         ];
         back.check_compatible(&file, &base(), &targets)?;
+        // A base-model hash that is not one (here non-ASCII, which once broke `inspect`).
+        let mut odd = expert.clone();
+        odd.meta.base_model.blake3 = format!("é{}", "a".repeat(62));
+        odd.save(&file)?;
+        let Err(err) = Expert::load(&file) else {
+            panic!("an expert with a malformed base-model hash loaded");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("`base_model.blake3` must be 64 hexadecimal digits"),
+            "{err}"
+        );
         let other = BaseModel {
             name: "other".into(),
-            blake3: "def".into(),
+            blake3: "de".repeat(32),
         };
         let err = back
             .check_compatible(&file, &other, &targets)

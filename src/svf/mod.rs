@@ -358,7 +358,7 @@ pub(crate) fn spread_expert(factors: &[crate::svd::cache::Decomposed], seed: u64
     let s = crate::svd::cache::singular_values(factors);
     let base = BaseModel {
         name: "tiny".into(),
-        blake3: "0".into(),
+        blake3: "0".repeat(64),
     };
     let mut e = Expert::initial(base, Parametrization::Sigmoid, &s, seed).unwrap();
     for (z, _) in e.vectors.values_mut() {

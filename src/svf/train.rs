@@ -169,20 +169,39 @@ impl SvfTrainer {
         })
     }
 
-    /// Continues from a saved state, which must be of these targets (same names, same sizes).
+    /// Continues from a saved state, which must be of these targets (same names, same sizes,
+    /// both Adam moments of every vector) and hold only finite numbers.
     pub fn restore(&mut self, state: &TrainerState) -> Result<()> {
         let lengths = |t: &TrainTarget| t.z.as_tensor().elem_count();
-        let matches =
-            state.z.len() == self.targets.len()
-                && state.adam.m.len() == self.targets.len()
-                && self.targets.iter().zip(&state.z).zip(&state.adam.m).all(
-                    |((t, (name, z)), m)| {
-                        *name == t.name && z.len() == lengths(t) && m.len() == z.len()
-                    },
-                );
-        if !matches {
+        let n = self.targets.len();
+        let adam = &state.adam;
+        let shapes_match = state.z.len() == n
+            && adam.m.len() == n
+            && adam.v.len() == n
+            && self
+                .targets
+                .iter()
+                .zip(&state.z)
+                .zip(adam.m.iter().zip(&adam.v))
+                .all(|((t, (name, z)), (m, v))| {
+                    *name == t.name
+                        && z.len() == lengths(t)
+                        && m.len() == z.len()
+                        && v.len() == z.len()
+                });
+        if !shapes_match {
             return Err(ModelError::Input(
                 "the saved training state is of other targets than this expert's".into(),
+            ));
+        }
+        let finite = |vs: &[Vec<f32>]| vs.iter().flatten().all(|x| x.is_finite());
+        let z: Vec<Vec<f32>> = state.z.iter().map(|(_, z)| z.clone()).collect();
+        if !(finite(&z) && finite(&adam.m) && finite(&adam.v))
+            || adam.v.iter().flatten().any(|&x| x < 0.0)
+        {
+            return Err(ModelError::Input(
+                "the saved training state holds NaN, infinite or negative second-moment values"
+                    .into(),
             ));
         }
         for (t, (_, z)) in self.targets.iter().zip(&state.z) {
@@ -282,7 +301,7 @@ mod tests {
         let s = crate::svd::cache::singular_values(&factors);
         let base_model = BaseModel {
             name: "tiny".into(),
-            blake3: "0".into(),
+            blake3: "0".repeat(64),
         };
         let expert = Expert::initial(base_model, p, &s, 3).unwrap();
         let trainer = SvfTrainer::new(&base, &factors, &expert, 1e-2, 0.0).unwrap();
@@ -436,6 +455,18 @@ mod tests {
         assert_eq!(resumed.state()?, straight.state()?);
         let other = fixture(Parametrization::Sigmoid, false).trainer.state()?;
         assert!(resumed.restore(&other).is_err());
+        // A checkpoint damaged in any field is refused, never half-applied.
+        let damaged: [fn(&mut TrainerState); 4] = [
+            |s| s.adam.v[0].pop().map(drop).unwrap_or_default(),
+            |s| s.adam.v.truncate(0),
+            |s| s.adam.m[0][0] = f32::NAN,
+            |s| s.adam.v[0][0] = -1.0,
+        ];
+        for damage in damaged {
+            let mut state = saved.clone();
+            damage(&mut state);
+            assert!(resumed.restore(&state).is_err());
+        }
         Ok(())
     }
 
