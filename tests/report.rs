@@ -208,6 +208,19 @@ fn the_fixture_run_reports_every_section_with_its_own_numbers() {
         let shown = format!("{} {}", expert.as_str().unwrap(), round2(a));
         assert!(md.contains(&shown), "no `{shown}`");
     }
+    // A multiple-choice sample lists its options, the answer and the gold one marked.
+    let options = md
+        .split("| option | text | log-lik | |")
+        .nth(1)
+        .expect("a sample's options table");
+    let rows: Vec<&str> = options
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with("| "))
+        .collect();
+    assert!(rows.len() >= 2, "{options}");
+    assert!(rows.iter().any(|r| r.contains("answer")) && rows.iter().any(|r| r.contains("gold")));
+    assert!(html.contains("<table class=\"options\">"));
     // Provenance: the model's checksum and the pipeline as run.
     let model = json(&run.join("model/manifest.json"));
     assert!(md.contains(model["summary"]["blake3"].as_str().unwrap()));
