@@ -28,9 +28,43 @@ pub struct LocatedDoc {
     overridden: BTreeMap<Pointer, String>,
 }
 
+/// Deepest nesting of sequences and mappings a file may have. Building, converting and
+/// dropping a tree recurse once per level, so a few kilobytes of `- - - ...` would overflow
+/// the stack; no pipeline comes near this.
+const MAX_DEPTH: usize = 64;
+
+/// Refuses nesting past [`MAX_DEPTH`] from the parser's event stream, before any tree exists.
+/// A syntax error is left to the loader, which reports it.
+fn check_depth(file: &Path, text: &str) -> Result<(), Vec<Diagnostic>> {
+    use saphyr_parser::{Event, Parser};
+    let mut depth = 0usize;
+    for next in Parser::new_from_str(text) {
+        let Ok((event, span)) = next else {
+            return Ok(());
+        };
+        match event {
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    let pos = Position {
+                        line: span.start.line(),
+                        column: span.start.col() + 1,
+                    };
+                    let why = format!("invalid YAML: nested more than {MAX_DEPTH} levels deep");
+                    return Err(vec![Diagnostic::at(file, pos, "", why)]);
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl LocatedDoc {
     /// Parses `text` (the contents of `file`); a YAML syntax error becomes one diagnostic.
     pub fn parse(file: &Path, text: &str) -> Result<Self, Vec<Diagnostic>> {
+        check_depth(file, text)?;
         let docs = MarkedYaml::load_from_str(text).map_err(|e| {
             let pos = Position {
                 line: e.marker().line(),
@@ -299,6 +333,18 @@ pub fn dotted(ptr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 20,000 nested block sequences (40 KB) once overflowed the stack; now a located error.
+    #[test]
+    fn deep_nesting_is_refused_before_a_tree_is_built() {
+        let deep = format!("{}x\n", "- ".repeat(20_000));
+        let errors = LocatedDoc::parse(Path::new("deep.yaml"), &deep).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        let message = errors[0].to_string();
+        assert!(message.contains("nested more than 64 levels"), "{message}");
+        let shallow = format!("{}x\n", "- ".repeat(40));
+        assert!(LocatedDoc::parse(Path::new("ok.yaml"), &shallow).is_ok());
+    }
 
     #[test]
     fn keeps_positions_of_keys_and_values() {
