@@ -232,23 +232,23 @@ class Judge:
             kind = RuntimeError
         raise kind(str(reply.get("message", "")))
 
-    def ask(self, request):
+    def exchange(self, request):
         send(self.sock, request)
         reply = recv(self.sock)
         if "error" in reply:
             self.raise_from(reply)
-        return self.dec(reply["v"])
+        return reply
+
+    def ask(self, request):
+        return self.dec(self.exchange(request)["v"])
 
     def call(self, ref, args, kwargs):
-        send(self.sock, {
+        reply = self.exchange({
             "op": "call",
             "ref": ref,
             "args": [self.enc(a) for a in args],
             "kwargs": [[k, self.enc(v)] for k, v in kwargs.items()],
         })
-        reply = recv(self.sock)
-        if "error" in reply:
-            self.raise_from(reply)
         for before, after in zip(args, reply["args"]):
             after = self.dec(after)
             if type(before) is list and type(after) is list:

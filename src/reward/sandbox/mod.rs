@@ -363,24 +363,18 @@ impl Sandbox {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if kind == EntryKind::Unisolated {
-            let scratch =
-                tempfile::tempdir().map_err(|e| plain(format!("cannot create a temp dir: {e}")))?;
-            cmd.current_dir(scratch.path());
-            return self.supervise(
-                cmd,
-                jail,
-                job,
-                (verdict_read, verdict_write),
-                kind,
-                Some(scratch),
-            );
-        }
-        self.supervise(cmd, jail, job, (verdict_read, verdict_write), kind, None)
-            .map_err(|(_, e)| match read_step(&step_read) {
-                Some(step) => (Some(step), e),
-                None => (None, e),
-            })
+        // Unjailed, the program works in a temp dir of its own (a jail has its own /tmp).
+        let scratch = match kind {
+            EntryKind::Unisolated => {
+                let dir = tempfile::tempdir()
+                    .map_err(|e| plain(format!("cannot create a temp dir: {e}")))?;
+                cmd.current_dir(dir.path());
+                Some(dir)
+            }
+            _ => None,
+        };
+        self.supervise(cmd, jail, job, (verdict_read, verdict_write), kind, scratch)
+            .map_err(|(_, e)| (read_step(&step_read), e))
     }
 
     /// Starts the program, feeds it the job, waits for it under the limits and collects what
@@ -520,7 +514,7 @@ enum Ended {
 }
 
 /// Waits for the program up to `timeout_s`, measuring its memory as it runs.
-fn wait_within(child: &mut Child, timeout_s: f64, mut memory: MemoryWatch) -> Ended {
+fn wait_within(child: &mut Child, timeout_s: f64, memory: MemoryWatch) -> Ended {
     let deadline = Instant::now() + Duration::from_secs_f64(timeout_s);
     let mut next_poll = Instant::now();
     loop {
@@ -559,7 +553,7 @@ impl MemoryWatch {
         }
     }
 
-    fn over_limit(&mut self) -> bool {
+    fn over_limit(&self) -> bool {
         let Some(namespace) = &self.namespace else {
             return false;
         };
