@@ -1,6 +1,8 @@
-//! Crash-safe file writes: write to a temporary file in the same directory, fsync, rename.
-//! A reader never sees a half-written file, and a process killed mid-write leaves the old file
-//! (or nothing) in place, plus at most a stray temporary that is ignored and cleaned later.
+//! Files in and out. Writes are crash-safe: write to a temporary file in the same directory,
+//! fsync, rename; a reader never sees a half-written file, and a process killed mid-write leaves
+//! the old file (or nothing) in place, plus at most a stray temporary that is ignored and cleaned
+//! later. Reads are bounded: every file tsq reads goes through [`open_regular`] (regular files
+//! only) and a size cap from its format, so a device, a FIFO or a huge file is a clear error.
 
 use std::io::Write;
 use std::path::Path;
@@ -27,37 +29,104 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result
 
 /// Largest YAML file (pipeline, card) tsq reads.
 pub const MAX_YAML_BYTES: u64 = 16 << 20;
-/// Largest template or JSON config tsq reads.
+/// Largest template or JSON config/record tsq reads.
 pub const MAX_TEXT_BYTES: u64 = 16 << 20;
+/// Largest `tokenizer.json` (Llama-3's is 9 MB, Qwen2.5's 7 MB).
+pub const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
+/// Largest expert or training checkpoint file (an 8B model's full expert set is ~4 MB).
+pub const MAX_EXPERT_BYTES: u64 = 1 << 30;
+/// Largest JSON-lines log of a run (`events.jsonl`, `metrics.jsonl`, sample checkpoints).
+pub const MAX_LOG_BYTES: u64 = 1 << 30;
+/// Largest dataset file, and the most a compressed one may expand to.
+pub const MAX_DATA_BYTES: u64 = 2 << 30;
 
-/// Reads a text file of at most `max` bytes. Anything that is not a regular file (a device, a
-/// FIFO, a symlink to one) is refused before reading, so an endless source cannot hang a
-/// command; a larger file is refused with its size.
-pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
-    use std::io::Read;
-    let meta = std::fs::metadata(path)?;
-    if !meta.is_file() {
+/// Opens `path` for reading only if it is a regular file. The open never blocks (a FIFO with
+/// no writer would) and the type is checked on the opened handle, so a path swapped between
+/// the check and the read cannot slip a device or pipe through.
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
         return Err(std::io::Error::other(
-            "not a regular file (a device, pipe or directory cannot be read as text)",
+            "not a regular file (a device, pipe or directory cannot be read)",
         ));
     }
-    if meta.len() > max {
+    Ok(file)
+}
+
+/// Reads a regular file of at most `max` bytes; a larger file is refused with its size, before
+/// anything is allocated for it.
+pub fn read_bytes_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = open_regular(path)?;
+    let len = file.metadata()?.len();
+    if len > max {
         return Err(std::io::Error::other(format!(
-            "the file is {} bytes, more than the {max} allowed",
-            meta.len()
+            "the file is {len} bytes, more than the {max} allowed"
         )));
     }
-    let mut text = String::new();
+    let mut bytes = Vec::with_capacity(len as usize);
     // A file that grows while being read still stops at the bound.
-    std::fs::File::open(path)?
-        .take(max + 1)
-        .read_to_string(&mut text)?;
-    if text.len() as u64 > max {
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
         return Err(std::io::Error::other(format!(
             "the file grew past the {max} bytes allowed while being read"
         )));
     }
-    Ok(text)
+    Ok(bytes)
+}
+
+/// [`read_bytes_bounded`] for UTF-8 text.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+    String::from_utf8(read_bytes_bounded(path, max)?)
+        .map_err(|_| std::io::Error::other("the file is not UTF-8 text"))
+}
+
+/// Reads a JSON file of at most `max` bytes into `T`.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, max: u64) -> std::io::Result<T> {
+    serde_json::from_slice(&read_bytes_bounded(path, max)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// A reader that fails once more than `max` bytes came through it: decompression of a crafted
+/// archive stops at the bound instead of filling memory.
+pub struct CappedReader<R> {
+    inner: R,
+    left: u64,
+    max: u64,
+}
+
+impl<R> CappedReader<R> {
+    pub fn new(inner: R, max: u64) -> Self {
+        Self {
+            inner,
+            left: max,
+            max,
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for CappedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            // One byte past the bound tells "exactly max" from "more".
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::other(format!(
+                    "it expands to more than the {} bytes allowed",
+                    self.max
+                ))),
+            };
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// fsyncs a directory so that renames inside it survive a crash.
@@ -85,6 +154,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn capped_reader_stops_at_the_bound() {
+        use std::io::Read;
+        let mut out = Vec::new();
+        let err = CappedReader::new(std::io::repeat(7), 100)
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert!(err.to_string().contains("more than the 100 bytes"));
+        assert_eq!(out.len(), 100);
+        let mut exact = Vec::new();
+        CappedReader::new(&[1u8; 100][..], 100)
+            .read_to_end(&mut exact)
+            .unwrap();
+        assert_eq!(exact.len(), 100);
+    }
+
+    #[test]
     fn atomic_write_replaces_content_and_leaves_no_temporaries() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sub/f.json");
@@ -104,6 +189,12 @@ mod tests {
                 .to_string()
                 .contains("not a regular file")
         );
+        let fifo = p.with_file_name("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // No writer: a blocking open would hang here.
+        assert!(read_bounded(&fifo, 10).is_err());
+        std::fs::remove_file(&fifo).unwrap();
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
     }
 }

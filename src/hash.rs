@@ -9,13 +9,13 @@ use sha2::Digest;
 /// blake3 of a file's bytes, hex.
 pub fn file_blake3(path: &Path) -> std::io::Result<String> {
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(std::fs::File::open(path)?)?;
+    hasher.update_reader(crate::fsutil::open_regular(path)?)?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 
 /// sha256 of a file's bytes, hex.
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+    let mut file = crate::fsutil::open_regular(path)?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -133,10 +133,9 @@ impl Adapter {
             Strategy::Routed(Box::new(router), first_pass)
         } else {
             let path = dir.join(ALPHA_FILE);
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             Strategy::Mixed(
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?,
+                crate::fsutil::read_json(&path, crate::fsutil::MAX_TEXT_BYTES)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
             )
         };
         Ok(Self {

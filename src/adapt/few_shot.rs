@@ -350,7 +350,7 @@ impl Mixer {
 }
 
 fn read_checkpoint(path: &Path) -> Option<Checkpoint> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+    crate::fsutil::read_json(path, crate::fsutil::MAX_TEXT_BYTES).ok()
 }
 
 #[cfg(test)]

@@ -158,7 +158,8 @@ impl AdaptStage<'_> {
     ) -> Result<Value, StageError> {
         let calibration = pick(tasks, "train", first_pass.calibration);
         let check = pick(tasks, "val", first_pass.check);
-        let template = std::fs::read_to_string(self.template.as_ref().expect("routing template"))
+        let template = self.template.as_ref().expect("routing template");
+        let template = crate::fsutil::read_bounded(template, crate::fsutil::MAX_TEXT_BYTES)
             .map_err(failed_to("reading the classifier template"))?;
         let mut file = RouterFile {
             strategy: self.spec.strategy().into(),

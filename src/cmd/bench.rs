@@ -262,7 +262,8 @@ impl PeerStep {
     /// The JSON line printed by `shared/peers/torch_svf_bench.py --parts svf`, run beside tsq.
     fn from_file(path: &Path) -> Result<Self, CmdError> {
         let bad = |what: String| CmdError::Usage(format!("{}: {what}", path.display()));
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let text = crate::fsutil::read_bounded(path, crate::fsutil::MAX_TEXT_BYTES)
+            .map_err(|e| bad(e.to_string()))?;
         let value: serde_json::Value =
             serde_json::from_str(text.trim()).map_err(|e| bad(format!("not JSON: {e}")))?;
         let number = |pointer: &str| {

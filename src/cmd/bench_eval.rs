@@ -146,7 +146,7 @@ fn write_peer_items(
 }
 
 fn compare_with_peer(file: &Path, ours: &Value) -> Result<(), CmdError> {
-    let text = std::fs::read_to_string(file).map_err(fail)?;
+    let text = crate::fsutil::read_bounded(file, crate::fsutil::MAX_LOG_BYTES).map_err(fail)?;
     let peer: Value = text
         .lines()
         .rev()
@@ -167,7 +167,7 @@ fn compare_with_peer(file: &Path, ours: &Value) -> Result<(), CmdError> {
 /// Per-item agreement with the peer's option log-likelihoods: largest difference and how many
 /// items pick the same option.
 fn compare_per_item(file: &Path, samples: &[Sample]) -> Result<(), CmdError> {
-    let text = std::fs::read_to_string(file).map_err(fail)?;
+    let text = crate::fsutil::read_bounded(file, crate::fsutil::MAX_LOG_BYTES).map_err(fail)?;
     let peer: BTreeMap<String, Vec<f64>> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

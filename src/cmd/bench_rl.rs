@@ -64,7 +64,8 @@ impl Peer {
 
     fn from_file(path: &Path) -> Result<Self, CmdError> {
         let bad = |what: String| CmdError::Usage(format!("{}: {what}", path.display()));
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let text = crate::fsutil::read_bounded(path, crate::fsutil::MAX_TEXT_BYTES)
+            .map_err(|e| bad(e.to_string()))?;
         let value: Value =
             serde_json::from_str(text.trim()).map_err(|e| bad(format!("not JSON: {e}")))?;
         let number = |pointer: &str| {

@@ -115,7 +115,7 @@ pub fn combine_files(files: &[PathBuf], weights: &Weights, out: &Path) -> Result
         Weights::PerExpert(Some(w)) => Mix::PerExpert(w.clone()),
         Weights::PerExpert(None) => Mix::PerExpert(vec![1.0 / files.len() as f64; files.len()]),
         Weights::PerLayerFile(path) => {
-            let text = std::fs::read_to_string(path)
+            let text = crate::fsutil::read_bounded(path, crate::fsutil::MAX_TEXT_BYTES)
                 .map_err(|e| CmdError::Usage(format!("{}: {e}", path.display())))?;
             Mix::PerLayer(serde_json::from_str(&text).map_err(|e| {
                 CmdError::Usage(format!(

@@ -61,7 +61,9 @@ fn print_results(run_root: &Path, graph: &crate::dag::Graph, plan: &[crate::exec
         let table = run_root
             .join(&entry.stage.0)
             .join(crate::eval::results::RESULTS_MD);
-        if is_eval && let Ok(text) = std::fs::read_to_string(table) {
+        if is_eval
+            && let Ok(text) = crate::fsutil::read_bounded(&table, crate::fsutil::MAX_TEXT_BYTES)
+        {
             println!("\n{text}");
         }
     }

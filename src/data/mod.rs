@@ -4,7 +4,7 @@
 pub mod card;
 pub mod generate;
 mod read;
-pub use read::read_rows;
+pub use read::{Limits, read_rows};
 mod records;
 pub mod split;
 pub mod stage;

@@ -9,7 +9,7 @@ use polars::prelude::*;
 use serde_json::{Value, json};
 
 use super::card::Origin;
-use super::read::read_rows;
+use super::read::{Limits, read_rows};
 use super::records::{BadRecord, Record, map_rows};
 use super::split::{PARTS, part_sizes, seeded_order};
 use super::template::TemplateFile;
@@ -50,7 +50,13 @@ impl DataStage {
             .map_err(failed_to("fetching the data source"))?;
         verify_sha256(&path, self.dataset.card.card.sha256.as_deref())
             .map_err(|e| StageError::at("checking the sha256 pin of", &path, e))?;
-        read_rows(&path, format).map_err(|e| StageError::at("reading", &path, e))
+        // The card counts records after deduplication; a source may hold some duplicates more.
+        let limits = Limits {
+            rows: (self.dataset.card.card.records)
+                .map_or(Limits::default().rows, |n| n.saturating_mul(2).max(1000)),
+            ..Limits::default()
+        };
+        read_rows(&path, format, limits).map_err(|e| StageError::at("reading", &path, e))
     }
 
     fn render_all(
@@ -251,7 +257,8 @@ pub struct StoredRecord {
 pub fn read_stored(stage_dir: &std::path::Path) -> Result<Vec<StoredRecord>, StageError> {
     let path = stage_dir.join(RECORDS_FILE);
     let bad = |why: String| StageError::at("reading", &path, why);
-    let rows = read_rows(&path, super::card::DataFormat::Parquet).map_err(bad)?;
+    let rows =
+        read_rows(&path, super::card::DataFormat::Parquet, Limits::default()).map_err(bad)?;
     rows.into_iter()
         .map(|row| {
             let text = |k: &str| row.get(k).and_then(Value::as_str).map(String::from);

@@ -151,10 +151,8 @@ impl EvalStage<'_> {
         items: &[&StoredRecord],
     ) -> Result<SavedRoutes, StageError> {
         let path = ctx.checkpoint_dir.join(format!("{with}.routes.json"));
-        let mut saved: SavedRoutes = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
+        let mut saved: SavedRoutes =
+            crate::fsutil::read_json(&path, crate::fsutil::MAX_TEXT_BYTES).unwrap_or_default();
         let todo: Vec<&StoredRecord> = items
             .iter()
             .copied()
@@ -180,9 +178,8 @@ impl EvalStage<'_> {
 /// What a mixture's search found, from its `alpha.json`.
 pub fn mixture_result(dir: &Path, strategy: &str) -> Result<AdaptationResult, StageError> {
     let path = dir.join(ALPHA_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| StageError::at("reading", &path, e))?;
-    let alpha: AlphaFile =
-        serde_json::from_str(&text).map_err(|e| StageError::at("reading", &path, e))?;
+    let alpha: AlphaFile = crate::fsutil::read_json(&path, crate::fsutil::MAX_TEXT_BYTES)
+        .map_err(|e| StageError::at("reading", &path, e))?;
     Ok(AdaptationResult {
         strategy: strategy.into(),
         search_seconds: Some(alpha.search_seconds),

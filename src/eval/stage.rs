@@ -3,7 +3,7 @@
 //! killed evaluation resumes where it stopped; the outputs are written once every item is done.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::time::Instant;
 
@@ -306,10 +306,10 @@ pub fn train_split(records: &[StoredRecord]) -> Vec<StoredRecord> {
 
 /// Samples saved by an earlier, interrupted attempt; a torn last line is dropped.
 fn read_checkpoint(path: &Path) -> Vec<Sample> {
-    let Ok(file) = std::fs::File::open(path) else {
+    let Ok(file) = crate::fsutil::open_regular(path) else {
         return vec![];
     };
-    std::io::BufReader::new(file)
+    std::io::BufReader::new(file.take(crate::fsutil::MAX_LOG_BYTES))
         .lines()
         .map_while(Result::ok)
         .filter_map(|line| serde_json::from_str(&line).ok())

@@ -7,6 +7,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::fsutil::MAX_TEXT_BYTES;
+
 pub const MANIFEST_FILE: &str = "manifest.json";
 const FORMAT_VERSION: u32 = 1;
 
@@ -43,8 +45,7 @@ impl Manifest {
 
     /// Reads a stage directory's manifest; `None` if absent or unreadable (then the stage re-runs).
     pub fn read(stage_dir: &Path) -> Option<Self> {
-        let text = std::fs::read_to_string(stage_dir.join(MANIFEST_FILE)).ok()?;
-        serde_json::from_str::<Self>(&text)
+        crate::fsutil::read_json::<Self>(&stage_dir.join(MANIFEST_FILE), MAX_TEXT_BYTES)
             .ok()
             .filter(|m| m.format == FORMAT_VERSION)
     }

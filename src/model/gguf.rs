@@ -25,9 +25,14 @@ pub struct GgufModel {
 
 /// Reads the file's header (metadata and tensor table) without loading weights.
 pub fn read_header(path: &Path) -> Result<(Content, BufReader<File>)> {
-    let file = File::open(path).map_err(|e| ModelError::load(path, format!("cannot open: {e}")))?;
+    let file = crate::fsutil::open_regular(path)
+        .map_err(|e| ModelError::load(path, format!("cannot open: {e}")))?;
+    let size = file
+        .metadata()
+        .map_err(|e| ModelError::load(path, format!("cannot stat: {e}")))?
+        .len();
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader)
+    let content = super::gguf_header::read_content(&mut reader, size)
         .map_err(|e| ModelError::load(path, format!("not a readable GGUF file: {e}")))?;
     Ok((content, reader))
 }
@@ -107,7 +112,12 @@ fn permuted_heads(name: &str, config: &ModelConfig) -> Option<usize> {
 /// Inverse of llama.cpp's `permute`: rows grouped per head as (2, d/2) were stored as (d/2, 2).
 fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
-    let rows = dims[0];
+    let rows = t.dim(0)?;
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(ModelError::Input(format!(
+            "a q/k tensor of {rows} rows cannot be split into {heads} heads of row pairs"
+        )));
+    }
     let rest: usize = dims[1..].iter().product();
     let half = rows / heads / 2;
     let out = t

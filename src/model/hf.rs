@@ -92,6 +92,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn load_tensors(dir: &Path, dtype: DType, device: &Device) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for file in weight_files(dir)? {
+        // candle maps the file: refuse a device or pipe before it does.
+        crate::fsutil::open_regular(&file)
+            .map_err(|e| ModelError::load(&file, format!("cannot open: {e}")))?;
         let tensors = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| {
             ModelError::load(
                 &file,

@@ -32,9 +32,8 @@ impl ModelRecord {
     /// The record in a finished model stage's directory.
     pub fn read(stage_dir: &Path) -> Result<Self, StageError> {
         let file = stage_dir.join(MODEL_FILE);
-        let text =
-            std::fs::read_to_string(&file).map_err(|e| StageError::at("reading", &file, e))?;
-        serde_json::from_str(&text).map_err(|e| StageError::at("reading", &file, e))
+        crate::fsutil::read_json(&file, crate::fsutil::MAX_TEXT_BYTES)
+            .map_err(|e| StageError::at("reading", &file, e))
     }
 }
 

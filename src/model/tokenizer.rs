@@ -146,7 +146,9 @@ impl Tokenizer {
         eos_ids: Vec<u32>,
         add_bos: bool,
     ) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let bytes = crate::fsutil::read_bytes_bounded(path, crate::fsutil::MAX_TOKENIZER_BYTES)
+            .map_err(|e| ModelError::load(path, format!("cannot read: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| ModelError::load(path, format!("cannot load tokenizer: {e}")))?;
         Ok(Self {
             inner,

@@ -10,10 +10,11 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::data::card::DataFormat;
-use crate::data::read_rows;
+use crate::data::{Limits, read_rows};
 use crate::eval::results::{RESULTS_JSON, Results, SAMPLES_FILE};
 use crate::eval::{Proportion, paired_p_value};
 use crate::exec::{Manifest, RunDir};
+use crate::fsutil::{MAX_LOG_BYTES, MAX_TEXT_BYTES, read_bounded};
 use crate::pipeline::spec::PipelineSpec;
 
 /// Below this paired p-value a difference is reported as real; above it, as within noise.
@@ -297,7 +298,7 @@ pub fn collect(run_dir: &Path) -> Report {
 fn read_pipeline(run_dir: &Path) -> Result<(PipelineSpec, String), String> {
     let path = run_dir.join("pipeline.json");
     let fail = |e: &dyn std::fmt::Display| format!("cannot read `{}`: {e}", path.display());
-    let text = std::fs::read_to_string(&path).map_err(|e| fail(&e))?;
+    let text = read_bounded(&path, MAX_TEXT_BYTES).map_err(|e| fail(&e))?;
     let spec = serde_json::from_str(&text).map_err(|e| fail(&e))?;
     Ok((spec, text))
 }
@@ -310,14 +311,13 @@ fn report_missing(missing: &mut Vec<Missing>, stage: &str, why: String) {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("cannot read `{}`: {e}", path.display()))
+    crate::fsutil::read_json(path, MAX_TEXT_BYTES)
+        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))
 }
 
 /// The JSON objects of a JSON-lines file.
 fn read_lines(path: &Path) -> Result<Vec<Value>, String> {
-    let text = std::fs::read_to_string(path)
+    let text = read_bounded(path, MAX_LOG_BYTES)
         .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
@@ -335,7 +335,11 @@ const SAMPLE_CHARS: usize = 600;
 /// An evaluation's table, its two-pass costs and a right and a wrong sample per setting.
 fn evaluation(dir: &Path, stage: &str, report: &mut Report) -> Result<(), String> {
     let results: Results = read_json(&dir.join(RESULTS_JSON))?;
-    let samples = read_rows(&dir.join(SAMPLES_FILE), DataFormat::Parquet)?;
+    let samples = read_rows(
+        &dir.join(SAMPLES_FILE),
+        DataFormat::Parquet,
+        Limits::default(),
+    )?;
     let text = |row: &Value, key: &str| {
         row.get(key)
             .and_then(Value::as_str)

@@ -44,7 +44,7 @@ impl Templates {
             (html, &mut templates.html),
         ] {
             if let Some(path) = path {
-                template.text = std::fs::read_to_string(path)
+                template.text = crate::fsutil::read_bounded(path, crate::fsutil::MAX_TEXT_BYTES)
                     .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
                 template.origin = path.display().to_string();
             }

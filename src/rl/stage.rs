@@ -270,10 +270,8 @@ impl TrainStage<'_> {
                 metrics: Vec::new(),
             });
         }
-        let text =
-            std::fs::read_to_string(&file).map_err(|e| StageError::at("reading", &file, e))?;
-        let state: Checkpoint =
-            serde_json::from_str(&text).map_err(|e| StageError::at("reading", &file, e))?;
+        let state: Checkpoint = crate::fsutil::read_json(&file, crate::fsutil::MAX_EXPERT_BYTES)
+            .map_err(|e| StageError::at("reading", &file, e))?;
         trainer
             .restore(&state.trainer)
             .map_err(|e| StageError::at("resuming from", &file, e))?;

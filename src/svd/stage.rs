@@ -44,9 +44,8 @@ pub fn upstream_factors(
     home: &crate::assets::TsqHome,
 ) -> Result<Vec<super::cache::Decomposed>, StageError> {
     let file = ctx.upstream_dir("decompose")?.join(TARGETS_FILE);
-    let text = std::fs::read_to_string(&file).map_err(|e| StageError::at("reading", &file, e))?;
-    let targets: Vec<Target> =
-        serde_json::from_str(&text).map_err(|e| StageError::at("reading", &file, e))?;
+    let targets: Vec<Target> = crate::fsutil::read_json(&file, crate::fsutil::MAX_TEXT_BYTES)
+        .map_err(|e| StageError::at("reading", &file, e))?;
     let names: Vec<String> = targets.into_iter().map(|t| t.name).collect();
     crate::svf::factors_for(model, base, &names, home)
         .map_err(crate::exec::failed_to("loading the SVD factors"))

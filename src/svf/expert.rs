@@ -171,7 +171,8 @@ impl Expert {
             file: file.into(),
             message,
         };
-        let bytes = std::fs::read(file).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let bytes = crate::fsutil::read_bytes_bounded(file, crate::fsutil::MAX_EXPERT_BYTES)
+            .map_err(|e| fail(format!("cannot read: {e}")))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
         let meta_json = header
