@@ -17,6 +17,7 @@ pub mod eval;
 pub mod exec;
 pub mod fsutil;
 pub mod hash;
+pub mod jinja;
 pub mod model;
 pub mod pipeline;
 pub mod report;

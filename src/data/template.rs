@@ -13,7 +13,7 @@ pub struct TemplateFile {
 }
 
 fn environment() -> Environment<'static> {
-    let mut env = Environment::new();
+    let mut env = crate::jinja::environment();
     // A record missing a field the template uses is a bad record, not an empty string.
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env
@@ -50,15 +50,13 @@ impl TemplateFile {
     /// Renders with `record`'s fields as top-level variables.
     pub fn render(&self, record: &serde_json::Value) -> Result<String, String> {
         let template = self.env.get_template("t").map_err(|e| e.to_string())?;
-        template
-            .render(minijinja::value::Serde(record))
-            .map_err(|e| {
-                let detail = e
-                    .detail()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| e.kind().to_string());
-                format!("{detail} (template line {})", e.line().unwrap_or(0))
-            })
+        crate::jinja::render(&template, minijinja::value::Serde(record)).map_err(|e| {
+            let detail = e
+                .detail()
+                .map(str::to_string)
+                .unwrap_or_else(|| e.kind().to_string());
+            format!("{detail} (template line {})", e.line().unwrap_or(0))
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! Chat templates (from `tokenizer.chat_template` in GGUF or `tokenizer_config.json`), rendered
 //! with minijinja the way HF transformers renders them.
 
-use minijinja::{Environment, Error, ErrorKind, context};
+use minijinja::{Error, ErrorKind, context};
 use serde::Serialize;
 
 use super::error::{ModelError, Result};
@@ -51,7 +51,7 @@ impl ChatTemplate {
 
     /// The prompt text for `messages`, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[Message]) -> Result<String> {
-        let mut env = Environment::new();
+        let mut env = crate::jinja::environment();
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, Error> {
@@ -63,8 +63,29 @@ impl ChatTemplate {
         let template = env
             .get_template("chat")
             .map_err(|e| ModelError::Input(e.to_string()))?;
-        template
-            .render(context! { messages => minijinja::value::Serde(messages), add_generation_prompt => true, bos_token => &self.bos_token, eos_token => &self.eos_token })
+        let ctx = context! {
+            messages => minijinja::value::Serde(messages),
+            add_generation_prompt => true,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        };
+        crate::jinja::render(&template, ctx)
             .map_err(|e| ModelError::Input(format!("cannot render the chat template: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chat_template_that_would_run_forever_is_an_error() {
+        let endless = "{% for a in range(100000) %}{% for b in range(100000) %}{{ bos_token }}{% endfor %}{% endfor %}";
+        let chat = ChatTemplate::new(endless.into(), "<s>".into(), "</s>".into());
+        let err = chat.render(&[Message::user("hi")]).unwrap_err().to_string();
+        assert!(
+            err.contains("cannot render the chat template") && err.contains("fuel"),
+            "{err}"
+        );
     }
 }

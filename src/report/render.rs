@@ -226,7 +226,7 @@ const TRAINING_CHARTS: [(&str, &str, &str, StepValue, StepValue); 5] = [
 
 /// The filters the templates use, and HTML escaping for `.html` templates.
 fn environment() -> Environment<'static> {
-    let mut env = Environment::new();
+    let mut env = crate::jinja::environment();
     env.set_auto_escape_callback(|name| {
         if name.ends_with(".html") {
             AutoEscape::Html
@@ -276,14 +276,12 @@ pub fn render(report: &Report, charts: &[Chart], template: &Template) -> Result<
     let fail = |e: minijinja::Error| format!("report template `{}`: {e:#}", template.origin);
     env.add_template(template.name, &template.text)
         .map_err(fail)?;
-    env.get_template(template.name)
-        .map_err(fail)?
-        .render(context! {
-            report => minijinja::value::Serde(report),
-            charts => minijinja::value::Serde(charts),
-            tsq => crate::VERSION,
-        })
-        .map_err(fail)
+    let ctx = context! {
+        report => minijinja::value::Serde(report),
+        charts => minijinja::value::Serde(charts),
+        tsq => crate::VERSION,
+    };
+    crate::jinja::render(&env.get_template(template.name).map_err(fail)?, ctx).map_err(fail)
 }
 
 /// A Unix time as `YYYY-MM-DD HH:MM UTC` (civil-from-days, no time zone database needed).
