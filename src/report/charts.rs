@@ -39,6 +39,64 @@ pub struct Axes<'a> {
     pub y: &'a str,
 }
 
+/// Values beyond this (or not finite) are not drawn: plotters cannot lay out an axis that spans
+/// ±1e308 (it loops), and no metric tsq charts means anything out there.
+const MAX_DRAWN: f64 = 1e12;
+/// Points drawn per series at most; longer series are thinned evenly (the SVG stays small).
+const MAX_POINTS: usize = 2000;
+
+fn drawable(v: f64) -> bool {
+    v.is_finite() && v.abs() <= MAX_DRAWN
+}
+
+/// The series as drawn: points and band entries with undrawable values dropped, then thinned to
+/// [`MAX_POINTS`]; and how many values were dropped, for a note under the chart.
+fn drawn(series: &[Series]) -> (Vec<Series>, usize) {
+    let mut dropped = 0;
+    let drawn = series
+        .iter()
+        .map(|s| {
+            let points: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .copied()
+                .filter(|p| drawable(p.0) && drawable(p.1))
+                .collect();
+            let band: Vec<(f64, f64, f64)> = s
+                .band
+                .iter()
+                .copied()
+                .filter(|b| drawable(b.0) && drawable(b.1) && drawable(b.2))
+                .collect();
+            dropped += s.points.len() - points.len() + s.band.len() - band.len();
+            Series {
+                name: s.name.clone(),
+                points: thinned(points),
+                band: thinned(band),
+            }
+        })
+        .collect();
+    (drawn, dropped)
+}
+
+fn thinned<T: Copy>(values: Vec<T>) -> Vec<T> {
+    let stride = values.len().div_ceil(MAX_POINTS).max(1);
+    if stride == 1 {
+        return values;
+    }
+    values.into_iter().step_by(stride).collect()
+}
+
+/// A line under the plot saying how many values were left out, when any were.
+fn note_dropped(root: &DrawingArea<SVGBackend, Shift>, dropped: usize) -> Result<(), String> {
+    if dropped == 0 {
+        return Ok(());
+    }
+    let text = format!("{dropped} values not drawn (not finite, or beyond ±{MAX_DRAWN:e})");
+    root.draw(&Text::new(text, (8, SIZE.1 as i32 - 16), (FONT, 13)))
+        .map_err(fail)
+}
+
 fn fail(e: impl std::fmt::Display) -> String {
     format!("drawing a chart: {e}")
 }
@@ -140,6 +198,8 @@ fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// Lines over a shared x axis, each with its band; a legend when there is more than one.
 pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
+    let (series, dropped) = drawn(series);
+    let series = series.as_slice();
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let ys = series.iter().flat_map(|s| {
         s.points
@@ -182,12 +242,14 @@ pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
         if series.len() > 1 {
             legend(&mut chart)?;
         }
-        Ok(())
+        note_dropped(root, dropped)
     })
 }
 
 /// Positive values per index on a log-scale y axis (singular value spectra).
 pub fn log_lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
+    let (series, dropped) = drawn(series);
+    let series = series.as_slice();
     let positive = |v: &f64| *v > 0.0;
     let x1 = series.iter().map(|s| s.points.len()).max().unwrap_or(1) as f64;
     let ys: Vec<f64> = series
@@ -220,7 +282,8 @@ pub fn log_lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
                 .label(s.name.as_str())
                 .legend(marker(c));
         }
-        legend(&mut chart)
+        legend(&mut chart)?;
+        note_dropped(root, dropped)
     })
 }
 
@@ -237,6 +300,7 @@ pub fn heatmap(
         .iter()
         .flatten()
         .flatten()
+        .filter(|v| drawable(**v))
         .map(|v| (v - centre).abs())
         .fold(1e-9, f64::max);
     let shade = |v: f64| {
@@ -273,7 +337,9 @@ pub fn heatmap(
             .map_err(fail)?;
         let cells = values.iter().enumerate().flat_map(|(y, row)| {
             row.iter().enumerate().map(move |(x, v)| {
-                let fill = v.map_or(RGBColor(200, 200, 200), shade);
+                let fill = v
+                    .filter(|v| drawable(*v))
+                    .map_or(RGBColor(200, 200, 200), shade);
                 Rectangle::new(
                     [
                         (SegmentValue::Exact(x), SegmentValue::Exact(y)),
@@ -286,4 +352,31 @@ pub fn heatmap(
         chart.draw_series(cells).map_err(fail)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ±1e308 made plotters loop, NaN and a million points made no sense or a huge file.
+    #[test]
+    fn extreme_and_endless_values_are_left_out_and_said() {
+        let mut points: Vec<(f64, f64)> = (0..1_000_000).map(|i| (i as f64, 0.5)).collect();
+        points.extend([(1.0, 1e308), (2.0, -1e308), (3.0, f64::NAN), (4.0, 1e-300)]);
+        let series = [Series {
+            name: "reward".into(),
+            points,
+            band: vec![(0.0, -f64::INFINITY, 1.0)],
+        }];
+        let axes = Axes {
+            title: "t",
+            x: "x",
+            y: "y",
+        };
+        for svg in [lines(&axes, &series), log_lines(&axes, &series)] {
+            let svg = svg.unwrap();
+            assert!(svg.contains("4 values not drawn"), "{}", &svg[..200]);
+            assert!(svg.len() < 1 << 20, "{} bytes", svg.len());
+        }
+    }
 }

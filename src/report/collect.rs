@@ -602,6 +602,75 @@ fn spectra(expert: &crate::svf::expert::Expert) -> Result<Vec<Spectrum>, String>
         .collect()
 }
 
+/// Labels a confusion table shows on each axis; the rest are summed into one "others" row and
+/// column, so a router file with thousands of labels gives a readable, bounded table.
+const MAX_CONFUSION_LABELS: usize = 20;
+
+/// A confusion matrix (truth → chosen → count) as columns and rows of counts, the most frequent
+/// labels first and the rest summed.
+fn confusion_table(
+    confusion: &BTreeMap<String, BTreeMap<String, usize>>,
+) -> (Vec<String>, Vec<(String, Vec<usize>)>) {
+    let mut column_totals: BTreeMap<&str, usize> = BTreeMap::new();
+    for row in confusion.values() {
+        for (column, n) in row {
+            *column_totals.entry(column).or_default() += n;
+        }
+    }
+    let kept = |totals: Vec<(&str, usize)>| -> Vec<String> {
+        let mut totals = totals;
+        totals.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let mut names: Vec<String> = totals
+            .iter()
+            .take(MAX_CONFUSION_LABELS)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let mut columns = kept(column_totals.into_iter().collect());
+    let other_columns = confusion
+        .values()
+        .flat_map(BTreeMap::keys)
+        .collect::<BTreeSet<_>>()
+        .len()
+        - columns.len();
+    let truths = kept(
+        confusion
+            .iter()
+            .map(|(t, row)| (t.as_str(), row.values().sum()))
+            .collect(),
+    );
+    let counts = |row: &BTreeMap<String, usize>| -> Vec<usize> {
+        let mut counts: Vec<usize> = columns
+            .iter()
+            .map(|c| row.get(c).copied().unwrap_or(0))
+            .collect();
+        if other_columns > 0 {
+            counts.push(row.values().sum::<usize>() - counts.iter().sum::<usize>());
+        }
+        counts
+    };
+    let mut rows: Vec<(String, Vec<usize>)> = truths
+        .iter()
+        .map(|t| (t.clone(), counts(&confusion[t])))
+        .collect();
+    let other_truths = confusion.len() - truths.len();
+    if other_truths > 0 {
+        let mut sum = vec![0; columns.len() + usize::from(other_columns > 0)];
+        for (_, row) in confusion.iter().filter(|(t, _)| !truths.contains(t)) {
+            for (total, n) in sum.iter_mut().zip(counts(row)) {
+                *total += n;
+            }
+        }
+        rows.push((format!("({other_truths} others)"), sum));
+    }
+    if other_columns > 0 {
+        columns.push(format!("({other_columns} others)"));
+    }
+    (columns, rows)
+}
+
 /// A routing adaptation's check, or a mixture's search.
 fn adaptation(dir: &Path, name: &str, report: &mut Report) -> Result<(), String> {
     use crate::adapt::few_shot::{ALPHA_FILE, AlphaFile};
@@ -611,24 +680,7 @@ fn adaptation(dir: &Path, name: &str, report: &mut Report) -> Result<(), String>
         let Some(check) = router.check else {
             return Ok(());
         };
-        let columns: Vec<String> = check
-            .confusion
-            .values()
-            .flat_map(|row| row.keys().cloned())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let rows = check
-            .confusion
-            .iter()
-            .map(|(truth, row)| {
-                let counts = columns
-                    .iter()
-                    .map(|c| row.get(c).copied().unwrap_or(0))
-                    .collect();
-                (truth.clone(), counts)
-            })
-            .collect();
+        let (columns, rows) = confusion_table(&check.confusion);
         report.routers.push(RouterCheck {
             adaptation: name.to_string(),
             strategy: router.strategy.clone(),
@@ -776,6 +828,34 @@ fn overview(tables: &[EvalTable]) -> Overview {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 40,001 labels (a crafted router file) give a 21 × 21 table whose counts still add up.
+    #[test]
+    fn a_confusion_table_keeps_the_most_frequent_labels_and_sums_the_rest() {
+        let mut confusion: BTreeMap<String, BTreeMap<String, usize>> = (0..40_000)
+            .map(|i| (format!("t{i}"), BTreeMap::from([(format!("t{i}"), 1)])))
+            .collect();
+        confusion.insert(
+            "big".into(),
+            BTreeMap::from([("big".into(), 50), ("t7".into(), 5)]),
+        );
+        let (columns, rows) = confusion_table(&confusion);
+        assert_eq!(columns.len(), MAX_CONFUSION_LABELS + 1);
+        assert_eq!(rows.len(), MAX_CONFUSION_LABELS + 1);
+        assert_eq!(columns.last().unwrap(), "(39981 others)");
+        assert_eq!(rows.last().unwrap().0, "(39981 others)");
+        let big = rows.iter().find(|r| r.0 == "big").unwrap();
+        assert_eq!(big.1[columns.iter().position(|c| c == "big").unwrap()], 50);
+        assert_eq!(big.1[columns.iter().position(|c| c == "t7").unwrap()], 5);
+        let total: usize = rows.iter().flat_map(|r| &r.1).sum();
+        assert_eq!(total, 40_000 + 55);
+        // A small matrix is shown whole.
+        let small = BTreeMap::from([("a".to_string(), BTreeMap::from([("b".to_string(), 2)]))]);
+        assert_eq!(
+            confusion_table(&small),
+            (vec!["b".into()], vec![("a".into(), vec![2])])
+        );
+    }
 
     /// A loglik sample's options carry their letters, log-likelihoods and which one the model
     /// chose and which was gold; runs from before the `options` column show none.
