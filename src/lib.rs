@@ -16,6 +16,8 @@ pub mod diagnostic;
 pub mod eval;
 pub mod exec;
 pub mod fsutil;
+#[cfg(test)]
+mod fuzz;
 pub mod hash;
 pub mod jinja;
 pub mod model;

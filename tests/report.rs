@@ -105,11 +105,20 @@ fn elements(html: &str) -> Vec<(String, Vec<(String, String)>)> {
 fn the_fixture_run_reports_every_section_with_its_own_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let run = fixture_copy(dir.path());
+    // The fixture's rewards run no code; a stage whose reward does records its sandbox's
+    // containment in its manifest's summary (outside the hashed outputs), as this one now says.
+    let coding = run.join("eval.coding/manifest.json");
+    let mut manifest = json(&coding);
+    manifest["summary"]["sandbox"] = "namespaces (root)".into();
+    std::fs::write(&coding, manifest.to_string()).unwrap();
     let out = dir.path().join("out");
     let done = report(&run, &out);
     assert!(done.status.success(), "{}", text(&done));
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("generated code in `eval.coding` ran with isolation: namespaces (root)"));
+    assert_eq!(md.matches("ran with isolation").count(), 1);
+    assert!(html.contains("<code>eval.coding</code> ran with isolation: namespaces (root)"));
 
     // Well-formed, every section, nothing that could load from elsewhere.
     let elements = elements(&html);

@@ -50,10 +50,13 @@ impl DataStage {
             .map_err(failed_to("fetching the data source"))?;
         verify_sha256(&path, self.dataset.card.card.sha256.as_deref())
             .map_err(|e| StageError::at("checking the sha256 pin of", &path, e))?;
-        // The card counts records after deduplication; a source may hold some duplicates more.
+        // The card counts records after deduplication, and sources repeat records heavily
+        // (OLMo's request files hold one row per option: 8x): the card bounds the rows read
+        // generously, so a source far larger than its card is refused before rows are built.
         let limits = Limits {
-            rows: (self.dataset.card.card.records)
-                .map_or(Limits::default().rows, |n| n.saturating_mul(2).max(1000)),
+            rows: (self.dataset.card.card.records).map_or(Limits::default().rows, |n| {
+                n.saturating_mul(64).max(100_000)
+            }),
             ..Limits::default()
         };
         read_rows(&path, format, limits).map_err(|e| StageError::at("reading", &path, e))

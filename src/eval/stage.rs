@@ -127,6 +127,7 @@ impl StageRunner for EvalStage<'_> {
             .map_err(|e| StageError::at("writing", &ctx.output(RESULTS_MD), e))?;
         Ok(json!({
             "items": items.len(),
+            "sandbox": reward.as_ref().and_then(Reward::sandbox_summary),
             "acc": out.results.iter().map(|(w, r)| (w.clone(), json!(r.acc.value))).collect::<serde_json::Map<_, _>>(),
         }))
     }

@@ -10,7 +10,8 @@ use serde_json::Value;
 use crate::fsutil::MAX_TEXT_BYTES;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
-const FORMAT_VERSION: u32 = 1;
+/// 2: outputs carry their blake3 (1 had sizes only; such stages re-run).
+const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
@@ -21,11 +22,18 @@ pub struct Manifest {
     /// Everything the key covers, by name: `config`, `tsq`, `upstream:<stage>`, and the stage's own
     /// inputs (file hashes, asset identities). Kept in full so `plan` can say what changed.
     pub inputs: BTreeMap<String, String>,
-    /// Output files (relative to the stage directory) and their sizes in bytes.
-    pub outputs: BTreeMap<String, u64>,
+    /// Output files (relative to the stage directory) as committed.
+    pub outputs: BTreeMap<String, OutputFile>,
     pub started_unix: f64,
     pub duration_s: f64,
     pub summary: Value,
+}
+
+/// An output file as committed: a manifest vouches for exactly these bytes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct OutputFile {
+    pub bytes: u64,
+    pub blake3: String,
 }
 
 impl Manifest {
@@ -50,7 +58,9 @@ impl Manifest {
             .filter(|m| m.format == FORMAT_VERSION)
     }
 
-    /// Records every file under `dir` (except the manifest) as an output.
+    /// Records every file under `dir` (except the manifest) as an output, with its hash, and
+    /// makes each file and directory durable (fsync) first: after a power loss, nothing a
+    /// committed manifest vouches for can be missing or silently different.
     pub fn record_outputs(&mut self, dir: &Path) -> std::io::Result<()> {
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
@@ -62,18 +72,26 @@ impl Manifest {
                 } else if let Ok(rel) = path.strip_prefix(dir) {
                     let rel = rel.to_string_lossy().to_string();
                     if rel != MANIFEST_FILE {
-                        self.outputs.insert(rel, entry.metadata()?.len());
+                        std::fs::File::open(&path)?.sync_all()?;
+                        let output = OutputFile {
+                            bytes: entry.metadata()?.len(),
+                            blake3: crate::hash::file_blake3(&path)?,
+                        };
+                        self.outputs.insert(rel, output);
                     }
                 }
             }
+            crate::fsutil::sync_dir(&d)?;
         }
         Ok(())
     }
 
-    /// Whether every recorded output is still there with its recorded size.
+    /// Whether every recorded output is still there with its recorded size and hash.
     pub fn outputs_intact(&self, stage_dir: &Path) -> bool {
-        self.outputs.iter().all(|(rel, size)| {
-            std::fs::metadata(stage_dir.join(rel)).is_ok_and(|m| m.len() == *size)
+        self.outputs.iter().all(|(rel, output)| {
+            let path = stage_dir.join(rel);
+            std::fs::metadata(&path).is_ok_and(|m| m.len() == output.bytes)
+                && crate::hash::file_blake3(&path).is_ok_and(|h| h == output.blake3)
         })
     }
 

@@ -174,4 +174,22 @@ mod tests {
             "two"
         );
     }
+
+    /// A manifest vouches for its outputs' bytes: the same size with other content is caught.
+    #[test]
+    fn an_output_changed_in_place_unfinishes_the_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::lock(dir.path()).unwrap();
+        let staged = run.staging_dir("s").unwrap();
+        std::fs::create_dir(staged.path().join("sub")).unwrap();
+        std::fs::write(staged.path().join("sub/out"), "good").unwrap();
+        let mut manifest = Manifest::new("s", Default::default());
+        manifest.record_outputs(staged.path()).unwrap();
+        manifest.write(staged.path()).unwrap();
+        run.commit("s", staged).unwrap();
+        assert!(run.finished("s").is_some());
+        std::fs::write(dir.path().join("s/sub/out"), "evil").unwrap();
+        let why = run.finished_or_why("s").unwrap_err();
+        assert!(why.contains("do not match its manifest"), "{why}");
+    }
 }

@@ -100,18 +100,20 @@ fn check_extent(
             info.offset
         ));
     }
-    let elements = info.shape.dims().iter().map(|d| *d as u64).product::<u64>();
-    let bytes = elements / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64;
-    let end = data_offset
-        .checked_add(info.offset)
-        .and_then(|start| start.checked_add(bytes));
-    match end {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(format!(
-            "its {bytes} bytes at offset {} run past the end of the {size}-byte file",
+    // The element count was checked to fit; its byte size (found by fuzzing) may not.
+    let elements = info.shape.elem_count() as u64;
+    let dtype = info.ggml_dtype;
+    let bytes = (elements / dtype.block_size() as u64).checked_mul(dtype.type_size() as u64);
+    let end = bytes
+        .and_then(|bytes| data_offset.checked_add(info.offset)?.checked_add(bytes))
+        .filter(|end| *end <= size);
+    if end.is_none() {
+        return Err(format!(
+            "its {elements} {dtype:?} elements at offset {} run past the end of the {size}-byte file",
             info.offset
-        )),
+        ));
     }
+    Ok(())
 }
 
 /// A reader that knows how many bytes the file has left, so no length can ask for more.
@@ -359,6 +361,11 @@ mod tests {
             ),
             (
                 Raw::header(1, 0).tensor("t", &[4], 0, u64::MAX - 31),
+                "run past the end",
+            ),
+            // Found by the fuzzer: elements that fit, bytes that do not.
+            (
+                Raw::header(1, 0).tensor("t", &[1 << 32, 1 << 31], 0, 0),
                 "run past the end",
             ),
             (

@@ -12,7 +12,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
-mod gguf_header;
+pub(crate) mod gguf_header;
 pub mod hf;
 pub mod score;
 pub mod stage;

@@ -233,6 +233,14 @@ pub struct Provenance {
     pub machine: String,
     pub stages: Vec<StageTime>,
     pub total_seconds: f64,
+    /// The containment generated code had, per stage that ran code (from its manifest).
+    pub sandboxes: Vec<StageSandbox>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StageSandbox {
+    pub stage: String,
+    pub containment: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -776,6 +784,15 @@ fn provenance(
         })
         .collect();
     stages.sort_by(|a, b| a.started_unix.total_cmp(&b.started_unix));
+    let sandboxes = manifests
+        .iter()
+        .filter_map(|(id, m)| {
+            Some(StageSandbox {
+                stage: id.clone(),
+                containment: m.summary.get("sandbox")?.as_str()?.to_string(),
+            })
+        })
+        .collect();
     Provenance {
         pipeline,
         seed: Some(spec.seed),
@@ -786,6 +803,7 @@ fn provenance(
         machine: field("machine"),
         total_seconds: stages.iter().map(|s| s.seconds).sum(),
         stages,
+        sandboxes,
     }
 }
 

@@ -258,6 +258,24 @@ impl Reward {
         }
     }
 
+    /// How contained the generated code this reward runs is (`None` for rewards that run no
+    /// code), for the stage's provenance.
+    pub fn sandbox(&self) -> Option<Result<sandbox::Containment, String>> {
+        match &self.judge {
+            Judge::Code { sandbox, .. } => Some(sandbox.containment()),
+            Judge::Composite(parts) => parts.iter().find_map(|(_, r, _)| r.sandbox()),
+            _ => None,
+        }
+    }
+
+    /// The line a stage's summary records about its reward's sandbox (absent: no code run).
+    pub fn sandbox_summary(&self) -> Option<String> {
+        self.sandbox().map(|c| match c {
+            Ok(c) => c.describe().to_string(),
+            Err(refusal) => format!("refused: {refusal}"),
+        })
+    }
+
     /// Judges many completions; code rewards run their programs in parallel (the sandbox's
     /// `concurrency`), the rest in order.
     pub fn judge_all(

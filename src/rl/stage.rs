@@ -206,7 +206,9 @@ impl TrainStage<'_> {
                 return Err(StageError::Interrupted);
             }
         }
-        self.write_outputs(ctx, &initial, &trainer, &state, started)
+        let mut summary = self.write_outputs(ctx, &initial, &trainer, &state, started)?;
+        summary["sandbox"] = json!(reward.sandbox_summary());
+        Ok(summary)
     }
 
     /// The starting vector: another expert's (`init_from`) or the parametrisation's initial one.

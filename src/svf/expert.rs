@@ -167,13 +167,21 @@ impl Expert {
     }
 
     pub fn load(file: &Path) -> Result<Self, ExpertError> {
+        let bytes = crate::fsutil::read_bytes_bounded(file, crate::fsutil::MAX_EXPERT_BYTES)
+            .map_err(|e| ExpertError::File {
+                file: file.into(),
+                message: format!("cannot read: {e}"),
+            })?;
+        Self::from_bytes(file, &bytes)
+    }
+
+    /// An expert from the bytes of its file (`file` names it in errors); every field checked.
+    pub fn from_bytes(file: &Path, bytes: &[u8]) -> Result<Self, ExpertError> {
         let fail = |message: String| ExpertError::File {
             file: file.into(),
             message,
         };
-        let bytes = crate::fsutil::read_bytes_bounded(file, crate::fsutil::MAX_EXPERT_BYTES)
-            .map_err(|e| fail(format!("cannot read: {e}")))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
         let meta_json = header
             .metadata()
@@ -209,7 +217,7 @@ impl Expert {
                 super::MAX_MULT
             )));
         }
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
             .map_err(|e| fail(format!("cannot read tensors: {e}")))?;
         let mut vectors = BTreeMap::new();
         for name in &meta.targets {

@@ -275,3 +275,22 @@ fn escapes_are_contained() {
     assert!(ipc.passed(), "SysV shared memory was allowed: {ipc:?}");
     assert_ne!(ipc.containment, Containment::None);
 }
+
+/// Provenance asks before any program ran (a resumed stage): a probe finds the jail, and the
+/// answer is the one later programs get.
+#[test]
+fn containment_is_known_without_a_program_and_matches_the_runs() {
+    let sandbox = Sandbox::new(spec(10.0));
+    let probed = sandbox.containment().expect("a jail on this machine");
+    let outcome = sandbox.run(&program(ADD, "assert add(1, 2) == 3")).unwrap();
+    assert_eq!(outcome.containment, probed);
+    assert_ne!(probed, Containment::None);
+    let unisolated = SandboxSpec {
+        isolation: SandboxIsolation::None,
+        ..spec(10.0)
+    };
+    assert_eq!(
+        Sandbox::new(unisolated).containment(),
+        Ok(Containment::None)
+    );
+}
