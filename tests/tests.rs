@@ -2,6 +2,7 @@
 
 mod adapt;
 mod common;
+mod crafted;
 mod eval;
 mod model;
 mod real_data;

@@ -196,3 +196,20 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endless_tokenizer_file_is_refused_naming_it() {
+        let err = Tokenizer::from_file(Path::new("/dev/zero"), None, vec![], false)
+            .err()
+            .expect("/dev/zero is no tokenizer")
+            .to_string();
+        assert!(
+            err.contains("/dev/zero") && err.contains("not a regular file"),
+            "{err}"
+        );
+    }
+}
