@@ -327,7 +327,7 @@ pub enum DeviceArg {
 
 impl From<ModelOptions> for cmd::ModelArgs {
     fn from(m: ModelOptions) -> Self {
-        use crate::pipeline::spec::{Device, Dtype};
+        use crate::model::placement::{Device, Dtype};
         let dtype = match m.dtype {
             DtypeArg::F32 => Dtype::F32,
             DtypeArg::Bf16 => Dtype::Bf16,

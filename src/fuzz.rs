@@ -184,7 +184,7 @@ fn pipeline_yaml() {
 
 #[test]
 fn expert_files() {
-    use crate::pipeline::spec::Parametrization;
+    use crate::svf::Parametrization;
     use crate::svf::expert::{BaseModel, Expert};
     let values: Vec<(String, candle_core::Tensor)> =
         ["layers.0.mlp.up_proj", "layers.3.attn.q_proj"]

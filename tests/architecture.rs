@@ -46,7 +46,6 @@ const KNOWN_VIOLATIONS: &[(&str, &str)] = &[
     ("report", "exec"),
     ("report", "pipeline"),
     ("report", "stages"),
-    ("reward", "pipeline"),
     ("rl", "exec"),
     ("rl", "pipeline"),
     ("rl", "stages"),
@@ -54,7 +53,6 @@ const KNOWN_VIOLATIONS: &[(&str, &str)] = &[
     ("svd", "pipeline"),
     ("svd", "stages"),
     ("svd", "svf"),
-    ("svf", "pipeline"),
 ];
 
 /// Each top-level module's uses of other top-level modules, with a file that makes each.

@@ -23,8 +23,9 @@ use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::model::Model;
 use crate::model::stage::ModelRecord;
 use crate::pipeline::spec::{
-    AdaptationSpec, ClassifierAdaptation, ClassifyMode, ExpertSpec, RewardSpec, Routing,
+    AdaptationSpec, ClassifierAdaptation, ClassifyMode, ExpertSpec, Routing,
 };
+use crate::reward::spec::RewardSpec;
 use crate::stages::Shared;
 
 /// Inputs classified per batch of the first pass.

@@ -12,7 +12,7 @@ use super::{CmdError, ModelArgs};
 use crate::model::Model;
 use crate::model::generate::{GenerateOptions, generate};
 use crate::model::transformer::{Batch, LogitsAt, Mode};
-use crate::pipeline::spec::Parametrization;
+use crate::svf::Parametrization;
 use crate::svf::expert::{BaseModel, Expert};
 use crate::svf::train::{SvfTrainer, TokenBatch};
 

@@ -113,8 +113,8 @@ pub struct ModelArgs {
     pub source: String,
     /// An SVF expert file to compose into the weights.
     pub expert: Option<std::path::PathBuf>,
-    pub dtype: crate::pipeline::spec::Dtype,
-    pub device: crate::pipeline::spec::Device,
+    pub dtype: crate::model::placement::Dtype,
+    pub device: crate::model::placement::Device,
 }
 
 impl ModelArgs {

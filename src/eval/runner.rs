@@ -10,7 +10,8 @@ use crate::model::Model;
 use crate::model::generate::{GenerateOptions, generate};
 use crate::model::score::{continuation_ids, score_options};
 use crate::pipeline::ResolvedEval;
-use crate::pipeline::spec::{OptionForm, RewardValues};
+use crate::pipeline::spec::OptionForm;
+use crate::reward::spec::RewardValues;
 use crate::reward::{Reward, Verdict, choices_field, extract, gold_index};
 
 /// One item evaluated with one model.

@@ -17,8 +17,9 @@ use crate::data::stage::{StoredRecord, read_stored};
 use crate::exec::{StageContext, StageError, StageRunner, failed_to, file_input};
 use crate::model::stage::ModelRecord;
 use crate::pipeline::ResolvedEval;
-use crate::pipeline::spec::{AdaptationSpec, EvalMode, RewardSpec, RewardValues};
+use crate::pipeline::spec::{AdaptationSpec, EvalMode};
 use crate::reward::Reward;
+use crate::reward::spec::{RewardSpec, RewardValues};
 use crate::stages::Shared;
 
 pub struct EvalStage<'a> {

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 pub(crate) mod gguf_header;
 pub mod hf;
+pub mod placement;
 pub mod score;
 pub mod stage;
 pub mod testing;
@@ -30,8 +31,8 @@ use tokenizer::Tokenizer;
 use transformer::Transformer;
 
 /// The candle dtype for a pipeline dtype.
-pub fn dtype(d: crate::pipeline::spec::Dtype) -> DType {
-    use crate::pipeline::spec::Dtype;
+pub fn dtype(d: placement::Dtype) -> DType {
+    use placement::Dtype;
     match d {
         Dtype::F32 => DType::F32,
         Dtype::Bf16 => DType::BF16,
@@ -40,8 +41,8 @@ pub fn dtype(d: crate::pipeline::spec::Dtype) -> DType {
 }
 
 /// The candle device for a pipeline device; CUDA and Metal need tsq built with that feature.
-pub fn device(d: crate::pipeline::spec::Device) -> Result<Device> {
-    use crate::pipeline::spec::Device as D;
+pub fn device(d: placement::Device) -> Result<Device> {
+    use placement::Device as D;
     Ok(match d {
         D::Cpu => Device::Cpu,
         D::Cuda => Device::new_cuda(0)?,

@@ -6,6 +6,7 @@
 pub mod extract;
 mod math;
 pub mod sandbox;
+pub mod spec;
 
 use std::collections::BTreeMap;
 
@@ -13,9 +14,9 @@ use regex::Regex;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-pub use crate::pipeline::spec::Verdict;
-use crate::pipeline::spec::{RewardSpec, RewardValues};
 use sandbox::{Sandbox, SandboxOutcome};
+pub use spec::Verdict;
+use spec::{RewardSpec, RewardValues};
 
 /// How one completion was judged.
 #[derive(Clone, Debug, PartialEq, Serialize)]

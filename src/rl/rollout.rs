@@ -540,7 +540,8 @@ fn finish_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::spec::{Baseline, Parametrization, Rollout};
+    use crate::pipeline::spec::{Baseline, Rollout};
+    use crate::svf::Parametrization;
     use crate::svf::apply::{Application, apply};
     use crate::svf::expert::{BaseModel, Expert};
     use crate::svf::train::SvfTrainer;

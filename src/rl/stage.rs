@@ -29,9 +29,9 @@ use crate::model::Model;
 use crate::model::stage::ModelRecord;
 use crate::pipeline::ResolvedEval;
 use crate::pipeline::spec::{
-    Baseline, EvaluateSpec, ExpertSpec, Keep, Objective, RewardSpec, RewardValues, Rollout,
-    Schedule, SplitName,
+    Baseline, EvaluateSpec, ExpertSpec, Keep, Objective, Rollout, Schedule, SplitName,
 };
+use crate::reward::spec::{RewardSpec, RewardValues};
 use crate::reward::{Reward, Verdict};
 use crate::stages::Shared;
 use crate::svd::cache::Decomposed;

@@ -150,7 +150,7 @@ impl Shared {
 /// The reward `name` and every reward it is composed of, by name, as JSON (for cache keys):
 /// a change to any part re-runs what it judges.
 pub fn rewards_config(
-    rewards: &BTreeMap<String, crate::pipeline::spec::RewardSpec>,
+    rewards: &BTreeMap<String, crate::reward::spec::RewardSpec>,
     name: &str,
 ) -> Value {
     let mut out = serde_json::Map::new();
@@ -162,7 +162,7 @@ pub fn rewards_config(
         let Some(spec) = rewards.get(&n) else {
             continue;
         };
-        if let crate::pipeline::spec::RewardSpec::Composite(c) = spec {
+        if let crate::reward::spec::RewardSpec::Composite(c) = spec {
             todo.extend(c.parts.iter().map(|p| p.reward.clone()));
         }
         out.insert(n, to_json(spec));

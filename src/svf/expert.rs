@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::pipeline::spec::Parametrization;
+use super::Parametrization;
 
 pub const FORMAT_VERSION: u32 = 1;
 const METADATA_KEY: &str = "tsq_expert";

@@ -1,7 +1,7 @@
 //! Singular value fine-tuning: an expert is one vector z per decomposed matrix, and the adapted
 //! weight is W' = U diag(s ⊙ m(z)) Vᵀ.
 //!
-//! Parametrisations (`pipeline::spec::Parametrization`):
+//! Parametrisations ([`Parametrization`]):
 //! - `sigmoid` (the paper's): m = sigmoid(z) · max_mult, z initialised to 0.1 + N(0, 0.01²), and W'
 //!   rescaled by Σs / Σ(s ⊙ m) so the sum of singular values is unchanged;
 //! - `linear`: m = z, initialised to 1, no rescale, so W' == W at initialisation.
@@ -27,7 +27,25 @@ use crate::svd::cache::{CacheError, Decomposed, SvdCache};
 use expert::{BaseModel, Expert, ExpertError};
 use rand_distr::{Distribution, Normal};
 
-use crate::pipeline::spec::Parametrization;
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Parametrization {
+    /// m = sigmoid(z)·max_mult, rescaled to keep Σs (the paper's).
+    #[default]
+    Sigmoid,
+    /// m = z, initialised to 1 (reproduces the base model exactly at init).
+    Linear,
+}
 
 /// The paper's `max_mult`: sigmoid scales lie in (0, 1).
 pub const MAX_MULT: f64 = 1.0;

@@ -13,12 +13,12 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
+use super::Parametrization;
 use super::adam::{AdamConfig, AdamState};
 use super::backprop::{Engine, Sequence};
 use super::expert::Expert;
 use crate::model::error::{ModelError, Result};
 use crate::model::transformer::Transformer;
-use crate::pipeline::spec::Parametrization;
 use crate::svd::cache::Decomposed;
 
 /// Sequences (unpadded) and per-token loss weights of one step. `weights[b][t]` weighs the

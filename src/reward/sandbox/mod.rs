@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::spec::{SandboxIsolation, SandboxSpec};
+use super::spec::{SandboxIsolation, SandboxSpec};
 use jail::{Entry, Jail, Limits};
 
 /// The judge that runs the tests (see its header).
