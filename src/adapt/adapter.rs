@@ -11,9 +11,9 @@ use super::router::{ROUTER_FILE, Route, Router};
 use crate::assets::TsqHome;
 use crate::exec::RunDir;
 use crate::model::Model;
-use crate::model::stage::ModelRecord;
 use crate::pipeline::spec::BASE;
 use crate::rl::stage::EXPERT_FILE;
+use crate::stages::model::ModelRecord;
 use crate::svf::Composed;
 
 /// The base model of the finished run in `run_dir`, as its `model` stage resolved it.

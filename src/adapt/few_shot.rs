@@ -20,11 +20,11 @@ use crate::eval::runner::Task;
 use crate::eval::stage::EvalStage;
 use crate::exec::{StageContext, StageError, failed_to};
 use crate::model::Model;
-use crate::model::stage::ModelRecord;
 use crate::model::transformer::Transformer;
 use crate::pipeline::ResolvedEval;
 use crate::pipeline::spec::{EvalMode, EvaluateSpec, FewShotAdaptation, Granularity};
 use crate::reward::Verdict;
+use crate::stages::model::ModelRecord;
 use crate::svd::cache::Decomposed;
 use crate::svf::expert::{BaseModel, Expert, Mix, combine, layer_of};
 
@@ -69,7 +69,8 @@ pub fn run(
 ) -> Result<Value, StageError> {
     let started = Instant::now();
     let base = BaseModel::of_file(&record.path).map_err(failed_to("identifying the model"))?;
-    let factors = crate::svd::stage::upstream_factors(ctx, model, &base, &stage.shared.home)?;
+    let factors =
+        crate::stages::decompose::upstream_factors(ctx, model, &base, &stage.shared.home)?;
     let experts = load_experts(ctx, &f.experts)?;
     let records = read_stored(ctx.upstream_dir(&format!("data.{}", f.dataset))?)?;
     let shots = shots(&records, f)?;

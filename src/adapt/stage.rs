@@ -21,12 +21,12 @@ use crate::data::stage::{StoredRecord, read_stored};
 use crate::data::template::TemplateFile;
 use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::model::Model;
-use crate::model::stage::ModelRecord;
 use crate::pipeline::spec::{
     AdaptationSpec, ClassifierAdaptation, ClassifyMode, ExpertSpec, Routing,
 };
 use crate::reward::spec::RewardSpec;
 use crate::stages::Shared;
+use crate::stages::model::ModelRecord;
 
 /// Inputs classified per batch of the first pass.
 const ROUTE_BATCH: usize = 16;

@@ -55,7 +55,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
             eval.spec.dataset
         )));
     }
-    let record = crate::model::stage::ModelRecord::read(&model_dir).map_err(fail)?;
+    let record = crate::stages::model::ModelRecord::read(&model_dir).map_err(fail)?;
     let env = Env::new(&pipeline, crate::assets::TsqHome::from_env());
     let stage = EvalStage {
         eval: eval.clone(),

@@ -17,9 +17,9 @@ use crate::data::stage::StoredRecord;
 use crate::eval::Proportion;
 use crate::exec::{StageContext, StageError, file_input};
 use crate::model::Model;
-use crate::model::stage::ModelRecord;
 use crate::pipeline::spec::BASE;
 use crate::stages::Shared;
+use crate::stages::model::ModelRecord;
 use crate::svf::Composed;
 
 /// The base model and the adapted models made from it, composed on first use, with the hashes

@@ -15,12 +15,12 @@ use super::results::{ModelResult, NSamples, RESULTS_JSON, RESULTS_MD, Results, S
 use super::runner::{Sample, Task};
 use crate::data::stage::{StoredRecord, read_stored};
 use crate::exec::{StageContext, StageError, StageRunner, failed_to, file_input};
-use crate::model::stage::ModelRecord;
 use crate::pipeline::ResolvedEval;
 use crate::pipeline::spec::{AdaptationSpec, EvalMode};
 use crate::reward::Reward;
 use crate::reward::spec::{RewardSpec, RewardValues};
 use crate::stages::Shared;
+use crate::stages::model::ModelRecord;
 
 pub struct EvalStage<'a> {
     pub eval: ResolvedEval,

@@ -16,7 +16,6 @@ pub(crate) mod gguf_header;
 pub mod hf;
 pub mod placement;
 pub mod score;
-pub mod stage;
 pub mod testing;
 pub mod tokenizer;
 pub mod transformer;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::placement::{Device, Dtype};
 use crate::reward::spec::RewardSpec;
+use crate::svd::targets::SvdSpec;
 use crate::svf::Parametrization;
 
 /// A tsq pipeline: a base model, what to decompose, datasets, rewards, experts to train, how to adapt,
@@ -66,34 +67,6 @@ pub struct ModelSpec {
     pub dtype: Dtype,
     #[serde(default)]
     pub device: Device,
-}
-
-/// Which weight matrices to decompose; each matched matrix gets one SVF vector per expert.
-#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SvdSpec {
-    /// Regexes over canonical module names such as `layers.3.mlp.up_proj` (matched against the part
-    /// after `layers.{i}.`).
-    #[schemars(length(min = 1))]
-    pub targets: Vec<String>,
-    /// `all`, an inclusive range `a-b`, or a list of layer indices.
-    #[serde(default)]
-    pub layers: Layers,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
-#[serde(untagged)]
-pub enum Layers {
-    /// `all` or an inclusive range like `0-11`.
-    Named(#[schemars(regex(pattern = r"^(all|[0-9]+-[0-9]+)$"))] String),
-    /// A list of layer indices.
-    List(#[schemars(length(min = 1))] Vec<u32>),
-}
-
-impl Default for Layers {
-    fn default() -> Self {
-        Layers::Named("all".into())
-    }
 }
 
 /// A dataset: a card saying where the records come from, templates for prompt and target, a split.

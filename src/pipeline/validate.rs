@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use regex::Regex;
 
-use super::spec::{BASE, EvalMode, ExpertSpec, Layers, Objective, PipelineSpec, Rollout};
+use super::spec::{BASE, EvalMode, ExpertSpec, Objective, PipelineSpec, Rollout};
 use super::{Pipeline, ResolvedDataset, ResolvedEval};
 use crate::assets::AssetSource;
 use crate::dag::{Graph, Stage, StageId};
@@ -13,6 +13,7 @@ use crate::data::card::load_card;
 use crate::data::template::TemplateFile;
 use crate::diagnostic::{Diagnostic, did_you_mean};
 use crate::reward::spec::RewardSpec;
+use crate::svd::targets::Layers;
 
 /// Collects every semantic problem; loads dataset cards into the pipeline as a side effect.
 pub fn semantic_checks(p: &mut Pipeline) -> Result<(), Vec<Diagnostic>> {

@@ -26,7 +26,6 @@ use crate::eval::runner::Task;
 use crate::eval::stage::{EvalStage, run_batches};
 use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::model::Model;
-use crate::model::stage::ModelRecord;
 use crate::pipeline::ResolvedEval;
 use crate::pipeline::spec::{
     Baseline, EvaluateSpec, ExpertSpec, Keep, Objective, Rollout, Schedule, SplitName,
@@ -34,6 +33,7 @@ use crate::pipeline::spec::{
 use crate::reward::spec::{RewardSpec, RewardValues};
 use crate::reward::{Reward, Verdict};
 use crate::stages::Shared;
+use crate::stages::model::ModelRecord;
 use crate::svd::cache::Decomposed;
 use crate::svf::apply::{Application, apply};
 use crate::svf::expert::{BaseModel, Expert};
@@ -123,7 +123,8 @@ impl TrainStage<'_> {
         let record = ModelRecord::from_upstream(ctx)?;
         let model = self.shared.model(&record.path)?;
         let base = BaseModel::of_file(&record.path).map_err(failed_to("identifying the model"))?;
-        let factors = crate::svd::stage::upstream_factors(ctx, &model, &base, &self.shared.home)?;
+        let factors =
+            crate::stages::decompose::upstream_factors(ctx, &model, &base, &self.shared.home)?;
         let split = |name: &str| -> Vec<&StoredRecord> {
             records.iter().filter(|r| r.split == name).collect()
         };

@@ -8,9 +8,9 @@
 
 mod adapt;
 mod data;
-mod decompose;
+pub mod decompose;
 mod eval;
-mod model;
+pub mod model;
 mod report;
 mod train;
 

@@ -1,10 +1,106 @@
-//! The `model` kind: one stage fetching and identifying the base model.
+//! The `model` kind: one stage that fetches the model asset (any source), checks the sha256
+//! pin, and records its format, size and content hash in `model.json`. Its cache key is the
+//! asset's identity, so a changed local file or a different package version re-runs everything
+//! that depends on the model.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{Value, json};
 
 use super::{Declared, Env, Kind, to_json};
 use crate::dag::Stage;
-use crate::exec::StageRunner;
-use crate::model::stage::ModelStage;
+
+use crate::assets::{AssetSource, TsqHome, verify_sha256};
+use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::pipeline::Pipeline;
+use crate::pipeline::spec::ModelSpec;
+
+pub const MODEL_FILE: &str = "model.json";
+
+/// What the `model` stage records in `model.json`, as later stages read it.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct ModelRecord {
+    pub source: String,
+    pub path: std::path::PathBuf,
+    pub format: String,
+    /// Content hash of a single weights file (`None` for a model directory).
+    pub blake3: Option<String>,
+}
+
+impl ModelRecord {
+    /// The record of the finished `model` stage this stage depends on.
+    pub fn from_upstream(ctx: &StageContext) -> Result<Self, StageError> {
+        Self::read(ctx.upstream_dir("model")?)
+    }
+
+    /// The record in a finished model stage's directory.
+    pub fn read(stage_dir: &Path) -> Result<Self, StageError> {
+        let file = stage_dir.join(MODEL_FILE);
+        crate::fsutil::read_json(&file, crate::fsutil::MAX_TEXT_BYTES)
+            .map_err(|e| StageError::at("reading", &file, e))
+    }
+}
+
+pub struct ModelStage {
+    pub spec: ModelSpec,
+    pub base_dir: std::path::PathBuf,
+    pub home: TsqHome,
+}
+
+impl ModelStage {
+    fn source(&self) -> Result<AssetSource, StageError> {
+        AssetSource::parse(&self.spec.source, &self.base_dir)
+            .map_err(failed_to("reading the model source"))
+    }
+}
+
+/// The weight format a path implies: GGUF and safetensors files, or an HF-layout directory.
+fn format_of(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()) {
+        _ if path.is_dir() => "directory",
+        Some("gguf") => "gguf",
+        Some("safetensors") => "safetensors",
+        _ => "unknown",
+    }
+}
+
+impl StageRunner for ModelStage {
+    fn inputs(&self) -> Result<BTreeMap<String, String>, StageError> {
+        let identity = self
+            .source()?
+            .identity()
+            .map_err(failed_to("identifying the model"))?;
+        Ok(BTreeMap::from([("model".to_string(), identity)]))
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
+        let path = self
+            .source()?
+            .resolve(&self.home)
+            .map_err(failed_to("fetching the model"))?;
+        verify_sha256(&path, self.spec.sha256.as_deref())
+            .map_err(|e| StageError::at("checking the sha256 pin of", &path, e))?;
+        let format = format_of(&path);
+        if format == "unknown" {
+            return Err(StageError::at(
+                "loading the model",
+                &path,
+                "not a GGUF or safetensors file or a model directory",
+            ));
+        }
+        let (size, hash) = if path.is_file() {
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            (size, Some(crate::exec::file_input(&path)?))
+        } else {
+            (0, None)
+        };
+        let info = json!({"source": self.spec.source, "path": path, "format": format, "bytes": size, "blake3": hash});
+        crate::fsutil::write_json(&ctx.output(MODEL_FILE), &info)
+            .map_err(|e| StageError::at("writing", &ctx.output(MODEL_FILE), e))?;
+        Ok(info)
+    }
+}
 
 pub struct ModelKind;
 

@@ -6,7 +6,6 @@
 //! beats parallelising inside one small SVD; a lone large matrix uses faer's own parallelism.
 
 pub mod cache;
-pub mod stage;
 pub mod targets;
 
 use candle_core::{DType, Device, Tensor};

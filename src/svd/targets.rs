@@ -3,7 +3,36 @@
 
 use regex::Regex;
 
-use crate::pipeline::spec::{Layers, SvdSpec};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Which weight matrices to decompose; each matched matrix gets one SVF vector per expert.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SvdSpec {
+    /// Regexes over canonical module names such as `layers.3.mlp.up_proj` (matched against the part
+    /// after `layers.{i}.`).
+    #[schemars(length(min = 1))]
+    pub targets: Vec<String>,
+    /// `all`, an inclusive range `a-b`, or a list of layer indices.
+    #[serde(default)]
+    pub layers: Layers,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(untagged)]
+pub enum Layers {
+    /// `all` or an inclusive range like `0-11`.
+    Named(#[schemars(regex(pattern = r"^(all|[0-9]+-[0-9]+)$"))] String),
+    /// A list of layer indices.
+    List(#[schemars(length(min = 1))] Vec<u32>),
+}
+
+impl Default for Layers {
+    fn default() -> Self {
+        Layers::Named("all".into())
+    }
+}
 
 /// The decomposable modules of each layer, in canonical order.
 pub const LAYER_MODULES: [&str; 7] = [
