@@ -190,7 +190,7 @@ fn routed_and_mixed_adaptations_evaluate_generate_and_chat() {
     assert_eq!(examples.len(), 2 * (4 + 4));
     let mut splits = BTreeMap::new();
     for dataset in ["logic", "coding"] {
-        for r in tsq::data::stage::read_stored(&run.join(format!("data.{dataset}"))).unwrap() {
+        for r in tsq::stages::data::read_stored(&run.join(format!("data.{dataset}"))).unwrap() {
             splits.insert(format!("{dataset}/{}", r.id), r.split);
         }
     }
@@ -210,7 +210,7 @@ fn routed_and_mixed_adaptations_evaluate_generate_and_chat() {
     );
     let generations = std::fs::read_to_string(run.join("adapt.mix/metrics.jsonl")).unwrap();
     assert_eq!(generations.lines().count(), 3);
-    let records = tsq::data::stage::read_stored(&run.join("data.logic")).unwrap();
+    let records = tsq::stages::data::read_stored(&run.join("data.logic")).unwrap();
     let split: BTreeMap<&str, &str> = records
         .iter()
         .map(|r| (r.id.as_str(), r.split.as_str()))

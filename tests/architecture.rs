@@ -34,8 +34,6 @@ const KNOWN_VIOLATIONS: &[(&str, &str)] = &[
     ("adapt", "exec"),
     ("adapt", "pipeline"),
     ("adapt", "stages"),
-    ("data", "exec"),
-    ("data", "pipeline"),
     ("eval", "adapt"),
     ("eval", "exec"),
     ("eval", "pipeline"),

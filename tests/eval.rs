@@ -177,7 +177,7 @@ fn a_killed_evaluation_resumes_from_its_checkpoint() {
         .unwrap()
         .to_string();
     let records =
-        tsq::data::stage::read_stored(&dir.path().join("runs/eval_base/data.pattern")).unwrap();
+        tsq::stages::data::read_stored(&dir.path().join("runs/eval_base/data.pattern")).unwrap();
     let first = records.iter().find(|r| r.split == "test").unwrap();
     let checkpoint = dir
         .path()

@@ -124,7 +124,7 @@ fn code_rewards_pass_the_canonical_solutions() {
         ("mbpp", "mbpp_tests", "code"),
         ("humaneval", "humaneval_tests", "canonical_solution"),
     ] {
-        let records = tsq::data::stage::read_stored(
+        let records = tsq::stages::data::read_stored(
             &dir.path().join(format!("runs/eval_base/data.{dataset}")),
         )
         .unwrap();

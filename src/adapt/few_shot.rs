@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::cem::{self, CemState, Fitness, GenerationRecord};
 use super::stage::AdaptStage;
-use crate::data::stage::{StoredRecord, read_stored};
+use crate::data::stored::StoredRecord;
 use crate::eval::runner::Task;
 use crate::eval::stage::EvalStage;
 use crate::exec::{StageContext, StageError, failed_to};
@@ -24,6 +24,7 @@ use crate::model::transformer::Transformer;
 use crate::pipeline::ResolvedEval;
 use crate::pipeline::spec::{EvalMode, EvaluateSpec, FewShotAdaptation, Granularity};
 use crate::reward::Verdict;
+use crate::stages::data::read_stored;
 use crate::stages::model::ModelRecord;
 use crate::svd::cache::Decomposed;
 use crate::svf::expert::{BaseModel, Expert, Mix, combine, layer_of};

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::classify::{Classified, Classifier, answer};
 use super::router::{self, ROUTER_FILE, Route, Router, RouterFile};
-use crate::data::stage::{StoredRecord, read_stored};
+use crate::data::stored::StoredRecord;
 use crate::data::template::TemplateFile;
 use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::model::Model;
@@ -26,6 +26,7 @@ use crate::pipeline::spec::{
 };
 use crate::reward::spec::RewardSpec;
 use crate::stages::Shared;
+use crate::stages::data::read_stored;
 use crate::stages::model::ModelRecord;
 
 /// Inputs classified per batch of the first pass.

@@ -64,7 +64,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
         version: String::new(),
         shared: &env.shared,
     };
-    let records = crate::data::stage::read_stored(&data_dir).map_err(fail)?;
+    let records = crate::stages::data::read_stored(&data_dir).map_err(fail)?;
     let (mut items, _) = stage.items(&records);
     items.truncate(args.limit.unwrap_or(items.len()));
     let train = crate::eval::stage::train_split(&records);
@@ -128,7 +128,7 @@ fn round(x: f64) -> f64 {
 fn write_peer_items(
     file: &Path,
     task: &crate::eval::runner::Task,
-    items: &[&crate::data::stage::StoredRecord],
+    items: &[&crate::data::stored::StoredRecord],
     samples: &[Sample],
 ) -> Result<(), CmdError> {
     if task.eval.spec.mode != EvalMode::Loglik {

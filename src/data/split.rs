@@ -4,7 +4,27 @@
 
 use serde_json::Number;
 
-use crate::pipeline::spec::SplitSpec;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How records are split. Each part is a fraction (written with a decimal point, e.g. `0.8`) or a
+/// count (a whole number, e.g. `100`); records left over are not used.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SplitSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub train: Option<serde_json::Number>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub val: Option<serde_json::Number>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub test: Option<serde_json::Number>,
+    /// Seed of the split (default: the pipeline seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
 
 pub const PARTS: [&str; 3] = ["train", "val", "test"];
 

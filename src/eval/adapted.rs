@@ -13,7 +13,7 @@ use super::stage::{EvalStage, Timing};
 use crate::adapt::few_shot::{ALPHA_FILE, AlphaFile};
 use crate::adapt::router::{ROUTER_FILE, Route, Router};
 use crate::adapt::stage::classify_batches;
-use crate::data::stage::StoredRecord;
+use crate::data::stored::StoredRecord;
 use crate::eval::Proportion;
 use crate::exec::{StageContext, StageError, file_input};
 use crate::model::Model;

@@ -3,7 +3,7 @@
 //! split, chosen per item by a seeded order, and never include the item itself.
 
 use crate::data::split::seeded_order;
-use crate::data::stage::StoredRecord;
+use crate::data::stored::StoredRecord;
 use crate::model::Model;
 use crate::model::chat::Message;
 

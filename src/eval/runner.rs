@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::prompts::{Shot, render, shot_records};
-use crate::data::stage::StoredRecord;
+use crate::data::stored::StoredRecord;
 use crate::exec::StageError;
 use crate::model::Model;
 use crate::model::generate::{GenerateOptions, generate};

@@ -13,13 +13,14 @@ use serde_json::{Value, json};
 use super::adapted::{Models, mixture_result};
 use super::results::{ModelResult, NSamples, RESULTS_JSON, RESULTS_MD, Results, SAMPLES_FILE};
 use super::runner::{Sample, Task};
-use crate::data::stage::{StoredRecord, read_stored};
+use crate::data::stored::StoredRecord;
 use crate::exec::{StageContext, StageError, StageRunner, failed_to, file_input};
 use crate::pipeline::ResolvedEval;
 use crate::pipeline::spec::{AdaptationSpec, EvalMode};
 use crate::reward::Reward;
 use crate::reward::spec::{RewardSpec, RewardValues};
 use crate::stages::Shared;
+use crate::stages::data::read_stored;
 use crate::stages::model::ModelRecord;
 
 pub struct EvalStage<'a> {
@@ -96,7 +97,7 @@ impl StageRunner for EvalStage<'_> {
         }
         let mut inputs = BTreeMap::from([(
             "records".to_string(),
-            file_input(&data_dir.join(crate::data::stage::RECORDS_FILE))?,
+            file_input(&data_dir.join(crate::stages::data::RECORDS_FILE))?,
         )]);
         if let Some(hash) = &model_record.blake3 {
             inputs.insert("model".into(), hash.clone());
@@ -371,5 +372,5 @@ fn write_samples(path: &Path, samples: &[Sample]) -> Result<(), StageError> {
         ),
     ])
     .map_err(failed_to("building the samples table"))?;
-    crate::data::write_parquet(path, &mut df)
+    crate::data::write_parquet(path, &mut df).map_err(|e| StageError::at("writing", path, e))
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::data::split::SplitSpec;
 use crate::model::placement::{Device, Dtype};
 use crate::reward::spec::RewardSpec;
 use crate::svd::targets::SvdSpec;
@@ -90,25 +91,6 @@ pub struct DatasetSpec {
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub max_bad_fraction: f64,
-}
-
-/// How records are split. Each part is a fraction (written with a decimal point, e.g. `0.8`) or a
-/// count (a whole number, e.g. `100`); records left over are not used.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SplitSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
-    pub train: Option<serde_json::Number>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
-    pub val: Option<serde_json::Number>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
-    pub test: Option<serde_json::Number>,
-    /// Seed of the split (default: the pipeline seed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
 }
 
 /// An SVF expert trained with REINFORCE on one dataset.

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::advantage::{advantages, is_uniform, normaliser, std_dev};
 use super::kl;
 use super::options::OptionPolicy;
-use crate::data::stage::StoredRecord;
+use crate::data::stored::StoredRecord;
 use crate::eval::prompts::render;
 use crate::eval::runner::Task;
 use crate::exec::StageError;

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::rollout::{Rollouts, StepBatch};
-use crate::data::stage::{StoredRecord, read_stored};
+use crate::data::stored::StoredRecord;
 use crate::eval::runner::Task;
 use crate::eval::stage::{EvalStage, run_batches};
 use crate::exec::{StageContext, StageError, StageRunner, failed_to};
@@ -33,6 +33,7 @@ use crate::pipeline::spec::{
 use crate::reward::spec::{RewardSpec, RewardValues};
 use crate::reward::{Reward, Verdict};
 use crate::stages::Shared;
+use crate::stages::data::read_stored;
 use crate::stages::model::ModelRecord;
 use crate::svd::cache::Decomposed;
 use crate::svf::apply::{Application, apply};

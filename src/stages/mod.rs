@@ -7,7 +7,7 @@
 //! Runners share one [`Shared`]: the model is loaded once per run, whichever stages need it.
 
 mod adapt;
-mod data;
+pub mod data;
 pub mod decompose;
 mod eval;
 pub mod model;
