@@ -572,7 +572,7 @@ pub enum ReportFormatArg {
     Html,
 }
 
-impl From<ReportFormatArg> for crate::pipeline::spec::ReportFormat {
+impl From<ReportFormatArg> for crate::report::ReportFormat {
     fn from(f: ReportFormatArg) -> Self {
         match f {
             ReportFormatArg::Md => Self::Markdown,

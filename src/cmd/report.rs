@@ -4,8 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::CmdError;
-use crate::pipeline::spec::ReportFormat;
-use crate::report::{Templates, write};
+use crate::report::{ReportFormat, Templates, write};
 
 /// Template files replacing the built-in ones.
 pub struct TemplateFiles {
@@ -29,7 +28,8 @@ pub fn run(
         .map_err(CmdError::Failed)?;
     // Not `<run>/report/`: that is the `report` stage's directory, which only the stage writes.
     let out = out.unwrap_or(run_dir);
-    let written = write(run_dir, formats, out, &templates).map_err(CmdError::Failed)?;
+    let report = crate::stages::report::collect::collect(run_dir);
+    let written = write(report, formats, out, &templates).map_err(CmdError::Failed)?;
     for m in &written.missing {
         eprintln!("warning: `{}` is not in the report: {}", m.stage, m.why);
     }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::split::SplitSpec;
 use crate::model::placement::{Device, Dtype};
+use crate::report::ReportFormat;
 use crate::reward::spec::RewardSpec;
 use crate::svd::targets::SvdSpec;
 use crate::svf::Parametrization;
@@ -795,11 +796,4 @@ pub struct ReportSpec {
     /// (`templates/reports/report.html.jinja`), relative to the pipeline file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html_template: Option<String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ReportFormat {
-    Markdown,
-    Html,
 }

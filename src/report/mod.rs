@@ -4,16 +4,26 @@
 //! directory (whatever exists of it), [`charts`] draws, [`render`] fills the templates.
 
 pub mod charts;
-pub mod collect;
 pub mod render;
+pub mod view;
 
 use std::path::{Path, PathBuf};
 
-use crate::pipeline::spec::ReportFormat;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use view::{Missing, Report};
 
 pub const REPORT_MD: &str = "report.md";
 pub const REPORT_HTML: &str = "report.html";
 const CHARTS_DIR: &str = "charts";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportFormat {
+    Markdown,
+    Html,
+}
 
 /// The templates to render with: the built-in ones unless replaced by files.
 pub struct Templates {
@@ -57,21 +67,20 @@ impl Templates {
 pub struct Written {
     pub files: Vec<PathBuf>,
     /// Stages whose outputs could not be shown, with why.
-    pub missing: Vec<collect::Missing>,
+    pub missing: Vec<Missing>,
     /// Charts that could not be drawn, with why.
     pub chart_problems: Vec<String>,
 }
 
-/// Renders the report of the run in `run_dir` in each of `formats` into `out` (created if
-/// needed). Fails only when a template fails or a file cannot be written; missing stages are
-/// reported inside the report and in [`Written::missing`].
+/// Renders `report` in each of `formats` into `out` (created if needed). Fails only when a
+/// template fails or a file cannot be written; missing stages are reported inside the report
+/// and in [`Written::missing`].
 pub fn write(
-    run_dir: &Path,
+    report: Report,
     formats: &[ReportFormat],
     out: &Path,
     templates: &Templates,
 ) -> Result<Written, String> {
-    let report = collect::collect(run_dir);
     let (charts, chart_problems) = render::charts(&report);
     let io = |path: &Path, e: std::io::Error| format!("cannot write `{}`: {e}", path.display());
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;

@@ -6,7 +6,7 @@
 use minijinja::{AutoEscape, Environment, context};
 
 use super::charts::{self, Axes, Series};
-use super::collect::Report;
+use super::view::{Report, TrainStep};
 
 pub const MARKDOWN_TEMPLATE: &str = include_str!("../../templates/reports/report.md.jinja");
 pub const HTML_TEMPLATE: &str = include_str!("../../templates/reports/report.html.jinja");
@@ -183,7 +183,7 @@ pub fn charts(report: &Report) -> (Vec<Chart>, Vec<String>) {
     (out, problems)
 }
 
-type StepValue = fn(&super::collect::TrainStep) -> Option<f64>;
+type StepValue = fn(&TrainStep) -> Option<f64>;
 
 /// The training charts: id, title, y axis, value per step, spread around it.
 const TRAINING_CHARTS: [(&str, &str, &str, StepValue, StepValue); 5] = [

@@ -11,7 +11,7 @@ pub mod data;
 pub mod decompose;
 mod eval;
 pub mod model;
-mod report;
+pub mod report;
 mod train;
 
 use std::cell::RefCell;

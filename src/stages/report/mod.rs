@@ -1,6 +1,8 @@
 //! The `report` kind: renders the run's report ([`crate::report`]) once everything it shows has
 //! finished. It depends on every other stage, so it reads a complete run directory.
 
+pub mod collect;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -10,7 +12,7 @@ use super::{Declared, Env, Kind, to_json};
 use crate::dag::Stage;
 use crate::exec::{StageContext, StageError, StageRunner, file_input};
 use crate::pipeline::Pipeline;
-use crate::pipeline::spec::ReportFormat;
+use crate::report::ReportFormat;
 
 pub struct ReportKind;
 
@@ -86,7 +88,8 @@ impl StageRunner for ReportStage {
         let templates =
             crate::report::Templates::with_files(self.markdown.as_deref(), self.html.as_deref())
                 .map_err(|e| StageError::failed("reading the report templates", e))?;
-        let written = crate::report::write(run_dir, &self.formats, &ctx.out_dir, &templates)
+        let report = collect::collect(run_dir);
+        let written = crate::report::write(report, &self.formats, &ctx.out_dir, &templates)
             .map_err(|e| StageError::failed("writing the report", e))?;
         let names: Vec<String> = written
             .files
