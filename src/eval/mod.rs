@@ -12,12 +12,15 @@
 //! - `results.md`: the same as a table, printed by `tsq run`.
 
 mod adapted;
+mod error;
 pub mod prompts;
 pub mod results;
 pub mod runner;
 pub mod stage;
 
 use serde::{Deserialize, Serialize};
+
+pub use error::TaskError;
 
 /// A proportion measured on `n` items, with its uncertainty.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

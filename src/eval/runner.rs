@@ -3,9 +3,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::TaskError;
 use super::prompts::{Shot, render, shot_records};
 use crate::data::stored::StoredRecord;
-use crate::exec::StageError;
 use crate::model::Model;
 use crate::model::generate::{GenerateOptions, generate};
 use crate::model::score::{continuation_ids, score_options};
@@ -61,8 +61,8 @@ pub struct Task<'a> {
     pub gold: String,
 }
 
-fn failed(doing: &str, item: &StoredRecord, e: impl std::fmt::Display) -> StageError {
-    StageError::failed(format!("{doing} item `{}`", item.id), e)
+fn failed(doing: &str, item: &StoredRecord, e: impl std::fmt::Display) -> TaskError {
+    TaskError::on_item(doing, &item.id, e)
 }
 
 impl Task<'_> {
@@ -71,7 +71,7 @@ impl Task<'_> {
         model: &Model,
         with: &str,
         batch: &[&StoredRecord],
-    ) -> Result<Vec<Sample>, StageError> {
+    ) -> Result<Vec<Sample>, TaskError> {
         match self.eval.spec.mode {
             crate::pipeline::spec::EvalMode::Loglik => self.loglik(model, with, batch),
             crate::pipeline::spec::EvalMode::Generate => self.generate(model, with, batch),
@@ -133,7 +133,7 @@ impl Task<'_> {
         model: &Model,
         with: &str,
         batch: &[&StoredRecord],
-    ) -> Result<Vec<Sample>, StageError> {
+    ) -> Result<Vec<Sample>, TaskError> {
         let mut prepared = Vec::with_capacity(batch.len());
         let mut inputs = Vec::with_capacity(batch.len());
         for item in batch {
@@ -173,7 +173,7 @@ impl Task<'_> {
             prepared.push((prompt, texts, options, gold));
         }
         let scores =
-            score_options(model, &inputs).map_err(|e| StageError::failed("scoring options", e))?;
+            score_options(model, &inputs).map_err(|e| TaskError::new("scoring options", e))?;
         let mut out = Vec::with_capacity(batch.len());
         for (((item, (prompt, texts, options, gold)), scores), (prompt_ids, option_ids)) in
             batch.iter().zip(prepared).zip(scores).zip(&inputs)
@@ -221,10 +221,10 @@ impl Task<'_> {
         model: &Model,
         with: &str,
         batch: &[&StoredRecord],
-    ) -> Result<Vec<Sample>, StageError> {
-        let reward = self.reward.ok_or_else(|| {
-            StageError::failed("judging answers", "`generate` mode needs a reward")
-        })?;
+    ) -> Result<Vec<Sample>, TaskError> {
+        let reward = self
+            .reward
+            .ok_or_else(|| TaskError::new("judging answers", "`generate` mode needs a reward"))?;
         let spec = &self.eval.spec;
         let mut prompts = Vec::with_capacity(batch.len());
         let mut ids = Vec::with_capacity(batch.len());
@@ -254,9 +254,8 @@ impl Task<'_> {
             stop: spec.stop.clone(),
             ..GenerateOptions::default()
         };
-        let generations = generate(model, &ids, &opts).map_err(|e| {
-            StageError::failed(format!("generating answers for `{}`", batch[0].id), e)
-        })?;
+        let generations = generate(model, &ids, &opts)
+            .map_err(|e| TaskError::new(format!("generating answers for `{}`", batch[0].id), e))?;
         let judged_inputs: Vec<(&str, &Map<String, Value>)> = generations
             .iter()
             .zip(batch)

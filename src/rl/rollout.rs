@@ -14,9 +14,9 @@ use super::advantage::{advantages, is_uniform, normaliser, std_dev};
 use super::kl;
 use super::options::OptionPolicy;
 use crate::data::stored::StoredRecord;
+use crate::eval::TaskError;
 use crate::eval::prompts::render;
 use crate::eval::runner::Task;
-use crate::exec::StageError;
 use crate::model::Model;
 use crate::model::generate::{FinishReason, GenerateOptions, Generation, generate};
 use crate::model::score::{continuation_ids, filler, score_options_in};
@@ -71,8 +71,8 @@ pub struct Rollouts<'a> {
     pub base: &'a Model,
 }
 
-fn failed(doing: &str, item: &StoredRecord, e: impl std::fmt::Display) -> StageError {
-    StageError::failed(format!("{doing} item `{}`", item.id), e)
+fn failed(doing: &str, item: &StoredRecord, e: impl std::fmt::Display) -> TaskError {
+    TaskError::on_item(doing, &item.id, e)
 }
 
 /// A sequence to train on: prompt tokens (weight 0) then completion tokens, each with its weight.
@@ -126,7 +126,7 @@ struct KlPenalty {
 }
 
 impl Rollouts<'_> {
-    fn prompt_ids(&self, model: &Model, item: &StoredRecord) -> Result<Vec<u32>, StageError> {
+    fn prompt_ids(&self, model: &Model, item: &StoredRecord) -> Result<Vec<u32>, TaskError> {
         let prompt = render(model, &item.prompt, &[], self.spec.chat())
             .map_err(|e| failed("rendering", item, e))?;
         model
@@ -141,7 +141,7 @@ impl Rollouts<'_> {
         policy: &Model,
         items: &[&StoredRecord],
         seed: u64,
-    ) -> Result<StepBatch, StageError> {
+    ) -> Result<StepBatch, TaskError> {
         let mut inputs = Vec::with_capacity(items.len());
         let mut rewards = Vec::with_capacity(items.len());
         for item in items {
@@ -183,7 +183,7 @@ impl Rollouts<'_> {
         policy: &Model,
         items: &[&StoredRecord],
         seed: u64,
-    ) -> Result<StepBatch, StageError> {
+    ) -> Result<StepBatch, TaskError> {
         let spec = self.spec;
         let per = spec.samples_per_prompt as usize;
         let group_prompts = items
@@ -204,7 +204,7 @@ impl Rollouts<'_> {
             ..GenerateOptions::default()
         };
         let generations =
-            generate(policy, &prompts, &opts).map_err(|e| StageError::failed("generating", e))?;
+            generate(policy, &prompts, &opts).map_err(|e| TaskError::new("generating", e))?;
         let judged = self.judge(items, &generations)?;
         let completions = as_trained(policy, &generations);
         let penalty = (spec.kl > 0.0)
@@ -260,7 +260,7 @@ impl Rollouts<'_> {
         &self,
         items: &[&StoredRecord],
         generations: &[Generation],
-    ) -> Result<Judged, StageError> {
+    ) -> Result<Judged, TaskError> {
         let per = self.spec.samples_per_prompt as usize;
         let inputs: Vec<(&str, &serde_json::Map<String, serde_json::Value>)> = generations
             .iter()
@@ -315,16 +315,16 @@ impl Rollouts<'_> {
         policy: &Model,
         group_prompts: &[Vec<u32>],
         completions: &[Vec<u32>],
-    ) -> Result<KlPenalty, StageError> {
+    ) -> Result<KlPenalty, TaskError> {
         let per = completions.len() / group_prompts.len().max(1);
         let inputs: Vec<(Vec<u32>, Vec<Vec<u32>>)> = group_prompts
             .iter()
             .zip(completions.chunks(per.max(1)))
             .map(|(p, c)| (p.clone(), c.to_vec()))
             .collect();
-        let logprobs = |tf: &Transformer| -> Result<Vec<Vec<f64>>, StageError> {
+        let logprobs = |tf: &Transformer| -> Result<Vec<Vec<f64>>, TaskError> {
             let scored = score_options_in(tf, filler(policy), &inputs)
-                .map_err(|e| StageError::failed("scoring completions for the KL term", e))?;
+                .map_err(|e| TaskError::new("scoring completions for the KL term", e))?;
             Ok(scored.into_iter().flatten().map(|s| s.logprobs).collect())
         };
         let (mine, base) = (
@@ -350,7 +350,7 @@ impl Rollouts<'_> {
     }
 
     /// The supervised ablation: next-token loss on each record's rendered target.
-    pub fn sft(&self, policy: &Model, items: &[&StoredRecord]) -> Result<StepBatch, StageError> {
+    pub fn sft(&self, policy: &Model, items: &[&StoredRecord]) -> Result<StepBatch, TaskError> {
         let mut stats = RolloutStats::default();
         let (mut pairs, mut lengths) = (Vec::new(), Vec::new());
         for item in items {
@@ -400,10 +400,10 @@ pub fn option_batch(
     inputs: &[(Vec<u32>, Vec<Vec<u32>>)],
     rewards: &[Vec<f64>],
     seed: u64,
-) -> Result<StepBatch, StageError> {
-    let sums = |tf: &Transformer| -> Result<Vec<Vec<f64>>, StageError> {
+) -> Result<StepBatch, TaskError> {
+    let sums = |tf: &Transformer| -> Result<Vec<Vec<f64>>, TaskError> {
         let scored = score_options_in(tf, models.filler, inputs)
-            .map_err(|e| StageError::failed("scoring options", e))?;
+            .map_err(|e| TaskError::new("scoring options", e))?;
         Ok(scored
             .iter()
             .map(|o| o.iter().map(|s| s.sum).collect())

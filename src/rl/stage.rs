@@ -291,11 +291,12 @@ impl TrainStage<'_> {
         step: u32,
     ) -> Result<StepBatch, StageError> {
         let seed = self.seed ^ (u64::from(step) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        match (self.expert.train.objective, self.expert.train.rollout) {
+        let batch = match (self.expert.train.objective, self.expert.train.rollout) {
             (Objective::Sft, _) => rollouts.sft(policy, items),
             (Objective::Rl, Rollout::Options) => rollouts.options(policy, items, seed),
             (Objective::Rl, Rollout::Generate) => rollouts.generate(policy, items, seed),
-        }
+        };
+        batch.map_err(StageError::from)
     }
 
     /// One optimiser step on `made` at learning rate `lr`, leaving the new vectors in `z`; the

@@ -58,6 +58,13 @@ pub fn ids_before_report(spec: &crate::pipeline::spec::PipelineSpec) -> Vec<Stri
     ids
 }
 
+/// A task's failure fails the stage running it, with what it was doing and why.
+impl From<crate::eval::TaskError> for StageError {
+    fn from(e: crate::eval::TaskError) -> Self {
+        StageError::failed(e.doing, e.cause)
+    }
+}
+
 /// A stage as a kind declares it; [`graph`] adds the kind's name and version.
 pub struct Declared {
     pub id: String,

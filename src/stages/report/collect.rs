@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use crate::data::card::DataFormat;
 use crate::data::{Limits, read_rows};
-use crate::eval::results::{RESULTS_JSON, Results, SAMPLES_FILE};
 use crate::eval::paired_p_value;
+use crate::eval::results::{RESULTS_JSON, Results, SAMPLES_FILE};
 use crate::exec::{Manifest, RunDir};
 use crate::fsutil::{MAX_LOG_BYTES, MAX_TEXT_BYTES, read_bounded};
 use crate::pipeline::spec::PipelineSpec;
