@@ -279,7 +279,7 @@ fn many_errors_are_capped_in_text_and_complete_in_json() {
 /// A preset fills the fields an expert's `train` does not write; written fields win.
 #[test]
 fn a_preset_fills_what_is_not_written() {
-    use tsq::pipeline::spec::{Baseline, Preset, Rollout};
+    use tsq::rl::spec::{Baseline, Preset, Rollout};
     let file = repo().join("pipelines/quickstart.yaml");
     let set = |s: &str| s.parse::<tsq::pipeline::Override>().unwrap();
     let pipeline = tsq::pipeline::load(

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 
 use super::{CmdError, load_or_report};
 use crate::eval::runner::Sample;
+use crate::eval::spec::EvalMode;
 use crate::eval::stage::{EvalStage, run_batches};
-use crate::pipeline::spec::EvalMode;
 use crate::stages::Env;
 
 pub struct BenchEvalArgs<'a> {

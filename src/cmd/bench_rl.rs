@@ -14,9 +14,9 @@ use super::bench::{GEMM, MlpSetup, fail, mlp_setup, peak_rss_gb};
 use super::{CmdError, ModelArgs};
 use crate::model::Model;
 use crate::model::generate::{GenerateOptions, Generation, generate};
-use crate::pipeline::spec::{AdvantageScale, Baseline};
 use crate::rl::advantage::advantages;
 use crate::rl::rollout::{as_trained, uniform, weighted};
+use crate::rl::spec::{AdvantageScale, Baseline};
 use crate::svf::apply::{Application, apply};
 use crate::svf::train::{SvfTrainer, TokenBatch};
 

@@ -16,6 +16,7 @@ mod error;
 pub mod prompts;
 pub mod results;
 pub mod runner;
+pub mod spec;
 pub mod stage;
 
 use serde::{Deserialize, Serialize};

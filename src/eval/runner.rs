@@ -6,11 +6,11 @@ use serde_json::{Map, Value};
 use super::TaskError;
 use super::prompts::{Shot, render, shot_records};
 use crate::data::stored::StoredRecord;
+use crate::eval::spec::OptionForm;
 use crate::model::Model;
 use crate::model::generate::{GenerateOptions, generate};
 use crate::model::score::{continuation_ids, score_options};
 use crate::pipeline::ResolvedEval;
-use crate::pipeline::spec::OptionForm;
 use crate::reward::spec::RewardValues;
 use crate::reward::{Reward, Verdict, choices_field, extract, gold_index};
 
@@ -73,8 +73,8 @@ impl Task<'_> {
         batch: &[&StoredRecord],
     ) -> Result<Vec<Sample>, TaskError> {
         match self.eval.spec.mode {
-            crate::pipeline::spec::EvalMode::Loglik => self.loglik(model, with, batch),
-            crate::pipeline::spec::EvalMode::Generate => self.generate(model, with, batch),
+            crate::eval::spec::EvalMode::Loglik => self.loglik(model, with, batch),
+            crate::eval::spec::EvalMode::Generate => self.generate(model, with, batch),
         }
     }
 
@@ -101,10 +101,10 @@ impl Task<'_> {
                 .unwrap_or(0)
         };
         match self.eval.spec.mode {
-            crate::pipeline::spec::EvalMode::Loglik => {
+            crate::eval::spec::EvalMode::Loglik => {
                 items.sort_by_key(|r| (options(r), r.prompt.len()))
             }
-            crate::pipeline::spec::EvalMode::Generate => items.sort_by_key(|r| r.prompt.len()),
+            crate::eval::spec::EvalMode::Generate => items.sort_by_key(|r| r.prompt.len()),
         }
     }
 

@@ -5,12 +5,12 @@ use std::collections::BTreeSet;
 
 use super::Pipeline;
 use super::spec::{
-    AdaptationSpec, BASE, ClassifierAdaptation, FewShotAdaptation, Objective, Rollout, Routing,
-    SplitName,
+    AdaptationSpec, BASE, ClassifierAdaptation, FewShotAdaptation, Routing, SplitName,
 };
 use super::validate::{check_mode, reference};
 use crate::data::template::TemplateFile;
 use crate::diagnostic::Diagnostic;
+use crate::rl::spec::{Objective, Rollout};
 
 /// Labels a classifier can be asked for: distinct words that fit inside `\boxed{}`.
 pub fn check_labels(labels: &[String]) -> Result<(), String> {

@@ -105,7 +105,7 @@ fn expand_presets(value: &mut Value) {
     {
         let preset = train
             .get("preset")
-            .and_then(|p| serde_json::from_value::<spec::Preset>(p.clone()).ok());
+            .and_then(|p| serde_json::from_value::<crate::rl::spec::Preset>(p.clone()).ok());
         if let Some(preset) = preset {
             for (key, field) in preset.fields() {
                 train.entry(key).or_insert(field);

@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 
 use regex::Regex;
 
-use super::spec::{BASE, EvalMode, ExpertSpec, Objective, PipelineSpec, Rollout};
+use super::spec::{BASE, ExpertSpec, PipelineSpec};
+
+use crate::eval::spec::EvalMode;
+
 use super::{Pipeline, ResolvedDataset, ResolvedEval};
 use crate::assets::AssetSource;
 use crate::dag::{Graph, Stage, StageId};
@@ -13,6 +16,7 @@ use crate::data::card::load_card;
 use crate::data::template::TemplateFile;
 use crate::diagnostic::{Diagnostic, did_you_mean};
 use crate::reward::spec::RewardSpec;
+use crate::rl::spec::{Objective, Rollout};
 use crate::svd::targets::Layers;
 
 /// Collects every semantic problem; loads dataset cards into the pipeline as a side effect.

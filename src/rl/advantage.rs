@@ -6,7 +6,7 @@
 //! `−Σ_b Σ_t w[b][t] log π(token)`, so a sample's completion tokens get weight `A_b / N` with
 //! `A_b` its advantage and `N` the normaliser.
 
-use crate::pipeline::spec::{AdvantageScale, Baseline, LossNorm};
+use crate::rl::spec::{AdvantageScale, Baseline, LossNorm};
 
 /// How far apart rewards must be for a group to count as having signal.
 const UNIFORM: f64 = 1e-9;

@@ -6,4 +6,5 @@ pub mod advantage;
 pub mod kl;
 pub mod options;
 pub mod rollout;
+pub mod spec;
 pub mod stage;

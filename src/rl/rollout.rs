@@ -21,8 +21,8 @@ use crate::model::Model;
 use crate::model::generate::{FinishReason, GenerateOptions, Generation, generate};
 use crate::model::score::{continuation_ids, filler, score_options_in};
 use crate::model::transformer::Transformer;
-use crate::pipeline::spec::{OptionPolicy as PolicyKind, TrainSpec};
 use crate::reward::Reward;
+use crate::rl::spec::{OptionPolicy as PolicyKind, TrainSpec};
 use crate::svf::train::TokenBatch;
 
 /// What a step's rollouts were like (TRL's names where it has them).
@@ -540,7 +540,7 @@ fn finish_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::spec::{Baseline, Rollout};
+    use crate::rl::spec::{Baseline, Rollout};
     use crate::svf::Parametrization;
     use crate::svf::apply::{Application, apply};
     use crate::svf::expert::{BaseModel, Expert};

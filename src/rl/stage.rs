@@ -27,11 +27,10 @@ use crate::eval::stage::{EvalStage, run_batches};
 use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::model::Model;
 use crate::pipeline::ResolvedEval;
-use crate::pipeline::spec::{
-    Baseline, EvaluateSpec, ExpertSpec, Keep, Objective, Rollout, Schedule, SplitName,
-};
+use crate::pipeline::spec::{EvaluateSpec, ExpertSpec, SplitName};
 use crate::reward::spec::{RewardSpec, RewardValues};
 use crate::reward::{Reward, Verdict};
+use crate::rl::spec::{Baseline, Keep, Objective, Rollout, Schedule};
 use crate::stages::Shared;
 use crate::stages::data::read_stored;
 use crate::stages::model::ModelRecord;
@@ -486,7 +485,7 @@ impl PromptOrder {
 }
 
 /// The learning rate of `step` (0-based): linear warm-up, then constant or cosine to 0.
-fn learning_rate(spec: &crate::pipeline::spec::TrainSpec, step: u32) -> f64 {
+fn learning_rate(spec: &crate::rl::spec::TrainSpec, step: u32) -> f64 {
     let warmup = spec.warmup_steps;
     if step < warmup {
         return spec.lr * f64::from(step + 1) / f64::from(warmup);
@@ -608,7 +607,7 @@ fn step_message(line: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::spec::TrainSpec;
+    use crate::rl::spec::TrainSpec;
 
     #[test]
     fn prompts_are_drawn_without_replacement_within_an_epoch() {
