@@ -37,11 +37,7 @@ const KNOWN_VIOLATIONS: &[(&str, &str)] = &[
     ("eval", "adapt"),
     ("eval", "exec"),
     ("eval", "pipeline"),
-    ("eval", "rl"),
     ("eval", "stages"),
-    ("rl", "exec"),
-    ("rl", "pipeline"),
-    ("rl", "stages"),
 ];
 
 /// Each top-level module's uses of other top-level modules, with a file that makes each.

@@ -12,8 +12,8 @@ use crate::assets::TsqHome;
 use crate::exec::RunDir;
 use crate::model::Model;
 use crate::pipeline::spec::BASE;
-use crate::rl::stage::EXPERT_FILE;
 use crate::stages::model::ModelRecord;
+use crate::stages::train::EXPERT_FILE;
 use crate::svf::Composed;
 
 /// The base model of the finished run in `run_dir`, as its `model` stage resolved it.

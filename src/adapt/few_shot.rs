@@ -147,7 +147,7 @@ pub fn run(
         Granularity::Layer => Mix::PerLayer(rows.clone()),
     };
     let mixed = combine(&experts, &mix).map_err(failed_to("combining the experts"))?;
-    let out = ctx.output(crate::rl::stage::EXPERT_FILE);
+    let out = ctx.output(crate::stages::train::EXPERT_FILE);
     mixed
         .save(&out)
         .map_err(|e| StageError::at("writing", &out, e))?;
@@ -202,7 +202,7 @@ fn load_experts(ctx: &StageContext, names: &[String]) -> Result<Vec<(String, Exp
         .map(|name| {
             let file = ctx
                 .upstream_dir(&format!("train.{name}"))?
-                .join(crate::rl::stage::EXPERT_FILE);
+                .join(crate::stages::train::EXPERT_FILE);
             let expert = Expert::load(&file).map_err(|e| StageError::at("loading", &file, e))?;
             Ok((name.clone(), expert))
         })

@@ -99,14 +99,14 @@ impl StageRunner for AdaptStage<'_> {
                 let tasks = self.tasks(ctx, c)?;
                 let trained = self.train_classifier(ctx, c, &tasks)?;
                 let mut classifying = (*model).clone();
-                let file = ctx.output(crate::rl::stage::EXPERT_FILE);
+                let file = ctx.output(crate::stages::train::EXPERT_FILE);
                 crate::svf::compose_expert_file(&mut classifying, &file, &self.shared.home)
                     .map_err(|e| StageError::at("applying the classifier", &file, e))?;
                 let first_pass = FirstPass {
                     mode: ClassifyMode::Score,
                     calibration: 0,
                     check: c.check,
-                    expert: Some(crate::rl::stage::EXPERT_FILE.into()),
+                    expert: Some(crate::stages::train::EXPERT_FILE.into()),
                 };
                 let mut out = self.routing(ctx, &classifying, c, &tasks, first_pass)?;
                 out["training"] = trained;
@@ -253,7 +253,7 @@ impl AdaptStage<'_> {
             .map_err(|e| StageError::at("writing", &ctx.output(EXAMPLES_FILE), e))?;
         let reward: RewardSpec = serde_json::from_value(json!({"kind": "multiple_choice"}))
             .expect("a multiple_choice reward with its defaults");
-        let trainer = crate::rl::stage::TrainStage {
+        let trainer = crate::stages::train::TrainStage {
             name: self.name.clone(),
             expert: ExpertSpec {
                 dataset: format!("{} examples", self.name),

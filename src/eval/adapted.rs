@@ -45,7 +45,7 @@ impl Models {
         }
         let file = ctx
             .upstream_dir(&format!("train.{name}"))?
-            .join(crate::rl::stage::EXPERT_FILE);
+            .join(crate::stages::train::EXPERT_FILE);
         self.expert(name, &file)
     }
 

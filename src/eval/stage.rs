@@ -79,7 +79,8 @@ impl StageRunner for EvalStage<'_> {
                 }
                 Some(ad) => {
                     let dir = ctx.upstream_dir(&format!("adapt.{with}"))?;
-                    let model = models.expert(with, &dir.join(crate::rl::stage::EXPERT_FILE))?;
+                    let model =
+                        models.expert(with, &dir.join(crate::stages::train::EXPERT_FILE))?;
                     let (samples, timing) = self.evaluate_with(ctx, &task, &model, with, &items)?;
                     let adaptation = mixture_result(dir, ad.strategy())?;
                     (samples, timing, Some(adaptation))

@@ -12,7 +12,7 @@ pub mod decompose;
 mod eval;
 pub mod model;
 pub mod report;
-mod train;
+pub mod train;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;

@@ -280,7 +280,7 @@ fn training(dir: &Path, expert: &str, report: &mut Report) -> Result<(), String>
         best_val_accuracy: number(&summary, "/best_val_accuracy"),
         seconds: Manifest::read(dir).map_or(0.0, |m| m.duration_s),
     });
-    let file = dir.join(crate::rl::stage::EXPERT_FILE);
+    let file = dir.join(crate::stages::train::EXPERT_FILE);
     let loaded = crate::svf::expert::Expert::load(&file).map_err(|e| e.to_string())?;
     report.experts.push(scales(expert, &loaded)?);
     if report.spectra.is_empty() {

@@ -1,4 +1,8 @@
-//! The `train` kind: one `train.<expert>` stage per expert ([`crate::rl::stage`]).
+//! The `train` kind: one `train.<expert>` stage per expert (the runner: [`runner`]).
+
+mod runner;
+
+pub use runner::{EXPERT_FILE, TrainStage};
 
 use serde_json::json;
 
@@ -6,7 +10,6 @@ use super::{Declared, Env, Kind, rewards_config, to_json};
 use crate::dag::Stage;
 use crate::exec::StageRunner;
 use crate::pipeline::Pipeline;
-use crate::rl::stage::TrainStage;
 
 pub struct TrainKind;
 

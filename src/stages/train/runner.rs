@@ -1,8 +1,8 @@
-//! The `train.<expert>` stage: learns an SVF expert on the dataset's train split, validates on
+//! The `train.<expert>` stage's runner: learns an SVF expert on the dataset's train split, validates on
 //! its val split, and writes the expert. Test-split items are never read.
 //!
 //! Each step: compose the current expert into a copy of the model, make the step's batch
-//! ([`super::rollout`]), take one trainer step, log the step to `metrics.jsonl`. Every
+//! ([`crate::rl::rollout`]), take one trainer step, log the step to `metrics.jsonl`. Every
 //! `checkpoint_every` steps the whole state (z, Adam moments, step, best vector so far,
 //! validations, the metrics lines) goes to `state.json` in the stage's checkpoint directory,
 //! written atomically; a rerun continues from it. Each step's prompts and sampling seed are
@@ -15,12 +15,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::rollout::{Rollouts, StepBatch};
 use crate::data::stored::StoredRecord;
 use crate::eval::runner::Task;
 use crate::eval::stage::{EvalStage, run_batches};
@@ -28,9 +25,12 @@ use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::model::Model;
 use crate::pipeline::ResolvedEval;
 use crate::pipeline::spec::{EvaluateSpec, ExpertSpec, SplitName};
-use crate::reward::spec::{RewardSpec, RewardValues};
+use crate::reward::spec::RewardSpec;
 use crate::reward::{Reward, Verdict};
-use crate::rl::spec::{Baseline, Keep, Objective, Rollout, Schedule};
+use crate::rl::rollout::{Rollouts, StepBatch};
+use crate::rl::schedule::{PromptOrder, learning_rate};
+use crate::rl::signal::{no_signal_warning, step_message};
+use crate::rl::spec::{Keep, Objective, Rollout};
 use crate::stages::Shared;
 use crate::stages::data::read_stored;
 use crate::stages::model::ModelRecord;
@@ -445,61 +445,6 @@ impl TrainStage<'_> {
     }
 }
 
-/// The train-split indices of each step: a seeded permutation per epoch, taken in order.
-struct PromptOrder {
-    len: usize,
-    per_step: usize,
-    seed: u64,
-}
-
-impl PromptOrder {
-    fn new(len: usize, per_step: usize, seed: u64) -> Self {
-        Self {
-            len,
-            per_step,
-            seed,
-        }
-    }
-
-    fn epoch(&self, epoch: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.len).collect();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64 + 1));
-        order.shuffle(&mut rng);
-        order
-    }
-
-    fn step(&self, step: u32) -> Vec<usize> {
-        let first = step as usize * self.per_step;
-        // A step spans at most a few epochs: shuffle each once.
-        let mut epoch: Option<(usize, Vec<usize>)> = None;
-        (first..first + self.per_step)
-            .map(|at| {
-                let number = at / self.len;
-                if epoch.as_ref().is_none_or(|(n, _)| *n != number) {
-                    epoch = Some((number, self.epoch(number)));
-                }
-                epoch.as_ref().map_or(0, |(_, order)| order[at % self.len])
-            })
-            .collect()
-    }
-}
-
-/// The learning rate of `step` (0-based): linear warm-up, then constant or cosine to 0.
-fn learning_rate(spec: &crate::rl::spec::TrainSpec, step: u32) -> f64 {
-    let warmup = spec.warmup_steps;
-    if step < warmup {
-        return spec.lr * f64::from(step + 1) / f64::from(warmup);
-    }
-    match spec.schedule {
-        Schedule::Constant => spec.lr,
-        Schedule::Cosine => {
-            let span = spec.steps.saturating_sub(warmup).max(1);
-            let t = f64::from(step - warmup) / f64::from(span);
-            spec.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
-        }
-    }
-}
-
 /// `template` with its vectors replaced by `z`.
 fn expert_of(template: &Expert, z: &[(String, Vec<f32>)]) -> Result<Expert, StageError> {
     let mut expert = template.clone();
@@ -533,153 +478,4 @@ fn compose(model: &Model, factors: &[Decomposed], expert: &Expert) -> Result<Mod
 fn save_checkpoint(dir: &Path, state: &Checkpoint) -> Result<(), StageError> {
     let file: PathBuf = dir.join(STATE_FILE);
     crate::fsutil::write_json(&file, state).map_err(|e| StageError::at("writing", &file, e))
-}
-
-/// Steps in a row with most groups uniform before the trainer warns.
-const NO_SIGNAL_STEPS: usize = 3;
-/// Steps after a warning before the next one.
-const WARN_AGAIN_AFTER: usize = 12;
-
-/// A warning when most prompt groups of the last [`NO_SIGNAL_STEPS`] steps got equal rewards for
-/// all their samples: under a group baseline those groups have no advantage, so the steps learn
-/// (next to) nothing. (Without a baseline every reward is its own advantage: no warning.)
-/// Derived from the metrics lines alone, so a resumed run warns as an uninterrupted one.
-fn no_signal_warning(lines: &[Value], baseline: Baseline, values: &RewardValues) -> Option<String> {
-    if baseline == Baseline::None {
-        return None;
-    }
-    let frac = |line: &Value| {
-        line.pointer("/rollout/frac_reward_zero_std")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0)
-    };
-    let streak = lines.iter().rev().take_while(|l| frac(l) > 0.5).count();
-    // Earlier lines (the current one is the last) that already carry a warning.
-    let earlier = &lines[..lines.len().saturating_sub(1)];
-    let warned_lately =
-        (earlier.iter().rev().take(WARN_AGAIN_AFTER)).any(|l| l.get("warning").is_some());
-    if streak < NO_SIGNAL_STEPS || warned_lately {
-        return None;
-    }
-    let recent = &lines[lines.len() - streak..];
-    let mean = |f: &dyn Fn(&Value) -> f64| recent.iter().map(f).sum::<f64>() / streak as f64;
-    let reward = mean(&|l| {
-        l.pointer("/rollout/reward")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0)
-    });
-    // Where the mean reward sits between a wrong and a right answer.
-    let span = values.correct - values.wrong;
-    let right = if span.abs() > 0.0 {
-        (reward - values.wrong) / span
-    } else {
-        0.5
-    };
-    let why = if right > 0.9 {
-        "nearly every sample is right: the task is too easy for this model"
-    } else if right < 0.1 {
-        "nearly every sample is wrong: the task is too hard, or the reward never matches the completions (look at a few with an evaluation in generate mode)"
-    } else {
-        "the samples of a prompt tend to agree"
-    };
-    Some(format!(
-        "for {streak} steps {:.0}% of prompt groups got the same reward for every sample (mean reward {reward:.2}) and taught nothing: {why}. Raise `samples_per_prompt` or `temperature`, change the data or its prompt, or use `rollout: options` on multiple-choice data",
-        100.0 * mean(&frac)
-    ))
-}
-
-/// The progress line of a step.
-fn step_message(line: &Value) -> String {
-    let num = |key: &str| line.pointer(key).and_then(Value::as_f64);
-    let mut parts = Vec::new();
-    if let Some(r) = num("/rollout/reward") {
-        parts.push(format!("reward {r:.3}"));
-    }
-    if let Some(l) = num("/loss") {
-        parts.push(format!("loss {l:.4}"));
-    }
-    if let Some(v) = num("/val_accuracy") {
-        parts.push(format!("val {v:.3}"));
-    }
-    parts.join(", ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::rl::spec::TrainSpec;
-
-    #[test]
-    fn prompts_are_drawn_without_replacement_within_an_epoch() {
-        let order = PromptOrder::new(10, 4, 7);
-        let first: Vec<usize> = (0..2)
-            .flat_map(|s| order.step(s))
-            .chain(order.step(2)[..2].to_vec())
-            .collect();
-        let mut sorted = first.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "{first:?}");
-        assert_eq!(order.step(3), PromptOrder::new(10, 4, 7).step(3));
-        assert_ne!(order.epoch(0), order.epoch(1));
-    }
-
-    /// The warning comes after three uniform steps in a row, says why from the mean reward,
-    /// and is not repeated every step.
-    #[test]
-    fn a_run_without_reward_signal_is_warned_about() {
-        let values = RewardValues::default();
-        let line = |frac: f64, reward: f64| json!({"rollout": {"frac_reward_zero_std": frac, "reward": reward}});
-        let mut lines = vec![line(0.9, 0.0), line(0.2, 0.5)];
-        let warnings: Vec<Option<String>> = (0..16)
-            .map(|_| {
-                lines.push(line(0.875, 0.02));
-                let warning = no_signal_warning(&lines, Baseline::Rloo, &values);
-                if let Some(w) = &warning {
-                    lines.last_mut().unwrap()["warning"] = json!(w);
-                }
-                warning
-            })
-            .collect();
-        let at: Vec<usize> = (0..16).filter(|&i| warnings[i].is_some()).collect();
-        assert_eq!(
-            at,
-            vec![2, 15],
-            "after 3 uniform steps, then 12 steps later"
-        );
-        let text = warnings[2].as_deref().unwrap();
-        assert!(
-            text.contains("for 3 steps 88%") && text.contains("too hard"),
-            "{text}"
-        );
-        let easy = [
-            line(0.0, 0.5),
-            line(0.6, 0.97),
-            line(0.7, 0.95),
-            line(0.8, 0.99),
-        ];
-        let easy = no_signal_warning(&easy, Baseline::Rloo, &values).unwrap();
-        assert!(easy.contains("too easy"), "{easy}");
-    }
-
-    #[test]
-    fn schedules_warm_up_and_decay() {
-        let spec = TrainSpec {
-            steps: 10,
-            lr: 1.0,
-            warmup_steps: 2,
-            schedule: Schedule::Cosine,
-            ..TrainSpec::default()
-        };
-        let lrs: Vec<f64> = (0..10).map(|s| learning_rate(&spec, s)).collect();
-        assert_eq!((lrs[0], lrs[1], lrs[2]), (0.5, 1.0, 1.0));
-        assert!(
-            lrs[9] < 0.05 && lrs.windows(2).skip(2).all(|w| w[1] <= w[0]),
-            "{lrs:?}"
-        );
-        let constant = TrainSpec {
-            lr: 0.1,
-            ..TrainSpec::default()
-        };
-        assert_eq!(learning_rate(&constant, 50), 0.1);
-    }
 }
