@@ -8,10 +8,10 @@ use std::rc::Rc;
 
 use super::few_shot::{ALPHA_FILE, AlphaFile};
 use super::router::{ROUTER_FILE, Route, Router};
+use crate::adapt::spec::BASE;
 use crate::assets::TsqHome;
 use crate::exec::RunDir;
 use crate::model::Model;
-use crate::pipeline::spec::BASE;
 use crate::stages::model::ModelRecord;
 use crate::stages::train::EXPERT_FILE;
 use crate::svf::Composed;

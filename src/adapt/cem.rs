@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::spec::CemSpec;
+use crate::adapt::spec::CemSpec;
 
 /// A candidate's score: accuracy first, then the tie-break (higher is better for both).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -40,7 +40,7 @@ pub fn answer(label: &str) -> String {
 impl Classifier {
     /// Labels must be distinct, non-empty words (they go inside `\boxed{}`).
     pub fn new(template: TemplateFile, labels: Vec<String>) -> Result<Self, String> {
-        crate::pipeline::check_labels(&labels)?;
+        check_labels(&labels)?;
         Ok(Self { template, labels })
     }
 
@@ -170,6 +170,24 @@ fn last_boxed(text: &str) -> Option<String> {
     let inner = &text[start..];
     let end = inner.find('}').unwrap_or(inner.len());
     Some(inner[..end].trim().to_string())
+}
+
+/// Labels a classifier can be asked for: distinct words that fit inside `\boxed{}`.
+pub fn check_labels(labels: &[String]) -> Result<(), String> {
+    if labels.len() < 2 {
+        return Err(format!("at least two labels are needed, got {labels:?}"));
+    }
+    for (i, label) in labels.iter().enumerate() {
+        if label.trim().is_empty() || label.contains(['{', '}']) || label.trim() != label {
+            return Err(format!(
+                "label {label:?} must be non-empty, without surrounding spaces or braces"
+            ));
+        }
+        if labels[..i].contains(label) {
+            return Err(format!("label `{label}` is given twice"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,15 +15,16 @@ use serde_json::{Value, json};
 
 use super::cem::{self, CemState, Fitness, GenerationRecord};
 use super::stage::AdaptStage;
+use crate::adapt::spec::{FewShotAdaptation, Granularity};
 use crate::data::stored::StoredRecord;
 use crate::eval::runner::Task;
 use crate::eval::spec::EvalMode;
+use crate::eval::spec::EvaluateSpec;
 use crate::eval::stage::EvalStage;
 use crate::exec::{StageContext, StageError, failed_to};
 use crate::model::Model;
 use crate::model::transformer::Transformer;
 use crate::pipeline::ResolvedEval;
-use crate::pipeline::spec::{EvaluateSpec, FewShotAdaptation, Granularity};
 use crate::reward::Verdict;
 use crate::stages::data::read_stored;
 use crate::stages::model::ModelRecord;

@@ -11,4 +11,5 @@ pub mod cem;
 pub mod classify;
 pub mod few_shot;
 pub mod router;
+pub mod spec;
 pub mod stage;

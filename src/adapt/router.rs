@@ -10,10 +10,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::classify::{Classified, Classifier};
+use crate::adapt::spec::{BASE, ClassifyMode};
 use crate::data::template::TemplateFile;
 use crate::eval::Proportion;
 use crate::model::Model;
-use crate::pipeline::spec::{BASE, ClassifyMode};
 
 pub const ROUTER_FILE: &str = "router.json";
 

@@ -17,14 +17,13 @@ use serde_json::{Value, json};
 
 use super::classify::{Classified, Classifier, answer};
 use super::router::{self, ROUTER_FILE, Route, Router, RouterFile};
+use crate::adapt::spec::{AdaptationSpec, ClassifierAdaptation, ClassifyMode, Routing};
 use crate::data::stored::StoredRecord;
 use crate::data::template::TemplateFile;
 use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::model::Model;
-use crate::pipeline::spec::{
-    AdaptationSpec, ClassifierAdaptation, ClassifyMode, ExpertSpec, Routing,
-};
 use crate::reward::spec::RewardSpec;
+use crate::rl::spec::ExpertSpec;
 use crate::stages::Shared;
 use crate::stages::data::read_stored;
 use crate::stages::model::ModelRecord;

@@ -4,31 +4,12 @@
 use std::collections::BTreeSet;
 
 use super::Pipeline;
-use super::spec::{
-    AdaptationSpec, BASE, ClassifierAdaptation, FewShotAdaptation, Routing, SplitName,
-};
 use super::validate::{check_mode, reference};
+use crate::adapt::spec::{AdaptationSpec, BASE, ClassifierAdaptation, FewShotAdaptation, Routing};
 use crate::data::template::TemplateFile;
 use crate::diagnostic::Diagnostic;
+use crate::eval::spec::SplitName;
 use crate::rl::spec::{Objective, Rollout};
-
-/// Labels a classifier can be asked for: distinct words that fit inside `\boxed{}`.
-pub fn check_labels(labels: &[String]) -> Result<(), String> {
-    if labels.len() < 2 {
-        return Err(format!("at least two labels are needed, got {labels:?}"));
-    }
-    for (i, label) in labels.iter().enumerate() {
-        if label.trim().is_empty() || label.contains(['{', '}']) || label.trim() != label {
-            return Err(format!(
-                "label {label:?} must be non-empty, without surrounding spaces or braces"
-            ));
-        }
-        if labels[..i].contains(label) {
-            return Err(format!("label `{label}` is given twice"));
-        }
-    }
-    Ok(())
-}
 
 pub fn check_adaptations(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
     for (name, ad) in &p.spec.adaptations {
@@ -63,7 +44,7 @@ pub fn check_adaptations(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
 }
 
 fn check_routing(p: &Pipeline, ptr: &str, r: &dyn Routing, errors: &mut Vec<Diagnostic>) {
-    if let Err(e) = check_labels(r.labels()) {
+    if let Err(e) = crate::adapt::classify::check_labels(r.labels()) {
         errors.push(p.doc.diagnostic(&format!("{ptr}/labels"), false, e));
     }
     let labels: BTreeSet<&str> = r.labels().iter().map(String::as_str).collect();

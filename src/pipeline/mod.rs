@@ -6,7 +6,6 @@ mod resolved;
 pub mod spec;
 mod validate;
 
-pub use check_adapt::check_labels;
 pub use resolved::{ResolvedDataset, ResolvedEval};
 
 use std::collections::BTreeMap;

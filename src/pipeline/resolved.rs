@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use crate::data::card::LoadedCard;
-use crate::pipeline::spec::{DatasetSpec, EvaluateSpec};
+use crate::eval::spec::EvaluateSpec;
+use crate::pipeline::spec::DatasetSpec;
 
 /// A dataset with its card loaded and its template paths and split seed resolved.
 #[derive(Clone, Debug)]

@@ -5,7 +5,11 @@ use std::collections::BTreeSet;
 
 use regex::Regex;
 
-use super::spec::{BASE, ExpertSpec, PipelineSpec};
+use super::spec::PipelineSpec;
+
+use crate::adapt::spec::BASE;
+
+use crate::rl::spec::ExpertSpec;
 
 use crate::eval::spec::EvalMode;
 
@@ -309,7 +313,7 @@ fn check_references(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
 fn check_eval_mode(
     p: &Pipeline,
     i: usize,
-    ev: &super::spec::EvaluateSpec,
+    ev: &crate::eval::spec::EvaluateSpec,
     errors: &mut Vec<Diagnostic>,
 ) {
     check_mode(

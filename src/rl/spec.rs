@@ -261,3 +261,18 @@ pub enum Keep {
     /// The vector after the last step.
     Last,
 }
+
+/// An SVF expert trained with REINFORCE on one dataset.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertSpec {
+    /// Name of a dataset in `datasets`.
+    pub dataset: String,
+    /// Name of a reward in `rewards`.
+    pub reward: String,
+    /// Start from another expert's vectors instead of the initial value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
+    #[serde(default)]
+    pub train: TrainSpec,
+}

@@ -6,11 +6,11 @@
 use serde_json::json;
 
 use super::{Declared, Env, Kind, rewards_config, to_json};
+use crate::adapt::spec::AdaptationSpec;
 use crate::adapt::stage::AdaptStage;
 use crate::dag::Stage;
 use crate::exec::StageRunner;
 use crate::pipeline::Pipeline;
-use crate::pipeline::spec::AdaptationSpec;
 
 pub struct AdaptKind;
 

@@ -3,11 +3,11 @@
 use serde_json::json;
 
 use super::{Declared, Env, Kind, rewards_config, to_json};
+use crate::adapt::spec::BASE;
 use crate::dag::Stage;
 use crate::eval::stage::EvalStage;
 use crate::exec::StageRunner;
 use crate::pipeline::Pipeline;
-use crate::pipeline::spec::BASE;
 
 pub struct EvalKind;
 

@@ -156,7 +156,7 @@ fn evaluation(dir: &Path, stage: &str, report: &mut Report) -> Result<(), String
             within_noise: p_value >= NOISE_P,
         })
     };
-    let base = crate::pipeline::spec::BASE;
+    let base = crate::adapt::spec::BASE;
     let rows = results
         .results
         .iter()
@@ -593,7 +593,7 @@ fn overview(tables: &[EvalTable]) -> Overview {
     }
     // The base model, then experts, then adaptations.
     let rank = |kind: &str| match kind {
-        crate::pipeline::spec::BASE => 0,
+        crate::adapt::spec::BASE => 0,
         "expert" => 1,
         _ => 2,
     };

@@ -20,16 +20,17 @@ use serde_json::{Value, json};
 
 use crate::data::stored::StoredRecord;
 use crate::eval::runner::Task;
+use crate::eval::spec::{EvaluateSpec, SplitName};
 use crate::eval::stage::{EvalStage, run_batches};
 use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::model::Model;
 use crate::pipeline::ResolvedEval;
-use crate::pipeline::spec::{EvaluateSpec, ExpertSpec, SplitName};
 use crate::reward::spec::RewardSpec;
 use crate::reward::{Reward, Verdict};
 use crate::rl::rollout::{Rollouts, StepBatch};
 use crate::rl::schedule::{PromptOrder, learning_rate};
 use crate::rl::signal::{no_signal_warning, step_message};
+use crate::rl::spec::ExpertSpec;
 use crate::rl::spec::{Keep, Objective, Rollout};
 use crate::stages::Shared;
 use crate::stages::data::read_stored;
