@@ -7,10 +7,10 @@ use super::TaskError;
 use super::prompts::{Shot, render, shot_records};
 use crate::data::stored::StoredRecord;
 use crate::eval::spec::OptionForm;
+use crate::eval::spec::ResolvedEval;
 use crate::model::Model;
 use crate::model::generate::{GenerateOptions, generate};
 use crate::model::score::{continuation_ids, score_options};
-use crate::pipeline::ResolvedEval;
 use crate::reward::spec::RewardValues;
 use crate::reward::{Reward, Verdict, choices_field, extract, gold_index};
 

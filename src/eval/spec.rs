@@ -121,3 +121,32 @@ impl SplitName {
         }
     }
 }
+
+/// One `evaluate` entry with its name, chat setting and seed resolved.
+#[derive(Clone, Debug)]
+pub struct ResolvedEval {
+    /// `eval.<name>` is its stage.
+    pub name: String,
+    /// Its index in `evaluate` (for locating errors).
+    pub index: usize,
+    pub spec: EvaluateSpec,
+    pub chat: bool,
+    /// Seed of shot selection and sampling.
+    pub seed: u64,
+}
+
+impl ResolvedEval {
+    pub fn new(index: usize, spec: &EvaluateSpec, seed: u64) -> Self {
+        Self {
+            name: spec.stage_name().to_string(),
+            index,
+            chat: spec.chat.unwrap_or(spec.mode.chats_by_default()),
+            spec: spec.clone(),
+            seed,
+        }
+    }
+
+    pub fn stage_id(&self) -> String {
+        format!("eval.{}", self.name)
+    }
+}

@@ -6,7 +6,9 @@ mod resolved;
 pub mod spec;
 mod validate;
 
-pub use resolved::{ResolvedDataset, ResolvedEval};
+pub use resolved::ResolvedDataset;
+
+use crate::eval::spec::ResolvedEval;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -13,12 +13,13 @@ use crate::rl::spec::ExpertSpec;
 
 use crate::eval::spec::EvalMode;
 
-use super::{Pipeline, ResolvedDataset, ResolvedEval};
+use super::{Pipeline, ResolvedDataset};
 use crate::assets::AssetSource;
 use crate::dag::{Graph, Stage, StageId};
 use crate::data::card::load_card;
 use crate::data::template::TemplateFile;
 use crate::diagnostic::{Diagnostic, did_you_mean};
+use crate::eval::spec::ResolvedEval;
 use crate::reward::spec::RewardSpec;
 use crate::rl::spec::{Objective, Rollout};
 use crate::svd::targets::Layers;

@@ -20,11 +20,11 @@ use serde_json::{Value, json};
 
 use crate::data::stored::StoredRecord;
 use crate::eval::runner::Task;
+use crate::eval::spec::ResolvedEval;
 use crate::eval::spec::{EvaluateSpec, SplitName};
 use crate::eval::stage::{EvalStage, run_batches};
 use crate::exec::{StageContext, StageError, StageRunner, failed_to};
 use crate::model::Model;
-use crate::pipeline::ResolvedEval;
 use crate::reward::spec::RewardSpec;
 use crate::reward::{Reward, Verdict};
 use crate::rl::rollout::{Rollouts, StepBatch};
