@@ -33,9 +33,6 @@ const LAYERS: &[&[&str]] = &[
 const KNOWN_VIOLATIONS: &[(&str, &str)] = &[
     ("adapt", "exec"),
     ("adapt", "stages"),
-    ("eval", "adapt"),
-    ("eval", "exec"),
-    ("eval", "stages"),
 ];
 
 /// Each top-level module's uses of other top-level modules, with a file that makes each.

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use super::{CmdError, load_or_report};
 use crate::eval::runner::Sample;
 use crate::eval::spec::EvalMode;
-use crate::eval::stage::{EvalStage, run_batches};
 use crate::stages::Env;
+use crate::stages::eval::{EvalStage, run_batches};
 
 pub struct BenchEvalArgs<'a> {
     pub pipeline: &'a Path,
@@ -67,7 +67,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
     let records = crate::stages::data::read_stored(&data_dir).map_err(fail)?;
     let (mut items, _) = stage.items(&records);
     items.truncate(args.limit.unwrap_or(items.len()));
-    let train = crate::eval::stage::train_split(&records);
+    let train = crate::stages::eval::train_split(&records);
     let reward = stage.reward().map_err(fail)?;
     let task = stage.task(&train, reward.as_ref());
     task.sort_for_batching(&mut items);

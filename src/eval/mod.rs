@@ -11,13 +11,11 @@
 //!   adaptations what the first pass did (items per expert, routing accuracy, its cost, α),
 //! - `results.md`: the same as a table, printed by `tsq run`.
 
-mod adapted;
 mod error;
 pub mod prompts;
 pub mod results;
 pub mod runner;
 pub mod spec;
-pub mod stage;
 
 use serde::{Deserialize, Serialize};
 

@@ -9,7 +9,7 @@
 mod adapt;
 pub mod data;
 pub mod decompose;
-mod eval;
+pub mod eval;
 pub mod model;
 pub mod report;
 pub mod train;

@@ -1,11 +1,16 @@
-//! The `eval` kind: one `eval.<name>` stage per `evaluate` entry.
+//! The `eval` kind: one `eval.<name>` stage per `evaluate` entry; the runner ([`runner`]) and
+//! its adapted settings ([`adapted`]: models composed once, routed items grouped by expert).
+
+mod adapted;
+mod runner;
+
+pub use runner::{EvalStage, run_batches, train_split};
 
 use serde_json::json;
 
 use super::{Declared, Env, Kind, rewards_config, to_json};
 use crate::adapt::spec::BASE;
 use crate::dag::Stage;
-use crate::eval::stage::EvalStage;
 use crate::exec::StageRunner;
 use crate::pipeline::Pipeline;
 

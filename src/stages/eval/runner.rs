@@ -11,10 +11,12 @@ use polars::prelude::*;
 use serde_json::{Value, json};
 
 use super::adapted::{Models, mixture_result};
-use super::results::{ModelResult, NSamples, RESULTS_JSON, RESULTS_MD, Results, SAMPLES_FILE};
-use super::runner::{Sample, Task};
 use crate::adapt::spec::AdaptationSpec;
 use crate::data::stored::StoredRecord;
+use crate::eval::results::{
+    ModelResult, NSamples, RESULTS_JSON, RESULTS_MD, Results, SAMPLES_FILE,
+};
+use crate::eval::runner::{Sample, Task};
 use crate::eval::spec::EvalMode;
 use crate::eval::spec::ResolvedEval;
 use crate::exec::{StageContext, StageError, StageRunner, failed_to, file_input};

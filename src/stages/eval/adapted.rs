@@ -7,15 +7,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::rc::Rc;
 
-use super::results::AdaptationResult;
-use super::runner::{Sample, Task};
-use super::stage::{EvalStage, Timing};
+use super::runner::{EvalStage, Timing};
 use crate::adapt::few_shot::{ALPHA_FILE, AlphaFile};
 use crate::adapt::router::{ROUTER_FILE, Route, Router};
 use crate::adapt::spec::BASE;
 use crate::adapt::stage::classify_batches;
 use crate::data::stored::StoredRecord;
 use crate::eval::Proportion;
+use crate::eval::results::AdaptationResult;
+use crate::eval::runner::{Sample, Task};
 use crate::exec::{StageContext, StageError, file_input};
 use crate::model::Model;
 use crate::stages::Shared;
