@@ -1,7 +1,6 @@
 //! The layer rule of README's architecture, checked on the source: a top-level module may use
 //! only modules below it (comments and test code aside), so there are no cycles and domain
-//! modules know neither the pipeline file, the executor, the stages nor the CLI. Known
-//! violations are listed and may only shrink: fixing one without removing it here fails too.
+//! modules know neither the pipeline file, the executor, the stages nor the CLI.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -27,12 +26,6 @@ const LAYERS: &[&[&str]] = &[
     &["exec"],
     &["stages"],
     &["cmd", "cli"],
-];
-
-/// Uses that go up a layer today, as (from, to): the redesign of issue 20 removes them.
-const KNOWN_VIOLATIONS: &[(&str, &str)] = &[
-    ("adapt", "exec"),
-    ("adapt", "stages"),
 ];
 
 /// Each top-level module's uses of other top-level modules, with a file that makes each.
@@ -75,7 +68,8 @@ fn module_of(rel: &Path) -> String {
     first.trim_end_matches(".rs").to_string()
 }
 
-/// The modules named by `crate::<module>` in code (not comments, not `#[cfg(test)]` modules).
+/// The modules named by `crate::<module>` in code: not in comments, nor after the file's first
+/// `#[cfg(test)]` (test code comes last in every file here).
 fn used_modules(text: &str) -> BTreeSet<String> {
     let code = text.split("#[cfg(test)]").next().unwrap();
     let mut out = BTreeSet::new();
@@ -103,37 +97,19 @@ fn layer_of(module: &str) -> usize {
 
 #[test]
 fn no_module_uses_a_module_above_it() {
-    let mut violations = BTreeMap::new();
+    let mut violations = Vec::new();
     for (from, tos) in uses() {
         for (to, file) in tos {
-            let same_top = layer_of(&from) == layer_of(&to) && layer_of(&from) == LAYERS.len() - 1;
-            if layer_of(&to) >= layer_of(&from) && !same_top {
-                violations.insert((from.clone(), to), file);
+            let top = LAYERS.len() - 1;
+            let both_top = layer_of(&from) == top && layer_of(&to) == top;
+            if layer_of(&to) >= layer_of(&from) && !both_top {
+                violations.push(format!("`{from}` uses `{to}` (src/{file})"));
             }
         }
     }
-    let known: BTreeSet<(String, String)> = KNOWN_VIOLATIONS
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-    let new: Vec<String> = violations
-        .iter()
-        .filter(|(pair, _)| !known.contains(*pair))
-        .map(|((from, to), file)| format!("`{from}` uses `{to}` (src/{file})"))
-        .collect();
-    let fixed: Vec<String> = known
-        .iter()
-        .filter(|pair| !violations.contains_key(*pair))
-        .map(|(from, to)| format!("({from:?}, {to:?})"))
-        .collect();
     assert!(
-        new.is_empty(),
+        violations.is_empty(),
         "uses that go up a layer (see README's architecture):\n  {}",
-        new.join("\n  ")
-    );
-    assert!(
-        fixed.is_empty(),
-        "fixed, so remove from KNOWN_VIOLATIONS: {}",
-        fixed.join(", ")
+        violations.join("\n  ")
     );
 }

@@ -2,14 +2,14 @@
 //! second answers with it.
 //! - `classify.rs`: prompt-based classification (score or generate mode), behind `tsq classify`;
 //! - `router.rs`: a routing first pass as saved by its stage and loaded by evaluation;
-//! - `cem.rs`: the cross-entropy method; `few_shot.rs`: mixing weights searched with it;
-//! - `stage.rs`: the `adapt.<name>` stage that prepares each strategy;
-//! - `adapter.rs`: a finished run's adaptation for `tsq generate --adapt` and `tsq chat`.
+//! - `cem.rs`: the cross-entropy method; `mixer.rs`: experts composed once and mixed by α;
+//! - `spec.rs`: adaptations as pipelines write them.
+//!
+//! The `adapt.<name>` stage, the few-shot search it runs and a finished run's adaptation for
+//! `tsq generate --adapt` and `tsq chat` are `stages/adapt/`.
 
-pub mod adapter;
 pub mod cem;
 pub mod classify;
-pub mod few_shot;
+pub mod mixer;
 pub mod router;
 pub mod spec;
-pub mod stage;

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::rc::Rc;
 
 use super::CmdError;
-use crate::adapt::adapter::Adapter;
 use crate::model::Model;
 use crate::model::chat::Message;
 use crate::model::generate::{GenerateOptions, generate_streaming};
+use crate::stages::adapt::adapter::Adapter;
 
 pub fn run(run_dir: &Path, adapt: Option<&str>, opts: &GenerateOptions) -> Result<(), CmdError> {
     let home = crate::assets::TsqHome::from_env();
@@ -20,7 +20,7 @@ pub fn run(run_dir: &Path, adapt: Option<&str>, opts: &GenerateOptions) -> Resul
             Adapter::open(run_dir, name, home).map_err(CmdError::Failed)?,
         )),
         None => Answerer::Base(Rc::new(
-            crate::adapt::adapter::run_model(run_dir).map_err(CmdError::Failed)?,
+            crate::stages::adapt::adapter::run_model(run_dir).map_err(CmdError::Failed)?,
         )),
     };
     eprintln!(

@@ -6,8 +6,8 @@
 use serde_json::json;
 
 use super::{CmdError, Format, ModelArgs};
-use crate::adapt::adapter::{Adapter, Choice};
 use crate::model::generate::{GenerateOptions, Generation, generate, generate_per_sequence};
+use crate::stages::adapt::adapter::{Adapter, Choice};
 
 /// How to present the prompts and run the decoding.
 pub struct GenerateArgs {

@@ -6,7 +6,7 @@
 //!
 //! Runners share one [`Shared`]: the model is loaded once per run, whichever stages need it.
 
-mod adapt;
+pub mod adapt;
 pub mod data;
 pub mod decompose;
 pub mod eval;

@@ -8,10 +8,8 @@ use std::path::Path;
 use std::rc::Rc;
 
 use super::runner::{EvalStage, Timing};
-use crate::adapt::few_shot::{ALPHA_FILE, AlphaFile};
 use crate::adapt::router::{ROUTER_FILE, Route, Router};
 use crate::adapt::spec::BASE;
-use crate::adapt::stage::classify_batches;
 use crate::data::stored::StoredRecord;
 use crate::eval::Proportion;
 use crate::eval::results::AdaptationResult;
@@ -19,6 +17,8 @@ use crate::eval::runner::{Sample, Task};
 use crate::exec::{StageContext, StageError, file_input};
 use crate::model::Model;
 use crate::stages::Shared;
+use crate::stages::adapt::classify_batches;
+use crate::stages::adapt::few_shot::{ALPHA_FILE, AlphaFile};
 use crate::stages::model::ModelRecord;
 use crate::svf::Composed;
 

@@ -442,8 +442,8 @@ fn confusion_table(
 
 /// A routing adaptation's check, or a mixture's search.
 fn adaptation(dir: &Path, name: &str, report: &mut Report) -> Result<(), String> {
-    use crate::adapt::few_shot::{ALPHA_FILE, AlphaFile};
     use crate::adapt::router::{ROUTER_FILE, RouterFile};
+    use crate::stages::adapt::few_shot::{ALPHA_FILE, AlphaFile};
     if dir.join(ROUTER_FILE).exists() {
         let router: RouterFile = read_json(&dir.join(ROUTER_FILE))?;
         let Some(check) = router.check else {

@@ -1,13 +1,22 @@
-//! The `adapt` kind: one `adapt.<name>` stage per adaptation ([`crate::adapt::stage`]).
+//! The `adapt` kind: one `adapt.<name>` stage per adaptation: the runner ([`runner`]: routing
+//! checks, the classifier's training), the few-shot search ([`few_shot`]: CEM over α, resumable
+//! per generation) and a finished run's adaptation for `generate --adapt` and `chat`
+//! ([`adapter`]).
+//!
 //! Routing strategies depend on the routed experts' datasets (calibration, the classifier's
 //! examples, the routing check; the classifier also on the decomposition); few-shot mixing on
 //! the target task's data, the decomposition and the experts it mixes.
+
+pub mod adapter;
+pub mod few_shot;
+mod runner;
+
+pub use runner::{AdaptStage, classify_batches};
 
 use serde_json::json;
 
 use super::{Declared, Env, Kind, rewards_config, to_json};
 use crate::adapt::spec::AdaptationSpec;
-use crate::adapt::stage::AdaptStage;
 use crate::dag::Stage;
 use crate::exec::StageRunner;
 use crate::pipeline::Pipeline;

@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use super::classify::{Classified, Classifier, answer};
-use super::router::{self, ROUTER_FILE, Route, Router, RouterFile};
+use crate::adapt::classify::{Classified, Classifier, answer};
+use crate::adapt::router::{self, ROUTER_FILE, Route, Router, RouterFile};
 use crate::adapt::spec::{AdaptationSpec, ClassifierAdaptation, ClassifyMode, Routing};
 use crate::data::stored::StoredRecord;
 use crate::data::template::TemplateFile;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use super::few_shot::{ALPHA_FILE, AlphaFile};
-use super::router::{ROUTER_FILE, Route, Router};
+use crate::adapt::router::{ROUTER_FILE, Route, Router};
 use crate::adapt::spec::BASE;
 use crate::assets::TsqHome;
 use crate::exec::RunDir;
