@@ -14,6 +14,7 @@ use crate::eval::runner::Sample;
 use crate::eval::spec::EvalMode;
 use crate::stages::Env;
 use crate::stages::eval::{EvalStage, run_batches};
+use crate::stages::ids;
 
 pub struct BenchEvalArgs<'a> {
     pub pipeline: &'a Path,
@@ -36,9 +37,11 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
     let eval = pipeline
         .evaluations
         .iter()
-        .find(|e| e.stage_id() == args.stage)
+        .find(|e| ids::eval(&e.name).as_str() == args.stage)
         .ok_or_else(|| {
-            let known: Vec<String> = pipeline.evaluations.iter().map(|e| e.stage_id()).collect();
+            let known: Vec<String> = (pipeline.evaluations.iter())
+                .map(|e| ids::eval(&e.name).to_string())
+                .collect();
             CmdError::Usage(format!(
                 "no evaluation stage `{}` in this pipeline; evaluations: {}",
                 args.stage,
@@ -46,8 +49,8 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
             ))
         })?;
     let run_root = pipeline.runs_root().join(&pipeline.spec.name);
-    let data_dir = run_root.join(format!("data.{}", eval.spec.dataset));
-    let model_dir = run_root.join("model");
+    let data_dir = run_root.join(ids::data(&eval.spec.dataset).as_str());
+    let model_dir = run_root.join(ids::model().as_str());
     if !data_dir.join("manifest.json").exists() || !model_dir.join("manifest.json").exists() {
         return Err(CmdError::Failed(format!(
             "the benchmark evaluates prepared items: run `tsq run {} --only model --only data.{}` first",

@@ -10,6 +10,31 @@ use serde_json::Value;
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct StageId(pub String);
 
+impl StageId {
+    /// `kind`, or `kind.subject` for a kind with one stage per subject (a dataset, an
+    /// expert...). Stage kinds make their ids through this (`crate::stages`), never by hand.
+    pub fn new(kind: &str, subject: Option<&str>) -> Self {
+        match subject {
+            Some(subject) => Self(format!("{kind}.{subject}")),
+            None => Self(kind.to_string()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The kind's part of the id (`train` in `train.math`).
+    pub fn kind(&self) -> &str {
+        self.0.split_once('.').map_or(&self.0, |(kind, _)| kind)
+    }
+
+    /// The subject's part, for kinds with one stage per subject (`math` in `train.math`).
+    pub fn subject(&self) -> Option<&str> {
+        self.0.split_once('.').map(|(_, subject)| subject)
+    }
+}
+
 impl fmt::Display for StageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

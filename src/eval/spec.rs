@@ -145,8 +145,4 @@ impl ResolvedEval {
             seed,
         }
     }
-
-    pub fn stage_id(&self) -> String {
-        format!("eval.{}", self.name)
-    }
 }

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::dag::Stage;
+use crate::dag::{Stage, StageId};
 
 /// What a stage runner gets while running: where to write, where to keep checkpoints, how to
 /// report progress and metrics, and how to notice Ctrl-C.
@@ -70,9 +70,9 @@ impl StageContext<'_> {
     }
 
     /// The directory of a finished upstream stage.
-    pub fn upstream_dir(&self, stage: &str) -> Result<&Path, StageError> {
+    pub fn upstream_dir(&self, stage: &StageId) -> Result<&Path, StageError> {
         self.upstream
-            .get(stage)
+            .get(&stage.0)
             .map(PathBuf::as_path)
             .ok_or_else(|| {
                 StageError::failed(

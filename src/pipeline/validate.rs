@@ -58,14 +58,14 @@ fn check_init_cycles(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
         .experts
         .iter()
         .map(|(name, ex)| Stage {
-            id: StageId(format!("train.{name}")),
+            id: StageId::new("train", Some(name)),
             kind: "train",
             version: 0,
             subject: None,
             deps: ex
                 .init_from
                 .iter()
-                .map(|f| StageId(format!("train.{f}")))
+                .map(|f| StageId::new("train", Some(f)))
                 .collect(),
             config: serde_json::Value::Null,
             pointer: String::new(),

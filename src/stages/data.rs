@@ -269,7 +269,7 @@ impl Kind for DataKind {
         p.datasets
             .values()
             .map(|ds| Declared {
-                id: format!("data.{}", ds.name),
+                id: super::ids::data(&ds.name),
                 subject: Some(ds.name.clone()),
                 deps: vec![],
                 config: json!({"dataset": to_json(&ds.spec), "split_seed": ds.seed}),

@@ -44,7 +44,9 @@ pub fn upstream_factors(
     base: &crate::svf::expert::BaseModel,
     home: &crate::assets::TsqHome,
 ) -> Result<Vec<Decomposed>, StageError> {
-    let file = ctx.upstream_dir("decompose")?.join(TARGETS_FILE);
+    let file = ctx
+        .upstream_dir(&crate::stages::ids::decompose())?
+        .join(TARGETS_FILE);
     let targets: Vec<Target> = crate::fsutil::read_json(&file, crate::fsutil::MAX_TEXT_BYTES)
         .map_err(|e| StageError::at("reading", &file, e))?;
     let names: Vec<String> = targets.into_iter().map(|t| t.name).collect();
@@ -153,9 +155,9 @@ impl Kind for DecomposeKind {
             .svd
             .iter()
             .map(|svd| Declared {
-                id: "decompose".into(),
+                id: super::ids::decompose(),
                 subject: None,
-                deps: vec!["model".into()],
+                deps: vec![super::ids::model()],
                 config: to_json(svd),
                 pointer: "/svd".into(),
             })

@@ -42,20 +42,16 @@ pub trait Kind: Sync {
 /// The id of every stage a pipeline has except `report` (which follows them all), as the kinds
 /// declare them: what a report expects to find in a run directory. A test keeps it equal to
 /// the graph's.
-pub fn ids_before_report(spec: &crate::pipeline::spec::PipelineSpec) -> Vec<String> {
-    let mut ids = vec!["model".to_string()];
-    ids.extend(spec.datasets.keys().map(|d| format!("data.{d}")));
+pub fn ids_before_report(spec: &crate::pipeline::spec::PipelineSpec) -> Vec<StageId> {
+    let mut out = vec![ids::model()];
+    out.extend(spec.datasets.keys().map(|d| ids::data(d)));
     if spec.svd.is_some() {
-        ids.push("decompose".into());
+        out.push(ids::decompose());
     }
-    ids.extend(spec.experts.keys().map(|e| format!("train.{e}")));
-    ids.extend(spec.adaptations.keys().map(|a| format!("adapt.{a}")));
-    ids.extend(
-        spec.evaluate
-            .iter()
-            .map(|e| format!("eval.{}", e.stage_name())),
-    );
-    ids
+    out.extend(spec.experts.keys().map(|e| ids::train(e)));
+    out.extend(spec.adaptations.keys().map(|a| ids::adapt(a)));
+    out.extend(spec.evaluate.iter().map(|e| ids::eval(e.stage_name())));
+    out
 }
 
 /// A task's failure fails the stage running it, with what it was doing and why.
@@ -65,11 +61,38 @@ impl From<crate::eval::TaskError> for StageError {
     }
 }
 
+/// The stage ids of each kind, made in one place.
+pub mod ids {
+    use crate::dag::StageId;
+
+    pub fn model() -> StageId {
+        StageId::new("model", None)
+    }
+    pub fn data(dataset: &str) -> StageId {
+        StageId::new("data", Some(dataset))
+    }
+    pub fn decompose() -> StageId {
+        StageId::new("decompose", None)
+    }
+    pub fn train(expert: &str) -> StageId {
+        StageId::new("train", Some(expert))
+    }
+    pub fn adapt(adaptation: &str) -> StageId {
+        StageId::new("adapt", Some(adaptation))
+    }
+    pub fn eval(evaluation: &str) -> StageId {
+        StageId::new("eval", Some(evaluation))
+    }
+    pub fn report() -> StageId {
+        StageId::new("report", None)
+    }
+}
+
 /// A stage as a kind declares it; [`graph`] adds the kind's name and version.
 pub struct Declared {
-    pub id: String,
+    pub id: StageId,
     pub subject: Option<String>,
-    pub deps: Vec<String>,
+    pub deps: Vec<StageId>,
     pub config: Value,
     pub pointer: String,
 }
@@ -95,11 +118,11 @@ pub fn graph(pipeline: &Pipeline) -> Result<Graph, CycleError> {
         .iter()
         .flat_map(|k| {
             k.declare(pipeline).into_iter().map(|d| Stage {
-                id: StageId(d.id),
+                id: d.id,
                 kind: k.name(),
                 version: k.version(),
                 subject: d.subject,
-                deps: d.deps.into_iter().map(StageId).collect(),
+                deps: d.deps,
                 config: d.config,
                 pointer: d.pointer,
             })
@@ -192,11 +215,11 @@ mod tests {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/transformer2.yaml");
         let pipeline = crate::pipeline::load(&file, &[]).expect("a valid pipeline");
         let graph = graph(&pipeline).expect("no cycle");
-        let mut from_graph: Vec<String> = graph
+        let mut from_graph: Vec<StageId> = graph
             .stages
             .iter()
-            .map(|s| s.id.0.clone())
-            .filter(|id| id != "report")
+            .map(|s| s.id.clone())
+            .filter(|id| *id != ids::report())
             .collect();
         let mut listed = ids_before_report(&pipeline.spec);
         from_graph.sort();

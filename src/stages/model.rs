@@ -31,7 +31,7 @@ pub struct ModelRecord {
 impl ModelRecord {
     /// The record of the finished `model` stage this stage depends on.
     pub fn from_upstream(ctx: &StageContext) -> Result<Self, StageError> {
-        Self::read(ctx.upstream_dir("model")?)
+        Self::read(ctx.upstream_dir(&crate::stages::ids::model())?)
     }
 
     /// The record in a finished model stage's directory.
@@ -115,7 +115,7 @@ impl Kind for ModelKind {
 
     fn declare(&self, p: &Pipeline) -> Vec<Declared> {
         vec![Declared {
-            id: "model".into(),
+            id: super::ids::model(),
             subject: None,
             deps: vec![],
             config: to_json(&p.spec.model),

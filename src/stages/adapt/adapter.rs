@@ -12,6 +12,7 @@ use crate::adapt::spec::BASE;
 use crate::assets::TsqHome;
 use crate::exec::RunDir;
 use crate::model::Model;
+use crate::stages::ids;
 use crate::stages::model::ModelRecord;
 use crate::stages::train::EXPERT_FILE;
 use crate::svf::Composed;
@@ -19,13 +20,14 @@ use crate::svf::Composed;
 /// The base model of the finished run in `run_dir`, as its `model` stage resolved it.
 pub fn run_model(run_dir: &Path) -> Result<Model, String> {
     let run = RunDir::read_only(run_dir);
-    if run.finished("model").is_none() {
+    if run.finished(ids::model().as_str()).is_none() {
         return Err(format!(
             "`{}` is not a run directory with a finished `model` stage",
             run_dir.display()
         ));
     }
-    let record = ModelRecord::read(&run.stage_dir("model")).map_err(|e| e.to_string())?;
+    let record =
+        ModelRecord::read(&run.stage_dir(ids::model().as_str())).map_err(|e| e.to_string())?;
     Model::load(
         &record.path,
         candle_core::DType::F32,
@@ -113,7 +115,7 @@ impl Adapter {
     /// Opens adaptation `name` of the finished run in `run_dir`.
     pub fn open(run_dir: &Path, name: &str, home: TsqHome) -> Result<Self, String> {
         let run = RunDir::read_only(run_dir);
-        let stage = format!("adapt.{name}");
+        let stage = ids::adapt(name).to_string();
         let dir = run.stage_dir(&stage);
         if run.finished(&stage).is_none() {
             return Err(format!(
@@ -175,7 +177,7 @@ impl Adapter {
             Choice::Routed { target, .. } if target == BASE => None,
             Choice::Routed { target, .. } => Some(
                 self.run
-                    .stage_dir(&format!("train.{target}"))
+                    .stage_dir(ids::train(target).as_str())
                     .join(EXPERT_FILE),
             ),
             Choice::Mixed { .. } => Some(self.dir.join(EXPERT_FILE)),

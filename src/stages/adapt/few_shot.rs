@@ -73,7 +73,7 @@ pub fn run(
     let factors =
         crate::stages::decompose::upstream_factors(ctx, model, &base, &stage.shared.home)?;
     let experts = load_experts(ctx, &f.experts)?;
-    let records = read_stored(ctx.upstream_dir(&format!("data.{}", f.dataset))?)?;
+    let records = read_stored(ctx.upstream_dir(&crate::stages::ids::data(&f.dataset))?)?;
     let shots = shots(&records, f)?;
     let fitness_stage = fitness_stage(stage, f);
     let reward = fitness_stage.reward()?;
@@ -200,7 +200,7 @@ fn load_experts(ctx: &StageContext, names: &[String]) -> Result<Vec<(String, Exp
         .iter()
         .map(|name| {
             let file = ctx
-                .upstream_dir(&format!("train.{name}"))?
+                .upstream_dir(&crate::stages::ids::train(name))?
                 .join(crate::stages::train::EXPERT_FILE);
             let expert = Expert::load(&file).map_err(|e| StageError::at("loading", &file, e))?;
             Ok((name.clone(), expert))

@@ -15,7 +15,7 @@ pub use runner::{AdaptStage, classify_batches};
 
 use serde_json::json;
 
-use super::{Declared, Env, Kind, rewards_config, to_json};
+use super::{Declared, Env, Kind, ids, rewards_config, to_json};
 use crate::adapt::spec::AdaptationSpec;
 use crate::dag::Stage;
 use crate::exec::StageRunner;
@@ -38,24 +38,24 @@ impl Kind for AdaptKind {
         spec.adaptations
             .iter()
             .map(|(name, ad)| {
-                let mut deps = vec!["model".to_string()];
+                let mut deps = vec![ids::model()];
                 let experts = ad.experts(&spec.experts);
                 let mut reward = json!(null);
                 match ad {
                     AdaptationSpec::FewShot(f) => {
-                        deps.push(format!("data.{}", f.dataset));
-                        deps.push("decompose".into());
-                        deps.extend(experts.iter().map(|e| format!("train.{e}")));
+                        deps.push(ids::data(&f.dataset));
+                        deps.push(ids::decompose());
+                        deps.extend(experts.iter().map(|e| ids::train(e)));
                         if let Some(r) = &f.reward {
                             reward = rewards_config(&spec.rewards, r);
                         }
                     }
                     AdaptationSpec::Prompt(_) | AdaptationSpec::Classifier(_) => {
                         if matches!(ad, AdaptationSpec::Classifier(_)) {
-                            deps.push("decompose".into());
+                            deps.push(ids::decompose());
                         }
                         for e in &experts {
-                            let data = format!("data.{}", spec.experts[*e].dataset);
+                            let data = ids::data(&spec.experts[*e].dataset);
                             if !deps.contains(&data) {
                                 deps.push(data);
                             }
@@ -63,7 +63,7 @@ impl Kind for AdaptKind {
                     }
                 }
                 Declared {
-                    id: format!("adapt.{name}"),
+                    id: ids::adapt(name),
                     subject: Some(name.clone()),
                     deps,
                     config: json!({"adaptation": to_json(ad), "rewards": reward, "seed": spec.seed}),

@@ -141,7 +141,7 @@ impl AdaptStage<'_> {
             .into_iter()
             .map(|expert| {
                 let dataset = self.experts[expert].dataset.as_str();
-                let records = read_stored(ctx.upstream_dir(&format!("data.{dataset}"))?)?;
+                let records = read_stored(ctx.upstream_dir(&crate::stages::ids::data(dataset))?)?;
                 Ok((expert, dataset, records))
             })
             .collect()

@@ -44,7 +44,7 @@ impl Models {
             return Ok(Rc::clone(&self.composed.base));
         }
         let file = ctx
-            .upstream_dir(&format!("train.{name}"))?
+            .upstream_dir(&crate::stages::ids::train(name))?
             .join(crate::stages::train::EXPERT_FILE);
         self.expert(name, &file)
     }
@@ -80,7 +80,7 @@ impl EvalStage<'_> {
         items: &[&StoredRecord],
         strategy: &str,
     ) -> Result<(Vec<Sample>, Timing, Option<AdaptationResult>), StageError> {
-        let dir = ctx.upstream_dir(&format!("adapt.{with}"))?;
+        let dir = ctx.upstream_dir(&crate::stages::ids::adapt(with))?;
         let router = Router::load(&dir.join(ROUTER_FILE))
             .map_err(|e| StageError::failed("loading the router", e))?;
         let first_pass = match &router.file.first_pass_expert {

@@ -8,7 +8,7 @@ pub use runner::{EvalStage, run_batches, train_split};
 
 use serde_json::json;
 
-use super::{Declared, Env, Kind, rewards_config, to_json};
+use super::{Declared, Env, Kind, ids, rewards_config, to_json};
 use crate::adapt::spec::BASE;
 use crate::dag::Stage;
 use crate::exec::StageRunner;
@@ -32,19 +32,17 @@ impl Kind for EvalKind {
             .iter()
             .map(|ev| {
                 let spec = &ev.spec;
-                let mut deps = vec!["model".to_string(), format!("data.{}", spec.dataset)];
+                let mut deps = vec![ids::model(), ids::data(&spec.dataset)];
                 for w in &spec.with {
                     let more = match p.spec.adaptations.get(w) {
                         // A routed item is answered by one of the experts the labels lead to.
-                        Some(ad) => std::iter::once(format!("adapt.{w}"))
+                        Some(ad) => std::iter::once(ids::adapt(w))
                             .chain(ad.routing().into_iter().flat_map(|r| {
-                                r.experts(&p.spec.experts)
-                                    .into_iter()
-                                    .map(|e| format!("train.{e}"))
+                                r.experts(&p.spec.experts).into_iter().map(ids::train)
                             }))
                             .collect(),
                         None if w == BASE => vec![],
-                        None => vec![format!("train.{w}")],
+                        None => vec![ids::train(w)],
                     };
                     for dep in more {
                         if !deps.contains(&dep) {
@@ -54,7 +52,7 @@ impl Kind for EvalKind {
                 }
                 let reward = spec.reward.as_ref().map(|r| rewards_config(&p.spec.rewards, r));
                 Declared {
-                    id: ev.stage_id(),
+                    id: ids::eval(&ev.name),
                     subject: Some(ev.name.clone()),
                     deps,
                     config: json!({"evaluate": to_json(spec), "rewards": reward, "chat": ev.chat, "seed": ev.seed}),

@@ -24,6 +24,7 @@ use crate::reward::Reward;
 use crate::reward::spec::{RewardSpec, RewardValues};
 use crate::stages::Shared;
 use crate::stages::data::read_stored;
+use crate::stages::ids;
 use crate::stages::model::ModelRecord;
 
 pub struct EvalStage<'a> {
@@ -65,7 +66,7 @@ impl StageRunner for EvalStage<'_> {
         let started = Instant::now();
         let spec = &self.eval.spec;
         let model_record = ModelRecord::from_upstream(ctx)?;
-        let data_dir = ctx.upstream_dir(&format!("data.{}", spec.dataset))?;
+        let data_dir = ctx.upstream_dir(&crate::stages::ids::data(&spec.dataset))?;
         let records = read_stored(data_dir)?;
         let (items, original) = self.items(&records);
         let train = train_split(&records);
@@ -80,7 +81,7 @@ impl StageRunner for EvalStage<'_> {
                     self.evaluate_routed(ctx, &task, &mut models, with, &items, ad.strategy())?
                 }
                 Some(ad) => {
-                    let dir = ctx.upstream_dir(&format!("adapt.{with}"))?;
+                    let dir = ctx.upstream_dir(&crate::stages::ids::adapt(with))?;
                     let model =
                         models.expert(with, &dir.join(crate::stages::train::EXPERT_FILE))?;
                     let (samples, timing) = self.evaluate_with(ctx, &task, &model, with, &items)?;
@@ -108,7 +109,7 @@ impl StageRunner for EvalStage<'_> {
         }
         inputs.extend(models.hashes);
         let out = Results {
-            task: format!("eval.{}", self.eval.name),
+            task: ids::eval(&self.eval.name).to_string(),
             dataset: spec.dataset.clone(),
             split: spec.split.as_str().into(),
             mode: crate::hash::serde_name(&spec.mode),

@@ -39,23 +39,23 @@ pub fn collect(run_dir: &Path) -> Report {
     let stages = crate::stages::ids_before_report(&spec);
     let mut manifests = BTreeMap::new();
     for stage in &stages {
-        match run.finished_or_why(stage) {
+        match run.finished_or_why(stage.as_str()) {
             Ok(m) => {
-                manifests.insert(stage.clone(), m);
+                manifests.insert(stage.to_string(), m);
             }
-            Err(why) => report_missing(&mut report.missing, stage, why),
+            Err(why) => report_missing(&mut report.missing, stage.as_str(), why),
         }
     }
-    for stage in stages.iter().filter(|s| manifests.contains_key(*s)) {
-        let dir = run.stage_dir(stage);
-        let result = match stage.split_once('.') {
-            Some(("eval", _)) => evaluation(&dir, stage, &mut report),
-            Some(("train", expert)) => training(&dir, expert, &mut report),
-            Some(("adapt", name)) => adaptation(&dir, name, &mut report),
+    for stage in stages.iter().filter(|s| manifests.contains_key(s.as_str())) {
+        let dir = run.stage_dir(stage.as_str());
+        let result = match (stage.kind(), stage.subject()) {
+            ("eval", _) => evaluation(&dir, stage.as_str(), &mut report),
+            ("train", Some(expert)) => training(&dir, expert, &mut report),
+            ("adapt", Some(name)) => adaptation(&dir, name, &mut report),
             _ => Ok(()),
         };
         if let Err(why) = result {
-            report_missing(&mut report.missing, stage, why);
+            report_missing(&mut report.missing, stage.as_str(), why);
         }
     }
     report.overview = overview(&report.summary);
@@ -500,7 +500,7 @@ fn provenance(
     pipeline: String,
     manifests: &BTreeMap<String, Manifest>,
 ) -> Provenance {
-    let model = manifests.get("model");
+    let model = manifests.get(crate::stages::ids::model().as_str());
     let summary = |key: &str| {
         model
             .and_then(|m| m.summary.get(key))

@@ -32,7 +32,7 @@ impl Kind for ReportKind {
         spec.report
             .iter()
             .map(|report| Declared {
-                id: "report".into(),
+                id: super::ids::report(),
                 subject: None,
                 deps: deps.clone(),
                 config: to_json(report),

@@ -6,7 +6,7 @@ pub use runner::{EXPERT_FILE, TrainStage};
 
 use serde_json::json;
 
-use super::{Declared, Env, Kind, rewards_config, to_json};
+use super::{Declared, Env, Kind, ids, rewards_config, to_json};
 use crate::dag::Stage;
 use crate::exec::StageRunner;
 use crate::pipeline::Pipeline;
@@ -28,13 +28,13 @@ impl Kind for TrainKind {
         spec.experts
             .iter()
             .map(|(name, ex)| {
-                let mut deps = vec!["model".to_string(), format!("data.{}", ex.dataset)];
+                let mut deps = vec![ids::model(), ids::data(&ex.dataset)];
                 if spec.svd.is_some() {
-                    deps.push("decompose".into());
+                    deps.push(ids::decompose());
                 }
-                deps.extend(ex.init_from.iter().map(|from| format!("train.{from}")));
+                deps.extend(ex.init_from.iter().map(|from| ids::train(from)));
                 Declared {
-                    id: format!("train.{name}"),
+                    id: ids::train(name),
                     subject: Some(name.clone()),
                     deps,
                     config: json!({"expert": to_json(ex), "rewards": rewards_config(&spec.rewards, &ex.reward), "seed": spec.seed}),

@@ -34,6 +34,7 @@ use crate::rl::spec::{Keep, Objective, Rollout};
 use crate::stages::Shared;
 use crate::stages::data::read_stored;
 use crate::stages::eval::{EvalStage, run_batches};
+use crate::stages::ids;
 use crate::stages::model::ModelRecord;
 use crate::svd::cache::Decomposed;
 use crate::svf::apply::{Application, apply};
@@ -106,7 +107,8 @@ impl StageRunner for TrainStage<'_> {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
-        let records = read_stored(ctx.upstream_dir(&format!("data.{}", self.expert.dataset))?)?;
+        let records =
+            read_stored(ctx.upstream_dir(&crate::stages::ids::data(&self.expert.dataset))?)?;
         self.train_on(ctx, &records)
     }
 }
@@ -223,7 +225,7 @@ impl TrainStage<'_> {
         let mut expert = match &self.expert.init_from {
             Some(from) => {
                 let file = ctx
-                    .upstream_dir(&format!("train.{from}"))?
+                    .upstream_dir(&crate::stages::ids::train(from))?
                     .join(EXPERT_FILE);
                 let expert =
                     Expert::load(&file).map_err(|e| StageError::at("loading", &file, e))?;
@@ -431,7 +433,7 @@ impl TrainStage<'_> {
         let save = |z: &Vectors, step: u32, file: &Path| -> Result<(), StageError> {
             let mut expert = expert_of(initial, z)?;
             expert.meta.training =
-                json!({"stage": format!("train.{}", self.name), "step": step, "summary": summary});
+                json!({"stage": ids::train(&self.name), "step": step, "summary": summary});
             expert
                 .save(file)
                 .map_err(|e| StageError::at("writing", file, e))
