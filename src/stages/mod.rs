@@ -54,6 +54,19 @@ pub fn ids_before_report(spec: &crate::pipeline::spec::PipelineSpec) -> Vec<Stag
     out
 }
 
+/// The pipeline a run directory was run with (`pipeline.json`), parsed and as written: what
+/// readers of a finished run go by (never by which files happen to exist).
+pub fn run_pipeline(
+    run_dir: &Path,
+) -> Result<(crate::pipeline::spec::PipelineSpec, String), String> {
+    let path = run_dir.join("pipeline.json");
+    let fail = |e: &dyn std::fmt::Display| format!("cannot read `{}`: {e}", path.display());
+    let text =
+        crate::fsutil::read_bounded(&path, crate::fsutil::MAX_TEXT_BYTES).map_err(|e| fail(&e))?;
+    let spec = serde_json::from_str(&text).map_err(|e| fail(&e))?;
+    Ok((spec, text))
+}
+
 /// A task's failure fails the stage running it, with what it was doing and why.
 impl From<crate::eval::TaskError> for StageError {
     fn from(e: crate::eval::TaskError) -> Self {

@@ -123,8 +123,18 @@ impl Adapter {
                 run_dir.display()
             ));
         }
+        let (spec, _) = crate::stages::run_pipeline(run_dir)?;
+        let routed = match spec.adaptations.get(name) {
+            Some(ad) => ad.routing().is_some(),
+            None => {
+                return Err(format!(
+                    "the pipeline run in `{}` has no adaptation `{name}`",
+                    run_dir.display()
+                ));
+            }
+        };
         let mut models = Composed::new(Rc::new(run_model(run_dir)?), home);
-        let strategy = if dir.join(ROUTER_FILE).exists() {
+        let strategy = if routed {
             let router = Router::load(&dir.join(ROUTER_FILE))?;
             let first_pass = match &router.file.first_pass_expert {
                 Some(file) => models

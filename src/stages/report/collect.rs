@@ -27,7 +27,7 @@ pub fn collect(run_dir: &Path) -> Report {
         run_dir: run_dir.display().to_string(),
         ..Report::default()
     };
-    let (spec, pipeline) = match read_pipeline(run_dir) {
+    let (spec, pipeline) = match crate::stages::run_pipeline(run_dir) {
         Ok(read) => read,
         Err(why) => {
             report_missing(&mut report.missing, "pipeline.json", why);
@@ -51,7 +51,10 @@ pub fn collect(run_dir: &Path) -> Report {
         let result = match (stage.kind(), stage.subject()) {
             ("eval", _) => evaluation(&dir, stage.as_str(), &mut report),
             ("train", Some(expert)) => training(&dir, expert, &mut report),
-            ("adapt", Some(name)) => adaptation(&dir, name, &mut report),
+            ("adapt", Some(name)) => match spec.adaptations.get(name) {
+                Some(ad) => adaptation(&dir, name, ad, &mut report),
+                None => Err("the pipeline as run has no such adaptation".into()),
+            },
             _ => Ok(()),
         };
         if let Err(why) = result {
@@ -61,15 +64,6 @@ pub fn collect(run_dir: &Path) -> Report {
     report.overview = overview(&report.summary);
     report.provenance = provenance(run_dir, &spec, pipeline, &manifests);
     report
-}
-
-/// The pipeline as run (`pipeline.json`), parsed and as written.
-fn read_pipeline(run_dir: &Path) -> Result<(PipelineSpec, String), String> {
-    let path = run_dir.join("pipeline.json");
-    let fail = |e: &dyn std::fmt::Display| format!("cannot read `{}`: {e}", path.display());
-    let text = read_bounded(&path, MAX_TEXT_BYTES).map_err(|e| fail(&e))?;
-    let spec = serde_json::from_str(&text).map_err(|e| fail(&e))?;
-    Ok((spec, text))
 }
 
 fn report_missing(missing: &mut Vec<Missing>, stage: &str, why: String) {
@@ -441,10 +435,15 @@ fn confusion_table(
 }
 
 /// A routing adaptation's check, or a mixture's search.
-fn adaptation(dir: &Path, name: &str, report: &mut Report) -> Result<(), String> {
+fn adaptation(
+    dir: &Path,
+    name: &str,
+    spec: &crate::adapt::spec::AdaptationSpec,
+    report: &mut Report,
+) -> Result<(), String> {
     use crate::adapt::router::{ROUTER_FILE, RouterFile};
     use crate::stages::adapt::few_shot::{ALPHA_FILE, AlphaFile};
-    if dir.join(ROUTER_FILE).exists() {
+    if spec.routing().is_some() {
         let router: RouterFile = read_json(&dir.join(ROUTER_FILE))?;
         let Some(check) = router.check else {
             return Ok(());
