@@ -10,6 +10,7 @@ mod real_data;
 mod report;
 mod run;
 mod sandbox;
+mod snapshots;
 mod svf;
 mod train;
 mod validate;
