@@ -64,7 +64,12 @@ fn validation_errors_of_the_broken_corpus() {
     files.sort();
     let all: String = files
         .iter()
-        .map(|f| format!("=== {f}\n{}\n", tsq(&["validate", &format!("tests/broken/{f}")])))
+        .map(|f| {
+            format!(
+                "=== {f}\n{}\n",
+                tsq(&["validate", &format!("tests/broken/{f}")])
+            )
+        })
         .collect();
     insta::assert_snapshot!("broken", all);
 }

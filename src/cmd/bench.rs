@@ -31,10 +31,6 @@ looks at the prompt and picks or mixes expert vectors, the second answers with t
 /// Which library multiplies large f32 matrices in this build (the `openblas` feature).
 pub(super) const GEMM: &str = tsq_linalg::LARGE_PRODUCTS_BY;
 
-pub(super) fn fail(e: impl std::fmt::Display) -> CmdError {
-    CmdError::Failed(e.to_string())
-}
-
 fn best_of(repeat: usize, mut f: impl FnMut() -> Result<f64, CmdError>) -> Result<f64, CmdError> {
     (0..repeat.max(1))
         .map(|_| f())
@@ -45,7 +41,7 @@ fn best_of(repeat: usize, mut f: impl FnMut() -> Result<f64, CmdError>) -> Resul
 fn prompt_ids(model: &Model, n: usize) -> Result<Vec<u32>, CmdError> {
     let mut ids = Vec::new();
     while ids.len() < n {
-        ids.extend(model.tokenizer.encode(TEXT).map_err(fail)?);
+        ids.extend(model.tokenizer.encode(TEXT).map_err(CmdError::failed)?);
     }
     ids.truncate(n);
     Ok(ids)
@@ -53,13 +49,13 @@ fn prompt_ids(model: &Model, n: usize) -> Result<Vec<u32>, CmdError> {
 
 fn prefill_seconds(model: &Model, ids: &[u32]) -> Result<f64, CmdError> {
     let device = model.transformer.device();
-    let batch = Batch::left_padded(&[0], 0, ids.len(), device).map_err(fail)?;
-    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), device).map_err(fail)?;
+    let batch = Batch::left_padded(&[0], 0, ids.len(), device).map_err(CmdError::failed)?;
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), device).map_err(CmdError::failed)?;
     let started = Instant::now();
     model
         .transformer
         .forward(&input, &batch, None, Mode::Fast, LogitsAt::Last)
-        .map_err(fail)?;
+        .map_err(CmdError::failed)?;
     Ok(started.elapsed().as_secs_f64())
 }
 
@@ -82,10 +78,10 @@ fn decode_seconds(model: &Model, batch: usize, new_tokens: usize) -> Result<f64,
             ..opts.clone()
         },
     )
-    .map_err(fail)?;
+    .map_err(CmdError::failed)?;
     let prefill = started.elapsed().as_secs_f64();
     let started = Instant::now();
-    generate(model, &prompts, &opts).map_err(fail)?;
+    generate(model, &prompts, &opts).map_err(CmdError::failed)?;
     Ok((started.elapsed().as_secs_f64() - prefill).max(1e-9))
 }
 
@@ -105,7 +101,7 @@ pub fn generate_bench(model_args: &ModelArgs, repeat: usize) -> Result<(), CmdEr
         model
             .transformer
             .quantize_for_decoding(dtype)
-            .map_err(fail)?;
+            .map_err(CmdError::failed)?;
         let quantize_s = started.elapsed().as_secs_f64();
         let b1 =
             (new_tokens - 1) as f64 / best_of(repeat, || decode_seconds(&model, 1, new_tokens))?;
@@ -171,7 +167,7 @@ fn time_svd(matrices: &[(String, Tensor)]) -> Result<(f64, f64), CmdError> {
     let seconds = started.elapsed().as_secs_f64();
     let mut worst: f64 = 0.0;
     for r in results {
-        worst = worst.max(r.map_err(fail)?.relative_error);
+        worst = worst.max(r.map_err(CmdError::failed)?.relative_error);
     }
     Ok((seconds, worst))
 }
@@ -218,8 +214,8 @@ pub fn svd_bench(model_args: &ModelArgs, large: bool) -> Result<(), CmdError> {
     let mut record = json!({"bench": "svd", "threads": threads, "mlp_matrices": mlp.len(), "mlp_s": mlp_s, "mlp_max_rel_error": mlp_err, "attn_matrices": attn.len(), "attn_s": attn_s, "attn_max_rel_error": attn_err});
     if large {
         for (rows, cols) in [(4096usize, 4096usize), (14336, 4096)] {
-            let w =
-                Tensor::randn(0f32, 1.0, (rows, cols), &candle_core::Device::Cpu).map_err(fail)?;
+            let w = Tensor::randn(0f32, 1.0, (rows, cols), &candle_core::Device::Cpu)
+                .map_err(CmdError::failed)?;
             let (s, err) = time_svd(&[(format!("random {rows}x{cols}"), w)])?;
             println!(
                 "  {:<34} {:>9.2} {:>12.1e}",
@@ -337,16 +333,18 @@ pub(super) struct MlpSetup {
 
 pub(super) fn mlp_setup(model_args: &ModelArgs) -> Result<MlpSetup, CmdError> {
     let model = model_args.load()?;
-    let base = BaseModel::of_file(&model.path).map_err(fail)?;
+    let base = BaseModel::of_file(&model.path).map_err(CmdError::failed)?;
     let names: Vec<String> = (0..model.transformer.config.num_layers)
         .flat_map(|l| ["gate_proj", "up_proj", "down_proj"].map(|m| format!("layers.{l}.mlp.{m}")))
         .collect();
     let started = Instant::now();
     let home = crate::assets::TsqHome::from_env();
-    let factors = crate::svf::factors_for(&model, &base, &names, &home).map_err(fail)?;
+    let factors =
+        crate::svf::factors_for(&model, &base, &names, &home).map_err(CmdError::failed)?;
     let factors_s = started.elapsed().as_secs_f64();
     let s = crate::svd::cache::singular_values(&factors);
-    let expert = Expert::initial(base, Parametrization::Sigmoid, &s, 0).map_err(fail)?;
+    let expert =
+        Expert::initial(base, Parametrization::Sigmoid, &s, 0).map_err(CmdError::failed)?;
     Ok(MlpSetup {
         model,
         names,
@@ -387,15 +385,15 @@ pub fn svf_step_bench(
         .map(|(_, s)| s.elem_count())
         .sum();
     let vocab = model.transformer.config.vocab_size;
-    let mut trainer =
-        SvfTrainer::new(&model.transformer, &factors, &expert, 2e-3, 1e-3).map_err(fail)?;
+    let mut trainer = SvfTrainer::new(&model.transformer, &factors, &expert, 2e-3, 1e-3)
+        .map_err(CmdError::failed)?;
     // The trainer holds its own copies: what it does not need leaves the peak RSS.
     drop((factors, model));
     let batch = reinforce_batch(vocab, shape.batch, shape.seq, shape.prompt);
     let mut reports = Vec::new();
     for step in 0..=shape.steps {
         let clock = Instant::now();
-        let report = trainer.step(&batch).map_err(fail)?;
+        let report = trainer.step(&batch).map_err(CmdError::failed)?;
         let total = clock.elapsed().as_secs_f64();
         eprintln!(
             "  step {step}{}: {total:.2} s (loss {:.4}, grad norm {:.3e})",

@@ -28,10 +28,6 @@ pub struct BenchEvalArgs<'a> {
     pub peer_items: Option<&'a Path>,
 }
 
-fn fail(e: impl std::fmt::Display) -> CmdError {
-    CmdError::Failed(e.to_string())
-}
-
 pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
     let pipeline = load_or_report(args.pipeline, &[])?;
     let eval = pipeline
@@ -58,7 +54,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
             eval.spec.dataset
         )));
     }
-    let record = crate::stages::model::ModelRecord::read(&model_dir).map_err(fail)?;
+    let record = crate::stages::model::ModelRecord::read(&model_dir).map_err(CmdError::failed)?;
     let env = Env::new(&pipeline, crate::assets::TsqHome::from_env());
     let stage = EvalStage {
         eval: eval.clone(),
@@ -67,14 +63,14 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
         version: String::new(),
         shared: &env.shared,
     };
-    let records = crate::stages::data::read_stored(&data_dir).map_err(fail)?;
+    let records = crate::stages::data::read_stored(&data_dir).map_err(CmdError::failed)?;
     let (mut items, _) = stage.items(&records);
     items.truncate(args.limit.unwrap_or(items.len()));
     let train = crate::stages::eval::train_split(&records);
-    let reward = stage.reward().map_err(fail)?;
+    let reward = stage.reward().map_err(CmdError::failed)?;
     let task = stage.task(&train, reward.as_ref());
     task.sort_for_batching(&mut items);
-    let model = env.shared.model(&record.path).map_err(fail)?;
+    let model = env.shared.model(&record.path).map_err(CmdError::failed)?;
     let mut samples: Vec<Sample> = Vec::new();
     let timing = run_batches(
         &task,
@@ -87,7 +83,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
             Ok(())
         },
     )
-    .map_err(fail)?;
+    .map_err(CmdError::failed)?;
     if let Some(file) = args.write_items {
         write_peer_items(file, &task, &items, &samples)?;
     }
@@ -139,22 +135,25 @@ fn write_peer_items(
             "--write-items needs a `loglik` evaluation (the peer scores options)".into(),
         ));
     }
-    let mut out = std::fs::File::create(file).map_err(fail)?;
+    let mut out = std::fs::File::create(file).map_err(CmdError::failed)?;
     for (item, sample) in items.iter().zip(samples) {
-        let (continuations, gold) = task.scored_options(&item.fields).map_err(fail)?;
+        let (continuations, gold) = task
+            .scored_options(&item.fields)
+            .map_err(CmdError::failed)?;
         let line = json!({"id": item.id, "prompt": sample.prompt, "continuations": continuations, "gold": gold});
-        writeln!(out, "{line}").map_err(fail)?;
+        writeln!(out, "{line}").map_err(CmdError::failed)?;
     }
     Ok(())
 }
 
 fn compare_with_peer(file: &Path, ours: &Value) -> Result<(), CmdError> {
-    let text = crate::fsutil::read_bounded(file, crate::fsutil::MAX_LOG_BYTES).map_err(fail)?;
+    let text = crate::fsutil::read_bounded(file, crate::fsutil::MAX_LOG_BYTES)
+        .map_err(CmdError::failed)?;
     let peer: Value = text
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| fail(format!("`{}` holds no JSON line", file.display())))?;
+        .ok_or_else(|| CmdError::failed(format!("`{}` holds no JSON line", file.display())))?;
     let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     println!(
         "PyTorch: {} items, {:.1} tok/s, {:.2} items/s, acc {:.4}; tsq/PyTorch items/s: {:.2}x",
@@ -170,7 +169,8 @@ fn compare_with_peer(file: &Path, ours: &Value) -> Result<(), CmdError> {
 /// Per-item agreement with the peer's option log-likelihoods: largest difference and how many
 /// items pick the same option.
 fn compare_per_item(file: &Path, samples: &[Sample]) -> Result<(), CmdError> {
-    let text = crate::fsutil::read_bounded(file, crate::fsutil::MAX_LOG_BYTES).map_err(fail)?;
+    let text = crate::fsutil::read_bounded(file, crate::fsutil::MAX_LOG_BYTES)
+        .map_err(CmdError::failed)?;
     let peer: BTreeMap<String, Vec<f64>> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

@@ -10,7 +10,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use super::bench::{GEMM, MlpSetup, fail, mlp_setup, peak_rss_gb};
+use super::bench::{GEMM, MlpSetup, mlp_setup, peak_rss_gb};
 use super::{CmdError, ModelArgs};
 use crate::model::Model;
 use crate::model::generate::{GenerateOptions, Generation, generate};
@@ -102,7 +102,7 @@ fn rollouts(
         ..GenerateOptions::default()
     };
     let clock = Instant::now();
-    let out = generate(policy, prompts, &opts).map_err(fail)?;
+    let out = generate(policy, prompts, &opts).map_err(CmdError::failed)?;
     Ok((clock.elapsed().as_secs_f64(), out))
 }
 
@@ -141,13 +141,13 @@ pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> 
         expert,
         ..
     } = mlp_setup(model_args)?;
-    let mut trainer =
-        SvfTrainer::new(&model.transformer, &factors, &expert, 2e-3, 1e-3).map_err(fail)?;
+    let mut trainer = SvfTrainer::new(&model.transformer, &factors, &expert, 2e-3, 1e-3)
+        .map_err(CmdError::failed)?;
     let prompts: Vec<Vec<u32>> = QUESTIONS
         .iter()
         .map(|q| {
-            let text = model.chat_prompt(q).map_err(fail)?;
-            let ids = model.tokenizer.encode(&text).map_err(fail)?;
+            let text = model.chat_prompt(q).map_err(CmdError::failed)?;
+            let ids = model.tokenizer.encode(&text).map_err(CmdError::failed)?;
             Ok(std::iter::repeat_n(ids, SAMPLES))
         })
         .collect::<Result<Vec<_>, CmdError>>()?
@@ -156,14 +156,14 @@ pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> 
         .collect();
     let clock = Instant::now();
     let mut policy = model.clone();
-    let scales = expert.effective_scales().map_err(fail)?;
+    let scales = expert.effective_scales().map_err(CmdError::failed)?;
     apply(
         &mut policy.transformer,
         &factors,
         &scales,
         Application::Compose,
     )
-    .map_err(fail)?;
+    .map_err(CmdError::failed)?;
     let compose_s = clock.elapsed().as_secs_f64();
     // Warm-up (allocations, page faults), then the measured runs.
     rollouts(&policy, &prompts[..SAMPLES], false, 0)?;
@@ -178,7 +178,7 @@ pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> 
     let trained: usize = batch.ids.iter().map(Vec::len).sum();
     drop((factors, policy));
     let clock = Instant::now();
-    let report = trainer.step(&batch).map_err(fail)?;
+    let report = trainer.step(&batch).map_err(CmdError::failed)?;
     let train_s = clock.elapsed().as_secs_f64();
     let rss = peak_rss_gb().unwrap_or(f64::NAN);
     let forced_tok_s = (generations.len() * NEW_TOKENS) as f64 / forced_s;

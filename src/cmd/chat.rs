@@ -67,21 +67,20 @@ enum Answerer {
 
 /// Streams the model's answer to the conversation to stdout and returns it.
 fn answer(model: &Model, messages: &[Message], opts: &GenerateOptions) -> Result<String, CmdError> {
-    let fail = |e: crate::model::error::ModelError| CmdError::Failed(e.to_string());
     let chat = model
         .chat
         .as_ref()
         .ok_or_else(|| CmdError::Failed("the model has no chat template".into()))?;
     let ids = model
         .tokenizer
-        .encode(&chat.render(messages).map_err(fail)?)
-        .map_err(fail)?;
+        .encode(&chat.render(messages).map_err(CmdError::failed)?)
+        .map_err(CmdError::failed)?;
     let mut stdout = std::io::stdout();
     let generations = generate_streaming(model, &[ids], opts, &mut |_, text| {
         print!("{text}");
         stdout.flush().ok();
     })
-    .map_err(fail)?;
+    .map_err(CmdError::failed)?;
     println!();
     Ok(generations
         .into_iter()

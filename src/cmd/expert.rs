@@ -8,10 +8,6 @@ use serde_json::{Value, json};
 use super::{CmdError, Format, ModelArgs};
 use crate::svf::expert::{Expert, Mix, combine, layer_of};
 
-fn fail(e: impl std::fmt::Display) -> CmdError {
-    CmdError::Failed(e.to_string())
-}
-
 /// Summary statistics of a vector.
 fn stats(values: &[f32]) -> Value {
     let n = values.len().max(1) as f64;
@@ -28,14 +24,14 @@ fn stats(values: &[f32]) -> Value {
 
 /// Per target: m(z) statistics and the effective scaling of the matrix, Σ(s ⊙ e) / Σ s.
 fn describe(expert: &Expert) -> Result<Value, CmdError> {
-    let scales = expert.effective_scales().map_err(fail)?;
+    let scales = expert.effective_scales().map_err(CmdError::failed)?;
     let mut targets = Vec::new();
     for (name, (z, s)) in &expert.vectors {
         let m: Vec<f32> = crate::svf::scale(expert.meta.parametrization, z)
             .and_then(|m| m.to_vec1())
-            .map_err(fail)?;
-        let e: Vec<f32> = scales[name].to_vec1().map_err(fail)?;
-        let s: Vec<f32> = s.to_vec1().map_err(fail)?;
+            .map_err(CmdError::failed)?;
+        let e: Vec<f32> = scales[name].to_vec1().map_err(CmdError::failed)?;
+        let s: Vec<f32> = s.to_vec1().map_err(CmdError::failed)?;
         let total: f64 = s.iter().map(|&v| v as f64).sum();
         let scaled: f64 = s.iter().zip(&e).map(|(&s, &e)| (s * e) as f64).sum();
         targets.push(json!({
@@ -52,10 +48,13 @@ fn describe(expert: &Expert) -> Result<Value, CmdError> {
 }
 
 pub fn inspect(file: &Path, format: Format) -> Result<(), CmdError> {
-    let expert = Expert::load(file).map_err(fail)?;
+    let expert = Expert::load(file).map_err(CmdError::failed)?;
     let report = describe(&expert)?;
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&report).map_err(fail)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(CmdError::failed)?
+        );
         return Ok(());
     }
     println!("{}", file.display());
@@ -109,7 +108,12 @@ pub enum Weights {
 pub fn combine_files(files: &[PathBuf], weights: &Weights, out: &Path) -> Result<(), CmdError> {
     let experts = files
         .iter()
-        .map(|f| Ok((f.display().to_string(), Expert::load(f).map_err(fail)?)))
+        .map(|f| {
+            Ok((
+                f.display().to_string(),
+                Expert::load(f).map_err(CmdError::failed)?,
+            ))
+        })
         .collect::<Result<Vec<_>, CmdError>>()?;
     let mix = match weights {
         Weights::PerExpert(Some(w)) => Mix::PerExpert(w.clone()),
@@ -126,7 +130,7 @@ pub fn combine_files(files: &[PathBuf], weights: &Weights, out: &Path) -> Result
         }
     };
     let mixed = combine(&experts, &mix).map_err(|e| CmdError::Usage(e.to_string()))?;
-    mixed.save(out).map_err(fail)?;
+    mixed.save(out).map_err(CmdError::failed)?;
     println!(
         "wrote {} ({} targets)",
         out.display(),
@@ -153,30 +157,31 @@ pub fn export(model_args: &ModelArgs, out: &Path) -> Result<(), CmdError> {
         return Err(CmdError::Usage("export needs --expert FILE".into()));
     };
     let (model, expert) = model_args.load_with_expert()?;
-    let expert = expert.ok_or_else(|| fail("the expert was not applied"))?;
+    let expert = expert.ok_or_else(|| CmdError::failed("the expert was not applied"))?;
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(fail)?;
+    std::fs::create_dir_all(parent).map_err(CmdError::failed)?;
     let staging = tempfile::Builder::new()
         .prefix(".tsq-export-")
         .tempdir_in(parent)
-        .map_err(fail)?;
-    crate::model::hf::save(&model, staging.path()).map_err(fail)?;
+        .map_err(CmdError::failed)?;
+    crate::model::hf::save(&model, staging.path()).map_err(CmdError::failed)?;
     let manifest = json!({
         "made_by": format!("tsq {}", env!("CARGO_PKG_VERSION")),
         "base_model": {"source": model_args.source, "path": model.path, "name": expert.meta.base_model.name, "blake3": expert.meta.base_model.blake3},
-        "expert": {"file": expert_file, "blake3": crate::hash::file_blake3(expert_file).map_err(fail)?, "parametrization": expert.meta.parametrization, "training": expert.meta.training},
+        "expert": {"file": expert_file, "blake3": crate::hash::file_blake3(expert_file).map_err(CmdError::failed)?, "parametrization": expert.meta.parametrization, "training": expert.meta.training},
         "targets": expert.meta.targets,
         "composition": "W' = U diag(s ⊙ e) Vᵀ in f32 per target; other weights unchanged",
         "tensors": BTreeMap::from([("layout", "HF transformers, model.safetensors, float32")]),
     });
-    crate::fsutil::write_json(&staging.path().join(EXPORT_MANIFEST), &manifest).map_err(fail)?;
+    crate::fsutil::write_json(&staging.path().join(EXPORT_MANIFEST), &manifest)
+        .map_err(CmdError::failed)?;
     let built = staging.keep();
     if let Err(e) = std::fs::rename(&built, out) {
         let _ = std::fs::remove_dir_all(&built);
-        return Err(fail(format!(
+        return Err(CmdError::failed(format!(
             "cannot move the export to {}: {e}",
             out.display()
         )));

@@ -25,11 +25,10 @@ pub fn run(file: &Path, overrides: &[Override]) -> Result<(), CmdError> {
         }
     }
     for (text, base, sha256) in assets {
-        let fail = |e: crate::assets::AssetError| CmdError::Failed(e.to_string());
         let path = AssetSource::parse(&text, &base)
             .and_then(|s| s.resolve(&home))
-            .map_err(fail)?;
-        verify_sha256(&path, sha256.as_deref()).map_err(fail)?;
+            .map_err(CmdError::failed)?;
+        verify_sha256(&path, sha256.as_deref()).map_err(CmdError::failed)?;
         println!("ok: {text} -> {}", path.display());
     }
     Ok(())

@@ -22,10 +22,6 @@ pub struct Adapt<'a> {
     pub name: &'a str,
 }
 
-fn fail(e: crate::model::error::ModelError) -> CmdError {
-    CmdError::Failed(e.to_string())
-}
-
 pub fn run(
     model_args: &ModelArgs,
     adapt: Option<Adapt>,
@@ -91,22 +87,22 @@ fn answer(
         model
             .transformer
             .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
-            .map_err(fail)?;
+            .map_err(CmdError::failed)?;
     }
     let mut ids = Vec::with_capacity(prompts.len());
     for prompt in prompts {
         let text = if args.chat {
-            model.chat_prompt(prompt).map_err(fail)?
+            model.chat_prompt(prompt).map_err(CmdError::failed)?
         } else {
             prompt.clone()
         };
-        ids.push(model.tokenizer.encode(&text).map_err(fail)?);
+        ids.push(model.tokenizer.encode(&text).map_err(CmdError::failed)?);
     }
     match experts {
         Some(e) => generate_per_sequence(&model, &ids, e, opts),
         None => generate(&model, &ids, opts),
     }
-    .map_err(fail)
+    .map_err(CmdError::failed)
 }
 
 /// The adaptation's choice for each prompt, and the answers, all in one batch.

@@ -40,6 +40,11 @@ pub enum CmdError {
 }
 
 impl CmdError {
+    /// A command that failed because of `e` (exit code 1).
+    pub fn failed(e: impl std::fmt::Display) -> Self {
+        Self::Failed(e.to_string())
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Reported(_) | Self::Failed(_) => 1,
@@ -105,7 +110,7 @@ fn render(diagnostics: &[Diagnostic]) -> String {
 
 /// The stage graph of a valid pipeline (cycles were ruled out by validation).
 fn graph_of(pipeline: &Pipeline) -> Result<Graph, CmdError> {
-    crate::stages::graph(pipeline).map_err(|e| CmdError::Failed(e.to_string()))
+    crate::stages::graph(pipeline).map_err(CmdError::failed)
 }
 
 /// Which model to load, as given on the command line.
@@ -132,8 +137,8 @@ impl ModelArgs {
             return Ok((model, None));
         };
         let home = crate::assets::TsqHome::from_env();
-        let expert = crate::svf::compose_expert_file(&mut model, file, &home)
-            .map_err(|e| CmdError::Failed(e.to_string()))?;
+        let expert =
+            crate::svf::compose_expert_file(&mut model, file, &home).map_err(CmdError::failed)?;
         Ok((model, Some(expert)))
     }
 
@@ -142,10 +147,9 @@ impl ModelArgs {
             .map_err(|e| CmdError::Usage(e.to_string()))?;
         let path = source
             .resolve(&crate::assets::TsqHome::from_env())
-            .map_err(|e| CmdError::Failed(e.to_string()))?;
-        let device =
-            crate::model::device(self.device).map_err(|e| CmdError::Failed(e.to_string()))?;
+            .map_err(CmdError::failed)?;
+        let device = crate::model::device(self.device).map_err(CmdError::failed)?;
         crate::model::Model::load(&path, crate::model::dtype(self.dtype), &device)
-            .map_err(|e| CmdError::Failed(e.to_string()))
+            .map_err(CmdError::failed)
     }
 }

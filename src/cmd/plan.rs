@@ -28,7 +28,7 @@ pub fn run(
     let run_root = pipeline.runs_root().join(&pipeline.spec.name);
     let plan = executor
         .plan(&RunDir::read_only(&run_root), &opts)
-        .map_err(|e| CmdError::Failed(e.to_string()))?;
+        .map_err(CmdError::failed)?;
     match format {
         Format::Json => println!(
             "{}",

@@ -27,7 +27,7 @@ pub fn run(
     if dry_run {
         let plan = executor
             .plan(&RunDir::read_only(&run_root), &opts)
-            .map_err(|e| CmdError::Failed(e.to_string()))?;
+            .map_err(CmdError::failed)?;
         print!(
             "{}",
             super::plan::render_plan(&pipeline.spec.name, &run_root, &plan)
@@ -37,7 +37,7 @@ pub fn run(
     // Refuse before creating anything; the run re-checks under the lock.
     executor
         .preflight(&RunDir::read_only(&run_root), &opts)
-        .map_err(|e| CmdError::Failed(e.to_string()))?;
+        .map_err(CmdError::failed)?;
     let run_dir = RunDir::lock(&run_root).map_err(CmdError::Failed)?;
     crate::fsutil::write_json(&run_root.join("pipeline.json"), &pipeline.spec)
         .map_err(|e| CmdError::Failed(format!("cannot write pipeline.json: {e}")))?;

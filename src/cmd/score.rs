@@ -16,7 +16,7 @@ pub fn run(
         .iter()
         .map(|c| (prompt.to_string(), c.clone()))
         .collect();
-    let scored = score(&model, &pairs).map_err(|e| CmdError::Failed(e.to_string()))?;
+    let scored = score(&model, &pairs).map_err(CmdError::failed)?;
     match format {
         Format::Json => {
             let items: Vec<_> = continuations.iter().zip(&scored).map(|(c, s)| json!({"continuation": c, "token_ids": s.continuation_ids, "logprobs": s.logprobs, "sum": s.sum})).collect();
