@@ -103,17 +103,33 @@ impl Graph {
     }
 }
 
-/// Topological order, stable with respect to declaration order; reports a cycle in full.
+/// Orders stages by [`dependency_order`].
 fn order(stages: Vec<Stage>) -> Result<Graph, CycleError> {
-    let index: BTreeMap<&StageId, usize> =
-        stages.iter().enumerate().map(|(i, s)| (&s.id, i)).collect();
+    let nodes: Vec<(&StageId, &[StageId])> =
+        stages.iter().map(|s| (&s.id, s.deps.as_slice())).collect();
+    let sorted = dependency_order(&nodes)?;
+    let mut slots: Vec<Option<Stage>> = stages.into_iter().map(Some).collect();
+    Ok(Graph {
+        stages: sorted.into_iter().filter_map(|i| slots[i].take()).collect(),
+    })
+}
+
+/// The indices of `nodes` (id, dependencies) in an order where dependencies come first, stable
+/// with respect to the given order; a cycle is reported in full. A dependency that is not a
+/// node is ignored (references are checked before anything is ordered).
+pub fn dependency_order(nodes: &[(&StageId, &[StageId])]) -> Result<Vec<usize>, CycleError> {
+    let index: BTreeMap<&StageId, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (*id, i))
+        .collect();
     // 0 = unvisited, 1 = on the current path, 2 = done.
-    let mut state = vec![0u8; stages.len()];
-    let mut sorted = Vec::with_capacity(stages.len());
+    let mut state = vec![0u8; nodes.len()];
+    let mut sorted = Vec::with_capacity(nodes.len());
     let mut path = Vec::new();
     fn visit(
         i: usize,
-        stages: &[Stage],
+        nodes: &[(&StageId, &[StageId])],
         index: &BTreeMap<&StageId, usize>,
         state: &mut [u8],
         path: &mut Vec<usize>,
@@ -123,21 +139,18 @@ fn order(stages: Vec<Stage>) -> Result<Graph, CycleError> {
             2 => return Ok(()),
             1 => {
                 let start = path.iter().position(|&p| p == i).unwrap_or(0);
-                let mut cycle: Vec<StageId> = path[start..]
-                    .iter()
-                    .map(|&p| stages[p].id.clone())
-                    .collect();
-                cycle.push(stages[i].id.clone());
+                let mut cycle: Vec<StageId> =
+                    path[start..].iter().map(|&p| nodes[p].0.clone()).collect();
+                cycle.push(nodes[i].0.clone());
                 return Err(CycleError { cycle });
             }
             _ => {}
         }
         state[i] = 1;
         path.push(i);
-        for dep in &stages[i].deps {
-            // References were checked before the graph is built; an unknown one has no stage to order.
+        for dep in nodes[i].1 {
             if let Some(&d) = index.get(dep) {
-                visit(d, stages, index, state, path, sorted)?;
+                visit(d, nodes, index, state, path, sorted)?;
             }
         }
         path.pop();
@@ -145,13 +158,10 @@ fn order(stages: Vec<Stage>) -> Result<Graph, CycleError> {
         sorted.push(i);
         Ok(())
     }
-    for i in 0..stages.len() {
-        visit(i, &stages, &index, &mut state, &mut path, &mut sorted)?;
+    for i in 0..nodes.len() {
+        visit(i, nodes, &index, &mut state, &mut path, &mut sorted)?;
     }
-    let mut slots: Vec<Option<Stage>> = stages.into_iter().map(Some).collect();
-    Ok(Graph {
-        stages: sorted.into_iter().filter_map(|i| slots[i].take()).collect(),
-    })
+    Ok(sorted)
 }
 
 #[cfg(test)]

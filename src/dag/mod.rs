@@ -4,4 +4,4 @@
 
 mod graph;
 
-pub use graph::{CycleError, Graph, Stage, StageId};
+pub use graph::{CycleError, Graph, Stage, StageId, dependency_order};

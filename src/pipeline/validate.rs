@@ -15,7 +15,7 @@ use crate::eval::spec::EvalMode;
 
 use super::{Pipeline, ResolvedDataset};
 use crate::assets::AssetSource;
-use crate::dag::{Graph, Stage, StageId};
+use crate::dag::{StageId, dependency_order};
 use crate::data::card::load_card;
 use crate::data::template::TemplateFile;
 use crate::diagnostic::{Diagnostic, did_you_mean};
@@ -53,25 +53,16 @@ pub fn semantic_checks(p: &mut Pipeline) -> Result<(), Vec<Diagnostic>> {
 
 /// `init_from` chains between experts must not loop (the only references that can).
 fn check_init_cycles(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
-    let nodes = p
-        .spec
-        .experts
-        .iter()
-        .map(|(name, ex)| Stage {
-            id: StageId::new("train", Some(name)),
-            kind: "train",
-            version: 0,
-            subject: None,
-            deps: ex
-                .init_from
-                .iter()
-                .map(|f| StageId::new("train", Some(f)))
-                .collect(),
-            config: serde_json::Value::Null,
-            pointer: String::new(),
-        })
+    // Named as their training stages are, so the cycle reads as the graph would report it.
+    let id = |expert: &str| StageId::new("train", Some(expert));
+    let chains: Vec<(StageId, Vec<StageId>)> = (p.spec.experts.iter())
+        .map(|(name, ex)| (id(name), ex.init_from.iter().map(|f| id(f)).collect()))
         .collect();
-    if let Err(cycle) = Graph::new(nodes) {
+    let nodes: Vec<(&StageId, &[StageId])> = chains
+        .iter()
+        .map(|(s, deps)| (s, deps.as_slice()))
+        .collect();
+    if let Err(cycle) = dependency_order(&nodes) {
         let first = cycle
             .cycle
             .first()
