@@ -1,0 +1,83 @@
+//! The LM head and its loss, in row chunks, with the gradient into the last hidden state.
+
+use super::*;
+
+impl Engine {
+    /// Floats per position and key/value head: the query heads that share it, or itself.
+    pub(super) fn head_run(&self, queries: bool) -> usize {
+        let (rep, d, _) = self.attention_shape();
+        if queries { rep * d } else { d }
+    }
+
+    /// Members' rows folded back into packed rows (summed with `add`), in a pooled buffer.
+    pub(super) fn fold(
+        &self,
+        e: &Expansion,
+        expanded: &[f32],
+        queries: bool,
+        add: bool,
+    ) -> Vec<f32> {
+        let (kv, run) = (self.config.num_kv_heads, self.head_run(queries));
+        let zeros = self.pool.zeros(e.packed_len(kv, run));
+        e.scatter(expanded, kv, run, add, zeros)
+    }
+
+    /// `−Σ w log softmax(norm(x_row) headᵀ)[token]` over the scored rows; writes the gradient of
+    /// those rows of `x` into `grad_x`. The head runs on [`HEAD_CHUNK_ROWS`] rows at a time, so
+    /// full logits never exist for the whole batch.
+    pub(super) fn head_loss(&self, x: &[f32], scored: &[Scored], grad_x: &mut [f32]) -> f64 {
+        let (hidden, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let eps = self.config.rms_norm_eps as f32;
+        let mut loss = 0f64;
+        for chunk in scored.chunks(HEAD_CHUNK_ROWS) {
+            let rows = chunk.len();
+            let picked: Vec<f32> = chunk
+                .iter()
+                .flat_map(|s| &x[s.row * hidden..(s.row + 1) * hidden])
+                .copied()
+                .collect();
+            let (mut normed, mut inv_rms) = (vec![0f32; picked.len()], vec![0f32; rows]);
+            kernels::rms_norm(&picked, &self.norm, eps, &mut normed, &mut inv_rms);
+            let mut logits = self.pool.zeros(rows * vocab);
+            let normed = Mat::new(&normed, rows, hidden);
+            product(&mut logits, normed, self.head.mat_t(), false);
+            // In place: logits become w · (softmax − onehot(token)), the gradient of the loss.
+            loss += logits
+                .par_chunks_mut(vocab)
+                .zip(chunk)
+                .map(|(row, s)| {
+                    let max = kernels::max(row);
+                    let picked = row[s.token as usize] - max;
+                    row.iter_mut().for_each(|v| *v = kernels::exp(*v - max));
+                    let total = kernels::sum(row) as f64;
+                    let scale = s.weight / total as f32;
+                    row.iter_mut().for_each(|v| *v *= scale);
+                    row[s.token as usize] -= s.weight;
+                    -(s.weight as f64) * (picked as f64 - total.ln())
+                })
+                .sum::<f64>();
+            let mut grad_normed = vec![0f32; picked.len()];
+            product(
+                &mut grad_normed,
+                Mat::new(&logits, rows, vocab),
+                self.head.mat(),
+                false,
+            );
+            let mut grad_picked = vec![0f32; picked.len()];
+            kernels::rms_norm_backward(
+                &picked,
+                &self.norm,
+                &inv_rms,
+                &grad_normed,
+                &mut grad_picked,
+            );
+            // Members of a pack predict their first own tokens from the same shared row.
+            for (s, g) in chunk.iter().zip(grad_picked.chunks(hidden)) {
+                let row = &mut grad_x[s.row * hidden..(s.row + 1) * hidden];
+                row.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            }
+            self.pool.give([logits]);
+        }
+        loss
+    }
+}
