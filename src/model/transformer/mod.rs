@@ -11,6 +11,11 @@
 //! from each sequence's first real token) and an additive attention mask that hides padding and
 //! the future.
 
+mod batch;
+mod cache;
+mod linear;
+mod ops;
+
 use std::collections::BTreeMap;
 use std::ops::Range;
 
@@ -20,6 +25,8 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use super::autograd;
 use super::config::ModelConfig;
 use super::error::{ModelError, Result};
+use linear::QUANTIZED_MAX_ROWS;
+use ops::{rms_norm, rope, rope_tables, softmax_primitive};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -58,60 +65,6 @@ struct Factored {
     scaled_s: Tensor,
 }
 
-impl Factored {
-    fn forward(&self, x: &Tensor, experts: Option<&Tensor>) -> Result<Tensor> {
-        let h = autograd::frozen_matmul_t(x, &self.vt)?;
-        let h = match (self.scaled_s.rank(), experts) {
-            (1, _) => h.broadcast_mul(&self.scaled_s)?,
-            (_, Some(rows)) => {
-                h.broadcast_mul(&self.scaled_s.index_select(rows, 0)?.unsqueeze(1)?)?
-            }
-            (_, None) => {
-                return Err(ModelError::Input(
-                    "the model holds a table of experts: each sequence must say which it uses"
-                        .into(),
-                ));
-            }
-        };
-        Ok(autograd::frozen_matmul_t(&h, &self.u)?)
-    }
-}
-
-/// Up to this many rows (batch × new tokens) use the quantized copy: quantized matmul is fast for
-/// matrix-vector work and slow for prompt processing on the CPU. Measured decoding SmolLM2 on 2
-/// cores with f32 products by faer (2026-11-27): Q8_0 vs f32 at 2 rows 51.9 vs 26.7 tok/s, at 4
-/// rows 50.8 vs 46.1, at 8 rows 52.4 vs 70.2 (with candle's gemm, 2026-11-26, f32 caught up only
-/// at 16 rows), so from 8 rows on f32 wins.
-const QUANTIZED_MAX_ROWS: usize = 4;
-
-impl Linear {
-    fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            weight,
-            bias,
-            quantized: None,
-            factored: None,
-        }
-    }
-
-    /// `x W^T (+ b)` over the last dimension. A weight that is not being trained gets no
-    /// gradient (see [`autograd`]).
-    /// `experts`: which expert of a factored table each sequence uses (see [`Batch::experts`]).
-    fn forward(&self, x: &Tensor, mode: Mode, experts: Option<&Tensor>) -> Result<Tensor> {
-        let rows = x.elem_count() / x.dim(D::Minus1)?;
-        let y = match (&self.factored, &self.quantized) {
-            (Some(f), _) => f.forward(x, experts)?,
-            (None, Some(q)) if mode == Mode::Fast && rows <= QUANTIZED_MAX_ROWS => q.forward(x)?,
-            _ if self.weight.track_op() => autograd::plain_matmul_t(x, &self.weight)?,
-            _ => autograd::frozen_matmul_t(x, &self.weight)?,
-        };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
-    }
-}
-
 #[derive(Clone)]
 struct Layer {
     attn_norm: Tensor,
@@ -140,69 +93,6 @@ struct LayerCache {
     len: usize,
 }
 
-impl LayerCache {
-    /// Appends (batch, kv_heads, t, head_dim) keys and values; returns views of all of them.
-    fn append(slot: &mut Option<Self>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(2)?;
-        let Some(cache) = slot else {
-            // The first call keeps its tensors as they are: a call without a cache (scoring,
-            // training references) never pays for spare room.
-            *slot = Some(Self {
-                k: k.clone(),
-                v: v.clone(),
-                len: t,
-            });
-            return Ok((k, v));
-        };
-        let (len, capacity) = (cache.len, cache.k.dim(2)?);
-        if len + t > capacity {
-            let grown = (2 * capacity).max(len + t);
-            cache.k = Self::regrown(&cache.k, len, grown)?;
-            cache.v = Self::regrown(&cache.v, len, grown)?;
-        }
-        cache.k.slice_set(&k.contiguous()?, 2, len)?;
-        cache.v.slice_set(&v.contiguous()?, 2, len)?;
-        cache.len = len + t;
-        Ok((
-            cache.k.narrow(2, 0, len + t)?,
-            cache.v.narrow(2, 0, len + t)?,
-        ))
-    }
-
-    /// A buffer of `capacity` positions holding the first `len` of `buffer`.
-    fn regrown(buffer: &Tensor, len: usize, capacity: usize) -> Result<Tensor> {
-        let (b, h, _, d) = buffer.dims4()?;
-        let grown = Tensor::zeros((b, h, capacity, d), buffer.dtype(), buffer.device())?;
-        grown.slice_set(&buffer.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-        Ok(grown)
-    }
-}
-
-impl KvCache {
-    /// Number of positions cached.
-    pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |l| l.len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Keeps batch rows `rows`, in that order (a row may repeat): a prompt computed once becomes
-    /// its samples' rows, and finished sequences leave the batch.
-    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
-        for layer in self.layers.iter_mut().flatten() {
-            let index = Tensor::new(rows, layer.k.device())?;
-            layer.k = layer.k.index_select(&index, 0)?;
-            layer.v = layer.v.index_select(&index, 0)?;
-        }
-        Ok(())
-    }
-}
-
 /// Positions and mask for one forward call over `(batch, time)` token ids.
 pub struct Batch {
     /// (batch, time) u32: rotary position of each token.
@@ -213,60 +103,6 @@ pub struct Batch {
     /// projections hold one (`svf::apply::apply_per_sequence`); sequences answered by different
     /// experts then share a batch.
     pub experts: Option<Tensor>,
-}
-
-impl Batch {
-    /// For left-padded sequences: `pad[b]` pads in front of sequence `b`, `past` positions already
-    /// cached (with the same padding), `time` new positions.
-    pub fn left_padded(pad: &[usize], past: usize, time: usize, device: &Device) -> Result<Self> {
-        let gaps: Vec<Range<usize>> = pad.iter().map(|&p| 0..p).collect();
-        Self::with_gaps(&gaps, past, time, device)
-    }
-
-    /// For sequences padded anywhere: positions `gaps[b]` of row `b` (cached or new) are padding,
-    /// which no token attends to and which rotary positions skip. A shared prefix computed once
-    /// and then followed by left-padded own parts has its padding after the prefix.
-    pub fn with_gaps(
-        gaps: &[Range<usize>],
-        past: usize,
-        time: usize,
-        device: &Device,
-    ) -> Result<Self> {
-        let total = past + time;
-        let mut positions = Vec::with_capacity(gaps.len() * time);
-        let mut mask = Vec::with_capacity(gaps.len() * time * total);
-        for gap in gaps {
-            for i in 0..time {
-                let abs = past + i;
-                let position = if abs >= gap.end {
-                    abs - gap.len()
-                } else {
-                    abs.min(gap.start)
-                };
-                positions.push(position as u32);
-                for j in 0..total {
-                    // A pad query may attend to itself only, so its softmax row stays finite.
-                    let allowed = j <= abs && (!gap.contains(&j) || j == abs);
-                    mask.push(if allowed { 0f32 } else { f32::NEG_INFINITY });
-                }
-            }
-        }
-        let b = gaps.len();
-        Ok(Self {
-            positions: Tensor::from_vec(positions, (b, time), device)?,
-            mask: Tensor::from_vec(mask, (b, 1, time, total), device)?,
-            experts: None,
-        })
-    }
-
-    /// This batch with sequence `b` answered by expert `experts[b]` of the model's table.
-    pub fn with_experts(self, experts: &[u32]) -> Result<Self> {
-        let device = self.positions.device().clone();
-        Ok(Self {
-            experts: Some(Tensor::new(experts, &device)?),
-            ..self
-        })
-    }
 }
 
 /// Rotary tables and mask of one forward call ([`Transformer::positions`]).
@@ -705,66 +541,6 @@ impl Transformer {
             .reshape((b, t, c.num_heads * c.head_dim))?;
         layer.o.forward(&out, mode, experts)
     }
-}
-
-fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = config.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| {
-            1.0 / config
-                .rope_theta
-                .powf(2.0 * i as f64 / config.head_dim as f64) as f32
-        })
-        .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-    let positions = Tensor::arange(0u32, config.max_position_embeddings as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((config.max_position_embeddings, 1))?;
-    let freqs = positions.broadcast_mul(&inv_freq)?;
-    Ok((freqs.cos()?, freqs.sin()?))
-}
-
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
-    match mode {
-        Mode::Fast => Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            weight,
-            eps as f32,
-        )?),
-        Mode::Differentiable => {
-            let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
-            Ok(x.broadcast_div(&(variance + eps)?.sqrt()?)?
-                .broadcast_mul(weight)?)
-        }
-    }
-}
-
-/// Rotary embedding rotating halves (HF layout). `cos`/`sin` are (batch, time, head_dim / 2).
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
-    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-    match mode {
-        Mode::Fast => Ok(candle_nn::rotary_emb::rope(
-            x,
-            &cos.contiguous()?,
-            &sin.contiguous()?,
-        )?),
-        Mode::Differentiable => {
-            let d = x.dim(D::Minus1)?;
-            let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(1)?;
-            let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?.unsqueeze(1)?;
-            let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-            let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
-        }
-    }
-}
-
-/// Softmax from differentiable primitives, stable against large scores and -inf masks.
-fn softmax_primitive(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 #[cfg(test)]

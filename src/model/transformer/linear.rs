@@ -1,0 +1,63 @@
+//! Projections: dense (with an optional quantized copy for small-batch decoding) or factored
+//! as an SVF target, `y = U (s' ⊙ (Vᵀ x))`.
+
+use super::*;
+
+impl Factored {
+    pub(super) fn forward(&self, x: &Tensor, experts: Option<&Tensor>) -> Result<Tensor> {
+        let h = autograd::frozen_matmul_t(x, &self.vt)?;
+        let h = match (self.scaled_s.rank(), experts) {
+            (1, _) => h.broadcast_mul(&self.scaled_s)?,
+            (_, Some(rows)) => {
+                h.broadcast_mul(&self.scaled_s.index_select(rows, 0)?.unsqueeze(1)?)?
+            }
+            (_, None) => {
+                return Err(ModelError::Input(
+                    "the model holds a table of experts: each sequence must say which it uses"
+                        .into(),
+                ));
+            }
+        };
+        Ok(autograd::frozen_matmul_t(&h, &self.u)?)
+    }
+}
+
+/// Up to this many rows (batch × new tokens) use the quantized copy: quantized matmul is fast for
+/// matrix-vector work and slow for prompt processing on the CPU. Measured decoding SmolLM2 on 2
+/// cores with f32 products by faer (2026-11-27): Q8_0 vs f32 at 2 rows 51.9 vs 26.7 tok/s, at 4
+/// rows 50.8 vs 46.1, at 8 rows 52.4 vs 70.2 (with candle's gemm, 2026-11-26, f32 caught up only
+/// at 16 rows), so from 8 rows on f32 wins.
+pub(super) const QUANTIZED_MAX_ROWS: usize = 4;
+
+impl Linear {
+    pub(super) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            quantized: None,
+            factored: None,
+        }
+    }
+
+    /// `x W^T (+ b)` over the last dimension. A weight that is not being trained gets no
+    /// gradient (see [`autograd`]).
+    /// `experts`: which expert of a factored table each sequence uses (see [`Batch::experts`]).
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+        experts: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(D::Minus1)?;
+        let y = match (&self.factored, &self.quantized) {
+            (Some(f), _) => f.forward(x, experts)?,
+            (None, Some(q)) if mode == Mode::Fast && rows <= QUANTIZED_MAX_ROWS => q.forward(x)?,
+            _ if self.weight.track_op() => autograd::plain_matmul_t(x, &self.weight)?,
+            _ => autograd::frozen_matmul_t(x, &self.weight)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
