@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::runner::AdaptStage;
+use super::strategy::Strategy;
 use crate::adapt::cem::{self, CemState, Fitness, GenerationRecord};
 use crate::adapt::mixer::{Mixer, rows};
 use crate::adapt::spec::{FewShotAdaptation, Granularity};
+use crate::dag::StageId;
 use crate::data::stored::StoredRecord;
 use crate::eval::runner::Task;
 use crate::eval::spec::EvalMode;
@@ -23,9 +25,11 @@ use crate::eval::spec::EvaluateSpec;
 use crate::eval::spec::ResolvedEval;
 use crate::exec::{StageContext, StageError, failed_to};
 use crate::model::Model;
+use crate::pipeline::spec::PipelineSpec;
 use crate::reward::Verdict;
 use crate::stages::data::read_stored;
 use crate::stages::eval::EvalStage;
+use crate::stages::ids;
 use crate::stages::model::ModelRecord;
 use crate::svf::expert::{BaseModel, Expert, Mix, combine};
 
@@ -61,7 +65,44 @@ struct Checkpoint {
     candidates_scored: usize,
 }
 
-pub fn run(
+/// Mixing weights over experts searched with the CEM on a few labelled examples of the target
+/// task (the paper's third strategy).
+impl Strategy for FewShotAdaptation {
+    fn deps(&self, _: &PipelineSpec) -> Vec<StageId> {
+        let mut deps = vec![ids::data(&self.dataset), ids::decompose()];
+        deps.extend(self.experts.iter().map(|e| ids::train(e)));
+        deps
+    }
+
+    fn reward(&self) -> Option<&str> {
+        self.reward.as_deref()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "CEM mixing of {} on {} `{}` {} shots, {} generations of {}",
+            self.experts.join(", "),
+            self.shots,
+            self.dataset,
+            self.split.as_str(),
+            self.cem.generations,
+            self.cem.population
+        )
+    }
+
+    fn prepare(
+        &self,
+        stage: &AdaptStage,
+        ctx: &StageContext,
+        model: &Model,
+        record: &ModelRecord,
+    ) -> Result<Value, StageError> {
+        search(stage, ctx, model, record, self)
+    }
+}
+
+/// Searches α and writes the mixture (`expert.safetensors`) and `alpha.json`.
+fn search(
     stage: &AdaptStage,
     ctx: &StageContext,
     model: &Model,

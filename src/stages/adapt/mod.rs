@@ -10,13 +10,13 @@
 pub mod adapter;
 pub mod few_shot;
 mod runner;
+mod strategy;
 
 pub use runner::{AdaptStage, classify_batches};
 
 use serde_json::json;
 
 use super::{Declared, Env, Kind, ids, rewards_config, to_json};
-use crate::adapt::spec::AdaptationSpec;
 use crate::dag::Stage;
 use crate::exec::StageRunner;
 use crate::pipeline::Pipeline;
@@ -38,30 +38,10 @@ impl Kind for AdaptKind {
         spec.adaptations
             .iter()
             .map(|(name, ad)| {
+                let strategy = strategy::of(ad);
                 let mut deps = vec![ids::model()];
-                let experts = ad.experts(&spec.experts);
-                let mut reward = json!(null);
-                match ad {
-                    AdaptationSpec::FewShot(f) => {
-                        deps.push(ids::data(&f.dataset));
-                        deps.push(ids::decompose());
-                        deps.extend(experts.iter().map(|e| ids::train(e)));
-                        if let Some(r) = &f.reward {
-                            reward = rewards_config(&spec.rewards, r);
-                        }
-                    }
-                    AdaptationSpec::Prompt(_) | AdaptationSpec::Classifier(_) => {
-                        if matches!(ad, AdaptationSpec::Classifier(_)) {
-                            deps.push(ids::decompose());
-                        }
-                        for e in &experts {
-                            let data = ids::data(&spec.experts[*e].dataset);
-                            if !deps.contains(&data) {
-                                deps.push(data);
-                            }
-                        }
-                    }
-                }
+                deps.extend(strategy.deps(spec));
+                let reward = (strategy.reward()).map_or(json!(null), |r| rewards_config(&spec.rewards, r));
                 Declared {
                     id: ids::adapt(name),
                     subject: Some(name.clone()),

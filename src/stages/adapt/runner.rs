@@ -1,4 +1,6 @@
-//! The `adapt.<name>` stage: what an adaptation prepares before evaluation can use it.
+//! The `adapt.<name>` stage: what an adaptation prepares before evaluation can use it (each
+//! strategy's part is its [`super::strategy::Strategy`]), and the routing machinery the routing
+//! strategies share.
 //! - `prompt`: the label prior on the routed experts' train prompts (calibration) and a routing
 //!   check on their val prompts, saved with the template as `router.json` ([`super::router`]);
 //! - `classifier`: a classification expert trained with the RL trainer on the routed experts'
@@ -15,6 +17,7 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
+use super::strategy;
 use crate::adapt::classify::{Classified, Classifier, answer};
 use crate::adapt::router::{self, ROUTER_FILE, Route, Router, RouterFile};
 use crate::adapt::spec::{AdaptationSpec, ClassifierAdaptation, ClassifyMode, Routing};
@@ -52,87 +55,33 @@ impl StageRunner for AdaptStage<'_> {
     }
 
     fn describe(&self) -> Option<String> {
-        Some(match &self.spec {
-            AdaptationSpec::Prompt(p) => format!(
-                "prompt routing ({} mode) over {}",
-                crate::hash::serde_name(&p.mode),
-                p.labels.join(", ")
-            ),
-            AdaptationSpec::Classifier(c) => format!(
-                "classifier routing over {}, trained {} steps on {} examples per expert",
-                c.labels.join(", "),
-                c.train.steps,
-                c.examples
-            ),
-            AdaptationSpec::FewShot(f) => format!(
-                "CEM mixing of {} on {} `{}` {} shots, {} generations of {}",
-                f.experts.join(", "),
-                f.shots,
-                f.dataset,
-                f.split.as_str(),
-                f.cem.generations,
-                f.cem.population
-            ),
-        })
+        Some(strategy::of(&self.spec).describe())
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
         let record = ModelRecord::from_upstream(ctx)?;
         let model = self.shared.model(&record.path)?;
-        match &self.spec {
-            AdaptationSpec::Prompt(p) => {
-                let tasks = self.tasks(ctx, p)?;
-                let calibration = match p.mode {
-                    ClassifyMode::Score => p.calibration,
-                    ClassifyMode::Generate => 0,
-                };
-                let first_pass = FirstPass {
-                    mode: p.mode,
-                    calibration,
-                    check: p.check,
-                    expert: None,
-                };
-                self.routing(ctx, &model, p, &tasks, first_pass)
-            }
-            AdaptationSpec::Classifier(c) => {
-                let tasks = self.tasks(ctx, c)?;
-                let trained = self.train_classifier(ctx, c, &tasks)?;
-                let mut classifying = (*model).clone();
-                let file = ctx.output(crate::stages::train::EXPERT_FILE);
-                crate::svf::compose_expert_file(&mut classifying, &file, &self.shared.home)
-                    .map_err(|e| StageError::at("applying the classifier", &file, e))?;
-                let first_pass = FirstPass {
-                    mode: ClassifyMode::Score,
-                    calibration: 0,
-                    check: c.check,
-                    expert: Some(crate::stages::train::EXPERT_FILE.into()),
-                };
-                let mut out = self.routing(ctx, &classifying, c, &tasks, first_pass)?;
-                out["training"] = trained;
-                Ok(out)
-            }
-            AdaptationSpec::FewShot(f) => super::few_shot::run(self, ctx, &model, &record, f),
-        }
+        strategy::of(&self.spec).prepare(self, ctx, &model, &record)
     }
 }
 
 /// A routed expert, its dataset and that dataset's records.
-type RoutedTask<'a> = (&'a str, &'a str, Vec<StoredRecord>);
+pub(super) type RoutedTask<'a> = (&'a str, &'a str, Vec<StoredRecord>);
 
 /// How a routing strategy's first pass is prepared.
-struct FirstPass {
-    mode: ClassifyMode,
+pub(super) struct FirstPass {
+    pub(super) mode: ClassifyMode,
     /// Train prompts per task for the label prior (0: none).
-    calibration: u32,
+    pub(super) calibration: u32,
     /// Val prompts per task for the routing check.
-    check: u32,
+    pub(super) check: u32,
     /// The classification expert applied in the first pass (a file of the stage).
-    expert: Option<String>,
+    pub(super) expert: Option<String>,
 }
 
 impl AdaptStage<'_> {
     /// Each expert some label leads to, with its dataset's records.
-    fn tasks<'a>(
+    pub(super) fn tasks<'a>(
         &'a self,
         ctx: &StageContext,
         r: &'a dyn Routing,
@@ -149,7 +98,7 @@ impl AdaptStage<'_> {
 
     /// Calibrates the router on train prompts and checks it on val prompts of each routed
     /// expert's task; `model` is the first pass's model.
-    fn routing(
+    pub(super) fn routing(
         &self,
         ctx: &StageContext,
         model: &Model,
@@ -209,7 +158,7 @@ impl AdaptStage<'_> {
     /// Trains the classification expert with the RL trainer on labelled train-split prompts of
     /// the routed experts' tasks (validated on their val split): the options are the labels'
     /// answers, the right one the label leading to the prompt's expert.
-    fn train_classifier(
+    pub(super) fn train_classifier(
         &self,
         ctx: &StageContext,
         c: &ClassifierAdaptation,
