@@ -118,7 +118,9 @@ impl Executor<'_> {
         for stage in &self.graph.stages {
             let stage_inputs = inputs.remove(&stage.id).unwrap_or_default();
             let key = key_of(&stage_inputs);
-            let finished = run.finished(&stage.id.0).is_some_and(|m| m.key == key);
+            // Checking a stage hashes its outputs: once per stage.
+            let manifest = run.finished(&stage.id.0);
+            let finished = manifest.as_ref().is_some_and(|m| m.key == key);
             let status = if opts
                 .only
                 .as_ref()
@@ -128,10 +130,7 @@ impl Executor<'_> {
             } else if forced.contains(&stage.id) {
                 Status::Stale(vec!["forced".into()])
             } else {
-                match (
-                    run.finished(&stage.id.0),
-                    Manifest::read(&run.stage_dir(&stage.id.0)),
-                ) {
+                match (manifest, Manifest::read(&run.stage_dir(&stage.id.0))) {
                     (Some(m), _) if m.key == key => Status::Cached,
                     (Some(m), _) => Status::Stale(differences(&m.inputs, &stage_inputs)),
                     (None, Some(_)) => Status::Stale(vec!["outputs missing or changed".into()]),
