@@ -45,6 +45,21 @@ impl CmdError {
         Self::Failed(e.to_string())
     }
 
+    /// A command that failed because of the error `e`, with every cause in its chain that its
+    /// message does not already say.
+    pub fn failed_with_causes(e: &dyn std::error::Error) -> Self {
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                message.push_str(&format!("\n  caused by: {text}"));
+            }
+            source = cause.source();
+        }
+        Self::Failed(message)
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Reported(_) | Self::Failed(_) => 1,
@@ -151,5 +166,45 @@ impl ModelArgs {
         let device = crate::model::device(self.device).map_err(CmdError::failed)?;
         crate::model::Model::load(&path, crate::model::dtype(self.dtype), &device)
             .map_err(CmdError::failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::StageError;
+
+    /// A stage failure keeps the error that caused it, and the command's message adds each
+    /// cause its text does not already contain.
+    #[test]
+    fn a_failure_keeps_its_cause_and_the_message_its_chain() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let StageError::Failed(failure) = StageError::failed("reading the records", io) else {
+            unreachable!()
+        };
+        let cause = std::error::Error::source(&*failure).expect("a source");
+        assert!(cause.downcast_ref::<std::io::Error>().is_some());
+        let wrapped = crate::exec::ExecError::StageFailed {
+            stage: crate::dag::StageId::new("data", Some("arc")),
+            failure,
+        };
+        let CmdError::Failed(message) = CmdError::failed_with_causes(&wrapped) else {
+            unreachable!()
+        };
+        // Every cause is already in the message: nothing is repeated.
+        assert_eq!(
+            message,
+            "stage `data.arc` failed: reading the records: no such file"
+        );
+
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let CmdError::Failed(message) =
+            CmdError::failed_with_causes(&Outer(std::io::Error::other("inner")))
+        else {
+            unreachable!()
+        };
+        assert_eq!(message, "outer\n  caused by: inner");
     }
 }

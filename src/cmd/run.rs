@@ -50,7 +50,7 @@ pub fn run(
             Ok(())
         }
         Err(e @ ExecError::Interrupted(_)) => Err(CmdError::Interrupted(e.to_string())),
-        Err(e) => Err(CmdError::Failed(e.to_string())),
+        Err(e) => Err(CmdError::failed_with_causes(&e)),
     }
 }
 

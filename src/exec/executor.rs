@@ -66,6 +66,7 @@ pub enum ExecError {
     #[error("stage `{stage}` failed: {failure}")]
     StageFailed {
         stage: StageId,
+        #[source]
         failure: Box<Failure>,
     },
     #[error("interrupted during stage `{0}`; finished stages are kept, run again to resume")]
@@ -247,7 +248,7 @@ impl Executor<'_> {
                     StageError::Interrupted => ("stage_interrupted", json!({})),
                     StageError::Failed(f) => (
                         "stage_failed",
-                        json!({"doing": f.doing, "path": f.path, "why": f.why}),
+                        json!({"doing": f.doing, "path": f.path, "why": f.cause.to_string()}),
                     ),
                 };
                 log.event(event.0, Some(id), event.1);

@@ -92,40 +92,44 @@ pub enum StageError {
     Failed(Box<Failure>),
 }
 
-/// A failed stage: what it was doing, on which file if any, and why.
+/// The cause of a failure: the error itself (its own sources kept), or a message.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// A failed stage: what it was doing, on which file if any, and why. The message says all
+/// three; the cause is also the error's source, so callers can walk the chain.
 #[derive(Debug, thiserror::Error)]
-#[error("{doing}{}: {why}", path.as_ref().map(|p| format!(" `{}`", p.display())).unwrap_or_default())]
+#[error("{doing}{}: {cause}", path.as_ref().map(|p| format!(" `{}`", p.display())).unwrap_or_default())]
 pub struct Failure {
     /// What the stage was doing, as a phrase ("reading records", "scoring options").
     pub doing: String,
     /// The file or directory concerned.
     pub path: Option<PathBuf>,
-    /// The cause, as reported by whatever failed.
-    pub why: String,
+    #[source]
+    pub cause: Cause,
 }
 
 impl StageError {
-    /// `doing` failed because of `why`.
-    pub fn failed(doing: impl Into<String>, why: impl std::fmt::Display) -> Self {
+    /// `doing` failed because of `cause` (an error, or a message saying why).
+    pub fn failed(doing: impl Into<String>, cause: impl Into<Cause>) -> Self {
         Self::Failed(Box::new(Failure {
             doing: doing.into(),
             path: None,
-            why: why.to_string(),
+            cause: cause.into(),
         }))
     }
 
-    /// `doing` failed on `path` because of `why`.
-    pub fn at(doing: impl Into<String>, path: &Path, why: impl std::fmt::Display) -> Self {
+    /// `doing` failed on `path` because of `cause`.
+    pub fn at(doing: impl Into<String>, path: &Path, cause: impl Into<Cause>) -> Self {
         Self::Failed(Box::new(Failure {
             doing: doing.into(),
             path: Some(path.to_path_buf()),
-            why: why.to_string(),
+            cause: cause.into(),
         }))
     }
 }
 
-/// A closure turning any error into a failure of `doing`, for `map_err`.
-pub fn failed_to<E: std::fmt::Display>(doing: &str) -> impl Fn(E) -> StageError + '_ {
+/// A closure turning an error into a failure of `doing`, for `map_err`.
+pub fn failed_to<E: Into<Cause>>(doing: &str) -> impl Fn(E) -> StageError + '_ {
     move |e| StageError::failed(doing, e)
 }
 

@@ -54,7 +54,7 @@ pub fn upstream_factors(
         .map_err(crate::exec::failed_to("loading the SVD factors"))
 }
 
-fn failed(e: impl std::fmt::Display) -> StageError {
+fn failed(e: impl Into<crate::exec::Cause>) -> StageError {
     StageError::failed("decomposing", e)
 }
 
