@@ -7,6 +7,7 @@
 use serde::Serialize;
 use serde_json::json;
 
+use super::AdaptError;
 use crate::data::template::TemplateFile;
 use crate::eval::prompts::render;
 use crate::model::Model;
@@ -39,8 +40,8 @@ pub fn answer(label: &str) -> String {
 
 impl Classifier {
     /// Labels must be distinct, non-empty words (they go inside `\boxed{}`).
-    pub fn new(template: TemplateFile, labels: Vec<String>) -> Result<Self, String> {
-        check_labels(&labels)?;
+    pub fn new(template: TemplateFile, labels: Vec<String>) -> Result<Self, AdaptError> {
+        check_labels(&labels).map_err(AdaptError::Labels)?;
         Ok(Self { template, labels })
     }
 
@@ -49,15 +50,16 @@ impl Classifier {
     }
 
     /// The user turn asking about `input` (template variables: `question`, `labels`).
-    pub fn prompt(&self, input: &str) -> Result<String, String> {
+    pub fn prompt(&self, input: &str) -> Result<String, AdaptError> {
         self.template
             .render(&json!({"question": input, "labels": self.labels}))
+            .map_err(AdaptError::Template)
     }
 
     /// The question in the model's chat template (when it has one), as token ids.
-    fn encode(&self, model: &Model, prompt: &str) -> Result<Vec<u32>, String> {
-        let text = render(model, prompt, &[], model.chat.is_some()).map_err(|e| e.to_string())?;
-        model.tokenizer.encode(&text).map_err(|e| e.to_string())
+    fn encode(&self, model: &Model, prompt: &str) -> Result<Vec<u32>, AdaptError> {
+        let text = render(model, prompt, &[], model.chat.is_some())?;
+        Ok(model.tokenizer.encode(&text)?)
     }
 
     /// The paper's way: a greedy answer of at most `max_new_tokens`, whose last `\boxed{}`
@@ -67,7 +69,7 @@ impl Classifier {
         model: &Model,
         prompts: &[String],
         max_new_tokens: usize,
-    ) -> Result<Vec<Classified>, String> {
+    ) -> Result<Vec<Classified>, AdaptError> {
         let ids = prompts
             .iter()
             .map(|p| self.encode(model, p))
@@ -77,7 +79,7 @@ impl Classifier {
             stop: vec!["}".into()],
             ..GenerateOptions::default()
         };
-        let generations = generate(model, &ids, &opts).map_err(|e| e.to_string())?;
+        let generations = generate(model, &ids, &opts)?;
         Ok(generations
             .iter()
             .map(|g| {
@@ -98,18 +100,21 @@ impl Classifier {
 
     /// Classifies the questions [`Self::prompt`] made, with `model` (in its chat template when
     /// it has one).
-    pub fn classify(&self, model: &Model, prompts: &[String]) -> Result<Vec<Classified>, String> {
+    pub fn classify(
+        &self,
+        model: &Model,
+        prompts: &[String],
+    ) -> Result<Vec<Classified>, AdaptError> {
         let answers = self
             .labels
             .iter()
             .map(|l| continuation_ids(model, &answer(l)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
+            .collect::<Result<Vec<_>, _>>()?;
         let items = prompts
             .iter()
             .map(|prompt| Ok((self.encode(model, prompt)?, answers.clone())))
-            .collect::<Result<Vec<_>, String>>()?;
-        let scored = score_options(model, &items).map_err(|e| e.to_string())?;
+            .collect::<Result<Vec<_>, AdaptError>>()?;
+        let scored = score_options(model, &items)?;
         Ok(scored
             .iter()
             .map(|scores| {

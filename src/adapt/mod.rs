@@ -10,6 +10,9 @@
 
 pub mod cem;
 pub mod classify;
+mod error;
 pub mod mixer;
 pub mod router;
 pub mod spec;
+
+pub use error::AdaptError;

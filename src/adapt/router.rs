@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::AdaptError;
 use super::classify::{Classified, Classifier};
 use crate::adapt::spec::{BASE, ClassifyMode};
 use crate::data::template::TemplateFile;
@@ -74,21 +75,23 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(file: RouterFile) -> Result<Self, String> {
+    pub fn new(file: RouterFile) -> Result<Self, AdaptError> {
         if file.targets.len() != file.labels.len() {
-            return Err("a router needs one target per label".into());
+            return Err(AdaptError::Targets);
         }
-        let template = TemplateFile::from_source(&file.template)?;
+        let template = TemplateFile::from_source(&file.template).map_err(AdaptError::Template)?;
         let classifier = Classifier::new(template, file.labels.clone())?;
         Ok(Self { file, classifier })
     }
 
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = crate::fsutil::read_bounded(path, crate::fsutil::MAX_TEXT_BYTES)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let file: RouterFile =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::new(file).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, AdaptError> {
+        let bad = |source: Box<dyn std::error::Error + Send + Sync>| AdaptError::RouterFile {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file: RouterFile = crate::fsutil::read_json(path, crate::fsutil::MAX_TEXT_BYTES)
+            .map_err(|e| bad(e.into()))?;
+        Self::new(file).map_err(|e| bad(e.into()))
     }
 
     pub fn classifier(&self) -> &Classifier {
@@ -96,7 +99,11 @@ impl Router {
     }
 
     /// The first pass's raw decisions on `inputs` (no calibration).
-    pub fn classify(&self, model: &Model, inputs: &[String]) -> Result<Vec<Classified>, String> {
+    pub fn classify(
+        &self,
+        model: &Model,
+        inputs: &[String],
+    ) -> Result<Vec<Classified>, AdaptError> {
         let prompts = inputs
             .iter()
             .map(|i| self.classifier.prompt(i))
@@ -111,7 +118,7 @@ impl Router {
     }
 
     /// Routes each input: classify, calibrate with the saved prior, follow the label.
-    pub fn route(&self, model: &Model, inputs: &[String]) -> Result<Vec<Route>, String> {
+    pub fn route(&self, model: &Model, inputs: &[String]) -> Result<Vec<Route>, AdaptError> {
         let raw = self.classify(model, inputs)?;
         Ok(raw.iter().map(|r| self.follow(r)).collect())
     }

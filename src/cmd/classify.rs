@@ -62,7 +62,8 @@ pub fn run(
 ) -> Result<(), CmdError> {
     let (template, labels, targets) = resolve(source)?;
     let template = TemplateFile::load(&template).map_err(|d| CmdError::Usage(d.to_string()))?;
-    let classifier = Classifier::new(template, labels).map_err(CmdError::Usage)?;
+    let classifier =
+        Classifier::new(template, labels).map_err(|e| CmdError::Usage(e.to_string()))?;
     // A template that does not render is the user's to fix: say so before loading the model.
     let prompts = inputs
         .iter()
@@ -75,7 +76,7 @@ pub fn run(
     let model = model_args.load()?;
     let mut results = classifier
         .classify(&model, &prompts)
-        .map_err(CmdError::Failed)?;
+        .map_err(CmdError::failed)?;
     if calibrate {
         results = classifier.calibrate(&results);
     }

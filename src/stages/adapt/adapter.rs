@@ -135,7 +135,7 @@ impl Adapter {
         };
         let mut models = Composed::new(Rc::new(run_model(run_dir)?), home);
         let strategy = if routed {
-            let router = Router::load(&dir.join(ROUTER_FILE))?;
+            let router = Router::load(&dir.join(ROUTER_FILE)).map_err(|e| e.to_string())?;
             let first_pass = match &router.file.first_pass_expert {
                 Some(file) => models
                     .with_expert("first pass", &dir.join(file))
@@ -162,7 +162,8 @@ impl Adapter {
     pub fn choose(&self, inputs: &[String]) -> Result<Vec<Choice>, String> {
         match &self.strategy {
             Strategy::Routed(router, first_pass) => Ok(router
-                .route(first_pass, inputs)?
+                .route(first_pass, inputs)
+                .map_err(|e| e.to_string())?
                 .into_iter()
                 .map(|r: Route| Choice::Routed {
                     label: r.label,
