@@ -53,7 +53,7 @@ impl Classifier {
     pub fn prompt(&self, input: &str) -> Result<String, AdaptError> {
         self.template
             .render(&json!({"question": input, "labels": self.labels}))
-            .map_err(AdaptError::Template)
+            .map_err(AdaptError::from)
     }
 
     /// The question in the model's chat template (when it has one), as token ids.

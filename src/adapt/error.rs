@@ -12,7 +12,7 @@ pub enum AdaptError {
     Labels(String),
     /// The classifier template does not parse or render.
     #[error("the classifier template: {0}")]
-    Template(String),
+    Template(#[from] crate::data::TemplateError),
     #[error("a router needs one target per label")]
     Targets,
     #[error("router file `{path}`: {source}")]

@@ -79,7 +79,7 @@ impl Router {
         if file.targets.len() != file.labels.len() {
             return Err(AdaptError::Targets);
         }
-        let template = TemplateFile::from_source(&file.template).map_err(AdaptError::Template)?;
+        let template = TemplateFile::from_source(&file.template)?;
         let classifier = Classifier::new(template, file.labels.clone())?;
         Ok(Self { file, classifier })
     }

@@ -2,8 +2,10 @@
 //! and the `data.<name>` stage that writes the prepared records.
 
 pub mod card;
+mod error;
 pub mod generate;
 mod read;
+pub use error::{DataError, TemplateError};
 pub use read::{Limits, read_rows};
 pub mod records;
 pub mod split;

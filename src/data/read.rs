@@ -8,6 +8,7 @@ use std::path::Path;
 use polars::prelude::*;
 use serde_json::Value;
 
+use super::DataError;
 use super::card::DataFormat;
 
 /// How much one data file may hold: its bytes (once decompressed) and its rows, both checked
@@ -28,17 +29,20 @@ impl Default for Limits {
 }
 
 /// All rows of a data file, as JSON objects.
-pub fn read_rows(path: &Path, format: DataFormat, limits: Limits) -> Result<Vec<Value>, String> {
-    let mut df = read_frame(path, format, limits)
-        .map_err(|e| format!("cannot read `{}` as {format:?}: {e}", path.display()))?;
+pub fn read_rows(path: &Path, format: DataFormat, limits: Limits) -> Result<Vec<Value>, DataError> {
+    let mut df = read_frame(path, format, limits).map_err(|source| DataError::Read {
+        path: path.to_path_buf(),
+        format,
+        source,
+    })?;
     let mut buf = Vec::new();
     JsonWriter::new(&mut buf)
         .with_json_format(JsonFormat::JsonLines)
         .finish(&mut df)
-        .map_err(|e| format!("cannot convert rows: {e}"))?;
+        .map_err(DataError::Convert)?;
     buf.split(|b| *b == b'\n')
         .filter(|line| !line.is_empty())
-        .map(|line| serde_json::from_slice(line).map_err(|e| format!("cannot convert a row: {e}")))
+        .map(|line| serde_json::from_slice(line).map_err(DataError::Row))
         .collect()
 }
 
@@ -128,7 +132,9 @@ mod tests {
             rows: 1,
             ..Limits::default()
         };
-        let too_many = read_rows(&gz, DataFormat::JsonlGz, one_row).unwrap_err();
+        let too_many = read_rows(&gz, DataFormat::JsonlGz, one_row)
+            .unwrap_err()
+            .to_string();
         assert!(
             too_many.contains("holds 2 rows, more than the 1 expected"),
             "{too_many}"
@@ -154,7 +160,9 @@ mod tests {
             bytes: 16 << 20,
             ..Limits::default()
         };
-        let err = read_rows(&gz, DataFormat::JsonlGz, limits).unwrap_err();
+        let err = read_rows(&gz, DataFormat::JsonlGz, limits)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("expands to more than"), "{err}");
     }
 }

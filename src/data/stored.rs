@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::DataError;
 use super::card::DataFormat;
 use super::read::{Limits, read_rows};
 
@@ -19,7 +20,7 @@ pub struct StoredRecord {
 }
 
 /// The records of a records file, in file order (split order, then the split's seeded order).
-pub fn read_records(path: &Path) -> Result<Vec<StoredRecord>, String> {
+pub fn read_records(path: &Path) -> Result<Vec<StoredRecord>, DataError> {
     let rows = read_rows(path, DataFormat::Parquet, Limits::default())?;
     rows.into_iter()
         .map(|row| {
@@ -27,9 +28,9 @@ pub fn read_records(path: &Path) -> Result<Vec<StoredRecord>, String> {
             let fields = text("record")
                 .and_then(|r| serde_json::from_str::<Value>(&r).ok())
                 .and_then(|v| v.as_object().cloned())
-                .ok_or("a row lacks its `record` object")?;
+                .ok_or(DataError::Incomplete("its `record` object"))?;
             Ok(StoredRecord {
-                id: text("id").ok_or("a row lacks `id`")?,
+                id: text("id").ok_or(DataError::Incomplete("`id`"))?,
                 split: text("split").unwrap_or_default(),
                 prompt: text("prompt").unwrap_or_default(),
                 target: text("target"),

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use minijinja::{Environment, UndefinedBehavior};
 
+use super::TemplateError;
 use crate::diagnostic::{Diagnostic, Position};
 
 /// A template file's text and its compiled form.
@@ -40,23 +41,23 @@ impl TemplateFile {
     }
 
     /// Compiles a template kept as text (as a stage saved it).
-    pub fn from_source(source: &str) -> Result<Self, String> {
+    pub fn from_source(source: &str) -> Result<Self, TemplateError> {
         let mut env = environment();
         env.add_template_owned("t", source.to_string())
-            .map_err(|e| format!("template does not parse: {e}"))?;
+            .map_err(|e| TemplateError {
+                detail: format!("template does not parse: {e}"),
+                line: None,
+            })?;
         Ok(Self { env })
     }
 
     /// Renders with `record`'s fields as top-level variables.
-    pub fn render(&self, record: &serde_json::Value) -> Result<String, String> {
-        let template = self.env.get_template("t").map_err(|e| e.to_string())?;
-        crate::jinja::render(&template, minijinja::value::Serde(record)).map_err(|e| {
-            let detail = e
-                .detail()
-                .map(str::to_string)
-                .unwrap_or_else(|| e.kind().to_string());
-            format!("{detail} (template line {})", e.line().unwrap_or(0))
-        })
+    pub fn render(&self, record: &serde_json::Value) -> Result<String, TemplateError> {
+        let template = self.env.get_template("t")?;
+        Ok(crate::jinja::render(
+            &template,
+            minijinja::value::Serde(record),
+        )?)
     }
 }
 

@@ -13,7 +13,8 @@ pub(super) fn evaluation(dir: &Path, stage: &str, report: &mut Report) -> Result
         &dir.join(SAMPLES_FILE),
         DataFormat::Parquet,
         Limits::default(),
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     let text = |row: &Value, key: &str| {
         row.get(key)
             .and_then(Value::as_str)
