@@ -25,11 +25,11 @@ pub fn run(
         )));
     }
     let templates = Templates::with_files(templates.markdown.as_deref(), templates.html.as_deref())
-        .map_err(CmdError::Failed)?;
+        .map_err(CmdError::failed)?;
     // Not `<run>/report/`: that is the `report` stage's directory, which only the stage writes.
     let out = out.unwrap_or(run_dir);
     let report = crate::stages::report::collect::collect(run_dir);
-    let written = write(report, formats, out, &templates).map_err(CmdError::Failed)?;
+    let written = write(report, formats, out, &templates).map_err(CmdError::failed)?;
     for m in &written.missing {
         eprintln!("warning: `{}` is not in the report: {}", m.stage, m.why);
     }

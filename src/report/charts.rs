@@ -7,6 +7,8 @@ use plotters::coord::Shift;
 use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 
+use super::ReportError;
+
 const SIZE: (u32, u32) = (640, 300);
 const FONT: &str = "sans-serif";
 
@@ -88,7 +90,7 @@ fn thinned<T: Copy>(values: Vec<T>) -> Vec<T> {
 }
 
 /// A line under the plot saying how many values were left out, when any were.
-fn note_dropped(root: &DrawingArea<SVGBackend, Shift>, dropped: usize) -> Result<(), String> {
+fn note_dropped(root: &DrawingArea<SVGBackend, Shift>, dropped: usize) -> Result<(), ReportError> {
     if dropped == 0 {
         return Ok(());
     }
@@ -97,16 +99,16 @@ fn note_dropped(root: &DrawingArea<SVGBackend, Shift>, dropped: usize) -> Result
         .map_err(fail)
 }
 
-fn fail(e: impl std::fmt::Display) -> String {
-    format!("drawing a chart: {e}")
+fn fail(e: impl std::fmt::Display) -> ReportError {
+    ReportError::Chart(e.to_string())
 }
 
 /// Draws into an SVG string with `draw`, labelled `title` for screen readers (plotters writes
 /// a viewBox, so the page can scale it).
 fn svg(
     title: &str,
-    draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<(), String>,
-) -> Result<String, String> {
+    draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<(), ReportError>,
+) -> Result<String, ReportError> {
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
@@ -155,7 +157,7 @@ where
 /// The legend of the series drawn with a label, in the upper right corner.
 fn legend<'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
-) -> Result<(), String> {
+) -> Result<(), ReportError> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
@@ -197,7 +199,7 @@ fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 /// Lines over a shared x axis, each with its band; a legend when there is more than one.
-pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
+pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, ReportError> {
     let (series, dropped) = drawn(series);
     let series = series.as_slice();
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
@@ -247,7 +249,7 @@ pub fn lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
 }
 
 /// Positive values per index on a log-scale y axis (singular value spectra).
-pub fn log_lines(axes: &Axes, series: &[Series]) -> Result<String, String> {
+pub fn log_lines(axes: &Axes, series: &[Series]) -> Result<String, ReportError> {
     let (series, dropped) = drawn(series);
     let series = series.as_slice();
     let positive = |v: &f64| *v > 0.0;
@@ -295,7 +297,7 @@ pub fn heatmap(
     rows: &[String],
     values: &[Vec<Option<f64>>],
     centre: f64,
-) -> Result<String, String> {
+) -> Result<String, ReportError> {
     let reach = values
         .iter()
         .flatten()

@@ -4,6 +4,7 @@
 //! directory (whatever exists of it), [`charts`] draws, [`render`] fills the templates.
 
 pub mod charts;
+mod error;
 pub mod render;
 pub mod view;
 
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use error::ReportError;
 use view::{Missing, Report};
 
 pub const REPORT_MD: &str = "report.md";
@@ -47,7 +49,7 @@ impl Default for Templates {
 
 impl Templates {
     /// The built-in templates, with either replaced by a file.
-    pub fn with_files(markdown: Option<&Path>, html: Option<&Path>) -> Result<Self, String> {
+    pub fn with_files(markdown: Option<&Path>, html: Option<&Path>) -> Result<Self, ReportError> {
         let mut templates = Self::default();
         for (path, template) in [
             (markdown, &mut templates.markdown),
@@ -55,7 +57,10 @@ impl Templates {
         ] {
             if let Some(path) = path {
                 template.text = crate::fsutil::read_bounded(path, crate::fsutil::MAX_TEXT_BYTES)
-                    .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+                    .map_err(|source| ReportError::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
                 template.origin = path.display().to_string();
             }
         }
@@ -80,9 +85,8 @@ pub fn write(
     formats: &[ReportFormat],
     out: &Path,
     templates: &Templates,
-) -> Result<Written, String> {
+) -> Result<Written, ReportError> {
     let (charts, chart_problems) = render::charts(&report);
-    let io = |path: &Path, e: std::io::Error| format!("cannot write `{}`: {e}", path.display());
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     let mut files = Vec::new();
     for format in formats {
@@ -105,10 +109,17 @@ pub fn write(
     })
 }
 
+/// A failed write of `path`, for `map_err`.
+fn io(path: &Path, source: std::io::Error) -> ReportError {
+    ReportError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Writes each chart as `<dir>/<id>.svg` and removes charts an earlier report left there that
 /// this one no longer has (so the Markdown never shows a stale picture).
-fn write_charts(dir: &Path, charts: &[render::Chart]) -> Result<Vec<PathBuf>, String> {
-    let io = |path: &Path, e: std::io::Error| format!("cannot write `{}`: {e}", path.display());
+fn write_charts(dir: &Path, charts: &[render::Chart]) -> Result<Vec<PathBuf>, ReportError> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let mut written = Vec::new();
     for chart in charts {

@@ -5,6 +5,7 @@
 
 use minijinja::{AutoEscape, Environment, context};
 
+use super::ReportError;
 use super::charts::{self, Axes, Series};
 use super::view::{Report, TrainStep};
 
@@ -26,7 +27,7 @@ pub struct Chart {
 pub fn charts(report: &Report) -> (Vec<Chart>, Vec<String>) {
     let mut out = Vec::new();
     let mut problems = Vec::new();
-    let mut add = |id: String, section, title: String, svg: Result<String, String>| match svg {
+    let mut add = |id: String, section, title: String, svg: Result<String, ReportError>| match svg {
         Ok(svg) => out.push(Chart {
             id,
             section,
@@ -271,9 +272,16 @@ pub struct Template {
 }
 
 /// Renders `report` with its charts through `template`.
-pub fn render(report: &Report, charts: &[Chart], template: &Template) -> Result<String, String> {
+pub fn render(
+    report: &Report,
+    charts: &[Chart],
+    template: &Template,
+) -> Result<String, ReportError> {
     let mut env = environment();
-    let fail = |e: minijinja::Error| format!("report template `{}`: {e:#}", template.origin);
+    let fail = |source: minijinja::Error| ReportError::Template {
+        origin: template.origin.clone(),
+        source,
+    };
     env.add_template(template.name, &template.text)
         .map_err(fail)?;
     let ctx = context! {
