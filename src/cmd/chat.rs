@@ -17,10 +17,10 @@ pub fn run(run_dir: &Path, adapt: Option<&str>, opts: &GenerateOptions) -> Resul
     let home = crate::assets::TsqHome::from_env();
     let mut answerer = match adapt {
         Some(name) => Answerer::Adapted(Box::new(
-            Adapter::open(run_dir, name, home).map_err(CmdError::Failed)?,
+            Adapter::open(run_dir, name, home).map_err(CmdError::failed)?,
         )),
         None => Answerer::Base(Rc::new(
-            crate::stages::adapt::adapter::run_model(run_dir).map_err(CmdError::Failed)?,
+            crate::stages::adapt::adapter::run_model(run_dir).map_err(CmdError::failed)?,
         )),
     };
     eprintln!(
@@ -45,10 +45,10 @@ pub fn run(run_dir: &Path, adapt: Option<&str>, opts: &GenerateOptions) -> Resul
             Answerer::Adapted(adapter) => {
                 let choice = adapter
                     .choose(&[turn.to_string()])
-                    .map_err(CmdError::Failed)?
+                    .map_err(CmdError::failed)?
                     .remove(0);
                 println!("[{choice}]");
-                adapter.model_for(&choice).map_err(CmdError::Failed)?
+                adapter.model_for(&choice).map_err(CmdError::failed)?
             }
             Answerer::Base(base) => Rc::clone(base),
         };

@@ -113,9 +113,9 @@ fn adapted(
     opts: &GenerateOptions,
 ) -> Result<(Vec<Generation>, Vec<Choice>), CmdError> {
     let home = crate::assets::TsqHome::from_env();
-    let mut adapter = Adapter::open(a.run_dir, a.name, home).map_err(CmdError::Failed)?;
-    let choices = adapter.choose(prompts).map_err(CmdError::Failed)?;
-    let (model, experts) = adapter.answering(&choices).map_err(CmdError::Failed)?;
+    let mut adapter = Adapter::open(a.run_dir, a.name, home).map_err(CmdError::failed)?;
+    let choices = adapter.choose(prompts).map_err(CmdError::failed)?;
+    let (model, experts) = adapter.answering(&choices).map_err(CmdError::failed)?;
     let answers = answer((*model).clone(), prompts, experts.as_deref(), args, opts)?;
     Ok((answers, choices))
 }

@@ -17,23 +17,58 @@ use crate::stages::model::ModelRecord;
 use crate::stages::train::EXPERT_FILE;
 use crate::svf::Composed;
 
-/// The base model of the finished run in `run_dir`, as its `model` stage resolved it.
-pub fn run_model(run_dir: &Path) -> Result<Model, String> {
-    let run = RunDir::read_only(run_dir);
-    if run.finished(ids::model().as_str()).is_none() {
-        return Err(format!(
-            "`{}` is not a run directory with a finished `model` stage",
-            run_dir.display()
-        ));
+/// Why a finished run's adaptation cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("`{run_dir}` has no finished `{stage}` stage: run the pipeline first (`tsq run`)")]
+    NotFinished { run_dir: PathBuf, stage: String },
+    #[error("the pipeline run in `{run_dir}` has no adaptation `{name}`")]
+    NoAdaptation { run_dir: PathBuf, name: String },
+    /// The run's own files (pipeline.json, model.json, alpha.json) do not read.
+    #[error("{0}")]
+    RunFile(String),
+    #[error(transparent)]
+    Adapt(#[from] crate::adapt::AdaptError),
+    #[error("`{path}`: {source}")]
+    Model {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl AdapterError {
+    fn model(path: &Path, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Model {
+            path: path.to_path_buf(),
+            source: source.into(),
+        }
     }
-    let record =
-        ModelRecord::read(&run.stage_dir(ids::model().as_str())).map_err(|e| e.to_string())?;
+}
+
+/// The stage `stage` of the run in `run_dir`, finished (its outputs intact), or why not.
+fn finished(run: &RunDir, run_dir: &Path, stage: &str) -> Result<(), AdapterError> {
+    match run.finished(stage) {
+        Some(_) => Ok(()),
+        None => Err(AdapterError::NotFinished {
+            run_dir: run_dir.to_path_buf(),
+            stage: stage.to_string(),
+        }),
+    }
+}
+
+/// The base model of the finished run in `run_dir`, as its `model` stage resolved it.
+pub fn run_model(run_dir: &Path) -> Result<Model, AdapterError> {
+    let run = RunDir::read_only(run_dir);
+    finished(&run, run_dir, ids::model().as_str())?;
+    let record = ModelRecord::read(&run.stage_dir(ids::model().as_str()))
+        .map_err(|e| AdapterError::RunFile(e.to_string()))?;
     Model::load(
         &record.path,
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )
-    .map_err(|e| format!("{}: {e}", record.path.display()))
+    .map_err(|e| AdapterError::model(&record.path, e))
 }
 
 /// What the first pass decided for one input.
@@ -113,33 +148,30 @@ pub struct Adapter {
 
 impl Adapter {
     /// Opens adaptation `name` of the finished run in `run_dir`.
-    pub fn open(run_dir: &Path, name: &str, home: TsqHome) -> Result<Self, String> {
+    pub fn open(run_dir: &Path, name: &str, home: TsqHome) -> Result<Self, AdapterError> {
         let run = RunDir::read_only(run_dir);
         let stage = ids::adapt(name).to_string();
         let dir = run.stage_dir(&stage);
-        if run.finished(&stage).is_none() {
-            return Err(format!(
-                "`{}` has no finished `{stage}` stage: run the pipeline first (`tsq run`)",
-                run_dir.display()
-            ));
-        }
-        let (spec, _) = crate::stages::run_pipeline(run_dir)?;
+        finished(&run, run_dir, &stage)?;
+        let (spec, _) = crate::stages::run_pipeline(run_dir).map_err(AdapterError::RunFile)?;
         let routed = match spec.adaptations.get(name) {
             Some(ad) => ad.routing().is_some(),
             None => {
-                return Err(format!(
-                    "the pipeline run in `{}` has no adaptation `{name}`",
-                    run_dir.display()
-                ));
+                return Err(AdapterError::NoAdaptation {
+                    run_dir: run_dir.to_path_buf(),
+                    name: name.to_string(),
+                });
             }
         };
         let mut models = Composed::new(Rc::new(run_model(run_dir)?), home);
         let strategy = if routed {
-            let router = Router::load(&dir.join(ROUTER_FILE)).map_err(|e| e.to_string())?;
+            let router = Router::load(&dir.join(ROUTER_FILE))?;
             let first_pass = match &router.file.first_pass_expert {
-                Some(file) => models
-                    .with_expert("first pass", &dir.join(file))
-                    .map_err(|e| e.to_string())?,
+                Some(file) => {
+                    let path = dir.join(file);
+                    (models.with_expert("first pass", &path))
+                        .map_err(|e| AdapterError::model(&path, e))?
+                }
                 None => Rc::clone(&models.base),
             };
             Strategy::Routed(Box::new(router), first_pass)
@@ -147,7 +179,7 @@ impl Adapter {
             let path = dir.join(ALPHA_FILE);
             Strategy::Mixed(
                 crate::fsutil::read_json(&path, crate::fsutil::MAX_TEXT_BYTES)
-                    .map_err(|e| format!("{}: {e}", path.display()))?,
+                    .map_err(|e| AdapterError::RunFile(format!("{}: {e}", path.display())))?,
             )
         };
         Ok(Self {
@@ -159,11 +191,10 @@ impl Adapter {
     }
 
     /// The first pass on each input.
-    pub fn choose(&self, inputs: &[String]) -> Result<Vec<Choice>, String> {
+    pub fn choose(&self, inputs: &[String]) -> Result<Vec<Choice>, AdapterError> {
         match &self.strategy {
             Strategy::Routed(router, first_pass) => Ok(router
-                .route(first_pass, inputs)
-                .map_err(|e| e.to_string())?
+                .route(first_pass, inputs)?
                 .into_iter()
                 .map(|r: Route| Choice::Routed {
                     label: r.label,
@@ -196,13 +227,13 @@ impl Adapter {
     }
 
     /// The model that answers after `choice`.
-    pub fn model_for(&mut self, choice: &Choice) -> Result<Rc<Model>, String> {
+    pub fn model_for(&mut self, choice: &Choice) -> Result<Rc<Model>, AdapterError> {
         let Some(file) = self.expert_file(choice) else {
             return Ok(Rc::clone(&self.models.base));
         };
         self.models
             .with_expert(&choice.answered_by(), &file)
-            .map_err(|e| format!("{}: {e}", file.display()))
+            .map_err(|e| AdapterError::model(&file, e))
     }
 
     /// One model that answers every input after its choice, in one batch: the chosen model when
@@ -211,7 +242,7 @@ impl Adapter {
     pub fn answering(
         &mut self,
         choices: &[Choice],
-    ) -> Result<(Rc<Model>, Option<Vec<u32>>), String> {
+    ) -> Result<(Rc<Model>, Option<Vec<u32>>), AdapterError> {
         let targets: std::collections::BTreeSet<String> =
             choices.iter().map(Choice::answered_by).collect();
         let Some(first) = choices.first() else {
@@ -229,7 +260,7 @@ impl Adapter {
             .collect();
         let paths: Vec<&Path> = files.iter().map(|(_, f)| f.as_path()).collect();
         let table = crate::svf::expert_table(&self.models.base, &paths, self.models.home())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| AdapterError::model(&self.dir, e))?;
         // Row 0 of the table is the base model, row k + 1 the k-th file.
         let rows = choices
             .iter()
