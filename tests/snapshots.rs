@@ -16,6 +16,8 @@ fn tsq(args: &[&str]) -> String {
         .current_dir(repo())
         .env("TSQ_HOME", home.path())
         .env("NO_COLOR", "1")
+        // clap wraps help to COLUMNS when set: the same width everywhere.
+        .env("COLUMNS", "100")
         .output()
         .unwrap();
     format!(
