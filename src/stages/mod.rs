@@ -39,9 +39,9 @@ pub trait Kind: Sync {
     fn runner<'a>(&self, env: &'a Env<'a>, stage: &Stage) -> Option<Box<dyn StageRunner + 'a>>;
 }
 
-/// The id of every stage a pipeline has except `report` (which follows them all), as the kinds
-/// declare them: what a report expects to find in a run directory. A test keeps it equal to
-/// the graph's.
+/// The id of every stage a pipeline has except `report`, from the pipeline as written (all a
+/// finished run's reader has: `pipeline.json`). The graph declares the same; a test keeps
+/// them equal.
 pub fn ids_before_report(spec: &crate::pipeline::spec::PipelineSpec) -> Vec<StageId> {
     let mut out = vec![ids::model()];
     out.extend(spec.datasets.keys().map(|d| ids::data(d)));

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde_json::{Value, json};
 
 use super::{Declared, Env, Kind, to_json};
-use crate::dag::Stage;
+use crate::dag::{Stage, StageId};
 use crate::exec::{StageContext, StageError, StageRunner, file_input};
 use crate::pipeline::Pipeline;
 use crate::report::ReportFormat;
@@ -28,7 +28,12 @@ impl Kind for ReportKind {
 
     fn declare(&self, p: &Pipeline) -> Vec<Declared> {
         let spec = &p.spec;
-        let deps = super::ids_before_report(spec);
+        // Every stage the other kinds declare: the report shows them all.
+        let deps: Vec<StageId> = (super::KINDS.iter())
+            .filter(|k| k.name() != self.name())
+            .flat_map(|k| k.declare(p))
+            .map(|d| d.id)
+            .collect();
         spec.report
             .iter()
             .map(|report| Declared {
