@@ -8,8 +8,13 @@ use sha2::Digest;
 
 /// blake3 of a file's bytes, hex.
 pub fn file_blake3(path: &Path) -> std::io::Result<String> {
+    reader_blake3(crate::fsutil::open_regular(path)?)
+}
+
+/// blake3 of everything `reader` yields, hex.
+pub fn reader_blake3(reader: impl Read) -> std::io::Result<String> {
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(crate::fsutil::open_regular(path)?)?;
+    hasher.update_reader(reader)?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 

@@ -131,11 +131,14 @@ impl Executor<'_> {
             } else if forced.contains(&stage.id) {
                 Status::Stale(vec!["forced".into()])
             } else {
-                match (manifest, Manifest::read(&run.stage_dir(&stage.id.0))) {
-                    (Some(m), _) if m.key == key => Status::Cached,
-                    (Some(m), _) => Status::Stale(differences(&m.inputs, &stage_inputs)),
-                    (None, Some(_)) => Status::Stale(vec!["outputs missing or changed".into()]),
-                    (None, None) => Status::ToRun,
+                match manifest {
+                    Some(m) if m.key == key => Status::Cached,
+                    Some(m) => Status::Stale(differences(&m.inputs, &stage_inputs)),
+                    // A manifest whose outputs no longer match it: read again only then.
+                    None if Manifest::read(&run.stage_dir(&stage.id.0)).is_some() => {
+                        Status::Stale(vec!["outputs missing or changed".into()])
+                    }
+                    None => Status::ToRun,
                 }
             };
             let detail = (self.factory)(stage).and_then(|r| r.describe());

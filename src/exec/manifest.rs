@@ -72,10 +72,12 @@ impl Manifest {
                 } else if let Ok(rel) = path.strip_prefix(dir) {
                     let rel = rel.to_string_lossy().to_string();
                     if rel != MANIFEST_FILE {
-                        std::fs::File::open(&path)?.sync_all()?;
+                        // One open: made durable, then hashed.
+                        let file = crate::fsutil::open_regular(&path)?;
+                        file.sync_all()?;
                         let output = OutputFile {
-                            bytes: entry.metadata()?.len(),
-                            blake3: crate::hash::file_blake3(&path)?,
+                            bytes: file.metadata()?.len(),
+                            blake3: crate::hash::reader_blake3(&file)?,
                         };
                         self.outputs.insert(rel, output);
                     }
