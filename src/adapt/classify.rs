@@ -7,7 +7,7 @@
 use serde::Serialize;
 use serde_json::json;
 
-use super::AdaptError;
+use super::{AdaptError, LabelError};
 use crate::data::template::TemplateFile;
 use crate::eval::prompts::render;
 use crate::model::Model;
@@ -41,7 +41,7 @@ pub fn answer(label: &str) -> String {
 impl Classifier {
     /// Labels must be distinct, non-empty words (they go inside `\boxed{}`).
     pub fn new(template: TemplateFile, labels: Vec<String>) -> Result<Self, AdaptError> {
-        check_labels(&labels).map_err(AdaptError::Labels)?;
+        check_labels(&labels)?;
         Ok(Self { template, labels })
     }
 
@@ -178,18 +178,16 @@ fn last_boxed(text: &str) -> Option<String> {
 }
 
 /// Labels a classifier can be asked for: distinct words that fit inside `\boxed{}`.
-pub fn check_labels(labels: &[String]) -> Result<(), String> {
+pub fn check_labels(labels: &[String]) -> Result<(), LabelError> {
     if labels.len() < 2 {
-        return Err(format!("at least two labels are needed, got {labels:?}"));
+        return Err(LabelError::TooFew(labels.to_vec()));
     }
     for (i, label) in labels.iter().enumerate() {
         if label.trim().is_empty() || label.contains(['{', '}']) || label.trim() != label {
-            return Err(format!(
-                "label {label:?} must be non-empty, without surrounding spaces or braces"
-            ));
+            return Err(LabelError::Unfit(label.clone()));
         }
         if labels[..i].contains(label) {
-            return Err(format!("label `{label}` is given twice"));
+            return Err(LabelError::Repeated(label.clone()));
         }
     }
     Ok(())

@@ -5,11 +5,21 @@ use std::path::PathBuf;
 
 use crate::model::error::ModelError;
 
+/// Labels that cannot go inside `\boxed{}` or repeat.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelError {
+    #[error("at least two labels are needed, got {0:?}")]
+    TooFew(Vec<String>),
+    #[error("label {0:?} must be non-empty, without surrounding spaces or braces")]
+    Unfit(String),
+    #[error("label `{0}` is given twice")]
+    Repeated(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdaptError {
-    /// Labels that cannot go inside `\boxed{}` or repeat.
-    #[error("{0}")]
-    Labels(String),
+    #[error(transparent)]
+    Labels(#[from] LabelError),
     /// The classifier template does not parse or render.
     #[error("the classifier template: {0}")]
     Template(#[from] crate::data::TemplateError),

@@ -15,4 +15,4 @@ pub mod mixer;
 pub mod router;
 pub mod spec;
 
-pub use error::AdaptError;
+pub use error::{AdaptError, LabelError};

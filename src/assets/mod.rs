@@ -35,7 +35,7 @@ pub enum AssetSource {
 pub enum AssetError {
     #[error("`{source_text}` is not a valid asset source: {reason}")]
     Syntax { source_text: String, reason: String },
-    #[error("`{}` does not exist", path.display())]
+    #[error("file `{}` does not exist", path.display())]
     Missing { path: PathBuf },
     #[error("fetching `{what}` failed: {reason}")]
     Fetch { what: String, reason: String },
@@ -60,9 +60,7 @@ impl AssetSource {
             reason: reason.into(),
         };
         if let Some(rest) = text.strip_prefix("pip://") {
-            return PipSource::parse(rest)
-                .map(Self::Pip)
-                .map_err(|r| syntax(&r));
+            return PipSource::parse(rest).map(Self::Pip).map_err(syntax);
         }
         if let Some(rest) = text.strip_prefix("hf://") {
             let expected = "expected `hf://org/repo[@revision]/path/to/file`";
@@ -147,13 +145,10 @@ impl AssetSource {
 
     /// Parses a source and, for a local one, checks that it exists: what validation can know
     /// without fetching anything.
-    pub fn check(text: &str, base_dir: &Path) -> Result<Self, String> {
-        let source = Self::parse(text, base_dir).map_err(|e| e.to_string())?;
-        match &source {
-            Self::Local(path) if !path.exists() => {
-                Err(format!("file `{}` does not exist", path.display()))
-            }
-            _ => Ok(source),
+    pub fn check(text: &str, base_dir: &Path) -> Result<Self, AssetError> {
+        match Self::parse(text, base_dir)? {
+            Self::Local(path) if !path.exists() => Err(AssetError::Missing { path }),
+            source => Ok(source),
         }
     }
 }

@@ -20,18 +20,19 @@ pub struct PipSource {
 }
 
 impl PipSource {
-    /// Parses `name==version#member` (the part after `pip://`).
-    pub fn parse(rest: &str) -> Result<Self, String> {
+    /// Parses `name==version#member` (the part after `pip://`); `Err` says what is wrong.
+    pub fn parse(rest: &str) -> Result<Self, &'static str> {
         let expected = "expected `pip://name==version#path/inside/wheel`";
         let (spec, member) = rest.split_once('#').ok_or(expected)?;
         let (name, version) = spec.split_once("==").ok_or(expected)?;
         if !super::is_name(name) || !super::is_name(version) {
-            return Err(format!(
-                "{expected}; name and version may hold letters, digits, `-`, `_`, `.`"
-            ));
+            return Err(
+                "expected `pip://name==version#path/inside/wheel`; name and version may \
+                        hold letters, digits, `-`, `_`, `.`",
+            );
         }
         if !super::is_relative_inside(member) {
-            return Err("the path inside the wheel must be relative and stay inside it".into());
+            return Err("the path inside the wheel must be relative and stay inside it");
         }
         Ok(Self {
             name: name.into(),

@@ -17,11 +17,11 @@ pub mod score;
 pub mod validate;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::dag::{Graph, StageId};
 use crate::diagnostic::{Diagnostic, render_text};
-use crate::exec::RunOptions;
+use crate::exec::{Executor, RunOptions};
 use crate::pipeline::{Override, Pipeline};
 
 pub use crate::cli::Format;
@@ -123,9 +123,41 @@ fn render(diagnostics: &[Diagnostic]) -> String {
     })
 }
 
-/// The stage graph of a valid pipeline (cycles were ruled out by validation).
-fn graph_of(pipeline: &Pipeline) -> Result<Graph, CmdError> {
-    crate::stages::graph(pipeline).map_err(CmdError::failed)
+/// A valid pipeline with its graph, the stages asked for and an executor over them: what
+/// `plan` and `run` share.
+struct Loaded<'a> {
+    pipeline: &'a Pipeline,
+    graph: &'a Graph,
+    opts: RunOptions,
+    executor: Executor<'a>,
+    run_root: PathBuf,
+}
+
+/// Loads `file` (reporting its diagnostics if invalid) and hands `then` what it needs to plan
+/// or run it.
+fn with_loaded<T>(
+    file: &Path,
+    overrides: &[Override],
+    selection: &StageSelection,
+    then: impl FnOnce(Loaded<'_>) -> Result<T, CmdError>,
+) -> Result<T, CmdError> {
+    let pipeline = load_or_report(file, overrides)?;
+    // Cycles were ruled out by validation.
+    let graph = crate::stages::graph(&pipeline).map_err(CmdError::failed)?;
+    let opts = selection.resolve(&graph)?;
+    let env = crate::stages::Env::new(&pipeline, crate::assets::TsqHome::from_env());
+    let factory = |stage: &crate::dag::Stage| env.runner_for(stage);
+    let run_root = pipeline.runs_root().join(&pipeline.spec.name);
+    then(Loaded {
+        pipeline: &pipeline,
+        graph: &graph,
+        opts,
+        executor: Executor {
+            graph: &graph,
+            factory: &factory,
+        },
+        run_root,
+    })
 }
 
 /// Which model to load, as given on the command line.

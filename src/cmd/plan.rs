@@ -4,9 +4,8 @@ use std::path::Path;
 
 use serde_json::json;
 
-use super::{CmdError, Format, StageSelection, graph_of, load_or_report};
-use crate::assets::TsqHome;
-use crate::exec::{Executor, PlanEntry, RunDir, Status};
+use super::{CmdError, Format, StageSelection, with_loaded};
+use crate::exec::{PlanEntry, RunDir, Status};
 use crate::pipeline::Override;
 
 pub fn run(
@@ -15,29 +14,25 @@ pub fn run(
     selection: &StageSelection,
     format: Format,
 ) -> Result<(), CmdError> {
-    let pipeline = load_or_report(file, overrides)?;
-    let graph = graph_of(&pipeline)?;
-    let opts = selection.resolve(&graph)?;
-    let home = TsqHome::from_env();
-    let env = crate::stages::Env::new(&pipeline, home);
-    let factory = |stage: &crate::dag::Stage| env.runner_for(stage);
-    let executor = Executor {
-        graph: &graph,
-        factory: &factory,
-    };
-    let run_root = pipeline.runs_root().join(&pipeline.spec.name);
-    let plan = executor
-        .plan(&RunDir::read_only(&run_root), &opts)
-        .map_err(CmdError::failed)?;
-    match format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"run_dir": run_root, "stages": plan}))
-                .expect("json")
-        ),
-        Format::Text => print!("{}", render_plan(&pipeline.spec.name, &run_root, &plan)),
-    }
-    Ok(())
+    with_loaded(file, overrides, selection, |loaded| {
+        let run_root = &loaded.run_root;
+        let plan = loaded
+            .executor
+            .plan(&RunDir::read_only(run_root), &loaded.opts)
+            .map_err(CmdError::failed)?;
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({"run_dir": run_root, "stages": plan}))
+                    .expect("json")
+            ),
+            Format::Text => print!(
+                "{}",
+                render_plan(&loaded.pipeline.spec.name, run_root, &plan)
+            ),
+        }
+        Ok(())
+    })
 }
 
 /// The plan as aligned text lines: stage, status, dependencies.

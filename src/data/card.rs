@@ -163,8 +163,8 @@ fn file_origin(
     errors: &mut Vec<Diagnostic>,
 ) -> Option<Origin> {
     let dir = file.parent().unwrap_or(Path::new("."));
-    if let Err(message) = AssetSource::check(source, dir) {
-        errors.push(doc.diagnostic("/source", false, message));
+    if let Err(e) = AssetSource::check(source, dir) {
+        errors.push(doc.diagnostic("/source", false, e.to_string()));
     }
     let source_name = source.rsplit(['/', '#']).next().unwrap_or(source);
     let format = format.or_else(|| DataFormat::from_file_name(source_name));

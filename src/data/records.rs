@@ -56,7 +56,7 @@ pub fn map_rows(card: &DatasetCard, rows: &[Value]) -> Mapped {
         match map_row(card, row) {
             Err(reason) => out.bad.push(BadRecord {
                 row: row_index,
-                reason,
+                reason: reason.to_string(),
             }),
             Ok((id, _)) if seen_ids.contains(&id) => out.bad.push(BadRecord {
                 row: row_index,
@@ -75,16 +75,28 @@ pub fn map_rows(card: &DatasetCard, rows: &[Value]) -> Mapped {
     out
 }
 
-fn map_row(card: &DatasetCard, row: &Value) -> Result<(String, Map<String, Value>), String> {
+/// Why a row is not a record.
+#[derive(Debug, thiserror::Error)]
+enum RowError {
+    #[error("no record object at `{0}`")]
+    NoRecord(String),
+    #[error("missing field `{name}` (at `{path}`)")]
+    MissingField { name: String, path: String },
+}
+
+fn map_row(card: &DatasetCard, row: &Value) -> Result<(String, Map<String, Value>), RowError> {
     let root = match &card.record {
-        Some(path) => lookup(row, path).ok_or_else(|| format!("no record object at `{path}`"))?,
+        Some(path) => lookup(row, path).ok_or_else(|| RowError::NoRecord(path.clone()))?,
         None => row,
     };
     let mut fields = Map::new();
     for (name, path) in &card.fields {
         match lookup(root, path) {
             Some(Value::Null) | None => {
-                return Err(format!("missing field `{name}` (at `{path}`)"));
+                return Err(RowError::MissingField {
+                    name: name.clone(),
+                    path: path.clone(),
+                });
             }
             Some(v) => fields.insert(name.clone(), v.clone()),
         };

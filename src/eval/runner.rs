@@ -12,7 +12,7 @@ use crate::model::Model;
 use crate::model::generate::{GenerateOptions, generate};
 use crate::model::score::{continuation_ids, score_options};
 use crate::reward::spec::RewardValues;
-use crate::reward::{Reward, Verdict, choices_field, extract, gold_index};
+use crate::reward::{Reward, RewardError, Verdict, choices_field, extract, gold_index};
 
 /// One item evaluated with one model.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -112,7 +112,7 @@ impl Task<'_> {
     pub fn scored_options(
         &self,
         fields: &Map<String, Value>,
-    ) -> Result<(Vec<String>, usize), String> {
+    ) -> Result<(Vec<String>, usize), RewardError> {
         let (options, gold) = self.options_of(fields)?;
         Ok((
             (0..options.len())
@@ -122,9 +122,9 @@ impl Task<'_> {
         ))
     }
 
-    fn options_of(&self, fields: &Map<String, Value>) -> Result<(Vec<String>, usize), String> {
-        let options = choices_field(fields, &self.choices).map_err(|e| e.to_string())?;
-        let gold = gold_index(fields, &self.gold, options.len()).map_err(|e| e.to_string())?;
+    fn options_of(&self, fields: &Map<String, Value>) -> Result<(Vec<String>, usize), RewardError> {
+        let options = choices_field(fields, &self.choices)?;
+        let gold = gold_index(fields, &self.gold, options.len())?;
         Ok((options, gold))
     }
 

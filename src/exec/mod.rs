@@ -9,7 +9,8 @@
 //! - `.checkpoints/<stage>/<key>/`: resumable state of a long stage, kept across kills and
 //!   reruns, removed when the stage commits,
 //! - `events.jsonl`: one JSON object per event (stage started / finished / cached / failed),
-//! - `pipeline.json`: the effective pipeline (after `--set`) of the latest run.
+//! - `pipeline.json`: the effective pipeline (after `--set`) of the latest run,
+//! - `stages.json`: that run's stage graph (ids and dependencies, in run order).
 
 mod executor;
 mod interrupt;
@@ -23,7 +24,7 @@ pub use interrupt::Interrupt;
 pub use manifest::Manifest;
 pub use metrics::Metrics;
 pub use progress::Progress;
-pub use rundir::RunDir;
+pub use rundir::{PIPELINE_FILE, RecordedStage, RunDir, RunDirError, Unfinished};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -4,10 +4,59 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::manifest::Manifest;
-use crate::fsutil::sync_dir;
+use crate::dag::{Graph, StageId};
+use crate::fsutil::{MAX_TEXT_BYTES, ReadError, sync_dir};
 
+/// The effective pipeline (after `--set`) of the latest run.
+pub const PIPELINE_FILE: &str = "pipeline.json";
+/// The stage graph of the latest run: each stage's id and dependencies, in run order. Readers of
+/// a finished run (the report) go by it, never by re-deriving the graph or by which files exist.
+const STAGES_FILE: &str = "stages.json";
 const STAGING: &str = ".staging";
+
+/// One stage of [`STAGES_FILE`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RecordedStage {
+    pub id: StageId,
+    pub deps: Vec<StageId>,
+}
 const CHECKPOINTS: &str = ".checkpoints";
+
+/// Why a run directory cannot be opened for writing.
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("cannot {doing} `{}`: {source}", path.display())]
+    Io {
+        doing: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("run directory `{}` is in use by another tsq process (lock `{}`)", root.display(), root.join(".lock").display())]
+    Locked { root: PathBuf },
+}
+
+impl RunDirError {
+    fn io(doing: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Io {
+            doing,
+            path,
+            source,
+        }
+    }
+}
+
+/// Why a stage has no finished result in a run directory (a report lists it as missing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unfinished {
+    #[error("not run")]
+    NotRun,
+    #[error("its manifest is missing or unreadable")]
+    NoManifest,
+    #[error("its outputs do not match its manifest (changed or removed files)")]
+    OutputsChanged,
+}
 
 /// An open run directory. Holding a `RunDir` with `lock` means holding the run's lock.
 #[derive(Debug)]
@@ -27,27 +76,21 @@ impl RunDir {
 
     /// Opens for writing: creates the directory, takes the lock (failing if another process holds
     /// it), and clears staging left behind by a killed run.
-    pub fn lock(root: &Path) -> Result<Self, String> {
-        std::fs::create_dir_all(root)
-            .map_err(|e| format!("cannot create run directory `{}`: {e}", root.display()))?;
+    pub fn lock(root: &Path) -> Result<Self, RunDirError> {
+        std::fs::create_dir_all(root).map_err(RunDirError::io("create run directory", root))?;
         let lock_path = root.join(".lock");
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| format!("cannot open `{}`: {e}", lock_path.display()))?;
-        file.try_lock().map_err(|_| {
-            format!(
-                "run directory `{}` is in use by another tsq process (lock `{}`)",
-                root.display(),
-                lock_path.display()
-            )
+            .map_err(RunDirError::io("open", &lock_path))?;
+        file.try_lock().map_err(|_| RunDirError::Locked {
+            root: root.to_path_buf(),
         })?;
         let staging = root.join(STAGING);
         if staging.exists() {
-            std::fs::remove_dir_all(&staging)
-                .map_err(|e| format!("cannot clear `{}`: {e}", staging.display()))?;
+            std::fs::remove_dir_all(&staging).map_err(RunDirError::io("clear", &staging))?;
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -63,21 +106,44 @@ impl RunDir {
         self.root.join(stage)
     }
 
+    /// Records what this run is: the effective pipeline and its stage graph.
+    pub fn record_run(
+        &self,
+        pipeline: &impl serde::Serialize,
+        graph: &Graph,
+    ) -> std::io::Result<()> {
+        crate::fsutil::write_json(&self.root.join(PIPELINE_FILE), pipeline)?;
+        let stages: Vec<RecordedStage> = graph
+            .stages
+            .iter()
+            .map(|s| RecordedStage {
+                id: s.id.clone(),
+                deps: s.deps.clone(),
+            })
+            .collect();
+        crate::fsutil::write_json(&self.root.join(STAGES_FILE), &stages)
+    }
+
+    /// The stage graph the latest run recorded, in run order.
+    pub fn recorded_stages(&self) -> Result<Vec<RecordedStage>, ReadError> {
+        let path = self.root.join(STAGES_FILE);
+        crate::fsutil::read_json(&path, MAX_TEXT_BYTES).map_err(ReadError::at(&path))
+    }
+
     /// The finished manifest of a stage, if it has one with intact outputs.
     pub fn finished(&self, stage: &str) -> Option<Manifest> {
         self.finished_or_why(stage).ok()
     }
 
     /// The finished manifest of a stage, or why it has none (for reports of what is missing).
-    pub fn finished_or_why(&self, stage: &str) -> Result<Manifest, String> {
+    pub fn finished_or_why(&self, stage: &str) -> Result<Manifest, Unfinished> {
         let dir = self.stage_dir(stage);
         if !dir.exists() {
-            return Err("not run".into());
+            return Err(Unfinished::NotRun);
         }
-        let manifest =
-            Manifest::read(&dir).ok_or("its manifest is missing or unreadable".to_string())?;
+        let manifest = Manifest::read(&dir).ok_or(Unfinished::NoManifest)?;
         if !manifest.outputs_intact(&dir) {
-            return Err("its outputs do not match its manifest (changed or removed files)".into());
+            return Err(Unfinished::OutputsChanged);
         }
         Ok(manifest)
     }
@@ -145,6 +211,7 @@ mod tests {
         assert!(
             RunDir::lock(dir.path())
                 .unwrap_err()
+                .to_string()
                 .contains("in use by another tsq process")
         );
         let staged = run.staging_dir("s").unwrap();
@@ -158,6 +225,30 @@ mod tests {
                 .unwrap_or(0),
             0
         );
+    }
+
+    /// A reader of the run gets the graph the run had, in its order, from the run directory.
+    #[test]
+    fn a_run_records_its_stage_graph() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::lock(dir.path()).unwrap();
+        assert!(run.recorded_stages().is_err());
+        let stage = |id: &str, deps: &[&str]| crate::dag::Stage {
+            id: StageId(id.into()),
+            kind: "test",
+            version: 1,
+            subject: None,
+            deps: deps.iter().map(|d| StageId(d.to_string())).collect(),
+            config: serde_json::Value::Null,
+            pointer: String::new(),
+        };
+        let graph = Graph::new(vec![stage("b", &["a"]), stage("a", &[])]).unwrap();
+        run.record_run(&serde_json::json!({"name": "x"}), &graph)
+            .unwrap();
+        let recorded = RunDir::read_only(dir.path()).recorded_stages().unwrap();
+        let ids: Vec<&str> = recorded.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(recorded[1].deps, [StageId("a".into())]);
     }
 
     #[test]
@@ -189,7 +280,9 @@ mod tests {
         run.commit("s", staged).unwrap();
         assert!(run.finished("s").is_some());
         std::fs::write(dir.path().join("s/sub/out"), "evil").unwrap();
-        let why = run.finished_or_why("s").unwrap_err();
-        assert!(why.contains("do not match its manifest"), "{why}");
+        assert_eq!(
+            run.finished_or_why("s").unwrap_err(),
+            Unfinished::OutputsChanged
+        );
     }
 }

@@ -28,6 +28,25 @@ impl Architecture {
     }
 }
 
+/// Why a model's hyper-parameters were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2)")]
+    Unsupported(String),
+    #[error("`{field}` is {value}; expected 1 to {max}")]
+    SizeOutOfRange {
+        field: &'static str,
+        value: usize,
+        max: usize,
+    },
+    #[error("`{field}` is {value}; expected a positive number")]
+    NotPositive { field: &'static str, value: f64 },
+    #[error("{heads} attention heads cannot be shared by {kv_heads} key/value heads")]
+    HeadsNotShared { heads: usize, kv_heads: usize },
+    #[error("head dimension {0} must be even for rotary embeddings")]
+    OddHeadDim(usize),
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -46,7 +65,7 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// Checks the relations between sizes that the forward pass relies on.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         // Bounds well above any real model: a crafted file must not make tsq allocate without
         // limit (rope tables are context × head_dim, the head vocab × hidden).
         for (field, value, max) in [
@@ -64,7 +83,7 @@ impl ModelConfig {
             ),
         ] {
             if value == 0 || value > max {
-                return Err(format!("`{field}` is {value}; expected 1 to {max}"));
+                return Err(ConfigError::SizeOutOfRange { field, value, max });
             }
         }
         for (field, value) in [
@@ -72,23 +91,20 @@ impl ModelConfig {
             ("rms_norm_eps", self.rms_norm_eps),
         ] {
             if !(value.is_finite() && value > 0.0) {
-                return Err(format!("`{field}` is {value}; expected a positive number"));
+                return Err(ConfigError::NotPositive { field, value });
             }
         }
         if self.num_heads == 0
             || self.num_kv_heads == 0
             || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
-            return Err(format!(
-                "{} attention heads cannot be shared by {} key/value heads",
-                self.num_heads, self.num_kv_heads
-            ));
+            return Err(ConfigError::HeadsNotShared {
+                heads: self.num_heads,
+                kv_heads: self.num_kv_heads,
+            });
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(format!(
-                "head dimension {} must be even for rotary embeddings",
-                self.head_dim
-            ));
+            return Err(ConfigError::OddHeadDim(self.head_dim));
         }
         Ok(())
     }
@@ -128,15 +144,14 @@ fn default_max_positions() -> usize {
 }
 
 impl HfConfig {
-    pub fn resolve(&self) -> Result<ModelConfig, String> {
+    pub fn resolve(&self) -> Result<ModelConfig, ConfigError> {
         let arch_name = self
             .model_type
             .clone()
             .or_else(|| self.architectures.first().cloned())
             .unwrap_or_default();
-        let architecture = Architecture::parse(&arch_name).ok_or_else(|| {
-            format!("unsupported architecture `{arch_name}` (supported: llama, mistral, qwen2)")
-        })?;
+        let architecture =
+            Architecture::parse(&arch_name).ok_or(ConfigError::Unsupported(arch_name))?;
         let config = ModelConfig {
             architecture,
             hidden_size: self.hidden_size,

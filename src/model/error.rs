@@ -6,6 +6,12 @@ use std::path::PathBuf;
 pub enum ModelError {
     #[error("`{}`: {message}", file.display())]
     Load { file: PathBuf, message: String },
+    #[error("`{}`: {source}", file.display())]
+    Config {
+        file: PathBuf,
+        #[source]
+        source: super::config::ConfigError,
+    },
     #[error("{0}")]
     Input(String),
     #[error("tensor operation failed: {0}")]
@@ -17,6 +23,14 @@ impl ModelError {
         Self::Load {
             file: file.into(),
             message: message.into(),
+        }
+    }
+
+    /// The hyper-parameters in `file` were refused.
+    pub fn config(file: impl Into<PathBuf>, source: super::config::ConfigError) -> Self {
+        Self::Config {
+            file: file.into(),
+            source,
         }
     }
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{Architecture, ModelConfig};
+use super::config::{Architecture, ConfigError, ModelConfig};
 use super::error::{ModelError, Result};
 
 /// Everything tsq takes from a GGUF file.
@@ -172,12 +172,8 @@ pub fn meta_str<'a>(path: &Path, md: &'a HashMap<String, Value>, key: &str) -> R
 
 pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<ModelConfig> {
     let arch_name = meta_str(path, md, "general.architecture")?;
-    let architecture = Architecture::parse(arch_name).ok_or_else(|| {
-        ModelError::load(
-            path,
-            format!("unsupported architecture `{arch_name}` (supported: llama, mistral, qwen2)"),
-        )
-    })?;
+    let architecture = Architecture::parse(arch_name)
+        .ok_or_else(|| ModelError::config(path, ConfigError::Unsupported(arch_name.to_string())))?;
     let key = |k: &str| format!("{arch_name}.{k}");
     let hidden_size = meta_usize(path, md, &key("embedding_length"))?;
     let num_heads = meta_usize(path, md, &key("attention.head_count"))?;
@@ -205,7 +201,7 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
         max_position_embeddings: meta_usize(path, md, &key("context_length"))?,
         tie_word_embeddings: true, // corrected by the loader when `output.weight` exists
     };
-    config.check().map_err(|m| ModelError::load(path, m))?;
+    config.check().map_err(|e| ModelError::config(path, e))?;
     Ok(config)
 }
 

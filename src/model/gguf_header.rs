@@ -19,20 +19,50 @@ const MAX_ARRAY_DEPTH: usize = 4;
 const MAX_DIMS: u32 = 4;
 const MAGIC: u32 = 0x4655_4747; // "GGUF" little-endian
 
+/// Why a header was refused: the file could not be read, or its bytes break the format.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl HeaderError {
+    /// The same error, said of the part of the header it was found in.
+    fn within(self, part: impl std::fmt::Display) -> Self {
+        match self {
+            Self::Malformed(message) => Self::Malformed(format!("{part}: {message}")),
+            io => io,
+        }
+    }
+}
+
+fn malformed(message: impl Into<String>) -> HeaderError {
+    HeaderError::Malformed(message.into())
+}
+
 /// Reads and checks the header of a GGUF file of `file_size` bytes from its start.
-pub fn read_content(reader: &mut (impl Read + Seek), file_size: u64) -> Result<Content, String> {
-    reader.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+pub fn read_content(
+    reader: &mut (impl Read + Seek),
+    file_size: u64,
+) -> Result<Content, HeaderError> {
+    reader.seek(SeekFrom::Start(0))?;
     let mut r = Bounded {
         reader,
         left: file_size,
     };
     if r.u32()? != MAGIC {
-        return Err("no GGUF magic at the start".into());
+        return Err(malformed("no GGUF magic at the start"));
     }
     let magic = match r.u32()? {
         2 => VersionedMagic::GgufV2,
         3 => VersionedMagic::GgufV3,
-        v => return Err(format!("GGUF version {v} is not supported (2 and 3 are)")),
+        v => {
+            return Err(malformed(format!(
+                "GGUF version {v} is not supported (2 and 3 are)"
+            )));
+        }
     };
     let tensor_count = r.u64()?;
     let kv_count = r.u64()?;
@@ -41,9 +71,9 @@ pub fn read_content(reader: &mut (impl Read + Seek), file_size: u64) -> Result<C
         let key = r.string()?;
         let value = r
             .value(None, 0)
-            .map_err(|e| format!("metadata `{key}`: {e}"))?;
+            .map_err(|e| e.within(format_args!("metadata `{key}`")))?;
         if metadata.insert(key.clone(), value).is_some() {
-            return Err(format!("metadata `{key}` appears twice"));
+            return Err(malformed(format!("metadata `{key}` appears twice")));
         }
     }
     let alignment = alignment(&metadata)?;
@@ -52,15 +82,15 @@ pub fn read_content(reader: &mut (impl Read + Seek), file_size: u64) -> Result<C
         let name = r.string()?;
         let info = r
             .tensor_info()
-            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+            .map_err(|e| e.within(format_args!("tensor `{name}`")))?;
         if tensor_infos.insert(name.clone(), info).is_some() {
-            return Err(format!("tensor `{name}` appears twice"));
+            return Err(malformed(format!("tensor `{name}` appears twice")));
         }
     }
     let tensor_data_offset = (file_size - r.left).next_multiple_of(alignment);
     for (name, info) in &tensor_infos {
         check_extent(info, tensor_data_offset, alignment, file_size)
-            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+            .map_err(|e| e.within(format_args!("tensor `{name}`")))?;
     }
     Ok(Content {
         magic,
@@ -71,18 +101,18 @@ pub fn read_content(reader: &mut (impl Read + Seek), file_size: u64) -> Result<C
 }
 
 /// `general.alignment`: a power of two when given (the spec's rule; 0 would divide by zero).
-fn alignment(metadata: &HashMap<String, Value>) -> Result<u64, String> {
+fn alignment(metadata: &HashMap<String, Value>) -> Result<u64, HeaderError> {
     let Some(value) = metadata.get("general.alignment") else {
         return Ok(DEFAULT_ALIGNMENT);
     };
     let alignment = value
         .to_u32()
         .map(u64::from)
-        .map_err(|_| format!("`general.alignment` is {value:?}, expected a u32"))?;
+        .map_err(|_| malformed(format!("`general.alignment` is {value:?}, expected a u32")))?;
     if !alignment.is_power_of_two() {
-        return Err(format!(
+        return Err(malformed(format!(
             "`general.alignment` is {alignment}, expected a power of two"
-        ));
+        )));
     }
     Ok(alignment)
 }
@@ -93,12 +123,12 @@ fn check_extent(
     data_offset: u64,
     alignment: u64,
     size: u64,
-) -> Result<(), String> {
+) -> Result<(), HeaderError> {
     if !info.offset.is_multiple_of(alignment) {
-        return Err(format!(
+        return Err(malformed(format!(
             "offset {} is not a multiple of the alignment {alignment}",
             info.offset
-        ));
+        )));
     }
     // The element count was checked to fit; its byte size (found by fuzzing) may not.
     let elements = info.shape.elem_count() as u64;
@@ -108,10 +138,10 @@ fn check_extent(
         .and_then(|bytes| data_offset.checked_add(info.offset)?.checked_add(bytes))
         .filter(|end| *end <= size);
     if end.is_none() {
-        return Err(format!(
+        return Err(malformed(format!(
             "its {elements} {dtype:?} elements at offset {} run past the end of the {size}-byte file",
             info.offset
-        ));
+        )));
     }
     Ok(())
 }
@@ -123,41 +153,37 @@ struct Bounded<'a, R> {
 }
 
 impl<R: Read> Bounded<'_, R> {
-    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], HeaderError> {
         let mut buf = [0u8; N];
         self.take(N as u64)?;
-        self.reader
-            .read_exact(&mut buf)
-            .map_err(|e| e.to_string())?;
+        self.reader.read_exact(&mut buf)?;
         Ok(buf)
     }
 
     /// Claims `n` of the bytes left, or says the file ends first.
-    fn take(&mut self, n: u64) -> Result<(), String> {
+    fn take(&mut self, n: u64) -> Result<(), HeaderError> {
         self.left = self.left.checked_sub(n).ok_or_else(|| {
-            format!(
+            malformed(format!(
                 "the header needs {n} more bytes, the file has {}",
                 self.left
-            )
+            ))
         })?;
         Ok(())
     }
 
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, HeaderError> {
         self.bytes().map(u32::from_le_bytes)
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, HeaderError> {
         self.bytes().map(u64::from_le_bytes)
     }
 
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, HeaderError> {
         let len = self.u64()?;
         self.take(len)?;
         let mut buf = vec![0u8; len as usize];
-        self.reader
-            .read_exact(&mut buf)
-            .map_err(|e| e.to_string())?;
+        self.reader.read_exact(&mut buf)?;
         // Some writers add a trailing NUL; some strings are not valid UTF-8 (candle does the same).
         while buf.last() == Some(&0) {
             buf.pop();
@@ -166,7 +192,7 @@ impl<R: Read> Bounded<'_, R> {
     }
 
     /// A value of `kind`, or of the type tag read first when `kind` is `None`.
-    fn value(&mut self, kind: Option<u32>, depth: usize) -> Result<Value, String> {
+    fn value(&mut self, kind: Option<u32>, depth: usize) -> Result<Value, HeaderError> {
         let kind = match kind {
             Some(k) => k,
             None => self.u32()?,
@@ -182,29 +208,31 @@ impl<R: Read> Bounded<'_, R> {
             7 => match self.bytes::<1>()?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
-                b => return Err(format!("bool byte {b}, expected 0 or 1")),
+                b => return Err(malformed(format!("bool byte {b}, expected 0 or 1"))),
             },
             8 => Value::String(self.string()?),
             9 => self.array(depth)?,
             10 => Value::U64(self.u64()?),
             11 => Value::I64(self.bytes().map(i64::from_le_bytes)?),
             12 => Value::F64(self.bytes().map(f64::from_le_bytes)?),
-            t => return Err(format!("unknown value type {t}")),
+            t => return Err(malformed(format!("unknown value type {t}"))),
         })
     }
 
-    fn array(&mut self, depth: usize) -> Result<Value, String> {
+    fn array(&mut self, depth: usize) -> Result<Value, HeaderError> {
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(format!("arrays nested deeper than {MAX_ARRAY_DEPTH}"));
+            return Err(malformed(format!(
+                "arrays nested deeper than {MAX_ARRAY_DEPTH}"
+            )));
         }
         let kind = self.u32()?;
         let len = self.u64()?;
         // Every element takes at least one byte: a count past the bytes left is a lie.
         if len > self.left {
-            return Err(format!(
+            return Err(malformed(format!(
                 "an array of {len} elements in the {} bytes left",
                 self.left
-            ));
+            )));
         }
         let mut values = Vec::with_capacity(len.min(1 << 16) as usize);
         for _ in 0..len {
@@ -213,10 +241,12 @@ impl<R: Read> Bounded<'_, R> {
         Ok(Value::Array(values))
     }
 
-    fn tensor_info(&mut self) -> Result<TensorInfo, String> {
+    fn tensor_info(&mut self) -> Result<TensorInfo, HeaderError> {
         let n_dims = self.u32()?;
         if !(1..=MAX_DIMS).contains(&n_dims) {
-            return Err(format!("{n_dims} dimensions, expected 1 to {MAX_DIMS}"));
+            return Err(malformed(format!(
+                "{n_dims} dimensions, expected 1 to {MAX_DIMS}"
+            )));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -228,12 +258,16 @@ impl<R: Read> Bounded<'_, R> {
             .iter()
             .try_fold(1u64, |n, d| n.checked_mul(*d).filter(|_| *d > 0))
             .filter(|n| usize::try_from(*n).is_ok())
-            .ok_or_else(|| format!("dimensions {dims:?} are zero or multiply past 2^64"))?;
+            .ok_or_else(|| {
+                malformed(format!(
+                    "dimensions {dims:?} are zero or multiply past 2^64"
+                ))
+            })?;
         let block = ggml_dtype.block_size() as u64;
         if !elements.is_multiple_of(block) {
-            return Err(format!(
+            return Err(malformed(format!(
                 "{elements} elements are not whole {ggml_dtype:?} blocks of {block}"
-            ));
+            )));
         }
         // GGUF lists the fastest-varying dimension first; candle's shapes are row-major.
         let shape: Vec<usize> = dims.iter().rev().map(|d| *d as usize).collect();
@@ -246,7 +280,7 @@ impl<R: Read> Bounded<'_, R> {
 }
 
 /// ggml's type ids (ggml.h `enum ggml_type`) of the types candle can load.
-fn ggml_dtype(id: u32) -> Result<GgmlDType, String> {
+fn ggml_dtype(id: u32) -> Result<GgmlDType, HeaderError> {
     Ok(match id {
         0 => GgmlDType::F32,
         1 => GgmlDType::F16,
@@ -263,7 +297,7 @@ fn ggml_dtype(id: u32) -> Result<GgmlDType, String> {
         14 => GgmlDType::Q6K,
         15 => GgmlDType::Q8K,
         30 => GgmlDType::BF16,
-        t => return Err(format!("tensor type {t} is not supported")),
+        t => return Err(malformed(format!("tensor type {t} is not supported"))),
     })
 }
 
@@ -304,7 +338,7 @@ mod tests {
             self.0.resize(to, 0);
             self
         }
-        fn read(&self) -> Result<Content, String> {
+        fn read(&self) -> Result<Content, HeaderError> {
             read_content(&mut std::io::Cursor::new(&self.0), self.0.len() as u64)
         }
     }
@@ -392,7 +426,7 @@ mod tests {
             (Raw::default().u32(7), "no GGUF magic"),
         ];
         for (raw, want) in cases {
-            let err = raw.read().expect_err(want);
+            let err = raw.read().expect_err(want).to_string();
             assert!(err.contains(want), "{want}: {err}");
         }
     }

@@ -73,7 +73,7 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     }
     let hf: HfConfig = serde_json::from_value(value)
         .map_err(|e| ModelError::load(&path, format!("invalid config: {e}")))?;
-    hf.resolve().map_err(|m| ModelError::load(&path, m))
+    hf.resolve().map_err(|e| ModelError::config(&path, e))
 }
 
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -45,7 +45,10 @@ pub fn check_adaptations(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
 
 fn check_routing(p: &Pipeline, ptr: &str, r: &dyn Routing, errors: &mut Vec<Diagnostic>) {
     if let Err(e) = crate::adapt::classify::check_labels(r.labels()) {
-        errors.push(p.doc.diagnostic(&format!("{ptr}/labels"), false, e));
+        errors.push(
+            p.doc
+                .diagnostic(&format!("{ptr}/labels"), false, e.to_string()),
+        );
     }
     let labels: BTreeSet<&str> = r.labels().iter().map(String::as_str).collect();
     let mut targets: BTreeSet<&str> = p.spec.experts.keys().map(String::as_str).collect();

@@ -43,15 +43,24 @@ pub struct Override {
     pub argument: String,
 }
 
-impl std::str::FromStr for Override {
-    type Err = String;
+/// A `--set` argument that is not `path=value` with a YAML value.
+#[derive(Debug, thiserror::Error)]
+pub enum OverrideError {
+    #[error("`{0}` is not `path.to.key=value`")]
+    NoEquals(String),
+    #[error("the value in `{0}` is not valid YAML")]
+    NotYaml(String),
+}
 
-    fn from_str(argument: &str) -> Result<Self, String> {
+impl std::str::FromStr for Override {
+    type Err = OverrideError;
+
+    fn from_str(argument: &str) -> Result<Self, OverrideError> {
         let (path, text) = argument
             .split_once('=')
-            .ok_or_else(|| format!("`{argument}` is not `path.to.key=value`"))?;
+            .ok_or_else(|| OverrideError::NoEquals(argument.to_string()))?;
         let doc = LocatedDoc::parse(Path::new("--set"), text)
-            .map_err(|_| format!("the value in `{argument}` is not valid YAML"))?;
+            .map_err(|_| OverrideError::NotYaml(argument.to_string()))?;
         Ok(Self {
             path: path.trim().to_string(),
             value: doc.value,
@@ -120,13 +129,13 @@ pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, Vec<Diagnos
     let mut doc = LocatedDoc::load(file)?;
     let mut errors = Vec::new();
     for o in overrides {
-        if let Err(message) = doc.set(&o.path, o.value.clone(), &o.argument) {
+        if let Err(e) = doc.set(&o.path, o.value.clone(), &o.argument) {
             errors.push(Diagnostic {
                 origin: Origin::Override {
                     argument: o.argument.clone(),
                 },
                 path: o.path.clone(),
-                message,
+                message: e.to_string(),
                 help: None,
             });
         }

@@ -367,8 +367,8 @@ pub(super) fn check_mode(
 }
 
 fn check_model(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
-    if let Err(message) = AssetSource::check(&p.spec.model.source, p.dir()) {
-        errors.push(p.doc.diagnostic("/model/source", false, message));
+    if let Err(e) = AssetSource::check(&p.spec.model.source, p.dir()) {
+        errors.push(p.doc.diagnostic("/model/source", false, e.to_string()));
     }
 }
 

@@ -35,7 +35,7 @@ pub struct Judgement {
 }
 
 /// A record that cannot be judged at all (a data problem, not a wrong answer).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RewardError {
     #[error("the record has no field `{0}`")]
     MissingField(String),
@@ -46,7 +46,7 @@ pub enum RewardError {
         found: String,
     },
     #[error("the sandbox could not run: {0}")]
-    Sandbox(String),
+    Sandbox(#[source] sandbox::SandboxError),
 }
 
 /// A reward spec that cannot be compiled (bad regex, unknown or cyclic composite part).
@@ -261,7 +261,7 @@ impl Reward {
 
     /// How contained the generated code this reward runs is (`None` for rewards that run no
     /// code), for the stage's provenance.
-    pub fn sandbox(&self) -> Option<Result<sandbox::Containment, String>> {
+    pub fn sandbox(&self) -> Option<Result<sandbox::Containment, sandbox::SandboxError>> {
         match &self.judge {
             Judge::Code { sandbox, .. } => Some(sandbox.containment()),
             Judge::Composite(parts) => parts.iter().find_map(|(_, r, _)| r.sandbox()),
@@ -310,7 +310,7 @@ impl Reward {
             .map(|m| {
                 m.into_inner()
                     .unwrap_or_else(|e| e.into_inner())
-                    .unwrap_or_else(|| Err(RewardError::Sandbox("not run".into())))
+                    .unwrap_or(Err(RewardError::Sandbox(sandbox::SandboxError::NothingRan)))
             })
             .collect()
     }
@@ -530,10 +530,10 @@ mod tests {
             r.judge("it is 5", &negative).unwrap().verdict,
             Verdict::Wrong
         );
-        assert_eq!(
+        assert!(matches!(
             r.judge("1", &record(json!({}))).unwrap_err(),
-            RewardError::MissingField("answer".into())
-        );
+            RewardError::MissingField(field) if field == "answer"
+        ));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use serde_json::Value;
 use crate::assets::TsqHome;
 use crate::dag::{CycleError, Graph, Stage, StageId};
 use crate::exec::{StageError, StageRunner};
+use crate::fsutil::ReadError;
 use crate::pipeline::Pipeline;
 
 /// One kind of stage.
@@ -39,31 +40,17 @@ pub trait Kind: Sync {
     fn runner<'a>(&self, env: &'a Env<'a>, stage: &Stage) -> Option<Box<dyn StageRunner + 'a>>;
 }
 
-/// The id of every stage a pipeline has except `report`, from the pipeline as written (all a
-/// finished run's reader has: `pipeline.json`). The graph declares the same; a test keeps
-/// them equal.
-pub fn ids_before_report(spec: &crate::pipeline::spec::PipelineSpec) -> Vec<StageId> {
-    let mut out = vec![ids::model()];
-    out.extend(spec.datasets.keys().map(|d| ids::data(d)));
-    if spec.svd.is_some() {
-        out.push(ids::decompose());
-    }
-    out.extend(spec.experts.keys().map(|e| ids::train(e)));
-    out.extend(spec.adaptations.keys().map(|a| ids::adapt(a)));
-    out.extend(spec.evaluate.iter().map(|e| ids::eval(e.stage_name())));
-    out
-}
-
 /// The pipeline a run directory was run with (`pipeline.json`), parsed and as written: what
 /// readers of a finished run go by (never by which files happen to exist).
 pub fn run_pipeline(
     run_dir: &Path,
-) -> Result<(crate::pipeline::spec::PipelineSpec, String), String> {
-    let path = run_dir.join("pipeline.json");
-    let fail = |e: &dyn std::fmt::Display| format!("cannot read `{}`: {e}", path.display());
-    let text =
-        crate::fsutil::read_bounded(&path, crate::fsutil::MAX_TEXT_BYTES).map_err(|e| fail(&e))?;
-    let spec = serde_json::from_str(&text).map_err(|e| fail(&e))?;
+) -> Result<(crate::pipeline::spec::PipelineSpec, String), ReadError> {
+    let path = run_dir.join(crate::exec::PIPELINE_FILE);
+    let text = crate::fsutil::read_bounded(&path, crate::fsutil::MAX_TEXT_BYTES)
+        .map_err(ReadError::at(&path))?;
+    let spec = serde_json::from_str(&text).map_err(|e| {
+        ReadError::at(&path)(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    })?;
     Ok((spec, text))
 }
 
@@ -216,27 +203,4 @@ pub fn rewards_config(
 /// A spec section as JSON (for cache keys).
 fn to_json<T: serde::Serialize>(section: &T) -> Value {
     serde_json::to_value(section).expect("spec types serialise to JSON")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ids_before_the_report_are_the_graphs() {
-        let file =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/transformer2.yaml");
-        let pipeline = crate::pipeline::load(&file, &[]).expect("a valid pipeline");
-        let graph = graph(&pipeline).expect("no cycle");
-        let mut from_graph: Vec<StageId> = graph
-            .stages
-            .iter()
-            .map(|s| s.id.clone())
-            .filter(|id| *id != ids::report())
-            .collect();
-        let mut listed = ids_before_report(&pipeline.spec);
-        from_graph.sort();
-        listed.sort();
-        assert_eq!(listed, from_graph);
-    }
 }

@@ -31,14 +31,15 @@ pub struct ModelRecord {
 impl ModelRecord {
     /// The record of the finished `model` stage this stage depends on.
     pub fn from_upstream(ctx: &StageContext) -> Result<Self, StageError> {
-        Self::read(ctx.upstream_dir(&crate::stages::ids::model())?)
+        let dir = ctx.upstream_dir(&crate::stages::ids::model())?;
+        Self::read(dir).map_err(|e| StageError::failed("reading the model record", e))
     }
 
     /// The record in a finished model stage's directory.
-    pub fn read(stage_dir: &Path) -> Result<Self, StageError> {
+    pub fn read(stage_dir: &Path) -> Result<Self, crate::fsutil::ReadError> {
         let file = stage_dir.join(MODEL_FILE);
         crate::fsutil::read_json(&file, crate::fsutil::MAX_TEXT_BYTES)
-            .map_err(|e| StageError::at("reading", &file, e))
+            .map_err(crate::fsutil::ReadError::at(&file))
     }
 }
 

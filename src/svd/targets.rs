@@ -45,12 +45,36 @@ pub const LAYER_MODULES: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// Why a selection of matrices does not fit the model.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("`{pattern}` is not a valid regex: {source}")]
+    BadRegex {
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+    #[error("the targets {targets:?} match none of the modules {}", LAYER_MODULES.join(", "))]
+    NoModule { targets: Vec<String> },
+    #[error("`{0}` is not `all` or a range `a-b`")]
+    NotARange(String),
+    #[error("bad range `{0}`")]
+    BadRange(String),
+    #[error("layer {layer} does not exist: the model has layers 0-{}", num_layers.saturating_sub(1))]
+    NoSuchLayer { layer: usize, num_layers: usize },
+}
+
 /// Canonical names (`layers.{i}.{module}`) selected by `spec` in a model of `num_layers` layers.
-pub fn select(spec: &SvdSpec, num_layers: usize) -> Result<Vec<String>, String> {
+pub fn select(spec: &SvdSpec, num_layers: usize) -> Result<Vec<String>, TargetError> {
     let patterns: Vec<Regex> = spec
         .targets
         .iter()
-        .map(|t| Regex::new(t).map_err(|e| format!("`{t}` is not a valid regex: {e}")))
+        .map(|t| {
+            Regex::new(t).map_err(|source| TargetError::BadRegex {
+                pattern: t.clone(),
+                source,
+            })
+        })
         .collect::<Result<_, _>>()?;
     let layers = layer_indices(&spec.layers, num_layers)?;
     let modules: Vec<&str> = LAYER_MODULES
@@ -59,11 +83,9 @@ pub fn select(spec: &SvdSpec, num_layers: usize) -> Result<Vec<String>, String> 
         .filter(|m| patterns.iter().any(|p| p.is_match(m)))
         .collect();
     if modules.is_empty() {
-        return Err(format!(
-            "the targets {:?} match none of the modules {}",
-            spec.targets,
-            LAYER_MODULES.join(", ")
-        ));
+        return Err(TargetError::NoModule {
+            targets: spec.targets.clone(),
+        });
     }
     Ok(layers
         .iter()
@@ -87,23 +109,17 @@ pub fn shape(config: &crate::model::config::ModelConfig, name: &str) -> (usize, 
     }
 }
 
-fn layer_indices(layers: &Layers, num_layers: usize) -> Result<Vec<usize>, String> {
-    let out_of_range = |i: usize| {
-        format!(
-            "layer {i} does not exist: the model has layers 0-{}",
-            num_layers.saturating_sub(1)
-        )
-    };
+fn layer_indices(layers: &Layers, num_layers: usize) -> Result<Vec<usize>, TargetError> {
+    let out_of_range = |layer: usize| TargetError::NoSuchLayer { layer, num_layers };
     match layers {
         Layers::Named(text) if text == "all" => Ok((0..num_layers).collect()),
         Layers::Named(text) => {
             let (a, b) = text
                 .split_once('-')
-                .ok_or_else(|| format!("`{text}` is not `all` or a range `a-b`"))?;
-            let (a, b): (usize, usize) = (
-                a.parse().map_err(|_| format!("bad range `{text}`"))?,
-                b.parse().map_err(|_| format!("bad range `{text}`"))?,
-            );
+                .ok_or_else(|| TargetError::NotARange(text.clone()))?;
+            let bad_range = |_| TargetError::BadRange(text.clone());
+            let (a, b): (usize, usize) =
+                (a.parse().map_err(bad_range)?, b.parse().map_err(bad_range)?);
             if b >= num_layers {
                 return Err(out_of_range(b));
             }
@@ -159,11 +175,13 @@ mod tests {
         assert!(
             select(&spec(&["mlp"], Layers::List(vec![30])), 30)
                 .unwrap_err()
+                .to_string()
                 .contains("layer 30 does not exist")
         );
         assert!(
             select(&spec(&["nothing"], Layers::Named("all".into())), 30)
                 .unwrap_err()
+                .to_string()
                 .contains("match none")
         );
     }

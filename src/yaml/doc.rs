@@ -233,12 +233,10 @@ impl LocatedDoc {
 
     /// Replaces (or adds) the node at the dotted `path` with `value`, remembering that errors about
     /// it come from the command line. Intermediate mappings must already exist.
-    pub fn set(&mut self, path: &str, value: Value, argument: &str) -> Result<(), String> {
+    pub fn set(&mut self, path: &str, value: Value, argument: &str) -> Result<(), SetError> {
         let segments: Vec<&str> = path.split('.').collect();
         if segments.iter().any(|s| s.is_empty()) {
-            return Err(format!(
-                "`{path}` is not a valid field path (expected `a.b.c`)"
-            ));
+            return Err(SetError::BadPath(path.to_string()));
         }
         let mut node = &mut self.value;
         let mut ptr = String::new();
@@ -251,16 +249,12 @@ impl LocatedDoc {
                         map.insert(seg.to_string(), Value::Null);
                     } else if !map.contains_key(*seg) {
                         let known: Vec<&str> = map.keys().map(String::as_str).collect();
-                        let hint = crate::diagnostic::did_you_mean(seg, known)
-                            .map(|k| format!(" (did you mean `{k}`?)"))
-                            .unwrap_or_default();
-                        let parent = dotted(&ptr[..ptr.rfind('/').unwrap_or(0)]);
-                        let parent = if parent.is_empty() {
-                            "the file".to_string()
-                        } else {
-                            format!("`{parent}`")
-                        };
-                        return Err(format!("{parent} has no key `{seg}`{hint}"));
+                        return Err(SetError::NoKey {
+                            parent: dotted(&ptr[..ptr.rfind('/').unwrap_or(0)]),
+                            key: seg.to_string(),
+                            did_you_mean: crate::diagnostic::did_you_mean(seg, known)
+                                .map(str::to_string),
+                        });
                     }
                     map.get_mut(*seg)
                         .expect("present: checked or inserted above")
@@ -268,17 +262,17 @@ impl LocatedDoc {
                 Value::Array(items) => {
                     let index: usize = seg
                         .parse()
-                        .map_err(|_| format!("`{seg}` is not a list index"))?;
+                        .map_err(|_| SetError::NotAnIndex(seg.to_string()))?;
                     ptr = format!("{ptr}/{index}");
                     items
                         .get_mut(index)
-                        .ok_or_else(|| format!("list index {index} is out of range"))?
+                        .ok_or(SetError::IndexOutOfRange(index))?
                 }
                 _ => {
-                    return Err(format!(
-                        "`{}` is not a mapping, cannot set `{seg}` inside it",
-                        dotted(&ptr)
-                    ));
+                    return Err(SetError::NotAMapping {
+                        path: dotted(&ptr),
+                        key: seg.to_string(),
+                    });
                 }
             };
         }
@@ -286,6 +280,30 @@ impl LocatedDoc {
         self.overridden.insert(ptr, argument.to_string());
         Ok(())
     }
+}
+
+/// Why an override's path does not lead into the document.
+#[derive(Debug, thiserror::Error)]
+pub enum SetError {
+    #[error("`{0}` is not a valid field path (expected `a.b.c`)")]
+    BadPath(String),
+    #[error(
+        "{} has no key `{key}`{}",
+        if parent.is_empty() { "the file".to_string() } else { format!("`{parent}`") },
+        did_you_mean.as_ref().map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default()
+    )]
+    NoKey {
+        /// The dotted path of the mapping (empty: the document itself).
+        parent: String,
+        key: String,
+        did_you_mean: Option<String>,
+    },
+    #[error("`{0}` is not a list index")]
+    NotAnIndex(String),
+    #[error("list index {0} is out of range")]
+    IndexOutOfRange(usize),
+    #[error("`{path}` is not a mapping, cannot set `{key}` inside it")]
+    NotAMapping { path: String, key: String },
 }
 
 fn position(node: &MarkedYaml) -> Position {
@@ -389,6 +407,7 @@ mod tests {
         assert!(
             doc.set("x.y", Value::Null, "x.y=1")
                 .unwrap_err()
+                .to_string()
                 .contains("no key `x`")
         );
     }

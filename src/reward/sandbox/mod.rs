@@ -154,12 +154,53 @@ fn signal_name(sig: i32) -> String {
     format!("{name} (signal {sig})")
 }
 
+/// Why a program could not run at all (as opposed to running and failing).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{doing}: {cause}")]
+    Io {
+        doing: String,
+        #[source]
+        cause: Arc<std::io::Error>,
+    },
+    #[error("TSQ_SANDBOX_PYTHON `{0}` was not found")]
+    NamedPythonNotFound(String),
+    #[error("python3 was not found (code rewards run it; set TSQ_SANDBOX_PYTHON)")]
+    PythonNotFound,
+    /// No way into a jail worked, and `isolation: none` was not given; `tried` says what each
+    /// way said.
+    #[error(
+        "cannot isolate generated code, so it was not run ({}). A jail needs either root (with \
+         CAP_SYS_ADMIN, or at least CAP_SETUID and user namespaces) or unprivileged user \
+         namespaces: enable them (`sysctl -w kernel.unprivileged_userns_clone=1` on Debian, \
+         `user.max_user_namespaces` > 0, `kernel.apparmor_restrict_unprivileged_userns=0` on \
+         Ubuntu), or run tsq as root or in a container that allows them (e.g. podman, or docker \
+         with `--security-opt seccomp=unconfined --cap-add SYS_ADMIN`). To run generated code \
+         without isolation anyway, set `isolation: none` in the reward's `sandbox` (unsafe: see \
+         docs/security.md)",
+        tried.join("; ")
+    )]
+    NoJail { tried: Vec<String> },
+    #[error("no program ran")]
+    NothingRan,
+}
+
+impl SandboxError {
+    fn io(doing: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let doing = doing.into();
+        move |cause| Self::Io {
+            doing,
+            cause: Arc::new(cause),
+        }
+    }
+}
+
 /// Runs programs under one [`SandboxSpec`]; shared by the threads judging a batch.
 pub struct Sandbox {
     spec: SandboxSpec,
-    python: OnceLock<Result<PathBuf, String>>,
+    python: OnceLock<Result<PathBuf, SandboxError>>,
     /// The way into a jail that worked first (later runs go straight to it), or why none did.
-    entry: OnceLock<Result<EntryKind, String>>,
+    entry: OnceLock<Result<EntryKind, SandboxError>>,
 }
 
 /// An [`Entry`] before a uid is claimed for it.
@@ -201,9 +242,12 @@ struct ClaimedUid {
 /// Claims a free sandbox uid (waiting if all are taken). The lock files live in one place per
 /// machine (`/run/tsq/sandbox-uids`, root's), so tsq processes with different `$TSQ_HOME`s never
 /// share a uid.
-fn claim_uid() -> Result<ClaimedUid, String> {
+fn claim_uid() -> Result<ClaimedUid, SandboxError> {
     let dir = Path::new("/run/tsq/sandbox-uids");
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(SandboxError::io(format!(
+        "cannot create `{}`",
+        dir.display()
+    )))?;
     loop {
         for uid in FIRST_UID..FIRST_UID + UIDS {
             let path = dir.join(uid.to_string());
@@ -212,7 +256,10 @@ fn claim_uid() -> Result<ClaimedUid, String> {
                 .truncate(false)
                 .write(true)
                 .open(&path)
-                .map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
+                .map_err(SandboxError::io(format!(
+                    "cannot open `{}`",
+                    path.display()
+                )))?;
             if file.try_lock().is_ok() {
                 return Ok(ClaimedUid { uid, _lock: file });
             }
@@ -241,7 +288,7 @@ impl Sandbox {
     /// Runs one program to a verdict, a timeout or a limit. `Err` when the program cannot run
     /// at all: no interpreter, or no jail and `isolation: none` not given (a refusal, which must
     /// stop training rather than count as a wrong answer).
-    pub fn run(&self, program: &Program) -> Result<SandboxOutcome, String> {
+    pub fn run(&self, program: &Program) -> Result<SandboxOutcome, SandboxError> {
         let job = serde_json::json!({
             "solution": program.solution,
             "setup": program.setup,
@@ -268,14 +315,14 @@ impl Sandbox {
                 Err((None, e)) => return Err(e),
             }
         }
-        let refusal = refusal(&tried);
+        let refusal = SandboxError::NoJail { tried };
         let _ = self.entry.set(Err(refusal.clone()));
         Err(refusal)
     }
 
     /// The containment programs get here: the one found by the first run, or by running a
     /// program that does nothing when none ran yet (a resumed stage), for provenance.
-    pub fn containment(&self) -> Result<Containment, String> {
+    pub fn containment(&self) -> Result<Containment, SandboxError> {
         if self.entry.get().is_none() {
             self.run(&Program {
                 solution: "pass".into(),
@@ -288,7 +335,7 @@ impl Sandbox {
         match self.entry.get() {
             Some(Ok(kind)) => Ok(kind.containment()),
             Some(Err(refusal)) => Err(refusal.clone()),
-            None => Err("no program ran".into()),
+            None => Err(SandboxError::NothingRan),
         }
     }
 
@@ -324,20 +371,17 @@ impl Sandbox {
 
     /// The interpreter: `TSQ_SANDBOX_PYTHON`, else the system's `/usr/bin/python3`, else
     /// `python3` on PATH (an interpreter outside `/usr` is bound into the jail with its prefix).
-    fn python(&self) -> &Result<PathBuf, String> {
+    fn python(&self) -> &Result<PathBuf, SandboxError> {
         self.python.get_or_init(|| {
             if let Ok(name) = std::env::var("TSQ_SANDBOX_PYTHON") {
-                return find_in_path(&name)
-                    .ok_or_else(|| format!("TSQ_SANDBOX_PYTHON `{name}` was not found"));
+                return find_in_path(&name).ok_or(SandboxError::NamedPythonNotFound(name));
             }
             ["/usr/bin/python3", "/usr/local/bin/python3"]
                 .iter()
                 .map(PathBuf::from)
                 .find(|p| p.is_file())
                 .or_else(|| find_in_path("python3"))
-                .ok_or_else(|| {
-                    "python3 was not found (code rewards run it; set TSQ_SANDBOX_PYTHON)".into()
-                })
+                .ok_or(SandboxError::PythonNotFound)
         })
     }
 
@@ -348,8 +392,8 @@ impl Sandbox {
         kind: EntryKind,
         python: &Path,
         job: &str,
-    ) -> Result<SandboxOutcome, (Option<&'static str>, String)> {
-        let plain = |e: String| (None, e);
+    ) -> Result<SandboxOutcome, (Option<&'static str>, SandboxError)> {
+        let plain = |e: SandboxError| (None, e);
         // The claimed uid stays locked until the run is over.
         let (entry, _claimed) = match kind {
             EntryKind::Root => {
@@ -386,7 +430,7 @@ impl Sandbox {
         let scratch = match kind {
             EntryKind::Unisolated => {
                 let dir = tempfile::tempdir()
-                    .map_err(|e| plain(format!("cannot create a temp dir: {e}")))?;
+                    .map_err(|e| plain(SandboxError::io("cannot create a temp dir")(e)))?;
                 cmd.current_dir(dir.path());
                 Some(dir)
             }
@@ -406,13 +450,13 @@ impl Sandbox {
         (verdict_read, verdict_write): (OwnedFd, OwnedFd),
         kind: EntryKind,
         _scratch: Option<tempfile::TempDir>,
-    ) -> Result<SandboxOutcome, (Option<&'static str>, String)> {
+    ) -> Result<SandboxOutcome, (Option<&'static str>, SandboxError)> {
         let started = Instant::now();
         // SAFETY: `enter` makes only async-signal-safe system calls on data prepared before
         // the fork (no allocation, no locks).
         unsafe { cmd.pre_exec(move || jail.enter()) };
         let mut child = tsq_linalg::fork_safely(|| cmd.spawn())
-            .map_err(|e| (None, format!("cannot start python3: {e}")))?;
+            .map_err(|e| (None, SandboxError::io("cannot start python3")(e)))?;
         drop(verdict_write);
         let feeder = child.stdin.take().map(|mut stdin| {
             let job = job.to_string();
@@ -453,21 +497,6 @@ impl Sandbox {
     }
 }
 
-/// The refusal when no jail could be built, with what each way said and how to get one.
-fn refusal(tried: &[String]) -> String {
-    format!(
-        "cannot isolate generated code, so it was not run ({}). A jail needs either root (with \
-         CAP_SYS_ADMIN, or at least CAP_SETUID and user namespaces) or unprivileged user \
-         namespaces: enable them (`sysctl -w kernel.unprivileged_userns_clone=1` on Debian, \
-         `user.max_user_namespaces` > 0, `kernel.apparmor_restrict_unprivileged_userns=0` on \
-         Ubuntu), or run tsq as root or in a container that allows them (e.g. podman, or docker \
-         with `--security-opt seccomp=unconfined --cap-add SYS_ADMIN`). To run generated code \
-         without isolation anyway, set `isolation: none` in the reward's `sandbox` (unsafe: see \
-         docs/security.md)",
-        tried.join("; ")
-    )
-}
-
 impl From<&SandboxSpec> for Limits {
     fn from(s: &SandboxSpec) -> Self {
         Self {
@@ -480,12 +509,11 @@ impl From<&SandboxSpec> for Limits {
     }
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
     let mut fds = [0; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
-        return Err(format!(
-            "cannot create a pipe: {}",
-            std::io::Error::last_os_error()
+        return Err(SandboxError::io("cannot create a pipe")(
+            std::io::Error::last_os_error(),
         ));
     }
     // SAFETY: both descriptors were just created and are owned here only.

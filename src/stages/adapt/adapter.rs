@@ -25,8 +25,8 @@ pub enum AdapterError {
     #[error("the pipeline run in `{run_dir}` has no adaptation `{name}`")]
     NoAdaptation { run_dir: PathBuf, name: String },
     /// The run's own files (pipeline.json, model.json, alpha.json) do not read.
-    #[error("{0}")]
-    RunFile(String),
+    #[error(transparent)]
+    RunFile(#[from] crate::fsutil::ReadError),
     #[error(transparent)]
     Adapt(#[from] crate::adapt::AdaptError),
     #[error("`{path}`: {source}")]
@@ -61,8 +61,7 @@ fn finished(run: &RunDir, run_dir: &Path, stage: &str) -> Result<(), AdapterErro
 pub fn run_model(run_dir: &Path) -> Result<Model, AdapterError> {
     let run = RunDir::read_only(run_dir);
     finished(&run, run_dir, ids::model().as_str())?;
-    let record = ModelRecord::read(&run.stage_dir(ids::model().as_str()))
-        .map_err(|e| AdapterError::RunFile(e.to_string()))?;
+    let record = ModelRecord::read(&run.stage_dir(ids::model().as_str()))?;
     Model::load(
         &record.path,
         candle_core::DType::F32,
@@ -153,7 +152,7 @@ impl Adapter {
         let stage = ids::adapt(name).to_string();
         let dir = run.stage_dir(&stage);
         finished(&run, run_dir, &stage)?;
-        let (spec, _) = crate::stages::run_pipeline(run_dir).map_err(AdapterError::RunFile)?;
+        let (spec, _) = crate::stages::run_pipeline(run_dir)?;
         let routed = match spec.adaptations.get(name) {
             Some(ad) => ad.routing().is_some(),
             None => {
@@ -179,7 +178,7 @@ impl Adapter {
             let path = dir.join(ALPHA_FILE);
             Strategy::Mixed(
                 crate::fsutil::read_json(&path, crate::fsutil::MAX_TEXT_BYTES)
-                    .map_err(|e| AdapterError::RunFile(format!("{}: {e}", path.display())))?,
+                    .map_err(crate::fsutil::ReadError::at(&path))?,
             )
         };
         Ok(Self {

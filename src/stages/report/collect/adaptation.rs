@@ -77,7 +77,7 @@ pub(super) fn adaptation(
     name: &str,
     spec: &crate::adapt::spec::AdaptationSpec,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<(), Unreadable> {
     use crate::adapt::router::{ROUTER_FILE, RouterFile};
     use crate::stages::adapt::few_shot::{ALPHA_FILE, AlphaFile};
     if spec.routing().is_some() {

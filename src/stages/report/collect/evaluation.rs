@@ -7,14 +7,13 @@ use super::*;
 const SAMPLE_CHARS: usize = 600;
 
 /// An evaluation's table, its two-pass costs and a right and a wrong sample per setting.
-pub(super) fn evaluation(dir: &Path, stage: &str, report: &mut Report) -> Result<(), String> {
+pub(super) fn evaluation(dir: &Path, stage: &str, report: &mut Report) -> Result<(), Unreadable> {
     let results: Results = read_json(&dir.join(RESULTS_JSON))?;
     let samples = read_rows(
         &dir.join(SAMPLES_FILE),
         DataFormat::Parquet,
         Limits::default(),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let text = |row: &Value, key: &str| {
         row.get(key)
             .and_then(Value::as_str)

@@ -13,18 +13,41 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::dag::StageId;
 use crate::data::card::DataFormat;
 use crate::data::{Limits, read_rows};
 use crate::eval::paired_p_value;
 use crate::eval::results::{RESULTS_JSON, Results, SAMPLES_FILE};
 use crate::exec::{Manifest, RunDir};
-use crate::fsutil::{MAX_LOG_BYTES, MAX_TEXT_BYTES, read_bounded};
+use crate::fsutil::{MAX_LOG_BYTES, MAX_TEXT_BYTES, ReadError, read_bounded};
 use crate::pipeline::spec::PipelineSpec;
 use crate::report::view::*;
 use adaptation::adaptation;
 use evaluation::evaluation;
 use provenance::{overview, provenance};
 use training::training;
+
+/// Why a stage's section could not be read (the report lists the stage as missing instead).
+#[derive(Debug, thiserror::Error)]
+enum Unreadable {
+    #[error(transparent)]
+    File(#[from] crate::fsutil::ReadError),
+    #[error("`{}` line {line}: {source}", path.display())]
+    Line {
+        path: std::path::PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Expert(#[from] crate::svf::expert::ExpertError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("the pipeline as run has no such adaptation")]
+    NoSuchAdaptation,
+}
 
 /// Below this paired p-value a difference is reported as real; above it, as within noise.
 pub const NOISE_P: f64 = 0.05;
@@ -39,13 +62,24 @@ pub fn collect(run_dir: &Path) -> Report {
     let (spec, pipeline) = match crate::stages::run_pipeline(run_dir) {
         Ok(read) => read,
         Err(why) => {
-            report_missing(&mut report.missing, "pipeline.json", why);
+            report_missing(&mut report.missing, crate::exec::PIPELINE_FILE, why);
             return report;
         }
     };
     report.name = spec.name.clone();
-    // In the pipeline's order, so evaluations appear as the pipeline lists them.
-    let stages = crate::stages::ids_before_report(&spec);
+    // In the graph's order, which keeps the pipeline's order within a kind: evaluations appear
+    // as the pipeline lists them.
+    let stages: Vec<StageId> = match run.recorded_stages() {
+        Ok(recorded) => recorded
+            .into_iter()
+            .map(|s| s.id)
+            .filter(|id| *id != crate::stages::ids::report())
+            .collect(),
+        Err(why) => {
+            report_missing(&mut report.missing, "stages.json", why);
+            return report;
+        }
+    };
     let mut manifests = BTreeMap::new();
     for stage in &stages {
         match run.finished_or_why(stage.as_str()) {
@@ -62,7 +96,7 @@ pub fn collect(run_dir: &Path) -> Report {
             ("train", Some(expert)) => training(&dir, expert, &mut report),
             ("adapt", Some(name)) => match spec.adaptations.get(name) {
                 Some(ad) => adaptation(&dir, name, ad, &mut report),
-                None => Err("the pipeline as run has no such adaptation".into()),
+                None => Err(Unreadable::NoSuchAdaptation),
             },
             _ => Ok(()),
         };
@@ -75,25 +109,30 @@ pub fn collect(run_dir: &Path) -> Report {
     report
 }
 
-fn report_missing(missing: &mut Vec<Missing>, stage: &str, why: String) {
+fn report_missing(missing: &mut Vec<Missing>, stage: &str, why: impl std::fmt::Display) {
     missing.push(Missing {
         stage: stage.to_string(),
-        why,
+        why: why.to_string(),
     });
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    crate::fsutil::read_json(path, MAX_TEXT_BYTES)
-        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Unreadable> {
+    Ok(crate::fsutil::read_json(path, MAX_TEXT_BYTES).map_err(ReadError::at(path))?)
 }
 
 /// The JSON objects of a JSON-lines file.
-fn read_lines(path: &Path) -> Result<Vec<Value>, String> {
-    let text = read_bounded(path, MAX_LOG_BYTES)
-        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+fn read_lines(path: &Path) -> Result<Vec<Value>, Unreadable> {
+    let text = read_bounded(path, MAX_LOG_BYTES).map_err(ReadError::at(path))?;
     text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| format!("`{}`: {e}", path.display())))
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|source| Unreadable::Line {
+                path: path.to_path_buf(),
+                line: i + 1,
+                source,
+            })
+        })
         .collect()
 }
 

@@ -4,7 +4,7 @@
 use super::*;
 
 /// An expert's training curves, and its scales and the base spectrum from its file.
-pub(super) fn training(dir: &Path, expert: &str, report: &mut Report) -> Result<(), String> {
+pub(super) fn training(dir: &Path, expert: &str, report: &mut Report) -> Result<(), Unreadable> {
     let lines = read_lines(&dir.join("metrics.jsonl"))?;
     let steps = lines
         .iter()
@@ -29,7 +29,7 @@ pub(super) fn training(dir: &Path, expert: &str, report: &mut Report) -> Result<
         seconds: Manifest::read(dir).map_or(0.0, |m| m.duration_s),
     });
     let file = dir.join(crate::stages::train::EXPERT_FILE);
-    let loaded = crate::svf::expert::Expert::load(&file).map_err(|e| e.to_string())?;
+    let loaded = crate::svf::expert::Expert::load(&file)?;
     report.experts.push(scales(expert, &loaded)?);
     if report.spectra.is_empty() {
         report.spectra = spectra(&loaded)?;
@@ -47,8 +47,8 @@ pub(super) fn layer_and_module(target: &str) -> Option<(usize, &str)> {
 pub(super) fn scales(
     name: &str,
     expert: &crate::svf::expert::Expert,
-) -> Result<ExpertScales, String> {
-    let effective = expert.effective_scales().map_err(|e| e.to_string())?;
+) -> Result<ExpertScales, Unreadable> {
+    let effective = expert.effective_scales()?;
     let mut layers = BTreeSet::new();
     let mut modules = BTreeSet::new();
     let mut changes = BTreeMap::new();
@@ -60,8 +60,7 @@ pub(super) fn scales(
             .affine(1.0, -1.0)
             .and_then(|d| d.sqr())
             .and_then(|d| d.mean_all())
-            .and_then(|m| m.to_scalar::<f32>())
-            .map_err(|e| e.to_string())?;
+            .and_then(|m| m.to_scalar::<f32>())?;
         layers.insert(layer);
         modules.insert(module.to_string());
         changes.insert((layer, module.to_string()), f64::from(rms).sqrt());
@@ -87,7 +86,7 @@ pub(super) fn scales(
 
 /// The base singular values of a few targets: the first, middle and last layer of the first
 /// module, and the middle layer of each other module.
-pub(super) fn spectra(expert: &crate::svf::expert::Expert) -> Result<Vec<Spectrum>, String> {
+pub(super) fn spectra(expert: &crate::svf::expert::Expert) -> Result<Vec<Spectrum>, Unreadable> {
     let mut by_module: BTreeMap<&str, Vec<(usize, &String)>> = BTreeMap::new();
     for target in expert.vectors.keys() {
         if let Some((layer, module)) = layer_and_module(target) {
@@ -110,10 +109,7 @@ pub(super) fn spectra(expert: &crate::svf::expert::Expert) -> Result<Vec<Spectru
     chosen
         .into_iter()
         .map(|target| {
-            let values: Vec<f32> = expert.vectors[target]
-                .1
-                .to_vec1()
-                .map_err(|e| e.to_string())?;
+            let values: Vec<f32> = expert.vectors[target].1.to_vec1()?;
             Ok(Spectrum {
                 target: target.clone(),
                 values: values.into_iter().map(f64::from).collect(),
