@@ -11,6 +11,29 @@ pub fn file_blake3(path: &Path) -> std::io::Result<String> {
     reader_blake3(crate::fsutil::open_regular(path)?)
 }
 
+/// blake3 of a file, or of a model directory: the name and blake3 of each regular file
+/// directly in it (hidden ones and subdirectories aside), in name order.
+pub fn path_blake3(path: &Path) -> std::io::Result<String> {
+    if !path.is_dir() {
+        return file_blake3(path);
+    }
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    let mut hasher = blake3::Hasher::new();
+    for file in files {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        hasher.update(format!("{name}\0{}\n", file_blake3(&file)?).as_bytes());
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
 /// blake3 of everything `reader` yields, hex.
 pub fn reader_blake3(reader: impl Read) -> std::io::Result<String> {
     let mut hasher = blake3::Hasher::new();

@@ -23,7 +23,7 @@ fn load() -> (Model, BaseModel, Vec<Decomposed>) {
         .resolve(&TsqHome(shared_tsq_home()))
         .unwrap();
     let model = Model::load(&path, DType::F32, &Device::Cpu).unwrap();
-    let base = BaseModel::of_file(&path).unwrap();
+    let base = BaseModel::of_path(&path).unwrap();
     let names: Vec<String> = (0..30)
         .flat_map(|l| ["gate_proj", "up_proj", "down_proj"].map(|m| format!("layers.{l}.mlp.{m}")))
         .collect();

@@ -1,6 +1,7 @@
 //! Integration tests, one binary (see `Cargo.toml` `autotests = false`).
 
 mod adapt;
+mod arch;
 mod architecture;
 mod common;
 mod crafted;

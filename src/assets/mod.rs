@@ -133,7 +133,7 @@ impl AssetSource {
     /// for `hf://` the source with its revision.
     pub fn identity(&self) -> Result<String, AssetError> {
         match self {
-            Self::Local(path) => crate::hash::file_blake3(path)
+            Self::Local(path) => crate::hash::path_blake3(path)
                 .map(|h| format!("blake3:{h}"))
                 .map_err(|source| AssetError::Io {
                     context: format!("reading `{}`", path.display()),

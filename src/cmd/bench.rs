@@ -333,7 +333,7 @@ pub(super) struct MlpSetup {
 
 pub(super) fn mlp_setup(model_args: &ModelArgs) -> Result<MlpSetup, CmdError> {
     let model = model_args.load()?;
-    let base = BaseModel::of_file(&model.path).map_err(CmdError::failed)?;
+    let base = BaseModel::of_path(&model.path).map_err(CmdError::failed)?;
     let names: Vec<String> = (0..model.transformer.config.num_layers)
         .flat_map(|l| ["gate_proj", "up_proj", "down_proj"].map(|m| format!("layers.{l}.mlp.{m}")))
         .collect();

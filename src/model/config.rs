@@ -45,6 +45,28 @@ pub enum ConfigError {
     HeadsNotShared { heads: usize, kv_heads: usize },
     #[error("head dimension {0} must be even for rotary embeddings")]
     OddHeadDim(usize),
+    #[error(
+        "`rope_scaling` of type `{0}` is not supported (supported: `llama3`; none for no scaling)"
+    )]
+    UnsupportedRopeScaling(String),
+    #[error("`rope_scaling`: {0}")]
+    BadRopeScaling(String),
+}
+
+/// How rotary frequencies are rescaled for contexts longer than the model was pretrained on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RopeScaling {
+    /// Llama 3.1+ (HF `rope_type: llama3`): wavelengths longer than the original context /
+    /// `low_freq_factor` are stretched by `factor`, those shorter than original /
+    /// `high_freq_factor` kept, and those between interpolated smoothly.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_context: usize,
+    },
+    /// One divisor per frequency, as llama.cpp stores scaling in GGUF (`rope_freqs.weight`).
+    Divisors(Vec<f32>),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,9 +83,68 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Attention sees at most this many positions back (Mistral's sliding window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelConfig {
+    /// The most positions one sequence may hold. Within a sliding window, windowed attention is
+    /// full causal attention; sequences longer than the window are refused rather than computed
+    /// without the window.
+    pub fn attention_span(&self) -> usize {
+        self.sliding_window
+            .map_or(self.max_position_embeddings, |w| {
+                w.min(self.max_position_embeddings)
+            })
+    }
+
+    /// What [`Self::attention_span`] is, for messages refusing longer sequences.
+    pub fn span_limit(&self) -> String {
+        match self.sliding_window {
+            Some(w) if w < self.max_position_embeddings => format!(
+                "the model's sliding window of {w} (tsq computes attention within the window only)"
+            ),
+            _ => format!("the model's context of {}", self.max_position_embeddings),
+        }
+    }
+
+    /// The rotary inverse frequencies (head_dim / 2), with the model's scaling applied: what
+    /// the inference and the training engine both build their rotation tables from.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let half = self.head_dim / 2;
+        (0..half)
+            .map(|i| {
+                let base = 1.0 / self.rope_theta.powf(2.0 * i as f64 / self.head_dim as f64);
+                let scaled = match &self.rope_scaling {
+                    None => base,
+                    Some(RopeScaling::Divisors(d)) => base / f64::from(d[i]),
+                    Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_context,
+                    }) => {
+                        let original = *original_context as f64;
+                        let wavelength = 2.0 * std::f64::consts::PI / base;
+                        if wavelength < original / high_freq_factor {
+                            base
+                        } else if wavelength > original / low_freq_factor {
+                            base / factor
+                        } else {
+                            let smooth = (original / wavelength - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * base / factor + smooth * base
+                        }
+                    }
+                };
+                scaled as f32
+            })
+            .collect()
+    }
+
     /// Checks the relations between sizes that the forward pass relies on.
     pub fn check(&self) -> Result<(), ConfigError> {
         // Bounds well above any real model: a crafted file must not make tsq allocate without
@@ -106,6 +187,43 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return Err(ConfigError::OddHeadDim(self.head_dim));
         }
+        if self.sliding_window == Some(0) {
+            return Err(ConfigError::SizeOutOfRange {
+                field: "sliding_window",
+                value: 0,
+                max: self.max_position_embeddings,
+            });
+        }
+        match &self.rope_scaling {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context,
+            }) => {
+                let positive = [factor, low_freq_factor, high_freq_factor]
+                    .iter()
+                    .all(|v| v.is_finite() && **v > 0.0);
+                if !positive || high_freq_factor <= low_freq_factor || *original_context == 0 {
+                    return Err(ConfigError::BadRopeScaling(format!(
+                        "factor {factor}, low_freq_factor {low_freq_factor}, high_freq_factor \
+                         {high_freq_factor}, original_max_position_embeddings {original_context}: \
+                         expected positive factors, high above low, and a context"
+                    )));
+                }
+            }
+            Some(RopeScaling::Divisors(d))
+                if d.len() != self.head_dim / 2 || !d.iter().all(|v| v.is_finite() && *v > 0.0) =>
+            {
+                return Err(ConfigError::BadRopeScaling(format!(
+                    "{} frequency divisors for head dimension {}: expected {} positive numbers",
+                    d.len(),
+                    self.head_dim,
+                    self.head_dim / 2
+                )));
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -126,18 +244,29 @@ pub struct HfConfig {
     #[serde(default)]
     pub head_dim: Option<usize>,
     pub vocab_size: usize,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// Absent from configs written by transformers 5, which put it in `rope_parameters`.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
     pub rms_norm_eps: f64,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// transformers 4's scaling (`rope_type` or `type`, and its parameters).
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5's `rope_theta` and scaling in one object.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2's switch for its `sliding_window` (off in every released Qwen2.5).
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
 }
 
-fn default_rope_theta() -> f64 {
-    10_000.0
-}
+/// The RoPE base when a config gives none (transformers' default too).
+pub(crate) const DEFAULT_ROPE_THETA: f64 = 10_000.0;
 
 fn default_max_positions() -> usize {
     2048
@@ -163,12 +292,59 @@ impl HfConfig {
                 .head_dim
                 .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             vocab_size: self.vocab_size,
-            rope_theta: self.rope_theta,
+            rope_theta: self
+                .rope_theta
+                .or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
+                .unwrap_or(DEFAULT_ROPE_THETA),
             rms_norm_eps: self.rms_norm_eps,
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
+            rope_scaling: self.rope_scaling()?,
+            sliding_window: match architecture {
+                Architecture::Qwen2 if self.use_sliding_window != Some(true) => None,
+                _ => self.sliding_window,
+            },
         };
         config.check()?;
         Ok(config)
+    }
+
+    /// HF `rope_scaling` (or transformers 5's `rope_parameters`): absent, null or `default`
+    /// for none; its type under `rope_type` (or the older `type`).
+    fn rope_scaling(&self) -> Result<Option<RopeScaling>, ConfigError> {
+        let Some(scaling) = [&self.rope_scaling, &self.rope_parameters]
+            .into_iter()
+            .flatten()
+            .find(|v| !v.is_null())
+        else {
+            return Ok(None);
+        };
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        match kind {
+            "default" => Ok(None),
+            "llama3" => {
+                let number = |key: &str| {
+                    scaling
+                        .get(key)
+                        .and_then(serde_json::Value::as_f64)
+                        .ok_or_else(|| {
+                            ConfigError::BadRopeScaling(format!(
+                                "`{key}` is missing or not a number"
+                            ))
+                        })
+                };
+                Ok(Some(RopeScaling::Llama3 {
+                    factor: number("factor")?,
+                    low_freq_factor: number("low_freq_factor")?,
+                    high_freq_factor: number("high_freq_factor")?,
+                    original_context: number("original_max_position_embeddings")? as usize,
+                }))
+            }
+            other => Err(ConfigError::UnsupportedRopeScaling(other.to_string())),
+        }
     }
 }

@@ -133,11 +133,11 @@ fn decode(
     }
     let tf = &model.transformer;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let context = tf.config.max_position_embeddings;
-    if longest + opts.max_new_tokens > context {
+    if longest + opts.max_new_tokens > tf.config.attention_span() {
         return Err(ModelError::Input(format!(
-            "a prompt of {longest} tokens plus {} new tokens exceeds the model's context of {context}",
-            opts.max_new_tokens
+            "a prompt of {longest} tokens plus {} new tokens exceeds {}",
+            opts.max_new_tokens,
+            tf.config.span_limit()
         )));
     }
     // Samples of one prompt share its prefill: each distinct prompt is computed once, and its

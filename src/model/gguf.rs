@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{Architecture, ConfigError, ModelConfig};
+use super::config::{Architecture, ConfigError, DEFAULT_ROPE_THETA, ModelConfig, RopeScaling};
 use super::error::{ModelError, Result};
 
 /// Everything tsq takes from a GGUF file.
@@ -39,21 +39,25 @@ pub fn read_header(path: &Path) -> Result<(Content, BufReader<File>)> {
 
 pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
     let (content, mut reader) = read_header(path)?;
-    let config = config_from_metadata(path, &content.metadata)?;
+    let mut config = config_from_metadata(path, &content.metadata)?;
+    let mut read = |gguf_name: &str| -> Result<Tensor> {
+        let q = content
+            .tensor(&mut reader, gguf_name, &Device::Cpu)
+            .map_err(|e| ModelError::load(path, format!("tensor `{gguf_name}`: {e}")))?;
+        Ok(q.dequantize(&Device::Cpu)?)
+    };
+    // Llama 3.1+'s rope scaling, as llama.cpp's converter stores it: one divisor per frequency.
+    if content.tensor_infos.contains_key(ROPE_FREQS) {
+        let divisors = read(ROPE_FREQS)?.flatten_all()?.to_vec1::<f32>()?;
+        config.rope_scaling = Some(RopeScaling::Divisors(divisors));
+        config.check().map_err(|e| ModelError::config(path, e))?;
+    }
     let mut tensors = BTreeMap::new();
-    for (gguf_name, info) in &content.tensor_infos {
+    for gguf_name in content.tensor_infos.keys() {
         let Some(name) = canonical_name(gguf_name) else {
             continue;
         };
-        let q = content
-            .tensor(&mut reader, gguf_name, &Device::Cpu)
-            .map_err(|e| {
-                ModelError::load(
-                    path,
-                    format!("tensor `{gguf_name}` ({:?}): {e}", info.shape),
-                )
-            })?;
-        let mut t = q.dequantize(&Device::Cpu)?;
+        let mut t = read(gguf_name)?;
         if let Some(heads) = permuted_heads(&name, &config) {
             t = unpermute_rows(&t, heads)?;
         }
@@ -65,6 +69,9 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
         metadata: content.metadata,
     })
 }
+
+/// The tensor of per-frequency rope divisors (Llama 3.1+ in llama.cpp's converter).
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// GGUF tensor name → canonical name (`blk.3.ffn_up.weight` → `layers.3.mlp.up_proj.weight`).
 pub fn canonical_name(gguf: &str) -> Option<String> {
@@ -196,11 +203,22 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
         head_dim: meta_usize(path, md, &key("attention.key_length"))
             .unwrap_or(hidden_size / num_heads.max(1)),
         vocab_size,
-        rope_theta: meta_f64(path, md, &key("rope.freq_base")).unwrap_or(10_000.0),
+        rope_theta: meta_f64(path, md, &key("rope.freq_base")).unwrap_or(DEFAULT_ROPE_THETA),
         rms_norm_eps: meta_f64(path, md, &key("attention.layer_norm_rms_epsilon"))?,
         max_position_embeddings: meta_usize(path, md, &key("context_length"))?,
         tie_word_embeddings: true, // corrected by the loader when `output.weight` exists
+        rope_scaling: None,        // set by the loader from `rope_freqs.weight` if present
+        sliding_window: meta_usize(path, md, &key("attention.sliding_window")).ok(),
     };
+    // Older converters describe other scalings in metadata; tsq does not compute them.
+    if let Ok(kind) = meta_str(path, md, &key("rope.scaling.type"))
+        && !matches!(kind, "none" | "llama3")
+    {
+        return Err(ModelError::config(
+            path,
+            ConfigError::UnsupportedRopeScaling(kind.to_string()),
+        ));
+    }
     config.check().map_err(|e| ModelError::config(path, e))?;
     Ok(config)
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::config::{HfConfig, ModelConfig};
+use super::config::{HfConfig, ModelConfig, RopeScaling};
 use super::error::{ModelError, Result};
 
 /// Canonical name → HF tensor name (inverse of [`canonical_name`]).
@@ -139,7 +139,28 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
         super::config::Architecture::Mistral => ("MistralForCausalLM", "mistral"),
         super::config::Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
     };
+    let rope_scaling = match &c.rope_scaling {
+        None => Value::Null,
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_context,
+        }) => serde_json::json!({
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_context,
+        }),
+        Some(RopeScaling::Divisors(_)) => {
+            return Err(ModelError::Input(
+                "this model's rope scaling came as GGUF frequency divisors, which config.json \
+                 cannot express: export from the model's HF directory instead"
+                    .into(),
+            ));
+        }
+    };
     let config = serde_json::json!({
+        "rope_scaling": rope_scaling, "sliding_window": c.sliding_window,
+        "use_sliding_window": c.sliding_window.is_some(),
         "architectures": [arch], "model_type": model_type, "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
@@ -199,6 +220,50 @@ mod tests {
             std::fs::write(dir.path().join("config.json"), config(layers, vocab)).unwrap();
             let err = read_config(dir.path()).unwrap_err().to_string();
             assert!(err.contains(want) && err.contains("config.json"), "{err}");
+        }
+    }
+
+    /// Scalings tsq does not compute are refused by name; Llama 3's is read from either form.
+    #[test]
+    fn rope_scaling_is_read_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |extra: &str| {
+            format!(
+                r#"{{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+                "rms_norm_eps": 1e-5{extra}}}"#
+            )
+        };
+        let llama3 = r#""rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192"#;
+        for (extra, want) in [
+            (
+                r#", "rope_scaling": {"type": "yarn", "factor": 4.0}"#,
+                "`yarn` is not supported",
+            ),
+            (
+                r#", "rope_scaling": {"rope_type": "linear"}"#,
+                "`linear` is not supported",
+            ),
+            (
+                r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+                "`low_freq_factor` is missing",
+            ),
+        ] {
+            std::fs::write(dir.path().join("config.json"), config(extra)).unwrap();
+            let err = read_config(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("config.json"), "{err}");
+        }
+        for extra in [
+            format!(r#", "rope_theta": 500000.0, "rope_scaling": {{{llama3}}}"#),
+            format!(r#", "rope_parameters": {{"rope_theta": 500000.0, {llama3}}}"#),
+        ] {
+            std::fs::write(dir.path().join("config.json"), config(&extra)).unwrap();
+            let c = read_config(dir.path()).unwrap();
+            assert_eq!(c.rope_theta, 500000.0);
+            assert!(matches!(
+                c.rope_scaling,
+                Some(crate::model::config::RopeScaling::Llama3 { .. })
+            ));
         }
     }
 

@@ -23,6 +23,8 @@ pub fn tiny_config(architecture: Architecture) -> ModelConfig {
         rms_norm_eps: 1e-5,
         max_position_embeddings: 128,
         tie_word_embeddings: true,
+        rope_scaling: None,
+        sliding_window: None,
     }
 }
 

@@ -24,7 +24,8 @@ pub struct ModelRecord {
     pub source: String,
     pub path: std::path::PathBuf,
     pub format: String,
-    /// Content hash of a single weights file (`None` for a model directory).
+    /// Content hash of the weights file or model directory (`None` in records written before
+    /// directories were hashed).
     pub blake3: Option<String>,
 }
 
@@ -53,6 +54,15 @@ impl ModelStage {
     fn source(&self) -> Result<AssetSource, StageError> {
         AssetSource::parse(&self.spec.source, &self.base_dir)
             .map_err(failed_to("reading the model source"))
+    }
+}
+
+/// The size of a weights file, or of the files directly in a model directory.
+fn weight_bytes(path: &Path) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    match std::fs::read_dir(path) {
+        Ok(entries) => entries.flatten().map(|e| size(&e.path())).sum(),
+        Err(_) => size(path),
     }
 }
 
@@ -90,12 +100,9 @@ impl StageRunner for ModelStage {
                 "not a GGUF or safetensors file or a model directory",
             ));
         }
-        let (size, hash) = if path.is_file() {
-            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            (size, Some(crate::exec::file_input(&path)?))
-        } else {
-            (0, None)
-        };
+        let size = weight_bytes(&path);
+        let hash =
+            crate::hash::path_blake3(&path).map_err(|e| StageError::at("hashing", &path, e))?;
         let info = json!({"source": self.spec.source, "path": path, "format": format, "bytes": size, "blake3": hash});
         crate::fsutil::write_json(&ctx.output(MODEL_FILE), &info)
             .map_err(|e| StageError::at("writing", &ctx.output(MODEL_FILE), e))?;

@@ -66,23 +66,19 @@ pub enum SvfError {
 }
 
 impl BaseModel {
-    /// The identity experts are checked against: the weights file's name and blake3.
-    pub fn of_file(path: &Path) -> std::result::Result<Self, SvfError> {
+    /// The identity experts are checked against: the name and blake3 of the weights file or
+    /// model directory ([`crate::hash::path_blake3`], as the model stage records it).
+    pub fn of_path(path: &Path) -> std::result::Result<Self, SvfError> {
         let base = |message: String| SvfError::Base {
             path: path.into(),
             message,
         };
-        if path.is_dir() {
-            return Err(base(
-                "SVF experts need a single weights file (GGUF or safetensors) as base model".into(),
-            ));
-        }
         Ok(Self {
             name: path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            blake3: crate::hash::file_blake3(path).map_err(|e| base(e.to_string()))?,
+            blake3: crate::hash::path_blake3(path).map_err(|e| base(e.to_string()))?,
         })
     }
 }
@@ -105,7 +101,7 @@ pub fn compose_expert_file(
     home: &TsqHome,
 ) -> std::result::Result<Expert, SvfError> {
     let expert = Expert::load(file)?;
-    let base = BaseModel::of_file(&model.path)?;
+    let base = BaseModel::of_path(&model.path)?;
     // Refuse a foreign expert before decomposing anything.
     expert.check_base(file, &base)?;
     let factors = factors_for(model, &base, &expert.meta.targets, home)?;
@@ -133,7 +129,7 @@ pub fn expert_table(
     files: &[&Path],
     home: &TsqHome,
 ) -> std::result::Result<Model, SvfError> {
-    let base = BaseModel::of_file(&model.path)?;
+    let base = BaseModel::of_path(&model.path)?;
     let experts = files
         .iter()
         .map(|file| {

@@ -415,13 +415,13 @@ impl Transformer {
         at: LogitsAt,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let max_pos = self.config.max_position_embeddings;
         let mut no_cache = KvCache::default();
         let cache = cache.unwrap_or(&mut no_cache);
-        if cache.len() + t > max_pos {
+        if cache.len() + t > self.config.attention_span() {
             return Err(ModelError::Input(format!(
-                "{} positions exceed the model's context of {max_pos}",
-                cache.len() + t
+                "{} positions exceed {}",
+                cache.len() + t,
+                self.config.span_limit()
             )));
         }
         cache.layers.resize_with(self.layers.len(), || None);

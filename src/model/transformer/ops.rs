@@ -5,14 +5,7 @@ use super::*;
 
 pub(super) fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = config.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| {
-            1.0 / config
-                .rope_theta
-                .powf(2.0 * i as f64 / config.head_dim as f64) as f32
-        })
-        .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let inv_freq = Tensor::from_vec(config.inv_freq(), (1, half), device)?;
     let positions = Tensor::arange(0u32, config.max_position_embeddings as u32, device)?
         .to_dtype(DType::F32)?
         .reshape((config.max_position_embeddings, 1))?;

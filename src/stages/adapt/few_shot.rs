@@ -110,7 +110,7 @@ fn search(
     f: &FewShotAdaptation,
 ) -> Result<Value, StageError> {
     let started = Instant::now();
-    let base = BaseModel::of_file(&record.path).map_err(failed_to("identifying the model"))?;
+    let base = BaseModel::of_path(&record.path).map_err(failed_to("identifying the model"))?;
     let factors =
         crate::stages::decompose::upstream_factors(ctx, model, &base, &stage.shared.home)?;
     let experts = load_experts(ctx, &f.experts)?;

@@ -329,14 +329,7 @@ impl Engine {
                 factors.len()
             )));
         }
-        let half = config.head_dim / 2;
-        let inv_freq = (0..half)
-            .map(|i| {
-                1.0 / config
-                    .rope_theta
-                    .powf(2.0 * i as f64 / config.head_dim as f64) as f32
-            })
-            .collect();
+        let inv_freq = config.inv_freq();
         Ok(Self {
             config: config.clone(),
             embed: f32s(get("embed.weight")?)?,
@@ -381,7 +374,7 @@ impl Engine {
         {
             return bad("scaled singular values do not match the SVF targets".into());
         }
-        let (vocab, context) = (self.config.vocab_size, self.config.max_position_embeddings);
+        let (vocab, span) = (self.config.vocab_size, self.config.attention_span());
         for (b, seq) in batch.iter().enumerate() {
             if seq.ids.len() != seq.weights.len() || seq.weights.first().is_some_and(|&w| w != 0.0)
             {
@@ -389,10 +382,11 @@ impl Engine {
                     "sequence {b}: needs one weight per token and none on the first"
                 ));
             }
-            if seq.ids.len() > context {
+            if seq.ids.len() > span {
                 return bad(format!(
-                    "sequence {b}: {} tokens exceed the model's context of {context}",
-                    seq.ids.len()
+                    "sequence {b}: {} tokens exceed {}",
+                    seq.ids.len(),
+                    self.config.span_limit()
                 ));
             }
             if let Some(id) = seq.ids.iter().find(|&&id| id as usize >= vocab) {
@@ -630,6 +624,52 @@ mod tests {
             (ours - expected).abs() < 1e-4 * expected.abs().max(1.0),
             "{ours} vs {expected}"
         );
+        Ok(())
+    }
+
+    /// The training engine's loss on the architecture fixtures (Llama 3 rope scaling, Qwen2
+    /// biases, Mistral) equals the one from transformers' own logits for the same sequence.
+    #[test]
+    fn loss_matches_transformers_on_each_architecture() -> Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Reference {
+            ids: Vec<u32>,
+            logits: Vec<Vec<f32>>,
+        }
+        for name in ["llama3", "qwen2", "mistral"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/arch")
+                .join(name);
+            let reference: Reference =
+                crate::fsutil::read_json(&dir.join("reference.json"), 1 << 20).unwrap();
+            let model = crate::model::Model::load(&dir, candle_core::DType::F32, &Device::Cpu)?;
+            let tf = &model.transformer;
+            let engine = Engine::new(&tf.config, &tf.tensors(), &[])?;
+            let ids = &reference.ids;
+            let weights: Vec<f32> = (0..ids.len())
+                .map(|t| if t > 0 { 1.0 } else { 0.0 })
+                .collect();
+            let ours = engine
+                .gradients(
+                    &[],
+                    &[Sequence {
+                        ids,
+                        weights: &weights,
+                    }],
+                )?
+                .loss;
+            let mut expected = 0f64;
+            for t in 1..ids.len() {
+                let row = &reference.logits[t - 1];
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let total: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                expected -= row[ids[t] as usize] as f64 - max - total.ln();
+            }
+            assert!(
+                (ours - expected).abs() < 1e-4 * expected.abs(),
+                "{name}: {ours} vs {expected}"
+            );
+        }
         Ok(())
     }
 

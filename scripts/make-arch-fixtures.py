@@ -1,0 +1,135 @@
+"""Tiny random-weight models of each architecture tsq runs, with transformers' logits for them.
+
+Writes tests/fixtures/arch/<name>/: an HF-layout directory (config.json, bf16 weights sharded
+over several safetensors files as large checkpoints are, a word-level tokenizer.json,
+tokenizer_config.json) and reference.json (token ids and the logits transformers computes from
+those bf16 weights in f32). tests/arch.rs loads each directory with tsq and compares.
+
+Each model exercises what sets its family apart: Llama 3's `llama3` rope scaling (with an
+original context short enough that the frequencies fall in all three bands), Qwen2's q/k/v
+biases and tied embeddings (with a sliding window configured but switched off, as Qwen2.5 ships
+it), Mistral's sliding window (the reference sequence fits inside it). transformers 5 writes
+`rope_parameters` (theta and scaling together); the released Llama 3.x checkpoints have the
+older `rope_theta` + `rope_scaling`, so the llama3 fixture is rewritten to that form before
+transformers reloads it for the reference: both forms are covered.
+
+Run with a Python that has torch, transformers, safetensors and tokenizers (the peers' venv, see
+../shared/peers/README.md):  python scripts/make-arch-fixtures.py
+"""
+
+import json
+import pathlib
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "arch"
+VOCAB = 128
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+MODELS = {
+    "llama3": (
+        LlamaForCausalLM,
+        LlamaConfig(
+            **COMMON,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "qwen2": (
+        Qwen2ForCausalLM,
+        Qwen2Config(
+            **COMMON,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            sliding_window=8,
+            use_sliding_window=False,
+        ),
+    ),
+    "mistral": (
+        MistralForCausalLM,
+        MistralConfig(**COMMON, rope_theta=10000.0, tie_word_embeddings=False, sliding_window=16),
+    ),
+}
+# One sequence per model, ids avoiding the special tokens 0 and 1: 64 positions (rope scaling
+# shows at distance), Mistral's inside its window of 16.
+IDS = [2 + (i * 37 + 11) % (VOCAB - 2) for i in range(64)]
+LENGTH = {"mistral": 16}
+
+
+def tokenizer(directory: pathlib.Path) -> None:
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "t0", "eos_token": "t1", "add_bos_token": False}, indent=1)
+    )
+
+
+def legacy_rope_config(path: pathlib.Path) -> None:
+    """`rope_parameters` as the transformers 4 checkpoints on the hub write it."""
+    config = json.loads(path.read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    path.write_text(json.dumps(config, indent=2))
+
+
+def make(name: str, cls, config) -> None:
+    torch.manual_seed(len(name))
+    model = cls(config).eval()
+    # Weights of a trained model's size (random init is ~0.02), so the layers matter.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    directory = OUT / name
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*"):
+        old.unlink()
+    model.to(torch.bfloat16).save_pretrained(directory, max_shard_size="40KB")
+    tokenizer(directory)
+    if name == "llama3":
+        legacy_rope_config(directory / "config.json")
+    # The reference computes in f32 from the bf16 weights, as tsq does with `dtype: f32`.
+    model = cls.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ids = IDS[: LENGTH.get(name, len(IDS))]
+        logits = model(torch.tensor([ids])).logits[0]
+    reference = {
+        "ids": ids,
+        "logits": [[round(v, 5) for v in row] for row in logits.tolist()],
+    }
+    (directory / "reference.json").write_text(json.dumps(reference))
+    shards = sorted(p.name for p in directory.glob("*.safetensors"))
+    print(f"{name}: {len(shards)} weight files, logits {tuple(logits.shape)}")
+
+
+if __name__ == "__main__":
+    for name, (cls, config) in MODELS.items():
+        make(name, cls, config)
