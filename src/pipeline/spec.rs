@@ -67,8 +67,11 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub sha256: Option<String>,
+    /// The precision stages compute in: `f32` (validation refuses the others until the stages
+    /// honour them; bf16 and f16 weight files are read and widened).
     #[serde(default)]
     pub dtype: Dtype,
+    /// Where stages compute: `cpu` (validation refuses the others until the stages run there).
     #[serde(default)]
     pub device: Device,
 }
