@@ -154,5 +154,5 @@ pub type RunnerFactory<'a> = dyn Fn(&Stage) -> Option<Box<dyn StageRunner + 'a>>
 
 /// The blake3 of a file, as a stage input.
 pub fn file_input(path: &Path) -> Result<String, StageError> {
-    crate::hash::file_blake3(path).map_err(|e| StageError::at("hashing", path, e))
+    crate::hash::path_blake3(path).map_err(|e| StageError::at("hashing", path, e))
 }

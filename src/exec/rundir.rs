@@ -12,7 +12,9 @@ pub const PIPELINE_FILE: &str = "pipeline.json";
 /// The stage graph of the latest run: each stage's id and dependencies, in run order. Readers of
 /// a finished run (the report) go by it, never by re-deriving the graph or by which files exist.
 const STAGES_FILE: &str = "stages.json";
+const LOCK_FILE: &str = ".lock";
 const STAGING: &str = ".staging";
+const CHECKPOINTS: &str = ".checkpoints";
 
 /// One stage of [`STAGES_FILE`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -20,7 +22,6 @@ pub struct RecordedStage {
     pub id: StageId,
     pub deps: Vec<StageId>,
 }
-const CHECKPOINTS: &str = ".checkpoints";
 
 /// Why a run directory cannot be opened for writing.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +33,7 @@ pub enum RunDirError {
         #[source]
         source: std::io::Error,
     },
-    #[error("run directory `{}` is in use by another tsq process (lock `{}`)", root.display(), root.join(".lock").display())]
+    #[error("run directory `{}` is in use by another tsq process (lock `{}`)", root.display(), root.join(LOCK_FILE).display())]
     Locked { root: PathBuf },
 }
 
@@ -78,7 +79,7 @@ impl RunDir {
     /// it), and clears staging left behind by a killed run.
     pub fn lock(root: &Path) -> Result<Self, RunDirError> {
         std::fs::create_dir_all(root).map_err(RunDirError::io("create run directory", root))?;
-        let lock_path = root.join(".lock");
+        let lock_path = root.join(LOCK_FILE);
         let file = File::options()
             .create(true)
             .truncate(false)

@@ -299,7 +299,7 @@ impl HfConfig {
             rms_norm_eps: self.rms_norm_eps,
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
-            rope_scaling: self.rope_scaling()?,
+            rope_scaling: self.resolved_rope_scaling()?,
             sliding_window: match architecture {
                 Architecture::Qwen2 if self.use_sliding_window != Some(true) => None,
                 _ => self.sliding_window,
@@ -311,7 +311,7 @@ impl HfConfig {
 
     /// HF `rope_scaling` (or transformers 5's `rope_parameters`): absent, null or `default`
     /// for none; its type under `rope_type` (or the older `type`).
-    fn rope_scaling(&self) -> Result<Option<RopeScaling>, ConfigError> {
+    fn resolved_rope_scaling(&self) -> Result<Option<RopeScaling>, ConfigError> {
         let Some(scaling) = [&self.rope_scaling, &self.rope_parameters]
             .into_iter()
             .flatten()

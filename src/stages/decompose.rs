@@ -96,12 +96,7 @@ impl StageRunner for DecomposeStage<'_> {
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
         let record = ModelRecord::from_upstream(ctx)?;
-        let model_hash = record.blake3.clone().ok_or_else(|| {
-            failed(
-                "the model stage's record has no content hash (it predates hashing model \
-                 directories): run `tsq run --force model` once",
-            )
-        })?;
+        let model_hash = record.base_model()?.blake3;
         let model = self.shared.model(&record.path)?;
         let names = select(&self.spec, model.transformer.config.num_layers).map_err(failed)?;
         let cache = SvdCache::new(&self.shared.home, &model_hash);

@@ -36,6 +36,23 @@ impl ModelRecord {
         Self::read(dir).map_err(|e| StageError::failed("reading the model record", e))
     }
 
+    /// The identity experts and the SVD cache are keyed by, from the hash this stage recorded
+    /// (hashing a model again downstream would read every weight file once more).
+    pub fn base_model(&self) -> Result<crate::svf::expert::BaseModel, StageError> {
+        let blake3 = self.blake3.clone().ok_or_else(|| {
+            StageError::failed(
+                "identifying the model",
+                "the model stage's record has no content hash (it predates hashing model \
+                 directories): run `tsq run --force model` once",
+            )
+        })?;
+        let name = self.path.file_name().unwrap_or_default();
+        Ok(crate::svf::expert::BaseModel {
+            name: name.to_string_lossy().into_owned(),
+            blake3,
+        })
+    }
+
     /// The record in a finished model stage's directory.
     pub fn read(stage_dir: &Path) -> Result<Self, crate::fsutil::ReadError> {
         let file = stage_dir.join(MODEL_FILE);
@@ -101,8 +118,7 @@ impl StageRunner for ModelStage {
             ));
         }
         let size = weight_bytes(&path);
-        let hash =
-            crate::hash::path_blake3(&path).map_err(|e| StageError::at("hashing", &path, e))?;
+        let hash = crate::exec::file_input(&path)?;
         let info = json!({"source": self.spec.source, "path": path, "format": format, "bytes": size, "blake3": hash});
         crate::fsutil::write_json(&ctx.output(MODEL_FILE), &info)
             .map_err(|e| StageError::at("writing", &ctx.output(MODEL_FILE), e))?;

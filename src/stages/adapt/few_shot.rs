@@ -31,7 +31,7 @@ use crate::stages::data::read_stored;
 use crate::stages::eval::EvalStage;
 use crate::stages::ids;
 use crate::stages::model::ModelRecord;
-use crate::svf::expert::{BaseModel, Expert, Mix, combine};
+use crate::svf::expert::{Expert, Mix, combine};
 
 pub const ALPHA_FILE: &str = "alpha.json";
 const CHECKPOINT_FILE: &str = "cem.json";
@@ -110,7 +110,7 @@ fn search(
     f: &FewShotAdaptation,
 ) -> Result<Value, StageError> {
     let started = Instant::now();
-    let base = BaseModel::of_path(&record.path).map_err(failed_to("identifying the model"))?;
+    let base = record.base_model()?;
     let factors =
         crate::stages::decompose::upstream_factors(ctx, model, &base, &stage.shared.home)?;
     let experts = load_experts(ctx, &f.experts)?;

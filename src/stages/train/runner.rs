@@ -125,7 +125,7 @@ impl TrainStage<'_> {
         let spec = &self.expert.train;
         let record = ModelRecord::from_upstream(ctx)?;
         let model = self.shared.model(&record.path)?;
-        let base = BaseModel::of_path(&record.path).map_err(failed_to("identifying the model"))?;
+        let base = record.base_model()?;
         let factors =
             crate::stages::decompose::upstream_factors(ctx, &model, &base, &self.shared.home)?;
         let split = |name: &str| -> Vec<&StoredRecord> {
