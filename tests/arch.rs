@@ -104,10 +104,37 @@ fn sequences_past_a_sliding_window_are_refused() {
 }
 
 /// An HF directory (sharded bf16 safetensors) runs the whole loop: decompose, an expert trained
-/// with RL on a few steps, an evaluation of base and expert.
+/// with RL on a few steps, an evaluation of base and expert; in f32 with the CPU engine, and in
+/// bf16 (as a GPU run holds its weights) with the autograd engine.
 #[test]
 fn a_model_directory_runs_decompose_train_and_evaluate() {
-    let p = crate::common::Project::new();
+    for (dtype, engine) in [
+        ("f32", "backprop (cpu, f32)"),
+        ("bf16", "autograd (cpu, bf16)"),
+    ] {
+        let p = crate::common::Project::new();
+        run_the_loop(&p, dtype);
+        let run = p.run_dir();
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("model/model.json")).unwrap())
+                .unwrap();
+        assert_eq!(record["format"], "directory");
+        assert_eq!(record["dtype"], dtype);
+        assert!(record["blake3"].is_string(), "{record}");
+        let targets = std::fs::read_to_string(run.join("decompose/targets.json")).unwrap();
+        assert!(targets.contains("layers.1.mlp.up_proj"), "{targets}");
+        assert!(run.join("train.letters/expert.safetensors").is_file());
+        let training: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("train.letters/training.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(training["engine"], engine);
+        let results = std::fs::read_to_string(run.join("eval.letters/results.md")).unwrap();
+        assert!(results.contains("| letters |"), "{results}");
+    }
+}
+
+fn run_the_loop(p: &crate::common::Project, dtype: &str) {
     let model = repo().join("tests/fixtures/arch/qwen2");
     let pipeline = format!(
         "version: 1
@@ -116,6 +143,7 @@ seed: 3
 run_dir: runs
 model:
   source: {}
+  dtype: {dtype}
 svd:
   targets: ['mlp\\.(gate|up)_proj']
 datasets:
@@ -137,15 +165,26 @@ evaluate:
     );
     std::fs::write(p.path().join("arch.yaml"), pipeline).unwrap();
     p.run_ok(&["run", "arch.yaml"]);
-    let run = p.run_dir();
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("model/model.json")).unwrap())
-            .unwrap();
-    assert_eq!(record["format"], "directory");
-    assert!(record["blake3"].is_string(), "{record}");
-    let targets = std::fs::read_to_string(run.join("decompose/targets.json")).unwrap();
-    assert!(targets.contains("layers.1.mlp.up_proj"), "{targets}");
-    assert!(run.join("train.letters/expert.safetensors").is_file());
-    let results = std::fs::read_to_string(run.join("eval.letters/results.md")).unwrap();
-    assert!(results.contains("| letters |"), "{results}");
+}
+
+/// `device: cuda` is a valid pipeline; a build without CUDA says so at the model stage, before
+/// anything downstream runs.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_cuda_pipeline_is_refused_by_a_build_without_cuda() {
+    let p = crate::common::Project::new();
+    let model = repo().join("tests/fixtures/arch/qwen2");
+    let pipeline = format!(
+        "version: 1\nname: tiny\nrun_dir: runs\nmodel:\n  source: {}\n  device: cuda\n",
+        model.display()
+    );
+    std::fs::write(p.path().join("gpu.yaml"), pipeline).unwrap();
+    p.run_ok(&["validate", "gpu.yaml"]);
+    let out = p.tsq(&["run", "gpu.yaml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = crate::common::text(&out);
+    assert!(
+        text.contains("device `cuda`: this tsq was built without it"),
+        "{text}"
+    );
 }

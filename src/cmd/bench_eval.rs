@@ -70,7 +70,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
     let reward = stage.reward().map_err(CmdError::failed)?;
     let task = stage.task(&train, reward.as_ref());
     task.sort_for_batching(&mut items);
-    let model = env.shared.model(&record.path).map_err(CmdError::failed)?;
+    let model = env.shared.model(&record).map_err(CmdError::failed)?;
     let mut samples: Vec<Sample> = Vec::new();
     let timing = run_batches(
         &task,

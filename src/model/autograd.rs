@@ -4,12 +4,14 @@
 //! so a frozen weight would get a weight-sized gradient nobody reads).
 //!
 //! The product is computed on detached inputs and attached to the inputs' graph by [`attach`] /
-//! [`attach_pair`], whose backward is a closure. On devices other than the CPU the callers fall
-//! back to candle's matmul.
+//! [`attach_pair`], whose backward is a closure. Off the CPU (and for other dtypes than f32) the
+//! products are candle's; attaching works on CUDA too (its forward copies the result once).
+//! Metal falls back to candle's matmul and its backward.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use tsq_linalg::{Mat, MatMut, Threads};
 
 type Backward = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
@@ -34,6 +36,16 @@ impl CustomOp2 for Attached {
         layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         pass_through(self.name, result, layout)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _input: &CudaStorage,
+        _input_layout: &Layout,
+        result: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Ok((result.try_clone(layout)?, layout.shape().clone()))
     }
 
     fn bwd(
@@ -102,6 +114,18 @@ impl CustomOp3 for AttachedPair {
         pass_through(self.name, result, layout)
     }
 
+    fn cuda_fwd(
+        &self,
+        _a: &CudaStorage,
+        _a_layout: &Layout,
+        _b: &CudaStorage,
+        _b_layout: &Layout,
+        result: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Ok((result.try_clone(layout)?, layout.shape().clone()))
+    }
+
     fn bwd(
         &self,
         a: &Tensor,
@@ -141,7 +165,7 @@ fn attach_pair(
 
 /// `x Wᵀ` (x: (…, in), W: (out, in)) where only `x` may need a gradient.
 pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if x.track_op() && !x.device().is_cpu() {
+    if x.track_op() && x.device().is_metal() {
         return plain_matmul_t(x, weight);
     }
     let product = plain_matmul_t(&x.detach(), weight)?;

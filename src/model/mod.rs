@@ -41,9 +41,26 @@ pub fn dtype(d: placement::Dtype) -> DType {
 
 /// The candle device for a pipeline device; CUDA and Metal need tsq built with that feature.
 pub fn device(d: placement::Device) -> Result<Device> {
+    use candle_core::utils::{cuda_is_available, metal_is_available};
     use placement::Device as D;
+    let unbuilt = |how: &str| {
+        ModelError::Input(format!(
+            "device `{}`: this tsq was built without it ({how})",
+            d.name()
+        ))
+    };
     Ok(match d {
         D::Cpu => Device::Cpu,
+        D::Cuda if !cuda_is_available() => {
+            return Err(unbuilt(
+                "build one with `scripts/build-cuda.sh build --release`",
+            ));
+        }
+        D::Metal if !metal_is_available() => {
+            return Err(unbuilt(
+                "build one with `cargo build --release --features metal`",
+            ));
+        }
         D::Cuda => Device::new_cuda(0)?,
         D::Metal => Device::new_metal(0)?,
     })

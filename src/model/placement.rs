@@ -21,3 +21,14 @@ pub enum Device {
     Cuda,
     Metal,
 }
+
+impl Device {
+    /// The name pipelines and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+            Self::Metal => "metal",
+        }
+    }
+}

@@ -67,11 +67,12 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub sha256: Option<String>,
-    /// The precision stages compute in: `f32` (validation refuses the others until the stages
-    /// honour them; bf16 and f16 weight files are read and widened).
+    /// The precision the weights are held and the stages compute in: `f32` (the CPU's fast
+    /// training engine), `bf16` or `f16`. SVD always decomposes the weights as loaded.
     #[serde(default)]
     pub dtype: Dtype,
-    /// Where stages compute: `cpu` (validation refuses the others until the stages run there).
+    /// Where the stages compute: `cpu` or `cuda` (the first GPU; tsq built with
+    /// `scripts/build-cuda.sh build`).
     #[serde(default)]
     pub device: Device,
 }

@@ -97,7 +97,7 @@ impl StageRunner for DecomposeStage<'_> {
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
         let record = ModelRecord::from_upstream(ctx)?;
         let model_hash = record.base_model()?.blake3;
-        let model = self.shared.model(&record.path)?;
+        let model = self.shared.model(&record)?;
         let names = select(&self.spec, model.transformer.config.num_layers).map_err(failed)?;
         let cache = SvdCache::new(&self.shared.home, &model_hash);
         let interrupted = || ctx.check_interrupt().is_err();

@@ -26,6 +26,7 @@ use crate::dag::{CycleError, Graph, Stage, StageId};
 use crate::exec::{StageError, StageRunner};
 use crate::fsutil::ReadError;
 use crate::pipeline::Pipeline;
+use model::ModelRecord;
 
 /// One kind of stage.
 pub trait Kind: Sync {
@@ -161,20 +162,28 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The model at `path` in f32 on the CPU, loaded on first use.
-    pub fn model(&self, path: &Path) -> Result<Rc<crate::model::Model>, StageError> {
+    /// The model the `model` stage recorded, on the device and in the dtype it recorded, loaded
+    /// on first use.
+    pub fn model(&self, record: &ModelRecord) -> Result<Rc<crate::model::Model>, StageError> {
+        let path = &record.path;
         if let Some(model) = self.models.borrow().get(path) {
             return Ok(Rc::clone(model));
         }
-        let model =
-            crate::model::Model::load(path, candle_core::DType::F32, &candle_core::Device::Cpu)
-                .map_err(|e| StageError::at("loading the model", path, e))?;
-        let model = Rc::new(model);
+        let model = Rc::new(load_model(record)?);
         self.models
             .borrow_mut()
             .insert(path.to_path_buf(), Rc::clone(&model));
         Ok(model)
     }
+}
+
+/// The model the `model` stage recorded, on its device and in its dtype.
+pub fn load_model(record: &ModelRecord) -> Result<crate::model::Model, StageError> {
+    let path = &record.path;
+    let device = crate::model::device(record.device)
+        .map_err(|e| StageError::at("opening the device for", path, e))?;
+    crate::model::Model::load(path, crate::model::dtype(record.dtype), &device)
+        .map_err(|e| StageError::at("loading the model", path, e))
 }
 
 /// The reward `name` and every reward it is composed of, by name, as JSON (for cache keys):

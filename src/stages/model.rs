@@ -13,6 +13,7 @@ use crate::dag::Stage;
 
 use crate::assets::{AssetSource, TsqHome, verify_sha256};
 use crate::exec::{StageContext, StageError, StageRunner, failed_to};
+use crate::model::placement::{Device, Dtype};
 use crate::pipeline::Pipeline;
 use crate::pipeline::spec::ModelSpec;
 
@@ -27,6 +28,12 @@ pub struct ModelRecord {
     /// Content hash of the weights file or model directory (`None` in records written before
     /// directories were hashed).
     pub blake3: Option<String>,
+    /// Where the stages compute and in which precision, as the pipeline's `model:` said (records
+    /// written before stages honoured it: the CPU in f32, which validation then required).
+    #[serde(default)]
+    pub device: Device,
+    #[serde(default)]
+    pub dtype: Dtype,
 }
 
 impl ModelRecord {
@@ -117,9 +124,14 @@ impl StageRunner for ModelStage {
                 "not a GGUF or safetensors file or a model directory",
             ));
         }
+        // A device this build or machine lacks fails here, before anything downstream runs.
+        crate::model::device(self.spec.device).map_err(failed_to("opening the model's device"))?;
         let size = weight_bytes(&path);
         let hash = crate::exec::file_input(&path)?;
-        let info = json!({"source": self.spec.source, "path": path, "format": format, "bytes": size, "blake3": hash});
+        let info = json!({
+            "source": self.spec.source, "path": path, "format": format, "bytes": size,
+            "blake3": hash, "device": self.spec.device, "dtype": self.spec.dtype,
+        });
         crate::fsutil::write_json(&ctx.output(MODEL_FILE), &info)
             .map_err(|e| StageError::at("writing", &ctx.output(MODEL_FILE), e))?;
         Ok(info)

@@ -10,6 +10,7 @@
 
 pub mod adam;
 pub mod apply;
+mod autograd_engine;
 mod backprop;
 pub mod expert;
 mod kernels;

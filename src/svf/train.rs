@@ -3,9 +3,10 @@
 //! completion tokens) with every target applied as W' = U diag(s ⊙ e(z)) Vᵀ, then clip the
 //! gradient norm and take an Adam step on z alone.
 //!
-//! The model's forward and backward passes run in [`super::backprop`] (hand-written, on the
-//! CPU, whatever device the model was loaded on); they give ∂L/∂s' for the scaled singular
-//! values s' = s ⊙ e(z), and candle's autograd maps that to ∂L/∂z through the parametrisation
+//! The model's forward and backward passes run in [`super::backprop`] (hand-written, f32 on the
+//! CPU) for a model in f32 on the CPU, and in [`super::autograd_engine`] (candle's autograd on
+//! the model's device and dtype) for any other; both give ∂L/∂s' for the scaled singular values
+//! s' = s ⊙ e(z), and candle's autograd maps that to ∂L/∂z through the parametrisation
 //! ([`super::effective_scale`]), so each parametrisation is written once.
 
 use std::time::Instant;
@@ -15,7 +16,8 @@ use serde::Serialize;
 
 use super::Parametrization;
 use super::adam::{AdamConfig, AdamState};
-use super::backprop::{Engine, Sequence};
+use super::autograd_engine::AutogradEngine;
+use super::backprop::{Engine, Gradients, Sequence};
 use super::expert::Expert;
 use crate::model::error::{ModelError, Result};
 use crate::model::transformer::Transformer;
@@ -53,8 +55,40 @@ struct TrainTarget {
     z: Var,
 }
 
+/// Which engine computes ∂L/∂s' (see the module's documentation).
+enum Backend {
+    Cpu(Engine),
+    Autograd(AutogradEngine),
+}
+
+impl Backend {
+    fn new(base: &Transformer, factors: &[Decomposed]) -> Result<Self> {
+        Ok(match (base.device(), base.dtype()) {
+            (Device::Cpu, DType::F32) => {
+                Self::Cpu(Engine::new(&base.config, &base.tensors(), factors)?)
+            }
+            _ => Self::Autograd(AutogradEngine::new(base, factors)?),
+        })
+    }
+
+    /// For records: `backprop (cpu, f32)` or `autograd (cuda, bf16)`.
+    fn describe(&self) -> String {
+        match self {
+            Self::Cpu(_) => "backprop (cpu, f32)".into(),
+            Self::Autograd(engine) => format!("autograd ({})", engine.placement()),
+        }
+    }
+
+    fn gradients(&self, scaled_s: &[Vec<f32>], batch: &[Sequence]) -> Result<Gradients> {
+        match self {
+            Self::Cpu(engine) => engine.gradients(scaled_s, batch),
+            Self::Autograd(engine) => engine.gradients(scaled_s, batch),
+        }
+    }
+}
+
 pub struct SvfTrainer {
-    engine: Engine,
+    engine: Backend,
     parametrization: Parametrization,
     targets: Vec<TrainTarget>,
     optimizer: AdamState,
@@ -73,7 +107,7 @@ impl SvfTrainer {
         lr: f64,
         clip: f64,
     ) -> Result<Self> {
-        let engine = Engine::new(&base.config, &base.tensors(), factors)?;
+        let engine = Backend::new(base, factors)?;
         let targets = factors
             .iter()
             .map(|d| {
@@ -151,6 +185,11 @@ impl SvfTrainer {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok((found.loss, z_grads, report))
+    }
+
+    /// Which engine computes the gradients, and where (see [`Backend`]).
+    pub fn engine(&self) -> String {
+        self.engine.describe()
     }
 
     /// Each target's z, in target order.

@@ -242,7 +242,7 @@ impl Transformer {
     /// Logits from the LM head. With a quantized head (small calls only), the `EXACT_TOP`
     /// highest quantized logits of each row are recomputed in full precision: the argmax and the
     /// probable tokens are exact, the far tail keeps Q8_0 precision.
-    fn head_logits(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn head_logits(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         const EXACT_TOP: usize = 64;
         let head = &self.lm_head;
         let rows = x.elem_count() / x.dim(D::Minus1)?;

@@ -62,12 +62,10 @@ pub fn run_model(run_dir: &Path) -> Result<Model, AdapterError> {
     let run = RunDir::read_only(run_dir);
     finished(&run, run_dir, ids::model().as_str())?;
     let record = ModelRecord::read(&run.stage_dir(ids::model().as_str()))?;
-    Model::load(
-        &record.path,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )
-    .map_err(|e| AdapterError::model(&record.path, e))
+    let device =
+        crate::model::device(record.device).map_err(|e| AdapterError::model(&record.path, e))?;
+    Model::load(&record.path, crate::model::dtype(record.dtype), &device)
+        .map_err(|e| AdapterError::model(&record.path, e))
 }
 
 /// What the first pass decided for one input.

@@ -60,7 +60,7 @@ impl StageRunner for AdaptStage<'_> {
 
     fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
         let record = ModelRecord::from_upstream(ctx)?;
-        let model = self.shared.model(&record.path)?;
+        let model = self.shared.model(&record)?;
         strategy::of(&self.spec).prepare(self, ctx, &model, &record)
     }
 }

@@ -33,7 +33,7 @@ pub struct Models {
 impl Models {
     pub fn new(shared: &Shared, record: &ModelRecord) -> Result<Self, StageError> {
         Ok(Self {
-            composed: Composed::new(shared.model(&record.path)?, shared.home.clone()),
+            composed: Composed::new(shared.model(record)?, shared.home.clone()),
             hashes: BTreeMap::new(),
         })
     }

@@ -124,7 +124,7 @@ impl TrainStage<'_> {
         let started = Instant::now();
         let spec = &self.expert.train;
         let record = ModelRecord::from_upstream(ctx)?;
-        let model = self.shared.model(&record.path)?;
+        let model = self.shared.model(&record)?;
         let base = record.base_model()?;
         let factors =
             crate::stages::decompose::upstream_factors(ctx, &model, &base, &self.shared.home)?;
@@ -427,6 +427,7 @@ impl TrainStage<'_> {
             "best_val_accuracy": state.best.as_ref().map(|(v, _)| v.accuracy),
             "train": self.expert.train,
             "seed": self.seed,
+            "engine": trainer.engine(),
             "versions": {"tsq": env!("CARGO_PKG_VERSION"), "stage": self.version},
             "seconds_this_run": started.elapsed().as_secs_f64(),
         });

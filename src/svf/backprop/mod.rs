@@ -353,7 +353,7 @@ impl Engine {
     /// The loss −Σ w · log p(token | prefix) over `batch` with the targets' scaled singular
     /// values `scaled_s` (target order), and its gradient with respect to them.
     pub fn gradients(&self, scaled_s: &[Vec<f32>], batch: &[Sequence]) -> Result<Gradients> {
-        self.check(scaled_s, batch)?;
+        check_step(&self.config, &self.ranks, scaled_s, batch)?;
         let mut out = Gradients {
             loss: 0.0,
             scaled_s: self.ranks.iter().map(|&r| vec![0f32; r]).collect(),
@@ -365,37 +365,6 @@ impl Engine {
             self.run_pass(scaled_s, pass, &mut out);
         }
         Ok(out)
-    }
-
-    fn check(&self, scaled_s: &[Vec<f32>], batch: &[Sequence]) -> Result<()> {
-        let bad = |message: String| Err(ModelError::Input(message));
-        if scaled_s.len() != self.ranks.len()
-            || scaled_s.iter().zip(&self.ranks).any(|(s, &r)| s.len() != r)
-        {
-            return bad("scaled singular values do not match the SVF targets".into());
-        }
-        let (vocab, span) = (self.config.vocab_size, self.config.attention_span());
-        for (b, seq) in batch.iter().enumerate() {
-            if seq.ids.len() != seq.weights.len() || seq.weights.first().is_some_and(|&w| w != 0.0)
-            {
-                return bad(format!(
-                    "sequence {b}: needs one weight per token and none on the first"
-                ));
-            }
-            if seq.ids.len() > span {
-                return bad(format!(
-                    "sequence {b}: {} tokens exceed {}",
-                    seq.ids.len(),
-                    self.config.span_limit()
-                ));
-            }
-            if let Some(id) = seq.ids.iter().find(|&&id| id as usize >= vocab) {
-                return bad(format!(
-                    "sequence {b}: token {id} is outside the vocabulary of {vocab}"
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// Groups the packs into passes of at most `pass_bytes` of activations (a larger single
@@ -480,6 +449,41 @@ impl Engine {
         }
         out.backward_s += clock.elapsed().as_secs_f64();
     }
+}
+
+/// Refuses a step whose scaled singular values do not fit the targets (`ranks`, in order) or
+/// whose sequences the model cannot take. Both engines check with it.
+pub(super) fn check_step(
+    config: &ModelConfig,
+    ranks: &[usize],
+    scaled_s: &[Vec<f32>],
+    batch: &[Sequence],
+) -> Result<()> {
+    let bad = |message: String| Err(ModelError::Input(message));
+    if scaled_s.len() != ranks.len() || scaled_s.iter().zip(ranks).any(|(s, &r)| s.len() != r) {
+        return bad("scaled singular values do not match the SVF targets".into());
+    }
+    let (vocab, span) = (config.vocab_size, config.attention_span());
+    for (b, seq) in batch.iter().enumerate() {
+        if seq.ids.len() != seq.weights.len() || seq.weights.first().is_some_and(|&w| w != 0.0) {
+            return bad(format!(
+                "sequence {b}: needs one weight per token and none on the first"
+            ));
+        }
+        if seq.ids.len() > span {
+            return bad(format!(
+                "sequence {b}: {} tokens exceed {}",
+                seq.ids.len(),
+                config.span_limit()
+            ));
+        }
+        if let Some(id) = seq.ids.iter().find(|&&id| id as usize >= vocab) {
+            return bad(format!(
+                "sequence {b}: token {id} is outside the vocabulary of {vocab}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,268 @@
+//! The SVF training engine for models off the CPU (CUDA) or in reduced precision: the
+//! transformer's differentiable forward pass on the model's own device and dtype, with every SVF
+//! target factored as y = U (s' ⊙ (Vᵀ x)) and s' a leaf of candle's autograd.
+//!
+//! The frozen products attach their result with a backward that computes the input's gradient
+//! only ([`crate::model::autograd`]), so no weight-sized gradient is ever made; ∂L/∂s' comes out
+//! of the graph. The CPU engine ([`super::backprop`]) is the fast path on the CPU in f32; a test
+//! holds the two equal.
+//!
+//! Not here yet (the CPU engine has them): packing sequences without padding and computing
+//! shared prefixes once; activation recomputation. Memory is bounded by running a step as
+//! passes of at most [`PASS_TOKENS`] padded tokens whose gradients add up.
+
+use std::time::Instant;
+
+use candle_core::{D, DType, IndexOp, Tensor, Var};
+
+use super::backprop::{Gradients, Sequence, check_step};
+use crate::model::error::Result;
+use crate::model::transformer::{Batch, LogitsAt, Mode, Transformer};
+use crate::svd::cache::Decomposed;
+
+/// Padded tokens per pass (sequences × longest length). The graph keeps every activation of a
+/// pass: on an 8B-shaped model in bf16, ~6 MB per token.
+const PASS_TOKENS: usize = 4096;
+
+struct Target {
+    name: String,
+    u: Tensor,
+    vt: Tensor,
+}
+
+pub struct AutogradEngine {
+    base: Transformer,
+    targets: Vec<Target>,
+    ranks: Vec<usize>,
+}
+
+impl AutogradEngine {
+    /// `base` (on its device, in its dtype) with `factors` as the SVF targets, in that order.
+    pub fn new(base: &Transformer, factors: &[Decomposed]) -> Result<Self> {
+        let (device, dtype) = (base.device(), base.dtype());
+        let targets = factors
+            .iter()
+            .map(|d| {
+                let on_device = |t: &Tensor| t.to_device(device)?.to_dtype(dtype);
+                Ok(Target {
+                    name: d.name.clone(),
+                    u: on_device(&d.factors.u)?,
+                    vt: on_device(&d.factors.vt)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ranks = targets
+            .iter()
+            .map(|t| t.vt.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            base: base.clone(),
+            targets,
+            ranks,
+        })
+    }
+
+    /// Device and dtype, e.g. `cuda, bf16`.
+    pub fn placement(&self) -> String {
+        let device = match self.base.device() {
+            candle_core::Device::Cpu => "cpu",
+            candle_core::Device::Cuda(_) => "cuda",
+            candle_core::Device::Metal(_) => "metal",
+        };
+        format!("{device}, {}", self.base.dtype().as_str())
+    }
+
+    /// The loss −Σ w · log p and ∂loss/∂s' per target for scaled singular values `scaled_s`.
+    pub fn gradients(&self, scaled_s: &[Vec<f32>], batch: &[Sequence]) -> Result<Gradients> {
+        check_step(&self.base.config, &self.ranks, scaled_s, batch)?;
+        let device = self.base.device();
+        let mut out = Gradients {
+            loss: 0.0,
+            scaled_s: self.ranks.iter().map(|&r| vec![0f32; r]).collect(),
+            forward_s: 0.0,
+            backward_s: 0.0,
+        };
+        for pass in passes(batch) {
+            let vars = scaled_s
+                .iter()
+                .map(|s| Var::from_vec(s.clone(), s.len(), device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let clock = Instant::now();
+            let loss = self.pass_loss(&vars, pass)?;
+            out.loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            out.forward_s += clock.elapsed().as_secs_f64();
+            let clock = Instant::now();
+            let grads = loss.backward()?;
+            for (sum, var) in out.scaled_s.iter_mut().zip(&vars) {
+                // A target no weighted token depends on gets no gradient.
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    let g = g.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    sum.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                }
+            }
+            out.backward_s += clock.elapsed().as_secs_f64();
+        }
+        Ok(out)
+    }
+
+    /// −Σ w · log p over one pass's sequences, left-padded into one batch, as a scalar f32 node
+    /// of the graph whose leaves are `vars`.
+    fn pass_loss(&self, vars: &[Var], seqs: &[Sequence]) -> Result<Tensor> {
+        let device = self.base.device();
+        let mut model = self.base.clone();
+        for (target, var) in self.targets.iter().zip(vars) {
+            model.set_factored(
+                &target.name,
+                target.u.clone(),
+                target.vt.clone(),
+                var.as_tensor().clone(),
+            )?;
+        }
+        let width = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let pad: Vec<usize> = seqs.iter().map(|s| width - s.ids.len()).collect();
+        let ids: Vec<u32> = seqs
+            .iter()
+            .zip(&pad)
+            .flat_map(|(s, &p)| std::iter::repeat_n(0, p).chain(s.ids.iter().copied()))
+            .collect();
+        let ids = Tensor::from_vec(ids, (seqs.len(), width), device)?;
+        let batch = Batch::left_padded(&pad, 0, width, device)?;
+        let hidden = model.hidden(&ids, &batch, None, Mode::Differentiable, LogitsAt::All)?;
+        // Only the weighted positions reach the LM head: row t predicts token t + 1.
+        let (mut rows, mut tokens, mut weights) = (vec![], vec![], vec![]);
+        for (b, seq) in seqs.iter().enumerate() {
+            for (t, (&token, &weight)) in seq.ids.iter().zip(seq.weights).enumerate().skip(1) {
+                if weight != 0.0 {
+                    rows.push((b * width + pad[b] + t - 1) as u32);
+                    tokens.push(token);
+                    weights.push(weight);
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok(Tensor::zeros((), DType::F32, device)?);
+        }
+        let hidden = hidden.reshape((seqs.len() * width, self.base.config.hidden_size))?;
+        let picked = hidden.index_select(&Tensor::new(rows, device)?, 0)?;
+        let logits = model.head_logits(&picked, Mode::Differentiable)?;
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let shifted = logits.broadcast_sub(&max)?;
+        let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let tokens = Tensor::new(tokens, device)?.unsqueeze(1)?;
+        let log_p = shifted.gather(&tokens, 1)?.sub(&log_z)?.i((.., 0))?;
+        let weights = Tensor::new(weights, device)?;
+        Ok((log_p * weights)?.sum_all()?.neg()?)
+    }
+}
+
+/// Consecutive runs of sequences of at most [`PASS_TOKENS`] padded tokens (a longer sequence
+/// gets a pass of its own).
+fn passes<'b, 'a>(batch: &'b [Sequence<'a>]) -> Vec<&'b [Sequence<'a>]> {
+    let mut out = vec![];
+    let (mut start, mut longest) = (0, 0);
+    for (i, seq) in batch.iter().enumerate() {
+        let wider = longest.max(seq.ids.len());
+        if i > start && wider * (i + 1 - start) > PASS_TOKENS {
+            out.push(&batch[start..i]);
+            (start, longest) = (i, seq.ids.len());
+        } else {
+            longest = wider;
+        }
+    }
+    if start < batch.len() {
+        out.push(&batch[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::svf::backprop::Engine;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    fn sequences() -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+        let lengths = [40usize, 29, 35, 12];
+        let ids: Vec<Vec<u32>> = lengths
+            .iter()
+            .enumerate()
+            .map(|(b, &n)| (0..n).map(|t| ((t * 7 + b * 13) % 60) as u32).collect())
+            .collect();
+        let weights = lengths
+            .iter()
+            .zip([0.5f32, -0.25, 1.0, 0.75])
+            .map(|(&n, a)| (0..n).map(|t| if t >= n / 2 { a } else { 0.0 }).collect())
+            .collect();
+        (ids, weights)
+    }
+
+    /// On the CPU in f32 the autograd engine gives the hand-written engine's loss and ∂L/∂s';
+    /// in bf16 it stays within bf16's precision of them.
+    #[test]
+    fn matches_the_cpu_engine_in_f32_and_bf16() -> TestResult {
+        let (base, factors) = crate::svf::tiny_decomposed(21);
+        let (ids, weights) = sequences();
+        let batch: Vec<Sequence> = ids
+            .iter()
+            .zip(&weights)
+            .map(|(ids, weights)| Sequence { ids, weights })
+            .collect();
+        let scaled: Vec<Vec<f32>> = factors
+            .iter()
+            .map(|d| {
+                let s = d.factors.s.to_vec1::<f32>()?;
+                Ok(s.iter()
+                    .enumerate()
+                    .map(|(i, v)| v * (0.8 + 0.05 * (i % 7) as f32))
+                    .collect())
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let cpu =
+            Engine::new(&base.config, &base.tensors(), &factors)?.gradients(&scaled, &batch)?;
+        for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+            let tensors = base
+                .tensors()
+                .into_iter()
+                .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)));
+            let model = Transformer::new(
+                base.config.clone(),
+                tensors.collect::<candle_core::Result<_>>()?,
+            )?;
+            let ours = AutogradEngine::new(&model, &factors)?.gradients(&scaled, &batch)?;
+            let loss_error = (ours.loss - cpu.loss).abs() / cpu.loss.abs();
+            assert!(
+                loss_error < tolerance,
+                "{dtype:?}: loss {} vs {}",
+                ours.loss,
+                cpu.loss
+            );
+            for (d, (a, b)) in factors.iter().zip(ours.scaled_s.iter().zip(&cpu.scaled_s)) {
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    scale > 0.0 && (diff / scale) < 10.0 * tolerance as f32,
+                    "{dtype:?} {}: {diff} vs {scale}",
+                    d.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn passes_hold_at_most_pass_tokens() {
+        let ids: Vec<Vec<u32>> = [1000, 1000, 1000, 1000, 1000, 5000, 10]
+            .iter()
+            .map(|&n| vec![0; n])
+            .collect();
+        let weights: Vec<Vec<f32>> = ids.iter().map(|s| vec![0.0; s.len()]).collect();
+        let batch: Vec<Sequence> = ids
+            .iter()
+            .zip(&weights)
+            .map(|(ids, weights)| Sequence { ids, weights })
+            .collect();
+        let sizes: Vec<usize> = passes(&batch).iter().map(|p| p.len()).collect();
+        assert_eq!(sizes, [4, 1, 1, 1]);
+    }
+}
