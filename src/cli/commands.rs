@@ -426,12 +426,19 @@ pub struct BenchGenerateArgs {
     /// Repetitions of each measurement; the best is reported.
     #[arg(long, default_value_t = 2)]
     pub repeat: usize,
+    /// The batch of the second decode measurement (the first is batch 1).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(2..))]
+    pub batch: u16,
 }
 
 impl BenchGenerateArgs {
     pub(super) fn run(self) -> Result<(), cmd::CmdError> {
-        let Self { model, repeat } = self;
-        cmd::bench::generate_bench(&model.into(), repeat)
+        let Self {
+            model,
+            repeat,
+            batch,
+        } = self;
+        cmd::bench::generate_bench(&model.into(), repeat, batch.into())
     }
 }
 
@@ -469,6 +476,14 @@ pub struct BenchSvfStepArgs {
     /// compare with (default: the figures recorded in shared/peers/README.md).
     #[arg(long, value_name = "FILE")]
     pub peer: Option<PathBuf>,
+    /// Write the first step's targets, z, batch, loss and z-gradients as JSON to FILE, for an
+    /// independent check (scripts/gpu_check.py compares them with torch autograd's).
+    #[arg(long, value_name = "FILE")]
+    pub gradients: Option<PathBuf>,
+    /// Train the MLP matrices of the first N layers only (default: every layer's), e.g. to
+    /// measure an 8B model's step memory without decomposing all its matrices first.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub layers: Option<u16>,
 }
 
 impl BenchSvfStepArgs {
@@ -480,6 +495,8 @@ impl BenchSvfStepArgs {
             prompt,
             steps,
             peer,
+            gradients,
+            layers,
         } = self;
         cmd::bench::svf_step_bench(
             &model.into(),
@@ -488,8 +505,10 @@ impl BenchSvfStepArgs {
                 seq: seq.into(),
                 prompt: prompt.into(),
                 steps: steps.into(),
+                layers: layers.map(usize::from),
             },
             peer.as_deref(),
+            gradients.as_deref(),
         )
     }
 }

@@ -84,7 +84,7 @@ pub enum BenchCommand {
     /// PyTorch: `--write-items` writes them for `shared/peers/torch_score_bench.py`, whose JSON
     /// line (`--peer`) and per-item sums (`--peer-items`, its `--out`) it then compares with.
     Eval(BenchEvalArgs),
-    /// Prompt processing (512 tokens), decoding 128 tokens at batch 1, and at batch 16 (total).
+    /// Prompt processing (512 tokens), decoding 128 tokens at batch 1 and at `--batch` (total).
     Generate(BenchGenerateArgs),
     /// Thin SVD of all MLP and all attention matrices of the model (and, with --large, a
     /// 4096×4096 and a 14336×4096 random matrix: 7B shapes).

@@ -56,6 +56,8 @@ fn prefill_seconds(model: &Model, ids: &[u32]) -> Result<f64, CmdError> {
         .transformer
         .forward(&input, &batch, None, Mode::Fast, LogitsAt::Last)
         .map_err(CmdError::failed)?;
+    // A GPU runs kernels asynchronously: the clock stops when they are done.
+    device.synchronize().map_err(CmdError::failed)?;
     Ok(started.elapsed().as_secs_f64())
 }
 
@@ -85,18 +87,22 @@ fn decode_seconds(model: &Model, batch: usize, new_tokens: usize) -> Result<f64,
     Ok((started.elapsed().as_secs_f64() - prefill).max(1e-9))
 }
 
-pub fn generate_bench(model_args: &ModelArgs, repeat: usize) -> Result<(), CmdError> {
+/// `wide`: the batch of the second decode measurement.
+pub fn generate_bench(model_args: &ModelArgs, repeat: usize, wide: usize) -> Result<(), CmdError> {
     let mut model = model_args.load()?;
     let ids = prompt_ids(&model, 512)?;
     let prefill = 512.0 / best_of(repeat, || prefill_seconds(&model, &ids))?;
     let new_tokens = 128;
     let decode_b1 =
         (new_tokens - 1) as f64 / best_of(repeat, || decode_seconds(&model, 1, new_tokens))?;
-    let decode_b16 = (16 * (new_tokens - 1)) as f64
-        / best_of(repeat, || decode_seconds(&model, 16, new_tokens))?;
-    // Decoding from requantized copies: Q8_0 (near-lossless) and Q4_0 (half the bytes again).
+    let decode_wide = (wide * (new_tokens - 1)) as f64
+        / best_of(repeat, || decode_seconds(&model, wide, new_tokens))?;
+    // Decoding from requantized copies: Q8_0 (near-lossless) and Q4_0 (half the bytes again),
+    // a CPU measure (the quantized products are for small CPU batches).
     let mut quantized = Vec::new();
-    for (label, dtype) in [("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)] {
+    let formats = [("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)];
+    let on_cpu = model.transformer.device().is_cpu();
+    for (label, dtype) in formats.into_iter().filter(|_| on_cpu) {
         let started = Instant::now();
         model
             .transformer
@@ -105,15 +111,16 @@ pub fn generate_bench(model_args: &ModelArgs, repeat: usize) -> Result<(), CmdEr
         let quantize_s = started.elapsed().as_secs_f64();
         let b1 =
             (new_tokens - 1) as f64 / best_of(repeat, || decode_seconds(&model, 1, new_tokens))?;
-        let b16 = (16 * (new_tokens - 1)) as f64
-            / best_of(repeat, || decode_seconds(&model, 16, new_tokens))?;
-        quantized.push((label, quantize_s, b1, b16));
+        let b_wide = (wide * (new_tokens - 1)) as f64
+            / best_of(repeat, || decode_seconds(&model, wide, new_tokens))?;
+        quantized.push((label, quantize_s, b1, b_wide));
     }
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let device = model_args.device.name();
     println!(
-        "tsq bench generate: {} ({:?}), {threads} threads, f32 products by {GEMM}",
+        "tsq bench generate: {} ({device}, {:?}), {threads} threads, f32 products by {GEMM}",
         model_args.source, model_args.dtype
     );
     println!("  {:<28} {:>10}", "measurement", "tok/s");
@@ -121,11 +128,11 @@ pub fn generate_bench(model_args: &ModelArgs, repeat: usize) -> Result<(), CmdEr
     println!("  {:<28} {:>10.1}", "decode 128, batch 1", decode_b1);
     println!(
         "  {:<28} {:>10.1}  ({:.2}x batch 1)",
-        "decode 128, batch 16 (total)",
-        decode_b16,
-        decode_b16 / decode_b1
+        format!("decode 128, batch {wide} (total)"),
+        decode_wide,
+        decode_wide / decode_b1
     );
-    for (label, quantize_s, b1, b16) in &quantized {
+    for (label, quantize_s, b1, b_wide) in &quantized {
         println!(
             "  {:<28} {:>10.1}  (quantizing took {quantize_s:.1}s)",
             format!("decode 128, batch 1, {label}"),
@@ -133,19 +140,21 @@ pub fn generate_bench(model_args: &ModelArgs, repeat: usize) -> Result<(), CmdEr
         );
         println!(
             "  {:<28} {:>10.1}  ({:.2}x batch 1)",
-            format!("decode 128, batch 16, {label}"),
-            b16,
-            b16 / b1
+            format!("decode 128, batch {wide}, {label}"),
+            b_wide,
+            b_wide / b1
         );
     }
-    println!("  peers on this machine type (recorded, shared/peers/README.md):");
-    for (what, who, value) in PEERS {
-        println!("    {what:<12} {who:<24} {value:>8.1}");
+    if on_cpu {
+        println!("  peers on this machine type (recorded, shared/peers/README.md):");
+        for (what, who, value) in PEERS {
+            println!("    {what:<12} {who:<24} {value:>8.1}");
+        }
     }
-    let mut record = json!({"bench": "generate", "model": model_args.source, "threads": threads, "prefill_512_tok_s": prefill, "decode_b1_tok_s": decode_b1, "decode_b16_tok_s": decode_b16});
-    for (label, quantize_s, b1, b16) in quantized {
+    let mut record = json!({"bench": "generate", "model": model_args.source, "device": device, "dtype": model_args.dtype, "threads": threads, "prefill_512_tok_s": prefill, "decode_b1_tok_s": decode_b1, format!("decode_b{wide}_tok_s"): decode_wide});
+    for (label, quantize_s, b1, b_wide) in quantized {
         record[format!("decode_b1_{label}_tok_s")] = json!(b1);
-        record[format!("decode_b16_{label}_tok_s")] = json!(b16);
+        record[format!("decode_b{wide}_{label}_tok_s")] = json!(b_wide);
         record[format!("quantize_{label}_s")] = json!(quantize_s);
     }
     println!("{record}");
@@ -331,10 +340,15 @@ pub(super) struct MlpSetup {
     pub factors_s: f64,
 }
 
-pub(super) fn mlp_setup(model_args: &ModelArgs) -> Result<MlpSetup, CmdError> {
+/// `layers`: only the MLP matrices of the first this many layers (all when `None`).
+pub(super) fn mlp_setup(
+    model_args: &ModelArgs,
+    layers: Option<usize>,
+) -> Result<MlpSetup, CmdError> {
     let model = model_args.load()?;
     let base = BaseModel::of_path(&model.path).map_err(CmdError::failed)?;
-    let names: Vec<String> = (0..model.transformer.config.num_layers)
+    let count = model.transformer.config.num_layers;
+    let names: Vec<String> = (0..layers.map_or(count, |n| n.min(count)))
         .flat_map(|l| ["gate_proj", "up_proj", "down_proj"].map(|m| format!("layers.{l}.mlp.{m}")))
         .collect();
     let started = Instant::now();
@@ -360,14 +374,42 @@ pub struct SvfStepShape {
     pub seq: usize,
     pub prompt: usize,
     pub steps: usize,
+    /// Train the MLP matrices of the first this many layers only (all when `None`).
+    pub layers: Option<usize>,
+}
+
+/// Writes what an independent check of one SVF step needs to `file`: the targets, each z, the
+/// batch (ids and per-token weights), and the loss and z-gradients tsq computes from them.
+fn write_gradients(trainer: &SvfTrainer, batch: &TokenBatch, file: &Path) -> Result<(), CmdError> {
+    let (loss, grads, _) = trainer.gradients(batch).map_err(CmdError::failed)?;
+    let z = trainer.z().map_err(CmdError::failed)?;
+    let grads = grads
+        .iter()
+        .map(|g| g.to_vec1::<f32>())
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(CmdError::failed)?;
+    let record = json!({
+        "parametrization": "sigmoid",
+        "max_mult": crate::svf::MAX_MULT,
+        "targets": z.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+        "z": z.iter().map(|(_, z)| z).collect::<Vec<_>>(),
+        "ids": batch.ids,
+        "weights": batch.weights,
+        "loss": loss,
+        "z_grads": grads,
+        "engine": trainer.engine(),
+    });
+    crate::fsutil::write_json(file, &record).map_err(CmdError::failed)
 }
 
 /// `peer`: a file with the PyTorch peer's output from a run beside this one; without it, the
 /// figures recorded in shared/peers/README.md.
+/// `gradients`: where to write the first step's inputs and gradients ([`write_gradients`]).
 pub fn svf_step_bench(
     model_args: &ModelArgs,
     shape: &SvfStepShape,
     peer: Option<&Path>,
+    gradients: Option<&Path>,
 ) -> Result<(), CmdError> {
     let peer = match peer {
         Some(path) => PeerStep::from_file(path)?,
@@ -379,7 +421,7 @@ pub fn svf_step_bench(
         factors,
         expert,
         factors_s,
-    } = mlp_setup(model_args)?;
+    } = mlp_setup(model_args, shape.layers)?;
     let parameters: usize = crate::svd::cache::singular_values(&factors)
         .iter()
         .map(|(_, s)| s.elem_count())
@@ -390,6 +432,9 @@ pub fn svf_step_bench(
     // The trainer holds its own copies: what it does not need leaves the peak RSS.
     drop((factors, model));
     let batch = reinforce_batch(vocab, shape.batch, shape.seq, shape.prompt);
+    if let Some(file) = gradients {
+        write_gradients(&trainer, &batch, file)?;
+    }
     let mut reports = Vec::new();
     for step in 0..=shape.steps {
         let clock = Instant::now();
@@ -440,7 +485,7 @@ pub fn svf_step_bench(
         peer.step_s / median,
         rss.unwrap_or(f64::NAN) / peer.rss_gb
     );
-    let record = json!({"bench": "svf_step", "gemm": GEMM, "threads": rayon::current_num_threads(), "targets": names.len(), "parameters": parameters, "batch": shape.batch, "seq": shape.seq, "prompt": shape.prompt, "median_step_s": median, "phases": report, "peak_rss_gb": rss, "factors_s": factors_s, "peer": {"label": peer.label, "step_s": peer.step_s, "peak_rss_gb": peer.rss_gb}});
+    let record = json!({"bench": "svf_step", "engine": trainer.engine(), "gemm": GEMM, "threads": rayon::current_num_threads(), "targets": names.len(), "parameters": parameters, "batch": shape.batch, "seq": shape.seq, "prompt": shape.prompt, "median_step_s": median, "phases": report, "peak_rss_gb": rss, "factors_s": factors_s, "peer": {"label": peer.label, "step_s": peer.step_s, "peak_rss_gb": peer.rss_gb}});
     println!("{record}");
     Ok(())
 }

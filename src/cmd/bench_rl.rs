@@ -140,7 +140,7 @@ pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> 
         factors,
         expert,
         ..
-    } = mlp_setup(model_args)?;
+    } = mlp_setup(model_args, None)?;
     let mut trainer = SvfTrainer::new(&model.transformer, &factors, &expert, 2e-3, 1e-3)
         .map_err(CmdError::failed)?;
     let prompts: Vec<Vec<u32>> = QUESTIONS

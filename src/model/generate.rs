@@ -190,14 +190,19 @@ fn decode(
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     let mut shown = vec![0usize; prompts.len()];
     for step in 0..opts.max_new_tokens {
-        let rows: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
+        let picks = Picks::of(&logits.squeeze(1)?, opts)?;
         let mut next = Vec::with_capacity(live.len());
-        for (&i, row) in live.iter().zip(rows) {
+        for (r, &i) in live.iter().enumerate() {
             let seq = &mut seqs[i];
-            if opts.track_entropy {
-                seq.entropy = (seq.entropy.0 + entropy(&row), seq.entropy.1 + 1);
-            }
-            let token = pick(&row, opts, &mut seq.rng);
+            let token = match &picks {
+                Picks::Chosen(ids) => ids[r],
+                Picks::Rows(rows) => {
+                    if opts.track_entropy {
+                        seq.entropy = (seq.entropy.0 + entropy(&rows[r]), seq.entropy.1 + 1);
+                    }
+                    pick(&rows[r], opts, &mut seq.rng)
+                }
+            };
             advance(model, seq, token, opts, step + 1)?;
             if seq.text.len() > shown[i]
                 && seq.text.is_char_boundary(shown[i])
@@ -241,6 +246,26 @@ fn decode(
                 .then(|| s.entropy.0 / s.entropy.1.max(1) as f64),
         })
         .collect())
+}
+
+/// One decoding step's choices: made on the device (greedy off the CPU, where copying every
+/// row of logits to the host each step would cost more than the step), or the rows to choose
+/// from on the host.
+enum Picks {
+    Chosen(Vec<u32>),
+    Rows(Vec<Vec<f32>>),
+}
+
+impl Picks {
+    /// From `logits` (batch, vocab).
+    fn of(logits: &Tensor, opts: &GenerateOptions) -> Result<Self> {
+        let greedy = opts.temperature <= 0.0 && !opts.track_entropy;
+        Ok(if greedy && !logits.device().is_cpu() {
+            Self::Chosen(logits.argmax(candle_core::D::Minus1)?.to_vec1()?)
+        } else {
+            Self::Rows(logits.to_vec2()?)
+        })
+    }
 }
 
 /// Entropy (nats) of the model's own next-token distribution (temperature 1) from its logits.

@@ -40,7 +40,23 @@ pub fn dtype(d: placement::Dtype) -> DType {
 }
 
 /// The candle device for a pipeline device; CUDA and Metal need tsq built with that feature.
+/// The same device every time: candle refuses operands from two devices it opened separately,
+/// even on one GPU.
 pub fn device(d: placement::Device) -> Result<Device> {
+    static OPENED: std::sync::Mutex<Vec<(placement::Device, Device)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut opened = OPENED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, device)) = opened.iter().find(|(p, _)| *p == d) {
+        return Ok(device.clone());
+    }
+    let device = open_device(d)?;
+    opened.push((d, device.clone()));
+    Ok(device)
+}
+
+fn open_device(d: placement::Device) -> Result<Device> {
     use candle_core::utils::{cuda_is_available, metal_is_available};
     use placement::Device as D;
     let unbuilt = |how: &str| {

@@ -1,0 +1,405 @@
+"""The PyTorch side of scripts/gpu-check.sh: random-weight models, and transformers doing the work
+tsq did on the same weights, inputs and device, for parity and speed side by side.
+
+Each subcommand prints one JSON object (`make` builds a model directory):
+  make SHAPE DIR          a Llama-family model of SHAPE's dimensions with random weights (bf16
+                          safetensors) and a word-level tokenizer `t0 .. t{vocab-1}`
+  score DIR TSQ_JSON      log p of each continuation token in `tsq score --format json`'s output
+  svf DIR TSQ_JSON        the loss and z-gradients of the SVF step `tsq bench svf-step
+                          --gradients` wrote, by torch autograd through W' = U diag(s e(z)) Vᵀ
+  speed DIR               prefill 512 tokens, greedy decode of 128 tokens at batch 1 and --batch
+  svf-speed DIR           one SVF step on the MLP targets (8 × 512 tokens) with autograd
+  svd DIR                 torch.linalg.svd of every MLP matrix on the device
+  summary PARTS_DIR       the parts side by side, with the issue's targets, as one JSON object
+
+Runs with the GPU machine's python3 (torch 2.11+cu130, transformers 5.17) or, for a dry run on
+the CPU with the `tiny` shape, any Python with torch, transformers and tokenizers.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import time
+
+import torch
+
+SHAPES = {
+    # SmolLM2-135M's dimensions.
+    "smol": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    # Llama-3.2-1B's, with its rope scaling.
+    "llama1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    # Llama-3.1-8B's.
+    "llama8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    # For a dry run of the script on a CPU.
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def load(directory, dtype, device):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype])
+    return model.to(device).eval()
+
+
+def make(args):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = SHAPES[args.shape]
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+        head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+    )
+    torch.manual_seed(7)
+    device = torch.device(args.device)
+    torch.set_default_dtype(torch.bfloat16)
+    with device:
+        model = LlamaForCausalLM(config).eval()
+        # A trained model's scale: unit-variance embeddings, products that keep the scale
+        # (std 1/√fan-in), so logits spread over a few nats rather than sitting at -ln(vocab).
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2 and "embed" not in name:
+                    p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+                elif p.dim() == 2:
+                    p.normal_(0.0, 1.0)
+    out = pathlib.Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="4GB")
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "t0", "eos_token": "t1", "add_bos_token": False})
+    )
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"shape": args.shape, "parameters": params, "dir": str(out)}))
+
+
+def score(args):
+    """Per-token log-probabilities of tsq's continuations, from the same ids."""
+    device = torch.device(args.device)
+    model = load(args.dir, args.dtype, device)
+    tsq = json.loads(pathlib.Path(args.tsq_json).read_text())
+    diffs, values = [], []
+    with torch.no_grad():
+        for item in tsq["scores"]:
+            ids = tsq["prompt_ids"] + item["token_ids"]
+            logits = model(torch.tensor([ids], device=device)).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            start = len(tsq["prompt_ids"])
+            for k, (token, theirs) in enumerate(zip(item["token_ids"], item["logprobs"])):
+                ours = logp[start + k - 1, token].item()
+                diffs.append(abs(ours - theirs))
+                values.append(ours)
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    print(
+        json.dumps(
+            {
+                "tokens": len(diffs),
+                "max_abs_diff": max(diffs),
+                "mean_abs_diff": sum(diffs) / len(diffs),
+                "logprob_mean": mean,
+                "logprob_std": spread,
+            }
+        )
+    )
+
+
+def svf(args):
+    """torch autograd's loss and z-gradients for the step tsq recorded, in f32."""
+    from torch.func import functional_call
+
+    device = torch.device(args.device)
+    model = load(args.dir, "f32", device)
+    tsq = json.loads(pathlib.Path(args.tsq_json).read_text())
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    zs, replaced = [], {}
+    for name, z in zip(tsq["targets"], tsq["z"]):
+        layer, module = name.removeprefix("layers.").split(".", 1)
+        key = f"model.layers.{layer}.{module}.weight"
+        w = params[key].double()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        z = torch.tensor(z, device=device, dtype=torch.float64, requires_grad=True)
+        m = torch.sigmoid(z) * tsq["max_mult"]
+        e = m * s.sum() / (s * m).sum()
+        replaced[key] = ((u * (s * e)) @ vh).float()
+        zs.append(z)
+    ids = torch.tensor(tsq["ids"], device=device)
+    weights = torch.tensor(tsq["weights"], device=device, dtype=torch.float64)
+    logits = functional_call(model, {**params, **replaced}, (ids,)).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    loss = -(picked * weights[:, 1:]).sum()
+    loss.backward()
+    ours = torch.cat([z.grad for z in zs])
+    theirs = torch.tensor([g for gs in tsq["z_grads"] for g in gs], device=device, dtype=torch.float64)
+    worst = 0.0
+    offset = 0
+    for z in zs:
+        n = z.numel()
+        a, b = theirs[offset : offset + n], ours[offset : offset + n]
+        worst = max(worst, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+        offset += n
+    print(
+        json.dumps(
+            {
+                "engine": tsq.get("engine"),
+                "targets": len(zs),
+                "loss_torch": loss.item(),
+                "loss_tsq": tsq["loss"],
+                "loss_rel_diff": abs(loss.item() - tsq["loss"]) / abs(loss.item()),
+                "grad_rel_err": ((theirs - ours).norm() / ours.norm()).item(),
+                "worst_target_grad_rel_err": worst,
+            }
+        )
+    )
+
+
+def best_of(repeat, f):
+    return min(f() for _ in range(repeat))
+
+
+def timed(device, f):
+    sync(device)
+    started = time.perf_counter()
+    f()
+    sync(device)
+    return time.perf_counter() - started
+
+
+def speed(args):
+    """As `tsq bench generate` measures: prefill 512 tokens; greedy decoding of 128 new tokens
+    after short prompts, the one-token generation (prefill) subtracted."""
+    device = torch.device(args.device)
+    model = load(args.dir, args.dtype, device)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(2, vocab, (1, 512), generator=gen).to(device)
+    with torch.no_grad():
+        model(prompt)  # warm-up
+        prefill = 512 / best_of(args.repeat, lambda: timed(device, lambda: model(prompt)))
+
+    def decode(batch):
+        ids = torch.randint(2, vocab, (batch, 12), generator=gen).to(device)
+        mask = torch.ones_like(ids)
+        common = dict(do_sample=False, pad_token_id=0, attention_mask=mask)
+
+        def run(n):
+            return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **common)
+
+        with torch.no_grad():
+            run(2)()  # warm-up
+            one = best_of(args.repeat, lambda: timed(device, run(1)))
+            full = best_of(args.repeat, lambda: timed(device, run(128)))
+        return batch * 127 / max(full - one, 1e-9)
+
+    out = {
+        "dtype": args.dtype,
+        "prefill_512_tok_s": prefill,
+        "decode_b1_tok_s": decode(1),
+        f"decode_b{args.batch}_tok_s": decode(args.batch),
+    }
+    print(json.dumps(out))
+
+
+def svf_speed(args):
+    """One REINFORCE step of SVF on every MLP matrix with autograd (the baseline tsq's z-only
+    gradients are measured against): W' composed from U, s, z each step, the whole model in
+    `--dtype`, frozen base weights."""
+    from torch.func import functional_call
+
+    device = torch.device(args.device)
+    model = load(args.dir, args.dtype, device)
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    targets = []
+    for key, w in params.items():
+        if ".mlp." in key and key.endswith("_proj.weight"):
+            u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+            z = torch.full_like(s, 0.1, requires_grad=True)
+            targets.append((key, u.to(w.dtype), s, vh.to(w.dtype), z))
+    optimizer = torch.optim.Adam([t[4] for t in targets], lr=2e-3)
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(device)
+    rewards = torch.where(torch.rand(args.batch, generator=gen) < 0.5, 1.0, -1.0).to(device)
+
+    def step():
+        optimizer.zero_grad()
+        replaced = {}
+        for key, u, s, vh, z in targets:
+            m = torch.sigmoid(z)
+            e = m * s.sum() / (s * m).sum()
+            replaced[key] = (u * (s * e).to(u.dtype)) @ vh
+        logits = functional_call(model, {**params, **replaced}, (ids,)).logits.float()
+        logp = torch.log_softmax(logits[:, args.prompt - 1 : -1], dim=-1)
+        picked = logp.gather(-1, ids[:, args.prompt :].unsqueeze(-1)).squeeze(-1)
+        loss = -(picked.sum(-1) * rewards).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([t[4] for t in targets], 1e-3)
+        optimizer.step()
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = sorted(timed(device, step) for _ in range(args.steps))
+    out = {
+        "dtype": args.dtype,
+        "targets": len(targets),
+        "batch": args.batch,
+        "seq": args.seq,
+        "median_step_s": times[len(times) // 2],
+    }
+    if device.type == "cuda":
+        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    print(json.dumps(out))
+
+
+def svd(args):
+    device = torch.device(args.device)
+    model = load(args.dir, "f32", device)
+    mats = [w for k, w in model.named_parameters() if ".mlp." in k and k.endswith("_proj.weight")]
+    torch.linalg.svd(mats[0], full_matrices=False)  # warm-up (library load)
+    seconds = timed(device, lambda: [torch.linalg.svd(w, full_matrices=False) for w in mats])
+    print(json.dumps({"matrices": len(mats), "seconds": seconds, "device": args.device}))
+
+
+def summary(args):
+    """Every part's JSON side by side, each comparison with its target and verdict."""
+    parts = {}
+    for f in sorted(pathlib.Path(args.parts).glob("*.json")):
+        try:
+            parts[f.stem] = json.loads(f.read_text().strip().splitlines()[-1])
+        except (ValueError, IndexError) as e:
+            parts[f.stem] = {"unreadable": str(e)}
+    checks = []
+
+    def check(name, value, target, ok):
+        checks.append({"check": name, "value": value, "target": target, "pass": bool(ok)})
+
+    tolerances = {"f32": 2e-3, "bf16": 0.15}
+    for key, part in parts.items():
+        if key.startswith("score-") and "max_abs_diff" in part:
+            dtype = key.rsplit("-", 1)[-1]
+            tol = tolerances.get(dtype, 0.15)
+            check(key, part["max_abs_diff"], f"|Δ log p| ≤ {tol}", part["max_abs_diff"] <= tol)
+        if key.startswith("svf-parity-") and "grad_rel_err" in part:
+            dtype = key.rsplit("-", 1)[-1]
+            tol = 1e-3 if dtype == "f32" else 5e-2
+            check(f"{key} loss", part["loss_rel_diff"], f"≤ {tol} relative", part["loss_rel_diff"] <= tol)
+            check(f"{key} z-grad", part["grad_rel_err"], f"≤ {tol} relative", part["grad_rel_err"] <= tol)
+    tsq_gen, torch_gen = parts.get("speed-tsq", {}), parts.get("speed-torch", {})
+    for field in [k for k in torch_gen if k.endswith("_tok_s")]:
+        if field in tsq_gen:
+            ratio = tsq_gen[field] / torch_gen[field]
+            check(f"{field} tsq/torch", ratio, "≥ 1", ratio >= 1)
+    tsq_svf, torch_svf = parts.get("svf-speed-tsq", {}), parts.get("svf-speed-torch", {})
+    if "median_step_s" in tsq_svf and "median_step_s" in torch_svf:
+        ratio = torch_svf["median_step_s"] / tsq_svf["median_step_s"]
+        check("svf step speed tsq/torch", ratio, "≥ 2", ratio >= 2)
+    tsq_svd, torch_svd = parts.get("svd-tsq", {}), parts.get("svd-torch", {})
+    if "mlp_s" in tsq_svd and "seconds" in torch_svd:
+        ratio = torch_svd["seconds"] / tsq_svd["mlp_s"]
+        check("svd of MLP matrices tsq/torch speed", ratio, "≥ 1", ratio >= 1)
+    pipeline = parts.get("pipeline", {})
+    if "finished" in pipeline:
+        check("pipeline with device: cuda", pipeline["finished"], "finishes", pipeline["finished"])
+    print(json.dumps({"checks": checks, "parts": parts}, indent=1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bf16", choices=DTYPES)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2)
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("shape", choices=SHAPES)
+    m.add_argument("dir")
+    for name in ["score", "svf"]:
+        s = sub.add_parser(name)
+        s.add_argument("dir")
+        s.add_argument("tsq_json")
+    for name in ["speed", "svf-speed", "svd"]:
+        sub.add_parser(name).add_argument("dir")
+    sub.add_parser("summary").add_argument("parts")
+    args = p.parse_args()
+    {"make": make, "score": score, "svf": svf, "speed": speed, "svf-speed": svf_speed, "svd": svd, "summary": summary}[
+        args.command
+    ](args)
+
+
+if __name__ == "__main__":
+    main()
