@@ -9,7 +9,7 @@
 //!
 //! Not here yet (the CPU engine has them): packing sequences without padding and computing
 //! shared prefixes once; activation recomputation. Memory is bounded by running a step as
-//! passes of at most [`PASS_TOKENS`] padded tokens whose gradients add up.
+//! passes of at most [`PASS_BYTES`] of estimated activations, whose gradients add up.
 
 use std::time::Instant;
 
@@ -20,9 +20,9 @@ use crate::model::error::Result;
 use crate::model::transformer::{Batch, LogitsAt, Mode, Transformer};
 use crate::svd::cache::Decomposed;
 
-/// Padded tokens per pass (sequences × longest length). The graph keeps every activation of a
-/// pass: on an 8B-shaped model in bf16, ~6 MB per token.
-const PASS_TOKENS: usize = 4096;
+/// Activations one pass may keep (estimated by [`bytes_per_token`]): a quarter of an 80 GB GPU,
+/// so an 8B model's weights (16 GB in bf16), factors and a pass fit on one H100.
+const PASS_BYTES: usize = 20 << 30;
 
 struct Target {
     name: String,
@@ -82,7 +82,7 @@ impl AutogradEngine {
             forward_s: 0.0,
             backward_s: 0.0,
         };
-        for pass in passes(batch) {
+        for pass in passes(batch, |width| bytes_per_token(&self.base, width)) {
             let vars = scaled_s
                 .iter()
                 .map(|s| Var::from_vec(s.clone(), s.len(), device))
@@ -155,14 +155,28 @@ impl AutogradEngine {
     }
 }
 
-/// Consecutive runs of sequences of at most [`PASS_TOKENS`] padded tokens (a longer sequence
-/// gets a pass of its own).
-fn passes<'b, 'a>(batch: &'b [Sequence<'a>]) -> Vec<&'b [Sequence<'a>]> {
+/// What candle's graph keeps per padded token of a pass `width` tokens wide, roughly: every
+/// intermediate of each block (~32 hidden-sized and ~8 intermediate-sized vectors in the
+/// model's dtype, counted from the differentiable forward) and the attention scores, mask and
+/// probabilities in f32.
+fn bytes_per_token(model: &Transformer, width: usize) -> usize {
+    let c = &model.config;
+    let element = model.dtype().size_in_bytes();
+    let block = (32 * c.hidden_size + 8 * c.intermediate_size) * element + 12 * c.num_heads * width;
+    c.num_layers * block
+}
+
+/// Consecutive runs of sequences whose padded tokens' activations (`per_token(width)` bytes
+/// each) stay within [`PASS_BYTES`]; a sequence too long for that gets a pass of its own.
+fn passes<'b, 'a>(
+    batch: &'b [Sequence<'a>],
+    per_token: impl Fn(usize) -> usize,
+) -> Vec<&'b [Sequence<'a>]> {
     let mut out = vec![];
     let (mut start, mut longest) = (0, 0);
     for (i, seq) in batch.iter().enumerate() {
         let wider = longest.max(seq.ids.len());
-        if i > start && wider * (i + 1 - start) > PASS_TOKENS {
+        if i > start && wider * (i + 1 - start) * per_token(wider) > PASS_BYTES {
             out.push(&batch[start..i]);
             (start, longest) = (i, seq.ids.len());
         } else {
@@ -251,7 +265,7 @@ mod tests {
     }
 
     #[test]
-    fn passes_hold_at_most_pass_tokens() {
+    fn passes_keep_within_their_memory() {
         let ids: Vec<Vec<u32>> = [1000, 1000, 1000, 1000, 1000, 5000, 10]
             .iter()
             .map(|&n| vec![0; n])
@@ -262,7 +276,11 @@ mod tests {
             .zip(&weights)
             .map(|(ids, weights)| Sequence { ids, weights })
             .collect();
-        let sizes: Vec<usize> = passes(&batch).iter().map(|p| p.len()).collect();
+        // 4096 padded tokens a pass.
+        let sizes: Vec<usize> = passes(&batch, |_| PASS_BYTES / 4096)
+            .iter()
+            .map(|p| p.len())
+            .collect();
         assert_eq!(sizes, [4, 1, 1, 1]);
     }
 }
