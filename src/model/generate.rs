@@ -68,13 +68,38 @@ pub struct Generation {
     pub entropy: Option<f64>,
 }
 
-struct Sequence {
-    tokens: Vec<u32>,
-    rng: ChaCha8Rng,
-    done: Option<FinishReason>,
-    text: String,
+/// One sequence being decoded (shared with [`super::decoder`]).
+pub(super) struct Sequence {
+    pub(super) tokens: Vec<u32>,
+    pub(super) rng: ChaCha8Rng,
+    pub(super) done: Option<FinishReason>,
+    pub(super) text: String,
     /// Σ over decoding steps of the model's entropy there, and the number of steps.
-    entropy: (f64, usize),
+    pub(super) entropy: (f64, usize),
+}
+
+impl Sequence {
+    /// Sequence `index` of a call seeded with `seed`: its own random stream.
+    pub(super) fn new(seed: u64, index: usize) -> Self {
+        Self {
+            tokens: vec![],
+            rng: ChaCha8Rng::seed_from_u64(
+                seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ),
+            done: None,
+            text: String::new(),
+            entropy: (0.0, 0),
+        }
+    }
+
+    pub(super) fn generation(self, track_entropy: bool) -> Generation {
+        Generation {
+            text: self.text,
+            token_ids: self.tokens,
+            finish_reason: self.done.unwrap_or(FinishReason::Length),
+            entropy: track_entropy.then(|| self.entropy.0 / self.entropy.1.max(1) as f64),
+        }
+    }
 }
 
 /// Generates a continuation of each prompt (token ids).
@@ -161,15 +186,7 @@ fn decode(
     let device = tf.device();
     let mut cache = KvCache::default();
     let mut seqs: Vec<Sequence> = (0..prompts.len())
-        .map(|i| Sequence {
-            tokens: vec![],
-            rng: ChaCha8Rng::seed_from_u64(
-                opts.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            ),
-            done: None,
-            text: String::new(),
-            entropy: (0.0, 0),
-        })
+        .map(|i| Sequence::new(opts.seed, i))
         .collect();
     let batch = with_experts(
         Batch::left_padded(&distinct_pad, 0, longest, device)?,
@@ -190,7 +207,8 @@ fn decode(
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     let mut shown = vec![0usize; prompts.len()];
     for step in 0..opts.max_new_tokens {
-        let picks = Picks::of(&logits.squeeze(1)?, opts)?;
+        let greedy = opts.temperature <= 0.0 && !opts.track_entropy;
+        let picks = Picks::of(&logits.squeeze(1)?, greedy)?;
         let mut next = Vec::with_capacity(live.len());
         for (r, &i) in live.iter().enumerate() {
             let seq = &mut seqs[i];
@@ -237,29 +255,22 @@ fn decode(
     }
     Ok(seqs
         .into_iter()
-        .map(|s| Generation {
-            text: s.text,
-            token_ids: s.tokens,
-            finish_reason: s.done.unwrap_or(FinishReason::Length),
-            entropy: opts
-                .track_entropy
-                .then(|| s.entropy.0 / s.entropy.1.max(1) as f64),
-        })
+        .map(|s| s.generation(opts.track_entropy))
         .collect())
 }
 
 /// One decoding step's choices: made on the device (greedy off the CPU, where copying every
 /// row of logits to the host each step would cost more than the step), or the rows to choose
 /// from on the host.
-enum Picks {
+pub(super) enum Picks {
     Chosen(Vec<u32>),
     Rows(Vec<Vec<f32>>),
 }
 
 impl Picks {
-    /// From `logits` (batch, vocab).
-    fn of(logits: &Tensor, opts: &GenerateOptions) -> Result<Self> {
-        let greedy = opts.temperature <= 0.0 && !opts.track_entropy;
+    /// From `logits` (batch, vocab); `greedy`: every row takes its argmax and nothing else is
+    /// read from the rows.
+    pub(super) fn of(logits: &Tensor, greedy: bool) -> Result<Self> {
         Ok(if greedy && !logits.device().is_cpu() {
             Self::Chosen(logits.argmax(candle_core::D::Minus1)?.to_vec1()?)
         } else {
@@ -269,7 +280,7 @@ impl Picks {
 }
 
 /// Entropy (nats) of the model's own next-token distribution (temperature 1) from its logits.
-fn entropy(logits: &[f32]) -> f64 {
+pub(super) fn entropy(logits: &[f32]) -> f64 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
     let (mut total, mut weighted) = (0f64, 0f64);
     for &l in logits {
@@ -301,7 +312,7 @@ fn distinct_prompts(prompts: &[Vec<u32>], experts: Option<&[u32]>) -> (Vec<usize
 }
 
 /// Appends `token` and decides whether the sequence is finished.
-fn advance(
+pub(super) fn advance(
     model: &Model,
     seq: &mut Sequence,
     token: u32,
@@ -329,7 +340,7 @@ fn advance(
 }
 
 /// The next token: argmax when greedy, else a draw after temperature, top-k and top-p.
-fn pick(logits: &[f32], opts: &GenerateOptions, rng: &mut ChaCha8Rng) -> u32 {
+pub(super) fn pick(logits: &[f32], opts: &GenerateOptions, rng: &mut ChaCha8Rng) -> u32 {
     let argmax = || {
         logits
             .iter()

@@ -9,6 +9,7 @@
 pub mod autograd;
 pub mod chat;
 pub mod config;
+pub mod decoder;
 pub mod error;
 pub mod generate;
 pub mod gguf;

@@ -35,6 +35,17 @@ impl LayerCache {
         ))
     }
 
+    /// The first `len` positions of `buffer` after `to - len` zero positions.
+    fn left_padded(buffer: &Tensor, len: usize, to: usize) -> Result<Tensor> {
+        let filled = buffer.narrow(2, 0, len)?;
+        if to == len {
+            return Ok(filled.contiguous()?);
+        }
+        let (b, h, _, d) = buffer.dims4()?;
+        let pad = Tensor::zeros((b, h, to - len, d), buffer.dtype(), buffer.device())?;
+        Ok(Tensor::cat(&[&pad, &filled], 2)?)
+    }
+
     /// A buffer of `capacity` positions holding the first `len` of `buffer`.
     pub(super) fn regrown(buffer: &Tensor, len: usize, capacity: usize) -> Result<Tensor> {
         let (b, h, _, d) = buffer.dims4()?;
@@ -55,6 +66,50 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Puts `other`'s rows after this cache's rows (sequences joining a running batch), the
+    /// shorter of the two left-padded to the longer's length. Returns the padding added in front
+    /// of this cache's rows and of `other`'s.
+    pub fn append_rows(&mut self, other: KvCache) -> Result<(usize, usize)> {
+        let (mine, theirs) = (self.len(), other.len());
+        if self.layers.iter().all(Option::is_none) {
+            *self = other;
+            return Ok((0, 0));
+        }
+        let len = mine.max(theirs);
+        for (slot, joining) in self.layers.iter_mut().zip(other.layers) {
+            let (Some(cache), Some(joining)) = (slot.as_mut(), joining) else {
+                return Err(ModelError::Input("KV caches of different models".into()));
+            };
+            let rows = |a: &LayerCache, b: &LayerCache, pick: fn(&LayerCache) -> &Tensor| {
+                let (a, b) = (
+                    LayerCache::left_padded(pick(a), a.len, len)?,
+                    LayerCache::left_padded(pick(b), b.len, len)?,
+                );
+                Ok::<_, ModelError>(Tensor::cat(&[a, b], 0)?)
+            };
+            let (k, v) = (
+                rows(cache, &joining, |c| &c.k)?,
+                rows(cache, &joining, |c| &c.v)?,
+            );
+            *cache = LayerCache { k, v, len };
+        }
+        Ok((len - mine, len - theirs))
+    }
+
+    /// Drops the first `n` positions of every row (padding no row needs any more).
+    pub fn trim_front(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        for layer in self.layers.iter_mut().flatten() {
+            let len = layer.len - n;
+            layer.k = layer.k.narrow(2, n, len)?.contiguous()?;
+            layer.v = layer.v.narrow(2, n, len)?.contiguous()?;
+            layer.len = len;
+        }
+        Ok(())
     }
 
     /// Keeps batch rows `rows`, in that order (a row may repeat): a prompt computed once becomes
