@@ -25,6 +25,7 @@ pub mod pipeline;
 pub mod report;
 pub mod reward;
 pub mod rl;
+pub mod serve;
 pub mod stages;
 pub mod svd;
 pub mod svf;

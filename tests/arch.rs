@@ -134,7 +134,9 @@ fn a_model_directory_runs_decompose_train_and_evaluate() {
     }
 }
 
-fn run_the_loop(p: &crate::common::Project, dtype: &str) {
+/// Runs a small pipeline on the Qwen2 fixture in project `p`: decompose, train expert
+/// `letters` (2 RL steps), evaluate; `runs/tiny` is the finished run.
+pub(crate) fn run_the_loop(p: &crate::common::Project, dtype: &str) {
     let model = repo().join("tests/fixtures/arch/qwen2");
     let pipeline = format!(
         "version: 1

@@ -25,6 +25,7 @@ const LAYERS: &[&[&str]] = &[
     &["pipeline"],
     &["exec"],
     &["stages"],
+    &["serve"],
     &["cmd", "cli"],
 ];
 

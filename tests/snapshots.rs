@@ -35,6 +35,7 @@ const SUBCOMMANDS: &[&[&str]] = &[
     &["fetch"],
     &["generate"],
     &["chat"],
+    &["serve"],
     &["score"],
     &["classify"],
     &["report"],

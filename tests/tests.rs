@@ -11,6 +11,7 @@ mod real_data;
 mod report;
 mod run;
 mod sandbox;
+mod serve;
 mod snapshots;
 mod svf;
 mod train;

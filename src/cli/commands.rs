@@ -215,6 +215,57 @@ impl ChatArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// A finished run directory (`runs/<name>`).
+    pub run: PathBuf,
+    /// Address to listen on; another host than 127.0.0.1 exposes the server to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// A file holding the API key clients must send as `Authorization: Bearer KEY`.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_batch: u16,
+    /// Requests waiting for a place in the batch at most; beyond, 429 with Retry-After.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_queue: u16,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_tokens: u16,
+}
+
+impl ServeArgs {
+    pub(super) fn run(self) -> Result<(), cmd::CmdError> {
+        let Self {
+            run,
+            host,
+            port,
+            api_key_file,
+            max_batch,
+            max_queue,
+            max_tokens,
+        } = self;
+        let options = crate::serve::ServeOptions {
+            host,
+            port,
+            api_key_file,
+            max_batch: max_batch.into(),
+            max_queue: max_queue.into(),
+            limits: crate::serve::api::Limits {
+                max_tokens: max_tokens.into(),
+                max_n: 8,
+                max_stop: 4,
+            },
+        };
+        crate::serve::run(&run, &options).map_err(cmd::CmdError::failed)
+    }
+}
+
+#[derive(Debug, clap::Args)]
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelOptions,

