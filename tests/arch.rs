@@ -113,7 +113,7 @@ fn a_model_directory_runs_decompose_train_and_evaluate() {
         ("bf16", "autograd (cpu, bf16)"),
     ] {
         let p = crate::common::Project::new();
-        run_the_loop(&p, dtype);
+        run_the_loop(&p, dtype, "");
         let run = p.run_dir();
         let record: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(run.join("model/model.json")).unwrap())
@@ -135,8 +135,9 @@ fn a_model_directory_runs_decompose_train_and_evaluate() {
 }
 
 /// Runs a small pipeline on the Qwen2 fixture in project `p`: decompose, train expert
-/// `letters` (2 RL steps), evaluate; `runs/tiny` is the finished run.
-pub(crate) fn run_the_loop(p: &crate::common::Project, dtype: &str) {
+/// `letters` (2 RL steps), evaluate, and whatever `extra` YAML adds; `runs/tiny` is the
+/// finished run.
+pub(crate) fn run_the_loop(p: &crate::common::Project, dtype: &str, extra: &str) {
     let model = repo().join("tests/fixtures/arch/qwen2");
     let pipeline = format!(
         "version: 1
@@ -162,7 +163,7 @@ experts:
     train: {{rollout: options, steps: 2, prompts_per_step: 2, validate_every: 2, validate_limit: 2}}
 evaluate:
   - {{dataset: letters, mode: loglik, reward: choice, with: [base, letters]}}
-",
+{extra}",
         model.display()
     );
     std::fs::write(p.path().join("arch.yaml"), pipeline).unwrap();

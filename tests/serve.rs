@@ -141,10 +141,17 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-/// The project with a finished run `runs/tiny` that trained expert `letters`.
+/// The project with a finished run `runs/tiny` that trained expert `letters` and made a
+/// prompt-based router between it and the base model.
 fn served_run() -> Project {
     let p = Project::new();
-    crate::arch::run_the_loop(&p, "f32");
+    let template = crate::common::repo().join("templates/classifiers/paper.jinja");
+    let router = format!(
+        "adaptations:\n  router:\n    strategy: prompt\n    template: {}\n    \
+         labels: [letters, other]\n    calibration: 2\n    check: 2\n",
+        template.display()
+    );
+    crate::arch::run_the_loop(&p, "f32", &router);
     p
 }
 
@@ -186,7 +193,7 @@ fn serves_the_run_as_generate_answers() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["tiny", "tiny:letters"]);
+    assert_eq!(ids, ["tiny", "tiny:letters", "tiny:router"]);
     assert_eq!(models["data"][1]["parent"], "tiny");
 
     let prompts = ["t5 t6 t7", "t40 t41 t2 t9 t77 t13 t4", "t11"];
@@ -203,6 +210,39 @@ fn serves_the_run_as_generate_answers() {
             expected.push((model, prompt, tokens, theirs));
         }
     }
+
+    // The adaptation: its choice and answer are `tsq generate --run --adapt`'s.
+    let ours = server.request(
+        "POST",
+        "/v1/completions",
+        &[],
+        completion("tiny:router", prompts[1], 7)
+            .to_string()
+            .as_bytes(),
+    );
+    let generated = p.run_ok(&[
+        "generate",
+        "--run",
+        "runs/tiny",
+        "--adapt",
+        "router",
+        "--format",
+        "json",
+        "--max-new-tokens",
+        "7",
+        prompts[1],
+    ]);
+    let theirs: Value = serde_json::from_slice(&generated.stdout).unwrap();
+    let theirs = &theirs["generations"][0];
+    let body = ours.json();
+    assert_eq!(body["choices"][0]["text"], theirs["text"]);
+    assert_eq!(body["tsq"]["choice"], theirs["adaptation"]);
+    let target = theirs["adaptation"]["target"].as_str().unwrap();
+    assert!(
+        ours.headers.contains(&format!("x-tsq-expert: {target}")),
+        "{}",
+        ours.headers
+    );
 
     let mut stream_ask = completion("tiny:letters", prompts[1], 9);
     stream_ask["stream"] = json!(true);
