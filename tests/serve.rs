@@ -288,6 +288,18 @@ fn serves_the_run_as_generate_answers() {
     for (ours, theirs) in answers {
         assert_eq!(ours, theirs);
     }
+
+    let metrics = server.request("GET", "/metrics", &[], b"").body;
+    for line in [
+        "tsq_requests_total{model=\"tiny:letters\",status=\"200\"} 7",
+        "tsq_expert_requests_total{expert=\"letters\"} 8",
+        "tsq_expert_requests_total{expert=\"base\"} 6",
+        "tsq_queue_depth 0",
+        "tsq_time_to_first_token_seconds_count 14",
+        "tsq_first_pass_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
 }
 
 /// Bad requests get OpenAI-shaped errors with the right status; the server stays up.

@@ -8,11 +8,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::metrics::Metrics;
+use crate::adapt::spec::BASE;
 use crate::assets::TsqHome;
 use crate::model::Model;
 use crate::model::chat::ChatTemplate;
@@ -98,11 +101,12 @@ pub fn start(
     home: TsqHome,
     max_batch: usize,
     queue: usize,
+    metrics: Arc<Metrics>,
 ) -> Result<(Catalog, SyncSender<Job>, std::thread::JoinHandle<()>), EngineError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(queue);
     let run_dir = run_dir.to_path_buf();
-    let thread = std::thread::spawn(move || match Engine::load(&run_dir, home) {
+    let thread = std::thread::spawn(move || match Engine::load(&run_dir, home, metrics) {
         Ok((engine, catalog)) => {
             if ready_tx.send(Ok(catalog)).is_ok() {
                 engine.run(jobs_rx, max_batch);
@@ -122,6 +126,7 @@ struct Engine {
     /// Table row of each trained expert (by name) and each few-shot adaptation (`adapt:NAME`);
     /// row 0 is the base model. Empty when the run has no expert: the model holds no table.
     rows: BTreeMap<String, u32>,
+    metrics: Arc<Metrics>,
 }
 
 /// Where a sequence's text goes.
@@ -131,7 +136,11 @@ struct Listener {
 }
 
 impl Engine {
-    fn load(run_dir: &Path, home: TsqHome) -> Result<(Self, Catalog), EngineError> {
+    fn load(
+        run_dir: &Path,
+        home: TsqHome,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, Catalog), EngineError> {
         let (spec, _) = crate::stages::run_pipeline(run_dir)?;
         let run = crate::exec::RunDir::read_only(run_dir);
         let finished = |id: &crate::dag::StageId| run.finished(id.as_str()).is_some();
@@ -186,6 +195,7 @@ impl Engine {
                 model,
                 adapters,
                 rows,
+                metrics,
             },
             catalog,
         ))
@@ -217,6 +227,9 @@ impl Engine {
                     Err(TryRecvError::Disconnected) => closed = true,
                 }
             }
+            self.metrics
+                .queued
+                .fetch_sub(arrived.len(), Ordering::Relaxed);
             let joining = self.admit(arrived, &mut listeners, &mut next_id);
             let joined: Vec<u64> = joining.iter().map(|j| j.id).collect();
             if let Err(e) = decoder.join(joining) {
@@ -233,6 +246,7 @@ impl Engine {
                     }
                 }
                 Event::Finished { id, generation } => {
+                    self.metrics.tokens(generation.token_ids.len());
                     if let Some(l) = listeners.remove(&id) {
                         let index = l.index;
                         let _ = l.events.send(JobEvent::Finished { index, generation });
@@ -251,6 +265,7 @@ impl Engine {
                 listeners.remove(&id);
                 decoder.cancel(id);
             }
+            self.metrics.batch.store(decoder.len(), Ordering::Relaxed);
             if closed && decoder.is_empty() {
                 return;
             }
@@ -285,11 +300,15 @@ impl Engine {
                 .filter(|&i| jobs[i].route == Route::Adaptation(name.clone()))
                 .collect();
             let inputs: Vec<String> = asking.iter().map(|&i| jobs[i].first_pass.clone()).collect();
-            match self.adapters[&name].choose(&inputs) {
+            let clock = std::time::Instant::now();
+            let chosen = self.adapters[&name].choose(&inputs);
+            self.metrics.first_pass(clock.elapsed());
+            match chosen {
                 Ok(choices) => {
                     for (&i, choice) in asking.iter().zip(choices) {
                         let row = self.row_for(&name, &choice);
                         experts[i] = Some(row);
+                        self.metrics.answered_by(&choice.answered_by());
                         let _ = jobs[i].events.send(JobEvent::Chosen {
                             choice: serde_json::to_value(&choice).unwrap_or_default(),
                             answered_by: choice.answered_by(),
@@ -306,6 +325,14 @@ impl Engine {
         let mut joining = Vec::new();
         for (job, expert) in jobs.into_iter().zip(experts) {
             let Some(expert) = expert else { continue };
+            match &job.route {
+                Route::Base => self.metrics.answered_by(BASE),
+                Route::Expert(row) => {
+                    let name = self.rows.iter().find(|(_, r)| *r == row).map(|(n, _)| n);
+                    self.metrics.answered_by(name.map_or(BASE, String::as_str));
+                }
+                Route::Adaptation(_) => {}
+            }
             for index in 0..job.n {
                 *next_id += 1;
                 listeners.insert(

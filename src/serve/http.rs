@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -20,12 +20,14 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::api::{self, ApiError, Ask, Input, Limits};
 use super::engine::{Catalog, Job, JobEvent, Route};
+use super::metrics::Metrics;
 
 pub struct ServerState {
     pub catalog: Catalog,
     pub jobs: SyncSender<Job>,
     pub api_key: Option<String>,
     pub limits: Limits,
+    pub metrics: Arc<Metrics>,
     pub started: u64,
 }
 
@@ -35,6 +37,10 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub fn app(state: Arc<ServerState>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(|State(state): State<Arc<ServerState>>| async move { state.metrics.render() }),
+        )
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -143,13 +149,20 @@ async fn respond(
     };
     let started = match submit(state, headers, &body, endpoint) {
         Ok(started) => started,
-        Err(e) => return e.into_response(),
+        Err(e) => {
+            // Refused before a model was resolved: no model label (its value is the client's).
+            state.metrics.request("-", e.status.as_u16());
+            return e.into_response();
+        }
     };
-    if started.ask.stream {
+    let model = started.model.clone();
+    let response = if started.ask.stream {
         stream(started, endpoint).into_response()
     } else {
         whole(started, endpoint).await
-    }
+    };
+    state.metrics.request(&model, response.status().as_u16());
+    response
 }
 
 /// A request accepted by the engine: what was asked and where its events arrive.
@@ -159,6 +172,22 @@ struct Started {
     model: String,
     prompt_tokens: usize,
     events: UnboundedReceiver<JobEvent>,
+    metrics: Arc<Metrics>,
+    arrived: Instant,
+    /// When the last piece of text came.
+    last: Option<Instant>,
+}
+
+impl Started {
+    /// Records the latency of a piece of text that just came.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        match self.last {
+            None => self.metrics.first_token(now - self.arrived),
+            Some(last) => self.metrics.between_tokens(now - last),
+        }
+        self.last = Some(now);
+    }
 }
 
 fn submit(
@@ -223,8 +252,14 @@ fn submit(
         n: ask.n,
         events: events_tx,
     };
+    let arrived = Instant::now();
     match state.jobs.try_send(job) {
-        Ok(()) => {}
+        Ok(()) => {
+            state
+                .metrics
+                .queued
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Err(TrySendError::Full(_)) => {
             return Err(ApiError {
                 retry_after: Some(1),
@@ -254,6 +289,9 @@ fn submit(
         ask,
         prompt_tokens,
         events,
+        metrics: Arc::clone(&state.metrics),
+        arrived,
+        last: None,
     })
 }
 
@@ -274,8 +312,11 @@ async fn whole(mut s: Started, endpoint: Endpoint) -> Response {
                 choice: c,
                 answered_by,
             }) => choice = Some((c, answered_by)),
-            Some(JobEvent::Text { .. }) => {}
+            Some(JobEvent::Text { .. }) => s.tick(),
             Some(JobEvent::Finished { index, generation }) => {
+                if s.last.is_none() {
+                    s.tick();
+                }
                 completion_tokens += generation.token_ids.len();
                 texts[index] = Some(generation);
             }
@@ -400,7 +441,8 @@ fn stream(s: Started, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<SseEv
                 out.push(chunk(&p.s, json!([]), chosen(&Some((choice, answered_by)))));
             }
             Some(JobEvent::Text { index, text }) => {
-                out.push(chunk(&p.s, piece(index, Some(text), None), None))
+                p.s.tick();
+                out.push(chunk(&p.s, piece(index, Some(text), None), None));
             }
             Some(JobEvent::Finished { index, generation }) => {
                 p.finished += 1;

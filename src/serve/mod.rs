@@ -7,6 +7,7 @@
 pub mod api;
 pub mod engine;
 pub mod http;
+pub mod metrics;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -59,8 +60,14 @@ pub fn run(run_dir: &Path, opts: &ServeOptions) -> Result<(), ServeError> {
         None => None,
     };
     eprintln!("tsq serve: loading {}", run_dir.display());
-    let (catalog, jobs, engine) =
-        engine::start(run_dir, TsqHome::from_env(), opts.max_batch, opts.max_queue)?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (catalog, jobs, engine) = engine::start(
+        run_dir,
+        TsqHome::from_env(),
+        opts.max_batch,
+        opts.max_queue,
+        Arc::clone(&metrics),
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -72,6 +79,7 @@ pub fn run(run_dir: &Path, opts: &ServeOptions) -> Result<(), ServeError> {
         jobs,
         api_key,
         limits: opts.limits,
+        metrics,
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
