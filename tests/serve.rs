@@ -307,7 +307,19 @@ fn serves_the_run_as_generate_answers() {
 fn bad_requests_get_clean_errors() {
     let p = served_run();
     std::fs::write(p.path().join("key"), "sk-test-123\n").unwrap();
-    let server = Server::start(&p, &["--api-key-file", "key"]);
+    let server = Server::start(&p, &["--api-key-file", "key", "--header-timeout", "1"]);
+    // A client sending its headers slowly is disconnected after the timeout.
+    let mut slow = server.connect();
+    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    let clock = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    let waited = clock.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
     let auth = [("authorization", "Bearer sk-test-123")];
     let chat = |body: &[u8]| server.request("POST", "/v1/chat/completions", &auth, body);
     let cases: Vec<(Response, u16, &str)> = vec![

@@ -236,6 +236,9 @@ pub struct ServeArgs {
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_tokens: u16,
+    /// Seconds a client may take to send a request's headers before it is disconnected.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
+    pub header_timeout: u16,
 }
 
 impl ServeArgs {
@@ -248,6 +251,7 @@ impl ServeArgs {
             max_batch,
             max_queue,
             max_tokens,
+            header_timeout,
         } = self;
         let options = crate::serve::ServeOptions {
             host,
@@ -255,6 +259,7 @@ impl ServeArgs {
             api_key_file,
             max_batch: max_batch.into(),
             max_queue: max_queue.into(),
+            header_timeout: std::time::Duration::from_secs(header_timeout.into()),
             limits: crate::serve::api::Limits {
                 max_tokens: max_tokens.into(),
                 max_n: 8,

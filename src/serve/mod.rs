@@ -11,6 +11,7 @@ pub mod metrics;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::assets::TsqHome;
 
@@ -22,6 +23,8 @@ pub struct ServeOptions {
     pub max_batch: usize,
     /// Requests waiting for the engine at most; beyond, a 429.
     pub max_queue: usize,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
     pub limits: api::Limits,
 }
 
@@ -97,15 +100,46 @@ pub fn run(run_dir: &Path, opts: &ServeOptions) -> Result<(), ServeError> {
             "tsq serve: listening on http://{local} (models: {})",
             names.join(", ")
         );
-        axum::serve(listener, http::app(state))
-            .with_graceful_shutdown(shutdown())
-            .await?;
+        accept(listener, http::app(state), opts.header_timeout).await;
         Ok::<_, ServeError>(())
     })?;
     // The state (and with it the engine's queue) is gone: the engine finishes and stops.
     let _ = engine.join();
     eprintln!("tsq serve: stopped");
     Ok(())
+}
+
+/// Serves each connection of `listener` with `app` until [`shutdown`], then waits for the
+/// connections in flight to finish. A client that has not sent a request's headers within
+/// `header_timeout` is disconnected (a slow-loris client holds a socket, not the server).
+async fn accept(listener: tokio::net::TcpListener, app: axum::Router, header_timeout: Duration) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stop = shutdown();
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of descriptors, or a connection reset before it was taken: go on.
+                Err(_) => continue,
+            },
+            () = &mut stop => break,
+        };
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(app.clone()),
+            );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Resolves at the first SIGTERM or Ctrl-C: the server stops taking connections and finishes
