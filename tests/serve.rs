@@ -128,6 +128,19 @@ impl Response {
     }
 }
 
+/// Starts a streamed request and reads until its first event; the reader holds the connection.
+fn first_event(server: &Server, path: &str, body: &str) -> BufReader<TcpStream> {
+    let mut stream = server.connect();
+    send(&mut stream, "POST", path, &[], body.as_bytes());
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    reader
+}
+
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
@@ -456,15 +469,8 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
         .to_string()
     };
     let path = "/v1/chat/completions";
-    // A stream holding the batch's one place, read until its first chunk.
-    let mut first = server.connect();
-    send(&mut first, "POST", path, &[], long(200).as_bytes());
-    let mut reader = BufReader::new(first.try_clone().unwrap());
-    let mut line = String::new();
-    while !line.starts_with("data: ") {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-    }
+    // A stream holding the batch's one place.
+    let first = first_event(&server, path, &long(200));
     // A second one waits in the queue; a third finds it full.
     let mut second = server.connect();
     send(&mut second, "POST", path, &[], long(5).as_bytes());
@@ -477,7 +483,6 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
         third.headers
     );
     // The first client leaves: its row goes, the waiting request is answered.
-    drop(reader);
     drop(first);
     let mut raw = Vec::new();
     second.read_to_end(&mut raw).unwrap();
@@ -490,14 +495,7 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
     );
 
     // SIGTERM with a stream in flight: it still ends with [DONE], then the server exits 0.
-    let mut draining = server.connect();
-    send(&mut draining, "POST", path, &[], long(40).as_bytes());
-    let mut reader = BufReader::new(draining.try_clone().unwrap());
-    let mut line = String::new();
-    while !line.starts_with("data: ") {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-    }
+    let mut reader = first_event(&server, path, &long(40));
     let status = Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
         .status()
