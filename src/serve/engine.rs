@@ -208,25 +208,10 @@ impl Engine {
         let mut next_id = 0u64;
         let mut closed = false;
         loop {
-            let mut arrived = Vec::new();
-            if decoder.is_empty() {
-                match jobs.recv() {
-                    Ok(job) => arrived.push(job),
-                    Err(_) => return,
-                }
-            }
-            let mut room = max_batch
-                .saturating_sub(decoder.len() + arrived.iter().map(|j| j.n).sum::<usize>());
-            while room > 0 && !closed {
-                match jobs.try_recv() {
-                    Ok(job) => {
-                        room = room.saturating_sub(job.n);
-                        arrived.push(job);
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => closed = true,
-                }
-            }
+            let room = max_batch.saturating_sub(decoder.len());
+            let Some(arrived) = arrivals(&jobs, decoder.is_empty(), room, &mut closed) else {
+                return;
+            };
             self.metrics
                 .queued
                 .fetch_sub(arrived.len(), Ordering::Relaxed);
@@ -367,6 +352,30 @@ impl Engine {
     fn base_row(&self) -> Option<u32> {
         (!self.rows.is_empty()).then_some(0)
     }
+}
+
+/// The jobs to take in now, with room for `room` sequences: when `idle`, waits for the first
+/// one (`None`: the server is gone and nothing is left to do); then whatever is already
+/// waiting. Sets `closed` once the server has gone.
+fn arrivals(jobs: &Receiver<Job>, idle: bool, room: usize, closed: &mut bool) -> Option<Vec<Job>> {
+    let mut arrived = Vec::new();
+    let mut room = room;
+    if idle {
+        let job = jobs.recv().ok()?;
+        room = room.saturating_sub(job.n);
+        arrived.push(job);
+    }
+    while room > 0 && !*closed {
+        match jobs.try_recv() {
+            Ok(job) => {
+                room = room.saturating_sub(job.n);
+                arrived.push(job);
+            }
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Disconnected) => *closed = true,
+        }
+    }
+    Some(arrived)
 }
 
 /// Tells the listeners of sequences `ids` that they failed, with `why`.
