@@ -49,7 +49,7 @@ def percentile(values, q):
 
 async def one_request(client, model, question, max_tokens, out):
     started = time.perf_counter()
-    first, last, gaps, tokens = None, None, [], 0
+    first, last, gaps, tokens, chunks = None, None, [], 0, 0
     try:
         stream = await client.chat.completions.create(
             model=model,
@@ -63,6 +63,7 @@ async def one_request(client, model, question, max_tokens, out):
             if chunk.usage:
                 tokens = chunk.usage.completion_tokens
             if any(c.delta.content for c in chunk.choices):
+                chunks += 1
                 now = time.perf_counter()
                 if first is None:
                     first = now - started
@@ -77,14 +78,17 @@ async def one_request(client, model, question, max_tokens, out):
         out["errors"].append(repr(e)[:200])
         return
     out["done"] += 1
-    out["tokens"] += tokens
+    if chunks == 0:
+        out["empty"] += 1
+    # A server that reports no usage in streams (llama-cpp-python) sends a token a chunk.
+    out["tokens"] += tokens or chunks
     if first is not None:
         out["ttft"].append(first)
     out["itl"].extend(gaps)
 
 
 async def level(url, model, clients, requests, max_tokens):
-    out = {"done": 0, "failed": 0, "rejected": 0, "tokens": 0, "ttft": [], "itl": [], "errors": []}
+    out = {"done": 0, "empty": 0, "failed": 0, "rejected": 0, "tokens": 0, "ttft": [], "itl": [], "errors": []}
     queue = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(QUESTIONS[i % len(QUESTIONS)])
@@ -103,11 +107,13 @@ async def level(url, model, clients, requests, max_tokens):
         "clients": clients,
         "requests": requests,
         "done": out["done"],
+        "empty": out["empty"],
         "failed": out["failed"],
         "rejected_429": out["rejected"],
         "completion_tokens": out["tokens"],
         "seconds": wall,
         "tokens_per_s": out["tokens"] / wall,
+        "ttft_samples": len(out["ttft"]),
         "ttft_p50_s": percentile(out["ttft"], 0.5),
         "ttft_p99_s": percentile(out["ttft"], 0.99),
         "itl_p50_s": percentile(out["itl"], 0.5),
@@ -129,7 +135,7 @@ def main():
     levels = []
     memory = [rss_mib(args.pid)]
     print(f"{args.label}: {args.model} at {args.url}, {args.requests} requests a level, max_tokens {args.max_tokens}")
-    print(f"  {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'failed':>6} {'429':>4} {'RSS MiB':>8}")
+    print(f"  {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'failed':>6} {'empty':>5} {'429':>4} {'RSS MiB':>8}")
     for clients in [int(c) for c in args.clients.split(",")]:
         result = asyncio.run(level(args.url, args.model, clients, args.requests, args.max_tokens))
         memory.append(rss_mib(args.pid))
@@ -139,7 +145,7 @@ def main():
         rss = f"{memory[-1]:8.0f}" if memory[-1] is not None else "       -"
         print(
             f"  {clients:>7} {result['tokens_per_s']:8.1f} {ms(result['ttft_p50_s'])}ms {ms(result['ttft_p99_s'])} "
-            f"{ms(result['itl_p50_s'])}ms {ms(result['itl_p99_s'])} {result['failed']:>6} {result['rejected_429']:>4} {rss}"
+            f"{ms(result['itl_p50_s'])}ms {ms(result['itl_p99_s'])} {result['failed']:>6} {result['empty']:>5} {result['rejected_429']:>4} {rss}"
         )
     print(json.dumps({"label": args.label, "model": args.model, "rss_mib_before": memory[0], "levels": levels}))
 
