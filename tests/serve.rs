@@ -257,6 +257,63 @@ fn serves_the_run_as_generate_answers() {
         ours.headers
     );
 
+    // A request's own mixture: all of one expert is that expert, all of `base` the base model;
+    // a half-and-half one answers too, saying what mixed it.
+    let mixed = |experts: Value| {
+        let mut ask = completion("tiny", prompts[1], 7);
+        ask["tsq"] = json!({"experts": experts});
+        server.post("/v1/completions", &ask)
+    };
+    let letters = server
+        .post(
+            "/v1/completions",
+            &completion("tiny:letters", prompts[1], 7),
+        )
+        .json();
+    let base = server
+        .post("/v1/completions", &completion("tiny", prompts[1], 7))
+        .json();
+    assert_eq!(
+        mixed(json!({"letters": 1.0})).json()["choices"],
+        letters["choices"]
+    );
+    // A weight of 0 leaves its expert out (a mixture that ignored the weights would not).
+    assert_eq!(
+        mixed(json!({"letters": 1.0, "base": 0.0})).json()["choices"],
+        letters["choices"]
+    );
+    assert_eq!(
+        mixed(json!({"base": 1.0})).json()["choices"],
+        base["choices"]
+    );
+    let half = mixed(json!({"letters": 0.5, "base": 0.5}));
+    assert_eq!(half.status, 200, "{}", half.body);
+    assert!(
+        half.headers.contains("x-tsq-expert: mixture"),
+        "{}",
+        half.headers
+    );
+    assert_eq!(
+        half.json()["tsq"]["choice"]["experts"],
+        json!({"base": 0.5, "letters": 0.5})
+    );
+    for (model, experts) in [
+        ("tiny:letters", json!({"letters": 1.0})),
+        ("tiny", json!({"nobody": 1.0})),
+        ("tiny", json!({})),
+    ] {
+        let mut ask = completion(model, prompts[1], 3);
+        ask["tsq"] = json!({"experts": experts});
+        let refused = server.post("/v1/completions", &ask);
+        assert_eq!(refused.status, 400, "{}", refused.body);
+        assert_eq!(
+            refused.json()["error"]["param"],
+            "tsq.experts",
+            "{}",
+            refused.body
+        );
+    }
+
     let mut stream_ask = completion("tiny:letters", prompts[1], 9);
     stream_ask["stream"] = json!(true);
     stream_ask["stream_options"] = json!({"include_usage": true});
@@ -304,11 +361,13 @@ fn serves_the_run_as_generate_answers() {
 
     let metrics = server.request("GET", "/metrics", &[], b"").body;
     for line in [
-        "tsq_requests_total{model=\"tiny:letters\",status=\"200\"} 7",
-        "tsq_expert_requests_total{expert=\"letters\"} 8",
-        "tsq_expert_requests_total{expert=\"base\"} 6",
+        "tsq_requests_total{model=\"tiny:letters\",status=\"200\"} 8",
+        "tsq_requests_total{model=\"-\",status=\"400\"} 3",
+        "tsq_expert_requests_total{expert=\"letters\"} 9",
+        "tsq_expert_requests_total{expert=\"base\"} 7",
+        "tsq_expert_requests_total{expert=\"mixture\"} 4",
         "tsq_queue_depth 0",
-        "tsq_time_to_first_token_seconds_count 14",
+        "tsq_time_to_first_token_seconds_count 20",
         "tsq_first_pass_seconds_count 1",
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");

@@ -51,22 +51,29 @@ struct Row {
     cancelled: bool,
 }
 
-pub struct Decoder<'m> {
-    model: &'m Model,
+pub struct Decoder {
+    model: Model,
     cache: KvCache,
     rows: Vec<Row>,
     /// Next-token logits (rows, vocab) of the rows, in row order.
     logits: Option<Tensor>,
 }
 
-impl<'m> Decoder<'m> {
-    pub fn new(model: &'m Model) -> Self {
+impl Decoder {
+    /// A decoder over `model` (cheap to clone: its tensors are shared).
+    pub fn new(model: Model) -> Self {
         Self {
             model,
             cache: KvCache::default(),
             rows: Vec::new(),
             logits: None,
         }
+    }
+
+    /// Decodes with `model` from the next step on: the same model with its expert table grown
+    /// (rows keep their numbers), as when a request asks for a new mixture.
+    pub fn replace_model(&mut self, model: Model) {
+        self.model = model;
     }
 
     /// Sequences in the batch.
@@ -103,7 +110,7 @@ impl<'m> Decoder<'m> {
         let device = self.model.transformer.device();
         let longest = joining.iter().map(|j| j.prompt.len()).max().unwrap_or(0);
         let pads: Vec<usize> = joining.iter().map(|j| longest - j.prompt.len()).collect();
-        let filler = super::score::filler(self.model);
+        let filler = super::score::filler(&self.model);
         let ids: Vec<u32> = joining
             .iter()
             .zip(&pads)
@@ -178,7 +185,7 @@ impl<'m> Decoder<'m> {
                 }
             };
             let produced = row.seq.tokens.len() + 1;
-            advance(self.model, &mut row.seq, token, &row.opts, produced)?;
+            advance(&self.model, &mut row.seq, token, &row.opts, produced)?;
             let text = &row.seq.text;
             if text.len() > row.shown
                 && text.is_char_boundary(row.shown)
@@ -324,7 +331,7 @@ mod tests {
             .zip(lengths)
             .map(|(p, n)| Ok(generate(&model, std::slice::from_ref(p), &opts(n))?.remove(0)))
             .collect::<Result<_>>()?;
-        let mut decoder = Decoder::new(&model);
+        let mut decoder = Decoder::new(model.clone());
         let mut out = std::collections::BTreeMap::new();
         let join = |i: usize| Joining {
             id: i as u64,
@@ -357,7 +364,7 @@ mod tests {
     #[test]
     fn a_cancelled_sequence_leaves() -> TestResult {
         let model = model();
-        let mut decoder = Decoder::new(&model);
+        let mut decoder = Decoder::new(model.clone());
         let joining = |id| Joining {
             id,
             prompt: vec![4, 5, 6],

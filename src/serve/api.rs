@@ -68,6 +68,8 @@ impl IntoResponse for ApiError {
 /// What a request asks to be generated, whichever endpoint it came to.
 pub struct Ask {
     pub model: String,
+    /// tsq's extension: the request's own mixture of experts, by name (`base` too), with weights.
+    pub mixture: Option<Vec<(String, f64)>>,
     pub input: Input,
     pub n: usize,
     pub stream: bool,
@@ -105,6 +107,13 @@ pub struct Limits {
     pub max_stop: usize,
 }
 
+/// The `tsq` object of a request: `{"experts": {"math": 0.7, "code": 0.3}}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Extension {
+    experts: std::collections::BTreeMap<String, f64>,
+}
+
 #[derive(Deserialize)]
 struct StreamOptions {
     #[serde(default)]
@@ -125,6 +134,7 @@ struct Common {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    tsq: Option<Extension>,
     // Fields tsq cannot honour yet: refused when they would change the answer.
     logprobs: Option<Value>,
     top_logprobs: Option<Value>,
@@ -293,8 +303,27 @@ fn ask(c: Common, input: Input, limits: &Limits) -> Result<Ask, ApiError> {
             ),
         ));
     }
+    let mixture = match c.tsq {
+        None => None,
+        Some(Extension { experts }) => {
+            if experts.is_empty() || experts.len() > 8 {
+                return Err(ApiError::invalid(
+                    Some("tsq.experts"),
+                    "between 1 and 8 experts to mix",
+                ));
+            }
+            if experts.values().any(|a| !a.is_finite() || a.abs() > 100.0) {
+                return Err(ApiError::invalid(
+                    Some("tsq.experts"),
+                    "weights must be finite, |α| ≤ 100",
+                ));
+            }
+            Some(experts.into_iter().collect())
+        }
+    };
     Ok(Ask {
         model: c.model,
+        mixture,
         input,
         n: n as usize,
         stream: c.stream,

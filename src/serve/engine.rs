@@ -24,6 +24,7 @@ use crate::model::generate::{GenerateOptions, Generation};
 use crate::model::tokenizer::Tokenizer;
 use crate::stages::adapt::adapter::{Adapter, Choice};
 use crate::stages::ids;
+use crate::svf::ExpertTable;
 
 /// What the server offers, known once the engine has loaded the run.
 pub struct Catalog {
@@ -43,6 +44,15 @@ impl Catalog {
             .find(|(id, _)| id == model)
             .map(|(_, r)| r)
     }
+
+    /// The names of the run's trained experts.
+    pub fn experts(&self) -> Vec<&str> {
+        self.models
+            .iter()
+            .filter(|(_, route)| matches!(route, Route::Expert(_)))
+            .filter_map(|(id, _)| id.split_once(':').map(|(_, name)| name))
+            .collect()
+    }
 }
 
 /// Who answers a request.
@@ -53,6 +63,9 @@ pub enum Route {
     Expert(u32),
     /// An adaptation: its first pass picks (or mixes) the expert per request.
     Adaptation(String),
+    /// The request's own mixture of the run's experts (`base` for the base model): effective
+    /// scales Σ α e, a row of the table made on first use.
+    Mixture(Vec<(String, f64)>),
 }
 
 pub struct Job {
@@ -121,7 +134,12 @@ pub fn start(
 }
 
 struct Engine {
+    /// The model sequences are decoded with: the table's, or the base model when the run has
+    /// no expert.
     model: Model,
+    table: Option<ExpertTable>,
+    /// Rows made for requests' mixtures, by mixture ([`mixture_key`]).
+    mixtures: BTreeMap<String, u32>,
     adapters: BTreeMap<String, Adapter>,
     /// Table row of each trained expert (by name) and each few-shot adaptation (`adapt:NAME`);
     /// row 0 is the base model. Empty when the run has no expert: the model holds no table.
@@ -174,10 +192,11 @@ impl Engine {
             ));
         }
         let paths: Vec<&Path> = files.iter().map(|(_, p)| p.as_path()).collect();
-        let model = match paths.is_empty() {
-            true => base,
-            false => crate::svf::expert_table(&base, &paths, &home)?,
+        let table = match paths.is_empty() {
+            true => None,
+            false => Some(ExpertTable::new(&base, &paths, &home)?),
         };
+        let model = table.as_ref().map_or(base, |t| t.model.clone());
         let rows = files
             .iter()
             .enumerate()
@@ -193,6 +212,8 @@ impl Engine {
         Ok((
             Self {
                 model,
+                table,
+                mixtures: BTreeMap::new(),
                 adapters,
                 rows,
                 metrics,
@@ -202,8 +223,7 @@ impl Engine {
     }
 
     fn run(mut self, jobs: Receiver<Job>, max_batch: usize) {
-        let model = self.model.clone();
-        let mut decoder = Decoder::new(&model);
+        let mut decoder = Decoder::new(self.model.clone());
         let mut listeners: BTreeMap<u64, Listener> = BTreeMap::new();
         let mut next_id = 0u64;
         let mut closed = false;
@@ -215,7 +235,11 @@ impl Engine {
             self.metrics
                 .queued
                 .fetch_sub(arrived.len(), Ordering::Relaxed);
+            let rows = self.table.as_ref().map_or(0, ExpertTable::len);
             let joining = self.admit(arrived, &mut listeners, &mut next_id);
+            if self.table.as_ref().map_or(0, ExpertTable::len) != rows {
+                decoder.replace_model(self.model.clone());
+            }
             let joined: Vec<u64> = joining.iter().map(|j| j.id).collect();
             if let Err(e) = decoder.join(joining) {
                 fail(&joined, &mut listeners, &e.to_string());
@@ -243,7 +267,7 @@ impl Engine {
                 for (_, l) in std::mem::take(&mut listeners) {
                     let _ = l.events.send(JobEvent::Failed(e.to_string()));
                 }
-                decoder = Decoder::new(&model);
+                decoder = Decoder::new(self.model.clone());
                 continue;
             }
             for id in gone {
@@ -270,9 +294,27 @@ impl Engine {
             .map(|j| match &j.route {
                 Route::Base => Some(self.base_row()),
                 Route::Expert(row) => Some(Some(*row)),
-                Route::Adaptation(_) => None,
+                Route::Adaptation(_) | Route::Mixture(_) => None,
             })
             .collect();
+        for (i, job) in jobs.iter().enumerate() {
+            let Route::Mixture(mix) = &job.route else {
+                continue;
+            };
+            match self.mixture_row(mix) {
+                Ok(row) => {
+                    experts[i] = Some(Some(row));
+                    self.metrics.answered_by(MIXTURE);
+                    let _ = job.events.send(JobEvent::Chosen {
+                        choice: serde_json::json!({"strategy": "request", "experts": mix_object(mix)}),
+                        answered_by: MIXTURE.into(),
+                    });
+                }
+                Err(why) => {
+                    let _ = job.events.send(JobEvent::Failed(why));
+                }
+            }
+        }
         let names: std::collections::BTreeSet<String> = jobs
             .iter()
             .filter_map(|j| match &j.route {
@@ -316,7 +358,7 @@ impl Engine {
                     let name = self.rows.iter().find(|(_, r)| *r == row).map(|(n, _)| n);
                     self.metrics.answered_by(name.map_or(BASE, String::as_str));
                 }
-                Route::Adaptation(_) => {}
+                Route::Adaptation(_) | Route::Mixture(_) => {}
             }
             for index in 0..job.n {
                 *next_id += 1;
@@ -348,6 +390,35 @@ impl Engine {
         row.copied().or(self.base_row())
     }
 
+    /// The table row of mixture `mix` (expert names or `base`, with weights), made on first use.
+    fn mixture_row(&mut self, mix: &[(String, f64)]) -> Result<u32, String> {
+        let key = mixture_key(mix);
+        if let Some(&row) = self.mixtures.get(&key) {
+            return Ok(row);
+        }
+        if self.mixtures.len() >= MAX_MIXTURES {
+            return Err(format!(
+                "this server holds {MAX_MIXTURES} mixtures already; reuse one"
+            ));
+        }
+        let weights = mix
+            .iter()
+            .map(|(name, alpha)| match name.as_str() {
+                BASE => Ok((0, *alpha)),
+                _ => self
+                    .rows
+                    .get(name)
+                    .map(|&r| (r, *alpha))
+                    .ok_or_else(|| format!("no expert `{name}`")),
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let table = self.table.as_mut().ok_or("the run has no expert to mix")?;
+        let row = table.push_mixture(&weights).map_err(|e| e.to_string())?;
+        self.model = table.model.clone();
+        self.mixtures.insert(key, row);
+        Ok(row)
+    }
+
     /// The base model's row: 0 of the table, or none when the model holds no table.
     fn base_row(&self) -> Option<u32> {
         (!self.rows.is_empty()).then_some(0)
@@ -376,6 +447,27 @@ fn arrivals(jobs: &Receiver<Job>, idle: bool, room: usize, closed: &mut bool) ->
         }
     }
     Some(arrived)
+}
+
+/// What answers a request's own mixture, in its `tsq` object, header and metrics.
+const MIXTURE: &str = "mixture";
+
+/// Mixtures one server makes at most (each a row of every target's table).
+const MAX_MIXTURES: usize = 64;
+
+/// A mixture's identity: its names and weights in name order.
+fn mixture_key(mix: &[(String, f64)]) -> String {
+    let mut parts: Vec<String> = mix.iter().map(|(n, a)| format!("{n}={a:?}")).collect();
+    parts.sort();
+    parts.join(",")
+}
+
+fn mix_object(mix: &[(String, f64)]) -> Value {
+    Value::Object(
+        mix.iter()
+            .map(|(n, a)| (n.clone(), serde_json::json!(a)))
+            .collect(),
+    )
 }
 
 /// Tells the listeners of sequences `ids` that they failed, with `why`.

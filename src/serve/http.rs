@@ -21,6 +21,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use super::api::{self, ApiError, Ask, Input, Limits};
 use super::engine::{Catalog, Job, JobEvent, Route};
 use super::metrics::Metrics;
+use crate::adapt::spec::BASE;
 
 pub struct ServerState {
     pub catalog: Catalog,
@@ -202,7 +203,7 @@ fn submit(
         Endpoint::Text => api::completion(body, &state.limits)?,
     };
     let catalog = &state.catalog;
-    let route = catalog.route(&ask.model).cloned().ok_or_else(|| ApiError {
+    let mut route = catalog.route(&ask.model).cloned().ok_or_else(|| ApiError {
         param: Some("model"),
         ..ApiError::status(
             StatusCode::NOT_FOUND,
@@ -210,6 +211,9 @@ fn submit(
             format!("no model `{}` here: GET /v1/models lists them", ask.model),
         )
     })?;
+    if let Some(mix) = &ask.mixture {
+        route = mixture_route(catalog, &route, mix)?;
+    }
     let text = match &ask.input {
         Input::Chat(messages) => catalog
             .chat
@@ -293,6 +297,39 @@ fn submit(
         arrived,
         last: None,
     })
+}
+
+/// The route of a request asking for its own mixture of experts: of the base model only, over
+/// the run's experts (and `base`).
+fn mixture_route(
+    catalog: &Catalog,
+    asked: &Route,
+    mix: &[(String, f64)],
+) -> Result<Route, ApiError> {
+    let param = Some("tsq.experts");
+    if *asked != Route::Base {
+        return Err(ApiError::invalid(
+            param,
+            format!("a mixture is asked of the base model `{}`", catalog.run),
+        ));
+    }
+    let experts = catalog.experts();
+    if experts.is_empty() {
+        return Err(ApiError::invalid(param, "the run has no expert to mix"));
+    }
+    if let Some((name, _)) = mix
+        .iter()
+        .find(|(n, _)| n != BASE && !experts.contains(&n.as_str()))
+    {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "no expert `{name}`: the run's are {} (and `base`)",
+                experts.join(", ")
+            ),
+        ));
+    }
+    Ok(Route::Mixture(mix.to_vec()))
 }
 
 /// The `tsq` extension object and header value of an adaptation's choice.

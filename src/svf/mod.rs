@@ -130,6 +130,84 @@ pub fn expert_table(
     files: &[&Path],
     home: &TsqHome,
 ) -> std::result::Result<Model, SvfError> {
+    Ok(ExpertTable::new(model, files, home)?.model)
+}
+
+/// Effective scales by target.
+type Scales = std::collections::BTreeMap<String, Tensor>;
+
+/// A model holding a table of experts ([`expert_table`]), which can grow by rows that mix
+/// the others.
+pub struct ExpertTable {
+    /// The model with the table.
+    pub model: Model,
+    base: Model,
+    factors: Vec<crate::svd::cache::Decomposed>,
+    /// Each row's effective scales by target (none: the base model's `s` there).
+    rows: Vec<Scales>,
+}
+
+impl ExpertTable {
+    pub fn new(
+        model: &Model,
+        files: &[&Path],
+        home: &TsqHome,
+    ) -> std::result::Result<Self, SvfError> {
+        let (factors, rows) = table_rows(model, files, home)?;
+        let mut table = Self {
+            model: model.clone(),
+            base: model.clone(),
+            factors,
+            rows,
+        };
+        table.apply()?;
+        Ok(table)
+    }
+
+    /// Appends a row whose effective scales are Σ α e over `mix` (row, α) — a row that leaves
+    /// a target alone counts as scale 1 there — and returns its index.
+    pub fn push_mixture(&mut self, mix: &[(u32, f64)]) -> std::result::Result<u32, SvfError> {
+        let mut scales = Scales::new();
+        for d in &self.factors {
+            let mut sum = d.factors.s.zeros_like().map_err(ExpertError::from)?;
+            for &(row, alpha) in mix {
+                let e = match self.rows.get(row as usize).and_then(|r| r.get(&d.name)) {
+                    Some(e) => e.clone(),
+                    None => d.factors.s.ones_like().map_err(ExpertError::from)?,
+                };
+                sum = (sum + (e * alpha).map_err(ExpertError::from)?).map_err(ExpertError::from)?;
+            }
+            scales.insert(d.name.clone(), sum);
+        }
+        self.rows.push(scales);
+        self.apply()?;
+        Ok(self.rows.len() as u32 - 1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn apply(&mut self) -> std::result::Result<(), SvfError> {
+        let mut model = self.base.clone();
+        let rows: Vec<_> = self.rows.iter().collect();
+        apply::apply_per_sequence(&mut model.transformer, &self.factors, &rows)?;
+        self.model = model;
+        Ok(())
+    }
+}
+
+/// The factors of every target `files`' experts train, and the table's rows: the base model's
+/// (no scales), then each expert's effective scales.
+fn table_rows(
+    model: &Model,
+    files: &[&Path],
+    home: &TsqHome,
+) -> std::result::Result<(Vec<crate::svd::cache::Decomposed>, Vec<Scales>), SvfError> {
     let base = BaseModel::of_path(&model.path)?;
     let experts = files
         .iter()
@@ -159,10 +237,7 @@ pub fn expert_table(
         expert.check_compatible(file, &base, &own)?;
         scales.push(expert.effective_scales()?);
     }
-    let mut out = model.clone();
-    let rows: Vec<_> = scales.iter().collect();
-    apply::apply_per_sequence(&mut out.transformer, &factors, &rows)?;
-    Ok(out)
+    Ok((factors, scales))
 }
 
 /// A base model and copies of it with an expert composed in, each made once and kept by label
