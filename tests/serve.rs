@@ -494,6 +494,57 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
         ours.body
     );
 
+    // Log-probabilities of a completion are those `tsq score` gives its text after the prompt,
+    // and the greedy token is the likeliest of each position's alternatives.
+    let prompt = "The capital of France is";
+    let answer = server
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                    "logprobs": 2}),
+        )
+        .json();
+    let logprobs = &answer["choices"][0]["logprobs"];
+    let text = answer["choices"][0]["text"].as_str().unwrap();
+    let tokens: String = logprobs["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, text);
+    let scored = tsq(&[
+        "score",
+        "--model",
+        model_path["path"].as_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--continuation",
+        text,
+        "--format",
+        "json",
+    ])
+    .output()
+    .unwrap();
+    let scored: Value = serde_json::from_slice(&scored.stdout).unwrap();
+    let expected = scored["scores"][0]["logprobs"].as_array().unwrap();
+    let given = logprobs["token_logprobs"].as_array().unwrap();
+    assert_eq!(given.len(), expected.len(), "{logprobs}\n{scored}");
+    for (k, (a, b)) in given.iter().zip(expected).enumerate() {
+        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+        assert!((a - b).abs() < 1e-3, "token {k}: {a} vs {b}");
+        let best = logprobs["top_logprobs"][k]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!(
+            (best - a).abs() < 1e-9,
+            "token {k}: greedy {a}, best {best}"
+        );
+    }
+
     // The official client (README's example), whole and streamed.
     let venv = std::env::var_os("TSQ_TEST_VENV").map_or_else(
         || std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tsq-test-venv"),

@@ -160,6 +160,7 @@ impl GenerateArgs {
             stop,
             ignore_eos,
             track_entropy: false,
+            logprobs: None,
         };
         let adapt = run
             .as_deref()

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 
 use super::Model;
 use super::error::{ModelError, Result};
-use super::generate::{GenerateOptions, Generation, Picks, Sequence, advance, entropy, pick};
+use super::generate::{GenerateOptions, Generation, Picks, Sequence, TokenLogprob};
 use super::transformer::{Batch, KvCache, LogitsAt, Mode};
 
 /// A sequence asking to join.
@@ -29,10 +29,12 @@ pub struct Joining {
 
 /// What a step did for one sequence.
 pub enum Event {
-    /// New text (held back while it ends inside a multi-byte character).
+    /// New text (held back while it ends inside a multi-byte character), with the tokens'
+    /// log-probabilities when asked for.
     Text {
         id: u64,
         text: String,
+        logprobs: Vec<TokenLogprob>,
     },
     Finished {
         id: u64,
@@ -47,7 +49,9 @@ struct Row {
     expert: Option<u32>,
     opts: GenerateOptions,
     seq: Sequence,
+    /// Bytes of text and log-probability entries already reported.
     shown: usize,
+    shown_logprobs: usize,
     cancelled: bool,
 }
 
@@ -140,6 +144,7 @@ impl Decoder {
                 seq: Sequence::new(j.opts.seed, j.sample),
                 opts: j.opts,
                 shown: 0,
+                shown_logprobs: 0,
                 cancelled: false,
             }));
         let logits = logits.squeeze(1)?;
@@ -163,10 +168,7 @@ impl Decoder {
         let Some(logits) = self.logits.take() else {
             return Ok(());
         };
-        let greedy = self
-            .rows
-            .iter()
-            .all(|r| r.opts.temperature <= 0.0 && !r.opts.track_entropy);
+        let greedy = self.rows.iter().all(|r| r.opts.only_argmax());
         let picks = Picks::of(&logits, greedy)?;
         let mut keep = Vec::with_capacity(self.rows.len());
         let mut next = Vec::with_capacity(self.rows.len());
@@ -174,18 +176,7 @@ impl Decoder {
             if row.cancelled {
                 continue;
             }
-            let token = match &picks {
-                Picks::Chosen(ids) => ids[r],
-                Picks::Rows(rows) => {
-                    if row.opts.track_entropy {
-                        let e = &mut row.seq.entropy;
-                        *e = (e.0 + entropy(&rows[r]), e.1 + 1);
-                    }
-                    pick(&rows[r], &row.opts, &mut row.seq.rng)
-                }
-            };
-            let produced = row.seq.tokens.len() + 1;
-            advance(&self.model, &mut row.seq, token, &row.opts, produced)?;
+            let token = row.seq.take(&self.model, &picks, r, &row.opts)?;
             let text = &row.seq.text;
             if text.len() > row.shown
                 && text.is_char_boundary(row.shown)
@@ -194,8 +185,10 @@ impl Decoder {
                 on_event(Event::Text {
                     id: row.id,
                     text: text[row.shown..].to_string(),
+                    logprobs: row.seq.logprobs[row.shown_logprobs..].to_vec(),
                 });
                 row.shown = text.len();
+                row.shown_logprobs = row.seq.logprobs.len();
             }
             if row.seq.done.is_none() {
                 keep.push(r);
@@ -205,7 +198,7 @@ impl Decoder {
         let leaving = self.keep(&keep)?;
         for row in leaving {
             if !row.cancelled {
-                let generation = row.seq.generation(row.opts.track_entropy);
+                let generation = row.seq.generation(&row.opts);
                 on_event(Event::Finished {
                     id: row.id,
                     generation,

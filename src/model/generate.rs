@@ -32,6 +32,16 @@ pub struct GenerateOptions {
     /// Record the entropy of the model's next-token distribution at each step (rollouts report
     /// it; it costs a pass over the vocabulary per sequence and step).
     pub track_entropy: bool,
+    /// Keep each generated token's log-probability and those of the `k` likeliest tokens there
+    /// (`Some(k)`; the log-softmax of the logits, before temperature).
+    pub logprobs: Option<usize>,
+}
+
+impl GenerateOptions {
+    /// Whether every step just takes the argmax and reads nothing else of the logits.
+    pub(super) fn only_argmax(&self) -> bool {
+        self.temperature <= 0.0 && !self.track_entropy && self.logprobs.is_none()
+    }
 }
 
 impl Default for GenerateOptions {
@@ -45,6 +55,7 @@ impl Default for GenerateOptions {
             stop: vec![],
             ignore_eos: false,
             track_entropy: false,
+            logprobs: None,
         }
     }
 }
@@ -66,6 +77,46 @@ pub struct Generation {
     /// when asked for (`track_entropy`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entropy: Option<f64>,
+    /// Each token's log-probability and the likeliest alternatives, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+/// A generated token's log-probability, and the `k` likeliest tokens' at its position (best
+/// first).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// From the logits `row` the token was chosen from.
+    fn of(row: &[f32], token: u32, k: usize) -> Self {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let log_z = max
+            + row
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let logprob = |id: u32| (row[id as usize] as f64 - log_z) as f32;
+        let mut order: Vec<u32> = (0..row.len() as u32).collect();
+        let k = k.min(row.len());
+        if k > 0 {
+            order.select_nth_unstable_by(k - 1, |&a, &b| {
+                row[b as usize].total_cmp(&row[a as usize])
+            });
+        }
+        order.truncate(k);
+        order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        Self {
+            token,
+            logprob: logprob(token),
+            top: order.into_iter().map(|id| (id, logprob(id))).collect(),
+        }
+    }
 }
 
 /// One sequence being decoded (shared with [`super::decoder`]).
@@ -76,6 +127,8 @@ pub(super) struct Sequence {
     pub(super) text: String,
     /// Σ over decoding steps of the model's entropy there, and the number of steps.
     pub(super) entropy: (f64, usize),
+    /// One per token in `tokens`, when asked for.
+    pub(super) logprobs: Vec<TokenLogprob>,
 }
 
 impl Sequence {
@@ -89,15 +142,50 @@ impl Sequence {
             done: None,
             text: String::new(),
             entropy: (0.0, 0),
+            logprobs: Vec::new(),
         }
     }
 
-    pub(super) fn generation(self, track_entropy: bool) -> Generation {
+    /// Takes this step's token (row `r` of `picks`, or drawn from it) with what `opts` asks to
+    /// record of it, and decides whether the sequence is finished.
+    pub(super) fn take(
+        &mut self,
+        model: &Model,
+        picks: &Picks,
+        r: usize,
+        opts: &GenerateOptions,
+    ) -> Result<u32> {
+        let (token, logprob) = match picks {
+            Picks::Chosen(ids) => (ids[r], None),
+            Picks::Rows(rows) => {
+                let row = &rows[r];
+                if opts.track_entropy {
+                    self.entropy = (self.entropy.0 + entropy(row), self.entropy.1 + 1);
+                }
+                let token = pick(row, opts, &mut self.rng);
+                (
+                    token,
+                    opts.logprobs.map(|k| TokenLogprob::of(row, token, k)),
+                )
+            }
+        };
+        let before = self.tokens.len();
+        advance(model, self, token, opts, before + 1)?;
+        if let Some(lp) = logprob.filter(|_| self.tokens.len() > before) {
+            self.logprobs.push(lp);
+        }
+        Ok(token)
+    }
+
+    pub(super) fn generation(self, opts: &GenerateOptions) -> Generation {
         Generation {
             text: self.text,
             token_ids: self.tokens,
             finish_reason: self.done.unwrap_or(FinishReason::Length),
-            entropy: track_entropy.then(|| self.entropy.0 / self.entropy.1.max(1) as f64),
+            entropy: opts
+                .track_entropy
+                .then(|| self.entropy.0 / self.entropy.1.max(1) as f64),
+            logprobs: opts.logprobs.map(|_| self.logprobs),
         }
     }
 }
@@ -206,22 +294,12 @@ fn decode(
     let mut pad: Vec<usize> = source.iter().map(|&d| distinct_pad[d]).collect();
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     let mut shown = vec![0usize; prompts.len()];
-    for step in 0..opts.max_new_tokens {
-        let greedy = opts.temperature <= 0.0 && !opts.track_entropy;
-        let picks = Picks::of(&logits.squeeze(1)?, greedy)?;
+    for _ in 0..opts.max_new_tokens {
+        let picks = Picks::of(&logits.squeeze(1)?, opts.only_argmax())?;
         let mut next = Vec::with_capacity(live.len());
         for (r, &i) in live.iter().enumerate() {
             let seq = &mut seqs[i];
-            let token = match &picks {
-                Picks::Chosen(ids) => ids[r],
-                Picks::Rows(rows) => {
-                    if opts.track_entropy {
-                        seq.entropy = (seq.entropy.0 + entropy(&rows[r]), seq.entropy.1 + 1);
-                    }
-                    pick(&rows[r], opts, &mut seq.rng)
-                }
-            };
-            advance(model, seq, token, opts, step + 1)?;
+            let token = seq.take(model, &picks, r, opts)?;
             if seq.text.len() > shown[i]
                 && seq.text.is_char_boundary(shown[i])
                 && !seq.text.ends_with('\u{FFFD}')
@@ -253,10 +331,7 @@ fn decode(
             LogitsAt::Last,
         )?;
     }
-    Ok(seqs
-        .into_iter()
-        .map(|s| s.generation(opts.track_entropy))
-        .collect())
+    Ok(seqs.into_iter().map(|s| s.generation(opts)).collect())
 }
 
 /// One decoding step's choices: made on the device (greedy off the CPU, where copying every
@@ -280,7 +355,7 @@ impl Picks {
 }
 
 /// Entropy (nats) of the model's own next-token distribution (temperature 1) from its logits.
-pub(super) fn entropy(logits: &[f32]) -> f64 {
+fn entropy(logits: &[f32]) -> f64 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
     let (mut total, mut weighted) = (0f64, 0f64);
     for &l in logits {
@@ -312,7 +387,7 @@ fn distinct_prompts(prompts: &[Vec<u32>], experts: Option<&[u32]>) -> (Vec<usize
 }
 
 /// Appends `token` and decides whether the sequence is finished.
-pub(super) fn advance(
+fn advance(
     model: &Model,
     seq: &mut Sequence,
     token: u32,
@@ -340,7 +415,7 @@ pub(super) fn advance(
 }
 
 /// The next token: argmax when greedy, else a draw after temperature, top-k and top-p.
-pub(super) fn pick(logits: &[f32], opts: &GenerateOptions, rng: &mut ChaCha8Rng) -> u32 {
+fn pick(logits: &[f32], opts: &GenerateOptions, rng: &mut ChaCha8Rng) -> u32 {
     let argmax = || {
         logits
             .iter()

@@ -282,6 +282,7 @@ fn ask(c: Common, input: Input, limits: &Limits) -> Result<Ask, ApiError> {
             "`top_p` must be in (0, 1]",
         ));
     }
+    let logprobs = logprobs(&c, &input)?;
     let stop = match c.stop {
         None | Some(Value::Null) => vec![],
         Some(Value::String(s)) => vec![s],
@@ -337,8 +338,50 @@ fn ask(c: Common, input: Input, limits: &Limits) -> Result<Ask, ApiError> {
             stop,
             ignore_eos: false,
             track_entropy: false,
+            logprobs,
         },
     })
+}
+
+/// How many alternatives to report beside each token's log-probability, if any: chat asks
+/// with `logprobs: true` and `top_logprobs` (0-20), completions with `logprobs` (0-5).
+fn logprobs(c: &Common, input: &Input) -> Result<Option<usize>, ApiError> {
+    let count = |v: &Value, max: u64, param| match v.as_u64() {
+        Some(n) if n <= max => Ok(n as usize),
+        _ => Err(ApiError::invalid(
+            Some(param),
+            format!("`{param}` must be an integer from 0 to {max}"),
+        )),
+    };
+    match input {
+        Input::Chat(_) => {
+            let asked = match &c.logprobs {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        Some("logprobs"),
+                        "`logprobs` must be true or false",
+                    ));
+                }
+            };
+            let top = match &c.top_logprobs {
+                None | Some(Value::Null) => 0,
+                Some(_) if !asked => {
+                    return Err(ApiError::invalid(
+                        Some("top_logprobs"),
+                        "`top_logprobs` needs `logprobs: true`",
+                    ));
+                }
+                Some(v) => count(v, 20, "top_logprobs")?,
+            };
+            Ok(asked.then_some(top))
+        }
+        Input::Text(_) => match &c.logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => count(v, 5, "logprobs").map(Some),
+        },
+    }
 }
 
 fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
@@ -352,9 +395,6 @@ fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
         v.as_ref()
             .is_some_and(|v| !v.is_null() && v != &json!(false))
     };
-    if set(&c.logprobs) || set(&c.top_logprobs) {
-        return refuse("logprobs");
-    }
     if c.presence_penalty.is_some_and(|p| p != 0.0) {
         return refuse("presence_penalty");
     }
@@ -424,7 +464,8 @@ mod tests {
     #[test]
     fn fields_tsq_cannot_honour_or_bad_values_are_refused_by_name() {
         for (body, param) in [
-            (r#""logprobs": true"#, "logprobs"),
+            (r#""logprobs": 3"#, "logprobs"),
+            (r#""top_logprobs": 2"#, "top_logprobs"),
             (r#""presence_penalty": 0.5"#, "presence_penalty"),
             (r#""logit_bias": {"5": 10}"#, "logit_bias"),
             (r#""n": 9"#, "n"),

@@ -20,7 +20,7 @@ use crate::assets::TsqHome;
 use crate::model::Model;
 use crate::model::chat::ChatTemplate;
 use crate::model::decoder::{Decoder, Event, Joining};
-use crate::model::generate::{GenerateOptions, Generation};
+use crate::model::generate::{GenerateOptions, Generation, TokenLogprob};
 use crate::model::tokenizer::Tokenizer;
 use crate::stages::adapt::adapter::{Adapter, Choice};
 use crate::stages::ids;
@@ -87,6 +87,7 @@ pub enum JobEvent {
     Text {
         index: usize,
         text: String,
+        logprobs: Vec<TokenLogprob>,
     },
     Finished {
         index: usize,
@@ -246,10 +247,15 @@ impl Engine {
             }
             let mut gone = Vec::new();
             let stepped = decoder.step(&mut |event| match event {
-                Event::Text { id, text } => {
+                Event::Text { id, text, logprobs } => {
                     if let Some(l) = listeners.get(&id) {
                         let index = l.index;
-                        if l.events.send(JobEvent::Text { index, text }).is_err() {
+                        let event = JobEvent::Text {
+                            index,
+                            text,
+                            logprobs,
+                        };
+                        if l.events.send(event).is_err() {
                             gone.push(id);
                         }
                     }

@@ -22,6 +22,8 @@ use super::api::{self, ApiError, Ask, Input, Limits};
 use super::engine::{Catalog, Job, JobEvent, Route};
 use super::metrics::Metrics;
 use crate::adapt::spec::BASE;
+use crate::model::generate::TokenLogprob;
+use crate::model::tokenizer::Tokenizer;
 
 pub struct ServerState {
     pub catalog: Catalog,
@@ -166,8 +168,57 @@ async fn respond(
     response
 }
 
+/// OpenAI's `logprobs` object for tokens `lps`: chat's `{"content": [...]}`, or the legacy
+/// completions' parallel lists (`text_offset` counted from `offset`).
+fn logprobs_json(
+    tokenizer: &Tokenizer,
+    lps: &[TokenLogprob],
+    endpoint: Endpoint,
+    offset: usize,
+) -> Value {
+    let text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+    match endpoint {
+        Endpoint::Chat => {
+            let entry = |id: u32, logprob: f32| {
+                let token = text(id);
+                json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+            };
+            let content: Vec<Value> = lps
+                .iter()
+                .map(|lp| {
+                    let mut e = entry(lp.token, lp.logprob);
+                    e["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
+                    e
+                })
+                .collect();
+            json!({"content": content})
+        }
+        Endpoint::Text => {
+            let tokens: Vec<String> = lps.iter().map(|lp| text(lp.token)).collect();
+            let mut at = offset;
+            let offsets: Vec<usize> = tokens
+                .iter()
+                .map(|t| {
+                    let here = at;
+                    at += t.len();
+                    here
+                })
+                .collect();
+            let top: Vec<Value> = lps
+                .iter()
+                .map(|lp| {
+                    Value::Object(lp.top.iter().map(|&(id, l)| (text(id), json!(l))).collect())
+                })
+                .collect();
+            json!({"tokens": tokens, "token_logprobs": lps.iter().map(|lp| lp.logprob).collect::<Vec<_>>(),
+                   "top_logprobs": top, "text_offset": offsets})
+        }
+    }
+}
+
 /// A request accepted by the engine: what was asked and where its events arrive.
 struct Started {
+    tokenizer: Arc<Tokenizer>,
     ask: Ask,
     id: String,
     model: String,
@@ -294,6 +345,7 @@ fn submit(
         prompt_tokens,
         events,
         metrics: Arc::clone(&state.metrics),
+        tokenizer: Arc::clone(&catalog.tokenizer),
         arrived,
         last: None,
     })
@@ -377,11 +429,15 @@ async fn whole(mut s: Started, endpoint: Endpoint) -> Response {
         .enumerate()
         .map(|(index, g)| {
             let reason = api::finish_reason(g.finish_reason);
+            let logprobs = g
+                .logprobs
+                .as_deref()
+                .map_or(Value::Null, |lps| logprobs_json(&s.tokenizer, lps, endpoint, 0));
             match endpoint {
-                Endpoint::Chat => json!({"index": index, "logprobs": null, "finish_reason": reason,
+                Endpoint::Chat => json!({"index": index, "logprobs": logprobs, "finish_reason": reason,
                     "message": {"role": "assistant", "content": g.text}}),
                 Endpoint::Text => {
-                    json!({"index": index, "logprobs": null, "finish_reason": reason, "text": g.text})
+                    json!({"index": index, "logprobs": logprobs, "finish_reason": reason, "text": g.text})
                 }
             }
         })
@@ -429,15 +485,15 @@ fn stream(s: Started, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<SseEv
         }
         SseEvent::default().data(body.to_string())
     };
-    let piece = move |index: usize, text: Option<String>, reason: Option<&str>| {
+    let piece = move |index: usize, text: Option<String>, logprobs: Value, reason: Option<&str>| {
         if chat {
             let delta = match text {
                 Some(t) => json!({"content": t}),
                 None => json!({}),
             };
-            json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": reason}])
+            json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}])
         } else {
-            json!([{"index": index, "text": text.unwrap_or_default(), "logprobs": null,
+            json!([{"index": index, "text": text.unwrap_or_default(), "logprobs": logprobs,
                     "finish_reason": reason}])
         }
     };
@@ -477,15 +533,27 @@ fn stream(s: Started, endpoint: Endpoint) -> Sse<impl Stream<Item = Result<SseEv
             }) => {
                 out.push(chunk(&p.s, json!([]), chosen(&Some((choice, answered_by)))));
             }
-            Some(JobEvent::Text { index, text }) => {
+            Some(JobEvent::Text {
+                index,
+                text,
+                logprobs,
+            }) => {
                 p.s.tick();
-                out.push(chunk(&p.s, piece(index, Some(text), None), None));
+                let logprobs = match p.s.ask.opts.logprobs {
+                    Some(_) => logprobs_json(&p.s.tokenizer, &logprobs, endpoint, 0),
+                    None => Value::Null,
+                };
+                out.push(chunk(&p.s, piece(index, Some(text), logprobs, None), None));
             }
             Some(JobEvent::Finished { index, generation }) => {
                 p.finished += 1;
                 p.completion_tokens += generation.token_ids.len();
                 let reason = api::finish_reason(generation.finish_reason);
-                out.push(chunk(&p.s, piece(index, None, Some(reason)), None));
+                out.push(chunk(
+                    &p.s,
+                    piece(index, None, Value::Null, Some(reason)),
+                    None,
+                ));
                 if p.finished == p.s.ask.n {
                     if p.s.ask.include_usage {
                         let mut last = json!({"id": p.s.id, "object": object, "created": now(),
