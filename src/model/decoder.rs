@@ -3,9 +3,12 @@
 //! table of experts, its own expert. The serving engine's loop; [`super::generate`] decodes a
 //! fixed batch (sharing the prefill of repeated prompts, which this does not).
 //!
-//! Joining sequences are prefilled together and their KV cache rows put after the running ones,
-//! the shorter side left-padded ([`KvCache::append_rows`]); padding no row needs any more is
+//! Joining sequences are prefilled together (those with one expert and a common prefix, such as
+//! a system prompt, compute it once) and their KV cache rows put after the running ones, the
+//! shorter side left-padded ([`KvCache::append_rows`]); padding no row needs any more is
 //! trimmed as sequences leave, so the cache is as long as its longest live sequence.
+
+use std::ops::Range;
 
 use candle_core::Tensor;
 
@@ -13,6 +16,33 @@ use super::Model;
 use super::error::{ModelError, Result};
 use super::generate::{GenerateOptions, Generation, Picks, Sequence, TokenLogprob};
 use super::transformer::{Batch, KvCache, LogitsAt, Mode};
+
+/// Fewest leading tokens prompts joining together must share for the prefix to be computed once.
+const MIN_SHARED: usize = 8;
+
+/// How many leading tokens every prompt of `group` shares, when worth sharing (at least
+/// [`MIN_SHARED`], two prompts or more); each prompt keeps at least one token of its own, whose
+/// logits are the ones it needs.
+fn shared_prefix(group: &[Joining]) -> usize {
+    let Some((first, rest)) = group.split_first() else {
+        return 0;
+    };
+    let shortest = group.iter().map(|j| j.prompt.len()).min().unwrap_or(0);
+    let common = rest.iter().fold(shortest.saturating_sub(1), |n, j| {
+        first
+            .prompt
+            .iter()
+            .zip(&j.prompt)
+            .take(n)
+            .take_while(|(a, b)| a == b)
+            .count()
+    });
+    if rest.is_empty() || common < MIN_SHARED {
+        0
+    } else {
+        common
+    }
+}
 
 /// A sequence asking to join.
 pub struct Joining {
@@ -111,33 +141,92 @@ impl Decoder {
                 )));
             }
         }
+        // Sequences with one expert share what their prompts share: each such group is
+        // prefilled together, its common prefix once.
+        let mut groups: Vec<Vec<Joining>> = Vec::new();
+        for j in joining {
+            match groups.iter_mut().find(|g| g[0].expert == j.expert) {
+                Some(group) => group.push(j),
+                None => groups.push(vec![j]),
+            }
+        }
+        for group in groups {
+            let (cache, logits, pads) = self.prefill(&group)?;
+            self.add(group, cache, logits, pads)?;
+        }
+        Ok(())
+    }
+
+    /// Prefills `group` (one expert): the prefix all its prompts share (at least
+    /// [`MIN_SHARED`] tokens) once, then each prompt's own part, left-padded after it. The cache
+    /// comes out as if each prompt had been prefilled whole and left-padded: its padding is
+    /// moved in front. Returns the cache, the next-token logits (rows, vocab), the paddings.
+    fn prefill(&self, group: &[Joining]) -> Result<(KvCache, Tensor, Vec<usize>)> {
         let device = self.model.transformer.device();
-        let longest = joining.iter().map(|j| j.prompt.len()).max().unwrap_or(0);
-        let pads: Vec<usize> = joining.iter().map(|j| longest - j.prompt.len()).collect();
+        let experts = || group.iter().map(|j| j.expert);
+        let shared = shared_prefix(group);
+        let mut cache = KvCache::default();
+        if shared > 0 {
+            let prefix = Tensor::from_vec(group[0].prompt[..shared].to_vec(), (1, shared), device)?;
+            let batch = self.with_experts(
+                Batch::left_padded(&[0], 0, shared, device)?,
+                std::iter::once(group[0].expert),
+            )?;
+            let tf = &self.model.transformer;
+            tf.forward(
+                &prefix,
+                &batch,
+                Some(&mut cache),
+                Mode::Fast,
+                LogitsAt::Last,
+            )?;
+            cache.select_rows(&vec![0; group.len()])?;
+        }
+        let longest = group
+            .iter()
+            .map(|j| j.prompt.len() - shared)
+            .max()
+            .unwrap_or(0);
+        let pads: Vec<usize> = group
+            .iter()
+            .map(|j| longest + shared - j.prompt.len())
+            .collect();
+        let gaps: Vec<Range<usize>> = pads.iter().map(|&p| shared..shared + p).collect();
         let filler = super::score::filler(&self.model);
-        let ids: Vec<u32> = joining
+        let ids: Vec<u32> = group
             .iter()
             .zip(&pads)
-            .flat_map(|(j, &p)| std::iter::repeat_n(filler, p).chain(j.prompt.iter().copied()))
+            .flat_map(|(j, &p)| {
+                std::iter::repeat_n(filler, p).chain(j.prompt[shared..].iter().copied())
+            })
             .collect();
-        let batch = self.with_experts(
-            Batch::left_padded(&pads, 0, longest, device)?,
-            joining.iter().map(|j| j.expert),
-        )?;
-        let mut cache = KvCache::default();
+        let batch =
+            self.with_experts(Batch::with_gaps(&gaps, shared, longest, device)?, experts())?;
         let logits = self.model.transformer.forward(
-            &Tensor::from_vec(ids, (joining.len(), longest), device)?,
+            &Tensor::from_vec(ids, (group.len(), longest), device)?,
             &batch,
             Some(&mut cache),
             Mode::Fast,
             LogitsAt::Last,
         )?;
+        cache.move_gaps_to_front(&gaps)?;
+        Ok((cache, logits.squeeze(1)?, pads))
+    }
+
+    /// Puts a prefilled group after the running rows.
+    fn add(
+        &mut self,
+        group: Vec<Joining>,
+        cache: KvCache,
+        logits: Tensor,
+        pads: Vec<usize>,
+    ) -> Result<()> {
         let (shift_running, shift_joining) = self.cache.append_rows(cache)?;
         for row in &mut self.rows {
             row.pad += shift_running;
         }
         self.rows
-            .extend(joining.into_iter().zip(pads).map(|(j, pad)| Row {
+            .extend(group.into_iter().zip(pads).map(|(j, pad)| Row {
                 id: j.id,
                 pad: pad + shift_joining,
                 expert: j.expert,
@@ -147,7 +236,6 @@ impl Decoder {
                 shown_logprobs: 0,
                 cancelled: false,
             }));
-        let logits = logits.squeeze(1)?;
         self.logits = Some(match self.logits.take() {
             Some(running) => Tensor::cat(&[running, logits], 0)?,
             None => logits,
@@ -350,6 +438,53 @@ mod tests {
             assert!((a - b).abs() < 1e-5, "sequence {i}: entropy {a} vs {b}");
         }
         assert!(decoder.cache.is_empty());
+        Ok(())
+    }
+
+    /// Prompts joining together with a common prefix (a system prompt) compute it once and
+    /// still decode what each decodes alone, also beside a sequence already running.
+    #[test]
+    fn a_shared_prefix_is_computed_once_and_changes_nothing() -> TestResult {
+        let model = model();
+        let system: Vec<u32> = (0..20).map(|i| 3 + (i * 7) % 90).collect();
+        let prompts: Vec<Vec<u32>> = [vec![5u32, 9, 13], vec![40], vec![8, 8, 60, 61, 62, 63, 64]]
+            .into_iter()
+            .map(|own| system.iter().copied().chain(own).collect())
+            .collect();
+        let alone: Vec<Generation> = prompts
+            .iter()
+            .map(|p| Ok(generate(&model, std::slice::from_ref(p), &opts(8))?.remove(0)))
+            .collect::<Result<_>>()?;
+        let joining = |i: usize| Joining {
+            id: i as u64,
+            prompt: prompts[i].clone(),
+            expert: None,
+            opts: opts(8),
+            sample: 0,
+        };
+        assert_eq!(shared_prefix(&[joining(0), joining(1), joining(2)]), 20);
+        assert_eq!(shared_prefix(&[joining(0)]), 0);
+        let mut decoder = Decoder::new(model.clone());
+        decoder.join(vec![Joining {
+            id: 9,
+            prompt: vec![11, 12],
+            expert: None,
+            opts: opts(12),
+            sample: 0,
+        }])?;
+        decoder.step(&mut |_| {})?;
+        decoder.join(vec![joining(0), joining(1), joining(2)])?;
+        let mut out = std::collections::BTreeMap::new();
+        drain(&mut decoder, &mut out)?;
+        for (i, expected) in alone.iter().enumerate() {
+            let ours = &out[&(i as u64)];
+            assert_eq!(ours.token_ids, expected.token_ids, "sequence {i}");
+            let (a, b) = (
+                ours.entropy.unwrap_or(-1.0),
+                expected.entropy.unwrap_or(-2.0),
+            );
+            assert!((a - b).abs() < 1e-5, "sequence {i}: entropy {a} vs {b}");
+        }
         Ok(())
     }
 

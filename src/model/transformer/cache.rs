@@ -98,6 +98,34 @@ impl KvCache {
         Ok((len - mine, len - theirs))
     }
 
+    /// Moves each row's padding `gaps[row]` (positions inside the cached ones) in front of the
+    /// row, the other positions keeping their order: a prefix computed once and followed by
+    /// left-padded own parts becomes a left-padded cache.
+    pub fn move_gaps_to_front(&mut self, gaps: &[Range<usize>]) -> Result<()> {
+        if gaps.iter().all(|g| g.start == 0 || g.is_empty()) {
+            return Ok(());
+        }
+        for layer in self.layers.iter_mut().flatten() {
+            let len = layer.len;
+            let reorder = |buffer: &Tensor| -> Result<Tensor> {
+                let rows = gaps
+                    .iter()
+                    .enumerate()
+                    .map(|(b, gap)| {
+                        let row = buffer.narrow(0, b, 1)?;
+                        let part = |r: &Range<usize>| row.narrow(2, r.start, r.len());
+                        let parts = [part(gap)?, part(&(0..gap.start))?, part(&(gap.end..len))?];
+                        Ok(Tensor::cat(&parts, 2)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&rows, 0)?)
+            };
+            layer.k = reorder(&layer.k)?;
+            layer.v = reorder(&layer.v)?;
+        }
+        Ok(())
+    }
+
     /// Drops the first `n` positions of every row (padding no row needs any more).
     pub fn trim_front(&mut self, n: usize) -> Result<()> {
         if n == 0 {
