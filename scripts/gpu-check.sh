@@ -104,8 +104,10 @@ print(json.dumps({'gpu': sys.argv[1], 'tsq': sys.argv[2], 'torch': torch.__versi
 pipeline() {
   local dir="$work/pipeline"
   mkdir -p "$dir/cards" "$dir/templates" "$dir/data"
-  for i in $(seq 0 11); do
-    echo "{\"doc\": {\"key\": \"q$i\", \"text\": \"t$((i + 5)) t7 t9 ?\", \"options\": [\"t$((i + 20))\", \"t$((i + 40))\"], \"gold\": $((i % 2))}}"
+  for i in $(seq 0 319); do
+    local q="t$((i % 97 + 5)) t$((i % 13 + 3)) t$((i * 7 % 89 + 2)) t9 t$((i % 31 + 40)) ?"
+    local options="\"t$((i % 50 + 20))\", \"t$((i % 40 + 70))\", \"t$((i % 30 + 111)) t4\", \"t$((i % 20 + 150))\""
+    echo "{\"doc\": {\"key\": \"q$i\", \"text\": \"$q\", \"options\": [$options], \"gold\": $((i % 4))}}"
   done >"$dir/data/items.jsonl"
   cat >"$dir/cards/items.yaml" <<'EOF'
 name: items
@@ -113,7 +115,7 @@ license: MIT
 source: ../data/items.jsonl
 record: doc
 fields: {id: key, question: text, choices: options, gold: gold}
-records: 12
+records: 320
 EOF
   printf '%s\n' '{{ question }}' '{% for c in choices %}{{ c }}' '{% endfor %}' >"$dir/templates/question.jinja"
   cat >"$dir/gpu.yaml" <<EOF
@@ -131,7 +133,7 @@ datasets:
   items:
     card: cards/items.yaml
     prompt: templates/question.jinja
-    split: {train: 6, val: 2, test: 4}
+    split: {train: 16, val: 4, test: 300}
 rewards:
   choice: {kind: multiple_choice}
 experts:
@@ -149,6 +151,12 @@ import json, sys
 training = json.load(open(sys.argv[1]))
 print(json.dumps({'finished': True, 'seconds': int(sys.argv[2]), 'engine': training['engine']}))
 " "$dir/runs/gpu/train.items/training.json" $((SECONDS - started))
+}
+
+# Option scoring speed on the pipeline's 300 test items: tsq's evaluation path, then lm-eval's way
+# in transformers on the items tsq wrote.
+score_speed_tsq() {
+  "$tsq" bench eval "$work/pipeline/gpu.yaml" eval.items --write-items "$work/items.jsonl"
 }
 
 # tsq's per-token log-probabilities of a few continuations, then transformers' for the same ids.
@@ -170,12 +178,14 @@ svf_parity() {
 }
 
 main() {
-  export -f py log environment pipeline score_parity svf_parity
+  export -f py log environment pipeline score_parity svf_parity score_speed_tsq
   export tsq python check device work small mode
   part env 60 environment
   mkdir -p "$work/models"
   part "make-$small" 120 py make "$small" "$work/models/$small"
   part pipeline 180 pipeline
+  part score-speed-tsq 90 score_speed_tsq
+  part score-speed-torch 90 py --dtype bf16 score-speed "$work/models/$small" "$work/items.jsonl"
   for dtype in f32 bf16; do
     part "score-$small-$dtype" 60 score_parity "$small" "$dtype"
     part "svf-parity-$dtype" 90 svf_parity "$dtype"

@@ -10,6 +10,9 @@ Each subcommand prints one JSON object (`make` builds a model directory):
   speed DIR               prefill 512 tokens, greedy decode of 128 tokens at batch 1 and --batch
   svf-speed DIR           one SVF step on the MLP targets (8 × 512 tokens) with autograd
   svd DIR                 torch.linalg.svd of every MLP matrix on the device
+  score-speed DIR ITEMS   multiple-choice scoring as lm-evaluation-harness's HF backend does it
+                          (a row per option, rows sorted by length, batches of 16) of the items
+                          `tsq bench eval --write-items` wrote
   summary PARTS_DIR       the parts side by side, with the issue's targets, as one JSON object
 
 Runs with the GPU machine's python3 (torch 2.11+cu130, transformers 5.17) or, for a dry run on
@@ -323,6 +326,45 @@ def svf_speed(args):
     print(json.dumps(out))
 
 
+def score_speed(args):
+    """Items/s scoring every option of `tsq bench eval --write-items`'s items, lm-eval's way."""
+    from tokenizers import Tokenizer
+
+    device = torch.device(args.device)
+    model = load(args.dir, args.dtype, device)
+    tok = Tokenizer.from_file(str(pathlib.Path(args.dir) / "tokenizer.json"))
+    encode = lambda text: tok.encode(text, add_special_tokens=False).ids
+    items = [json.loads(line) for line in open(args.items) if line.strip()]
+    rows = []
+    for i, item in enumerate(items):
+        prompt = encode(item["prompt"])
+        for j, option in enumerate(item["continuations"]):
+            rows.append((i, j, prompt + encode(option), len(encode(option))))
+    rows.sort(key=lambda r: -len(r[2]))
+    tokens = sum(len(r[2]) for r in rows)
+
+    def run():
+        with torch.no_grad():
+            for b in range(0, len(rows), 16):
+                chunk = rows[b : b + 16]
+                width = max(len(r[2]) for r in chunk)
+                ids = torch.zeros((len(chunk), width), dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for n, r in enumerate(chunk):
+                    ids[n, : len(r[2])] = torch.tensor(r[2])
+                    mask[n, : len(r[2])] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                for n, (_, _, seq, k) in enumerate(chunk):
+                    at = torch.arange(len(seq) - k - 1, len(seq) - 1, device=device)
+                    logp[n, at, torch.tensor(seq[len(seq) - k :], device=device)].sum().item()
+
+    run()  # warm-up
+    seconds = timed(device, run)
+    print(json.dumps({"items": len(items), "rows": len(rows), "tokens": tokens, "seconds": seconds,
+                      "items_per_s": len(items) / seconds, "tokens_per_s": tokens / seconds}))
+
+
 def svd(args):
     device = torch.device(args.device)
     model = load(args.dir, "f32", device)
@@ -365,6 +407,10 @@ def summary(args):
     if "median_step_s" in tsq_svf and "median_step_s" in torch_svf:
         ratio = torch_svf["median_step_s"] / tsq_svf["median_step_s"]
         check("svf step speed tsq/torch", ratio, "≥ 2", ratio >= 2)
+    tsq_score, torch_score = parts.get("score-speed-tsq", {}), parts.get("score-speed-torch", {})
+    if "items_per_s" in tsq_score and "items_per_s" in torch_score:
+        ratio = tsq_score["items_per_s"] / torch_score["items_per_s"]
+        check("option scoring items/s tsq/torch", ratio, "≥ 1", ratio >= 1)
     tsq_svd, torch_svd = parts.get("svd-tsq", {}), parts.get("svd-torch", {})
     if "mlp_s" in tsq_svd and "seconds" in torch_svd:
         ratio = torch_svd["seconds"] / tsq_svd["mlp_s"]
@@ -392,13 +438,16 @@ def main():
         s = sub.add_parser(name)
         s.add_argument("dir")
         s.add_argument("tsq_json")
+    s = sub.add_parser("score-speed")
+    s.add_argument("dir")
+    s.add_argument("items")
     for name in ["speed", "svf-speed", "svd"]:
         sub.add_parser(name).add_argument("dir")
     sub.add_parser("summary").add_argument("parts")
     args = p.parse_args()
-    {"make": make, "score": score, "svf": svf, "speed": speed, "svf-speed": svf_speed, "svd": svd, "summary": summary}[
-        args.command
-    ](args)
+    commands = {"make": make, "score": score, "svf": svf, "speed": speed, "svf-speed": svf_speed, "svd": svd,
+                "score-speed": score_speed, "summary": summary}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
