@@ -13,8 +13,9 @@
 # a Python with torch, transformers and tokenizers, e.g. the peers' venv):
 #   PYTHON=~/.cache/tsq-peers/venv/bin/python TSQ_BIN=target/release/tsq scripts/gpu-check.sh --cpu
 #
-# Parts run in order of importance, each under its own time limit; one that fails or runs out
-# of time is recorded as failed and the rest go on.
+# Parts run in order of importance, each under its own time limit and all within
+# $GPU_CHECK_SECONDS (default 500: one device call allows 600); one that fails or runs out of
+# time is recorded as failed, one there is no time left for as skipped, and the rest go on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,11 +58,18 @@ tsq="$(realpath "$tsq")"
 py() { "$python" "$check" --device "$device" "$@"; }
 log() { echo "[$(date +%T)] $*" >&2; }
 
+budget="${GPU_CHECK_SECONDS:-500}"
+
 # part NAME SECONDS COMMAND...: COMMAND's stdout becomes the part (JSON, or JSON as its last
 # line), its stderr logs/NAME.log.
 part() {
-  local name=$1 limit=$2 status
+  local name=$1 limit=$2 status left=$((budget - SECONDS))
   shift 2
+  if ((left < 15)); then
+    echo '{"skipped": "no time left in the script'"'"'s budget"}' >"$parts/$name.json"
+    return
+  fi
+  ((limit > left)) && limit=$left
   log "$name"
   # Through bash so that COMMAND may be one of the functions below (exported in `main`).
   timeout "$limit" bash -c '"$@"' _ "$@" >"$work/$name.out" 2>"$out/logs/$name.log"
@@ -87,7 +95,9 @@ with_memory() {
   local poll=$!
   part "$name" "$limit" "$@"
   kill "$poll" 2>/dev/null
-  echo "{\"peak_device_mib\": $(sort -n "$work/$name.mem" | tail -1)}" >"$parts/$name-memory.json"
+  local peak
+  peak="$(sort -n "$work/$name.mem" | tail -1)"
+  [[ -n $peak ]] && echo "{\"peak_device_mib\": $peak}" >"$parts/$name-memory.json"
 }
 
 environment() {
