@@ -381,6 +381,20 @@ mod tests {
         }
     }
 
+    /// Sequence `i` of `out` generated what `alone[i]` did: the tokens and, to 1e-5, the mean
+    /// entropy of its steps.
+    fn assert_same(out: &std::collections::BTreeMap<u64, Generation>, alone: &[Generation]) {
+        for (i, expected) in alone.iter().enumerate() {
+            let ours = &out[&(i as u64)];
+            assert_eq!(ours.token_ids, expected.token_ids, "sequence {i}");
+            let (a, b) = (
+                ours.entropy.unwrap_or(-1.0),
+                expected.entropy.unwrap_or(-2.0),
+            );
+            assert!((a - b).abs() < 1e-5, "sequence {i}: entropy {a} vs {b}");
+        }
+    }
+
     /// Runs `decoder` until every sequence finished; each sequence's generation by id.
     fn drain(
         decoder: &mut Decoder,
@@ -428,15 +442,7 @@ mod tests {
         decoder.join(vec![join(1), join(2)])?;
         assert_eq!(decoder.len(), 3);
         drain(&mut decoder, &mut out)?;
-        for (i, expected) in alone.iter().enumerate() {
-            let ours = &out[&(i as u64)];
-            assert_eq!(ours.token_ids, expected.token_ids, "sequence {i}");
-            let (a, b) = (
-                ours.entropy.unwrap_or(-1.0),
-                expected.entropy.unwrap_or(-2.0),
-            );
-            assert!((a - b).abs() < 1e-5, "sequence {i}: entropy {a} vs {b}");
-        }
+        assert_same(&out, &alone);
         assert!(decoder.cache.is_empty());
         Ok(())
     }
@@ -476,15 +482,7 @@ mod tests {
         decoder.join(vec![joining(0), joining(1), joining(2)])?;
         let mut out = std::collections::BTreeMap::new();
         drain(&mut decoder, &mut out)?;
-        for (i, expected) in alone.iter().enumerate() {
-            let ours = &out[&(i as u64)];
-            assert_eq!(ours.token_ids, expected.token_ids, "sequence {i}");
-            let (a, b) = (
-                ours.entropy.unwrap_or(-1.0),
-                expected.entropy.unwrap_or(-2.0),
-            );
-            assert!((a - b).abs() < 1e-5, "sequence {i}: entropy {a} vs {b}");
-        }
+        assert_same(&out, &alone);
         Ok(())
     }
 
