@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
@@ -164,6 +165,8 @@ impl Engine {
         let run = crate::exec::RunDir::read_only(run_dir);
         let finished = |id: &crate::dag::StageId| run.finished(id.as_str()).is_some();
         let base = crate::stages::adapt::adapter::run_model(run_dir)?;
+        // The adaptations' first passes run on the same weights (a clone shares them).
+        let shared = Rc::new(base.clone());
         let mut files: Vec<(String, PathBuf)> = Vec::new();
         let mut models = vec![(spec.name.clone(), Route::Base)];
         for name in spec.experts.keys().filter(|e| finished(&ids::train(e))) {
@@ -186,7 +189,8 @@ impl Engine {
                     dir.join(crate::stages::train::EXPERT_FILE),
                 ));
             }
-            adapters.insert(name.clone(), Adapter::open(run_dir, name, home.clone())?);
+            let adapter = Adapter::with_base(run_dir, name, Rc::clone(&shared), home.clone())?;
+            adapters.insert(name.clone(), adapter);
             models.push((
                 format!("{}:{name}", spec.name),
                 Route::Adaptation(name.clone()),

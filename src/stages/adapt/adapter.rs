@@ -146,6 +146,17 @@ pub struct Adapter {
 impl Adapter {
     /// Opens adaptation `name` of the finished run in `run_dir`.
     pub fn open(run_dir: &Path, name: &str, home: TsqHome) -> Result<Self, AdapterError> {
+        Self::with_base(run_dir, name, Rc::new(run_model(run_dir)?), home)
+    }
+
+    /// [`Adapter::open`] with the run's base model already loaded (`base`; a server holding
+    /// several adaptations shares one).
+    pub fn with_base(
+        run_dir: &Path,
+        name: &str,
+        base: Rc<Model>,
+        home: TsqHome,
+    ) -> Result<Self, AdapterError> {
         let run = RunDir::read_only(run_dir);
         let stage = ids::adapt(name).to_string();
         let dir = run.stage_dir(&stage);
@@ -160,7 +171,7 @@ impl Adapter {
                 });
             }
         };
-        let mut models = Composed::new(Rc::new(run_model(run_dir)?), home);
+        let mut models = Composed::new(base, home);
         let strategy = if routed {
             let router = Router::load(&dir.join(ROUTER_FILE))?;
             let first_pass = match &router.file.first_pass_expert {
