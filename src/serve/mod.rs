@@ -95,6 +95,12 @@ pub fn run(run_dir: &Path, opts: &ServeOptions) -> Result<(), ServeError> {
                 source,
             })?;
         let local = listener.local_addr()?;
+        if !local.ip().is_loopback() && state.api_key.is_none() {
+            eprintln!(
+                "tsq serve: warning: listening beyond this machine ({local}) without \
+                 --api-key-file: anyone who can reach it can use it"
+            );
+        }
         // The line scripts and tests wait for: the server takes requests from here on.
         eprintln!(
             "tsq serve: listening on http://{local} (models: {})",
