@@ -211,6 +211,8 @@ main() {
     --prompt "$svf_prompt" svf-speed "$work/models/$mid"
   with_memory svf-speed-tsq 180 "$tsq" bench svf-step --model "$work/models/$mid" \
     --device "$device" --dtype bf16 --batch "$svf_batch" --seq "$svf_seq" --prompt "$svf_prompt" --steps 2
+  part rl-step-torch 120 py --dtype bf16 rl-step "$work/models/$mid"
+  part rl-step-tsq 120 "$tsq" bench rl-step --model "$work/models/$mid" --device "$device" --dtype bf16
   part svd-torch 120 py svd "$work/models/$mid"
   part svd-tsq 180 "$tsq" bench svd --model "$work/models/$mid"
   if [[ -n $big ]]; then

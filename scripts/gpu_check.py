@@ -10,6 +10,8 @@ Each subcommand prints one JSON object (`make` builds a model directory):
   speed DIR               prefill 512 tokens, greedy decode of 128 tokens at batch 1 and --batch
   svf-speed DIR           one SVF step on the MLP targets (8 × 512 tokens) with autograd
   svd DIR                 torch.linalg.svd of every MLP matrix on the device
+  rl-step DIR             one RL step as `tsq bench rl-step` takes it: 8 prompts × 4 samples at
+                          T 0.7 forced to 128 new tokens, then one SVF step on all MLP targets
   score-speed DIR ITEMS   multiple-choice scoring as lm-evaluation-harness's HF backend does it
                           (a row per option, rows sorted by length, batches of 16) of the items
                           `tsq bench eval --write-items` wrote
@@ -135,8 +137,11 @@ def make(args):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(out / "tokenizer.json"))
+    # A chat template, so chat prompts (tsq bench rl-step's) render; its words are unknown
+    # tokens to the word-level vocabulary, which is all a random model needs.
+    template = "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}<|assistant|>"
     (out / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "t0", "eos_token": "t1", "add_bos_token": False})
+        json.dumps({"bos_token": "t0", "eos_token": "t1", "add_bos_token": False, "chat_template": template})
     )
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"shape": args.shape, "parameters": params, "dir": str(out)}))
@@ -365,6 +370,68 @@ def score_speed(args):
                       "items_per_s": len(items) / seconds, "tokens_per_s": tokens / seconds}))
 
 
+def svf_step_fn(model, dtype, ids, weights):
+    """A closure taking one SVF step (sigmoid scales on every MLP matrix, Adam on z) on token
+    `ids` with per-token loss `weights`, and its targets."""
+    from torch.func import functional_call
+
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    targets = []
+    for key, w in params.items():
+        if ".mlp." in key and key.endswith("_proj.weight"):
+            u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+            z = torch.full_like(s, 0.1, requires_grad=True)
+            targets.append((key, u.to(w.dtype), s, vh.to(w.dtype), z))
+    optimizer = torch.optim.Adam([t[4] for t in targets], lr=2e-3)
+
+    def step():
+        optimizer.zero_grad()
+        replaced = {}
+        for key, u, s, vh, z in targets:
+            m = torch.sigmoid(z)
+            e = m * s.sum() / (s * m).sum()
+            replaced[key] = (u * (s * e).to(u.dtype)) @ vh
+        logits = functional_call(model, {**params, **replaced}, (ids,)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        loss = -(logp * weights[:, 1:]).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([t[4] for t in targets], 1e-3)
+        optimizer.step()
+
+    return step, len(targets)
+
+
+def rl_step(args):
+    device = torch.device(args.device)
+    model = load(args.dir, args.dtype, device)
+    gen = torch.Generator().manual_seed(3)
+    vocab = model.config.vocab_size
+    prompts = torch.randint(2, vocab, (8, 40), generator=gen).repeat_interleave(4, dim=0).to(device)
+    common = dict(do_sample=True, temperature=0.7, top_p=1.0, top_k=0, pad_token_id=0)
+    mask = torch.ones_like(prompts)
+    with torch.no_grad():
+        model.generate(prompts[:4], attention_mask=mask[:4], max_new_tokens=4, **common)  # warm-up
+        sequences = None
+
+        def rollout():
+            nonlocal sequences
+            sequences = model.generate(
+                prompts, attention_mask=mask, max_new_tokens=128, min_new_tokens=128, **common
+            )
+
+        rollout_s = timed(device, rollout)
+    rewards = torch.where(torch.rand(32, generator=gen) < 0.5, 1.0, -1.0).to(device)
+    weights = torch.zeros(sequences.shape, device=device)
+    weights[:, prompts.shape[1] :] = (rewards - rewards.mean()).unsqueeze(1) / 32
+    step, targets = svf_step_fn(model, args.dtype, sequences, weights)
+    svf_s = timed(device, step)
+    print(json.dumps({"dtype": args.dtype, "targets": targets, "rollout_forced_s": rollout_s,
+                      "rollout_forced_tok_s": 32 * 128 / rollout_s, "svf_step_s": svf_s,
+                      "trained_tokens": sequences.numel()}))
+
+
 def svd(args):
     device = torch.device(args.device)
     model = load(args.dir, "f32", device)
@@ -415,6 +482,10 @@ def summary(args):
     if "mlp_s" in tsq_svd and "seconds" in torch_svd:
         ratio = torch_svd["seconds"] / tsq_svd["mlp_s"]
         check("svd of MLP matrices tsq/torch speed", ratio, "≥ 1", ratio >= 1)
+    tsq_rl, torch_rl = parts.get("rl-step-tsq", {}), parts.get("rl-step-torch", {})
+    if "rollout_forced_tok_s" in tsq_rl and "rollout_forced_tok_s" in torch_rl:
+        ratio = tsq_rl["rollout_forced_tok_s"] / torch_rl["rollout_forced_tok_s"]
+        check("rl-step rollout (forced 128) tok/s tsq/torch", ratio, "≥ 2", ratio >= 2)
     pipeline = parts.get("pipeline", {})
     if "finished" in pipeline:
         check("pipeline with device: cuda", pipeline["finished"], "finishes", pipeline["finished"])
@@ -441,12 +512,12 @@ def main():
     s = sub.add_parser("score-speed")
     s.add_argument("dir")
     s.add_argument("items")
-    for name in ["speed", "svf-speed", "svd"]:
+    for name in ["speed", "svf-speed", "svd", "rl-step"]:
         sub.add_parser(name).add_argument("dir")
     sub.add_parser("summary").add_argument("parts")
     args = p.parse_args()
     commands = {"make": make, "score": score, "svf": svf, "speed": speed, "svf-speed": svf_speed, "svd": svd,
-                "score-speed": score_speed, "summary": summary}
+                "score-speed": score_speed, "rl-step": rl_step, "summary": summary}
     commands[args.command](args)
 
 
