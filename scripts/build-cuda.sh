@@ -45,16 +45,17 @@ wheels=(
 stamp="$home/installed-${#wheels[@]}-$(printf '%s ' "${wheels[@]}" | sha256sum | cut -c1-16)"
 if [[ ! -e "$stamp" ]]; then
   echo "scripts/build-cuda.sh: installing the CUDA 13.0 toolchain into $home/venv"
-  if ! python3 -m venv --help >/dev/null 2>&1; then
+  # Debian's python3 makes a virtualenv with pip only with python3-venv installed.
+  rm -rf "$home/venv"
+  if ! python3 -m venv "$home/venv" >/dev/null 2>&1; then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
       apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv
     else
-      echo "scripts/build-cuda.sh: python3's venv module is needed (Debian: python3-venv)" >&2
+      echo "scripts/build-cuda.sh: python3 cannot make a virtualenv: install python3-venv" >&2
       exit 1
     fi
+    rm -rf "$home/venv" && python3 -m venv "$home/venv"
   fi
-  rm -rf "$home/venv"
-  python3 -m venv "$home/venv"
   "$home/venv/bin/pip" install -q --disable-pip-version-check "${wheels[@]}"
   touch "$stamp"
 fi
