@@ -277,14 +277,11 @@ def speed(args):
     print(json.dumps(out))
 
 
-def svf_speed(args):
-    """One REINFORCE step of SVF on every MLP matrix with autograd (the baseline tsq's z-only
-    gradients are measured against): W' composed from U, s, z each step, the whole model in
-    `--dtype`, frozen base weights."""
+def svf_step_fn(model, ids, weights):
+    """A closure taking one SVF step (sigmoid scales on every MLP matrix, Adam on z) on token
+    `ids` with per-token loss `weights`, and its targets."""
     from torch.func import functional_call
 
-    device = torch.device(args.device)
-    model = load(args.dir, args.dtype, device)
     params = dict(model.named_parameters())
     for p in params.values():
         p.requires_grad_(False)
@@ -295,10 +292,6 @@ def svf_speed(args):
             z = torch.full_like(s, 0.1, requires_grad=True)
             targets.append((key, u.to(w.dtype), s, vh.to(w.dtype), z))
     optimizer = torch.optim.Adam([t[4] for t in targets], lr=2e-3)
-    gen = torch.Generator().manual_seed(1)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(device)
-    rewards = torch.where(torch.rand(args.batch, generator=gen) < 0.5, 1.0, -1.0).to(device)
 
     def step():
         optimizer.zero_grad()
@@ -308,20 +301,36 @@ def svf_speed(args):
             e = m * s.sum() / (s * m).sum()
             replaced[key] = (u * (s * e).to(u.dtype)) @ vh
         logits = functional_call(model, {**params, **replaced}, (ids,)).logits.float()
-        logp = torch.log_softmax(logits[:, args.prompt - 1 : -1], dim=-1)
-        picked = logp.gather(-1, ids[:, args.prompt :].unsqueeze(-1)).squeeze(-1)
-        loss = -(picked.sum(-1) * rewards).mean()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        loss = -(logp * weights[:, 1:]).sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([t[4] for t in targets], 1e-3)
         optimizer.step()
 
+    return step, len(targets)
+
+
+def svf_speed(args):
+    """One REINFORCE step of SVF on every MLP matrix with autograd (the baseline tsq's z-only
+    gradients are measured against): W' composed from U, s, z each step, the whole model in
+    `--dtype`, frozen base weights."""
+    device = torch.device(args.device)
+    model = load(args.dir, args.dtype, device)
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(device)
+    rewards = torch.where(torch.rand(args.batch, generator=gen) < 0.5, 1.0, -1.0).to(device)
+    # REINFORCE: −mean_b(r_b · Σ completion log-probs), as per-token weights.
+    weights = torch.zeros(ids.shape, device=device)
+    weights[:, args.prompt :] = (rewards / args.batch).unsqueeze(1)
+    step, targets = svf_step_fn(model, ids, weights)
     step()  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = sorted(timed(device, step) for _ in range(args.steps))
     out = {
         "dtype": args.dtype,
-        "targets": len(targets),
+        "targets": targets,
         "batch": args.batch,
         "seq": args.seq,
         "median_step_s": times[len(times) // 2],
@@ -370,39 +379,6 @@ def score_speed(args):
                       "items_per_s": len(items) / seconds, "tokens_per_s": tokens / seconds}))
 
 
-def svf_step_fn(model, dtype, ids, weights):
-    """A closure taking one SVF step (sigmoid scales on every MLP matrix, Adam on z) on token
-    `ids` with per-token loss `weights`, and its targets."""
-    from torch.func import functional_call
-
-    params = dict(model.named_parameters())
-    for p in params.values():
-        p.requires_grad_(False)
-    targets = []
-    for key, w in params.items():
-        if ".mlp." in key and key.endswith("_proj.weight"):
-            u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
-            z = torch.full_like(s, 0.1, requires_grad=True)
-            targets.append((key, u.to(w.dtype), s, vh.to(w.dtype), z))
-    optimizer = torch.optim.Adam([t[4] for t in targets], lr=2e-3)
-
-    def step():
-        optimizer.zero_grad()
-        replaced = {}
-        for key, u, s, vh, z in targets:
-            m = torch.sigmoid(z)
-            e = m * s.sum() / (s * m).sum()
-            replaced[key] = (u * (s * e).to(u.dtype)) @ vh
-        logits = functional_call(model, {**params, **replaced}, (ids,)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        loss = -(logp * weights[:, 1:]).sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([t[4] for t in targets], 1e-3)
-        optimizer.step()
-
-    return step, len(targets)
-
-
 def rl_step(args):
     device = torch.device(args.device)
     model = load(args.dir, args.dtype, device)
@@ -425,7 +401,7 @@ def rl_step(args):
     rewards = torch.where(torch.rand(32, generator=gen) < 0.5, 1.0, -1.0).to(device)
     weights = torch.zeros(sequences.shape, device=device)
     weights[:, prompts.shape[1] :] = (rewards - rewards.mean()).unsqueeze(1) / 32
-    step, targets = svf_step_fn(model, args.dtype, sequences, weights)
+    step, targets = svf_step_fn(model, sequences, weights)
     svf_s = timed(device, step)
     print(json.dumps({"dtype": args.dtype, "targets": targets, "rollout_forced_s": rollout_s,
                       "rollout_forced_tok_s": 32 * 128 / rollout_s, "svf_step_s": svf_s,

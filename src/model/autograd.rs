@@ -5,13 +5,15 @@
 //!
 //! The product is computed on detached inputs and attached to the inputs' graph by [`attach`] /
 //! [`attach_pair`], whose backward is a closure. Off the CPU (and for other dtypes than f32) the
-//! products are candle's; attaching works on CUDA too (its forward copies the result once).
-//! Metal falls back to candle's matmul and its backward.
+//! products are candle's; attaching works on every device (on CUDA and Metal its forward copies
+//! the result once).
 
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
+};
 use tsq_linalg::{Mat, MatMut, Threads};
 
 type Backward = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
@@ -45,7 +47,17 @@ impl CustomOp2 for Attached {
         result: &CudaStorage,
         layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        Ok((result.try_clone(layout)?, layout.shape().clone()))
+        device_pass_through(result, layout)
+    }
+
+    fn metal_fwd(
+        &self,
+        _input: &MetalStorage,
+        _input_layout: &Layout,
+        result: &MetalStorage,
+        layout: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        device_pass_through(result, layout)
     }
 
     fn bwd(
@@ -86,6 +98,11 @@ fn pass_through(name: &str, result: &CpuStorage, layout: &Layout) -> Result<(Cpu
     Ok((result.clone(), layout.shape().clone()))
 }
 
+/// [`pass_through`] on a GPU: a copy of the result's storage.
+fn device_pass_through<S: BackendStorage>(result: &S, layout: &Layout) -> Result<(S, Shape)> {
+    Ok((result.try_clone(layout)?, layout.shape().clone()))
+}
+
 type PairBackward = Arc<
     dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync,
 >;
@@ -123,7 +140,19 @@ impl CustomOp3 for AttachedPair {
         result: &CudaStorage,
         layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        Ok((result.try_clone(layout)?, layout.shape().clone()))
+        device_pass_through(result, layout)
+    }
+
+    fn metal_fwd(
+        &self,
+        _a: &MetalStorage,
+        _a_layout: &Layout,
+        _b: &MetalStorage,
+        _b_layout: &Layout,
+        result: &MetalStorage,
+        layout: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        device_pass_through(result, layout)
     }
 
     fn bwd(
@@ -165,9 +194,6 @@ fn attach_pair(
 
 /// `x Wᵀ` (x: (…, in), W: (out, in)) where only `x` may need a gradient.
 pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if x.track_op() && x.device().is_metal() {
-        return plain_matmul_t(x, weight);
-    }
     let product = plain_matmul_t(&x.detach(), weight)?;
     let weight = weight.clone();
     attach(x, product, "frozen-matmul", move |_, grad| {

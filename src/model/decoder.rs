@@ -79,9 +79,6 @@ struct Row {
     expert: Option<u32>,
     opts: GenerateOptions,
     seq: Sequence,
-    /// Bytes of text and log-probability entries already reported.
-    shown: usize,
-    shown_logprobs: usize,
     cancelled: bool,
 }
 
@@ -232,8 +229,6 @@ impl Decoder {
                 expert: j.expert,
                 seq: Sequence::new(j.opts.seed, j.sample),
                 opts: j.opts,
-                shown: 0,
-                shown_logprobs: 0,
                 cancelled: false,
             }));
         self.logits = Some(match self.logits.take() {
@@ -265,18 +260,12 @@ impl Decoder {
                 continue;
             }
             let token = row.seq.take(&self.model, &picks, r, &row.opts)?;
-            let text = &row.seq.text;
-            if text.len() > row.shown
-                && text.is_char_boundary(row.shown)
-                && !text.ends_with('\u{FFFD}')
-            {
+            if let Some((text, logprobs)) = row.seq.unshown() {
                 on_event(Event::Text {
                     id: row.id,
-                    text: text[row.shown..].to_string(),
-                    logprobs: row.seq.logprobs[row.shown_logprobs..].to_vec(),
+                    text: row.seq.text[text].to_string(),
+                    logprobs: row.seq.logprobs[logprobs].to_vec(),
                 });
-                row.shown = text.len();
-                row.shown_logprobs = row.seq.logprobs.len();
             }
             if row.seq.done.is_none() {
                 keep.push(r);

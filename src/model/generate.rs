@@ -6,6 +6,7 @@
 //! (seed, i), so results do not depend on what else is in the batch.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
@@ -129,6 +130,8 @@ pub(super) struct Sequence {
     pub(super) entropy: (f64, usize),
     /// One per token in `tokens`, when asked for.
     pub(super) logprobs: Vec<TokenLogprob>,
+    /// Bytes of `text` and entries of `logprobs` already handed out ([`Sequence::unshown`]).
+    shown: (usize, usize),
 }
 
 impl Sequence {
@@ -143,7 +146,23 @@ impl Sequence {
             text: String::new(),
             entropy: (0.0, 0),
             logprobs: Vec::new(),
+            shown: (0, 0),
         }
+    }
+
+    /// The text (and log-probabilities) decoded since the last call, as ranges of `text` and
+    /// `logprobs`, and marks them shown; `None` while there is nothing new or the text ends
+    /// inside a multi-byte character.
+    pub(super) fn unshown(&mut self) -> Option<(Range<usize>, Range<usize>)> {
+        let (text, logprobs) = self.shown;
+        let ready = self.text.len() > text
+            && self.text.is_char_boundary(text)
+            && !self.text.ends_with('\u{FFFD}');
+        if !ready {
+            return None;
+        }
+        self.shown = (self.text.len(), self.logprobs.len());
+        Some((text..self.text.len(), logprobs..self.logprobs.len()))
     }
 
     /// Takes this step's token (row `r` of `picks`, or drawn from it) with what `opts` asks to
@@ -293,19 +312,14 @@ fn decode(
     // Batch row r decodes sequence live[r], left-padded by pad[r].
     let mut pad: Vec<usize> = source.iter().map(|&d| distinct_pad[d]).collect();
     let mut live: Vec<usize> = (0..prompts.len()).collect();
-    let mut shown = vec![0usize; prompts.len()];
     for _ in 0..opts.max_new_tokens {
         let picks = Picks::of(&logits.squeeze(1)?, opts.only_argmax())?;
         let mut next = Vec::with_capacity(live.len());
         for (r, &i) in live.iter().enumerate() {
             let seq = &mut seqs[i];
             let token = seq.take(model, &picks, r, opts)?;
-            if seq.text.len() > shown[i]
-                && seq.text.is_char_boundary(shown[i])
-                && !seq.text.ends_with('\u{FFFD}')
-            {
-                on_text(i, &seq.text[shown[i]..]);
-                shown[i] = seq.text.len();
+            if let Some((text, _)) = seq.unshown() {
+                on_text(i, &seq.text[text]);
             }
             next.push(token);
         }

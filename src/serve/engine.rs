@@ -136,15 +136,14 @@ pub fn start(
 }
 
 struct Engine {
-    /// The model sequences are decoded with: the table's, or the base model when the run has
-    /// no expert.
-    model: Model,
+    /// The run's model as loaded; sequences decode with the table's when the run has experts.
+    base: Model,
     table: Option<ExpertTable>,
     /// Rows made for requests' mixtures, by mixture ([`mixture_key`]).
     mixtures: BTreeMap<String, u32>,
     adapters: BTreeMap<String, Adapter>,
     /// Table row of each trained expert (by name) and each few-shot adaptation (`adapt:NAME`);
-    /// row 0 is the base model. Empty when the run has no expert: the model holds no table.
+    /// row 0 is the base model.
     rows: BTreeMap<String, u32>,
     metrics: Arc<Metrics>,
 }
@@ -201,7 +200,6 @@ impl Engine {
             true => None,
             false => Some(ExpertTable::new(&base, &paths, &home)?),
         };
-        let model = table.as_ref().map_or(base, |t| t.model.clone());
         let rows = files
             .iter()
             .enumerate()
@@ -210,13 +208,13 @@ impl Engine {
         let catalog = Catalog {
             run: spec.name.clone(),
             models,
-            tokenizer: Arc::clone(&model.tokenizer),
-            chat: model.chat.clone(),
-            span: model.transformer.config.attention_span(),
+            tokenizer: Arc::clone(&base.tokenizer),
+            chat: base.chat.clone(),
+            span: base.transformer.config.attention_span(),
         };
         Ok((
             Self {
-                model,
+                base,
                 table,
                 mixtures: BTreeMap::new(),
                 adapters,
@@ -228,7 +226,7 @@ impl Engine {
     }
 
     fn run(mut self, jobs: Receiver<Job>, max_batch: usize) {
-        let mut decoder = Decoder::new(self.model.clone());
+        let mut decoder = Decoder::new(self.model().clone());
         let mut listeners: BTreeMap<u64, Listener> = BTreeMap::new();
         let mut next_id = 0u64;
         let mut closed = false;
@@ -243,7 +241,7 @@ impl Engine {
             let rows = self.table.as_ref().map_or(0, ExpertTable::len);
             let joining = self.admit(arrived, &mut listeners, &mut next_id);
             if self.table.as_ref().map_or(0, ExpertTable::len) != rows {
-                decoder.replace_model(self.model.clone());
+                decoder.replace_model(self.model().clone());
             }
             let joined: Vec<u64> = joining.iter().map(|j| j.id).collect();
             if let Err(e) = decoder.join(joining) {
@@ -277,7 +275,7 @@ impl Engine {
                 for (_, l) in std::mem::take(&mut listeners) {
                     let _ = l.events.send(JobEvent::Failed(e.to_string()));
                 }
-                decoder = Decoder::new(self.model.clone());
+                decoder = Decoder::new(self.model().clone());
                 continue;
             }
             for id in gone {
@@ -424,14 +422,19 @@ impl Engine {
             .collect::<Result<Vec<_>, String>>()?;
         let table = self.table.as_mut().ok_or("the run has no expert to mix")?;
         let row = table.push_mixture(&weights).map_err(|e| e.to_string())?;
-        self.model = table.model.clone();
         self.mixtures.insert(key, row);
         Ok(row)
     }
 
     /// The base model's row: 0 of the table, or none when the model holds no table.
     fn base_row(&self) -> Option<u32> {
-        (!self.rows.is_empty()).then_some(0)
+        self.table.as_ref().map(|_| 0)
+    }
+
+    /// The model sequences decode with: the table's, or the base model when the run has no
+    /// expert.
+    fn model(&self) -> &Model {
+        self.table.as_ref().map_or(&self.base, |t| &t.model)
     }
 }
 

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// Latency buckets (seconds), from one decoding step on a small model to a long prompt.
@@ -42,10 +42,7 @@ struct HistogramData {
 impl Histogram {
     fn observe(&self, d: Duration) {
         let seconds = d.as_secs_f64();
-        let mut h = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut h = locked(&self.0);
         if let Some(i) = BOUNDS.iter().position(|&b| seconds <= b) {
             h.buckets[i] += 1;
         }
@@ -54,10 +51,7 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
-        let h = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let h = locked(&self.0);
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (bound, n) in BOUNDS.iter().zip(h.buckets) {
@@ -66,6 +60,19 @@ impl Histogram {
         }
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
         let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", h.sum, h.count);
+    }
+}
+
+/// The data behind `m`, also after a thread panicked holding it (counters stay usable).
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A counter family: its help and type lines, then a line per label set.
+fn counter(out: &mut String, name: &str, help: &str, rows: impl Iterator<Item = (String, u64)>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (labels, n) in rows {
+        let _ = writeln!(out, "{name}{{{labels}}} {n}");
     }
 }
 
@@ -79,18 +86,12 @@ fn label(value: &str) -> String {
 
 impl Metrics {
     pub fn request(&self, model: &str, status: u16) {
-        let mut r = self
-            .requests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut r = locked(&self.requests);
         *r.entry((model.to_string(), status)).or_default() += 1;
     }
 
     pub fn answered_by(&self, expert: &str) {
-        let mut e = self
-            .experts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut e = locked(&self.experts);
         *e.entry(expert.to_string()).or_default() += 1;
     }
 
@@ -112,36 +113,24 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP tsq_requests_total Requests answered, by model and HTTP status.\n");
-        out.push_str("# TYPE tsq_requests_total counter\n");
-        for ((model, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "tsq_requests_total{{model=\"{}\",status=\"{status}\"}} {n}",
-                label(model)
-            );
-        }
-        out.push_str(
-            "# HELP tsq_expert_requests_total Requests by the expert that answered them.\n",
+        let requests = locked(&self.requests);
+        counter(
+            &mut out,
+            "tsq_requests_total",
+            "Requests answered, by model and HTTP status.",
+            requests.iter().map(|((model, status), &n)| {
+                (format!("model=\"{}\",status=\"{status}\"", label(model)), n)
+            }),
         );
-        out.push_str("# TYPE tsq_expert_requests_total counter\n");
-        for (expert, n) in self
-            .experts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "tsq_expert_requests_total{{expert=\"{}\"}} {n}",
-                label(expert)
-            );
-        }
+        let experts = locked(&self.experts);
+        counter(
+            &mut out,
+            "tsq_expert_requests_total",
+            "Requests by the expert that answered them.",
+            experts
+                .iter()
+                .map(|(expert, &n)| (format!("expert=\"{}\"", label(expert)), n)),
+        );
         let gauges = [
             (
                 "tsq_queue_depth",

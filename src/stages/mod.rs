@@ -169,21 +169,15 @@ impl Shared {
         if let Some(model) = self.models.borrow().get(path) {
             return Ok(Rc::clone(model));
         }
-        let model = Rc::new(load_model(record)?);
+        let model = record
+            .load()
+            .map_err(|e| StageError::at("loading the model", path, e))?;
+        let model = Rc::new(model);
         self.models
             .borrow_mut()
             .insert(path.to_path_buf(), Rc::clone(&model));
         Ok(model)
     }
-}
-
-/// The model the `model` stage recorded, on its device and in its dtype.
-pub fn load_model(record: &ModelRecord) -> Result<crate::model::Model, StageError> {
-    let path = &record.path;
-    let device = crate::model::device(record.device)
-        .map_err(|e| StageError::at("opening the device for", path, e))?;
-    crate::model::Model::load(path, crate::model::dtype(record.dtype), &device)
-        .map_err(|e| StageError::at("loading the model", path, e))
 }
 
 /// The reward `name` and every reward it is composed of, by name, as JSON (for cache keys):

@@ -60,6 +60,13 @@ impl ModelRecord {
         })
     }
 
+    /// The model it records, on its device and in its dtype (every stage, `tsq chat`,
+    /// `classify` and `serve` load it so).
+    pub fn load(&self) -> Result<crate::model::Model, crate::model::error::ModelError> {
+        let device = crate::model::device(self.device)?;
+        crate::model::Model::load(&self.path, crate::model::dtype(self.dtype), &device)
+    }
+
     /// The record in a finished model stage's directory.
     pub fn read(stage_dir: &Path) -> Result<Self, crate::fsutil::ReadError> {
         let file = stage_dir.join(MODEL_FILE);

@@ -62,9 +62,8 @@ pub fn run_model(run_dir: &Path) -> Result<Model, AdapterError> {
     let run = RunDir::read_only(run_dir);
     finished(&run, run_dir, ids::model().as_str())?;
     let record = ModelRecord::read(&run.stage_dir(ids::model().as_str()))?;
-    let device =
-        crate::model::device(record.device).map_err(|e| AdapterError::model(&record.path, e))?;
-    Model::load(&record.path, crate::model::dtype(record.dtype), &device)
+    record
+        .load()
         .map_err(|e| AdapterError::model(&record.path, e))
 }
 
