@@ -572,6 +572,19 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
         client["usage"]["completion_tokens"],
         ours.json()["usage"]["completion_tokens"]
     );
+    // The client asked what was asked first: its prompts came from the prefix cache, all but
+    // their last token, and the answers stayed the same.
+    let metrics = server.request("GET", "/metrics", &[], b"").body;
+    let total = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} ")));
+        line.and_then(|l| l.split(' ').nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    let chat_tokens = ours.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        total("tsq_prompt_tokens_cached_total") >= 2 * (chat_tokens - 1),
+        "{metrics}"
+    );
 
     let long = |tokens: usize| {
         json!({"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story."}],

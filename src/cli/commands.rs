@@ -234,6 +234,10 @@ pub struct ServeArgs {
     /// Requests waiting for a place in the batch at most; beyond, 429 with Retry-After.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_queue: u16,
+    /// MiB of prompts' keys and values kept so that later prompts starting the same way (a
+    /// system prompt) compute only the rest; 0 keeps none.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub prefix_cache: u32,
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_tokens: u16,
@@ -251,6 +255,7 @@ impl ServeArgs {
             api_key_file,
             max_batch,
             max_queue,
+            prefix_cache,
             max_tokens,
             header_timeout,
         } = self;
@@ -258,8 +263,11 @@ impl ServeArgs {
             host,
             port,
             api_key_file,
-            max_batch: max_batch.into(),
-            max_queue: max_queue.into(),
+            capacity: crate::serve::engine::Capacity {
+                max_batch: max_batch.into(),
+                max_queue: max_queue.into(),
+                prefix_cache: prefix_cache as usize * (1 << 20),
+            },
             header_timeout: std::time::Duration::from_secs(header_timeout.into()),
             limits: crate::serve::api::Limits {
                 max_tokens: max_tokens.into(),

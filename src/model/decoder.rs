@@ -6,7 +6,9 @@
 //! Joining sequences are prefilled together (those with one expert and a common prefix, such as
 //! a system prompt, compute it once) and their KV cache rows put after the running ones, the
 //! shorter side left-padded ([`KvCache::append_rows`]); padding no row needs any more is
-//! trimmed as sequences leave, so the cache is as long as its longest live sequence.
+//! trimmed as sequences leave, so the cache is as long as its longest live sequence. What a
+//! prefill computes is kept in a [`PrefixCache`]: a prompt that starts like an earlier one (the
+//! same system prompt, arriving a second later) computes only the rest.
 
 use std::ops::Range;
 
@@ -15,9 +17,11 @@ use candle_core::Tensor;
 use super::Model;
 use super::error::{ModelError, Result};
 use super::generate::{GenerateOptions, Generation, Picks, Sequence, TokenLogprob};
+use super::prefixes::{PrefixCache, PrefixStats};
 use super::transformer::{Batch, KvCache, LogitsAt, Mode};
 
-/// Fewest leading tokens prompts joining together must share for the prefix to be computed once.
+/// Fewest leading tokens prompts must share for the prefix to be computed once (by prompts
+/// joining together, or taken from the prefix cache).
 const MIN_SHARED: usize = 8;
 
 /// How many leading tokens every prompt of `group` shares, when worth sharing (at least
@@ -88,23 +92,40 @@ pub struct Decoder {
     rows: Vec<Row>,
     /// Next-token logits (rows, vocab) of the rows, in row order.
     logits: Option<Tensor>,
+    prefixes: PrefixCache,
+    prefix_stats: PrefixStats,
 }
 
 impl Decoder {
-    /// A decoder over `model` (cheap to clone: its tensors are shared).
-    pub fn new(model: Model) -> Self {
+    /// A decoder over `model` (cheap to clone: its tensors are shared) keeping up to
+    /// `prefix_budget` bytes of prompts' keys and values for later prompts to start from.
+    pub fn new(model: Model, prefix_budget: usize) -> Self {
         Self {
             model,
             cache: KvCache::default(),
             rows: Vec::new(),
             logits: None,
+            prefixes: PrefixCache::new(prefix_budget),
+            prefix_stats: PrefixStats::default(),
         }
+    }
+
+    /// Prompt tokens prefilled so far, and how many of them the prefix cache answered.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.prefix_stats
     }
 
     /// Decodes with `model` from the next step on: the same model with its expert table grown
     /// (rows keep their numbers), as when a request asks for a new mixture.
     pub fn replace_model(&mut self, model: Model) {
         self.model = model;
+    }
+
+    /// Drops every sequence (a failed step lost the batch); the prefix cache stays.
+    pub fn clear(&mut self) {
+        self.cache = KvCache::default();
+        self.rows.clear();
+        self.logits = None;
     }
 
     /// Sequences in the batch.
@@ -155,30 +176,36 @@ impl Decoder {
     }
 
     /// Prefills `group` (one expert): the prefix all its prompts share (at least
-    /// [`MIN_SHARED`] tokens) once, then each prompt's own part, left-padded after it. The cache
-    /// comes out as if each prompt had been prefilled whole and left-padded: its padding is
-    /// moved in front. Returns the cache, the next-token logits (rows, vocab), the paddings.
-    fn prefill(&self, group: &[Joining]) -> Result<(KvCache, Tensor, Vec<usize>)> {
-        let device = self.model.transformer.device();
-        let experts = || group.iter().map(|j| j.expert);
-        let shared = shared_prefix(group);
-        let mut cache = KvCache::default();
-        if shared > 0 {
-            let prefix = Tensor::from_vec(group[0].prompt[..shared].to_vec(), (1, shared), device)?;
-            let batch = self.with_experts(
-                Batch::left_padded(&[0], 0, shared, device)?,
-                std::iter::once(group[0].expert),
-            )?;
-            let tf = &self.model.transformer;
-            tf.forward(
-                &prefix,
-                &batch,
-                Some(&mut cache),
-                Mode::Fast,
-                LogitsAt::Last,
-            )?;
-            cache.select_rows(&vec![0; group.len()])?;
+    /// [`MIN_SHARED`] tokens; a lone prompt's is all of it) once, starting from what the prefix
+    /// cache holds of it, then each prompt's own part, left-padded after it. The cache comes out
+    /// as if each prompt had been prefilled whole and left-padded: its padding is moved in
+    /// front. Returns the cache, the next-token logits (rows, vocab), the paddings.
+    fn prefill(&mut self, group: &[Joining]) -> Result<(KvCache, Tensor, Vec<usize>)> {
+        let first = &group[0];
+        let shared = match group {
+            [lone] => lone.prompt.len(),
+            _ => shared_prefix(group),
+        };
+        let prefix = &first.prompt[..shared];
+        // At least one token is computed: its logits are the next token's.
+        let reusable = &prefix[..shared.min(first.prompt.len() - 1)];
+        let (cached, mut cache) = self
+            .prefixes
+            .lookup(first.expert, reusable, MIN_SHARED)?
+            .unwrap_or_default();
+        self.prefix_stats.cached += (cached * group.len()) as u64;
+        let prompts: usize = group.iter().map(|j| j.prompt.len()).sum();
+        self.prefix_stats.prompt += prompts as u64;
+        let mut logits = None;
+        if shared > cached {
+            logits = Some(self.extend(&mut cache, &prefix[cached..], first.expert)?);
+            self.prefixes.insert(first.expert, prefix, &cache)?;
         }
+        if let ([_], Some(logits)) = (group, logits) {
+            return Ok((cache, logits, vec![0]));
+        }
+        cache.select_rows(&vec![0; group.len()])?;
+        let device = self.model.transformer.device();
         let longest = group
             .iter()
             .map(|j| j.prompt.len() - shared)
@@ -197,8 +224,9 @@ impl Decoder {
                 std::iter::repeat_n(filler, p).chain(j.prompt[shared..].iter().copied())
             })
             .collect();
+        let experts = group.iter().map(|j| j.expert);
         let batch =
-            self.with_experts(Batch::with_gaps(&gaps, shared, longest, device)?, experts())?;
+            self.with_experts(Batch::with_gaps(&gaps, shared, longest, device)?, experts)?;
         let logits = self.model.transformer.forward(
             &Tensor::from_vec(ids, (group.len(), longest), device)?,
             &batch,
@@ -208,6 +236,24 @@ impl Decoder {
         )?;
         cache.move_gaps_to_front(&gaps)?;
         Ok((cache, logits.squeeze(1)?, pads))
+    }
+
+    /// Feeds `tokens` to one sequence after what `cache` holds of it; the next-token logits
+    /// (1, vocab).
+    fn extend(&self, cache: &mut KvCache, tokens: &[u32], expert: Option<u32>) -> Result<Tensor> {
+        let device = self.model.transformer.device();
+        let batch = self.with_experts(
+            Batch::left_padded(&[0], cache.len(), tokens.len(), device)?,
+            std::iter::once(expert),
+        )?;
+        let logits = self.model.transformer.forward(
+            &Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), device)?,
+            &batch,
+            Some(cache),
+            Mode::Fast,
+            LogitsAt::Last,
+        )?;
+        Ok(logits.squeeze(1)?)
     }
 
     /// Puts a prefilled group after the running rows.
@@ -415,7 +461,7 @@ mod tests {
             .zip(lengths)
             .map(|(p, n)| Ok(generate(&model, std::slice::from_ref(p), &opts(n))?.remove(0)))
             .collect::<Result<_>>()?;
-        let mut decoder = Decoder::new(model.clone());
+        let mut decoder = Decoder::new(model.clone(), 0);
         let mut out = std::collections::BTreeMap::new();
         let join = |i: usize| Joining {
             id: i as u64,
@@ -459,7 +505,7 @@ mod tests {
         };
         assert_eq!(shared_prefix(&[joining(0), joining(1), joining(2)]), 20);
         assert_eq!(shared_prefix(&[joining(0)]), 0);
-        let mut decoder = Decoder::new(model.clone());
+        let mut decoder = Decoder::new(model.clone(), 0);
         decoder.join(vec![Joining {
             id: 9,
             prompt: vec![11, 12],
@@ -475,11 +521,94 @@ mod tests {
         Ok(())
     }
 
+    /// A prompt starting like one prefilled before (by itself or with others) takes that
+    /// start from the prefix cache and decodes what it decodes alone; the cache's copies are
+    /// not disturbed by what is appended to them.
+    #[test]
+    fn a_cached_prefix_is_reused_and_changes_nothing() -> TestResult {
+        let model = model();
+        let system: Vec<u32> = (0..12).map(|i| 3 + (i * 5) % 80).collect();
+        let prompts: Vec<Vec<u32>> = [vec![5u32, 9], vec![40], vec![7], vec![7], vec![5, 9]]
+            .into_iter()
+            .map(|own| system.iter().copied().chain(own).collect())
+            .collect();
+        let alone: Vec<Generation> = prompts
+            .iter()
+            .map(|p| Ok(generate(&model, std::slice::from_ref(p), &opts(6))?.remove(0)))
+            .collect::<Result<_>>()?;
+        let joining = |i: usize| Joining {
+            id: i as u64,
+            prompt: prompts[i].clone(),
+            expert: None,
+            opts: opts(6),
+            sample: 0,
+        };
+        let mut decoder = Decoder::new(model.clone(), 1 << 20);
+        let mut out = std::collections::BTreeMap::new();
+        decoder.join(vec![joining(0)])?;
+        assert_eq!(decoder.prefix_stats().cached, 0);
+        decoder.step(&mut |_| {})?;
+        decoder.join(vec![joining(1)])?;
+        assert_eq!(decoder.prefix_stats().cached, 12, "the system prompt");
+        drain(&mut decoder, &mut out)?;
+        decoder.join(vec![joining(2), joining(3)])?;
+        let stats = decoder.prefix_stats();
+        assert_eq!(stats.cached, 12 + 2 * 12);
+        assert_eq!(stats.prompt, 14 + 13 + 13 + 13);
+        drain(&mut decoder, &mut out)?;
+        decoder.join(vec![joining(3)])?;
+        assert_eq!(
+            decoder.prefix_stats().cached,
+            36 + 12,
+            "all but the last token"
+        );
+        drain(&mut decoder, &mut out)?;
+        // The first prompt's entry lent its start to the second: what the second appended to
+        // its copy must not have reached the entry.
+        decoder.join(vec![joining(4)])?;
+        assert_eq!(decoder.prefix_stats().cached, 48 + 13);
+        drain(&mut decoder, &mut out)?;
+        assert_same(&out, &alone);
+        Ok(())
+    }
+
+    /// The prefix cache holds at most its budget: the least recently used prompt leaves first,
+    /// and a prompt extending a cached one replaces it.
+    #[test]
+    fn the_prefix_cache_keeps_to_its_budget() -> TestResult {
+        let model = model();
+        let c = &model.transformer.config;
+        let per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
+        let prompt = |first: u32, len: u32| (first..first + len).collect::<Vec<u32>>();
+        let mut decoder = Decoder::new(model.clone(), 25 * per_token);
+        let mut ask = |prompt: Vec<u32>| -> Result<u64> {
+            let before = decoder.prefix_stats().cached;
+            decoder.join(vec![Joining {
+                id: 0,
+                prompt,
+                expert: None,
+                opts: opts(1),
+                sample: 0,
+            }])?;
+            drain(&mut decoder, &mut std::collections::BTreeMap::new())?;
+            Ok(decoder.prefix_stats().cached - before)
+        };
+        assert_eq!(ask(prompt(10, 10))?, 0);
+        assert_eq!(ask(prompt(10, 12))?, 10, "extends the first: replaces it");
+        assert_eq!(ask(prompt(40, 12))?, 0, "both fit: 24 tokens");
+        assert_eq!(ask(prompt(10, 12))?, 11, "the first is used again...");
+        assert_eq!(ask(prompt(70, 9))?, 0, "...so the second leaves");
+        assert_eq!(ask(prompt(40, 12))?, 0);
+        assert_eq!(ask(prompt(10, 30))?, 0, "the first left too");
+        assert_eq!(ask(prompt(10, 30))?, 0, "too long to keep");
+        Ok(())
+    }
+
     /// A cancelled sequence leaves without an event; the others go on.
     #[test]
     fn a_cancelled_sequence_leaves() -> TestResult {
         let model = model();
-        let mut decoder = Decoder::new(model.clone());
+        let mut decoder = Decoder::new(model.clone(), 0);
         let joining = |id| Joining {
             id,
             prompt: vec![4, 5, 6],

@@ -16,6 +16,7 @@ pub mod gguf;
 pub(crate) mod gguf_header;
 pub mod hf;
 pub mod placement;
+pub mod prefixes;
 pub mod score;
 pub mod testing;
 pub mod tokenizer;

@@ -109,22 +109,32 @@ pub enum EngineError {
     Gone,
 }
 
+/// How much the engine takes on at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// Requests waiting for the engine at most; beyond, a 429.
+    pub max_queue: usize,
+    /// Bytes of prompts' keys and values kept for later prompts that start the same way.
+    pub prefix_cache: usize,
+}
+
 /// Loads the run in `run_dir` on a thread of its own and returns what it offers, where to send
-/// jobs (at most `queue` waiting), and the thread.
+/// jobs (at most `capacity.max_queue` waiting), and the thread.
 pub fn start(
     run_dir: &Path,
     home: TsqHome,
-    max_batch: usize,
-    queue: usize,
+    capacity: Capacity,
     metrics: Arc<Metrics>,
 ) -> Result<(Catalog, SyncSender<Job>, std::thread::JoinHandle<()>), EngineError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(queue);
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(capacity.max_queue);
     let run_dir = run_dir.to_path_buf();
     let thread = std::thread::spawn(move || match Engine::load(&run_dir, home, metrics) {
         Ok((engine, catalog)) => {
             if ready_tx.send(Ok(catalog)).is_ok() {
-                engine.run(jobs_rx, max_batch);
+                engine.run(jobs_rx, capacity);
             }
         }
         Err(e) => {
@@ -225,13 +235,13 @@ impl Engine {
         ))
     }
 
-    fn run(mut self, jobs: Receiver<Job>, max_batch: usize) {
-        let mut decoder = Decoder::new(self.model().clone());
+    fn run(mut self, jobs: Receiver<Job>, capacity: Capacity) {
+        let mut decoder = Decoder::new(self.model().clone(), capacity.prefix_cache);
         let mut listeners: BTreeMap<u64, Listener> = BTreeMap::new();
         let mut next_id = 0u64;
         let mut closed = false;
         loop {
-            let room = max_batch.saturating_sub(decoder.len());
+            let room = capacity.max_batch.saturating_sub(decoder.len());
             let Some(arrived) = arrivals(&jobs, decoder.is_empty(), room, &mut closed) else {
                 return;
             };
@@ -275,7 +285,7 @@ impl Engine {
                 for (_, l) in std::mem::take(&mut listeners) {
                     let _ = l.events.send(JobEvent::Failed(e.to_string()));
                 }
-                decoder = Decoder::new(self.model().clone());
+                decoder.clear();
                 continue;
             }
             for id in gone {
@@ -283,6 +293,11 @@ impl Engine {
                 decoder.cancel(id);
             }
             self.metrics.batch.store(decoder.len(), Ordering::Relaxed);
+            let prefixes = decoder.prefix_stats();
+            let m = &self.metrics;
+            m.prompt_tokens.store(prefixes.prompt, Ordering::Relaxed);
+            m.cached_prompt_tokens
+                .store(prefixes.cached, Ordering::Relaxed);
             if closed && decoder.is_empty() {
                 return;
             }

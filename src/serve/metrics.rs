@@ -23,6 +23,10 @@ pub struct Metrics {
     /// Sequences in the decode batch after the last step.
     pub batch: AtomicUsize,
     tokens: AtomicU64,
+    /// Prompt tokens prefilled, and of them those the prefix cache answered (set from the
+    /// decoder's running totals).
+    pub prompt_tokens: AtomicU64,
+    pub cached_prompt_tokens: AtomicU64,
     time_to_first_token: Histogram,
     inter_token: Histogram,
     first_pass: Histogram,
@@ -149,11 +153,30 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP tsq_generated_tokens_total Tokens generated.\n# TYPE tsq_generated_tokens_total counter\ntsq_generated_tokens_total {}",
-            self.tokens.load(Ordering::Relaxed)
-        );
+        let totals = [
+            (
+                "tsq_generated_tokens_total",
+                "Tokens generated.",
+                &self.tokens,
+            ),
+            (
+                "tsq_prompt_tokens_total",
+                "Prompt tokens prefilled.",
+                &self.prompt_tokens,
+            ),
+            (
+                "tsq_prompt_tokens_cached_total",
+                "Prompt tokens whose keys and values came from the prefix cache.",
+                &self.cached_prompt_tokens,
+            ),
+        ];
+        for (name, help, value) in totals {
+            let value = value.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
         self.time_to_first_token.render(
             &mut out,
             "tsq_time_to_first_token_seconds",

@@ -19,10 +19,7 @@ pub struct ServeOptions {
     pub host: String,
     pub port: u16,
     pub api_key_file: Option<PathBuf>,
-    /// Sequences decoded together at most.
-    pub max_batch: usize,
-    /// Requests waiting for the engine at most; beyond, a 429.
-    pub max_queue: usize,
+    pub capacity: engine::Capacity,
     /// How long a client may take to send a request's headers.
     pub header_timeout: Duration,
     pub limits: api::Limits,
@@ -67,8 +64,7 @@ pub fn run(run_dir: &Path, opts: &ServeOptions) -> Result<(), ServeError> {
     let (catalog, jobs, engine) = engine::start(
         run_dir,
         TsqHome::from_env(),
-        opts.max_batch,
-        opts.max_queue,
+        opts.capacity,
         Arc::clone(&metrics),
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

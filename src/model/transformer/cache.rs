@@ -126,6 +126,37 @@ impl KvCache {
         Ok(())
     }
 
+    /// A copy of the first `n` positions of every row, in buffers of its own: what is appended
+    /// to either afterwards (in place, into spare capacity) never shows in the other.
+    pub fn head(&self, n: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|slot| {
+                slot.as_ref()
+                    .map(|layer| {
+                        Ok::<_, ModelError>(LayerCache {
+                            k: LayerCache::regrown(&layer.k, n, n)?,
+                            v: LayerCache::regrown(&layer.v, n, n)?,
+                            len: n,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// Bytes its buffers hold, spare capacity included.
+    pub fn bytes(&self) -> usize {
+        let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| tensor(&l.k) + tensor(&l.v))
+            .sum()
+    }
+
     /// Drops the first `n` positions of every row (padding no row needs any more).
     pub fn trim_front(&mut self, n: usize) -> Result<()> {
         if n == 0 {
