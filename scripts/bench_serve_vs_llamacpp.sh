@@ -5,7 +5,8 @@
 #   scripts/bench_serve_vs_llamacpp.sh RUN_DIR GGUF...
 #
 # RUN_DIR: a finished run of the model (e.g. a pipeline with only `model:`); each GGUF is served
-# by llama.cpp in turn (the packaged Q4_1, an f32 one from shared/peers/make_f32_gguf.py), with
+# by llama.cpp in turn (the packaged Q4_1, an f32 one from shared/peers/make_f32_gguf.py, a Q8_0
+# one of that from scripts/quantize_gguf.py), with
 # `--interrupt_requests false`: by default a new request cancels the one running, so under
 # concurrency most answers would come back empty.
 # Environment: TSQ (default target/release/tsq), CLIENT_PYTHON (a Python with `openai`, default

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
@@ -114,22 +115,68 @@ pub enum EngineError {
 pub struct Capacity {
     /// Sequences decoded together at most.
     pub max_batch: usize,
-    /// Requests waiting for the engine at most; beyond, a 429.
+    /// Requests waiting beyond those in the batch at most; beyond, a 429.
     pub max_queue: usize,
     /// Bytes of prompts' keys and values kept for later prompts that start the same way.
     pub prefix_cache: usize,
 }
 
+/// Where requests go to the engine: at most `max_batch + max_queue` of them are open (being
+/// decoded or waiting) at once. Counting open requests, not the channel's length, keeps a burst
+/// that arrives while the engine is busy prefilling from being refused though the batch has room.
+pub struct Queue {
+    jobs: Sender<Job>,
+    open: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+/// A request's place among the open ones, given back when its answer is dropped (finished,
+/// failed, or its client gone).
+pub struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a job was not taken.
+pub enum Refused {
+    /// As many requests are open as the engine takes: retry later.
+    Full,
+    /// The engine has stopped.
+    Gone,
+}
+
+impl Queue {
+    /// Sends `job` to the engine when there is a place for it.
+    pub fn submit(&self, job: Job) -> Result<Place, Refused> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.limit).then_some(open + 1)
+            })
+            .map_err(|_| Refused::Full)?;
+        let place = Place(Arc::clone(&self.open));
+        self.jobs.send(job).map_err(|_| Refused::Gone)?;
+        Ok(place)
+    }
+}
+
 /// Loads the run in `run_dir` on a thread of its own and returns what it offers, where to send
-/// jobs (at most `capacity.max_queue` waiting), and the thread.
+/// jobs, and the thread.
 pub fn start(
     run_dir: &Path,
     home: TsqHome,
     capacity: Capacity,
     metrics: Arc<Metrics>,
-) -> Result<(Catalog, SyncSender<Job>, std::thread::JoinHandle<()>), EngineError> {
+) -> Result<(Catalog, Queue, std::thread::JoinHandle<()>), EngineError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(capacity.max_queue);
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
+    let queue = Queue {
+        jobs: jobs_tx,
+        open: Arc::new(AtomicUsize::new(0)),
+        limit: capacity.max_batch + capacity.max_queue,
+    };
     let run_dir = run_dir.to_path_buf();
     let thread = std::thread::spawn(move || match Engine::load(&run_dir, home, metrics) {
         Ok((engine, catalog)) => {
@@ -142,7 +189,7 @@ pub fn start(
         }
     });
     let catalog = ready_rx.recv().map_err(|_| EngineError::Gone)??;
-    Ok((catalog, jobs_tx, thread))
+    Ok((catalog, queue, thread))
 }
 
 struct Engine {

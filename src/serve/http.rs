@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -19,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::api::{self, ApiError, Ask, Input, Limits};
-use super::engine::{Catalog, Job, JobEvent, Route};
+use super::engine::{Catalog, Job, JobEvent, Place, Queue, Refused, Route};
 use super::metrics::Metrics;
 use crate::adapt::spec::BASE;
 use crate::model::generate::TokenLogprob;
@@ -27,7 +26,7 @@ use crate::model::tokenizer::Tokenizer;
 
 pub struct ServerState {
     pub catalog: Catalog,
-    pub jobs: SyncSender<Job>,
+    pub jobs: Queue,
     pub api_key: Option<String>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
@@ -224,6 +223,8 @@ struct Started {
     model: String,
     prompt_tokens: usize,
     events: UnboundedReceiver<JobEvent>,
+    /// Held until the answer is dropped.
+    _place: Place,
     metrics: Arc<Metrics>,
     arrived: Instant,
     /// When the last piece of text came.
@@ -308,14 +309,15 @@ fn submit(
         events: events_tx,
     };
     let arrived = Instant::now();
-    match state.jobs.try_send(job) {
-        Ok(()) => {
+    let place = match state.jobs.submit(job) {
+        Ok(place) => {
             state
                 .metrics
                 .queued
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            place
         }
-        Err(TrySendError::Full(_)) => {
+        Err(Refused::Full) => {
             return Err(ApiError {
                 retry_after: Some(1),
                 ..ApiError::status(
@@ -325,14 +327,14 @@ fn submit(
                 )
             });
         }
-        Err(TrySendError::Disconnected(_)) => {
+        Err(Refused::Gone) => {
             return Err(ApiError::status(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
                 "the server is shutting down",
             ));
         }
-    }
+    };
     let prefix = if endpoint == Endpoint::Chat {
         "chatcmpl"
     } else {
@@ -344,6 +346,7 @@ fn submit(
         ask,
         prompt_tokens,
         events,
+        _place: place,
         metrics: Arc::clone(&state.metrics),
         tokenizer: Arc::clone(&catalog.tokenizer),
         arrived,
