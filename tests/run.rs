@@ -153,18 +153,22 @@ fn a_run_killed_mid_stage_resumes_without_redoing_finished_work() {
     );
 }
 
+/// A stage another process is running is refused, named; the stages before it still run.
 #[test]
-fn a_second_writer_is_refused() {
+fn a_second_runner_of_a_stage_is_refused() {
     let p = Project::new();
-    p.run_ok(&["run", "pipeline.yaml"]);
-    let _held = tsq::exec::RunDir::lock(&p.run_dir()).unwrap();
+    let _held = tsq::exec::RunDir::open(&p.run_dir())
+        .unwrap()
+        .lock_stage("data.numbers")
+        .unwrap();
     let out = p.tsq(&["run", "pipeline.yaml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out).contains("in use by another tsq process"),
+        text(&out).contains("stage `data.numbers` is being run by another tsq process"),
         "{}",
         text(&out)
     );
+    assert!(p.run_dir().join("data.letters/manifest.json").exists());
 }
 
 /// The report stage runs after every other stage and renders what the run has (here, data

@@ -27,7 +27,7 @@ pub fn run(
         executor
             .preflight(&RunDir::read_only(&run_root), &opts)
             .map_err(CmdError::failed)?;
-        let run_dir = RunDir::lock(&run_root).map_err(CmdError::failed)?;
+        let run_dir = RunDir::open(&run_root).map_err(CmdError::failed)?;
         run_dir.record_run(&pipeline.spec, graph).map_err(|e| {
             CmdError::Failed(format!(
                 "cannot record the run in `{}`: {e}",

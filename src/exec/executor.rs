@@ -218,6 +218,15 @@ impl Executor<'_> {
         };
         let io =
             |doing: &'static str| move |e: std::io::Error| failed(StageError::failed(doing, e));
+        let _lock = run
+            .lock_stage(&id.0)
+            .map_err(|e| ExecError::Setup(e.to_string()))?;
+        // Another process (a Slurm job, a second `tsq run`) may have finished it meanwhile.
+        if !entry.finished && run.finished(&id.0).is_some_and(|m| m.key == entry.key) {
+            eprintln!("  cached  {id} (finished by another process)");
+            log.event("stage_cached", Some(id), json!({}));
+            return Ok(());
+        }
         eprintln!("  running {id}");
         log.event("stage_started", Some(id), json!({}));
         let started = Instant::now();

@@ -2,8 +2,9 @@
 //! lock, interruption, progress and the JSONL event log.
 //!
 //! Run directory layout (`<runs>/<pipeline name>/`):
-//! - `.lock`: held (flock) by the one tsq process writing this run,
-//! - `.staging/`: stage outputs being written; cleared at the start of every run,
+//! - `.locks/<stage>`: held (flock) by the one tsq process running that stage; stages of one
+//!   run may run in several processes at once (`--only`, Slurm jobs),
+//! - `.staging/<stage>/`: the stage's outputs being written; cleared when its lock is taken,
 //! - `<stage>/`: a finished stage's outputs plus `manifest.json`, written last and moved into place
 //!   with its directory, so a stage directory that exists is complete,
 //! - `.checkpoints/<stage>/<key>/`: resumable state of a long stage, kept across kills and
@@ -24,7 +25,7 @@ pub use interrupt::Interrupt;
 pub use manifest::Manifest;
 pub use metrics::Metrics;
 pub use progress::Progress;
-pub use rundir::{PIPELINE_FILE, RecordedStage, RunDir, RunDirError, Unfinished};
+pub use rundir::{PIPELINE_FILE, RecordedStage, RunDir, RunDirError, StageLock, Unfinished};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

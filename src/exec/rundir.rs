@@ -1,4 +1,6 @@
-//! A run directory: the lock that keeps two processes apart, staging, and atomic stage commits.
+//! A run directory: per-stage locks that keep two processes from running one stage at once
+//! (stages of one run may run in several processes, on several machines sharing the directory,
+//! as Slurm jobs do), staging, and atomic stage commits.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,7 @@ pub const PIPELINE_FILE: &str = "pipeline.json";
 /// The stage graph of the latest run: each stage's id and dependencies, in run order. Readers of
 /// a finished run (the report) go by it, never by re-deriving the graph or by which files exist.
 const STAGES_FILE: &str = "stages.json";
-const LOCK_FILE: &str = ".lock";
+const LOCKS: &str = ".locks";
 const STAGING: &str = ".staging";
 const CHECKPOINTS: &str = ".checkpoints";
 
@@ -33,8 +35,8 @@ pub enum RunDirError {
         #[source]
         source: std::io::Error,
     },
-    #[error("run directory `{}` is in use by another tsq process (lock `{}`)", root.display(), root.join(LOCK_FILE).display())]
-    Locked { root: PathBuf },
+    #[error("stage `{stage}` is being run by another tsq process (lock `{}`)", lock.display())]
+    Locked { stage: String, lock: PathBuf },
 }
 
 impl RunDirError {
@@ -59,44 +61,54 @@ pub enum Unfinished {
     OutputsChanged,
 }
 
-/// An open run directory. Holding a `RunDir` with `lock` means holding the run's lock.
+/// A run directory.
 #[derive(Debug)]
 pub struct RunDir {
     root: PathBuf,
-    _lock: Option<File>,
+}
+
+/// The right to run one stage of a run directory: held (flock, released when dropped or when
+/// the process dies) while the stage runs and commits.
+#[derive(Debug)]
+pub struct StageLock {
+    _file: File,
 }
 
 impl RunDir {
-    /// Opens for reading only (plan): no lock, nothing created.
+    /// Opens for reading only (plan): nothing created.
     pub fn read_only(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
-            _lock: None,
         }
     }
 
-    /// Opens for writing: creates the directory, takes the lock (failing if another process holds
-    /// it), and clears staging left behind by a killed run.
-    pub fn lock(root: &Path) -> Result<Self, RunDirError> {
+    /// Opens for writing: creates the directory. Stages are locked one by one as they run.
+    pub fn open(root: &Path) -> Result<Self, RunDirError> {
         std::fs::create_dir_all(root).map_err(RunDirError::io("create run directory", root))?;
-        let lock_path = root.join(LOCK_FILE);
+        Ok(Self::read_only(root))
+    }
+
+    /// Takes stage `stage`'s lock, failing if another process holds it, and clears the
+    /// staging a killed run of it left behind.
+    pub fn lock_stage(&self, stage: &str) -> Result<StageLock, RunDirError> {
+        let locks = self.root.join(LOCKS);
+        std::fs::create_dir_all(&locks).map_err(RunDirError::io("create", &locks))?;
+        let lock = locks.join(stage);
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&lock_path)
-            .map_err(RunDirError::io("open", &lock_path))?;
+            .open(&lock)
+            .map_err(RunDirError::io("open", &lock))?;
         file.try_lock().map_err(|_| RunDirError::Locked {
-            root: root.to_path_buf(),
+            stage: stage.to_string(),
+            lock: lock.clone(),
         })?;
-        let staging = root.join(STAGING);
+        let staging = self.root.join(STAGING).join(stage);
         if staging.exists() {
             std::fs::remove_dir_all(&staging).map_err(RunDirError::io("clear", &staging))?;
         }
-        Ok(Self {
-            root: root.to_path_buf(),
-            _lock: Some(file),
-        })
+        Ok(StageLock { _file: file })
     }
 
     pub fn root(&self) -> &Path {
@@ -149,13 +161,12 @@ impl RunDir {
         Ok(manifest)
     }
 
-    /// A fresh empty directory to write a stage's outputs into before commit.
+    /// A fresh empty directory to write a stage's outputs into before commit (under
+    /// `.staging/<stage>/`, which only the holder of the stage's lock touches).
     pub fn staging_dir(&self, stage: &str) -> std::io::Result<tempfile::TempDir> {
-        let staging = self.root.join(STAGING);
+        let staging = self.root.join(STAGING).join(stage);
         std::fs::create_dir_all(&staging)?;
-        tempfile::Builder::new()
-            .prefix(&format!("{stage}-"))
-            .tempdir_in(staging)
+        tempfile::Builder::new().prefix("out-").tempdir_in(staging)
     }
 
     /// The checkpoint directory of a stage for one cache key (created); checkpoints of other
@@ -181,10 +192,7 @@ impl RunDir {
         sync_dir(&staged)?;
         let dest = self.stage_dir(stage);
         let old = if dest.exists() {
-            let aside = self
-                .root
-                .join(STAGING)
-                .join(format!("old-{stage}-{}", std::process::id()));
+            let aside = self.root.join(STAGING).join(stage).join("old");
             std::fs::rename(&dest, &aside)?;
             Some(aside)
         } else {
@@ -195,6 +203,7 @@ impl RunDir {
         if let Some(old) = old {
             std::fs::remove_dir_all(old)?;
         }
+        let _ = std::fs::remove_dir(self.root.join(STAGING).join(stage));
         // The stage is committed: its resumable state has served its purpose.
         let _ = std::fs::remove_dir_all(self.root.join(CHECKPOINTS).join(stage));
         Ok(())
@@ -205,34 +214,41 @@ impl RunDir {
 mod tests {
     use super::*;
 
+    /// One stage is run by one process at a time; other stages are free, and a stage's lock
+    /// clears what a killed run of it left in staging, and nothing of other stages'.
     #[test]
-    fn second_writer_is_refused_and_staging_is_cleared() {
+    fn a_stage_has_one_runner_and_its_staging_is_cleared() {
         let dir = tempfile::tempdir().unwrap();
-        let run = RunDir::lock(dir.path()).unwrap();
+        let run = RunDir::open(dir.path()).unwrap();
+        let held = run.lock_stage("a").unwrap();
+        let refused = RunDir::open(dir.path()).unwrap().lock_stage("a");
         assert!(
-            RunDir::lock(dir.path())
+            refused
                 .unwrap_err()
                 .to_string()
-                .contains("in use by another tsq process")
+                .contains("stage `a` is being run by another tsq process")
         );
-        let staged = run.staging_dir("s").unwrap();
-        std::fs::write(staged.path().join("x"), "1").unwrap();
-        let _ = staged.keep();
-        drop(run);
-        RunDir::lock(dir.path()).unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join(STAGING))
+        let _b = run.lock_stage("b").unwrap();
+        for stage in ["a", "b"] {
+            let staged = run.staging_dir(stage).unwrap();
+            std::fs::write(staged.path().join("x"), "1").unwrap();
+            let _ = staged.keep();
+        }
+        drop(held);
+        let _a = run.lock_stage("a").unwrap();
+        let left = |stage: &str| {
+            std::fs::read_dir(dir.path().join(STAGING).join(stage))
                 .map(|d| d.count())
-                .unwrap_or(0),
-            0
-        );
+                .unwrap_or(0)
+        };
+        assert_eq!((left("a"), left("b")), (0, 1));
     }
 
     /// A reader of the run gets the graph the run had, in its order, from the run directory.
     #[test]
     fn a_run_records_its_stage_graph() {
         let dir = tempfile::tempdir().unwrap();
-        let run = RunDir::lock(dir.path()).unwrap();
+        let run = RunDir::open(dir.path()).unwrap();
         assert!(run.recorded_stages().is_err());
         let stage = |id: &str, deps: &[&str]| crate::dag::Stage {
             id: StageId(id.into()),
@@ -255,7 +271,7 @@ mod tests {
     #[test]
     fn commit_replaces_previous_outputs() {
         let dir = tempfile::tempdir().unwrap();
-        let run = RunDir::lock(dir.path()).unwrap();
+        let run = RunDir::open(dir.path()).unwrap();
         for content in ["one", "two"] {
             let staged = run.staging_dir("s").unwrap();
             std::fs::write(staged.path().join("out"), content).unwrap();
@@ -271,7 +287,7 @@ mod tests {
     #[test]
     fn an_output_changed_in_place_unfinishes_the_stage() {
         let dir = tempfile::tempdir().unwrap();
-        let run = RunDir::lock(dir.path()).unwrap();
+        let run = RunDir::open(dir.path()).unwrap();
         let staged = run.staging_dir("s").unwrap();
         std::fs::create_dir(staged.path().join("sub")).unwrap();
         std::fs::write(staged.path().join("sub/out"), "good").unwrap();
