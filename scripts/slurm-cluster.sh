@@ -89,7 +89,7 @@ up() {
       return
     fi
     # A node that came back after a restart may need telling.
-    scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true
+    timeout 10 scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true
     sleep 1
   done
   echo "slurm-cluster: the node did not become idle; logs in $log_dir" >&2
@@ -100,6 +100,11 @@ up() {
 down() {
   pkill -x slurmd || true
   pkill -x slurmctld || true
+  # Gone before returning, so that an `up` right after starts them afresh.
+  for _ in $(seq 30); do
+    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || return 0
+    sleep 0.5
+  done
 }
 
 case "${1:-up}" in

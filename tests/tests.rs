@@ -12,6 +12,7 @@ mod report;
 mod run;
 mod sandbox;
 mod serve;
+mod slurm;
 mod snapshots;
 mod svf;
 mod train;

@@ -63,6 +63,8 @@ pub struct RunArgs {
     /// Print what would run, run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
 }
 
 impl RunArgs {
@@ -72,8 +74,54 @@ impl RunArgs {
             overrides,
             selection,
             dry_run,
+            executor,
         } = self;
-        cmd::run::run(&file, &overrides.set, &selection.into(), dry_run)
+        cmd::run::run(
+            &file,
+            &overrides.set,
+            &selection.into(),
+            dry_run,
+            &executor.into(),
+        )
+    }
+}
+
+/// Where the stages run, over the pipeline's `executor:` section.
+#[derive(Debug, clap::Args)]
+pub struct ExecutorArgs {
+    /// `local` runs the stages here; `slurm` submits each as a job (default: the pipeline's
+    /// `executor.kind`, else local).
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorChoice>,
+    /// Slurm partition for the jobs.
+    #[arg(long, requires = "executor")]
+    pub partition: Option<String>,
+    /// Slurm account for the jobs.
+    #[arg(long, requires = "executor")]
+    pub account: Option<String>,
+    /// Submit the jobs and return without following them.
+    #[arg(long, requires = "executor")]
+    pub detach: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorChoice {
+    Local,
+    Slurm,
+}
+
+impl From<ExecutorArgs> for cmd::run::ExecutorChoice {
+    fn from(a: ExecutorArgs) -> Self {
+        use crate::pipeline::spec::ExecutorKind;
+        Self {
+            kind: a.executor.map(|k| match k {
+                ExecutorChoice::Local => ExecutorKind::Local,
+                ExecutorChoice::Slurm => ExecutorKind::Slurm,
+            }),
+            partition: a.partition,
+            account: a.account,
+            detach: a.detach,
+        }
     }
 }
 

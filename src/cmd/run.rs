@@ -1,16 +1,42 @@
-//! `tsq run`: run every stage that is not cached, holding the run directory's lock.
+//! `tsq run`: run every stage that is not cached, here (each stage under its lock) or as Slurm
+//! jobs.
 
 use std::path::Path;
 
 use super::{CmdError, Loaded, StageSelection, with_loaded};
-use crate::exec::{ExecError, Interrupt, RunDir};
+use crate::exec::{ExecError, Interrupt, JobCommand, RunDir, SlurmRun};
 use crate::pipeline::Override;
+use crate::pipeline::spec::{ExecutorKind, ExecutorSpec};
+
+/// `--executor`, `--partition`, `--account`, `--detach` as given (over the pipeline's
+/// `executor:` section).
+#[derive(Debug, Default)]
+pub struct ExecutorChoice {
+    pub kind: Option<ExecutorKind>,
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub detach: bool,
+}
+
+impl ExecutorChoice {
+    /// The pipeline's executor section with what the command line says over it.
+    fn over(&self, spec: Option<&ExecutorSpec>) -> ExecutorSpec {
+        let mut spec = spec.cloned().unwrap_or_default();
+        if let Some(kind) = self.kind {
+            spec.kind = kind;
+        }
+        spec.partition = self.partition.clone().or(spec.partition);
+        spec.account = self.account.clone().or(spec.account);
+        spec
+    }
+}
 
 pub fn run(
     file: &Path,
     overrides: &[Override],
     selection: &StageSelection,
     dry_run: bool,
+    choice: &ExecutorChoice,
 ) -> Result<(), CmdError> {
     if dry_run {
         return super::plan::run(file, overrides, selection, super::Format::Text);
@@ -23,8 +49,14 @@ pub fn run(
             executor,
             run_root,
         } = loaded;
-        // Refuse before creating anything; the run re-checks under the lock.
-        executor
+        let spec = choice.over(pipeline.spec.executor.as_ref());
+        if choice.detach && spec.kind != ExecutorKind::Slurm {
+            return Err(CmdError::Usage(
+                "--detach submits jobs: it needs `--executor slurm`".into(),
+            ));
+        }
+        // Refuse before creating anything; each stage is checked again under its lock.
+        let plan = executor
             .preflight(&RunDir::read_only(&run_root), &opts)
             .map_err(CmdError::failed)?;
         let run_dir = RunDir::open(&run_root).map_err(CmdError::failed)?;
@@ -34,10 +66,36 @@ pub fn run(
                 run_root.display()
             ))
         })?;
-        eprintln!("run `{}` in {}", pipeline.spec.name, run_root.display());
         let interrupt = Interrupt::install();
-        match executor.run(&run_dir, &opts, &interrupt) {
-            Ok(plan) => {
+        let outcome = match spec.kind {
+            ExecutorKind::Local => {
+                eprintln!("run `{}` in {}", pipeline.spec.name, run_root.display());
+                executor.run(&run_dir, &opts, &interrupt).map(|_| ())
+            }
+            ExecutorKind::Slurm => {
+                eprintln!(
+                    "run `{}` in {} as Slurm jobs",
+                    pipeline.spec.name,
+                    run_root.display()
+                );
+                let command = job_command(file, overrides)?;
+                let slurm = SlurmRun {
+                    graph,
+                    plan: &plan,
+                    run: &run_dir,
+                    pipeline: &pipeline.spec.name,
+                    command: &command,
+                    spec: &spec,
+                };
+                let outcome = slurm.run(choice.detach, &interrupt);
+                if choice.detach {
+                    return outcome.map_err(CmdError::failed);
+                }
+                outcome
+            }
+        };
+        match outcome {
+            Ok(()) => {
                 print_results(&run_root, graph, &plan);
                 eprintln!("finished: outputs in {}", run_root.display());
                 Ok(())
@@ -48,6 +106,29 @@ pub fn run(
     })
 }
 
+/// What each job runs: this tsq, `run` on the same pipeline file with the same `--set`s, here,
+/// stages one at a time (`--executor local`, whatever the pipeline's section says).
+fn job_command(file: &Path, overrides: &[Override]) -> Result<JobCommand, CmdError> {
+    let failed = |what: &str, e: std::io::Error| CmdError::Failed(format!("{what}: {e}"));
+    let program = std::env::current_exe().map_err(|e| failed("finding tsq's own path", e))?;
+    let file = std::path::absolute(file).map_err(|e| failed("resolving the pipeline's path", e))?;
+    let file = file.to_str().ok_or_else(|| {
+        CmdError::Failed(format!(
+            "the pipeline's path `{}` is not UTF-8, which job scripts need",
+            file.display()
+        ))
+    })?;
+    let mut args = vec!["run".to_string(), file.to_string()];
+    for o in overrides {
+        args.extend(["--set".to_string(), o.argument.clone()]);
+    }
+    args.extend(["--executor".to_string(), "local".to_string()]);
+    Ok(JobCommand {
+        program,
+        args,
+        workdir: std::env::current_dir().map_err(|e| failed("reading the working directory", e))?,
+    })
+}
 /// The results table of every evaluation the run finished or found cached.
 fn print_results(run_root: &Path, graph: &crate::dag::Graph, plan: &[crate::exec::PlanEntry]) {
     for entry in plan {

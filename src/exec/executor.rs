@@ -54,7 +54,8 @@ pub struct PlanEntry {
 }
 
 impl PlanEntry {
-    fn will_run(&self) -> bool {
+    /// Whether a run with these options runs the stage.
+    pub fn will_run(&self) -> bool {
         matches!(self.status, Status::Stale(_) | Status::ToRun)
     }
 }
@@ -71,6 +72,9 @@ pub enum ExecError {
     },
     #[error("interrupted during stage `{0}`; finished stages are kept, run again to resume")]
     Interrupted(StageId),
+    /// Jobs on a cluster that ended without finishing their stages.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// Runs a graph with runners from a factory.

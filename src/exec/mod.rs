@@ -19,6 +19,7 @@ mod manifest;
 mod metrics;
 mod progress;
 mod rundir;
+mod slurm;
 
 pub use executor::{ExecError, Executor, PlanEntry, RunOptions, Status};
 pub use interrupt::Interrupt;
@@ -26,6 +27,7 @@ pub use manifest::Manifest;
 pub use metrics::Metrics;
 pub use progress::Progress;
 pub use rundir::{PIPELINE_FILE, RecordedStage, RunDir, RunDirError, StageLock, Unfinished};
+pub use slurm::{JobCommand, SlurmRun};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

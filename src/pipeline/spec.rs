@@ -54,7 +54,130 @@ pub struct PipelineSpec {
     pub evaluate: Vec<EvaluateSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<ReportSpec>,
+    /// Where the stages run: here, one after the other (the default), or each as a Slurm job
+    /// (`tsq run --executor slurm` says the same). Never part of a stage's cache key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<ExecutorSpec>,
 }
+
+/// How stages are run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorSpec {
+    #[serde(default)]
+    pub kind: ExecutorKind,
+    /// Slurm partition (`sbatch --partition`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_.,-]+$"), length(max = 200))]
+    pub partition: Option<String>,
+    /// Slurm account (`sbatch --account`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_.-]+$"), length(max = 200))]
+    pub account: Option<String>,
+    /// What each job asks for, by stage kind; a kind not named takes `default`'s.
+    #[serde(default)]
+    pub resources: StageResources,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// This process runs the stages, one after the other.
+    #[default]
+    Local,
+    /// Each stage is a Slurm job running `tsq run FILE --only STAGE` on the same run directory
+    /// (shared storage), after the jobs of the stages it needs.
+    Slurm,
+}
+
+/// Resources of the jobs, by stage kind.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StageResources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<JobResources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<JobResources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<JobResources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decompose: Option<JobResources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<JobResources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt: Option<JobResources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<JobResources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<JobResources>,
+}
+
+impl StageResources {
+    /// What a job of a stage of `kind` asks for: its kind's entry over `default`'s.
+    pub fn of(&self, kind: &str) -> JobResources {
+        let own = match kind {
+            "model" => &self.model,
+            "data" => &self.data,
+            "decompose" => &self.decompose,
+            "train" => &self.train,
+            "adapt" => &self.adapt,
+            "eval" => &self.eval,
+            "report" => &self.report,
+            _ => &None,
+        };
+        let default = self.default.clone().unwrap_or_default();
+        match own.clone() {
+            Some(own) => JobResources {
+                cpus: own.cpus.or(default.cpus),
+                mem: own.mem.or(default.mem),
+                gpus: own.gpus.or(default.gpus),
+                time: own.time.or(default.time),
+                sbatch: if own.sbatch.is_empty() {
+                    default.sbatch
+                } else {
+                    own.sbatch
+                },
+            },
+            None => default,
+        }
+    }
+}
+
+/// One job's resources (Slurm's own defaults where unset).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobResources {
+    /// CPUs of the job's one task (`--cpus-per-task`); tsq's threads follow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub cpus: Option<u32>,
+    /// Memory (`--mem`), e.g. `16G`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+[KMGT]?$"))]
+    pub mem: Option<String>,
+    /// GPUs (`--gpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 64))]
+    pub gpus: Option<u32>,
+    /// Time limit (`--time`), e.g. `2:00:00` or `1-00:00:00`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(-[0-9]+)?(:[0-9]+){0,2}$"))]
+    pub time: Option<String>,
+    /// More `sbatch` options, one each, e.g. `--constraint=a100` or `--qos=long`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sbatch: Vec<SbatchOption>,
+}
+
+/// One `sbatch` option as written on its command line: `--name` or `--name=value`, on one line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct SbatchOption(
+    #[schemars(
+        regex(pattern = r"^--[A-Za-z][A-Za-z0-9-]*(=[^\n\r]*)?$"),
+        length(max = 500)
+    )]
+    pub String,
+);
 
 /// The base model.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]

@@ -1,0 +1,217 @@
+//! `tsq run --executor slurm` against the real one-node Slurm cluster that
+//! `scripts/slurm-cluster.sh up` starts (scripts/test does): no mock of sbatch, squeue or
+//! scancel. A small pipeline on the Qwen2 fixture with two independent experts.
+
+use std::process::Command;
+
+use crate::common::{Project, repo, text};
+
+/// Fails the test, saying how to start one, when no Slurm cluster answers here.
+fn cluster() {
+    let out = Command::new("sinfo").args(["-h", "-o", "%T"]).output();
+    let states = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        states
+            .lines()
+            .any(|s| ["idle", "mixed", "allocated"].contains(&s.trim())),
+        "no Slurm cluster answers here: start one with `scripts/slurm-cluster.sh up` (scripts/test does)"
+    );
+}
+
+/// Decompose, data, two experts trained on one dataset (independent of each other, ~1 s of
+/// training each in a debug build), an evaluation of both; each job takes one of the two CPUs.
+/// `extra` adds YAML.
+fn two_experts(p: &Project, extra: &str) {
+    let model = repo().join("tests/fixtures/arch/qwen2");
+    let pipeline = format!(
+        "version: 1
+name: tiny
+seed: 3
+run_dir: runs
+model:
+  source: {}
+svd:
+  targets: ['mlp\\.(gate|up)_proj']
+datasets:
+  letters:
+    card: cards/letters.yaml
+    prompt: templates/question.jinja
+    split: {{train: 6, val: 2, test: 4}}
+rewards:
+  choice: {{kind: multiple_choice}}
+experts:
+  first:
+    dataset: letters
+    reward: choice
+    train: {{rollout: options, steps: 150, prompts_per_step: 2, validate_every: 150, validate_limit: 2}}
+  second:
+    dataset: letters
+    reward: choice
+    train: {{rollout: options, steps: 151, prompts_per_step: 2, validate_every: 151, validate_limit: 2}}
+evaluate:
+  - {{dataset: letters, mode: loglik, reward: choice, with: [base, first, second]}}
+executor:
+  resources:
+    default: {{cpus: 1}}
+{extra}",
+        model.display()
+    );
+    std::fs::write(p.path().join("two.yaml"), pipeline).unwrap();
+}
+
+/// A file without what two runs of the same stage differ in, their timing: an expert's
+/// training summary records its wall time (`seconds_this_run`), a results table its items/s
+/// (the last column).
+fn without_timing(file: &str, bytes: Vec<u8>) -> Vec<u8> {
+    if file.ends_with(".safetensors") {
+        // safetensors: header length, JSON header (space-padded), tensor data.
+        let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+        let mut meta: serde_json::Value =
+            serde_json::from_str(header["__metadata__"]["tsq_expert"].as_str().unwrap()).unwrap();
+        meta["training"]["summary"]["seconds_this_run"] = serde_json::Value::Null;
+        let mut out = meta.to_string().into_bytes();
+        out.extend_from_slice(&bytes[8 + len..]);
+        return out;
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let rows = text
+        .lines()
+        .map(|l| match l.trim_end_matches('|').rsplit_once('|') {
+            Some((row, _items_per_s)) if l.starts_with('|') => row,
+            _ => l,
+        });
+    rows.collect::<Vec<_>>().join("\n").into_bytes()
+}
+
+/// Each stage's `stage_started` and `stage_finished` times in the run's event log.
+fn spans(p: &Project) -> std::collections::BTreeMap<String, (f64, f64)> {
+    let events = std::fs::read_to_string(p.run_dir().join("events.jsonl")).unwrap();
+    let mut spans = std::collections::BTreeMap::new();
+    for line in events.lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (Some(stage), Some(ts)) = (e["stage"].as_str(), e["ts"].as_f64()) else {
+            continue;
+        };
+        let span = spans.entry(stage.to_string()).or_insert((0.0, 0.0));
+        match e["event"].as_str() {
+            Some("stage_started") => span.0 = ts,
+            Some("stage_finished") => span.1 = ts,
+            _ => {}
+        }
+    }
+    spans
+}
+
+/// Through Slurm the run ends with the outputs a local run makes (cache keys, expert files
+/// and evaluation results byte for byte); the two experts train at the same time; a second
+/// run finds everything cached and submits nothing.
+#[test]
+fn slurm_jobs_make_what_a_local_run_makes_with_independent_stages_at_once() {
+    cluster();
+    let (local, cluster_run) = (Project::new(), Project::new());
+    for p in [&local, &cluster_run] {
+        two_experts(p, "");
+    }
+    local.run_ok(&["run", "two.yaml"]);
+    let out = cluster_run.run_ok(&["run", "two.yaml", "--executor", "slurm"]);
+    let log = text(&out);
+    assert!(log.contains("as Slurm jobs"), "{log}");
+    assert!(log.contains("  done    train.second (job "), "{log}");
+
+    let stages = [
+        "model",
+        "data.letters",
+        "decompose",
+        "train.first",
+        "train.second",
+        "eval.letters",
+    ];
+    for stage in stages {
+        let manifest = |p: &Project| -> serde_json::Value {
+            let path = p.run_dir().join(stage).join("manifest.json");
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        };
+        assert_eq!(
+            manifest(&local)["key"],
+            manifest(&cluster_run)["key"],
+            "{stage}"
+        );
+    }
+    for file in [
+        "train.first/expert.safetensors",
+        "train.second/expert.safetensors",
+        "eval.letters/results.md",
+    ] {
+        let bytes =
+            |p: &Project| without_timing(file, std::fs::read(p.run_dir().join(file)).unwrap());
+        assert!(bytes(&local) == bytes(&cluster_run), "{file} differs");
+    }
+
+    let spans = spans(&cluster_run);
+    let (first, second) = (spans["train.first"], spans["train.second"]);
+    assert!(
+        first.0 < second.1 && second.0 < first.1,
+        "the experts did not train at the same time: {first:?} {second:?}"
+    );
+
+    let again = text(&cluster_run.run_ok(&["run", "two.yaml", "--executor", "slurm"]));
+    assert!(!again.contains("queued"), "{again}");
+}
+
+/// A stage that fails on the cluster says why (its job's log) and stops only what needs it:
+/// the other expert and nothing after the failed one. Fixed, a rerun submits only what is left.
+#[test]
+fn a_failed_job_blocks_only_its_dependents_and_a_rerun_resumes() {
+    cluster();
+    let p = Project::new();
+    two_experts(
+        &p,
+        "  # the second expert's data fails until the template is fixed
+",
+    );
+    // A dataset of its own for the second expert, whose target template breaks every record.
+    let yaml = std::fs::read_to_string(p.path().join("two.yaml"))
+        .unwrap()
+        .replace(
+            "  second:\n    dataset: letters",
+            "  second:\n    dataset: broken",
+        )
+        .replace(
+            "rewards:",
+            "  broken:\n    card: cards/letters.yaml\n    prompt: templates/question.jinja\n    \
+             target: templates/broken.jinja\n    split: {train: 6, val: 2, test: 4}\nrewards:",
+        )
+        .replace("with: [base, first, second]", "with: [base, first]");
+    std::fs::write(p.path().join("two.yaml"), yaml).unwrap();
+    std::fs::write(p.path().join("templates/broken.jinja"), "{{ missing }}").unwrap();
+
+    let out = p
+        .tsq(&["run", "two.yaml", "--executor", "slurm"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let log = text(&out);
+    assert!(log.contains("  failed  data.broken (job "), "{log}");
+    assert!(log.contains("records are bad"), "the job's log tail: {log}");
+    assert!(
+        log.contains("  skipped train.second: a stage it needs failed"),
+        "{log}"
+    );
+    assert!(log.contains("  done    eval.letters"), "{log}");
+    assert!(
+        log.contains("2 stage(s) did not finish on the cluster"),
+        "{log}"
+    );
+
+    std::fs::write(p.path().join("templates/broken.jinja"), "{{ 'AB'[gold] }}").unwrap();
+    let again = text(&p.run_ok(&["run", "two.yaml", "--executor", "slurm"]));
+    let submitted: Vec<&str> = again
+        .lines()
+        .filter_map(|l| l.strip_prefix("  queued  "))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(submitted, ["data.broken", "train.second"], "{again}");
+}
