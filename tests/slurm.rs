@@ -215,3 +215,95 @@ fn a_failed_job_blocks_only_its_dependents_and_a_rerun_resumes() {
         .collect();
     assert_eq!(submitted, ["data.broken", "train.second"], "{again}");
 }
+
+/// Reads `child`'s stderr until a line contains `marker`; that line.
+fn wait_for_line(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    marker: &str,
+) -> String {
+    for line in lines {
+        let line = line.unwrap();
+        if line.contains(marker) {
+            return line;
+        }
+    }
+    panic!("the driver ended without printing `{marker}`");
+}
+
+/// The driver killed after submitting leaves its jobs to Slurm; run again, it adopts them (by
+/// name) rather than submitting twice. A training job cancelled mid-way (`scancel`) fails its
+/// stage; run again, the new job resumes from the stage's checkpoint.
+#[test]
+fn a_killed_driver_does_not_submit_twice_and_a_cancelled_job_resumes() {
+    use std::io::BufRead;
+    cluster();
+    let p = Project::new();
+    two_experts(&p, "");
+    // One long expert (~10 s in a debug build), checkpointed every 10 steps.
+    let yaml = std::fs::read_to_string(p.path().join("two.yaml"))
+        .unwrap()
+        .replace(
+            "steps: 150, prompts_per_step: 2, validate_every: 150,",
+            "steps: 2000, prompts_per_step: 2, validate_every: 2000, checkpoint_every: 10,",
+        );
+    std::fs::write(p.path().join("two.yaml"), yaml).unwrap();
+    let driver = || {
+        p.tsq(&["run", "two.yaml", "--executor", "slurm"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let job_of = |line: &str| -> String {
+        let after = line.split("(job ").nth(1).unwrap();
+        after.split([',', ')']).next().unwrap().to_string()
+    };
+
+    let mut first = driver();
+    let mut lines = std::io::BufReader::new(first.stderr.take().unwrap()).lines();
+    let job = job_of(&wait_for_line(&mut lines, "queued  train.first (job "));
+    wait_for_line(&mut lines, "queued  eval.letters (job ");
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+
+    let mut second = driver();
+    let mut lines = std::io::BufReader::new(second.stderr.take().unwrap()).lines();
+    let adopted = wait_for_line(&mut lines, "queued  train.first (job ");
+    assert_eq!(job_of(&adopted), job, "{adopted}");
+    assert!(adopted.contains("submitted before"), "{adopted}");
+    let checkpoints = p.run_dir().join(".checkpoints/train.first");
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&checkpoints)
+        .map(|keys| {
+            keys.flatten()
+                .all(|k| std::fs::read_dir(k.path()).map_or(0, |f| f.count()) == 0)
+        })
+        .unwrap_or(true)
+    {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no checkpoint of train.first"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let cancelled = Command::new("scancel").arg(&job).status().unwrap();
+    assert!(cancelled.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert_eq!(second.wait().unwrap().code(), Some(1), "{rest:?}");
+    let rest = rest.join("\n");
+    assert!(
+        rest.contains(&format!("failed  train.first (job {job}, CANCELLED)")),
+        "{rest}"
+    );
+    assert!(rest.contains("skipped eval.letters"), "{rest}");
+
+    let third = text(&p.run_ok(&["run", "two.yaml", "--executor", "slurm"]));
+    assert!(third.contains("  done    eval.letters"), "{third}");
+    let resumed = std::fs::read_dir(p.run_dir().join(".slurm"))
+        .unwrap()
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().starts_with("train.first-"))
+        .map(|f| std::fs::read_to_string(f.path()).unwrap())
+        .filter(|log| log.contains("resuming `train.first` after step"))
+        .count();
+    assert_eq!(resumed, 1, "one job of train.first resumed from a checkpoint");
+}

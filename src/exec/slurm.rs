@@ -105,13 +105,14 @@ impl SlurmRun<'_> {
         for entry in self.plan.iter().filter(|e| e.will_run()) {
             let stage = self.graph.get(&entry.stage).expect("plan from the graph");
             let name = job_name(self.pipeline, &entry.stage.0, &entry.key, self.run.root());
-            let log = dir.join(format!("{}.log", entry.stage.0));
+            // One log per job (`%j`): a stage's earlier attempts keep theirs.
+            let log = |id: &str| dir.join(format!("{}-{id}.log", entry.stage.0));
             if let Some(job) = queued.values().find(|j| j.name == name && !j.ended()) {
                 eprintln!(
                     "  queued  {} (job {}, submitted before)",
                     entry.stage, job.id
                 );
-                jobs.push(job.for_stage(entry, log));
+                jobs.push(job.for_stage(entry, log(&job.id)));
                 continue;
             }
             let after: Vec<&str> = jobs
@@ -123,7 +124,7 @@ impl SlurmRun<'_> {
             let script = dir.join(format!("{}.sh", entry.stage.0));
             crate::fsutil::write_atomic(&script, self.script(entry, &resources)?.as_bytes())
                 .map_err(|e| setup(&script, e))?;
-            let id = sbatch(&name, &log, &self.command.workdir, &after, &script)?;
+            let id = sbatch(&name, &log("%j"), &self.command.workdir, &after, &script)?;
             let waits = if after.is_empty() {
                 String::new()
             } else {
@@ -133,8 +134,8 @@ impl SlurmRun<'_> {
             jobs.push(Job {
                 stage: entry.stage.0.clone(),
                 key: entry.key.clone(),
+                log: log(&id),
                 id,
-                log,
                 state: "PENDING".into(),
                 reason: String::new(),
             });
