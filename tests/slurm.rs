@@ -6,8 +6,13 @@ use std::process::Command;
 
 use crate::common::{Project, repo, text};
 
-/// Fails the test, saying how to start one, when no Slurm cluster answers here.
-fn cluster() {
+/// The cluster, for one test at a time: its two CPUs are what lets a test's independent jobs
+/// run at once. Fails the test, saying how to start one, when no Slurm cluster answers here.
+fn cluster() -> std::sync::MutexGuard<'static, ()> {
+    static CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let turn = CLUSTER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let out = Command::new("sinfo").args(["-h", "-o", "%T"]).output();
     let states = out
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -18,9 +23,10 @@ fn cluster() {
             .any(|s| ["idle", "mixed", "allocated"].contains(&s.trim())),
         "no Slurm cluster answers here: start one with `scripts/slurm-cluster.sh up` (scripts/test does)"
     );
+    turn
 }
 
-/// Decompose, data, two experts trained on one dataset (independent of each other, ~1 s of
+/// Decompose, data, two experts trained on one dataset (independent of each other, ~1.5 s of
 /// training each in a debug build), an evaluation of both; each job takes one of the two CPUs.
 /// `extra` adds YAML.
 fn two_experts(p: &Project, extra: &str) {
@@ -45,11 +51,11 @@ experts:
   first:
     dataset: letters
     reward: choice
-    train: {{rollout: options, steps: 150, prompts_per_step: 2, validate_every: 150, validate_limit: 2}}
+    train: {{rollout: options, steps: 400, prompts_per_step: 2, validate_every: 400, validate_limit: 2}}
   second:
     dataset: letters
     reward: choice
-    train: {{rollout: options, steps: 151, prompts_per_step: 2, validate_every: 151, validate_limit: 2}}
+    train: {{rollout: options, steps: 401, prompts_per_step: 2, validate_every: 401, validate_limit: 2}}
 evaluate:
   - {{dataset: letters, mode: loglik, reward: choice, with: [base, first, second]}}
 executor:
@@ -110,7 +116,7 @@ fn spans(p: &Project) -> std::collections::BTreeMap<String, (f64, f64)> {
 /// run finds everything cached and submits nothing.
 #[test]
 fn slurm_jobs_make_what_a_local_run_makes_with_independent_stages_at_once() {
-    cluster();
+    let _cluster = cluster();
     let (local, cluster_run) = (Project::new(), Project::new());
     for p in [&local, &cluster_run] {
         two_experts(p, "");
@@ -165,7 +171,7 @@ fn slurm_jobs_make_what_a_local_run_makes_with_independent_stages_at_once() {
 /// the other expert and nothing after the failed one. Fixed, a rerun submits only what is left.
 #[test]
 fn a_failed_job_blocks_only_its_dependents_and_a_rerun_resumes() {
-    cluster();
+    let _cluster = cluster();
     let p = Project::new();
     two_experts(
         &p,
@@ -236,14 +242,14 @@ fn wait_for_line(
 #[test]
 fn a_killed_driver_does_not_submit_twice_and_a_cancelled_job_resumes() {
     use std::io::BufRead;
-    cluster();
+    let _cluster = cluster();
     let p = Project::new();
     two_experts(&p, "");
     // One long expert (~10 s in a debug build), checkpointed every 10 steps.
     let yaml = std::fs::read_to_string(p.path().join("two.yaml"))
         .unwrap()
         .replace(
-            "steps: 150, prompts_per_step: 2, validate_every: 150,",
+            "steps: 400, prompts_per_step: 2, validate_every: 400,",
             "steps: 2000, prompts_per_step: 2, validate_every: 2000, checkpoint_every: 10,",
         );
     std::fs::write(p.path().join("two.yaml"), yaml).unwrap();
@@ -305,5 +311,8 @@ fn a_killed_driver_does_not_submit_twice_and_a_cancelled_job_resumes() {
         .map(|f| std::fs::read_to_string(f.path()).unwrap())
         .filter(|log| log.contains("resuming `train.first` after step"))
         .count();
-    assert_eq!(resumed, 1, "one job of train.first resumed from a checkpoint");
+    assert_eq!(
+        resumed, 1,
+        "one job of train.first resumed from a checkpoint"
+    );
 }

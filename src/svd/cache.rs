@@ -1,7 +1,9 @@
 //! The factor cache shared by every pipeline and command on one model:
 //! `$TSQ_HOME/svd/v{ALGORITHM_VERSION}/<model blake3>/<name>.safetensors` (tensors `u`, `s`, `vt`).
 //! An entry is re-checked by its reconstruction error whenever it is read, so a damaged file is
-//! recomputed rather than trusted.
+//! recomputed rather than trusted. Processes sharing the cache (Slurm jobs of one study on
+//! several nodes, two pipelines on one model) take turns on a model's missing entries (a lock
+//! file beside them): one decomposes, the others wait and then read what it wrote.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,11 @@ pub enum CacheError {
     Missing(String),
     #[error("cannot write {}: {message}", file.display())]
     Write { file: PathBuf, message: String },
+    #[error("cannot lock {}: {source}", file.display())]
+    Lock {
+        file: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// One target's factors and where they are cached.
@@ -72,22 +79,16 @@ impl SvdCache {
         interrupted: &dyn Fn() -> bool,
     ) -> Result<Vec<Decomposed>, CacheError> {
         let mut done = Vec::with_capacity(names.len());
-        let mut todo = Vec::new();
-        for name in names {
-            let weight = weights
-                .get(&format!("{name}.weight"))
-                .ok_or_else(|| CacheError::Missing(name.clone()))?;
-            let file = self.file(name);
-            match read_checked(&file, weight) {
-                Some(factors) => done.push(Decomposed {
-                    name: name.clone(),
-                    factors,
-                    file,
-                    reused: true,
-                }),
-                None => todo.push((name.clone(), weight.clone())),
-            }
-        }
+        let mut todo = self.read_cached(names, weights, &mut done)?;
+        let _turn = if todo.is_empty() {
+            None
+        } else {
+            let turn = self.take_turn()?;
+            // Whoever had the turn before may have written some of them.
+            let names: Vec<String> = todo.into_iter().map(|(name, _)| name).collect();
+            todo = self.read_cached(&names, weights, &mut done)?;
+            Some(turn)
+        };
         for chunk in todo.chunks(rayon::current_num_threads().max(1) * 2) {
             if interrupted() {
                 return Err(CacheError::Interrupted);
@@ -106,6 +107,57 @@ impl SvdCache {
         }
         done.sort_by_key(|d| names.iter().position(|n| *n == d.name));
         Ok(done)
+    }
+
+    /// Adds the valid cached entries of `names` to `done`; the others, with their weights.
+    fn read_cached(
+        &self,
+        names: &[String],
+        weights: &BTreeMap<String, Tensor>,
+        done: &mut Vec<Decomposed>,
+    ) -> Result<Vec<(String, Tensor)>, CacheError> {
+        let mut todo = Vec::new();
+        for name in names {
+            let weight = weights
+                .get(&format!("{name}.weight"))
+                .ok_or_else(|| CacheError::Missing(name.clone()))?;
+            let file = self.file(name);
+            match read_checked(&file, weight) {
+                Some(factors) => done.push(Decomposed {
+                    name: name.clone(),
+                    factors,
+                    file,
+                    reused: true,
+                }),
+                None => todo.push((name.clone(), weight.clone())),
+            }
+        }
+        Ok(todo)
+    }
+
+    /// Waits until no other process is decomposing this model's matrices; the turn lasts as
+    /// long as the returned file is open.
+    fn take_turn(&self) -> Result<std::fs::File, CacheError> {
+        let file = self.dir.join(".lock");
+        let fail = |source| CacheError::Lock {
+            file: file.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(fail)?;
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&file)
+            .map_err(fail)?;
+        if lock.try_lock().is_err() {
+            eprintln!(
+                "  waiting for another tsq decomposing this model ({})",
+                file.display()
+            );
+            lock.lock().map_err(fail)?;
+        }
+        Ok(lock)
     }
 }
 
@@ -134,4 +186,44 @@ fn read_checked(file: &Path, weight: &Tensor) -> Option<Factors> {
         vt,
         relative_error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two processes' worth of decompositions of one model at once (threads, each with its own
+    /// lock handle, as flock treats separate opens): each matrix is decomposed once, the other
+    /// reads it, and both get the same intact factors.
+    #[test]
+    fn concurrent_users_decompose_each_matrix_once() {
+        let home = tempfile::tempdir().unwrap();
+        let home = TsqHome(home.path().to_path_buf());
+        let names: Vec<String> = (0..6).map(|i| format!("layers.{i}.mlp.up_proj")).collect();
+        let weights: BTreeMap<String, Tensor> = names
+            .iter()
+            .map(|n| {
+                let w = Tensor::randn(0f32, 1.0, (96, 64), &Device::Cpu).unwrap();
+                (format!("{n}.weight"), w)
+            })
+            .collect();
+        let results: Vec<Vec<Decomposed>> = std::thread::scope(|s| {
+            let run = || {
+                SvdCache::new(&home, "model")
+                    .load_or_decompose(&names, &weights, &|| false)
+                    .unwrap()
+            };
+            let (a, b) = (s.spawn(run), s.spawn(run));
+            vec![a.join().unwrap(), b.join().unwrap()]
+        });
+        let computed = results.iter().flatten().filter(|d| !d.reused).count();
+        assert_eq!(computed, names.len(), "each matrix decomposed once");
+        for (a, b) in results[0].iter().zip(&results[1]) {
+            assert_eq!(a.name, b.name);
+            let diff = (&a.factors.s - &b.factors.s).unwrap().abs().unwrap();
+            assert_eq!(diff.max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            let weight = &weights[&format!("{}.weight", a.name)];
+            assert!(read_checked(&a.file, weight).is_some(), "{} intact", a.name);
+        }
+    }
 }
