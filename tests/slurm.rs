@@ -122,6 +122,15 @@ fn slurm_jobs_make_what_a_local_run_makes_with_independent_stages_at_once() {
         two_experts(p, "");
     }
     local.run_ok(&["run", "two.yaml"]);
+    // What would be submitted, with each job's options.
+    let plan = text(&cluster_run.run_ok(&["plan", "two.yaml", "--executor", "slurm"]));
+    assert!(
+        plan.contains("sbatch --cpus-per-task=1 --kill-on-invalid-dep=yes"),
+        "{plan}"
+    );
+    let plan = cluster_run.run_ok(&["plan", "two.yaml", "--format", "json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert!(plan["stages"][0].get("sbatch").is_none(), "local: {plan}");
     let out = cluster_run.run_ok(&["run", "two.yaml", "--executor", "slurm"]);
     let log = text(&out);
     assert!(log.contains("as Slurm jobs"), "{log}");
@@ -315,4 +324,54 @@ fn a_killed_driver_does_not_submit_twice_and_a_cancelled_job_resumes() {
         resumed, 1,
         "one job of train.first resumed from a checkpoint"
     );
+}
+
+/// `tsq export slurm`: the jobs as plain scripts and a `submit.sh`; submitted by hand, they
+/// finish the run (a plan after finds every stage cached).
+#[test]
+fn exported_scripts_submitted_by_hand_finish_the_run() {
+    let _cluster = cluster();
+    let p = Project::new();
+    two_experts(&p, "");
+    let out = text(&p.run_ok(&["export", "slurm", "two.yaml", "jobs"]));
+    assert!(out.contains("6 job scripts and submit.sh"), "{out}");
+    let script = std::fs::read_to_string(p.path().join("jobs/train.first.sh")).unwrap();
+    assert!(script.contains("#SBATCH --cpus-per-task=1"), "{script}");
+    assert!(script.contains("'--only' 'train.first'"), "{script}");
+    let refused = p
+        .tsq(&["export", "slurm", "two.yaml", "jobs"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "a non-empty directory is refused"
+    );
+
+    let submitted = Command::new("sh")
+        .arg(p.path().join("jobs/submit.sh"))
+        .current_dir(p.path())
+        .env("TSQ_HOME", p.path().join("home"))
+        .output()
+        .unwrap();
+    assert!(submitted.status.success(), "{}", text(&submitted));
+    let jobs: Vec<String> = String::from_utf8_lossy(&submitted.stdout)
+        .lines()
+        .map(|l| l.rsplit(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(jobs.len(), 6, "{jobs:?}");
+    let started = std::time::Instant::now();
+    loop {
+        let queue = Command::new("squeue")
+            .args(["--me", "-h", "-o", "%i", "-j", &jobs.join(",")])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&queue.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 180, "the jobs did not end");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let plan = String::from_utf8_lossy(&p.run_ok(&["plan", "two.yaml"]).stdout).into_owned();
+    assert_eq!(plan.matches("  cached").count(), 6, "{plan}");
 }

@@ -39,6 +39,9 @@ pub struct PlanArgs {
     pub selection: Selection,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// With `slurm`, each job's `sbatch` options too (default: the pipeline's `executor.kind`).
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorChoice>,
 }
 
 impl PlanArgs {
@@ -48,8 +51,13 @@ impl PlanArgs {
             overrides,
             selection,
             format,
+            executor,
         } = self;
-        cmd::plan::run(&file, &overrides.set, &selection.into(), format)
+        let choice = cmd::run::ExecutorChoice {
+            kind: executor.map(ExecutorChoice::kind),
+            ..Default::default()
+        };
+        cmd::plan::run(&file, &overrides.set, &selection.into(), format, &choice)
     }
 }
 
@@ -110,18 +118,39 @@ pub enum ExecutorChoice {
     Slurm,
 }
 
+impl ExecutorChoice {
+    fn kind(self) -> crate::pipeline::spec::ExecutorKind {
+        use crate::pipeline::spec::ExecutorKind;
+        match self {
+            Self::Local => ExecutorKind::Local,
+            Self::Slurm => ExecutorKind::Slurm,
+        }
+    }
+}
+
 impl From<ExecutorArgs> for cmd::run::ExecutorChoice {
     fn from(a: ExecutorArgs) -> Self {
-        use crate::pipeline::spec::ExecutorKind;
         Self {
-            kind: a.executor.map(|k| match k {
-                ExecutorChoice::Local => ExecutorKind::Local,
-                ExecutorChoice::Slurm => ExecutorKind::Slurm,
-            }),
+            kind: a.executor.map(ExecutorChoice::kind),
             partition: a.partition,
             account: a.account,
             detach: a.detach,
         }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportSlurmArgs {
+    pub file: PathBuf,
+    /// A new (or empty) directory for the scripts.
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+impl ExportSlurmArgs {
+    pub(super) fn run(self) -> Result<(), cmd::CmdError> {
+        cmd::export::slurm(&self.file, &self.overrides.set, &self.dir)
     }
 }
 

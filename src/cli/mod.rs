@@ -61,6 +61,11 @@ pub enum Command {
         #[command(subcommand)]
         what: ExpertCommand,
     },
+    /// Write a pipeline's stages as job scripts for a cluster's scheduler, to submit by hand.
+    Export {
+        #[command(subcommand)]
+        what: ExportCommand,
+    },
     /// Measure performance on this machine and print it beside peer figures.
     Bench {
         #[command(subcommand)]
@@ -81,6 +86,13 @@ pub enum ExpertCommand {
     /// Write the model with an expert composed in, as an HF-layout directory (config.json,
     /// model.safetensors, tokenizer files) plus tsq-export.json saying how it was made.
     Export(ExpertExportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// One sbatch script per stage (`tsq run FILE --only STAGE`, with the pipeline's
+    /// `executor.resources`) and a `submit.sh` submitting them in dependency order.
+    Slurm(ExportSlurmArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,6 +210,9 @@ pub fn main() -> Result<(), cmd::CmdError> {
             ExpertCommand::Inspect(args) => args.run(),
             ExpertCommand::Combine(args) => args.run(),
             ExpertCommand::Export(args) => args.run(),
+        },
+        Command::Export { what } => match what {
+            ExportCommand::Slurm(args) => args.run(),
         },
         Command::Bench { what } => match what {
             BenchCommand::Eval(args) => args.run(),

@@ -7,6 +7,7 @@ pub mod bench_rl;
 pub mod chat;
 pub mod classify;
 pub mod expert;
+pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod plan;

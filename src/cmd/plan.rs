@@ -1,18 +1,24 @@
-//! `tsq plan`: the stage graph and each stage's status, without running anything.
+//! `tsq plan`: the stage graph and each stage's status, without running anything; with the
+//! Slurm executor, the `sbatch` options of each job it would submit.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::json;
 
+use super::run::ExecutorChoice;
 use super::{CmdError, Format, StageSelection, with_loaded};
+use crate::dag::StageId;
 use crate::exec::{PlanEntry, RunDir, Status};
 use crate::pipeline::Override;
+use crate::pipeline::spec::ExecutorKind;
 
 pub fn run(
     file: &Path,
     overrides: &[Override],
     selection: &StageSelection,
     format: Format,
+    choice: &ExecutorChoice,
 ) -> Result<(), CmdError> {
     with_loaded(file, overrides, selection, |loaded| {
         let run_root = &loaded.run_root;
@@ -20,23 +26,48 @@ pub fn run(
             .executor
             .plan(&RunDir::read_only(run_root), &loaded.opts)
             .map_err(CmdError::failed)?;
+        let spec = choice.over(loaded.pipeline.spec.executor.as_ref());
+        let mut jobs = BTreeMap::new();
+        if spec.kind == ExecutorKind::Slurm {
+            for entry in plan.iter().filter(|e| e.will_run()) {
+                let kind = loaded.graph.get(&entry.stage).map_or("", |s| s.kind);
+                let options = crate::exec::job_options(&spec, &spec.resources.of(kind))
+                    .map_err(CmdError::failed)?;
+                jobs.insert(entry.stage.clone(), options);
+            }
+        }
         match format {
-            Format::Json => println!(
-                "{}",
-                serde_json::to_string_pretty(&json!({"run_dir": run_root, "stages": plan}))
-                    .expect("json")
-            ),
+            Format::Json => {
+                let mut stages = serde_json::to_value(&plan).expect("json");
+                for stage in stages.as_array_mut().into_iter().flatten() {
+                    let id = StageId(stage["stage"].as_str().unwrap_or_default().to_string());
+                    if let Some(options) = jobs.get(&id) {
+                        stage["sbatch"] = json!(options);
+                    }
+                }
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"run_dir": run_root, "stages": stages}))
+                        .expect("json")
+                );
+            }
             Format::Text => print!(
                 "{}",
-                render_plan(&loaded.pipeline.spec.name, run_root, &plan)
+                render_plan(&loaded.pipeline.spec.name, run_root, &plan, &jobs)
             ),
         }
         Ok(())
     })
 }
 
-/// The plan as aligned text lines: stage, status, dependencies.
-pub fn render_plan(name: &str, run_root: &Path, plan: &[PlanEntry]) -> String {
+/// The plan as aligned text lines: stage, status, dependencies, and the `sbatch` options of the
+/// stages in `jobs`.
+pub fn render_plan(
+    name: &str,
+    run_root: &Path,
+    plan: &[PlanEntry],
+    jobs: &BTreeMap<StageId, Vec<String>>,
+) -> String {
     let width = plan.iter().map(|e| e.stage.0.len()).max().unwrap_or(0);
     let mut out = format!("pipeline `{name}` (run directory {})\n", run_root.display());
     for e in plan {
@@ -61,6 +92,13 @@ pub fn render_plan(name: &str, run_root: &Path, plan: &[PlanEntry]) -> String {
         out.push_str(&format!("  {:width$}  {status}{deps}\n", e.stage.0));
         if let Some(detail) = &e.detail {
             out.push_str(&format!("  {:width$}    {detail}\n", ""));
+        }
+        if let Some(options) = jobs.get(&e.stage) {
+            out.push_str(&format!(
+                "  {:width$}    sbatch {}\n",
+                "",
+                options.join(" ")
+            ));
         }
     }
     out

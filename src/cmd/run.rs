@@ -20,7 +20,7 @@ pub struct ExecutorChoice {
 
 impl ExecutorChoice {
     /// The pipeline's executor section with what the command line says over it.
-    fn over(&self, spec: Option<&ExecutorSpec>) -> ExecutorSpec {
+    pub fn over(&self, spec: Option<&ExecutorSpec>) -> ExecutorSpec {
         let mut spec = spec.cloned().unwrap_or_default();
         if let Some(kind) = self.kind {
             spec.kind = kind;
@@ -39,7 +39,7 @@ pub fn run(
     choice: &ExecutorChoice,
 ) -> Result<(), CmdError> {
     if dry_run {
-        return super::plan::run(file, overrides, selection, super::Format::Text);
+        return super::plan::run(file, overrides, selection, super::Format::Text, choice);
     }
     with_loaded(file, overrides, selection, |loaded| {
         let Loaded {
@@ -108,7 +108,7 @@ pub fn run(
 
 /// What each job runs: this tsq, `run` on the same pipeline file with the same `--set`s, here,
 /// stages one at a time (`--executor local`, whatever the pipeline's section says).
-fn job_command(file: &Path, overrides: &[Override]) -> Result<JobCommand, CmdError> {
+pub(super) fn job_command(file: &Path, overrides: &[Override]) -> Result<JobCommand, CmdError> {
     let failed = |what: &str, e: std::io::Error| CmdError::Failed(format!("{what}: {e}"));
     let program = std::env::current_exe().map_err(|e| failed("finding tsq's own path", e))?;
     let file = std::path::absolute(file).map_err(|e| failed("resolving the pipeline's path", e))?;

@@ -122,8 +122,9 @@ impl SlurmRun<'_> {
                 .collect();
             let resources = self.spec.resources.of(stage.kind);
             let script = dir.join(format!("{}.sh", entry.stage.0));
-            crate::fsutil::write_atomic(&script, self.script(entry, &resources)?.as_bytes())
-                .map_err(|e| setup(&script, e))?;
+            let forced = entry.status == Status::Stale(vec!["forced".into()]);
+            let text = job_script(self.command, self.spec, &resources, &entry.stage.0, forced)?;
+            crate::fsutil::write_atomic(&script, text.as_bytes()).map_err(|e| setup(&script, e))?;
             let id = sbatch(&name, &log("%j"), &self.command.workdir, &after, &script)?;
             let waits = if after.is_empty() {
                 String::new()
@@ -141,48 +142,6 @@ impl SlurmRun<'_> {
             });
         }
         Ok(jobs)
-    }
-
-    /// The batch script of a stage's job: its resources as `#SBATCH` lines, then `tsq run
-    /// --only` the stage (forced again when the plan forces it).
-    fn script(&self, entry: &PlanEntry, resources: &JobResources) -> Result<String, ExecError> {
-        let mut lines = vec!["#!/bin/sh".to_string()];
-        let mut option = |name: &str, value: Option<String>| {
-            if let Some(value) = value {
-                lines.push(format!("#SBATCH --{name}={value}"));
-            }
-        };
-        option("partition", self.spec.partition.clone());
-        option("account", self.spec.account.clone());
-        option("cpus-per-task", resources.cpus.map(|c| c.to_string()));
-        option("mem", resources.mem.clone());
-        option("gpus", resources.gpus.map(|g| g.to_string()));
-        option("time", resources.time.clone());
-        for extra in &resources.sbatch {
-            if extra.0.contains(['\n', '\r']) || !extra.0.starts_with("--") {
-                return Err(ExecError::Setup(format!(
-                    "the sbatch option `{}` is not one `--name[=value]`",
-                    extra.0.escape_debug()
-                )));
-            }
-            lines.push(format!("#SBATCH {}", extra.0));
-        }
-        // Dependents of a job that failed are cancelled, not left pending for ever.
-        lines.push("#SBATCH --kill-on-invalid-dep=yes".into());
-        lines.push("# tsq's threads follow the CPUs Slurm gave the job.".into());
-        lines.push(
-            "[ -n \"$SLURM_CPUS_PER_TASK\" ] && export RAYON_NUM_THREADS=\"$SLURM_CPUS_PER_TASK\""
-                .into(),
-        );
-        let mut words = vec![self.command.program.to_string_lossy().into_owned()];
-        words.extend(self.command.args.iter().cloned());
-        words.extend(["--only".into(), entry.stage.0.clone()]);
-        if entry.status == Status::Stale(vec!["forced".into()]) {
-            words.extend(["--force".into(), entry.stage.0.clone()]);
-        }
-        let quoted: Vec<String> = words.iter().map(|w| shell_quote(w)).collect();
-        lines.push(format!("exec {}", quoted.join(" ")));
-        Ok(lines.join("\n") + "\n")
     }
 
     /// Watches the jobs until every one has ended, printing what changes; on an interrupt,
@@ -298,6 +257,115 @@ impl Listed {
             reason: self.reason.clone(),
         }
     }
+}
+
+/// The `sbatch` options of a job with `resources` under `spec` (partition, account), as
+/// `--name=value`.
+pub fn job_options(
+    spec: &ExecutorSpec,
+    resources: &JobResources,
+) -> Result<Vec<String>, ExecError> {
+    let mut options = Vec::new();
+    let mut option = |name: &str, value: Option<String>| {
+        if let Some(value) = value {
+            options.push(format!("--{name}={value}"));
+        }
+    };
+    option("partition", spec.partition.clone());
+    option("account", spec.account.clone());
+    option("cpus-per-task", resources.cpus.map(|c| c.to_string()));
+    option("mem", resources.mem.clone());
+    option("gpus", resources.gpus.map(|g| g.to_string()));
+    option("time", resources.time.clone());
+    for extra in &resources.sbatch {
+        // Validation holds them to this; a script line is no place to find out otherwise.
+        if extra.0.contains(['\n', '\r']) || !extra.0.starts_with("--") {
+            return Err(ExecError::Setup(format!(
+                "the sbatch option `{}` is not one `--name[=value]`",
+                extra.0.escape_debug()
+            )));
+        }
+        options.push(extra.0.clone());
+    }
+    // Dependents of a job that failed are cancelled, not left pending for ever.
+    options.push("--kill-on-invalid-dep=yes".into());
+    Ok(options)
+}
+
+/// The batch script of stage `stage`'s job: its resources as `#SBATCH` lines, then `tsq run
+/// --only` the stage (`--force`d too when `forced`).
+pub fn job_script(
+    command: &JobCommand,
+    spec: &ExecutorSpec,
+    resources: &JobResources,
+    stage: &str,
+    forced: bool,
+) -> Result<String, ExecError> {
+    let mut lines = vec!["#!/bin/sh".to_string()];
+    for option in job_options(spec, resources)? {
+        lines.push(format!("#SBATCH {option}"));
+    }
+    lines.push("# tsq's threads follow the CPUs Slurm gave the job.".into());
+    lines.push(
+        "[ -n \"$SLURM_CPUS_PER_TASK\" ] && export RAYON_NUM_THREADS=\"$SLURM_CPUS_PER_TASK\""
+            .into(),
+    );
+    let mut words = vec![command.program.to_string_lossy().into_owned()];
+    words.extend(command.args.iter().cloned());
+    words.extend(["--only".into(), stage.to_string()]);
+    if forced {
+        words.extend(["--force".into(), stage.to_string()]);
+    }
+    let quoted: Vec<String> = words.iter().map(|w| shell_quote(w)).collect();
+    lines.push(format!("exec {}", quoted.join(" ")));
+    Ok(lines.join("\n") + "\n")
+}
+
+/// `submit.sh` for hand submission of `graph`'s stages, whose scripts are `<stage>.sh` beside
+/// it: each `sbatch`ed after the jobs of the stages it needs, logs under `log_dir`.
+pub fn submit_script(graph: &Graph, pipeline: &str, workdir: &Path, log_dir: &Path) -> String {
+    let var = |stage: &str| {
+        let safe: String = stage
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        format!("job_{safe}")
+    };
+    let mut lines = vec![
+        "#!/bin/sh".to_string(),
+        format!(
+            "# Submits pipeline `{pipeline}`'s stages as Slurm jobs, each after the jobs of the"
+        ),
+        "# stages it needs. A stage already finished ends its job at once (it is cached).".into(),
+        "set -e".into(),
+        "here=\"$(cd \"$(dirname \"$0\")\" && pwd)\"".into(),
+        format!("mkdir -p {}", shell_quote(&log_dir.to_string_lossy())),
+    ];
+    for stage in &graph.stages {
+        let id = &stage.id.0;
+        let after: Vec<String> = stage
+            .deps
+            .iter()
+            .map(|d| format!("${}", var(&d.0)))
+            .collect();
+        let dependency = if after.is_empty() {
+            String::new()
+        } else {
+            format!(" --dependency=afterok:{}", after.join(":"))
+        };
+        let log = log_dir.join(format!("{id}-%j.log"));
+        lines.push(format!(
+            "{v}=$(sbatch --parsable --job-name={name} --output={log} --chdir={dir}{dependency} \"$here/{id}.sh\")",
+            v = var(id),
+            name = shell_quote(&format!("tsq.{pipeline}.{id}")),
+            log = shell_quote(&log.to_string_lossy()),
+            dir = shell_quote(&workdir.to_string_lossy()),
+        ));
+        // `--parsable` prints `id` or `id;cluster`.
+        lines.push(format!("{v}=${{{v}%%;*}}", v = var(id)));
+        lines.push(format!("echo \"{id}: job ${}\"", var(id)));
+    }
+    lines.join("\n") + "\n"
 }
 
 /// The job name of a stage at a cache key in a run directory.
