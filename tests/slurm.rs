@@ -375,3 +375,25 @@ fn exported_scripts_submitted_by_hand_finish_the_run() {
     let plan = String::from_utf8_lossy(&p.run_ok(&["plan", "two.yaml"]).stdout).into_owned();
     assert_eq!(plan.matches("  cached").count(), 6, "{plan}");
 }
+
+/// `--detach` submits and returns; `tsq plan --executor slurm` then shows the stages' live
+/// jobs, and every stage cached once they have ended.
+#[test]
+fn a_detached_run_is_followed_by_plan() {
+    let _cluster = cluster();
+    let p = Project::new();
+    two_experts(&p, "");
+    let out = text(&p.run_ok(&["run", "two.yaml", "--executor", "slurm", "--detach"]));
+    assert!(out.contains("submitted; `tsq plan`"), "{out}");
+    let plan = text(&p.run_ok(&["plan", "two.yaml", "--executor", "slurm"]));
+    assert!(plan.contains("eval.letters  to run (job "), "{plan}");
+    let started = std::time::Instant::now();
+    loop {
+        let plan = String::from_utf8_lossy(&p.run_ok(&["plan", "two.yaml"]).stdout).into_owned();
+        if plan.matches("  cached").count() == 6 {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 180, "not finished: {plan}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}

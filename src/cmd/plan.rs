@@ -28,6 +28,7 @@ pub fn run(
             .map_err(CmdError::failed)?;
         let spec = choice.over(loaded.pipeline.spec.executor.as_ref());
         let mut jobs = BTreeMap::new();
+        let mut queued = BTreeMap::new();
         if spec.kind == ExecutorKind::Slurm {
             for entry in plan.iter().filter(|e| e.will_run()) {
                 let kind = loaded.graph.get(&entry.stage).map_or("", |s| s.kind);
@@ -35,6 +36,8 @@ pub fn run(
                     .map_err(CmdError::failed)?;
                 jobs.insert(entry.stage.clone(), options);
             }
+            let name = &loaded.pipeline.spec.name;
+            queued = crate::exec::queued_jobs(&plan, name, run_root).map_err(CmdError::failed)?;
         }
         match format {
             Format::Json => {
@@ -43,6 +46,9 @@ pub fn run(
                     let id = StageId(stage["stage"].as_str().unwrap_or_default().to_string());
                     if let Some(options) = jobs.get(&id) {
                         stage["sbatch"] = json!(options);
+                    }
+                    if let Some(job) = queued.get(&id) {
+                        stage["job"] = json!(job);
                     }
                 }
                 println!(
@@ -53,20 +59,21 @@ pub fn run(
             }
             Format::Text => print!(
                 "{}",
-                render_plan(&loaded.pipeline.spec.name, run_root, &plan, &jobs)
+                render_plan(&loaded.pipeline.spec.name, run_root, &plan, &jobs, &queued)
             ),
         }
         Ok(())
     })
 }
 
-/// The plan as aligned text lines: stage, status, dependencies, and the `sbatch` options of the
-/// stages in `jobs`.
+/// The plan as aligned text lines: stage, status (with its live Slurm job, from `queued`),
+/// dependencies, and the `sbatch` options of the stages in `jobs`.
 pub fn render_plan(
     name: &str,
     run_root: &Path,
     plan: &[PlanEntry],
     jobs: &BTreeMap<StageId, Vec<String>>,
+    queued: &BTreeMap<StageId, String>,
 ) -> String {
     let width = plan.iter().map(|e| e.stage.0.len()).max().unwrap_or(0);
     let mut out = format!("pipeline `{name}` (run directory {})\n", run_root.display());
@@ -76,6 +83,10 @@ pub fn render_plan(
             Status::Stale(reasons) => format!("stale: {}", reasons.join(", ")),
             Status::ToRun => "to run".to_string(),
             Status::Skipped => "not selected".to_string(),
+        };
+        let status = match queued.get(&e.stage) {
+            Some(job) => format!("{status} ({job})"),
+            None => status,
         };
         let deps = if e.deps.is_empty() {
             String::new()

@@ -27,7 +27,7 @@ pub use manifest::Manifest;
 pub use metrics::Metrics;
 pub use progress::Progress;
 pub use rundir::{PIPELINE_FILE, RecordedStage, RunDir, RunDirError, StageLock, Unfinished};
-pub use slurm::{JobCommand, SlurmRun, job_options, job_script, submit_script};
+pub use slurm::{JobCommand, SlurmRun, job_options, job_script, queued_jobs, submit_script};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -259,6 +259,24 @@ impl Listed {
     }
 }
 
+/// Where each stage of `plan` that is to run stands in the queue (`job 12 PENDING`), for the
+/// stages Slurm has a live job of: what `tsq plan` shows of a detached run.
+pub fn queued_jobs(
+    plan: &[PlanEntry],
+    pipeline: &str,
+    run_root: &Path,
+) -> Result<BTreeMap<crate::dag::StageId, String>, ExecError> {
+    let listed = squeue()?;
+    let mut found = BTreeMap::new();
+    for entry in plan.iter().filter(|e| e.will_run()) {
+        let name = job_name(pipeline, &entry.stage.0, &entry.key, run_root);
+        if let Some(job) = listed.values().find(|j| j.name == name && !j.ended()) {
+            found.insert(entry.stage.clone(), format!("job {} {}", job.id, job.state));
+        }
+    }
+    Ok(found)
+}
+
 /// The `sbatch` options of a job with `resources` under `spec` (partition, account), as
 /// `--name=value`.
 pub fn job_options(
