@@ -174,6 +174,27 @@ fn slurm_jobs_make_what_a_local_run_makes_with_independent_stages_at_once() {
 
     let again = text(&cluster_run.run_ok(&["run", "two.yaml", "--executor", "slurm"]));
     assert!(!again.contains("queued"), "{again}");
+
+    // Forced, a stage and what follows it run again in jobs of their own.
+    let started = |stage: &str| -> f64 {
+        let path = cluster_run.run_dir().join(stage).join("manifest.json");
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        manifest["started_unix"].as_f64().unwrap()
+    };
+    let before = started("eval.letters");
+    let forced = text(&cluster_run.run_ok(&[
+        "run",
+        "two.yaml",
+        "--executor",
+        "slurm",
+        "--force",
+        "train.second",
+    ]));
+    assert!(forced.contains("  done    train.second (job "), "{forced}");
+    assert!(forced.contains("  done    eval.letters (job "), "{forced}");
+    assert!(!forced.contains("train.first"), "{forced}");
+    assert!(started("eval.letters") > before);
 }
 
 /// A stage that fails on the cluster says why (its job's log) and stops only what needs it:

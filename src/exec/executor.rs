@@ -353,7 +353,10 @@ impl EventLog {
             }
         }
         if let Some(file) = &mut self.file {
-            let _ = writeln!(file, "{fields}");
+            // One write of the whole line: stages running in other processes (Slurm jobs)
+            // append to the same log, and `writeln!` on a file writes piece by piece, which
+            // interleaved their lines byte by byte.
+            let _ = file.write_all(format!("{fields}\n").as_bytes());
         }
     }
 }
@@ -373,4 +376,37 @@ fn machine() -> String {
         std::env::consts::OS,
         std::env::consts::ARCH
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writers appending to one event log at once (stages running as Slurm jobs), each through
+    /// a handle of its own, leave whole lines.
+    #[test]
+    fn concurrent_writers_leave_whole_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::open(dir.path()).unwrap();
+        std::thread::scope(|s| {
+            for writer in 0..4 {
+                let run = &run;
+                s.spawn(move || {
+                    let mut log = EventLog::open(run);
+                    for i in 0..300 {
+                        let fields = json!({"writer": writer, "i": i, "pad": "x".repeat(300)});
+                        log.event("stage_started", None, fields);
+                    }
+                });
+            }
+        });
+        let text = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 1200);
+        for line in text.lines() {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(line).is_ok(),
+                "{line}"
+            );
+        }
+    }
 }

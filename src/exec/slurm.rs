@@ -65,6 +65,9 @@ struct Job {
     /// Slurm's state as last seen (`GONE` once squeue no longer lists it).
     state: String,
     reason: String,
+    /// Forced to run again: the stage's earlier outputs have the same key, so only outputs
+    /// begun after this driver started count as its job's.
+    after_unix: Option<f64>,
 }
 
 impl Job {
@@ -123,6 +126,7 @@ impl SlurmRun<'_> {
             let resources = self.spec.resources.of(stage.kind);
             let script = dir.join(format!("{}.sh", entry.stage.0));
             let forced = entry.status == Status::Stale(vec!["forced".into()]);
+            let after_unix = forced.then(now_unix);
             let text = job_script(self.command, self.spec, &resources, &entry.stage.0, forced)?;
             crate::fsutil::write_atomic(&script, text.as_bytes()).map_err(|e| setup(&script, e))?;
             let id = sbatch(&name, &log("%j"), &self.command.workdir, &after, &script)?;
@@ -139,6 +143,7 @@ impl SlurmRun<'_> {
                 id,
                 state: "PENDING".into(),
                 reason: String::new(),
+                after_unix,
             });
         }
         Ok(jobs)
@@ -184,11 +189,12 @@ impl SlurmRun<'_> {
         Ok(())
     }
 
-    /// Did the job's stage finish (its manifest, with the key planned)?
+    /// Did the job's stage finish (its manifest, with the key planned, begun after the driver
+    /// when forced)?
     fn finished(&self, job: &Job) -> bool {
-        self.run
-            .finished(&job.stage)
-            .is_some_and(|m| m.key == job.key)
+        self.run.finished(&job.stage).is_some_and(|m| {
+            m.key == job.key && job.after_unix.is_none_or(|after| m.started_unix >= after)
+        })
     }
 
     fn report_end(&self, job: &Job) {
@@ -255,8 +261,15 @@ impl Listed {
             log,
             state: self.state.clone(),
             reason: self.reason.clone(),
+            after_unix: None,
         }
     }
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Where each stage of `plan` that is to run stands in the queue (`job 12 PENDING`), for the
