@@ -418,3 +418,49 @@ fn a_detached_run_is_followed_by_plan() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
+
+/// Ctrl-C at the driver cancels the jobs it submitted (`scancel`) and says so; none is left.
+#[test]
+fn an_interrupted_driver_cancels_its_jobs() {
+    use std::io::BufRead;
+    let _cluster = cluster();
+    let p = Project::new();
+    two_experts(&p, "");
+    let mut driver = p
+        .tsq(&["run", "two.yaml", "--executor", "slurm"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(driver.stderr.take().unwrap()).lines();
+    wait_for_line(&mut lines, "queued  eval.letters (job ");
+    // SAFETY: signalling a child this test started.
+    unsafe { libc::kill(driver.id() as i32, libc::SIGINT) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert_eq!(driver.wait().unwrap().code(), Some(130), "{rest:?}");
+    let cancelled = rest
+        .iter()
+        .find(|l| l.starts_with("cancelled jobs "))
+        .unwrap();
+    let ids = cancelled
+        .trim_start_matches("cancelled jobs ")
+        .replace(' ', "");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let live = Command::new("squeue")
+        .args([
+            "--me",
+            "-h",
+            "-t",
+            "PENDING,RUNNING",
+            "-o",
+            "%i",
+            "-j",
+            &ids,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&live.stdout).trim(),
+        "",
+        "{cancelled}"
+    );
+}

@@ -68,6 +68,8 @@ struct Job {
     /// Forced to run again: the stage's earlier outputs have the same key, so only outputs
     /// begun after this driver started count as its job's.
     after_unix: Option<f64>,
+    /// The newest progress line of its log shown so far.
+    progress: String,
 }
 
 impl Job {
@@ -144,6 +146,7 @@ impl SlurmRun<'_> {
                 state: "PENDING".into(),
                 reason: String::new(),
                 after_unix,
+                progress: String::new(),
             });
         }
         Ok(jobs)
@@ -168,6 +171,15 @@ impl SlurmRun<'_> {
             }
             std::thread::sleep(POLL);
             let seen = squeue()?;
+            for job in jobs.iter_mut().filter(|j| j.state == "RUNNING") {
+                // A job's tsq prints a progress line every few seconds into its log.
+                if let Some(line) = progress(&job.log, &job.stage)
+                    && line != job.progress
+                {
+                    eprintln!("{line}");
+                    job.progress = line;
+                }
+            }
             for job in jobs.iter_mut().filter(|j| !j.ended()) {
                 let (state, reason) = seen
                     .get(&job.id)
@@ -262,6 +274,7 @@ impl Listed {
             state: self.state.clone(),
             reason: self.reason.clone(),
             after_unix: None,
+            progress: String::new(),
         }
     }
 }
@@ -483,16 +496,31 @@ fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
 }
 
-/// The last `lines` lines of a log (at most its last 16 KiB), indented.
-fn tail(path: &Path, lines: usize) -> String {
-    let mut text = String::new();
+/// The end of a log (at most its last 16 KiB).
+fn log_end(path: &Path) -> String {
+    let mut bytes = Vec::new();
     if let Ok(mut file) = std::fs::File::open(path) {
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let _ = file.seek(SeekFrom::Start(len.saturating_sub(16 << 10)));
-        let mut bytes = Vec::new();
         let _ = file.take(16 << 10).read_to_end(&mut bytes);
-        text = String::from_utf8_lossy(&bytes).into_owned();
     }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The newest progress line ([`super::Progress`] without a terminal: `  STAGE done/total unit
+/// ... eta Ns)`) of a job's log.
+fn progress(log: &Path, stage: &str) -> Option<String> {
+    let prefix = format!("  {stage} ");
+    log_end(log)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(&prefix) && l.contains(", eta "))
+        .map(str::to_string)
+}
+
+/// The last `lines` lines of a log (at most its last 16 KiB), indented.
+fn tail(path: &Path, lines: usize) -> String {
+    let text = log_end(path);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..]
         .iter()
@@ -504,6 +532,23 @@ fn tail(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The driver relays the newest progress line of a running job's stage, nothing else.
+    #[test]
+    fn the_newest_progress_line_of_the_stage_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("train.math-12.log");
+        assert_eq!(progress(&log, "train.math"), None);
+        let lines = [
+            "  running train.math",
+            "  train.math 8/32 steps acc 0.4 (0.50 steps/s, eta 48s)",
+            "  train.math 16/32 steps acc 0.5 (0.50 steps/s, eta 32s)",
+            "  warning: train.math: a long prompt",
+            "  train.mathematics 3/9 steps (1.00 steps/s, eta 6s)",
+        ];
+        std::fs::write(&log, lines.join("\n")).unwrap();
+        assert_eq!(progress(&log, "train.math").as_deref(), Some(lines[2]));
+    }
 
     #[test]
     fn words_are_quoted_for_sh() {
