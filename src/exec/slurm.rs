@@ -25,6 +25,9 @@ use crate::pipeline::spec::{ExecutorSpec, JobResources};
 const SLURM_DIR: &str = ".slurm";
 /// How often the driver asks Slurm about its jobs.
 const POLL: Duration = Duration::from_secs(1);
+/// How many polls in a row squeue may fail (a controller restarting, a busy login node) before
+/// the driver gives up; its jobs go on, and running it again adopts them.
+const SQUEUE_TRIES: u32 = 60;
 /// Job states after which a job does nothing more.
 const ENDED: &[&str] = &[
     "COMPLETED",
@@ -155,6 +158,7 @@ impl SlurmRun<'_> {
     /// Watches the jobs until every one has ended, printing what changes; on an interrupt,
     /// cancels those not ended.
     fn follow(&self, jobs: &mut [Job], interrupt: &Interrupt) -> Result<(), ExecError> {
+        let mut failures = 0;
         while jobs.iter().any(|j| !j.ended()) {
             if interrupt.requested() {
                 let live: Vec<String> = jobs
@@ -170,7 +174,20 @@ impl SlurmRun<'_> {
                 )));
             }
             std::thread::sleep(POLL);
-            let seen = squeue()?;
+            let seen = match squeue() {
+                Ok(seen) => {
+                    failures = 0;
+                    seen
+                }
+                Err(e) if failures + 1 < SQUEUE_TRIES => {
+                    if failures == 0 {
+                        eprintln!("  warning: {e}; asking again");
+                    }
+                    failures += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             for job in jobs.iter_mut().filter(|j| j.state == "RUNNING") {
                 // A job's tsq prints a progress line every few seconds into its log.
                 if let Some(line) = progress(&job.log, &job.stage)
