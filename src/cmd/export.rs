@@ -21,7 +21,7 @@ pub fn slurm(file: &Path, overrides: &[Override], dir: &Path) -> Result<(), CmdE
         }
         let spec = loaded.pipeline.spec.executor.clone().unwrap_or_default();
         let command = super::run::job_command(file, overrides)?;
-        let log_dir = std::path::absolute(loaded.run_root.join(".slurm"))
+        let run_root = std::path::absolute(&loaded.run_root)
             .map_err(|e| CmdError::Failed(format!("resolving the run directory: {e}")))?;
         let write = |name: &str, text: &str| {
             let path = dir.join(name);
@@ -36,7 +36,7 @@ pub fn slurm(file: &Path, overrides: &[Override], dir: &Path) -> Result<(), CmdE
             write(&format!("{}.sh", stage.id.0), &script)?;
         }
         let name = &loaded.pipeline.spec.name;
-        let submit = crate::exec::submit_script(loaded.graph, name, &command.workdir, &log_dir);
+        let submit = crate::exec::submit_script(loaded.graph, name, &command.workdir, &run_root);
         write("submit.sh", &submit)?;
         println!(
             "{} job scripts and submit.sh in {} (run `sh {}/submit.sh` on a login node)",

@@ -46,12 +46,12 @@ pub fn run(
         match format {
             Format::Json => {
                 let mut stages = serde_json::to_value(&plan).expect("json");
-                for stage in stages.as_array_mut().into_iter().flatten() {
-                    let id = StageId(stage["stage"].as_str().unwrap_or_default().to_string());
-                    if let Some(options) = jobs.get(&id) {
+                let rows = stages.as_array_mut().into_iter().flatten().zip(&plan);
+                for (stage, entry) in rows {
+                    if let Some(options) = jobs.get(&entry.stage) {
                         stage["sbatch"] = json!(options);
                     }
-                    if let Some(job) = queued.get(&id) {
+                    if let Some(job) = queued.get(&entry.stage) {
                         stage["job"] = json!(job);
                     }
                 }

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::json;
@@ -234,10 +234,7 @@ impl Executor<'_> {
         eprintln!("  running {id}");
         log.event("stage_started", Some(id), json!({}));
         let started = Instant::now();
-        let started_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let started_unix = super::unix_seconds();
         let staged = run
             .staging_dir(&id.0)
             .map_err(io("creating the staging directory"))?;
@@ -341,10 +338,7 @@ impl EventLog {
     }
 
     fn event(&mut self, event: &str, stage: Option<&StageId>, mut fields: serde_json::Value) {
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let ts = super::unix_seconds();
         if let Some(obj) = fields.as_object_mut() {
             obj.insert("ts".into(), json!(ts));
             obj.insert("event".into(), json!(event));

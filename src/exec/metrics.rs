@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
@@ -26,10 +25,7 @@ impl Metrics {
 
     /// Appends one record (an object; `ts` is added).
     pub fn log(&self, mut record: Value) {
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let ts = super::unix_seconds();
         if let Some(obj) = record.as_object_mut() {
             obj.insert("ts".into(), ts.into());
         }

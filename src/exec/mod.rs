@@ -155,6 +155,13 @@ pub trait StageRunner {
 /// Builds the runner for a stage (`None` only for a stage its kind did not declare: a bug).
 pub type RunnerFactory<'a> = dyn Fn(&Stage) -> Option<Box<dyn StageRunner + 'a>> + 'a;
 
+/// Now, in seconds since the Unix epoch: the time stamps of events, metrics and manifests.
+pub fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// The blake3 of a file, as a stage input.
 pub fn file_input(path: &Path) -> Result<String, StageError> {
     crate::hash::path_blake3(path).map_err(|e| StageError::at("hashing", path, e))

@@ -91,15 +91,8 @@ impl RunDir {
     /// Takes stage `stage`'s lock, failing if another process holds it, and clears the
     /// staging a killed run of it left behind.
     pub fn lock_stage(&self, stage: &str) -> Result<StageLock, RunDirError> {
-        let locks = self.root.join(LOCKS);
-        std::fs::create_dir_all(&locks).map_err(RunDirError::io("create", &locks))?;
-        let lock = locks.join(stage);
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock)
-            .map_err(RunDirError::io("open", &lock))?;
+        let lock = self.root.join(LOCKS).join(stage);
+        let file = crate::fsutil::open_lock_file(&lock).map_err(RunDirError::io("open", &lock))?;
         file.try_lock().map_err(|_| RunDirError::Locked {
             stage: stage.to_string(),
             lock: lock.clone(),

@@ -131,7 +131,7 @@ impl SlurmRun<'_> {
             let resources = self.spec.resources.of(stage.kind);
             let script = dir.join(format!("{}.sh", entry.stage.0));
             let forced = entry.status == Status::Stale(vec!["forced".into()]);
-            let after_unix = forced.then(now_unix);
+            let after_unix = forced.then(super::unix_seconds);
             let text = job_script(self.command, self.spec, &resources, &entry.stage.0, forced)?;
             crate::fsutil::write_atomic(&script, text.as_bytes()).map_err(|e| setup(&script, e))?;
             let id = sbatch(&name, &log("%j"), &self.command.workdir, &after, &script)?;
@@ -296,12 +296,6 @@ impl Listed {
     }
 }
 
-fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 /// Where each stage of `plan` that is to run stands in the queue (`job 12 PENDING`), for the
 /// stages Slurm has a live job of: what `tsq plan` shows of a detached run.
 pub fn queued_jobs(
@@ -383,8 +377,10 @@ pub fn job_script(
 }
 
 /// `submit.sh` for hand submission of `graph`'s stages, whose scripts are `<stage>.sh` beside
-/// it: each `sbatch`ed after the jobs of the stages it needs, logs under `log_dir`.
-pub fn submit_script(graph: &Graph, pipeline: &str, workdir: &Path, log_dir: &Path) -> String {
+/// it: each `sbatch`ed after the jobs of the stages it needs, logs where the driver's go in
+/// `run_root`.
+pub fn submit_script(graph: &Graph, pipeline: &str, workdir: &Path, run_root: &Path) -> String {
+    let log_dir = run_root.join(SLURM_DIR);
     let var = |stage: &str| {
         let safe: String = stage
             .chars()

@@ -17,7 +17,7 @@ use candle_core::Tensor;
 use super::Model;
 use super::error::{ModelError, Result};
 use super::generate::{GenerateOptions, Generation, Picks, Sequence, TokenLogprob};
-use super::prefixes::{PrefixCache, PrefixStats};
+use super::prefixes::{PrefixCache, PrefixStats, common_len};
 use super::transformer::{Batch, KvCache, LogitsAt, Mode};
 
 /// Fewest leading tokens prompts must share for the prefix to be computed once (by prompts
@@ -33,13 +33,7 @@ fn shared_prefix(group: &[Joining]) -> usize {
     };
     let shortest = group.iter().map(|j| j.prompt.len()).min().unwrap_or(0);
     let common = rest.iter().fold(shortest.saturating_sub(1), |n, j| {
-        first
-            .prompt
-            .iter()
-            .zip(&j.prompt)
-            .take(n)
-            .take_while(|(a, b)| a == b)
-            .count()
+        common_len(&first.prompt[..n], &j.prompt)
     });
     if rest.is_empty() || common < MIN_SHARED {
         0

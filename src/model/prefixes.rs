@@ -29,6 +29,11 @@ pub struct PrefixStats {
     pub cached: u64,
 }
 
+/// How many leading tokens `a` and `b` have in common.
+pub fn common_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 impl PrefixCache {
     /// A cache holding at most `budget` bytes of keys and values (0: none kept).
     pub fn new(budget: usize) -> Self {
@@ -46,19 +51,12 @@ impl PrefixCache {
         tokens: &[u32],
         min: usize,
     ) -> Result<Option<(usize, KvCache)>> {
-        let common = |e: &Entry| {
-            e.tokens
-                .iter()
-                .zip(tokens)
-                .take_while(|(a, b)| a == b)
-                .count()
-        };
         let best = self
             .entries
             .iter()
             .enumerate()
             .filter(|(_, e)| e.expert == expert)
-            .map(|(i, e)| (common(e), i))
+            .map(|(i, e)| (common_len(&e.tokens, tokens), i))
             .max();
         let Some((n, i)) = best.filter(|&(n, _)| n >= min.max(1)) else {
             return Ok(None);

@@ -143,13 +143,7 @@ impl SvdCache {
             file: file.clone(),
             source,
         };
-        std::fs::create_dir_all(&self.dir).map_err(fail)?;
-        let lock = std::fs::File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&file)
-            .map_err(fail)?;
+        let lock = crate::fsutil::open_lock_file(&file).map_err(fail)?;
         if lock.try_lock().is_err() {
             eprintln!(
                 "  waiting for another tsq decomposing this model ({})",
