@@ -195,7 +195,13 @@ pub enum Format {
 
 /// Parses arguments (clap exits 2 on usage errors) and runs the command.
 pub fn main() -> Result<(), cmd::CmdError> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    // The thread that drives the model joins the compute pool: this one, except for `serve`,
+    // whose engine thread does.
+    if !matches!(command, Command::Serve(_)) {
+        crate::model::compute_on_this_thread();
+    }
+    match command {
         Command::Validate(args) => args.run(),
         Command::Plan(args) => args.run(),
         Command::Run(args) => args.run(),

@@ -221,6 +221,20 @@ pub fn plain_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     y.reshape(dims)
 }
 
+/// `x Wᵀ` over the last dimension of an f32 CPU `x`, W held as int8 rows (decoding).
+pub fn q8_matmul_t(x: &Tensor, weight: &tsq_linalg::Q8Matrix) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let inner = dims.pop().unwrap_or(1);
+    let rows: usize = dims.iter().product();
+    let x = x.reshape((rows, inner))?.contiguous()?;
+    let mut out = vec![0f32; rows * weight.rows()];
+    with_f32_storage(&x, |x| {
+        weight.matmul_t(&x[..rows * inner], rows, &mut out, Threads::All)
+    })?;
+    dims.push(weight.rows());
+    Tensor::from_vec(out, dims, x.device())
+}
+
 /// `a · b` for 2-D tensors, through `tsq_linalg` where it applies.
 fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match linalg_product(a, b, false)? {

@@ -178,14 +178,17 @@ pub fn start(
         limit: capacity.max_batch + capacity.max_queue,
     };
     let run_dir = run_dir.to_path_buf();
-    let thread = std::thread::spawn(move || match Engine::load(&run_dir, home, metrics) {
-        Ok((engine, catalog)) => {
-            if ready_tx.send(Ok(catalog)).is_ok() {
-                engine.run(jobs_rx, capacity);
+    let thread = std::thread::spawn(move || {
+        crate::model::compute_on_this_thread();
+        match Engine::load(&run_dir, home, metrics) {
+            Ok((engine, catalog)) => {
+                if ready_tx.send(Ok(catalog)).is_ok() {
+                    engine.run(jobs_rx, capacity);
+                }
             }
-        }
-        Err(e) => {
-            let _ = ready_tx.send(Err(e));
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
         }
     });
     let catalog = ready_rx.recv().map_err(|_| EngineError::Gone)??;

@@ -7,8 +7,10 @@
 //! matrices). The workspace profile builds this crate at opt-level 3 in every profile.
 
 mod matmul;
+mod q8;
 
 pub use matmul::{Mat, MatMut, Threads, matmul};
+pub use q8::Q8Matrix;
 
 /// Runs `fork` (something that calls `fork(2)`, such as spawning a process with a `pre_exec`
 /// hook) while no OpenBLAS product runs.

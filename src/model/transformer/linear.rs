@@ -29,6 +29,29 @@ impl Factored {
 /// at 16 rows), so from 8 rows on f32 wins.
 pub(super) const QUANTIZED_MAX_ROWS: usize = 4;
 
+impl Quantized {
+    /// A `dtype` copy of `weight` (out × in).
+    pub(super) fn new(weight: &Tensor, dtype: GgmlDType) -> Result<Self> {
+        if dtype == GgmlDType::Q8_0 && weight.device().is_cpu() && weight.dtype() == DType::F32 {
+            let (rows, cols) = weight.dims2()?;
+            let values = weight.flatten_all()?.to_vec1()?;
+            if let Some(q8) = tsq_linalg::Q8Matrix::quantize(&values, rows, cols) {
+                return Ok(Self::Rows(std::sync::Arc::new(q8)));
+            }
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(QTensor::quantize(
+            weight, dtype,
+        )?)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Rows(w) => autograd::q8_matmul_t(x, w)?,
+            Self::Candle(q) => q.forward(x)?,
+        })
+    }
+}
+
 impl Linear {
     pub(super) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {

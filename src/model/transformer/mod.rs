@@ -48,9 +48,17 @@ struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     /// A quantized copy of `weight` for small-batch decoding (see [`Transformer::quantize_for_decoding`]).
-    quantized: Option<QMatMul>,
+    quantized: Option<Quantized>,
     /// When set, the layer computes `U (s' ⊙ Vᵀx)` instead of `W x` (see [`Transformer::set_factored`]).
     factored: Option<Factored>,
+}
+
+/// A projection's quantized copy: int8 rows through tsq-linalg's AVX-512 kernel where it runs
+/// (Q8_0 on the CPU), candle's quantized matmul otherwise.
+#[derive(Clone)]
+enum Quantized {
+    Rows(std::sync::Arc<tsq_linalg::Q8Matrix>),
+    Candle(QMatMul),
 }
 
 /// A projection applied as `y = U (s' ⊙ (Vᵀ x))`: W's SVD factors with scaled singular values s',
@@ -217,7 +225,7 @@ impl Transformer {
     /// processing, scoring and the differentiable path keep the float weights.
     pub fn quantize_for_decoding(&mut self, dtype: GgmlDType) -> Result<()> {
         let quantize = |l: &mut Linear| -> Result<()> {
-            l.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(&l.weight, dtype)?)?);
+            l.quantized = Some(Quantized::new(&l.weight, dtype)?);
             Ok(())
         };
         for layer in &mut self.layers {
@@ -716,10 +724,7 @@ mod quantized_tests {
             let mut lin = Linear::new(w.clone(), None);
             let x = Tensor::randn(0f32, 1.0, (rows, 1, inp), &dev)?;
             let exact = lin.forward(&x, Mode::Fast, None)?;
-            lin.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(
-                &w,
-                GgmlDType::Q8_0,
-            )?)?);
+            lin.quantized = Some(Quantized::new(&w, GgmlDType::Q8_0)?);
             let approx = lin.forward(&x, Mode::Fast, None)?;
             let err = (exact.clone() - approx)?
                 .abs()?
