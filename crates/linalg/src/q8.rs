@@ -50,7 +50,7 @@ impl Q8Matrix {
     /// no AVX-512 here, or rows that are not whole blocks.
     pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Option<Self> {
         assert_eq!(data.len(), rows * cols, "data is not rows × cols");
-        if !available() || cols % BLOCK != 0 || cols == 0 {
+        if !available() || !cols.is_multiple_of(BLOCK) || cols == 0 {
             return None;
         }
         let mut values = Vec::with_capacity(data.len());
@@ -156,12 +156,15 @@ impl Q8Matrix {
                 for (r, v) in xv.iter_mut().enumerate() {
                     *v = unsafe { _mm512_loadu_ps(xp.add(r * k + l)) };
                 }
-                for c in 0..N {
+                let mut ws = [_mm512_setzero_ps(); N];
+                for (c, w) in ws.iter_mut().enumerate() {
                     let bytes = unsafe { _mm_loadu_si128(values.add(c * k + l).cast()) };
                     let scale = _mm512_set1_ps(unsafe { *scales.add(c * blocks + b) });
-                    let w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scale);
-                    for r in 0..M {
-                        acc[r][c] = _mm512_fmadd_ps(xv[r], w, acc[r][c]);
+                    *w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scale);
+                }
+                for (row, x) in acc.iter_mut().zip(&xv) {
+                    for (partial, w) in row.iter_mut().zip(&ws) {
+                        *partial = _mm512_fmadd_ps(*x, *w, *partial);
                     }
                 }
             }
