@@ -35,8 +35,8 @@ use transformer::Transformer;
 /// rayon pool, with one more thread per further core), so a product it splits runs its share
 /// in place and the other cores steal the rest. Otherwise every split product is handed from
 /// outside the pool and the caller sleeps until the pool wakes it: on 2 cores that handoff,
-/// hundreds of times per decoded token, cost more than the products (`tsq bench generate`,
-/// 2026-12-07: decode batch 1, Q8_0 71-76 → 119-132 tok/s, f32 batch 16 146-167 → 223-235).
+/// hundreds of times per decoded token, cost more than the products (docs/benchmarks.md,
+/// 2026-12-07).
 /// Call it first thing on the thread that drives the model; later calls, and any after
 /// the global pool exists, leave things as they are.
 pub fn compute_on_this_thread() {

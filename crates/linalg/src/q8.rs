@@ -74,10 +74,6 @@ impl Q8Matrix {
         self.rows
     }
 
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// `out (m × rows) = x (m × cols) · Wᵀ`, both row-major and contiguous.
     pub fn matmul_t(&self, x: &[f32], m: usize, out: &mut [f32], threads: Threads) {
         assert_eq!(x.len(), m * self.cols, "x is not {m} × {}", self.cols);
@@ -114,9 +110,9 @@ impl Q8Matrix {
     unsafe fn rows_avx512(&self, x: &[f32], m: usize, out: Out, rows: std::ops::Range<usize>) {
         for first in (0..m).step_by(MR) {
             let mr = MR.min(m - first);
+            let x = &x[first * self.cols..];
             for j in rows.clone().step_by(NR) {
                 let nr = NR.min(rows.end - j);
-                let x = &x[first * self.cols..];
                 let out = unsafe { out.0.add(first * self.rows + j) };
                 macro_rules! by_size {
                     ($($a:literal),*) => {
