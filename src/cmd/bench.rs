@@ -28,8 +28,14 @@ const PEERS: [(&str, &str, f64); 5] = [
 const TEXT: &str = "Transformer-squared adapts a language model to each prompt in two passes: the first pass \
 looks at the prompt and picks or mixes expert vectors, the second answers with the adapted weights. ";
 
-/// Which library multiplies large f32 matrices in this build (the `openblas` feature).
-pub(super) const GEMM: &str = tsq_linalg::LARGE_PRODUCTS_BY;
+/// What multiplies by what in this build on this machine, for the benchmarks' headers.
+pub(super) fn products() -> String {
+    format!(
+        "weight products by {}, the rest by {}",
+        tsq_linalg::weight_products_by(),
+        tsq_linalg::LARGE_PRODUCTS_BY
+    )
+}
 
 fn best_of(repeat: usize, mut f: impl FnMut() -> Result<f64, CmdError>) -> Result<f64, CmdError> {
     (0..repeat.max(1))
@@ -120,8 +126,10 @@ pub fn generate_bench(model_args: &ModelArgs, repeat: usize, wide: usize) -> Res
         .unwrap_or(1);
     let device = model_args.device.name();
     println!(
-        "tsq bench generate: {} ({device}, {:?}), {threads} threads, f32 products by {GEMM}",
-        model_args.source, model_args.dtype
+        "tsq bench generate: {} ({device}, {:?}), {threads} threads, {}",
+        model_args.source,
+        model_args.dtype,
+        products()
     );
     println!("  {:<28} {:>10}", "measurement", "tok/s");
     println!("  {:<28} {:>10.1}", "prefill 512 tokens", prefill);
@@ -454,9 +462,10 @@ pub fn svf_step_bench(
     let (median, report) = reports[reports.len() / 2].clone();
     let rss = peak_rss_gb();
     println!(
-        "tsq bench svf-step: {} ({} threads, products by {GEMM}), {} MLP targets, {parameters} parameters, batch {}×{} ({} prompt)",
+        "tsq bench svf-step: {} ({} threads, {}), {} MLP targets, {parameters} parameters, batch {}×{} ({} prompt)",
         model_args.source,
         rayon::current_num_threads(),
+        products(),
         names.len(),
         shape.batch,
         shape.seq,
@@ -485,7 +494,7 @@ pub fn svf_step_bench(
         peer.step_s / median,
         rss.unwrap_or(f64::NAN) / peer.rss_gb
     );
-    let record = json!({"bench": "svf_step", "engine": trainer.engine(), "gemm": GEMM, "threads": rayon::current_num_threads(), "targets": names.len(), "parameters": parameters, "batch": shape.batch, "seq": shape.seq, "prompt": shape.prompt, "median_step_s": median, "phases": report, "peak_rss_gb": rss, "factors_s": factors_s, "peer": {"label": peer.label, "step_s": peer.step_s, "peak_rss_gb": peer.rss_gb}});
+    let record = json!({"bench": "svf_step", "engine": trainer.engine(), "gemm": products(), "threads": rayon::current_num_threads(), "targets": names.len(), "parameters": parameters, "batch": shape.batch, "seq": shape.seq, "prompt": shape.prompt, "median_step_s": median, "phases": report, "peak_rss_gb": rss, "factors_s": factors_s, "peer": {"label": peer.label, "step_s": peer.step_s, "peak_rss_gb": peer.rss_gb}});
     println!("{record}");
     Ok(())
 }

@@ -97,7 +97,7 @@ pub fn run(args: &BenchEvalArgs) -> Result<(), CmdError> {
         "tokens_per_s": round(timing.tokens as f64 / timing.seconds),
         "items_per_s": round(samples.len() as f64 / timing.seconds),
         "acc": round(correct as f64 / samples.len().max(1) as f64),
-        "gemm": tsq_linalg::LARGE_PRODUCTS_BY,
+        "gemm": super::bench::products(),
     });
     println!(
         "tsq {}: {} items, {} tokens in {:.2} s: {:.1} tok/s, {:.2} items/s, acc {:.4}",

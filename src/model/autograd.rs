@@ -14,6 +14,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
 };
+use rayon::prelude::*;
 use tsq_linalg::{Mat, MatMut, Threads};
 
 type Backward = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
@@ -194,7 +195,23 @@ fn attach_pair(
 
 /// `x Wᵀ` (x: (…, in), W: (out, in)) where only `x` may need a gradient.
 pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let product = plain_matmul_t(&x.detach(), weight)?;
+    frozen(x, weight, plain_matmul_t(&x.detach(), weight)?)
+}
+
+/// [`frozen_matmul_t`] with the forward product from `packed`, W's panels (f32 CPU `x`).
+pub fn packed_matmul_t(
+    x: &Tensor,
+    weight: &Tensor,
+    packed: &tsq_linalg::PackedMatrix,
+) -> Result<Tensor> {
+    let product = rows_product(&x.detach(), packed.rows(), |x, rows, out| {
+        packed.matmul_t(x, rows, out, Threads::All)
+    })?;
+    frozen(x, weight, product)
+}
+
+/// `product` (x Wᵀ) as a node of x's graph whose backward gives x its gradient and W none.
+fn frozen(x: &Tensor, weight: &Tensor, product: Tensor) -> Result<Tensor> {
     let weight = weight.clone();
     attach(x, product, "frozen-matmul", move |_, grad| {
         let mut dims = grad.dims().to_vec();
@@ -223,15 +240,25 @@ pub fn plain_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 
 /// `x Wᵀ` over the last dimension of an f32 CPU `x`, W held as int8 rows (decoding).
 pub fn q8_matmul_t(x: &Tensor, weight: &tsq_linalg::Q8Matrix) -> Result<Tensor> {
+    rows_product(x, weight.rows(), |x, rows, out| {
+        weight.matmul_t(x, rows, out, Threads::All)
+    })
+}
+
+/// `product(x, rows, out)` over the last dimension of an f32 CPU `x` seen as `rows` rows,
+/// filling `out` with `outputs` values per row.
+fn rows_product(
+    x: &Tensor,
+    outputs: usize,
+    product: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let inner = dims.pop().unwrap_or(1);
     let rows: usize = dims.iter().product();
     let x = x.reshape((rows, inner))?.contiguous()?;
-    let mut out = vec![0f32; rows * weight.rows()];
-    with_f32_storage(&x, |x| {
-        weight.matmul_t(&x[..rows * inner], rows, &mut out, Threads::All)
-    })?;
-    dims.push(weight.rows());
+    let mut out = vec![0f32; rows * outputs];
+    with_f32_storage(&x, |x| product(&x[..rows * inner], rows, &mut out))?;
+    dims.push(outputs);
     Tensor::from_vec(out, dims, x.device())
 }
 
@@ -287,6 +314,9 @@ fn linalg_applies(t: &Tensor) -> bool {
     t.dtype() == candle_core::DType::F32 && t.device().is_cpu()
 }
 
+/// Multiply-adds below which one of many products runs on a single thread.
+const SMALL_PRODUCT: usize = 1 << 18;
+
 /// op(a) · op(b) over equal leading dimensions, one `tsq_linalg::matmul` per matrix. `a_t`/`b_t`
 /// say the operand's last two dimensions are stored transposed.
 fn linalg_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
@@ -305,10 +335,20 @@ fn linalg_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
     let mut out = vec![0f32; count * m * n];
     with_f32_storage(&a, |a| {
         with_f32_storage(&b, |b| {
-            for (i, c) in out.chunks_mut(m * n).enumerate() {
+            let product = |(i, c): (usize, &mut [f32]), threads| {
                 let x = operand(&a[i * a_stride..i * a_stride + m * k], a_t, m, k);
                 let y = operand(&b[i * b_stride..i * b_stride + k * n], b_t, k, n);
-                tsq_linalg::matmul(MatMut::new(c, m, n), x, y, false, Threads::All);
+                tsq_linalg::matmul(MatMut::new(c, m, n), x, y, false, threads);
+            };
+            // Many small products (decoding attention: a few query rows per sequence and head)
+            // run side by side, one per thread: splitting each one across threads cost more in
+            // waking and waiting than it computed.
+            if count > 1 && m * n * k < SMALL_PRODUCT {
+                let chunks = out.par_chunks_mut(m * n).enumerate();
+                chunks.for_each(|chunk| product(chunk, Threads::One));
+            } else {
+                let chunks = out.chunks_mut(m * n).enumerate();
+                chunks.for_each(|chunk| product(chunk, Threads::All));
             }
         })
     })??;
@@ -400,6 +440,30 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu)?;
         let x = Var::randn(0f32, 1.0, (2, 3, 4), &Device::Cpu)?;
         agree(&x, |x| frozen_matmul_t(x, &w), |x| plain_matmul_t(x, &w))
+    }
+
+    #[test]
+    fn packed_matmul_matches_candles_matmul() -> Result<()> {
+        let w = Tensor::randn(0f32, 1.0, (37, 20), &Device::Cpu)?;
+        let Some(packed) = tsq_linalg::PackedMatrix::pack(&w.flatten_all()?.to_vec1()?, 37, 20)
+        else {
+            eprintln!("no AVX-512 here: nothing to check");
+            return Ok(());
+        };
+        let x = Var::randn(0f32, 1.0, (2, 9, 20), &Device::Cpu)?;
+        agree(
+            &x,
+            |x| packed_matmul_t(x, &w, &packed),
+            |x| plain_matmul_t(x, &w),
+        )
+    }
+
+    #[test]
+    fn many_small_batched_products_match_candle() -> Result<()> {
+        // Decoding attention's shape: more matrices than threads, each far below SMALL_PRODUCT.
+        let a = Var::randn(0f32, 1.0, (8, 3, 3, 16), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (8, 3, 40, 16), &Device::Cpu)?;
+        agree(&a, |a| batched_matmul(a, &b, true), |a| a.matmul(&b.t()?))
     }
 
     #[test]

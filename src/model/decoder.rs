@@ -16,7 +16,7 @@ use candle_core::Tensor;
 
 use super::Model;
 use super::error::{ModelError, Result};
-use super::generate::{GenerateOptions, Generation, Picks, Sequence, TokenLogprob};
+use super::generate::{GenerateOptions, Generation, Picks, Sequence, TokenLogprob, take_each};
 use super::prefixes::{PrefixCache, PrefixStats, common_len};
 use super::transformer::{Batch, KvCache, LogitsAt, Mode};
 
@@ -293,13 +293,17 @@ impl Decoder {
         };
         let greedy = self.rows.iter().all(|r| r.opts.only_argmax());
         let picks = Picks::of(&logits, greedy)?;
+        let taking = (self.rows.iter_mut().enumerate())
+            .filter(|(_, row)| !row.cancelled)
+            .map(|(r, row)| (r, &mut row.seq, &row.opts));
+        let mut tokens = take_each(&self.model, &picks, taking)?.into_iter();
         let mut keep = Vec::with_capacity(self.rows.len());
         let mut next = Vec::with_capacity(self.rows.len());
         for (r, row) in self.rows.iter_mut().enumerate() {
             if row.cancelled {
                 continue;
             }
-            let token = row.seq.take(&self.model, &picks, r, &row.opts)?;
+            let token = tokens.next().expect("one token per sequence taking one");
             if let Some((text, logprobs)) = row.seq.unshown() {
                 on_event(Event::Text {
                     id: row.id,

@@ -11,6 +11,7 @@ use std::ops::Range;
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::Model;
@@ -314,14 +315,17 @@ fn decode(
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     for _ in 0..opts.max_new_tokens {
         let picks = Picks::of(&logits.squeeze(1)?, opts.only_argmax())?;
-        let mut next = Vec::with_capacity(live.len());
-        for (r, &i) in live.iter().enumerate() {
-            let seq = &mut seqs[i];
-            let token = seq.take(model, &picks, r, opts)?;
-            if let Some((text, _)) = seq.unshown() {
-                on_text(i, &seq.text[text]);
+        // `live` is the unfinished sequences in order, so row r of the batch is the r-th of them.
+        let running = seqs.iter_mut().filter(|s| s.done.is_none());
+        let mut next = take_each(
+            model,
+            &picks,
+            running.enumerate().map(|(r, s)| (r, s, opts)),
+        )?;
+        for &i in &live {
+            if let Some((text, _)) = seqs[i].unshown() {
+                on_text(i, &seqs[i].text[text]);
             }
-            next.push(token);
         }
         // Finished sequences leave the batch, so they stop costing.
         let keep: Vec<usize> = (0..live.len())
@@ -346,6 +350,22 @@ fn decode(
         )?;
     }
     Ok(seqs.into_iter().map(|s| s.generation(opts)).collect())
+}
+
+/// This step's token of each `(row, sequence, options)`, drawn from row `row` of `picks`, the
+/// sequences side by side: a draw over the whole vocabulary and the text's decoding cost as
+/// much as a small batch's forward pass. Each sequence has its own random stream, so what it
+/// draws does not depend on the split.
+pub(super) fn take_each<'a>(
+    model: &Model,
+    picks: &Picks,
+    sequences: impl Iterator<Item = (usize, &'a mut Sequence, &'a GenerateOptions)>,
+) -> Result<Vec<u32>> {
+    let sequences: Vec<_> = sequences.collect();
+    sequences
+        .into_par_iter()
+        .map(|(r, seq, opts)| seq.take(model, picks, r, opts))
+        .collect()
 }
 
 /// One decoding step's choices: made on the device (greedy off the CPU, where copying every

@@ -7,9 +7,11 @@
 //! matrices). The workspace profile builds this crate at opt-level 3 in every profile.
 
 mod matmul;
+mod packed;
 mod q8;
 
 pub use matmul::{Mat, MatMut, Threads, matmul};
+pub use packed::PackedMatrix;
 pub use q8::Q8Matrix;
 
 /// Runs `fork` (something that calls `fork(2)`, such as spawning a process with a `pre_exec`
@@ -34,6 +36,15 @@ pub const LARGE_PRODUCTS_BY: &str = if cfg!(feature = "openblas") {
 } else {
     "faer"
 };
+
+/// What computes products with a model's f32 weights on this machine: [`PackedMatrix`]'s
+/// kernel where AVX-512 runs, else the library of [`LARGE_PRODUCTS_BY`].
+pub fn weight_products_by() -> &'static str {
+    match q8::available() {
+        true => "packed AVX-512 kernel",
+        false => LARGE_PRODUCTS_BY,
+    }
+}
 
 /// W (rows × cols) = U diag(s) Vᵀ with r = min(rows, cols), singular values descending.
 pub struct ThinSvd {

@@ -36,7 +36,7 @@ impl Quantized {
             let (rows, cols) = weight.dims2()?;
             let values = weight.flatten_all()?.to_vec1()?;
             if let Some(q8) = tsq_linalg::Q8Matrix::quantize(&values, rows, cols) {
-                return Ok(Self::Rows(std::sync::Arc::new(q8)));
+                return Ok(Self::Rows(Arc::new(q8)));
             }
         }
         Ok(Self::Candle(QMatMul::from_qtensor(QTensor::quantize(
@@ -53,13 +53,22 @@ impl Quantized {
 }
 
 impl Linear {
-    pub(super) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
+    /// A dense projection, packed for tsq-linalg's kernel where that runs.
+    pub(super) fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let packed = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+            let (rows, cols) = weight.dims2()?;
+            let values = weight.flatten_all()?.to_vec1()?;
+            tsq_linalg::PackedMatrix::pack(&values, rows, cols).map(Arc::new)
+        } else {
+            None
+        };
+        Ok(Self {
             weight,
             bias,
+            packed,
             quantized: None,
             factored: None,
-        }
+        })
     }
 
     /// `x W^T (+ b)` over the last dimension. A weight that is not being trained gets no
@@ -76,6 +85,9 @@ impl Linear {
             (Some(f), _) => f.forward(x, experts)?,
             (None, Some(q)) if mode == Mode::Fast && rows <= QUANTIZED_MAX_ROWS => q.forward(x)?,
             _ if self.weight.track_op() => autograd::plain_matmul_t(x, &self.weight)?,
+            (None, _) if let Some(packed) = &self.packed => {
+                autograd::packed_matmul_t(x, &self.weight, packed)?
+            }
             _ => autograd::frozen_matmul_t(x, &self.weight)?,
         };
         Ok(match &self.bias {

@@ -18,6 +18,7 @@ mod ops;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
@@ -47,6 +48,9 @@ pub enum LogitsAt {
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// `weight` packed for tsq-linalg's f32 kernel (f32 on a CPU with AVX-512), which the
+    /// forward products use instead of faer, whatever the number of rows (see [`linear`]).
+    packed: Option<Arc<tsq_linalg::PackedMatrix>>,
     /// A quantized copy of `weight` for small-batch decoding (see [`Transformer::quantize_for_decoding`]).
     quantized: Option<Quantized>,
     /// When set, the layer computes `U (s' ⊙ Vᵀx)` instead of `W x` (see [`Transformer::set_factored`]).
@@ -57,7 +61,7 @@ struct Linear {
 /// (Q8_0 on the CPU), candle's quantized matmul otherwise.
 #[derive(Clone)]
 enum Quantized {
-    Rows(std::sync::Arc<tsq_linalg::Q8Matrix>),
+    Rows(Arc<tsq_linalg::Q8Matrix>),
     Candle(QMatMul),
 }
 
@@ -184,7 +188,7 @@ impl Transformer {
                         )));
                     }
                     let bias = take(&format!("layers.{i}.{m}.bias")).ok();
-                    Ok(Linear::new(weight, bias))
+                    Linear::new(weight, bias)
                 };
             layers.push(Layer {
                 attn_norm: take(&format!("layers.{i}.attn_norm.weight"))?,
@@ -206,7 +210,7 @@ impl Transformer {
                 take("lm_head.weight")?
             },
             None,
-        );
+        )?;
         let (cos, sin) = rope_tables(&config, embed.device())?;
         Ok(Self {
             config,
@@ -306,7 +310,7 @@ impl Transformer {
     }
 
     /// Replaces one projection's weight, as when composing an SVF expert into the model. Its
-    /// quantized copy, now stale, is dropped, and so is a factored form.
+    /// quantized copy, now stale, is dropped, and so is a factored form; it is packed anew.
     pub fn replace_weight(&mut self, module: &str, weight: Tensor) -> Result<()> {
         let dtype = self.dtype;
         let linear = self.linear_mut(module)?;
@@ -317,9 +321,7 @@ impl Transformer {
                 weight.dims()
             )));
         }
-        linear.weight = weight.to_dtype(dtype)?;
-        linear.quantized = None;
-        linear.factored = None;
+        *linear = Linear::new(weight.to_dtype(dtype)?, linear.bias.clone())?;
         Ok(())
     }
 
@@ -721,7 +723,7 @@ mod quantized_tests {
             (576, 1536, 3),
         ] {
             let w = Tensor::randn(0f32, 1.0, (out, inp), &dev)?;
-            let mut lin = Linear::new(w.clone(), None);
+            let mut lin = Linear::new(w.clone(), None)?;
             let x = Tensor::randn(0f32, 1.0, (rows, 1, inp), &dev)?;
             let exact = lin.forward(&x, Mode::Fast, None)?;
             lin.quantized = Some(Quantized::new(&w, GgmlDType::Q8_0)?);
