@@ -285,6 +285,27 @@ fn experts_inspect_combine_and_export_to_a_model_that_loads_back() {
 /// The training benches read their peer's JSON line before loading anything, and a line
 /// without the figures they compare with is a usage error naming the file and the field.
 #[test]
+fn the_option_step_refuses_an_item_it_cannot_use_naming_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = dir.path().join("items.jsonl");
+    let good = r#"{"prompt": "Is it?", "continuations": [" yes", " no"], "gold": 0}"#;
+    let gold_out_of_range = r#"{"prompt": "Is it?", "continuations": [" yes"], "gold": 3}"#;
+    std::fs::write(&items, format!("{good}\n\n{gold_out_of_range}\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsq"))
+        .args(["bench", "rl-step", "--options"])
+        .arg(&items)
+        .env("TSQ_HOME", dir.path().join("home"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("items.jsonl:3") && stderr.contains("gold index"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn training_benches_refuse_a_peer_file_without_the_peer_figures() {
     let dir = tempfile::tempdir().unwrap();
     let peer = dir.path().join("peer.json");

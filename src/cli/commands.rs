@@ -663,11 +663,28 @@ pub struct BenchRlStepArgs {
     /// before (default: the figures recorded on 2026-12-01).
     #[arg(long, value_name = "FILE")]
     pub peer: Option<PathBuf>,
+    /// Also time an option-rollout step whose prompts are the items of this JSONL file, as
+    /// `tsq bench eval --write-items` writes them (one step's worth, e.g. 8)
+    #[arg(long, value_name = "ITEMS")]
+    pub options: Option<PathBuf>,
+    /// The JSON line from `shared/peers/torch_score_bench.py` on the same `--options` items, run
+    /// just before
+    #[arg(long, value_name = "FILE", requires = "options")]
+    pub peer_score: Option<PathBuf>,
 }
 
 impl BenchRlStepArgs {
     pub(super) fn run(self) -> Result<(), cmd::CmdError> {
-        let Self { model, peer } = self;
-        cmd::bench_rl::run(&model.into(), peer.as_deref())
+        let Self {
+            model,
+            peer,
+            options,
+            peer_score,
+        } = self;
+        let options = options.map(|items| cmd::bench_rl::OptionStep {
+            items,
+            peer: peer_score,
+        });
+        cmd::bench_rl::run(&model.into(), peer.as_deref(), options.as_ref())
     }
 }

@@ -2,21 +2,24 @@
 //! compose the current expert, sample 8 prompts × 4 completions (temperature 0.7, up to 128
 //! new tokens), weight them by leave-one-out advantages of a ±1 reward, one SVF step on the 90
 //! MLP targets — beside the PyTorch peer doing the same parts
-//! (`shared/peers/torch_svf_bench.py --parts svf,rollout`) in the same session.
+//! (`shared/peers/torch_svf_bench.py --parts svf,rollout`) in the same session. With
+//! `--options`, also an option-rollout step (score each item's options with the policy, weight
+//! them, one SVF step) beside `torch_score_bench.py` scoring the same items.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use super::bench::{GEMM, MlpSetup, mlp_setup, peak_rss_gb};
+use super::bench::{MlpSetup, mlp_setup, peak_rss_gb, products};
 use super::{CmdError, ModelArgs};
 use crate::model::Model;
 use crate::model::generate::{GenerateOptions, Generation, generate};
+use crate::model::score::{continuation_ids, filler};
 use crate::rl::advantage::advantages;
-use crate::rl::rollout::{as_trained, uniform, weighted};
-use crate::rl::spec::{AdvantageScale, Baseline};
+use crate::rl::rollout::{OptionModels, as_trained, option_batch, uniform, weighted};
+use crate::rl::spec::{AdvantageScale, Baseline, Rollout, TrainSpec};
 use crate::svf::apply::{Application, apply};
 use crate::svf::train::{SvfTrainer, TokenBatch};
 
@@ -129,10 +132,160 @@ fn weighted_batch(policy: &Model, prompts: &[Vec<u32>], generations: &[Generatio
     TokenBatch { ids, weights }
 }
 
-pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> {
+/// The option-rollout step to time as well: its items, and the peer's scoring of them.
+pub struct OptionStep {
+    /// JSONL items `{"prompt", "continuations", "gold"}` (`tsq bench eval --write-items`).
+    pub items: PathBuf,
+    /// `torch_score_bench.py`'s JSON line on the same items.
+    pub peer: Option<PathBuf>,
+}
+
+/// More items than this are not one step's prompts.
+const MAX_STEP_ITEMS: usize = 64;
+
+/// An option-rollout step's batch, and what making it took.
+struct OptionRun {
+    items: usize,
+    options: usize,
+    score_s: f64,
+    batch: TokenBatch,
+    peer_score_s: Option<f64>,
+}
+
+/// One item of an option step as written: the rendered prompt, the options, the gold one.
+struct OptionItem {
+    prompt: String,
+    options: Vec<String>,
+    gold: usize,
+}
+
+/// The items of `--options`, checked before any model is loaded.
+fn read_option_items(path: &Path) -> Result<Vec<OptionItem>, CmdError> {
+    let bad = |line: usize, what: &str| {
+        CmdError::Usage(format!(
+            "{}:{line}: {what}; expected {{\"prompt\": text, \"continuations\": [text, ...], \"gold\": index}} as `tsq bench eval --write-items` writes",
+            path.display()
+        ))
+    };
+    let text = crate::fsutil::read_bounded(path, crate::fsutil::MAX_TEXT_BYTES)
+        .map_err(|e| CmdError::Usage(format!("{}: {e}", path.display())))?;
+    let mut items = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let item: Value = serde_json::from_str(line).map_err(|_| bad(i + 1, "not JSON"))?;
+        let prompt = item["prompt"].as_str().filter(|p| !p.is_empty());
+        let options: Option<Vec<String>> = (item["continuations"].as_array())
+            .and_then(|c| c.iter().map(|o| o.as_str().map(String::from)).collect());
+        let gold = item["gold"].as_u64().and_then(|g| usize::try_from(g).ok());
+        match (prompt, options, gold) {
+            (Some(prompt), Some(options), Some(gold))
+                if gold < options.len() && options.iter().all(|o| !o.is_empty()) =>
+            {
+                items.push(OptionItem {
+                    prompt: prompt.to_string(),
+                    options,
+                    gold,
+                })
+            }
+            _ => {
+                return Err(bad(
+                    i + 1,
+                    "not an item with a prompt, options and a gold index",
+                ));
+            }
+        }
+    }
+    if items.is_empty() || items.len() > MAX_STEP_ITEMS {
+        return Err(CmdError::Usage(format!(
+            "{}: {} items; one step takes 1 to {MAX_STEP_ITEMS} (e.g. `head -n 8` of the eval items)",
+            path.display(),
+            items.len()
+        )));
+    }
+    Ok(items)
+}
+
+/// The peer's seconds for scoring `items` items, from its JSON line.
+fn peer_score_seconds(path: &Path, items: usize) -> Result<f64, CmdError> {
+    let bad = |what: String| CmdError::Usage(format!("{}: {what}", path.display()));
+    let text = crate::fsutil::read_bounded(path, crate::fsutil::MAX_TEXT_BYTES)
+        .map_err(|e| bad(e.to_string()))?;
+    let value: Value =
+        serde_json::from_str(text.trim()).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let (Some(seconds), Some(scored)) = (value["seconds"].as_f64(), value["items"].as_u64()) else {
+        return Err(bad(
+            "expected `seconds` and `items` (torch_score_bench.py's JSON line)".into(),
+        ));
+    };
+    if scored != items as u64 {
+        return Err(bad(format!(
+            "the peer scored {scored} items, --options has {items}: run it on the same file"
+        )));
+    }
+    Ok(seconds)
+}
+
+/// Scores the items' options with `policy` and weights them as `rollout: options` does, each
+/// option's reward 1 for the gold one and 0 for the others.
+fn option_rollouts(
+    policy: &Model,
+    items: &[OptionItem],
+    peer_score_s: Option<f64>,
+) -> Result<OptionRun, CmdError> {
+    let mut inputs = Vec::with_capacity(items.len());
+    for item in items {
+        let prompt = policy.tokenizer.encode(&item.prompt);
+        let options: Result<Vec<_>, _> = (item.options.iter())
+            .map(|o| continuation_ids(policy, o))
+            .collect();
+        inputs.push((
+            prompt.map_err(CmdError::failed)?,
+            options.map_err(CmdError::failed)?,
+        ));
+    }
+    let rewards: Vec<Vec<f64>> = (items.iter())
+        .map(|item| {
+            (0..item.options.len())
+                .map(|k| f64::from(u8::from(k == item.gold)))
+                .collect()
+        })
+        .collect();
+    let spec = TrainSpec {
+        rollout: Rollout::Options,
+        ..TrainSpec::default()
+    };
+    let models = OptionModels {
+        policy: &policy.transformer,
+        base: None,
+        filler: filler(policy),
+    };
+    let clock = Instant::now();
+    let made = option_batch(&spec, &models, &inputs, &rewards, 0).map_err(CmdError::failed)?;
+    Ok(OptionRun {
+        items: items.len(),
+        options: items.iter().map(|i| i.options.len()).sum(),
+        score_s: clock.elapsed().as_secs_f64(),
+        batch: made.batch,
+        peer_score_s,
+    })
+}
+
+pub fn run(
+    model_args: &ModelArgs,
+    peer: Option<&Path>,
+    options: Option<&OptionStep>,
+) -> Result<(), CmdError> {
     let peer = match peer {
         Some(path) => Peer::from_file(path)?,
         None => Peer::recorded(),
+    };
+    let option_items = options.map(|o| read_option_items(&o.items)).transpose()?;
+    let peer_score_s = match (options.and_then(|o| o.peer.as_deref()), &option_items) {
+        (Some(path), Some(items)) => Some(peer_score_seconds(path, items.len())?),
+        _ => None,
     };
     let MlpSetup {
         model,
@@ -176,10 +329,20 @@ pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> 
         .map(|w| w.iter().filter(|&&x| x != 0.0).count())
         .sum();
     let trained: usize = batch.ids.iter().map(Vec::len).sum();
+    let option_run = (option_items.as_deref())
+        .map(|items| option_rollouts(&policy, items, peer_score_s))
+        .transpose()?;
     drop((factors, policy));
     let clock = Instant::now();
     let report = trainer.step(&batch).map_err(CmdError::failed)?;
     let train_s = clock.elapsed().as_secs_f64();
+    let option_train_s = (option_run.as_ref())
+        .map(|o| {
+            let clock = Instant::now();
+            trainer.step(&o.batch).map_err(CmdError::failed)?;
+            Ok::<_, CmdError>(clock.elapsed().as_secs_f64())
+        })
+        .transpose()?;
     let rss = peak_rss_gb().unwrap_or(f64::NAN);
     let forced_tok_s = (generations.len() * NEW_TOKENS) as f64 / forced_s;
     let natural_tok_s = useful as f64 / natural_s;
@@ -188,9 +351,10 @@ pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> 
     let peer_train_s = peer.svf_step_s * trained as f64 / PEER_SVF_TOKENS;
     let peer_step_s = peer.natural_s + peer_train_s;
     println!(
-        "tsq bench rl-step: {} ({} threads, products by {GEMM}), {} MLP targets, {} prompts × {SAMPLES} samples, T 0.7, ≤ {NEW_TOKENS} new tokens",
+        "tsq bench rl-step: {} ({} threads, {}), {} MLP targets, {} prompts × {SAMPLES} samples, T 0.7, ≤ {NEW_TOKENS} new tokens",
         model_args.source,
         rayon::current_num_threads(),
+        products(),
         names.len(),
         QUESTIONS.len()
     );
@@ -222,16 +386,50 @@ pub fn run(model_args: &ModelArgs, peer: Option<&Path>) -> Result<(), CmdError> 
         peer.rss_gb,
         rss / peer.rss_gb
     );
+    let option_record = match (&option_run, option_train_s) {
+        (Some(o), Some(train_s)) => print_option_step(o, train_s, &peer),
+        _ => Value::Null,
+    };
     println!("  peer: {}", peer.label);
     let record = json!({
-        "bench": "rl_step", "gemm": GEMM, "threads": rayon::current_num_threads(),
+        "bench": "rl_step", "gemm": products(), "threads": rayon::current_num_threads(),
         "compose_s": compose_s, "rollout_forced_s": forced_s, "rollout_forced_tok_s": forced_tok_s,
         "rollout_natural_s": natural_s, "rollout_natural_tok_s": natural_tok_s,
         "completion_tokens": useful, "trained_tokens": trained, "train_s": train_s,
-        "step_s": step_s, "peak_rss_gb": rss,
+        "step_s": step_s, "peak_rss_gb": rss, "option_step": option_record,
         "peer": {"label": peer.label, "natural_s": peer.natural_s, "natural_useful_tok_s": peer.natural_useful_tok_s,
                  "forced_tok_s": peer.forced_tok_s, "svf_step_s": peer.svf_step_s, "step_s_scaled": peer_step_s, "peak_rss_gb": peer.rss_gb},
     });
     println!("{record}");
     Ok(())
+}
+
+/// Prints the option-rollout step beside the peer's; returns its record.
+fn print_option_step(o: &OptionRun, train_s: f64, peer: &Peer) -> Value {
+    let tokens: usize = o.batch.ids.iter().map(Vec::len).sum();
+    let step_s = o.score_s + train_s;
+    let peer_train_s = peer.svf_step_s * tokens as f64 / PEER_SVF_TOKENS;
+    let peer_step_s = o.peer_score_s.map(|s| s + peer_train_s);
+    let vs = |ours: f64, theirs: Option<f64>, what: &str| {
+        theirs.map_or(String::new(), |t| {
+            format!("   peer {t:.2} s → {:.2}x{what}", t / ours)
+        })
+    };
+    println!("  option step: {} items, {} options", o.items, o.options);
+    println!(
+        "    scoring                {:>7.2} s{}",
+        o.score_s,
+        vs(o.score_s, o.peer_score_s, " (torch_score_bench)")
+    );
+    println!("    SVF step               {train_s:>7.2} s  on {tokens} tokens");
+    println!(
+        "    whole step             {step_s:>7.2} s{}",
+        vs(
+            step_s,
+            peer_step_s,
+            " (its SVF step scaled to these tokens)"
+        )
+    );
+    json!({"items": o.items, "options": o.options, "score_s": o.score_s, "train_s": train_s,
+           "tokens": tokens, "step_s": step_s, "peer_score_s": o.peer_score_s, "peer_step_s_scaled": peer_step_s})
 }
