@@ -98,8 +98,9 @@ pub enum ExportCommand {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// An evaluation stage's throughput (items/s, tokens/s) on its prepared items, beside
-    /// PyTorch: `--write-items` writes them for `shared/peers/torch_score_bench.py`, whose JSON
-    /// line (`--peer`) and per-item sums (`--peer-items`, its `--out`) it then compares with.
+    /// PyTorch: `--write-items` writes them for `shared/peers/torch_score_bench.py` (loglik) or
+    /// `scripts/torch_generate_bench.py` (generate), whose JSON line (`--peer`) and per-item
+    /// results (`--peer-items`, its `--out`) it then compares with.
     Eval(BenchEvalArgs),
     /// Prompt processing (512 tokens), decoding 128 tokens at batch 1 and at `--batch` (total).
     Generate(BenchGenerateArgs),

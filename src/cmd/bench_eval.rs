@@ -124,23 +124,28 @@ fn round(x: f64) -> f64 {
 }
 
 /// The items exactly as tsq scored them, in the peer's input format.
+/// The items as the peers read them: the rendered prompt with the options to score
+/// (`torch_score_bench.py`) or with the generation budget (`scripts/torch_generate_bench.py`).
 fn write_peer_items(
     file: &Path,
     task: &crate::eval::runner::Task,
     items: &[&crate::data::stored::StoredRecord],
     samples: &[Sample],
 ) -> Result<(), CmdError> {
-    if task.eval.spec.mode != EvalMode::Loglik {
-        return Err(CmdError::Usage(
-            "--write-items needs a `loglik` evaluation (the peer scores options)".into(),
-        ));
-    }
+    let spec = &task.eval.spec;
     let mut out = std::fs::File::create(file).map_err(CmdError::failed)?;
     for (item, sample) in items.iter().zip(samples) {
-        let (continuations, gold) = task
-            .scored_options(&item.fields)
-            .map_err(CmdError::failed)?;
-        let line = json!({"id": item.id, "prompt": sample.prompt, "continuations": continuations, "gold": gold});
+        let line = match spec.mode {
+            EvalMode::Loglik => {
+                let (continuations, gold) = task
+                    .scored_options(&item.fields)
+                    .map_err(CmdError::failed)?;
+                json!({"id": item.id, "prompt": sample.prompt, "continuations": continuations, "gold": gold})
+            }
+            EvalMode::Generate => {
+                json!({"id": item.id, "prompt": sample.prompt, "max_new_tokens": spec.max_new_tokens, "stop": spec.stop})
+            }
+        };
         writeln!(out, "{line}").map_err(CmdError::failed)?;
     }
     Ok(())
@@ -166,41 +171,53 @@ fn compare_with_peer(file: &Path, ours: &Value) -> Result<(), CmdError> {
     Ok(())
 }
 
-/// Per-item agreement with the peer's option log-likelihoods: largest difference and how many
-/// items pick the same option.
+/// Per-item agreement with the peer: for options, the largest log-likelihood difference and how
+/// many items pick the same option; for generations, how many completions are the same text.
 fn compare_per_item(file: &Path, samples: &[Sample]) -> Result<(), CmdError> {
     let text = crate::fsutil::read_bounded(file, crate::fsutil::MAX_LOG_BYTES)
         .map_err(CmdError::failed)?;
-    let peer: BTreeMap<String, Vec<f64>> = text
+    let peer: BTreeMap<String, Value> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| {
+        .map(|v| {
             let id = match &v["id"] {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            let sums = v["logprob_sums"]
-                .as_array()?
-                .iter()
-                .map(|x| x.as_f64())
-                .collect::<Option<Vec<_>>>()?;
-            Some((id, sums))
+            (id, v)
         })
         .collect();
     let (mut compared, mut same, mut worst) = (0, 0, 0.0f64);
     for s in samples {
-        let (Some(ours), Some(theirs)) = (&s.option_logliks, peer.get(&s.id)) else {
+        let Some(theirs) = peer.get(&s.id) else {
+            continue;
+        };
+        if let Some(completion) = &s.completion {
+            let Some(their_completion) = theirs["completion"].as_str() else {
+                continue;
+            };
+            compared += 1;
+            same += usize::from(completion == their_completion);
+            continue;
+        }
+        let sums: Option<Vec<f64>> =
+            (theirs["logprob_sums"].as_array()).and_then(|a| a.iter().map(Value::as_f64).collect());
+        let (Some(ours), Some(theirs)) = (&s.option_logliks, sums) else {
             continue;
         };
         compared += 1;
-        for (a, b) in ours.iter().zip(theirs) {
+        for (a, b) in ours.iter().zip(&theirs) {
             worst = worst.max((a - b).abs());
         }
         let best = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j]));
-        same += usize::from(best(ours) == best(theirs));
+        same += usize::from(best(ours) == best(&theirs));
     }
-    println!(
-        "per item vs PyTorch: {compared} items compared, same choice on {same}, largest log-likelihood difference {worst:.2e}"
-    );
+    if samples.iter().any(|s| s.completion.is_some()) {
+        println!("per item vs PyTorch: {compared} items compared, the same completion on {same}");
+    } else {
+        println!(
+            "per item vs PyTorch: {compared} items compared, same choice on {same}, largest log-likelihood difference {worst:.2e}"
+        );
+    }
     Ok(())
 }

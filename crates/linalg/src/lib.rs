@@ -8,6 +8,7 @@
 
 mod matmul;
 mod packed;
+mod parts;
 mod q8;
 
 pub use matmul::{Mat, MatMut, Threads, matmul};

@@ -17,6 +17,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use crate::matmul::Threads;
+use crate::parts::{Out, in_parts};
 
 /// Weight rows per panel: two 16-lane vectors.
 const NR: usize = 32;
@@ -87,20 +88,11 @@ impl PackedMatrix {
         };
         let pieces = match threads {
             Threads::All if m * self.rows * self.cols >= SPLIT_MIN_WORK => {
-                rayon::current_num_threads().min(panels)
+                rayon::current_num_threads()
             }
             _ => 1,
         };
-        if pieces <= 1 {
-            return part(0..panels);
-        }
-        let per_piece = panels.div_ceil(pieces);
-        rayon::scope(|s| {
-            for start in (per_piece..panels).step_by(per_piece) {
-                s.spawn(move |_| part(start..(start + per_piece).min(panels)));
-            }
-            part(0..per_piece);
-        });
+        in_parts(panels, pieces, 1, part);
     }
 
     /// Output columns of `panels` for every row of x: a chunk of panels that fits in L2 at a
@@ -167,13 +159,6 @@ impl PackedMatrix {
         }
     }
 }
-
-/// The output, shared by the threads that fill disjoint columns of it.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: see `PackedMatrix::matmul_t`: concurrent parts write disjoint columns.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
 
 #[cfg(test)]
 mod tests {

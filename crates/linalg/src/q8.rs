@@ -14,6 +14,7 @@
 use std::arch::x86_64::*;
 
 use crate::matmul::Threads;
+use crate::parts::{Out, in_parts};
 
 /// Values per scale, as in GGML's Q8_0.
 pub const BLOCK: usize = 32;
@@ -92,16 +93,7 @@ impl Q8Matrix {
             Threads::All if self.values.len() >= SPLIT_MIN_WEIGHTS => rayon::current_num_threads(),
             _ => 1,
         };
-        let per_piece = self.rows.div_ceil(pieces).next_multiple_of(NR);
-        if per_piece >= self.rows {
-            return part(0..self.rows);
-        }
-        rayon::scope(|s| {
-            for start in (per_piece..self.rows).step_by(per_piece) {
-                s.spawn(move |_| part(start..(start + per_piece).min(self.rows)));
-            }
-            part(0..per_piece);
-        });
+        in_parts(self.rows, pieces, NR, part);
     }
 
     /// Output columns `rows` (weight rows) for every row of x.
@@ -172,13 +164,6 @@ impl Q8Matrix {
         }
     }
 }
-
-/// The output, shared by the threads that fill disjoint columns of it.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: see `Q8Matrix::matmul_t`: concurrent parts write disjoint columns.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
 
 #[cfg(test)]
 mod tests {
