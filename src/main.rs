@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     // SAFETY: restoring a signal's default disposition at startup, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     keep_freed_memory();
+    shorten_candle_spinning();
     match tsq::cli::main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -33,5 +34,17 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// candle's own worker threads (its elementwise ops) spin 25 000 times after each job before
+/// they sleep. On 2 cores a spinning candle thread holds the core that rayon's second worker
+/// needs for the products that follow: a 512-token prefill ran 15-20% faster with 2000, batch-1
+/// decoding the same (docs/benchmarks.md, 2026-12-07). A value set by the user wins.
+fn shorten_candle_spinning() {
+    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VAR).is_none() {
+        // SAFETY: called at startup, before any other thread exists to read the environment.
+        unsafe { std::env::set_var(VAR, "2000") };
     }
 }
