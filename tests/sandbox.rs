@@ -139,9 +139,20 @@ fn validate(prefix: &[String], tsq: &Path, file: &Path, home: &Path) -> Output {
     cmd.arg("validate")
         .arg(file)
         .env("HOME", home)
-        .env("TSQ_HOME", home.join("tsq-home"))
-        .output()
-        .unwrap()
+        .env("TSQ_HOME", home.join("tsq-home"));
+    // The copy of tsq was just written: a child that another test forked meanwhile holds the
+    // write descriptor until it execs its own program, and executing the copy then fails with
+    // ETXTBSY. Wait for that exec and try again.
+    let mut attempts = 0;
+    loop {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            result => return result.unwrap(),
+        }
+    }
 }
 
 /// Processes whose command line holds `marker` (a daemon that escaped).
