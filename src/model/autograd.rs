@@ -388,7 +388,7 @@ fn batch_stride(t: &Tensor) -> usize {
 }
 
 /// `f` on the f32 storage of `t` from its first element on.
-fn with_f32_storage<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_f32_storage<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         candle_core::Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[layout.start_offset()..])),

@@ -15,6 +15,7 @@ pub mod generate;
 pub mod gguf;
 pub(crate) mod gguf_header;
 pub mod hf;
+pub(crate) mod kernels;
 pub mod placement;
 pub mod prefixes;
 pub mod score;

@@ -13,7 +13,6 @@ pub mod apply;
 mod autograd_engine;
 mod backprop;
 pub mod expert;
-mod kernels;
 mod packing;
 pub mod train;
 

@@ -1,8 +1,9 @@
 //! The Llama-family transformer (Llama, Mistral, Qwen2): weights under canonical names and two
 //! forward paths over them.
 //!
-//! - [`Mode::Fast`]: candle's fused kernels (`rms_norm`, `softmax_last_dim`, `rope`). They have no
-//!   backward pass, so this path is for inference only.
+//! - [`Mode::Fast`]: fused kernels (candle's `rms_norm` and `rope`; on the CPU in f32 our own
+//!   masked softmax and SiLU·up from `model::kernels`, and the packed weight products). They
+//!   have no backward pass, so this path is for inference only.
 //! - [`Mode::Differentiable`]: the same maths from differentiable ops, so candle's autograd
 //!   reaches the weights. SVF training itself runs in `svf::backprop` (hand-written, much faster);
 //!   this path is the independent reference its losses and gradients are tested against.
@@ -27,7 +28,7 @@ use super::autograd;
 use super::config::ModelConfig;
 use super::error::{ModelError, Result};
 use linear::QUANTIZED_MAX_ROWS;
-use ops::{rms_norm, rope, rope_tables, softmax_primitive};
+use ops::{masked_softmax, rms_norm, rope, rope_tables, silu_mul, softmax_primitive};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -486,8 +487,11 @@ impl Transformer {
         let x = (x + self.attention(layer, &h, positions, kv, mode)?)?;
         let h = rms_norm(&x, &layer.mlp_norm, eps, mode)?;
         let experts = positions.experts.as_ref();
-        let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, mode, experts)?)?
-            * layer.up.forward(&h, mode, experts)?)?;
+        let gated = silu_mul(
+            &layer.gate.forward(&h, mode, experts)?,
+            &layer.up.forward(&h, mode, experts)?,
+            mode,
+        )?;
         Ok((&x + layer.down.forward(&gated, mode, experts)?)?)
     }
 
@@ -562,14 +566,14 @@ impl Transformer {
             .reshape((b, kv_heads, rep * t, c.head_dim))?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let scores = autograd::batched_matmul(&q, k, true)?;
-        let add_mask = |s: Tensor| {
-            s.reshape((b, kv_heads, rep, t, total))?
-                .broadcast_add(&mask.unsqueeze(2)?)?
-                .reshape((b, kv_heads, rep * t, total))
-        };
         let probs = match mode {
-            Mode::Fast => candle_nn::ops::softmax_last_dim(&add_mask((scores * scale)?)?)?,
-            Mode::Differentiable => softmax_primitive(&add_mask((scores * scale)?)?)?,
+            Mode::Fast => masked_softmax(&scores, mask, t, scale)?,
+            Mode::Differentiable => softmax_primitive(
+                &(scores * scale)?
+                    .reshape((b, kv_heads, rep, t, total))?
+                    .broadcast_add(&mask.unsqueeze(2)?)?
+                    .reshape((b, kv_heads, rep * t, total))?,
+            )?,
         };
         Ok(autograd::batched_matmul(&probs, v, false)?.reshape((b, c.num_heads, t, c.head_dim))?)
     }

@@ -29,10 +29,10 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use tsq_linalg::{Mat, MatMut, Threads, matmul};
 
-use super::kernels;
 use super::packing::{Expansion, MIN_SHARED, Pack, packs};
 use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
+use crate::model::kernels;
 use crate::svd::cache::Decomposed;
 use crate::svd::targets::LAYER_MODULES;
 pub(super) use buffers::split_mut;

@@ -1,11 +1,33 @@
-//! Row kernels of the SVF training engine ([`super::backprop`]), forward and backward, over
-//! row-major f32 slices. Rows are independent, so each kernel splits its rows over the rayon
-//! pool; products go through `tsq_linalg::matmul`.
+//! Row kernels over row-major f32 slices, forward and backward: the SVF training engine's
+//! (`svf::backprop`) and the fast forward's fused ones on the CPU. Rows are independent, so
+//! each kernel splits its rows over the rayon pool; products go through `tsq_linalg`.
 
 use rayon::prelude::*;
 
 /// Rows per rayon task: large enough that scheduling costs vanish next to the work.
 const ROWS_PER_TASK: usize = 16;
+
+/// Calls `kernel(args)` compiled for AVX-512 where the CPU has it: tsq is built for baseline
+/// x86-64, where these loops vectorise only 4 lanes wide (SSE2).
+macro_rules! wide {
+    ($kernel:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(f: impl FnOnce()) {
+                f()
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                unsafe { avx512(|| $kernel($($arg),*)) }
+            } else {
+                $kernel($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        $kernel($($arg),*)
+    }};
+}
 
 /// e^x in f32 to within ~2e-7 relative error (~2 ulp), without branches so that loops over it
 /// vectorise: libm's `expf` is a scalar call, and exponentials were 40% of an SVF step's time
@@ -37,6 +59,7 @@ pub fn exp(x: f32) -> f32 {
 
 /// Σ values over eight running sums, so the loop vectorises: one f32 accumulator is a serial
 /// chain the compiler may not reorder.
+#[inline(always)]
 pub fn sum(values: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = values.chunks_exact(8);
@@ -48,6 +71,7 @@ pub fn sum(values: &[f32]) -> f32 {
 }
 
 /// The largest value (−∞ for none), over eight running maxima like [`sum`].
+#[inline(always)]
 pub fn max(values: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = values.chunks_exact(8);
@@ -122,11 +146,56 @@ pub fn rms_norm_backward(
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(4096)
         .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-        .for_each(|(out, (gate, up))| {
-            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                *o = g / (1.0 + exp(-g)) * u;
+        .for_each(|(out, (gate, up))| wide!(silu_mul_chunk(gate, up, out)));
+}
+
+#[inline(always)]
+fn silu_mul_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + exp(-g)) * u;
+    }
+}
+
+/// Softmax of each row of `scores` (`cols` wide) after multiplying by `scale` and adding the
+/// additive mask row `mask_row(r)` of `mask` (0 where a key is visible, −∞ where not), into
+/// `out`; hidden keys get exactly 0.
+pub fn masked_softmax(
+    scores: &[f32],
+    mask: &[f32],
+    cols: usize,
+    mask_row: impl Fn(usize) -> usize + Sync,
+    scale: f32,
+    out: &mut [f32],
+) {
+    out.par_chunks_mut(cols * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, rows)| {
+            for (i, row) in rows.chunks_mut(cols).enumerate() {
+                let r = task * ROWS_PER_TASK + i;
+                let (s, m) = (
+                    &scores[r * cols..][..cols],
+                    &mask[mask_row(r) * cols..][..cols],
+                );
+                wide!(softmax_row(row, s, m, scale));
             }
         });
+}
+
+#[inline(always)]
+fn softmax_row(row: &mut [f32], scores: &[f32], mask: &[f32], scale: f32) {
+    for ((o, &v), &hide) in row.iter_mut().zip(scores).zip(mask) {
+        *o = v * scale + hide;
+    }
+    let top = max(row);
+    for v in row.iter_mut() {
+        *v = if *v == f32::NEG_INFINITY {
+            0.0
+        } else {
+            exp(*v - top)
+        };
+    }
+    let inv = 1.0 / sum(row);
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Gradients of [`silu_mul`] with respect to gate and up, written over `grad` (→ ∂gate) and
@@ -252,6 +321,37 @@ mod tests {
                 sum(&v)
             );
             assert_eq!(max(&v), v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)));
+        }
+    }
+
+    #[test]
+    fn masked_softmax_matches_a_plain_softmax_and_hides_exactly() {
+        let (rows, cols, scale) = (40, 7, 0.3f32);
+        let scores = values(rows * cols, 5);
+        // Two mask rows: the first hides the last three keys, the second only the first.
+        let mut mask = vec![0f32; 2 * cols];
+        mask[cols - 3..cols].fill(f32::NEG_INFINITY);
+        mask[cols] = f32::NEG_INFINITY;
+        let mut out = vec![f32::NAN; rows * cols];
+        masked_softmax(&scores, &mask, cols, |r| r % 2, scale, &mut out);
+        for r in 0..rows {
+            let m = &mask[(r % 2) * cols..][..cols];
+            let logits: Vec<f64> = (0..cols)
+                .map(|j| (scores[r * cols + j] * scale + m[j]) as f64)
+                .collect();
+            let top = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = logits.iter().map(|l| (l - top).exp()).sum();
+            for j in 0..cols {
+                let want = (logits[j] - top).exp() / total;
+                let got = out[r * cols + j] as f64;
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "row {r}, key {j}: {got} vs {want}"
+                );
+                if m[j] == f32::NEG_INFINITY {
+                    assert_eq!(got, 0.0);
+                }
+            }
         }
     }
 
