@@ -309,8 +309,8 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Tens
     })
 }
 
-/// Whether `tsq_linalg` can take this operand: f32 on the CPU.
-fn linalg_applies(t: &Tensor) -> bool {
+/// Whether `tsq_linalg` and our own kernels can take this tensor: f32 on the CPU.
+pub(crate) fn linalg_applies(t: &Tensor) -> bool {
     t.dtype() == candle_core::DType::F32 && t.device().is_cpu()
 }
 

@@ -86,13 +86,8 @@ impl PackedMatrix {
                 self.panels_avx512(x, m, out, range)
             }
         };
-        let pieces = match threads {
-            Threads::All if m * self.rows * self.cols >= SPLIT_MIN_WORK => {
-                rayon::current_num_threads()
-            }
-            _ => 1,
-        };
-        in_parts(panels, pieces, 1, part);
+        let large = m * self.rows * self.cols >= SPLIT_MIN_WORK;
+        in_parts(panels, 1, threads, large, part);
     }
 
     /// Output columns of `panels` for every row of x: a chunk of panels that fits in L2 at a

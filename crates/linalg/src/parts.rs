@@ -2,6 +2,8 @@
 
 use std::ops::Range;
 
+use crate::matmul::Threads;
+
 /// The output, shared by the threads that fill disjoint columns of it.
 #[derive(Clone, Copy)]
 pub(crate) struct Out(pub(crate) *mut f32);
@@ -10,10 +12,21 @@ pub(crate) struct Out(pub(crate) *mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// Runs `part` over `0..n` in at most `pieces` contiguous ranges, each a multiple of `align`
-/// long but the last, one per thread, the first on this thread.
-pub(crate) fn in_parts(n: usize, pieces: usize, align: usize, part: impl Fn(Range<usize>) + Sync) {
-    let per_piece = n.div_ceil(pieces.max(1)).next_multiple_of(align);
+/// Runs `part` over `0..n` in contiguous ranges, each a multiple of `align` long but the last:
+/// one per thread of the pool when `threads` allows it and the product is `large` enough that
+/// waking other threads pays, the first on this thread; else all of it here.
+pub(crate) fn in_parts(
+    n: usize,
+    align: usize,
+    threads: Threads,
+    large: bool,
+    part: impl Fn(Range<usize>) + Sync,
+) {
+    let pieces = match threads {
+        Threads::All if large => rayon::current_num_threads(),
+        _ => 1,
+    };
+    let per_piece = n.div_ceil(pieces).next_multiple_of(align);
     if per_piece >= n {
         return part(0..n);
     }

@@ -89,11 +89,8 @@ impl Q8Matrix {
                 self.rows_avx512(x, m, out, rows)
             }
         };
-        let pieces = match threads {
-            Threads::All if self.values.len() >= SPLIT_MIN_WEIGHTS => rayon::current_num_threads(),
-            _ => 1,
-        };
-        in_parts(self.rows, pieces, NR, part);
+        let large = self.values.len() >= SPLIT_MIN_WEIGHTS;
+        in_parts(self.rows, NR, threads, large, part);
     }
 
     /// Output columns `rows` (weight rows) for every row of x.

@@ -29,15 +29,24 @@ impl Factored {
 /// at 16 rows), so from 8 rows on f32 wins.
 pub(super) const QUANTIZED_MAX_ROWS: usize = 4;
 
+/// A weight's values with its rows and columns, for tsq-linalg's kernels: `None` unless it is
+/// f32 on the CPU.
+fn cpu_f32_rows(weight: &Tensor) -> Result<Option<(Vec<f32>, usize, usize)>> {
+    if !autograd::linalg_applies(weight) {
+        return Ok(None);
+    }
+    let (rows, cols) = weight.dims2()?;
+    Ok(Some((weight.flatten_all()?.to_vec1()?, rows, cols)))
+}
+
 impl Quantized {
     /// A `dtype` copy of `weight` (out × in).
     pub(super) fn new(weight: &Tensor, dtype: GgmlDType) -> Result<Self> {
-        if dtype == GgmlDType::Q8_0 && weight.device().is_cpu() && weight.dtype() == DType::F32 {
-            let (rows, cols) = weight.dims2()?;
-            let values = weight.flatten_all()?.to_vec1()?;
-            if let Some(q8) = tsq_linalg::Q8Matrix::quantize(&values, rows, cols) {
-                return Ok(Self::Rows(Arc::new(q8)));
-            }
+        if dtype == GgmlDType::Q8_0
+            && let Some((values, rows, cols)) = cpu_f32_rows(weight)?
+            && let Some(q8) = tsq_linalg::Q8Matrix::quantize(&values, rows, cols)
+        {
+            return Ok(Self::Rows(Arc::new(q8)));
         }
         Ok(Self::Candle(QMatMul::from_qtensor(QTensor::quantize(
             weight, dtype,
@@ -55,13 +64,9 @@ impl Quantized {
 impl Linear {
     /// A dense projection, packed for tsq-linalg's kernel where that runs.
     pub(super) fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let packed = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
-            let (rows, cols) = weight.dims2()?;
-            let values = weight.flatten_all()?.to_vec1()?;
-            tsq_linalg::PackedMatrix::pack(&values, rows, cols).map(Arc::new)
-        } else {
-            None
-        };
+        let packed = cpu_f32_rows(&weight)?
+            .and_then(|(values, rows, cols)| tsq_linalg::PackedMatrix::pack(&values, rows, cols))
+            .map(Arc::new);
         Ok(Self {
             weight,
             bias,

@@ -2,18 +2,13 @@
 //! (fused kernels for inference, differentiable primitives otherwise).
 
 use super::*;
-use crate::model::autograd::with_f32_storage;
+use crate::model::autograd::{linalg_applies, with_f32_storage};
 use crate::model::kernels;
-
-/// Whether the fast path's own f32 kernels take `t`.
-fn own_kernels_take(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && t.device().is_cpu()
-}
 
 /// `silu(gate) ⊙ up`: in the fast path on the CPU one fused pass with a vectorised exp (libm's
 /// scalar `expf` and candle's two passes were ~10% of a prefill).
 pub(super) fn silu_mul(gate: &Tensor, up: &Tensor, mode: Mode) -> Result<Tensor> {
-    if mode == Mode::Differentiable || !own_kernels_take(gate) || gate.dims() != up.dims() {
+    if mode == Mode::Differentiable || !linalg_applies(gate) || gate.dims() != up.dims() {
         return Ok((candle_nn::ops::silu(gate)? * up)?);
     }
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
@@ -35,7 +30,7 @@ pub(super) fn masked_softmax(
     scale: f64,
 ) -> Result<Tensor> {
     let (b, kv_heads, rows, total) = scores.dims4()?;
-    if !own_kernels_take(scores) {
+    if !linalg_applies(scores) {
         let masked = scores
             .affine(scale, 0.0)?
             .reshape((b, kv_heads, rows / t, t, total))?
