@@ -198,16 +198,21 @@ pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     frozen(x, weight, plain_matmul_t(&x.detach(), weight)?)
 }
 
-/// [`frozen_matmul_t`] with the forward product from `packed`, W's panels (f32 CPU `x`).
-pub fn packed_matmul_t(
+/// [`frozen_matmul_t`] for weights that read the same f32 CPU `x`, each with its packed panels:
+/// the forward products run as one split across threads (`PackedMatrix::matmul_t_each`).
+pub fn packed_matmul_t_each<const N: usize>(
     x: &Tensor,
-    weight: &Tensor,
-    packed: &tsq_linalg::PackedMatrix,
-) -> Result<Tensor> {
-    let product = rows_product(&x.detach(), packed.rows(), |x, rows, out| {
-        packed.matmul_t(x, rows, out, Threads::All)
+    weights: [(&Tensor, &tsq_linalg::PackedMatrix); N],
+) -> Result<[Tensor; N]> {
+    let packed = weights.map(|(_, p)| p);
+    let products = rows_products(&x.detach(), packed.map(|p| p.rows()), |x, rows| {
+        tsq_linalg::PackedMatrix::matmul_t_each(packed, x, rows, Threads::All)
     })?;
-    frozen(x, weight, product)
+    let mut products = products.into_iter();
+    all_ok(weights.map(|(weight, _)| match products.next() {
+        Some(product) => frozen(x, weight, product),
+        None => candle_core::bail!("a weight without its product"),
+    }))
 }
 
 /// `product` (x Wᵀ) as a node of x's graph whose backward gives x its gradient and W none.
@@ -238,28 +243,48 @@ pub fn plain_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     y.reshape(dims)
 }
 
-/// `x Wᵀ` over the last dimension of an f32 CPU `x`, W held as int8 rows (decoding).
-pub fn q8_matmul_t(x: &Tensor, weight: &tsq_linalg::Q8Matrix) -> Result<Tensor> {
-    rows_product(x, weight.rows(), |x, rows, out| {
-        weight.matmul_t(x, rows, out, Threads::All)
+/// `x Wᵢᵀ` over the last dimension of an f32 CPU `x` for weights held as int8 rows (decoding),
+/// as one split across threads (`Q8Matrix::matmul_t_each`).
+pub fn q8_matmul_t_each<const N: usize>(
+    x: &Tensor,
+    weights: [&tsq_linalg::Q8Matrix; N],
+) -> Result<[Tensor; N]> {
+    rows_products(x, weights.map(|w| w.rows()), |x, rows| {
+        tsq_linalg::Q8Matrix::matmul_t_each(weights, x, rows, Threads::All)
     })
 }
 
-/// `product(x, rows, out)` over the last dimension of an f32 CPU `x` seen as `rows` rows,
-/// filling `out` with `outputs` values per row.
-fn rows_product(
+/// `products(x, rows)` over the last dimension of an f32 CPU `x` seen as `rows` rows, giving
+/// `outputs[i]` values per row in product i.
+fn rows_products<const N: usize>(
     x: &Tensor,
-    outputs: usize,
-    product: impl FnOnce(&[f32], usize, &mut [f32]),
-) -> Result<Tensor> {
+    outputs: [usize; N],
+    products: impl FnOnce(&[f32], usize) -> [Vec<f32>; N],
+) -> Result<[Tensor; N]> {
     let mut dims = x.dims().to_vec();
     let inner = dims.pop().unwrap_or(1);
     let rows: usize = dims.iter().product();
     let x = x.reshape((rows, inner))?.contiguous()?;
-    let mut out = vec![0f32; rows * outputs];
-    with_f32_storage(&x, |x| product(&x[..rows * inner], rows, &mut out))?;
-    dims.push(outputs);
-    Tensor::from_vec(out, dims, x.device())
+    let outs = with_f32_storage(&x, |x| products(&x[..rows * inner], rows))?;
+    let mut outs = outs.into_iter();
+    all_ok(outputs.map(|n| {
+        let mut dims = dims.clone();
+        dims.push(n);
+        let out = outs.next().unwrap_or_default();
+        Tensor::from_vec(out, dims, x.device())
+    }))
+}
+
+/// The N values, or the first error.
+pub(crate) fn all_ok<T, E, const N: usize>(
+    results: [std::result::Result<T, E>; N],
+) -> std::result::Result<[T; N], E> {
+    let mut error = None;
+    let values = results.map(|r| r.map_err(|e| error = error.take().or(Some(e))).ok());
+    match error {
+        Some(e) => Err(e),
+        None => Ok(values.map(|v| v.expect("no error, so every value is there"))),
+    }
 }
 
 /// `a · b` for 2-D tensors, through `tsq_linalg` where it applies.
@@ -407,7 +432,7 @@ fn operand(data: &[f32], transposed: bool, rows: usize, cols: usize) -> Mat<'_> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{D, Device, Var};
 
     /// Forward values and input gradients of `ours` and `reference` agree on `x`.
     fn agree(
@@ -443,18 +468,37 @@ mod tests {
     }
 
     #[test]
-    fn packed_matmul_matches_candles_matmul() -> Result<()> {
-        let w = Tensor::randn(0f32, 1.0, (37, 20), &Device::Cpu)?;
-        let Some(packed) = tsq_linalg::PackedMatrix::pack(&w.flatten_all()?.to_vec1()?, 37, 20)
-        else {
+    fn packed_matmuls_match_candles_matmul() -> Result<()> {
+        // Two weights read by the same x, as a layer's k and v are.
+        let (w, w2) = (
+            Tensor::randn(0f32, 1.0, (37, 20), &Device::Cpu)?,
+            Tensor::randn(0f32, 1.0, (5, 20), &Device::Cpu)?,
+        );
+        let pack = |w: &Tensor| -> Result<_> {
+            let (rows, cols) = w.dims2()?;
+            Ok(tsq_linalg::PackedMatrix::pack(
+                &w.flatten_all()?.to_vec1()?,
+                rows,
+                cols,
+            ))
+        };
+        let (Some(packed), Some(packed2)) = (pack(&w)?, pack(&w2)?) else {
             eprintln!("no AVX-512 here: nothing to check");
             return Ok(());
         };
         let x = Var::randn(0f32, 1.0, (2, 9, 20), &Device::Cpu)?;
         agree(
             &x,
-            |x| packed_matmul_t(x, &w, &packed),
-            |x| plain_matmul_t(x, &w),
+            |x| {
+                let [y, y2] = packed_matmul_t_each(x, [(&w, &packed), (&w2, &packed2)])?;
+                Tensor::cat(&[y, y2], D::Minus1)
+            },
+            |x| {
+                Tensor::cat(
+                    &[plain_matmul_t(x, &w)?, plain_matmul_t(x, &w2)?],
+                    D::Minus1,
+                )
+            },
         )
     }
 

@@ -1,19 +1,38 @@
 //! Dense linear algebra behind plain-slice APIs: faer's thin SVD and f32 matrix products (with
-//! feature `openblas`, the multi-threaded products go through OpenBLAS instead).
+//! feature `openblas`, the multi-threaded products go through OpenBLAS instead), and the
+//! model's own AVX-512 kernels: packed f32 and int8 weight products, fused attention.
 //!
 //! Why a crate of its own: faer's SVD and matmul are generic, so they are compiled in whichever
 //! crate instantiates them, at that crate's optimisation level. Inside tsq that meant opt-level 0
 //! in dev and test builds, 30x slower than release (214 s instead of 7 s for SmolLM2's MLP
 //! matrices). The workspace profile builds this crate at opt-level 3 in every profile.
 
+#[macro_use]
+mod wide;
+mod attention;
 mod matmul;
 mod packed;
 mod parts;
 mod q8;
 
+pub use attention::{Operands, Shape, Visibility, attention};
 pub use matmul::{Mat, MatMut, Threads, matmul};
 pub use packed::PackedMatrix;
 pub use q8::Q8Matrix;
+pub use wide::exp;
+
+/// `len` floats that `write` fills, without zeroing them first: zeroing the outputs of a
+/// prefill's products was 2% of its time.
+///
+/// # Safety
+/// `write` writes every one of the `len` floats from the pointer it gets on.
+pub(crate) unsafe fn written(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    write(out.as_mut_ptr());
+    // SAFETY: the caller vouches that all `len` elements were written.
+    unsafe { out.set_len(len) };
+    out
+}
 
 /// Runs `fork` (something that calls `fork(2)`, such as spawning a process with a `pre_exec`
 /// hook) while no OpenBLAS product runs.

@@ -71,23 +71,45 @@ impl PackedMatrix {
         self.rows
     }
 
-    /// `out (m × rows) = x (m × cols) · Wᵀ`, both row-major and contiguous.
-    pub fn matmul_t(&self, x: &[f32], m: usize, out: &mut [f32], threads: Threads) {
-        assert_eq!(x.len(), m * self.cols, "x is not {m} × {}", self.cols);
-        assert_eq!(out.len(), m * self.rows, "out is not {m} × {}", self.rows);
-        let panels = self.rows.div_ceil(NR);
-        let out = Out(out.as_mut_ptr());
-        let part = |range: std::ops::Range<usize>| {
-            // SAFETY: `pack` returned Some only where AVX-512F is present; x and out were
-            // checked above to hold m rows; `range` lies within the panels, and parts running
-            // at once get disjoint ranges, so no element of out is written twice.
+    /// `x (m × cols) · Wᵀ`: m × rows, both row-major and contiguous.
+    pub fn matmul_t(&self, x: &[f32], m: usize, threads: Threads) -> Vec<f32> {
+        let [out] = Self::matmul_t_each([self], x, m, threads);
+        out
+    }
+
+    /// [`PackedMatrix::matmul_t`] for several matrices that read the same x (a layer's q, k
+    /// and v), their panels split between threads as those of one product.
+    pub fn matmul_t_each<const N: usize>(
+        matrices: [&Self; N],
+        x: &[f32],
+        m: usize,
+        threads: Threads,
+    ) -> [Vec<f32>; N] {
+        let cols = matrices.first().map_or(0, |w| w.cols);
+        assert!(
+            matrices.iter().all(|w| w.cols == cols),
+            "matrices differ in columns"
+        );
+        assert_eq!(x.len(), m * cols, "x is not {m} × {cols}");
+        let mut outs = matrices.map(|w| Vec::with_capacity(m * w.rows));
+        let targets: Vec<Out> = outs.iter_mut().map(|o| Out(o.as_mut_ptr())).collect();
+        let panels = matrices.map(|w| w.rows.div_ceil(NR));
+        let rows: usize = matrices.iter().map(|w| w.rows).sum();
+        let part = |i: usize, range: std::ops::Range<usize>| {
+            // SAFETY: `pack` returned Some only where AVX-512F is present; x holds m rows
+            // (checked above), each out m × rows; `range` lies within matrix i's panels, and
+            // parts running at once get disjoint ranges, so no element is written twice.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                self.panels_avx512(x, m, out, range)
+                matrices[i].panels_avx512(x, m, targets[i], range)
             }
         };
-        let large = m * self.rows * self.cols >= SPLIT_MIN_WORK;
-        in_parts(panels, 1, threads, large, part);
+        in_parts(&panels, 1, threads, m * rows * cols >= SPLIT_MIN_WORK, part);
+        for (out, w) in outs.iter_mut().zip(matrices) {
+            // SAFETY: the parts covered every panel of every matrix, each for every row of x.
+            unsafe { out.set_len(m * w.rows) };
+        }
+        outs
     }
 
     /// Output columns of `panels` for every row of x: a chunk of panels that fits in L2 at a
@@ -181,8 +203,7 @@ mod tests {
                 })
                 .collect();
             for threads in [Threads::One, Threads::All] {
-                let mut out = vec![f32::NAN; m * rows];
-                packed.matmul_t(&x, m, &mut out, threads);
+                let out = packed.matmul_t(&x, m, threads);
                 for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
                     assert!(
                         (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
@@ -194,6 +215,23 @@ mod tests {
     }
 
     #[test]
+    fn products_taken_together_equal_products_taken_alone() {
+        let pack = |rows: usize, seed: f32| {
+            let w: Vec<f32> = (0..rows * 64).map(|i| (i as f32 * seed).sin()).collect();
+            PackedMatrix::pack(&w, rows, 64)
+        };
+        let (Some(a), Some(b), Some(c)) = (pack(3 * NR, 0.37), pack(NR + 5, 0.21), pack(7, 0.5))
+        else {
+            return;
+        };
+        let x: Vec<f32> = (0..40 * 64).map(|i| (i as f32 * 0.11).cos()).collect();
+        let together = PackedMatrix::matmul_t_each([&a, &b, &c], &x, 40, Threads::All);
+        for (out, w) in together.iter().zip([&a, &b, &c]) {
+            assert_eq!(*out, w.matmul_t(&x, 40, Threads::One));
+        }
+    }
+
+    #[test]
     fn a_row_gets_the_same_bits_whatever_else_is_in_the_batch() {
         let (rows, cols) = (3 * NR, 300);
         let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -201,11 +239,9 @@ mod tests {
             return;
         };
         let x: Vec<f32> = (0..13 * cols).map(|i| (i as f32 * 0.11).cos()).collect();
-        let mut all = vec![0f32; 13 * rows];
-        packed.matmul_t(&x, 13, &mut all, Threads::All);
+        let all = packed.matmul_t(&x, 13, Threads::All);
         for r in [0, 7, 12] {
-            let mut one = vec![0f32; rows];
-            packed.matmul_t(&x[r * cols..][..cols], 1, &mut one, Threads::One);
+            let one = packed.matmul_t(&x[r * cols..][..cols], 1, Threads::One);
             assert_eq!(one, all[r * rows..][..rows]);
         }
     }

@@ -1,4 +1,4 @@
-//! Splitting a product's output columns between the threads of the rayon pool.
+//! Splitting products' output columns between the threads of the rayon pool.
 
 use std::ops::Range;
 
@@ -12,29 +12,49 @@ pub(crate) struct Out(pub(crate) *mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// Runs `part` over `0..n` in contiguous ranges, each a multiple of `align` long but the last:
-/// one per thread of the pool when `threads` allows it and the product is `large` enough that
-/// waking other threads pays, the first on this thread; else all of it here.
+/// Runs `part(i, range)` over the columns `0..columns[i]` of several products as if they were
+/// the columns of one, in contiguous ranges of multiples of `align` columns (within each
+/// product): one range per thread of the pool when `threads` allows it and the work is `large`
+/// enough that waking other threads pays, the first on this thread; else all of it here.
+/// Several products in one split wake the pool once (a layer's q, k and v products).
 pub(crate) fn in_parts(
-    n: usize,
+    columns: &[usize],
     align: usize,
     threads: Threads,
     large: bool,
-    part: impl Fn(Range<usize>) + Sync,
+    part: impl Fn(usize, Range<usize>) + Sync,
 ) {
+    // Each product starts on an aligned column of the whole.
+    let starts: Vec<usize> = columns
+        .iter()
+        .scan(0, |start, &n| {
+            let this = *start;
+            *start += n.next_multiple_of(align);
+            Some(this)
+        })
+        .collect();
+    let total = columns.last().map_or(0, |&n| starts[starts.len() - 1] + n);
+    let run = |range: Range<usize>| {
+        for (i, (&n, &start)) in columns.iter().zip(&starts).enumerate() {
+            let (first, end) = (range.start.max(start), range.end.min(start + n));
+            if first < end {
+                part(i, first - start..end - start);
+            }
+        }
+    };
     let pieces = match threads {
         Threads::All if large => rayon::current_num_threads(),
         _ => 1,
     };
-    let per_piece = n.div_ceil(pieces).next_multiple_of(align);
-    if per_piece >= n {
-        return part(0..n);
+    let per_piece = total.div_ceil(pieces).next_multiple_of(align);
+    if per_piece >= total {
+        return run(0..total);
     }
-    let part = &part;
+    let run = &run;
     rayon::scope(|s| {
-        for start in (per_piece..n).step_by(per_piece) {
-            s.spawn(move |_| part(start..(start + per_piece).min(n)));
+        for start in (per_piece..total).step_by(per_piece) {
+            s.spawn(move |_| run(start..(start + per_piece).min(total)));
         }
-        part(0..per_piece);
+        run(0..per_piece);
     });
 }

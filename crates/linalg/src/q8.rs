@@ -75,22 +75,46 @@ impl Q8Matrix {
         self.rows
     }
 
-    /// `out (m × rows) = x (m × cols) · Wᵀ`, both row-major and contiguous.
-    pub fn matmul_t(&self, x: &[f32], m: usize, out: &mut [f32], threads: Threads) {
-        assert_eq!(x.len(), m * self.cols, "x is not {m} × {}", self.cols);
-        assert_eq!(out.len(), m * self.rows, "out is not {m} × {}", self.rows);
-        let out = Out(out.as_mut_ptr());
-        let part = |rows: std::ops::Range<usize>| {
-            // SAFETY: `quantize` returned Some only where AVX-512F is present; x and out were
-            // checked above to hold m rows; `rows` lies within 0..self.rows, and parts
-            // running at once get disjoint ranges, so no element of out is written twice.
+    /// `x (m × cols) · Wᵀ`: m × rows, both row-major and contiguous.
+    pub fn matmul_t(&self, x: &[f32], m: usize, threads: Threads) -> Vec<f32> {
+        let [out] = Self::matmul_t_each([self], x, m, threads);
+        out
+    }
+
+    /// [`Q8Matrix::matmul_t`] for several matrices that read the same x (a layer's q, k and
+    /// v), their rows split between threads as those of one product: a decoding step wakes the
+    /// pool once for them, not once each.
+    pub fn matmul_t_each<const N: usize>(
+        matrices: [&Self; N],
+        x: &[f32],
+        m: usize,
+        threads: Threads,
+    ) -> [Vec<f32>; N] {
+        let cols = matrices.first().map_or(0, |w| w.cols);
+        assert!(
+            matrices.iter().all(|w| w.cols == cols),
+            "matrices differ in columns"
+        );
+        assert_eq!(x.len(), m * cols, "x is not {m} × {cols}");
+        let mut outs = matrices.map(|w| Vec::with_capacity(m * w.rows));
+        let targets: Vec<Out> = outs.iter_mut().map(|o| Out(o.as_mut_ptr())).collect();
+        let weights: usize = matrices.iter().map(|w| w.values.len()).sum();
+        let part = |i: usize, rows: std::ops::Range<usize>| {
+            // SAFETY: `quantize` returned Some only where AVX-512F is present; x holds m rows
+            // (checked above), each out m × rows; `rows` lies within matrix i's rows, and
+            // parts running at once get disjoint ranges, so no element is written twice.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                self.rows_avx512(x, m, out, rows)
+                matrices[i].rows_avx512(x, m, targets[i], rows)
             }
         };
-        let large = self.values.len() >= SPLIT_MIN_WEIGHTS;
-        in_parts(self.rows, NR, threads, large, part);
+        let rows = matrices.map(|w| w.rows);
+        in_parts(&rows, NR, threads, weights >= SPLIT_MIN_WEIGHTS, part);
+        for (out, w) in outs.iter_mut().zip(matrices) {
+            // SAFETY: the parts covered every row of every matrix, each for every row of x.
+            unsafe { out.set_len(m * w.rows) };
+        }
+        outs
     }
 
     /// Output columns `rows` (weight rows) for every row of x.
@@ -198,8 +222,7 @@ mod tests {
                 })
                 .collect();
             for threads in [Threads::One, Threads::All] {
-                let mut out = vec![f32::NAN; m * rows];
-                q.matmul_t(&x, m, &mut out, threads);
+                let out = q.matmul_t(&x, m, threads);
                 for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
                     assert!(
                         (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
@@ -208,6 +231,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn products_taken_together_equal_products_taken_alone() {
+        let quantize = |rows: usize, seed: f32| {
+            let w: Vec<f32> = (0..rows * 64).map(|i| (i as f32 * seed).sin()).collect();
+            Q8Matrix::quantize(&w, rows, 64)
+        };
+        let (Some(a), Some(b)) = (quantize(2048 + 3, 0.37), quantize(9, 0.21)) else {
+            return;
+        };
+        let x: Vec<f32> = (0..3 * 64).map(|i| (i as f32 * 0.11).cos()).collect();
+        let [ya, yb] = Q8Matrix::matmul_t_each([&a, &b], &x, 3, Threads::All);
+        assert_eq!(ya, a.matmul_t(&x, 3, Threads::One));
+        assert_eq!(yb, b.matmul_t(&x, 3, Threads::One));
     }
 
     #[test]

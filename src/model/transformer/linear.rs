@@ -2,6 +2,7 @@
 //! as an SVF target, `y = U (s' ⊙ (Vᵀ x))`.
 
 use super::*;
+use crate::model::autograd::all_ok;
 
 impl Factored {
     pub(super) fn forward(&self, x: &Tensor, experts: Option<&Tensor>) -> Result<Tensor> {
@@ -52,13 +53,14 @@ impl Quantized {
             weight, dtype,
         )?)?))
     }
+}
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Rows(w) => autograd::q8_matmul_t(x, w)?,
-            Self::Candle(q) => q.forward(x)?,
-        })
-    }
+/// A product that several projections reading the same x can share: tsq-linalg's kernels run
+/// them as one split across threads (see [`Linear::forward_each`]).
+#[derive(Clone, Copy)]
+enum Shared<'a> {
+    Packed(&'a tsq_linalg::PackedMatrix),
+    Q8(&'a tsq_linalg::Q8Matrix),
 }
 
 impl Linear {
@@ -85,19 +87,120 @@ impl Linear {
         mode: Mode,
         experts: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let [y] = Self::forward_each([self], x, mode, experts)?;
+        Ok(y)
+    }
+
+    /// [`Linear::forward`] of several projections of the same x. Where they all use the same
+    /// tsq-linalg kernel, their products run as one split across threads: the pool wakes once
+    /// for a layer's q, k and v (or gate and up), where each wake-up cost a decoding step more
+    /// than the products of K and V computed.
+    pub(super) fn forward_each<const N: usize>(
+        linears: [&Self; N],
+        x: &Tensor,
+        mode: Mode,
+        experts: Option<&Tensor>,
+    ) -> Result<[Tensor; N]> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        let y = match (&self.factored, &self.quantized) {
-            (Some(f), _) => f.forward(x, experts)?,
-            (None, Some(q)) if mode == Mode::Fast && rows <= QUANTIZED_MAX_ROWS => q.forward(x)?,
-            _ if self.weight.track_op() => autograd::plain_matmul_t(x, &self.weight)?,
-            (None, _) if let Some(packed) = &self.packed => {
-                autograd::packed_matmul_t(x, &self.weight, packed)?
-            }
-            _ => autograd::frozen_matmul_t(x, &self.weight)?,
+        let shared = linears.map(|l| l.shared(mode, rows));
+        let products = if let Some(packed) = all(shared, Shared::packed) {
+            let weights = std::array::from_fn(|i| (&linears[i].weight, packed[i]));
+            autograd::packed_matmul_t_each(x, weights)?
+        } else if let Some(q8) = all(shared, Shared::q8) {
+            autograd::q8_matmul_t_each(x, q8)?
+        } else {
+            all_ok(std::array::from_fn(|i| {
+                linears[i].product(x, mode, experts, rows, shared[i])
+            }))?
         };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let mut products = products.into_iter();
+        all_ok(linears.map(|l| {
+            let y = products
+                .next()
+                .ok_or(ModelError::Input("no product".into()))?;
+            Ok(match &l.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        }))
+    }
+
+    /// The product a fast-path call of `rows` rows can share with other projections, if any.
+    fn shared(&self, mode: Mode, rows: usize) -> Option<Shared<'_>> {
+        if self.factored.is_some() || self.weight.track_op() {
+            return None;
+        }
+        match &self.quantized {
+            Some(q) if mode == Mode::Fast && rows <= QUANTIZED_MAX_ROWS => match q {
+                Quantized::Rows(w) => Some(Shared::Q8(w)),
+                Quantized::Candle(_) => None,
+            },
+            _ => self.packed.as_deref().map(Shared::Packed),
+        }
+    }
+
+    /// This projection's product alone, without its bias; `shared` is its [`Linear::shared`].
+    fn product(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+        experts: Option<&Tensor>,
+        rows: usize,
+        shared: Option<Shared>,
+    ) -> Result<Tensor> {
+        let [y] = match shared {
+            Some(Shared::Packed(p)) => autograd::packed_matmul_t_each(x, [(&self.weight, p)])?,
+            Some(Shared::Q8(w)) => autograd::q8_matmul_t_each(x, [w])?,
+            None => [self.own_product(x, mode, experts, rows)?],
+        };
+        Ok(y)
+    }
+
+    /// The product of a projection no tsq-linalg kernel takes.
+    fn own_product(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+        experts: Option<&Tensor>,
+        rows: usize,
+    ) -> Result<Tensor> {
+        Ok(match (&self.factored, &self.quantized) {
+            (Some(f), _) => f.forward(x, experts)?,
+            (None, Some(Quantized::Candle(q)))
+                if mode == Mode::Fast && rows <= QUANTIZED_MAX_ROWS =>
+            {
+                q.forward(x)?
+            }
+            _ if self.weight.track_op() => autograd::plain_matmul_t(x, &self.weight)?,
+            _ => autograd::frozen_matmul_t(x, &self.weight)?,
         })
     }
+}
+
+impl<'a> Shared<'a> {
+    fn packed(self) -> Option<&'a tsq_linalg::PackedMatrix> {
+        match self {
+            Self::Packed(p) => Some(p),
+            Self::Q8(_) => None,
+        }
+    }
+
+    fn q8(self) -> Option<&'a tsq_linalg::Q8Matrix> {
+        match self {
+            Self::Q8(w) => Some(w),
+            Self::Packed(_) => None,
+        }
+    }
+}
+
+/// `pick` of every projection's shared kernel where each has one of that kind.
+fn all<'a, T, const N: usize>(
+    shared: [Option<Shared<'a>>; N],
+    pick: fn(Shared<'a>) -> Option<T>,
+) -> Option<[T; N]> {
+    let picked = shared.map(|s| s.and_then(pick));
+    picked
+        .iter()
+        .all(Option::is_some)
+        .then(|| picked.map(|p| p.expect("checked above")))
 }

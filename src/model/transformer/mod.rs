@@ -27,8 +27,11 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use super::autograd;
 use super::config::ModelConfig;
 use super::error::{ModelError, Result};
+use autograd::linalg_applies;
 use linear::QUANTIZED_MAX_ROWS;
-use ops::{masked_softmax, rms_norm, rope, rope_tables, silu_mul, softmax_primitive};
+use ops::{
+    fused_attention, masked_softmax, rms_norm, rope, rope_tables, silu_mul, softmax_primitive,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -124,6 +127,9 @@ struct Positions {
     sin: Tensor,
     mask: Tensor,
     experts: Option<Tensor>,
+    /// Where the fast path attends through the fused kernel (f32 on the CPU, at least
+    /// [`FUSED_MIN_QUERIES`] new positions): what the mask hides and shows wholesale.
+    fused: Option<tsq_linalg::Visibility>,
 }
 
 /// Cheap to clone: tensors are shared, so a clone with some weights replaced (an SVF expert
@@ -436,7 +442,7 @@ impl Transformer {
             )));
         }
         cache.layers.resize_with(self.layers.len(), || None);
-        let positions = self.positions(batch, b, t)?;
+        let positions = self.positions(batch, b, t, mode)?;
         let mut x = self.embed(ids)?;
         for (index, kv) in cache.layers.iter_mut().enumerate() {
             x = self.block(index, &x, &positions, kv, mode)?;
@@ -450,14 +456,20 @@ impl Transformer {
     }
 
     /// Rotary tables and attention mask for a `(batch, time)` call, shared by every block.
-    fn positions(&self, batch: &Batch, b: usize, t: usize) -> Result<Positions> {
+    fn positions(&self, batch: &Batch, b: usize, t: usize, mode: Mode) -> Result<Positions> {
         let flat_pos = batch.positions.flatten_all()?;
         let half = self.config.head_dim / 2;
+        let mask = batch.mask.to_dtype(self.dtype)?;
+        let fused = match mode == Mode::Fast && t >= FUSED_MIN_QUERIES && linalg_applies(&mask) {
+            true => Some(ops::visibility(&mask)?),
+            false => None,
+        };
         Ok(Positions {
             cos: self.cos.index_select(&flat_pos, 0)?.reshape((b, t, half))?,
             sin: self.sin.index_select(&flat_pos, 0)?.reshape((b, t, half))?,
-            mask: batch.mask.to_dtype(self.dtype)?,
+            mask,
             experts: batch.experts.clone(),
+            fused,
         })
     }
 
@@ -487,11 +499,8 @@ impl Transformer {
         let x = (x + self.attention(layer, &h, positions, kv, mode)?)?;
         let h = rms_norm(&x, &layer.mlp_norm, eps, mode)?;
         let experts = positions.experts.as_ref();
-        let gated = silu_mul(
-            &layer.gate.forward(&h, mode, experts)?,
-            &layer.up.forward(&h, mode, experts)?,
-            mode,
-        )?;
+        let [gate, up] = Linear::forward_each([&layer.gate, &layer.up], &h, mode, experts)?;
+        let gated = silu_mul(&gate, &up, mode)?;
         Ok((&x + layer.down.forward(&gated, mode, experts)?)?)
     }
 
@@ -517,20 +526,15 @@ impl Transformer {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rope(
-            &heads(layer.q.forward(x, mode, experts)?, c.num_heads)?,
-            cos,
-            sin,
-            mode,
-        )?;
-        let k = rope(
-            &heads(layer.k.forward(x, mode, experts)?, c.num_kv_heads)?,
-            cos,
-            sin,
-            mode,
-        )?;
-        let v = heads(layer.v.forward(x, mode, experts)?, c.num_kv_heads)?;
+        let [q, k, v] = Linear::forward_each([&layer.q, &layer.k, &layer.v], x, mode, experts)?;
+        let q = rope(&heads(q, c.num_heads)?, cos, sin, mode)?;
+        let k = rope(&heads(k, c.num_kv_heads)?, cos, sin, mode)?;
+        let v = heads(v, c.num_kv_heads)?;
         let (k, v) = LayerCache::append(kv, k, v)?;
+        if let Some(visibility) = &positions.fused {
+            let out = fused_attention(&q, &k, &v, mask, visibility)?;
+            return layer.o.forward(&out, mode, experts);
+        }
         let per_sequence = c.num_heads * t * k.dim(2)?;
         let out = if mode == Mode::Differentiable || b * per_sequence <= SCORES_PER_CALL {
             self.attend(&q, &k, &v, mask, mode)?
@@ -626,6 +630,11 @@ impl Transformer {
     }
 }
 
+/// New positions from which the fast path on the CPU attends through tsq-linalg's fused kernel
+/// (`ops::fused_attention`). Its scores run 32 query columns to a vector pair, so a decoding
+/// step's few rows would waste most lanes: those keep the small products of [`Transformer::attend`].
+const FUSED_MIN_QUERIES: usize = 8;
+
 /// Attention scores (floats) one fast-path call may hold at once: larger calls are split
 /// (`attend_in_parts`). Whole-batch scores of six 600-token prompts were 78 MB per product,
 /// each allocation fresh pages from the system: 6.5 million page faults and most of the time
@@ -716,17 +725,21 @@ mod tests {
     #[test]
     fn kv_cache_decoding_equals_full_forward() -> Result<()> {
         let tf = tiny(Architecture::Llama);
-        // Decoding past the prefix fills the cache's buffers in place and grows them twice.
+        // Decoding past the prefix fills the cache's buffers in place and grows them twice
+        // (3 → 6 → 12 positions); the last 8 positions in one call grow them to 24, which the
+        // fused attention (FUSED_MIN_QUERIES) then reads in place, spare room and all.
         let seqs = [
-            vec![3u32, 9, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5],
-            vec![0, 0, 2, 7, 1, 8, 2, 8, 1, 8, 2, 8],
+            vec![
+                3u32, 9, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8,
+            ],
+            vec![0, 0, 2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2, 3],
         ];
         let pad = [0usize, 2];
         let dev = Device::Cpu;
         let all: Vec<u32> = seqs.iter().flatten().copied().collect();
         let full = tf.forward(
-            &Tensor::from_vec(all, (2, 12), &dev)?,
-            &Batch::left_padded(&pad, 0, 12, &dev)?,
+            &Tensor::from_vec(all, (2, 20), &dev)?,
+            &Batch::left_padded(&pad, 0, 20, &dev)?,
             None,
             Mode::Fast,
             LogitsAt::All,
@@ -753,7 +766,19 @@ mod tests {
             let diff = (out - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "step {step}: {diff}");
         }
-        assert_eq!(cache.len(), 12);
+        let rest: Vec<u32> = seqs.iter().flat_map(|s| s[12..].to_vec()).collect();
+        let out = tf.forward(
+            &Tensor::from_vec(rest, (2, 8), &dev)?,
+            &Batch::left_padded(&pad, cache.len(), 8, &dev)?,
+            Some(&mut cache),
+            Mode::Fast,
+            LogitsAt::All,
+        )?;
+        let diff = (out - full.i((.., 12.., ..))?)?.abs()?.max_all()?;
+        assert!(diff.to_scalar::<f32>()? < 1e-5, "{diff}");
+        assert_eq!(cache.len(), 20);
+        let capacity = cache.layers[0].as_ref().map(|l| l.k.dim(2)).transpose()?;
+        assert_eq!(capacity, Some(24));
         Ok(())
     }
 
@@ -771,23 +796,37 @@ mod tests {
 
     #[test]
     fn attention_in_parts_equals_attention_whole() -> Result<()> {
+        let tf = tiny(Architecture::Llama);
+        let c = &tf.config;
+        let dev = Device::Cpu;
+        // One sequence past SCORES_PER_CALL (query blocks), then three that fit it one by one
+        // but not together (groups of sequences, left-padded).
+        for (pad, t) in [(vec![0], 800), (vec![0, 50, 200], 500)] {
+            let b = pad.len();
+            assert!(b * c.num_heads * t * t > SCORES_PER_CALL);
+            let q = Tensor::randn(0f32, 1.0, (b, c.num_heads, t, c.head_dim), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, c.num_kv_heads, t, c.head_dim), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, c.num_kv_heads, t, c.head_dim), &dev)?;
+            let mask = Batch::left_padded(&pad, 0, t, &dev)?.mask;
+            let whole = tf.attend(&q, &k, &v, &mask, Mode::Fast)?;
+            let parts = tf.attend_in_parts(&q, &k, &v, &mask)?;
+            let diff = (whole - parts)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn long_prompts_agree_with_the_differentiable_path() -> Result<()> {
         let mut config = tiny_config(Architecture::Llama);
         config.max_position_embeddings = 1024;
         let tf = Transformer::new(config.clone(), random_weights(&config, 3, &Device::Cpu))?;
         let tokens = |n: usize, seed: u32| (0..n as u32).map(|i| (i * 7 + seed) % 64).collect();
-        // One sequence past SCORES_PER_CALL (query blocks), then three that fit it one by one
-        // but not together (groups of sequences, left-padded).
-        for seqs in [
-            vec![tokens(800, 1)],
-            vec![tokens(500, 2), tokens(450, 3), tokens(300, 4)],
-        ] {
-            let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
-            assert!(seqs.len() * config.num_heads * longest * longest > SCORES_PER_CALL);
-            let fast = logits(&tf, &seqs, Mode::Fast)?;
-            let whole = logits(&tf, &seqs, Mode::Differentiable)?;
-            for (f, w) in fast.iter().zip(&whole) {
-                assert!(max_diff(f, w) < 1e-4, "{}", max_diff(f, w));
-            }
+        let seqs = vec![tokens(500, 2), tokens(450, 3), tokens(300, 4)];
+        let fast = logits(&tf, &seqs, Mode::Fast)?;
+        let whole = logits(&tf, &seqs, Mode::Differentiable)?;
+        for (f, w) in fast.iter().zip(&whole) {
+            assert!(max_diff(f, w) < 1e-4, "{}", max_diff(f, w));
         }
         Ok(())
     }

@@ -66,6 +66,75 @@ pub(super) fn masked_softmax(
     )?)
 }
 
+/// Attention of q (b, heads, t, d) over k and v (b, kv_heads, total, d), views of the KV cache
+/// allowed, under `mask` (b, 1, t, total) and its `visibility`, in one pass of tsq-linalg's
+/// fused kernel (f32 on the CPU): (b, t, heads·d), the layout the output projection reads.
+pub(super) fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    visibility: &tsq_linalg::Visibility,
+) -> Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    let (_, kv_heads, total, _) = k.dims4()?;
+    let q = q.contiguous()?;
+    let mask = mask.contiguous()?;
+    let (k, v, kv_stride) = key_value_matrices(k, v)?;
+    let shape = tsq_linalg::Shape {
+        batch: b,
+        queries: t,
+        keys: total,
+        heads,
+        kv_heads,
+        dim: d,
+    };
+    let scale = 1.0 / (d as f32).sqrt();
+    let out = with_f32_storage(&q, |q| {
+        with_f32_storage(&k, |k| {
+            with_f32_storage(&v, |v| {
+                with_f32_storage(&mask, |mask| {
+                    let operands = tsq_linalg::Operands {
+                        q: &q[..b * heads * t * d],
+                        k,
+                        v,
+                        kv_stride,
+                        mask: &mask[..b * t * total],
+                        visibility,
+                        scale,
+                    };
+                    tsq_linalg::attention(shape, &operands)
+                })
+            })
+        })
+    })????;
+    Ok(Tensor::from_vec(out, (b, t, heads * d), q.device())?)
+}
+
+/// What an f32 CPU `mask` (b, 1, t, total) hides and shows wholesale, for [`fused_attention`].
+pub(super) fn visibility(mask: &Tensor) -> Result<tsq_linalg::Visibility> {
+    let mask = mask.contiguous()?;
+    let keys = mask.dim(D::Minus1)?;
+    Ok(with_f32_storage(&mask, |m| {
+        tsq_linalg::Visibility::of(&m[..mask.elem_count()], keys)
+    })?)
+}
+
+/// k and v (b, kv_heads, total, d) as matrices of rows d apart, one every `kv_stride` values:
+/// views of the KV cache's buffers stay in place, anything else is copied contiguous.
+fn key_value_matrices(k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)> {
+    let (_, kv_heads, total, d) = k.dims4()?;
+    let in_place = |t: &Tensor| {
+        let s = t.stride();
+        s[3] == 1 && s[2] == d && s[1] >= total * d && s[0] == kv_heads * s[1]
+    };
+    if in_place(k) && in_place(v) && k.stride() == v.stride() {
+        let stride = k.stride()[1];
+        return Ok((k.clone(), v.clone(), stride));
+    }
+    Ok((k.contiguous()?, v.contiguous()?, total * d))
+}
+
 pub(super) fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = config.head_dim / 2;
     let inv_freq = Tensor::from_vec(config.inv_freq(), (1, half), device)?;
