@@ -333,7 +333,7 @@ unsafe fn product(
     out_stride: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::q8::available() {
+    if crate::avx512_available() {
         // SAFETY: the CPU has AVX-512F; the caller vouches for the memory.
         return unsafe { product_avx512(m, n, k, x, b, b_stride, out, out_stride) };
     }

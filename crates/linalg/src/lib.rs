@@ -21,6 +21,18 @@ pub use packed::PackedMatrix;
 pub use q8::Q8Matrix;
 pub use wide::exp;
 
+/// Whether this machine runs the AVX-512 kernels ([`PackedMatrix`], [`Q8Matrix`], attention's).
+pub(crate) fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `len` floats that `write` fills, without zeroing them first: zeroing the outputs of a
 /// prefill's products was 2% of its time.
 ///
@@ -60,7 +72,7 @@ pub const LARGE_PRODUCTS_BY: &str = if cfg!(feature = "openblas") {
 /// What computes products with a model's f32 weights on this machine: [`PackedMatrix`]'s
 /// kernel where AVX-512 runs, else the library of [`LARGE_PRODUCTS_BY`].
 pub fn weight_products_by() -> &'static str {
-    match q8::available() {
+    match avx512_available() {
         true => "packed AVX-512 kernel",
         false => LARGE_PRODUCTS_BY,
     }

@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use crate::matmul::Threads;
-use crate::parts::{Out, in_parts};
+use crate::parts::{self, Out, WeightKernel};
 
 /// Weight rows per panel: two 16-lane vectors.
 const NR: usize = 32;
@@ -46,7 +46,7 @@ impl PackedMatrix {
     /// here) or there is nothing to pack.
     pub fn pack(data: &[f32], rows: usize, cols: usize) -> Option<Self> {
         assert_eq!(data.len(), rows * cols, "data is not rows × cols");
-        if !crate::q8::available() || rows == 0 || cols == 0 {
+        if !crate::avx512_available() || rows == 0 || cols == 0 {
             return None;
         }
         let lanes_per_panel = cols * NR / 16;
@@ -85,31 +85,7 @@ impl PackedMatrix {
         m: usize,
         threads: Threads,
     ) -> [Vec<f32>; N] {
-        let cols = matrices.first().map_or(0, |w| w.cols);
-        assert!(
-            matrices.iter().all(|w| w.cols == cols),
-            "matrices differ in columns"
-        );
-        assert_eq!(x.len(), m * cols, "x is not {m} × {cols}");
-        let mut outs = matrices.map(|w| Vec::with_capacity(m * w.rows));
-        let targets: Vec<Out> = outs.iter_mut().map(|o| Out(o.as_mut_ptr())).collect();
-        let panels = matrices.map(|w| w.rows.div_ceil(NR));
-        let rows: usize = matrices.iter().map(|w| w.rows).sum();
-        let part = |i: usize, range: std::ops::Range<usize>| {
-            // SAFETY: `pack` returned Some only where AVX-512F is present; x holds m rows
-            // (checked above), each out m × rows; `range` lies within matrix i's panels, and
-            // parts running at once get disjoint ranges, so no element is written twice.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                matrices[i].panels_avx512(x, m, targets[i], range)
-            }
-        };
-        in_parts(&panels, 1, threads, m * rows * cols >= SPLIT_MIN_WORK, part);
-        for (out, w) in outs.iter_mut().zip(matrices) {
-            // SAFETY: the parts covered every panel of every matrix, each for every row of x.
-            unsafe { out.set_len(m * w.rows) };
-        }
-        outs
+        parts::matmul_t_each(matrices, x, m, threads)
     }
 
     /// Output columns of `panels` for every row of x: a chunk of panels that fits in L2 at a
@@ -173,6 +149,33 @@ impl PackedMatrix {
                 _mm512_mask_storeu_ps(out, low, row[0]);
                 _mm512_mask_storeu_ps(out.add(16), high, row[1]);
             }
+        }
+    }
+}
+
+impl WeightKernel for PackedMatrix {
+    const ALIGN: usize = NR;
+    const SPLIT_MIN_WORK: usize = SPLIT_MIN_WORK;
+
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn work(&self, m: usize) -> usize {
+        m * self.rows * self.cols
+    }
+
+    unsafe fn fill(&self, x: &[f32], m: usize, out: Out, columns: std::ops::Range<usize>) {
+        let panels = columns.start / NR..columns.end.div_ceil(NR);
+        // SAFETY: as the trait asks; `pack` made this matrix only where AVX-512F runs.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            self.panels_avx512(x, m, out, panels)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (x, m, out, panels);
+            unreachable!("packed matrices exist only where AVX-512F runs")
         }
     }
 }

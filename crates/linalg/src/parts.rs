@@ -4,6 +4,63 @@ use std::ops::Range;
 
 use crate::matmul::Threads;
 
+/// A weight matrix W (rows × cols) whose kernel fills ranges of the output columns of
+/// `x · Wᵀ` (one per row of W): what [`matmul_t_each`] splits between threads.
+pub(crate) trait WeightKernel: Sync {
+    /// Where a range of output columns may start: the kernel's panel width.
+    const ALIGN: usize;
+    /// Below this much [`WeightKernel::work`] a product stays on one thread: waking another
+    /// costs more.
+    const SPLIT_MIN_WORK: usize;
+
+    /// (rows, cols) of W.
+    fn shape(&self) -> (usize, usize);
+
+    /// What a product over `m` rows of x costs, in the unit of `SPLIT_MIN_WORK`.
+    fn work(&self, m: usize) -> usize;
+
+    /// Output columns `columns` for every row of x (m × cols) into `out` (m × rows).
+    ///
+    /// # Safety
+    /// The matrix exists only where its kernel runs (its constructor checked the CPU); `x`
+    /// holds m × cols floats and `out` room for m × rows; `columns` lies within the rows and
+    /// starts at a multiple of `ALIGN`; no other thread writes those columns meanwhile.
+    unsafe fn fill(&self, x: &[f32], m: usize, out: Out, columns: Range<usize>);
+}
+
+/// `x (m × cols) · Wᵀ` for several matrices that read the same x (a layer's q, k and v), their
+/// output columns split between threads as those of one product: the pool wakes once for them,
+/// not once each.
+pub(crate) fn matmul_t_each<const N: usize, W: WeightKernel>(
+    matrices: [&W; N],
+    x: &[f32],
+    m: usize,
+    threads: Threads,
+) -> [Vec<f32>; N] {
+    let shapes = matrices.map(WeightKernel::shape);
+    let cols = shapes.first().map_or(0, |&(_, cols)| cols);
+    assert!(
+        shapes.iter().all(|&(_, c)| c == cols),
+        "matrices differ in columns"
+    );
+    assert_eq!(x.len(), m * cols, "x is not {m} × {cols}");
+    let rows = shapes.map(|(rows, _)| rows);
+    let mut outs = rows.map(|rows| Vec::with_capacity(m * rows));
+    let targets: Vec<Out> = outs.iter_mut().map(|o| Out(o.as_mut_ptr())).collect();
+    let work: usize = matrices.iter().map(|w| w.work(m)).sum();
+    let part = |i: usize, columns: Range<usize>| {
+        // SAFETY: x holds m rows (checked above), each out room for m × rows; `in_parts` hands
+        // out aligned ranges within matrix i's rows, disjoint among the parts running at once.
+        unsafe { matrices[i].fill(x, m, targets[i], columns) }
+    };
+    in_parts(&rows, W::ALIGN, threads, work >= W::SPLIT_MIN_WORK, part);
+    for (out, rows) in outs.iter_mut().zip(rows) {
+        // SAFETY: the parts covered every output column of every matrix, for every row of x.
+        unsafe { out.set_len(m * rows) };
+    }
+    outs
+}
+
 /// The output, shared by the threads that fill disjoint columns of it.
 #[derive(Clone, Copy)]
 pub(crate) struct Out(pub(crate) *mut f32);
@@ -17,7 +74,7 @@ unsafe impl Sync for Out {}
 /// product): one range per thread of the pool when `threads` allows it and the work is `large`
 /// enough that waking other threads pays, the first on this thread; else all of it here.
 /// Several products in one split wake the pool once (a layer's q, k and v products).
-pub(crate) fn in_parts(
+fn in_parts(
     columns: &[usize],
     align: usize,
     threads: Threads,

@@ -14,7 +14,7 @@
 use std::arch::x86_64::*;
 
 use crate::matmul::Threads;
-use crate::parts::{Out, in_parts};
+use crate::parts::{self, Out, WeightKernel};
 
 /// Values per scale, as in GGML's Q8_0.
 pub const BLOCK: usize = 32;
@@ -33,25 +33,13 @@ pub struct Q8Matrix {
     scales: Vec<f32>,
 }
 
-/// Whether this machine runs the Q8 kernel.
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 impl Q8Matrix {
     /// Quantizes a row-major `rows × cols` matrix the way GGML's Q8_0 does (per block of 32:
     /// scale = max |w| / 127, values rounded to nearest). `None` where the kernel cannot run it:
     /// no AVX-512 here, or rows that are not whole blocks.
     pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Option<Self> {
         assert_eq!(data.len(), rows * cols, "data is not rows × cols");
-        if !available() || !cols.is_multiple_of(BLOCK) || cols == 0 {
+        if !crate::avx512_available() || !cols.is_multiple_of(BLOCK) || cols == 0 {
             return None;
         }
         let mut values = Vec::with_capacity(data.len());
@@ -90,31 +78,7 @@ impl Q8Matrix {
         m: usize,
         threads: Threads,
     ) -> [Vec<f32>; N] {
-        let cols = matrices.first().map_or(0, |w| w.cols);
-        assert!(
-            matrices.iter().all(|w| w.cols == cols),
-            "matrices differ in columns"
-        );
-        assert_eq!(x.len(), m * cols, "x is not {m} × {cols}");
-        let mut outs = matrices.map(|w| Vec::with_capacity(m * w.rows));
-        let targets: Vec<Out> = outs.iter_mut().map(|o| Out(o.as_mut_ptr())).collect();
-        let weights: usize = matrices.iter().map(|w| w.values.len()).sum();
-        let part = |i: usize, rows: std::ops::Range<usize>| {
-            // SAFETY: `quantize` returned Some only where AVX-512F is present; x holds m rows
-            // (checked above), each out m × rows; `rows` lies within matrix i's rows, and
-            // parts running at once get disjoint ranges, so no element is written twice.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                matrices[i].rows_avx512(x, m, targets[i], rows)
-            }
-        };
-        let rows = matrices.map(|w| w.rows);
-        in_parts(&rows, NR, threads, weights >= SPLIT_MIN_WEIGHTS, part);
-        for (out, w) in outs.iter_mut().zip(matrices) {
-            // SAFETY: the parts covered every row of every matrix, each for every row of x.
-            unsafe { out.set_len(m * w.rows) };
-        }
-        outs
+        parts::matmul_t_each(matrices, x, m, threads)
     }
 
     /// Output columns `rows` (weight rows) for every row of x.
@@ -182,6 +146,33 @@ impl Q8Matrix {
             for (c, partial) in row.iter().enumerate() {
                 unsafe { *out.add(r * self.rows + c) = _mm512_reduce_add_ps(*partial) };
             }
+        }
+    }
+}
+
+impl WeightKernel for Q8Matrix {
+    const ALIGN: usize = NR;
+    const SPLIT_MIN_WORK: usize = SPLIT_MIN_WEIGHTS;
+
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Decoding multiplies a few rows of x: reading the weights is the cost, whatever m.
+    fn work(&self, _: usize) -> usize {
+        self.values.len()
+    }
+
+    unsafe fn fill(&self, x: &[f32], m: usize, out: Out, columns: std::ops::Range<usize>) {
+        // SAFETY: as the trait asks; `quantize` made this matrix only where AVX-512F runs.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            self.rows_avx512(x, m, out, columns)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (x, m, out, columns);
+            unreachable!("int8 matrices exist only where AVX-512F runs")
         }
     }
 }
