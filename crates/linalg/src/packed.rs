@@ -77,6 +77,11 @@ impl PackedMatrix {
         out
     }
 
+    /// [`PackedMatrix::matmul_t`] into `out` (m × rows), overwriting it.
+    pub fn matmul_t_into(&self, x: &[f32], m: usize, out: &mut [f32], threads: Threads) {
+        parts::matmul_t_into(self, x, m, out, threads)
+    }
+
     /// [`PackedMatrix::matmul_t`] for several matrices that read the same x (a layer's q, k
     /// and v), their panels split between threads as those of one product.
     pub fn matmul_t_each<const N: usize>(
@@ -218,7 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn products_taken_together_equal_products_taken_alone() {
+    fn products_taken_together_or_into_a_buffer_equal_products_taken_alone() {
         let pack = |rows: usize, seed: f32| {
             let w: Vec<f32> = (0..rows * 64).map(|i| (i as f32 * seed).sin()).collect();
             PackedMatrix::pack(&w, rows, 64)
@@ -231,6 +236,9 @@ mod tests {
         let together = PackedMatrix::matmul_t_each([&a, &b, &c], &x, 40, Threads::All);
         for (out, w) in together.iter().zip([&a, &b, &c]) {
             assert_eq!(*out, w.matmul_t(&x, 40, Threads::One));
+            let mut into = vec![f32::NAN; out.len()];
+            w.matmul_t_into(&x, 40, &mut into, Threads::All);
+            assert_eq!(*out, into);
         }
     }
 

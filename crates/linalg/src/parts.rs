@@ -37,6 +37,42 @@ pub(crate) fn matmul_t_each<const N: usize, W: WeightKernel>(
     m: usize,
     threads: Threads,
 ) -> [Vec<f32>; N] {
+    let mut outs = matrices.map(|w| Vec::with_capacity(m * w.shape().0));
+    let targets = outs.each_mut().map(|o| Out(o.as_mut_ptr()));
+    // SAFETY: each target has room for m × rows.
+    unsafe { fill_each(matrices, x, m, targets, threads) };
+    for (out, w) in outs.iter_mut().zip(matrices) {
+        // SAFETY: `fill_each` wrote every output column of every matrix, for every row of x.
+        unsafe { out.set_len(m * w.shape().0) };
+    }
+    outs
+}
+
+/// [`matmul_t_each`] of one matrix into `out` (m × rows), overwriting it: for callers that
+/// keep their buffers.
+pub(crate) fn matmul_t_into<W: WeightKernel>(
+    matrix: &W,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    threads: Threads,
+) {
+    assert_eq!(out.len(), m * matrix.shape().0, "out is not {m} × rows");
+    // SAFETY: out holds m × rows floats (checked above).
+    unsafe { fill_each([matrix], x, m, [Out(out.as_mut_ptr())], threads) }
+}
+
+/// Writes every element of `x (m × cols) · Wᵢᵀ` into `targets[i]`.
+///
+/// # Safety
+/// Each target has room for m × rows of its matrix.
+unsafe fn fill_each<const N: usize, W: WeightKernel>(
+    matrices: [&W; N],
+    x: &[f32],
+    m: usize,
+    targets: [Out; N],
+    threads: Threads,
+) {
     let shapes = matrices.map(WeightKernel::shape);
     let cols = shapes.first().map_or(0, |&(_, cols)| cols);
     assert!(
@@ -45,20 +81,14 @@ pub(crate) fn matmul_t_each<const N: usize, W: WeightKernel>(
     );
     assert_eq!(x.len(), m * cols, "x is not {m} × {cols}");
     let rows = shapes.map(|(rows, _)| rows);
-    let mut outs = rows.map(|rows| Vec::with_capacity(m * rows));
-    let targets: Vec<Out> = outs.iter_mut().map(|o| Out(o.as_mut_ptr())).collect();
     let work: usize = matrices.iter().map(|w| w.work(m)).sum();
     let part = |i: usize, columns: Range<usize>| {
-        // SAFETY: x holds m rows (checked above), each out room for m × rows; `in_parts` hands
-        // out aligned ranges within matrix i's rows, disjoint among the parts running at once.
+        // SAFETY: x holds m rows (checked above), each target room for m × rows (the caller
+        // vouches); `in_parts` hands out aligned ranges within matrix i's rows, disjoint
+        // among the parts running at once.
         unsafe { matrices[i].fill(x, m, targets[i], columns) }
     };
     in_parts(&rows, W::ALIGN, threads, work >= W::SPLIT_MIN_WORK, part);
-    for (out, rows) in outs.iter_mut().zip(rows) {
-        // SAFETY: the parts covered every output column of every matrix, for every row of x.
-        unsafe { out.set_len(m * rows) };
-    }
-    outs
 }
 
 /// The output, shared by the threads that fill disjoint columns of it.

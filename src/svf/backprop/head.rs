@@ -39,8 +39,7 @@ impl Engine {
             let (mut normed, mut inv_rms) = (vec![0f32; picked.len()], vec![0f32; rows]);
             kernels::rms_norm(&picked, &self.norm, eps, &mut normed, &mut inv_rms);
             let mut logits = self.pool.zeros(rows * vocab);
-            let normed = Mat::new(&normed, rows, hidden);
-            product(&mut logits, normed, self.head.mat_t(), false);
+            (self.head.forward).product(&mut logits, &normed, rows, false, &self.pool);
             // In place: logits become w · (softmax − onehot(token)), the gradient of the loss.
             loss += logits
                 .par_chunks_mut(vocab)
@@ -57,12 +56,7 @@ impl Engine {
                 })
                 .sum::<f64>();
             let mut grad_normed = vec![0f32; picked.len()];
-            product(
-                &mut grad_normed,
-                Mat::new(&logits, rows, vocab),
-                self.head.mat(),
-                false,
-            );
+            (self.head.backward).product(&mut grad_normed, &logits, rows, false, &self.pool);
             let mut grad_picked = vec![0f32; picked.len()];
             kernels::rms_norm_backward(
                 &picked,

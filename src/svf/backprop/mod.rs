@@ -6,7 +6,8 @@
 //! gradient and adds into it, its matmul backward computes gradients for frozen weights, and
 //! keeping the whole graph took 15 GB, so blocks had to be recomputed (31 s per step at best,
 //! PyTorch 13.7 s). Here each block keeps a few activations per token (~40 KB on SmolLM2), the
-//! backward pass computes input gradients only, and nearly all time is spent in faer's gemm.
+//! backward pass computes input gradients only, and nearly all time is spent in products with
+//! frozen matrices ([`Frozen`]: tsq-linalg's packed kernel where AVX-512 runs, faer otherwise).
 //!
 //! Projections that are SVF targets run factored, y = U (s' ⊙ (Vᵀ x)), keeping h = Vᵀ x; the
 //! backward pass gets ∂L/∂s' = Σ_tokens (Uᵀ ∂y) ⊙ h from the product it needs anyway for ∂x. The
@@ -27,7 +28,7 @@ use std::sync::{Mutex, PoisonError};
 
 use candle_core::Tensor;
 use rayon::prelude::*;
-use tsq_linalg::{Mat, MatMut, Threads, matmul};
+use tsq_linalg::{Mat, MatMut, PackedMatrix, Threads, matmul};
 
 use super::packing::{Expansion, MIN_SHARED, Pack, packs};
 use crate::model::config::ModelConfig;
@@ -104,34 +105,83 @@ impl Pool {
     }
 }
 
-/// A frozen matrix kept row-major both as itself and transposed, so that every product reads
-/// its operands in storage order: faer ran 1.2-1.5x slower on a transposed read of the right
-/// operand (SVF-step shapes on 2 cores, 2026-11-27). Memory is cheap here next to time.
+/// A frozen matrix M as the right factor of both products the engine takes with it: `x · Mᵀ`
+/// (forward) and `x · M` (backward).
 struct Frozen {
-    m: Vec<f32>,
-    t: Vec<f32>,
     rows: usize,
-    cols: usize,
+    /// B = Mᵀ.
+    forward: Factor,
+    /// B = M.
+    backward: Factor,
+}
+
+/// A right factor B (k × n) of `c = x · B`, stored the way its kernel reads it: packed (Bᵀ in
+/// panels) for tsq-linalg's kernel where AVX-512 runs, else row-major for faer, which ran
+/// 1.2-1.5x slower on a transposed read of the right operand (SVF-step shapes, 2026-11-27).
+enum Factor {
+    Packed(PackedMatrix),
+    Plain { b: Vec<f32>, k: usize, n: usize },
 }
 
 impl Frozen {
     fn new(tensor: &Tensor) -> Result<Self> {
+        Self::with(tensor, true)
+    }
+
+    /// The LM head: its backward product sums over the whole vocabulary (k ≈ 49k for
+    /// SmolLM2), where the packed kernel, which keeps each output's sum over k in registers,
+    /// streams the weights once per 8 rows; faer's blocking over k does better there.
+    fn head(tensor: &Tensor) -> Result<Self> {
+        Self::with(tensor, false)
+    }
+
+    fn with(tensor: &Tensor, pack_backward: bool) -> Result<Self> {
         let (rows, cols) = tensor.dims2()?;
+        let (m, t) = (f32s(tensor)?, f32s(&tensor.t()?)?);
+        let forward = PackedMatrix::pack(&m, rows, cols);
+        let backward = pack_backward
+            .then(|| PackedMatrix::pack(&t, cols, rows))
+            .flatten();
         Ok(Self {
-            m: f32s(tensor)?,
-            t: f32s(&tensor.t()?)?,
             rows,
-            cols,
+            forward: match forward {
+                Some(packed) => Factor::Packed(packed),
+                None => Factor::Plain {
+                    b: t,
+                    k: cols,
+                    n: rows,
+                },
+            },
+            backward: match backward {
+                Some(packed) => Factor::Packed(packed),
+                None => Factor::Plain {
+                    b: m,
+                    k: rows,
+                    n: cols,
+                },
+            },
         })
     }
+}
 
-    fn mat(&self) -> Mat<'_> {
-        Mat::new(&self.m, self.rows, self.cols)
-    }
-
-    /// The transpose, as a matrix of its own.
-    fn mat_t(&self) -> Mat<'_> {
-        Mat::new(&self.t, self.cols, self.rows)
+impl Factor {
+    /// `c = x · B` (or with `accumulate`, `c += x · B`) for the `rows` rows of x, on all
+    /// threads.
+    fn product(&self, c: &mut [f32], x: &[f32], rows: usize, accumulate: bool, pool: &Pool) {
+        match self {
+            Self::Plain { b, k, n } => {
+                product(c, Mat::new(x, rows, *k), Mat::new(b, *k, *n), accumulate)
+            }
+            Self::Packed(packed) if !accumulate => {
+                packed.matmul_t_into(x, rows, c, Threads::All)
+            }
+            Self::Packed(packed) => {
+                let mut fresh = pool.zeros(c.len());
+                packed.matmul_t_into(x, rows, &mut fresh, Threads::All);
+                c.par_iter_mut().zip(&fresh).for_each(|(c, f)| *c += f);
+                pool.give([fresh]);
+            }
+        }
     }
 }
 
@@ -150,7 +200,6 @@ struct Projection {
     weight: Weight,
     bias: Option<Vec<f32>>,
     out: usize,
-    inp: usize,
 }
 
 struct Layer {
@@ -289,7 +338,7 @@ impl Engine {
             let projection = |name: &str| -> Result<Projection> {
                 let module = format!("layers.{i}.{name}");
                 let dense = get(&format!("{module}.weight"))?;
-                let (out, inp) = dense.dims2()?;
+                let out = dense.dim(0)?;
                 let weight = match targets.get(module.as_str()) {
                     Some(&(target, d)) => Weight::Factored {
                         u: Frozen::new(&d.factors.u)?,
@@ -306,7 +355,6 @@ impl Engine {
                     weight,
                     bias,
                     out,
-                    inp,
                 })
             };
             let projections = [Q, K, V, O, GATE, UP, DOWN].map(|p| projection(LAYER_MODULES[p]));
@@ -333,7 +381,7 @@ impl Engine {
         Ok(Self {
             config: config.clone(),
             embed: f32s(get("embed.weight")?)?,
-            head: Frozen::new(match config.tie_word_embeddings {
+            head: Frozen::head(match config.tie_word_embeddings {
                 true => get("embed.weight")?,
                 false => get("lm_head.weight")?,
             })?,

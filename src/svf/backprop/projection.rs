@@ -12,18 +12,17 @@ impl Projection {
         pool: &Pool,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         let mut y = pool.zeros(n * self.out);
-        let input = Mat::new(x, n, self.inp);
         let hidden = match &self.weight {
             Weight::Dense(w) => {
-                product(&mut y, input, w.mat_t(), false);
+                w.forward.product(&mut y, x, n, false, pool);
                 None
             }
             Weight::Factored { u, vt, target } => {
                 let mut h = pool.zeros(n * vt.rows);
-                product(&mut h, input, vt.mat_t(), false);
+                vt.forward.product(&mut h, x, n, false, pool);
                 let mut scaled = pool.copy_of(&h);
                 scale_columns(&mut scaled, &scaled_s[*target]);
-                product(&mut y, Mat::new(&scaled, n, vt.rows), u.mat_t(), false);
+                u.forward.product(&mut y, &scaled, n, false, pool);
                 pool.give([scaled]);
                 Some(h)
             }
@@ -49,20 +48,19 @@ impl Projection {
         grad_s: &mut [Vec<f32>],
         pool: &Pool,
     ) {
-        let grad_y = Mat::new(grad_y, n, self.out);
         match (&self.weight, hidden) {
-            (Weight::Dense(w), _) => product(grad_x, grad_y, w.mat(), accumulate),
+            (Weight::Dense(w), _) => w.backward.product(grad_x, grad_y, n, accumulate, pool),
             (Weight::Factored { u, vt, target }, Some(h)) => {
                 let rank = vt.rows;
                 let mut g = pool.zeros(n * rank);
-                product(&mut g, grad_y, u.mat(), false);
+                u.backward.product(&mut g, grad_y, n, false, pool);
                 for (g, h) in g.chunks(rank).zip(h.chunks(rank)) {
                     for ((acc, g), h) in grad_s[*target].iter_mut().zip(g).zip(h) {
                         *acc += g * h;
                     }
                 }
                 scale_columns(&mut g, &scaled_s[*target]);
-                product(grad_x, Mat::new(&g, n, rank), vt.mat(), accumulate);
+                vt.backward.product(grad_x, &g, n, accumulate, pool);
                 pool.give([g]);
             }
             (Weight::Factored { .. }, None) => {
