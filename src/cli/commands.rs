@@ -193,8 +193,9 @@ pub struct GenerateArgs {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Decode from Q8_0-quantized copies of the weights (~4x less memory traffic; prompt
-    /// processing stays in full precision).
+    /// Decode from Q8_0-quantized copies of the weights (~4x less memory traffic) where a
+    /// step has at most 12 rows (sequences × new tokens); longer prompts and larger batches
+    /// keep the f32 weights.
     #[arg(long)]
     pub decode_q8: bool,
     /// A finished run directory (`runs/<name>`) whose adaptation `--adapt` names.

@@ -23,12 +23,13 @@ impl Factored {
     }
 }
 
-/// Up to this many rows (batch × new tokens) use the quantized copy: quantized matmul is fast for
-/// matrix-vector work and slow for prompt processing on the CPU. Measured decoding SmolLM2 on 2
-/// cores with f32 products by faer (2026-11-27): Q8_0 vs f32 at 2 rows 51.9 vs 26.7 tok/s, at 4
-/// rows 50.8 vs 46.1, at 8 rows 52.4 vs 70.2 (with candle's gemm, 2026-11-26, f32 caught up only
-/// at 16 rows), so from 8 rows on f32 wins.
-pub(super) const QUANTIZED_MAX_ROWS: usize = 4;
+/// Up to this many rows (batch × new tokens) use the quantized copy: it reads a quarter of the
+/// bytes, which wins while a product is memory-bound and loses once f32 products reach the FMA
+/// peak. Measured decoding SmolLM2 on 2 cores (2026-12-07, AVX-512, tsq-linalg's int8 kernel vs
+/// its packed f32 one, two runs): at 6 rows 516.6 / 482.4 vs 354.0 / 322.8 tok/s, at 8 rows
+/// 500.7 / 523.3 vs 353.4 / 421.3, at 12 rows 641.3 / 599.0 vs 574.8 / 567.8, at 16 rows
+/// 634.5 / 538.7 vs 715.0 / 664.4.
+pub(super) const QUANTIZED_MAX_ROWS: usize = 12;
 
 /// A weight's values with its rows and columns, for tsq-linalg's kernels: `None` unless it is
 /// f32 on the CPU.

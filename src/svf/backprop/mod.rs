@@ -172,9 +172,7 @@ impl Factor {
             Self::Plain { b, k, n } => {
                 product(c, Mat::new(x, rows, *k), Mat::new(b, *k, *n), accumulate)
             }
-            Self::Packed(packed) if !accumulate => {
-                packed.matmul_t_into(x, rows, c, Threads::All)
-            }
+            Self::Packed(packed) if !accumulate => packed.matmul_t_into(x, rows, c, Threads::All),
             Self::Packed(packed) => {
                 let mut fresh = pool.zeros(c.len());
                 packed.matmul_t_into(x, rows, &mut fresh, Threads::All);
@@ -351,11 +349,7 @@ impl Engine {
                     Some(b) => Some(f32s(b)?),
                     None => None,
                 };
-                Ok(Projection {
-                    weight,
-                    bias,
-                    out,
-                })
+                Ok(Projection { weight, bias, out })
             };
             let projections = [Q, K, V, O, GATE, UP, DOWN].map(|p| projection(LAYER_MODULES[p]));
             let [q, k, v, o, gate, up, down] = projections;
