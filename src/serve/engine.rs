@@ -106,6 +106,8 @@ pub enum EngineError {
     Read(#[from] crate::fsutil::ReadError),
     #[error("building the table of experts: {0}")]
     Experts(#[from] crate::svf::SvfError),
+    #[error("quantizing the weights for decoding: {0}")]
+    Quantize(#[from] crate::model::error::ModelError),
     #[error("the engine thread stopped before it was ready")]
     Gone,
 }
@@ -163,11 +165,14 @@ impl Queue {
 }
 
 /// Loads the run in `run_dir` on a thread of its own and returns what it offers, where to send
-/// jobs, and the thread.
+/// jobs, and the thread. With `decode_q8`, sequences decode from Q8_0 copies of the weights that
+/// are not SVF targets in steps of few rows (`Transformer::quantize_for_decoding`); the
+/// adaptations' first passes keep the f32 weights.
 pub fn start(
     run_dir: &Path,
     home: TsqHome,
     capacity: Capacity,
+    decode_q8: bool,
     metrics: Arc<Metrics>,
 ) -> Result<(Catalog, Queue, std::thread::JoinHandle<()>), EngineError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -180,7 +185,7 @@ pub fn start(
     let run_dir = run_dir.to_path_buf();
     let thread = std::thread::spawn(move || {
         crate::model::compute_on_this_thread();
-        match Engine::load(&run_dir, home, metrics) {
+        match Engine::load(&run_dir, home, decode_q8, metrics) {
             Ok((engine, catalog)) => {
                 if ready_tx.send(Ok(catalog)).is_ok() {
                     engine.run(jobs_rx, capacity);
@@ -218,12 +223,13 @@ impl Engine {
     fn load(
         run_dir: &Path,
         home: TsqHome,
+        decode_q8: bool,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Catalog), EngineError> {
         let (spec, _) = crate::stages::run_pipeline(run_dir)?;
         let run = crate::exec::RunDir::read_only(run_dir);
         let finished = |id: &crate::dag::StageId| run.finished(id.as_str()).is_some();
-        let base = crate::stages::adapt::adapter::run_model(run_dir)?;
+        let mut base = crate::stages::adapt::adapter::run_model(run_dir)?;
         // The adaptations' first passes run on the same weights (a clone shares them).
         let shared = Rc::new(base.clone());
         let mut files: Vec<(String, PathBuf)> = Vec::new();
@@ -256,7 +262,7 @@ impl Engine {
             ));
         }
         let paths: Vec<&Path> = files.iter().map(|(_, p)| p.as_path()).collect();
-        let table = match paths.is_empty() {
+        let mut table = match paths.is_empty() {
             true => None,
             false => Some(ExpertTable::new(&base, &paths, &home)?),
         };
@@ -272,6 +278,14 @@ impl Engine {
             chat: base.chat.clone(),
             span: base.transformer.config.attention_span(),
         };
+        if decode_q8 {
+            // After the first passes took their copy of `base`, and on the model sequences
+            // decode with: the table's when there is one.
+            let decoding = table.as_mut().map_or(&mut base, |t| &mut t.model);
+            decoding
+                .transformer
+                .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)?;
+        }
         Ok((
             Self {
                 base,

@@ -22,6 +22,8 @@ pub struct ServeOptions {
     pub capacity: engine::Capacity,
     /// How long a client may take to send a request's headers.
     pub header_timeout: Duration,
+    /// Decode small steps from Q8_0 copies of the weights ([`engine::start`]).
+    pub decode_q8: bool,
     pub limits: api::Limits,
 }
 
@@ -65,6 +67,7 @@ pub fn run(run_dir: &Path, opts: &ServeOptions) -> Result<(), ServeError> {
         run_dir,
         TsqHome::from_env(),
         opts.capacity,
+        opts.decode_q8,
         Arc::clone(&metrics),
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

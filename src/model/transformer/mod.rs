@@ -231,12 +231,15 @@ impl Transformer {
         })
     }
 
-    /// Adds `dtype`-quantized copies of every projection and the LM head, used by the fast path
-    /// for small-batch decoding (memory-bound, so ~4x less weight traffic with Q8_0); prompt
-    /// processing, scoring and the differentiable path keep the float weights.
+    /// Adds `dtype`-quantized copies of every dense projection and the LM head, used by the
+    /// fast path for small-batch decoding (memory-bound, so ~4x less weight traffic with Q8_0);
+    /// prompt processing, scoring and the differentiable path keep the float weights. Factored
+    /// projections (SVF targets applied per sequence) get none: they never read the dense weight.
     pub fn quantize_for_decoding(&mut self, dtype: GgmlDType) -> Result<()> {
         let quantize = |l: &mut Linear| -> Result<()> {
-            l.quantized = Some(Quantized::new(&l.weight, dtype)?);
+            if l.factored.is_none() {
+                l.quantized = Some(Quantized::new(&l.weight, dtype)?);
+            }
             Ok(())
         };
         for layer in &mut self.layers {
