@@ -484,14 +484,7 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
 
     // Log-probabilities of a completion are those `tsq score` gives its text after the prompt,
     // and the greedy token is the likeliest of each position's alternatives.
-    let prompt = "The capital of France is";
-    let answer = server
-        .post(
-            "/v1/completions",
-            &json!({"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0,
-                    "logprobs": 2}),
-        )
-        .json();
+    let (answer, expected) = completion_beside_f32_scores(&server, &p, &model, 2);
     let logprobs = &answer["choices"][0]["logprobs"];
     let text = answer["choices"][0]["text"].as_str().unwrap();
     let tokens: String = logprobs["tokens"]
@@ -501,25 +494,10 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
         .map(|t| t.as_str().unwrap())
         .collect();
     assert_eq!(tokens, text);
-    let scored = tsq(&[
-        "score",
-        "--model",
-        &model,
-        "--prompt",
-        prompt,
-        "--continuation",
-        text,
-        "--format",
-        "json",
-    ])
-    .output()
-    .unwrap();
-    let scored: Value = serde_json::from_slice(&scored.stdout).unwrap();
-    let expected = scored["scores"][0]["logprobs"].as_array().unwrap();
     let given = logprobs["token_logprobs"].as_array().unwrap();
-    assert_eq!(given.len(), expected.len(), "{logprobs}\n{scored}");
-    for (k, (a, b)) in given.iter().zip(expected).enumerate() {
-        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+    assert_eq!(given.len(), expected.len(), "{logprobs}");
+    for (k, (a, &b)) in given.iter().zip(&expected).enumerate() {
+        let a = a.as_f64().unwrap();
         assert!((a - b).abs() < 1e-3, "token {k}: {a} vs {b}");
         let best = logprobs["top_logprobs"][k]
             .as_object()
@@ -644,34 +622,47 @@ fn real_model_decodes_from_q8_copies_as_generate_does() {
     assert_eq!(answer, theirs.trim_end(), "{}", ours.body);
     assert!(theirs.contains("Paris"), "{theirs}");
 
+    let (answer, f32_logprobs) = completion_beside_f32_scores(&server, &p, &model, 1);
+    let q8_logprobs = answer["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap();
+    assert_eq!(q8_logprobs.len(), f32_logprobs.len(), "{answer}");
+    let largest = q8_logprobs
+        .iter()
+        .zip(&f32_logprobs)
+        .map(|(a, b)| (a.as_f64().unwrap() - b).abs())
+        .fold(0f64, f64::max);
+    assert!(largest > 1e-4, "the Q8_0 copies were not used");
+    assert!(largest < 0.25, "log-probabilities {largest} from f32's");
+}
+
+/// A greedy completion of "The capital of France is" (6 tokens, `logprobs` alternatives) from
+/// `server`, and the log-probabilities `tsq score` gives its text in f32.
+fn completion_beside_f32_scores(
+    server: &Server,
+    p: &Project,
+    model: &str,
+    logprobs: usize,
+) -> (Value, Vec<f64>) {
     let prompt = "The capital of France is";
     let answer = server
         .post(
             "/v1/completions",
             &json!({"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0,
-                    "logprobs": 1}),
+                    "logprobs": logprobs}),
         )
         .json();
     let text = answer["choices"][0]["text"].as_str().unwrap();
-    let score = [
-        "score", "--model", &model, "--prompt", prompt, "--format", "json",
+    let args = [
+        "score", "--model", model, "--prompt", prompt, "--format", "json",
     ];
-    let scored = tsq(&[&score[..], &["--continuation", text]].concat())
+    let scored = real_tsq(p, &[&args[..], &["--continuation", text]].concat())
         .output()
         .unwrap();
     let scored: Value = serde_json::from_slice(&scored.stdout).unwrap();
-    let f32_logprobs = scored["scores"][0]["logprobs"].as_array().unwrap();
-    let q8_logprobs = answer["choices"][0]["logprobs"]["token_logprobs"]
-        .as_array()
-        .unwrap();
-    assert_eq!(q8_logprobs.len(), f32_logprobs.len(), "{answer}\n{scored}");
-    let largest = q8_logprobs
-        .iter()
-        .zip(f32_logprobs)
-        .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
-        .fold(0f64, f64::max);
-    assert!(largest > 1e-4, "the Q8_0 copies were not used");
-    assert!(largest < 0.25, "log-probabilities {largest} from f32's");
+    let logprobs = scored["scores"][0]["logprobs"].as_array().unwrap();
+    let logprobs = logprobs.iter().map(|v| v.as_f64().unwrap()).collect();
+    (answer, logprobs)
 }
 
 /// A project with a finished run `runs/tiny` of the real SmolLM2 (its model stage alone), and
