@@ -24,6 +24,13 @@ requests="${REQUESTS:-32}"
 max_tokens="${MAX_TOKENS:-32}"
 threads="${THREADS:-$(nproc)}"
 
+# llama-cpp-python's server needs its `[server]` extras, which the peers' venv-llama may lack.
+if ! "$llama" -c 'import llama_cpp.server.app' 2>/dev/null; then
+  echo "$llama cannot run llama_cpp.server; install its extras with:" >&2
+  echo "  $llama -m pip install uvicorn fastapi sse-starlette starlette-context pydantic-settings" >&2
+  exit 1
+fi
+
 wait_for() {
   for _ in $(seq 600); do
     curl -sf "http://127.0.0.1:$1/v1/models" >/dev/null && return
