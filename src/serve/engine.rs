@@ -107,7 +107,7 @@ pub enum EngineError {
     #[error("building the table of experts: {0}")]
     Experts(#[from] crate::svf::SvfError),
     #[error("quantizing the weights for decoding: {0}")]
-    Quantize(#[from] crate::model::error::ModelError),
+    Quantize(crate::model::error::ModelError),
     #[error("the engine thread stopped before it was ready")]
     Gone,
 }
@@ -284,7 +284,8 @@ impl Engine {
             let decoding = table.as_mut().map_or(&mut base, |t| &mut t.model);
             decoding
                 .transformer
-                .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)?;
+                .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
+                .map_err(EngineError::Quantize)?;
         }
         Ok((
             Self {

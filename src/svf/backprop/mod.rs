@@ -125,46 +125,41 @@ enum Factor {
 
 impl Frozen {
     fn new(tensor: &Tensor) -> Result<Self> {
-        Self::with(tensor, true)
+        Ok(Self {
+            rows: tensor.dim(0)?,
+            forward: Factor::transpose_of(tensor)?,
+            backward: Factor::transpose_of(&tensor.t()?)?,
+        })
     }
 
     /// The LM head: its backward product sums over the whole vocabulary (k ≈ 49k for
     /// SmolLM2), where the packed kernel, which keeps each output's sum over k in registers,
     /// streams the weights once per 8 rows; faer's blocking over k does better there.
     fn head(tensor: &Tensor) -> Result<Self> {
-        Self::with(tensor, false)
-    }
-
-    fn with(tensor: &Tensor, pack_backward: bool) -> Result<Self> {
-        let (rows, cols) = tensor.dims2()?;
-        let (m, t) = (f32s(tensor)?, f32s(&tensor.t()?)?);
-        let forward = PackedMatrix::pack(&m, rows, cols);
-        let backward = pack_backward
-            .then(|| PackedMatrix::pack(&t, cols, rows))
-            .flatten();
         Ok(Self {
-            rows,
-            forward: match forward {
-                Some(packed) => Factor::Packed(packed),
-                None => Factor::Plain {
-                    b: t,
-                    k: cols,
-                    n: rows,
-                },
-            },
-            backward: match backward {
-                Some(packed) => Factor::Packed(packed),
-                None => Factor::Plain {
-                    b: m,
-                    k: rows,
-                    n: cols,
-                },
-            },
+            rows: tensor.dim(0)?,
+            forward: Factor::transpose_of(tensor)?,
+            backward: Factor::plain(tensor)?,
         })
     }
 }
 
 impl Factor {
+    /// B = Mᵀ for a matrix M: M's rows packed where the kernel runs, else Mᵀ row-major.
+    fn transpose_of(m: &Tensor) -> Result<Self> {
+        let (rows, cols) = m.dims2()?;
+        match PackedMatrix::pack(&f32s(m)?, rows, cols) {
+            Some(packed) => Ok(Self::Packed(packed)),
+            None => Self::plain(&m.t()?),
+        }
+    }
+
+    /// B itself, row-major, for faer.
+    fn plain(b: &Tensor) -> Result<Self> {
+        let (k, n) = b.dims2()?;
+        Ok(Self::Plain { b: f32s(b)?, k, n })
+    }
+
     /// `c = x · B` (or with `accumulate`, `c += x · B`) for the `rows` rows of x, on all
     /// threads.
     fn product(&self, c: &mut [f32], x: &[f32], rows: usize, accumulate: bool, pool: &Pool) {
