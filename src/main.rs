@@ -10,6 +10,10 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     keep_freed_memory();
     shorten_candle_spinning();
+    if let Err(message) = check_simd_cap() {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     match tsq::cli::main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -47,4 +51,25 @@ fn shorten_candle_spinning() {
         // SAFETY: called at startup, before any other thread exists to read the environment.
         unsafe { std::env::set_var(VAR, "2000") };
     }
+}
+
+/// Refuses a [`tsq_linalg::SIMD_VAR`] that names no level (the kernels would ignore it), and
+/// says so when it asks for more than the CPU runs.
+fn check_simd_cap() -> Result<(), String> {
+    use tsq_linalg::{SIMD_VAR, Simd};
+    let Some(value) = std::env::var_os(SIMD_VAR) else {
+        return Ok(());
+    };
+    let names = Simd::ALL.map(Simd::name).join(", ");
+    let value = value.to_string_lossy();
+    let wanted = Simd::named(&value)
+        .ok_or_else(|| format!("{SIMD_VAR}={value:?} names no level: expected one of {names}"))?;
+    let detected = Simd::detected();
+    if wanted > detected {
+        eprintln!(
+            "note: {SIMD_VAR}={value}, but this CPU runs up to {}: using that",
+            detected.name()
+        );
+    }
+    Ok(())
 }

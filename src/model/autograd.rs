@@ -483,7 +483,7 @@ mod tests {
             ))
         };
         let (Some(packed), Some(packed2)) = (pack(&w)?, pack(&w2)?) else {
-            eprintln!("no AVX-512 here: nothing to check");
+            eprintln!("neither AVX2 nor AVX-512 here: nothing to check");
             return Ok(());
         };
         let x = Var::randn(0f32, 1.0, (2, 9, 20), &Device::Cpu)?;

@@ -1,6 +1,6 @@
 //! Dense linear algebra behind plain-slice APIs: faer's thin SVD and f32 matrix products (with
 //! feature `openblas`, the multi-threaded products go through OpenBLAS instead), and the
-//! model's own AVX-512 kernels: packed f32 and int8 weight products, fused attention.
+//! model's own AVX2 / AVX-512 kernels: packed f32 and int8 weight products, fused attention.
 //!
 //! Why a crate of its own: faer's SVD and matmul are generic, so they are compiled in whichever
 //! crate instantiates them, at that crate's optimisation level. Inside tsq that meant opt-level 0
@@ -15,22 +15,87 @@ mod packed;
 mod parts;
 mod q8;
 
-pub use attention::{Operands, Shape, Visibility, attention};
+pub use attention::{Operands, Shape, Visibility, attention, attention_pays};
 pub use matmul::{Mat, MatMut, Threads, matmul};
 pub use packed::PackedMatrix;
 pub use q8::Q8Matrix;
 pub use wide::exp;
 
-/// Whether this machine runs the AVX-512 kernels ([`PackedMatrix`], [`Q8Matrix`], attention's).
-pub(crate) fn avx512_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub use wide::{avx2, avx512};
+
+/// The widest vector instructions the kernels ([`PackedMatrix`], [`Q8Matrix`], attention's,
+/// [`wide!`] loops) use, in increasing order. tsq is built for baseline x86-64 and picks a level
+/// at run time, so one binary runs everywhere and uses what the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    /// Plain Rust (SSE2 on x86-64): the weight products go through faer.
+    Portable,
+    /// AVX2 with FMA: 8-lane kernels (most x86-64 CPUs since 2013-2015, AMD Zen 1-3, Intel
+    /// client CPUs without AVX-512).
+    Avx2,
+    /// AVX-512F: 16-lane kernels.
+    Avx512,
+}
+
+/// Environment variable that caps [`simd`] below what the CPU has: to compare the kernels on
+/// one machine, or to rule them out when chasing a numerical difference.
+pub const SIMD_VAR: &str = "TSQ_SIMD";
+
+impl Simd {
+    /// The levels, narrowest first.
+    pub const ALL: [Simd; 3] = [Simd::Portable, Simd::Avx2, Simd::Avx512];
+
+    /// The name [`SIMD_VAR`] takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Portable => "portable",
+            Simd::Avx2 => "avx2",
+            Simd::Avx512 => "avx512",
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// The level named `name` (as [`Simd::name`] writes it).
+    pub fn named(name: &str) -> Option<Simd> {
+        Simd::ALL.into_iter().find(|level| level.name() == name)
     }
+
+    /// What this CPU runs, whatever [`SIMD_VAR`] says.
+    pub fn detected() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Portable
+    }
+
+    /// The levels this CPU runs, narrowest first: what kernel tests check one after another.
+    pub fn available() -> impl Iterator<Item = Simd> {
+        let detected = Simd::detected();
+        Simd::ALL
+            .into_iter()
+            .filter(move |&level| level <= detected)
+    }
+}
+
+/// The level the kernels use: [`Simd::detected`], capped by [`SIMD_VAR`] where it names a
+/// level (a name that is not one is ignored here; tsq's `main` refuses it). Read once.
+pub fn simd() -> Simd {
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = std::env::var(SIMD_VAR)
+            .ok()
+            .and_then(|name| Simd::named(&name));
+        Simd::detected().min(cap.unwrap_or(Simd::Avx512))
+    })
 }
 
 /// `len` floats that `write` fills, without zeroing them first: zeroing the outputs of a
@@ -70,11 +135,12 @@ pub const LARGE_PRODUCTS_BY: &str = if cfg!(feature = "openblas") {
 };
 
 /// What computes products with a model's f32 weights on this machine: [`PackedMatrix`]'s
-/// kernel where AVX-512 runs, else the library of [`LARGE_PRODUCTS_BY`].
+/// kernel where AVX2 or AVX-512 runs, else the library of [`LARGE_PRODUCTS_BY`].
 pub fn weight_products_by() -> &'static str {
-    match avx512_available() {
-        true => "packed AVX-512 kernel",
-        false => LARGE_PRODUCTS_BY,
+    match simd() {
+        Simd::Avx512 => "packed AVX-512 kernel",
+        Simd::Avx2 => "packed AVX2 kernel",
+        Simd::Portable => LARGE_PRODUCTS_BY,
     }
 }
 

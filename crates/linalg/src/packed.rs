@@ -5,25 +5,31 @@
 //! work: `perf` of SmolLM2 rollouts (32 sequences, 2026-12-07) put 27% of all cycles in faer's
 //! packing and 11% in its thread barrier, against 23% in its kernel. Here W (out × in) is stored
 //! as panels of [`NR`] rows interleaved along `in` (`panel[k][c] = W[32p + c][k]`), and the
-//! kernel multiplies up to [`MR`] rows of x, read in place, into a panel: per k one load of 32
-//! weights, one broadcast per row of x, two FMAs per row.
+//! AVX-512 kernel multiplies up to [`MR`] rows of x, read in place, into a panel: per k one
+//! load of 32 weights, one broadcast per row of x, two FMAs per row. The AVX2 kernel takes each
+//! half panel (16 rows) in turn, up to [`MR_AVX2`] rows of x at a time, as its 16 registers allow.
 //!
-//! Each output is one sequential sum over `in`, whatever the tile, the thread split or the
-//! other rows of x: a sequence's logits do not depend on what else is in its batch.
+//! Each output is one sequential sum over `in`, whatever the tile, the thread split, the other
+//! rows of x or the kernel (AVX2 and AVX-512 give the same bits): a sequence's logits do not
+//! depend on what else is in its batch.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
+use crate::Simd;
 use crate::matmul::Threads;
 use crate::parts::{self, Out, WeightKernel};
 
 /// Weight rows per panel: two 16-lane vectors.
 const NR: usize = 32;
-/// Rows of x per kernel call: 2·MR accumulators, two weight vectors and a broadcast stay in
-/// the 32 vector registers.
+/// Rows of x per AVX-512 kernel call: 2·MR accumulators, two weight vectors and a broadcast
+/// stay in the 32 vector registers.
 const MR: usize = 8;
+/// Rows of x per AVX2 kernel call, which has 16 registers: 12 accumulators, two 8-lane
+/// vectors of weights and a broadcast.
+const MR_AVX2: usize = 6;
 /// Packed weights one pass over x's rows reads, sized to stay in a core's L2 cache.
 const CHUNK_BYTES: usize = 256 << 10;
 /// Below this many multiply-adds a product runs on one thread: waking another costs more.
@@ -36,17 +42,24 @@ struct Lanes([f32; 16]);
 
 /// W (rows × cols) in panels of [`NR`] rows, the last one padded with zeros.
 pub struct PackedMatrix {
+    /// The kernel that multiplies it.
+    simd: Simd,
     rows: usize,
     cols: usize,
     panels: Vec<Lanes>,
 }
 
 impl PackedMatrix {
-    /// Packs a row-major `rows × cols` matrix; `None` where the kernel cannot run (no AVX-512F
-    /// here) or there is nothing to pack.
+    /// Packs a row-major `rows × cols` matrix; `None` where no kernel runs (neither AVX2 nor
+    /// AVX-512 at the [`simd`](crate::simd) level) or there is nothing to pack.
     pub fn pack(data: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        Self::pack_for(crate::simd(), data, rows, cols)
+    }
+
+    /// [`PackedMatrix::pack`] for the kernel of `simd`, a level this CPU runs.
+    fn pack_for(simd: Simd, data: &[f32], rows: usize, cols: usize) -> Option<Self> {
         assert_eq!(data.len(), rows * cols, "data is not rows × cols");
-        if !crate::avx512_available() || rows == 0 || cols == 0 {
+        if simd == Simd::Portable || rows == 0 || cols == 0 {
             return None;
         }
         let lanes_per_panel = cols * NR / 16;
@@ -64,7 +77,12 @@ impl PackedMatrix {
             .par_chunks_mut(lanes_per_panel)
             .enumerate()
             .for_each(fill);
-        Some(Self { rows, cols, panels })
+        Some(Self {
+            simd,
+            rows,
+            cols,
+            panels,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -158,6 +176,145 @@ impl PackedMatrix {
     }
 }
 
+impl PackedMatrix {
+    /// [`PackedMatrix::panels_avx512`] with AVX2: each half panel of 16 weight rows in turn.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn panels_avx2(&self, x: &[f32], m: usize, out: Out, panels: std::ops::Range<usize>) {
+        let k = self.cols;
+        let lanes_per_panel = k * NR / 16;
+        let chunk = (CHUNK_BYTES / (k * NR * 4)).max(1);
+        for chunk_start in panels.clone().step_by(chunk) {
+            let chunk_end = (chunk_start + chunk).min(panels.end);
+            for first in (0..m).step_by(MR_AVX2) {
+                let x = unsafe { x.as_ptr().add(first * k) };
+                for p in chunk_start..chunk_end {
+                    let panel = self.panels[p * lanes_per_panel..].as_ptr().cast::<f32>();
+                    let out = unsafe { out.0.add(first * self.rows + p * NR) };
+                    let valid = NR.min(self.rows - p * NR);
+                    // A row or two (batch-1 decoding) take the whole panel in one pass:
+                    // reading it contiguously once beats two strided passes.
+                    match m - first {
+                        1 => unsafe { self.tile_avx2_whole::<1>(x, panel, out, valid) },
+                        2 => unsafe { self.tile_avx2_whole::<2>(x, panel, out, valid) },
+                        rows => unsafe {
+                            self.halves_avx2(x, rows.min(MR_AVX2), panel, out, valid)
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// `rows` (≤ [`MR_AVX2`]) rows of x times each half of a panel in turn.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn halves_avx2(
+        &self,
+        x: *const f32,
+        rows: usize,
+        panel: *const f32,
+        out: *mut f32,
+        valid: usize,
+    ) {
+        for half in 0..2 {
+            let valid = valid.saturating_sub(half * 16).min(16);
+            if valid == 0 {
+                break;
+            }
+            let (w, out) = unsafe { (panel.add(half * 16), out.add(half * 16)) };
+            macro_rules! by_rows {
+                ($($m:literal),*) => {
+                    match rows {
+                        $($m => unsafe { self.tile_avx2::<$m>(x, w, out, valid) },)*
+                        rows => unreachable!("{rows} rows exceed {MR_AVX2}"),
+                    }
+                };
+            }
+            by_rows!(1, 2, 3, 4, 5, 6)
+        }
+    }
+
+    /// `M` rows of x times half a panel (`w`: 16 weight rows, read [`NR`] floats apart along
+    /// k) into `out`, writing the `valid` columns that are real weight rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile_avx2<const M: usize>(
+        &self,
+        x: *const f32,
+        w: *const f32,
+        out: *mut f32,
+        valid: usize,
+    ) {
+        let k = self.cols;
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        for l in 0..k {
+            let w0 = unsafe { _mm256_load_ps(w.add(l * NR)) };
+            let w1 = unsafe { _mm256_load_ps(w.add(l * NR + 8)) };
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xb = _mm256_set1_ps(unsafe { *x.add(r * k + l) });
+                row[0] = _mm256_fmadd_ps(xb, w0, row[0]);
+                row[1] = _mm256_fmadd_ps(xb, w1, row[1]);
+            }
+        }
+        let masks = [
+            first_lanes(valid.min(8)),
+            first_lanes(valid.saturating_sub(8)),
+        ];
+        for (r, row) in acc.iter().enumerate() {
+            let out = unsafe { out.add(r * self.rows) };
+            unsafe {
+                _mm256_maskstore_ps(out, masks[0], row[0]);
+                _mm256_maskstore_ps(out.add(8), masks[1], row[1]);
+            }
+        }
+    }
+    /// `M` (≤ 2) rows of x times a whole panel `w` into `out`, writing the `valid` columns
+    /// that are real weight rows: 4M accumulators and four weight vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile_avx2_whole<const M: usize>(
+        &self,
+        x: *const f32,
+        w: *const f32,
+        out: *mut f32,
+        valid: usize,
+    ) {
+        let k = self.cols;
+        let mut acc = [[_mm256_setzero_ps(); 4]; M];
+        for l in 0..k {
+            let w = unsafe { w.add(l * NR) };
+            let ws: [__m256; 4] = std::array::from_fn(|q| unsafe { _mm256_load_ps(w.add(8 * q)) });
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xb = _mm256_set1_ps(unsafe { *x.add(r * k + l) });
+                for (partial, w) in row.iter_mut().zip(ws) {
+                    *partial = _mm256_fmadd_ps(xb, w, *partial);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let out = unsafe { out.add(r * self.rows) };
+            for (q, partial) in row.iter().enumerate() {
+                let mask = first_lanes(valid.saturating_sub(8 * q).min(8));
+                unsafe { _mm256_maskstore_ps(out.add(8 * q), mask, *partial) };
+            }
+        }
+    }
+}
+
+/// A mask of the first `n` (≤ 8) of 8 lanes, for AVX2's masked loads and stores.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) fn first_lanes(n: usize) -> __m256i {
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
 impl WeightKernel for PackedMatrix {
     const ALIGN: usize = NR;
     const SPLIT_MIN_WORK: usize = SPLIT_MIN_WORK;
@@ -172,15 +329,17 @@ impl WeightKernel for PackedMatrix {
 
     unsafe fn fill(&self, x: &[f32], m: usize, out: Out, columns: std::ops::Range<usize>) {
         let panels = columns.start / NR..columns.end.div_ceil(NR);
-        // SAFETY: as the trait asks; `pack` made this matrix only where AVX-512F runs.
+        // SAFETY: as the trait asks; `pack_for` made this matrix for a level the CPU runs.
         #[cfg(target_arch = "x86_64")]
-        unsafe {
-            self.panels_avx512(x, m, out, panels)
+        match self.simd {
+            Simd::Avx512 => unsafe { self.panels_avx512(x, m, out, panels) },
+            Simd::Avx2 => unsafe { self.panels_avx2(x, m, out, panels) },
+            Simd::Portable => unreachable!("packed matrices have a kernel"),
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = (x, m, out, panels);
-            unreachable!("packed matrices exist only where AVX-512F runs")
+            unreachable!("packed matrices exist only where AVX2 or AVX-512F runs")
         }
     }
 }
@@ -189,34 +348,47 @@ impl WeightKernel for PackedMatrix {
 mod tests {
     use super::*;
 
+    /// `w` packed for each kernel this CPU runs.
+    fn packed_each(w: &[f32], rows: usize, cols: usize) -> Vec<PackedMatrix> {
+        let packed: Vec<_> = Simd::available()
+            .filter_map(|simd| PackedMatrix::pack_for(simd, w, rows, cols))
+            .collect();
+        if packed.is_empty() {
+            eprintln!("neither AVX2 nor AVX-512 here: nothing to check");
+        }
+        packed
+    }
+
     #[test]
     fn products_match_a_naive_loop_for_every_tile_edge_and_split() {
-        // 2 full panels and a partial one (9 rows), k not a multiple of anything.
-        let (rows, cols) = (2 * NR + 9, 37);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 300.0)
-            .collect();
-        let Some(packed) = PackedMatrix::pack(&w, rows, cols) else {
-            eprintln!("no AVX-512 here: nothing to check");
-            return;
-        };
-        for m in [1, 3, 8, 11, 17] {
-            let x: Vec<f32> = (0..m * cols).map(|i| (i % 9) as f32 * 0.25 - 1.0).collect();
-            let want: Vec<f32> = (0..m)
-                .flat_map(|r| {
-                    let (x, w) = (&x, &w);
-                    (0..rows).map(move |j| {
-                        (0..cols).fold(0f32, |s, l| s + x[r * cols + l] * w[j * cols + l])
-                    })
-                })
+        // 2 full panels and a partial one (9 rows: half of it empty; 25: the second half
+        // partial), k not a multiple of anything.
+        for rows in [2 * NR + 9, 2 * NR + 25] {
+            let cols = 37;
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 300.0)
                 .collect();
-            for threads in [Threads::One, Threads::All] {
-                let out = packed.matmul_t(&x, m, threads);
-                for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "m {m}, element {i}: {got} vs {want}"
-                    );
+            for packed in packed_each(&w, rows, cols) {
+                for m in [1, 3, 6, 7, 8, 11, 13, 17] {
+                    let x: Vec<f32> = (0..m * cols).map(|i| (i % 9) as f32 * 0.25 - 1.0).collect();
+                    let want: Vec<f32> = (0..m)
+                        .flat_map(|r| {
+                            let (x, w) = (&x, &w);
+                            (0..rows).map(move |j| {
+                                (0..cols).fold(0f32, |s, l| s + x[r * cols + l] * w[j * cols + l])
+                            })
+                        })
+                        .collect();
+                    for threads in [Threads::One, Threads::All] {
+                        let out = packed.matmul_t(&x, m, threads);
+                        for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{:?}, m {m}, element {i}: {got} vs {want}",
+                                packed.simd
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -226,34 +398,42 @@ mod tests {
     fn products_taken_together_or_into_a_buffer_equal_products_taken_alone() {
         let pack = |rows: usize, seed: f32| {
             let w: Vec<f32> = (0..rows * 64).map(|i| (i as f32 * seed).sin()).collect();
-            PackedMatrix::pack(&w, rows, 64)
+            packed_each(&w, rows, 64)
         };
-        let (Some(a), Some(b), Some(c)) = (pack(3 * NR, 0.37), pack(NR + 5, 0.21), pack(7, 0.5))
-        else {
-            return;
-        };
+        let (a, b, c) = (pack(3 * NR, 0.37), pack(NR + 5, 0.21), pack(7, 0.5));
         let x: Vec<f32> = (0..40 * 64).map(|i| (i as f32 * 0.11).cos()).collect();
-        let together = PackedMatrix::matmul_t_each([&a, &b, &c], &x, 40, Threads::All);
-        for (out, w) in together.iter().zip([&a, &b, &c]) {
-            assert_eq!(*out, w.matmul_t(&x, 40, Threads::One));
-            let mut into = vec![f32::NAN; out.len()];
-            w.matmul_t_into(&x, 40, &mut into, Threads::All);
-            assert_eq!(*out, into);
+        for ((a, b), c) in a.iter().zip(&b).zip(&c) {
+            let together = PackedMatrix::matmul_t_each([a, b, c], &x, 40, Threads::All);
+            for (out, w) in together.iter().zip([a, b, c]) {
+                assert_eq!(*out, w.matmul_t(&x, 40, Threads::One));
+                let mut into = vec![f32::NAN; out.len()];
+                w.matmul_t_into(&x, 40, &mut into, Threads::All);
+                assert_eq!(*out, into);
+            }
         }
     }
 
     #[test]
-    fn a_row_gets_the_same_bits_whatever_else_is_in_the_batch() {
+    fn a_row_gets_the_same_bits_whatever_else_is_in_the_batch_or_the_kernel() {
         let (rows, cols) = (3 * NR, 300);
         let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
-        let Some(packed) = PackedMatrix::pack(&w, rows, cols) else {
+        let x: Vec<f32> = (0..13 * cols).map(|i| (i as f32 * 0.11).cos()).collect();
+        let each = packed_each(&w, rows, cols);
+        let Some(first) = each.first() else {
             return;
         };
-        let x: Vec<f32> = (0..13 * cols).map(|i| (i as f32 * 0.11).cos()).collect();
-        let all = packed.matmul_t(&x, 13, Threads::All);
-        for r in [0, 7, 12] {
-            let one = packed.matmul_t(&x[r * cols..][..cols], 1, Threads::One);
-            assert_eq!(one, all[r * rows..][..rows]);
+        let all = first.matmul_t(&x, 13, Threads::All);
+        for packed in &each {
+            assert_eq!(
+                packed.matmul_t(&x, 13, Threads::All),
+                all,
+                "{:?}",
+                packed.simd
+            );
+            for r in [0, 7, 12] {
+                let one = packed.matmul_t(&x[r * cols..][..cols], 1, Threads::One);
+                assert_eq!(one, all[r * rows..][..rows]);
+            }
         }
     }
 }

@@ -1,28 +1,43 @@
 //! Plain loops compiled wide: the [`wide!`](crate::wide) macro, and an exponential they can
 //! vectorise.
 
-/// Calls `kernel(args)` compiled for AVX-512 where the CPU has it: tsq is built for baseline
-/// x86-64, where plain loops vectorise only 4 lanes wide (SSE2). `kernel` should be
-/// `#[inline(always)]`, so that it is compiled inside the AVX-512 function.
+/// Calls `kernel(args)` compiled for the widest vectors [`simd`](crate::simd) allows: tsq is
+/// built for baseline x86-64, where plain loops vectorise only 4 lanes wide (SSE2). `kernel`
+/// should be `#[inline(always)]`, so that it is compiled inside the wide function.
 #[macro_export]
 macro_rules! wide {
     ($kernel:ident($($arg:expr),*)) => {{
         #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512(f: impl FnOnce()) {
-                f()
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F.
-                unsafe { avx512(|| $kernel($($arg),*)) }
-            } else {
-                $kernel($($arg),*)
-            }
+        match $crate::simd() {
+            // SAFETY: `simd` reports only levels the CPU runs.
+            $crate::Simd::Avx512 => unsafe { $crate::avx512(|| $kernel($($arg),*)) },
+            // SAFETY: as above.
+            $crate::Simd::Avx2 => unsafe { $crate::avx2(|| $kernel($($arg),*)) },
+            $crate::Simd::Portable => $kernel($($arg),*),
         }
         #[cfg(not(target_arch = "x86_64"))]
         $kernel($($arg),*)
     }};
+}
+
+/// Runs `f` compiled for AVX-512F ([`wide!`] calls it).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn avx512(f: impl FnOnce()) {
+    f()
+}
+
+/// Runs `f` compiled for AVX2 and FMA ([`wide!`] calls it).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2(f: impl FnOnce()) {
+    f()
 }
 
 /// e^x in f32 to within ~2e-7 relative error (~2 ulp), without branches so that loops over it

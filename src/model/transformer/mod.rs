@@ -52,7 +52,7 @@ pub enum LogitsAt {
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
-    /// `weight` packed for tsq-linalg's f32 kernel (f32 on a CPU with AVX-512), which the
+    /// `weight` packed for tsq-linalg's f32 kernel (f32 on a CPU with AVX2 or AVX-512), which the
     /// forward products use instead of faer, whatever the number of rows (see [`linear`]).
     packed: Option<Arc<tsq_linalg::PackedMatrix>>,
     /// A quantized copy of `weight` for small-batch decoding (see [`Transformer::quantize_for_decoding`]).
@@ -61,8 +61,8 @@ struct Linear {
     factored: Option<Factored>,
 }
 
-/// A projection's quantized copy: int8 rows through tsq-linalg's AVX-512 kernel where it runs
-/// (Q8_0 on the CPU), candle's quantized matmul otherwise.
+/// A projection's quantized copy: Q8_0 rows of an f32 CPU weight through tsq-linalg's kernels
+/// where AVX2 or AVX-512 runs (x stays f32), candle's quantized matmul otherwise.
 #[derive(Clone)]
 enum Quantized {
     Rows(Arc<tsq_linalg::Q8Matrix>),
@@ -463,7 +463,8 @@ impl Transformer {
         let flat_pos = batch.positions.flatten_all()?;
         let half = self.config.head_dim / 2;
         let mask = batch.mask.to_dtype(self.dtype)?;
-        let fused = match mode == Mode::Fast && t >= FUSED_MIN_QUERIES && linalg_applies(&mask) {
+        let fused = mode == Mode::Fast && t >= FUSED_MIN_QUERIES && linalg_applies(&mask);
+        let fused = match fused && tsq_linalg::attention_pays() {
             true => Some(ops::visibility(&mask)?),
             false => None,
         };

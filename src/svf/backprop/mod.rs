@@ -7,7 +7,8 @@
 //! keeping the whole graph took 15 GB, so blocks had to be recomputed (31 s per step at best,
 //! PyTorch 13.7 s). Here each block keeps a few activations per token (~40 KB on SmolLM2), the
 //! backward pass computes input gradients only, and nearly all time is spent in products with
-//! frozen matrices ([`Frozen`]: tsq-linalg's packed kernel where AVX-512 runs, faer otherwise).
+//! frozen matrices ([`Frozen`]: tsq-linalg's packed kernel where AVX2 or AVX-512 runs, faer
+//! otherwise).
 //!
 //! Projections that are SVF targets run factored, y = U (s' ⊙ (Vᵀ x)), keeping h = Vᵀ x; the
 //! backward pass gets ∂L/∂s' = Σ_tokens (Uᵀ ∂y) ⊙ h from the product it needs anyway for ∂x. The
@@ -116,7 +117,7 @@ struct Frozen {
 }
 
 /// A right factor B (k × n) of `c = x · B`, stored the way its kernel reads it: packed (Bᵀ in
-/// panels) for tsq-linalg's kernel where AVX-512 runs, else row-major for faer, which ran
+/// panels) for tsq-linalg's kernel where AVX2 or AVX-512 runs, else row-major for faer, which ran
 /// 1.2-1.5x slower on a transposed read of the right operand (SVF-step shapes, 2026-11-27).
 enum Factor {
     Packed(PackedMatrix),
