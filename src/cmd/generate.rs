@@ -84,10 +84,7 @@ fn answer(
     opts: &GenerateOptions,
 ) -> Result<Vec<Generation>, CmdError> {
     if args.decode_q8 {
-        model
-            .transformer
-            .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
-            .map_err(CmdError::failed)?;
+        model = model.with_q8_decoding().map_err(CmdError::failed)?;
     }
     let mut ids = Vec::with_capacity(prompts.len());
     for prompt in prompts {

@@ -202,6 +202,14 @@ impl Model {
         })
     }
 
+    /// This model decoding steps of few rows from Q8_0 copies of its projections (what
+    /// `--decode-q8` asks for; see [`Transformer::quantize_for_decoding`]). The float weights
+    /// stay shared with the original, which prompts keep using.
+    pub fn with_q8_decoding(mut self) -> Result<Self> {
+        (self.transformer).quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)?;
+        Ok(self)
+    }
+
     /// `text` as one user turn of the model's chat template, ready for generation.
     pub fn chat_prompt(&self, text: &str) -> Result<String> {
         let chat = self

