@@ -22,6 +22,42 @@ pub fn sum(values: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
+/// Σ a·b over eight running sums, like [`sum`].
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: f32 = (a8.remainder().iter().zip(b8.remainder()))
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in a8.zip(b8) {
+        for ((l, a), b) in lanes.iter_mut().zip(a).zip(b) {
+            *l += a * b;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
+/// Σ a·b·c over eight running sums, like [`sum`].
+#[inline(always)]
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8, c8) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let rest: f32 = (a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .zip(c8.remainder()))
+    .map(|((a, b), c)| a * b * c)
+    .sum();
+    for ((a, b), c) in a8.zip(b8).zip(c8) {
+        for (((l, a), b), c) in lanes.iter_mut().zip(a).zip(b).zip(c) {
+            *l += a * b * c;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
 /// The largest value (−∞ for none), over eight running maxima like [`sum`].
 #[inline(always)]
 pub fn max(values: &[f32]) -> f32 {
@@ -47,15 +83,19 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], inv_rms: &
     out.par_chunks_mut(width * ROWS_PER_TASK)
         .zip(inv_rms.par_chunks_mut(ROWS_PER_TASK))
         .zip(x.par_chunks(width * ROWS_PER_TASK))
-        .for_each(|((out, inv), x)| {
-            for ((out, inv), x) in out.chunks_mut(width).zip(inv).zip(x.chunks(width)) {
-                let mean_square = x.iter().map(|v| v * v).sum::<f32>() / width as f32;
-                *inv = 1.0 / (mean_square + eps).sqrt();
-                for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
-                    *o = v * *inv * w;
-                }
-            }
-        });
+        .for_each(|((out, inv), x)| wide!(rms_norm_rows(x, weight, eps, out, inv)));
+}
+
+#[inline(always)]
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], inv_rms: &mut [f32]) {
+    let width = weight.len();
+    for ((out, inv), x) in out.chunks_mut(width).zip(inv_rms).zip(x.chunks(width)) {
+        let mean_square = dot(x, x) / width as f32;
+        *inv = 1.0 / (mean_square + eps).sqrt();
+        for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+            *o = v * *inv * w;
+        }
+    }
 }
 
 /// `grad_x += ∂/∂x` of [`rms_norm`] given `grad_y`: with u = weight ⊙ grad_y and r = inv_rms,
@@ -73,25 +113,25 @@ pub fn rms_norm_backward(
         .zip(x.par_chunks(width * ROWS_PER_TASK))
         .zip(grad_y.par_chunks(width * ROWS_PER_TASK))
         .zip(inv_rms.par_chunks(ROWS_PER_TASK))
-        .for_each(|(((gx, x), gy), inv)| {
-            for (((gx, x), gy), &r) in gx
-                .chunks_mut(width)
-                .zip(x.chunks(width))
-                .zip(gy.chunks(width))
-                .zip(inv)
-            {
-                let dot: f32 = x
-                    .iter()
-                    .zip(gy)
-                    .zip(weight)
-                    .map(|((x, g), w)| x * g * w)
-                    .sum();
-                let k = r * r * r * dot / width as f32;
-                for (((gx, x), gy), w) in gx.iter_mut().zip(x).zip(gy).zip(weight) {
-                    *gx += r * w * gy - k * x;
-                }
-            }
-        });
+        .for_each(|(((gx, x), gy), inv)| wide!(rms_norm_backward_rows(x, weight, inv, gy, gx)));
+}
+
+#[inline(always)]
+fn rms_norm_backward_rows(
+    x: &[f32],
+    weight: &[f32],
+    inv_rms: &[f32],
+    grad_y: &[f32],
+    grad_x: &mut [f32],
+) {
+    let width = weight.len();
+    let rows = grad_x.chunks_mut(width).zip(x.chunks(width));
+    for ((gx, x), (gy, &r)) in rows.zip(grad_y.chunks(width).zip(inv_rms)) {
+        let k = r * r * r * dot3(x, gy, weight) / width as f32;
+        for (((gx, x), gy), w) in gx.iter_mut().zip(x).zip(gy).zip(weight) {
+            *gx += r * w * gy - k * x;
+        }
+    }
 }
 
 /// `silu(gate) ⊙ up`, elementwise.
@@ -157,12 +197,17 @@ pub fn silu_mul_backward(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: &m
         .zip(grad_up.par_chunks_mut(4096))
         .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
         .for_each(|((grad, grad_up), (gate, up))| {
-            for (((d, du), &g), &u) in grad.iter_mut().zip(grad_up).zip(gate).zip(up) {
-                let sig = 1.0 / (1.0 + exp(-g));
-                *du = *d * g * sig;
-                *d *= u * sig * (1.0 + g * (1.0 - sig));
-            }
+            wide!(silu_mul_backward_chunk(gate, up, grad, grad_up))
         });
+}
+
+#[inline(always)]
+fn silu_mul_backward_chunk(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: &mut [f32]) {
+    for (((d, du), &g), &u) in grad.iter_mut().zip(grad_up).zip(gate).zip(up) {
+        let sig = 1.0 / (1.0 + exp(-g));
+        *du = *d * g * sig;
+        *d *= u * sig * (1.0 + g * (1.0 - sig));
+    }
 }
 
 /// Rotary tables for positions `0..len`: `cos[t·half + i] = cos(t · inv_freq[i])`, likewise sin
@@ -197,6 +242,18 @@ pub fn causal_softmax(
     end: usize,
     scale: f32,
 ) {
+    wide!(causal_softmax_rows(scores, len, rep, first, end, scale))
+}
+
+#[inline(always)]
+fn causal_softmax_rows(
+    scores: &mut [f32],
+    len: usize,
+    rep: usize,
+    first: usize,
+    end: usize,
+    scale: f32,
+) {
     for (r, row) in scores.chunks_mut(len).enumerate() {
         let visible = first + r / rep + 1;
         let (seen, hidden) = row[..end].split_at_mut(visible);
@@ -217,9 +274,22 @@ pub fn causal_softmax_backward(
     cols: usize,
     scale: f32,
 ) {
+    wide!(causal_softmax_backward_rows(
+        probs, stride, grad, cols, scale
+    ))
+}
+
+#[inline(always)]
+fn causal_softmax_backward_rows(
+    probs: &[f32],
+    stride: usize,
+    grad: &mut [f32],
+    cols: usize,
+    scale: f32,
+) {
     for (r, g) in grad.chunks_mut(cols).enumerate() {
         let p = &probs[r * stride..r * stride + cols];
-        let dot: f32 = g.iter().zip(p).map(|(g, p)| g * p).sum();
+        let dot = dot(g, p);
         for (g, p) in g.iter_mut().zip(p) {
             *g = scale * p * (*g - dot);
         }

@@ -1,6 +1,7 @@
 //! The LM head and its loss, in row chunks, with the gradient into the last hidden state.
 
 use super::*;
+use tsq_linalg::wide;
 
 impl Engine {
     /// Floats per position and key/value head: the query heads that share it, or itself.
@@ -45,14 +46,9 @@ impl Engine {
                 .par_chunks_mut(vocab)
                 .zip(chunk)
                 .map(|(row, s)| {
-                    let max = kernels::max(row);
-                    let picked = row[s.token as usize] - max;
-                    row.iter_mut().for_each(|v| *v = kernels::exp(*v - max));
-                    let total = kernels::sum(row) as f64;
-                    let scale = s.weight / total as f32;
-                    row.iter_mut().for_each(|v| *v *= scale);
-                    row[s.token as usize] -= s.weight;
-                    -(s.weight as f64) * (picked as f64 - total.ln())
+                    let mut loss = 0f64;
+                    wide!(loss_gradient(row, s.token as usize, s.weight, &mut loss));
+                    loss
                 })
                 .sum::<f64>();
             let mut grad_normed = vec![0f32; picked.len()];
@@ -74,4 +70,18 @@ impl Engine {
         }
         loss
     }
+}
+
+/// Turns one row of logits into its loss's gradient in place, w · (softmax − onehot(token)),
+/// and sets `loss` to −w · log softmax(token).
+#[inline(always)]
+fn loss_gradient(row: &mut [f32], token: usize, weight: f32, loss: &mut f64) {
+    let max = kernels::max(row);
+    let picked = row[token] - max;
+    row.iter_mut().for_each(|v| *v = kernels::exp(*v - max));
+    let total = kernels::sum(row) as f64;
+    let scale = weight / total as f32;
+    row.iter_mut().for_each(|v| *v *= scale);
+    row[token] -= weight;
+    *loss = -(weight as f64) * (picked as f64 - total.ln());
 }
