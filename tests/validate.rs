@@ -309,3 +309,29 @@ fn a_preset_fills_what_is_not_written() {
         Baseline::Rloo
     );
 }
+
+/// `TSQ_SIMD` caps the kernels' level; a value that names none is refused before any work, as a
+/// usage error naming the variable and the levels, while a real level runs the command.
+#[test]
+fn a_simd_cap_that_names_no_level_is_refused() {
+    let p = Project::new();
+    let out = p
+        .tsq(&["validate", "pipeline.yaml"])
+        .env("TSQ_SIMD", "avx3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let shown = text(&out);
+    assert!(
+        shown.contains("TSQ_SIMD=\"avx3\"") && shown.contains("portable, avx2, avx512"),
+        "{shown}"
+    );
+    for level in ["portable", "avx2", "avx512"] {
+        let out = p
+            .tsq(&["validate", "pipeline.yaml"])
+            .env("TSQ_SIMD", level)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{level}: {}", text(&out));
+    }
+}
