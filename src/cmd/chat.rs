@@ -99,8 +99,9 @@ impl Decoders {
         if let Some(made) = self.made.get(name) {
             return Ok(Rc::clone(made));
         }
-        let copy = Model::clone(&model).with_q8_decoding();
-        let copy = Rc::new(copy.map_err(CmdError::failed)?);
+        let mut copy = Model::clone(&model);
+        copy.decode_from_q8().map_err(CmdError::failed)?;
+        let copy = Rc::new(copy);
         self.made.insert(name.to_string(), Rc::clone(&copy));
         Ok(copy)
     }

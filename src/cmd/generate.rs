@@ -84,7 +84,7 @@ fn answer(
     opts: &GenerateOptions,
 ) -> Result<Vec<Generation>, CmdError> {
     if args.decode_q8 {
-        model = model.with_q8_decoding().map_err(CmdError::failed)?;
+        model.decode_from_q8().map_err(CmdError::failed)?;
     }
     let mut ids = Vec::with_capacity(prompts.len());
     for prompt in prompts {

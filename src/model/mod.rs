@@ -202,12 +202,11 @@ impl Model {
         })
     }
 
-    /// This model decoding steps of few rows from Q8_0 copies of its projections (what
+    /// Makes this model decode steps of few rows from Q8_0 copies of its projections (what
     /// `--decode-q8` asks for; see [`Transformer::quantize_for_decoding`]). The float weights
-    /// stay shared with the original, which prompts keep using.
-    pub fn with_q8_decoding(mut self) -> Result<Self> {
-        (self.transformer).quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)?;
-        Ok(self)
+    /// stay, shared with any clone, and prompts keep using them.
+    pub fn decode_from_q8(&mut self) -> Result<()> {
+        (self.transformer).quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
     }
 
     /// `text` as one user turn of the model's chat template, ready for generation.

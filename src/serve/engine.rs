@@ -282,10 +282,7 @@ impl Engine {
             // After the first passes took their copy of `base`, and on the model sequences
             // decode with: the table's when there is one.
             let decoding = table.as_mut().map_or(&mut base, |t| &mut t.model);
-            decoding
-                .transformer
-                .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
-                .map_err(EngineError::Quantize)?;
+            decoding.decode_from_q8().map_err(EngineError::Quantize)?;
         }
         Ok((
             Self {
