@@ -237,7 +237,9 @@ impl PackedMatrix {
     }
 
     /// `M` rows of x times half a panel (`w`: 16 weight rows, read [`NR`] floats apart along
-    /// k) into `out`, writing the `valid` columns that are real weight rows.
+    /// k) into `out`, writing the `valid` columns that are real weight rows. Not the fused
+    /// attention's AVX2 tile, which reads b with masked loads: shared, it made this kernel
+    /// 15-50% slower at 512 rows (2026-12-07; the AVX-512 tiles measured alike either way).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[inline]
