@@ -6,6 +6,11 @@
 //! crate instantiates them, at that crate's optimisation level. Inside tsq that meant opt-level 0
 //! in dev and test builds, 30x slower than release (214 s instead of 7 s for SmolLM2's MLP
 //! matrices). The workspace profile builds this crate at opt-level 3 in every profile.
+//!
+//! The kernels are x86-64 code. On other CPUs (aarch64) every level is [`Simd::Portable`]:
+//! [`PackedMatrix::pack`] and [`Q8Matrix::quantize`] return `None`, attention's fused kernel is
+//! not taken, and their tile sizes and fields go unused.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 #[macro_use]
 mod wide;

@@ -60,7 +60,7 @@ const NAMESPACE_FLAGS: u32 = (libc::CLONE_NEWNS
 
 /// Calls refused with `EPERM`.
 fn refused() -> Vec<libc::c_long> {
-    let mut calls = vec![
+    let everywhere = [
         libc::SYS_ptrace,
         libc::SYS_process_vm_readv,
         libc::SYS_process_vm_writev,
@@ -121,8 +121,10 @@ fn refused() -> Vec<libc::c_long> {
         libc::SYS_memfd_create,
     ];
     #[cfg(target_arch = "x86_64")]
-    calls.extend([libc::SYS_iopl, libc::SYS_ioperm, libc::SYS_uselib]);
-    calls
+    let this_arch_only = [libc::SYS_iopl, libc::SYS_ioperm, libc::SYS_uselib];
+    #[cfg(not(target_arch = "x86_64"))]
+    let this_arch_only: [libc::c_long; 0] = [];
+    [everywhere.as_slice(), &this_arch_only].concat()
 }
 
 /// The filter, ready to install in a child.
