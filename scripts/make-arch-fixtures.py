@@ -3,22 +3,26 @@
 Writes tests/fixtures/arch/<name>/: an HF-layout directory (config.json, bf16 weights sharded
 over several safetensors files as large checkpoints are, a word-level tokenizer.json,
 tokenizer_config.json) and reference.json (token ids and the logits transformers computes from
-those bf16 weights in f32). tests/arch.rs loads each directory with tsq and compares.
+those bf16 weights in f32); for Qwen3 also <name>.gguf, the same weights as llama.cpp names
+them. tests/arch.rs loads each with tsq and compares.
 
 Each model exercises what sets its family apart: Llama 3's `llama3` rope scaling (with an
 original context short enough that the frequencies fall in all three bands), Qwen2's q/k/v
 biases and tied embeddings (with a sliding window configured but switched off, as Qwen2.5 ships
-it), Mistral's sliding window (the reference sequence fits inside it). transformers 5 writes
+it), Qwen3's per-head q/k RMS norms and heads wider than hidden / heads (as in Qwen3-0.6B:
+16 heads of 128 over a hidden size of 1024), Mistral's sliding window (the reference sequence
+fits inside it). transformers 5 writes
 `rope_parameters` (theta and scaling together); the released Llama 3.x checkpoints have the
 older `rope_theta` + `rope_scaling`, so the llama3 fixture is rewritten to that form before
 transformers reloads it for the reference: both forms are covered.
 
 Run with a Python that has torch, transformers, safetensors and tokenizers (the peers' venv, see
-../shared/peers/README.md):  python scripts/make-arch-fixtures.py
+../shared/peers/README.md):  python scripts/make-arch-fixtures.py [NAME ...]  (default: all)
 """
 
 import json
 import pathlib
+import sys
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -29,6 +33,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "arch"
@@ -71,6 +77,17 @@ MODELS = {
             use_sliding_window=False,
         ),
     ),
+    "qwen3": (
+        Qwen3ForCausalLM,
+        Qwen3Config(
+            **COMMON,
+            head_dim=24,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            use_sliding_window=False,
+        ),
+    ),
     "mistral": (
         MistralForCausalLM,
         MistralConfig(**COMMON, rope_theta=10000.0, tie_word_embeddings=False, sliding_window=16),
@@ -80,6 +97,8 @@ MODELS = {
 # shows at distance), Mistral's inside its window of 16.
 IDS = [2 + (i * 37 + 11) % (VOCAB - 2) for i in range(64)]
 LENGTH = {"mistral": 16}
+# Also written as a GGUF file beside the directory (tests/fixtures/arch/NAME.gguf).
+GGUF = {"qwen3"}
 
 
 def tokenizer(directory: pathlib.Path) -> None:
@@ -99,6 +118,45 @@ def legacy_rope_config(path: pathlib.Path) -> None:
     config["rope_theta"] = rope.pop("rope_theta")
     config["rope_scaling"] = rope
     path.write_text(json.dumps(config, indent=2))
+
+
+def write_gguf(name: str, model, config) -> None:
+    """The model as llama.cpp's converter writes it (tensor names from the gguf package's own
+    map, f16 weights: exact for bf16 values), with a byte-level BPE token list of the same size."""
+    import gguf
+
+    arch = {"qwen3": gguf.MODEL_ARCH.QWEN3}[name]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(OUT / f"{name}.gguf"), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    # The word-level names, but for three tokens and one merge: a BPE vocabulary needs merges.
+    tokens = [f"t{i}" for i in range(VOCAB)]
+    tokens[2:5] = ["a", "b", "ab"]
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.NORMAL] * (VOCAB - 2))
+    writer.add_token_merges(["a b"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        mapped = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        writer.add_tensor(mapped, tensor.to(torch.float16).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def make(name: str, cls, config) -> None:
@@ -126,10 +184,12 @@ def make(name: str, cls, config) -> None:
         "logits": [[round(v, 5) for v in row] for row in logits.tolist()],
     }
     (directory / "reference.json").write_text(json.dumps(reference))
+    if name in GGUF:
+        write_gguf(name, model, config)
     shards = sorted(p.name for p in directory.glob("*.safetensors"))
     print(f"{name}: {len(shards)} weight files, logits {tuple(logits.shape)}")
 
 
 if __name__ == "__main__":
-    for name, (cls, config) in MODELS.items():
-        make(name, cls, config)
+    for name in sys.argv[1:] or MODELS:
+        make(name, *MODELS[name])

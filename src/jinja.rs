@@ -14,10 +14,12 @@ pub const FUEL: u64 = 100_000_000;
 /// Bytes one render may write.
 pub const MAX_OUTPUT_BYTES: usize = 64 << 20;
 
-/// An environment with the render limits set; callers add their filters and templates.
+/// An environment with the render limits set and Python's string, list and dict methods
+/// (templates written for Python's Jinja call them); callers add their filters and templates.
 pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_fuel(Some(FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env
 }
 

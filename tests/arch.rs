@@ -1,6 +1,7 @@
 //! The model families users bring, each against transformers: tiny random-weight Llama 3 (rope
-//! scaling `llama3`, legacy config keys), Qwen2 (q/k/v biases, tied head, transformers 5 config)
-//! and Mistral (sliding window) models in bf16, sharded over several safetensors files, made by
+//! scaling `llama3`, legacy config keys), Qwen2 (q/k/v biases, tied head, transformers 5 config),
+//! Qwen3 (per-head q/k norms, heads wider than hidden / heads) and Mistral (sliding window)
+//! models in bf16, sharded over several safetensors files, made by
 //! scripts/make-arch-fixtures.py with transformers' logits for one sequence.
 
 use std::path::PathBuf;
@@ -48,7 +49,7 @@ const TOLERANCE: f32 = 1e-4;
 
 #[test]
 fn each_architecture_matches_transformers() {
-    for name in ["llama3", "qwen2", "mistral"] {
+    for name in ["llama3", "qwen2", "qwen3", "mistral"] {
         let (dir, reference) = fixture(name);
         let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
         let ours = logits(&model, &reference.ids).unwrap();
@@ -58,10 +59,22 @@ fn each_architecture_matches_transformers() {
     }
 }
 
+/// A Qwen3 GGUF (llama.cpp's tensor names, head norms and all) gives transformers' logits too.
+#[test]
+fn a_qwen3_gguf_matches_transformers() {
+    let (_, reference) = fixture("qwen3");
+    let gguf = repo().join("tests/fixtures/arch/qwen3.gguf");
+    let model = Model::load(&gguf, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.transformer.config.head_dim, 24);
+    assert_eq!(model.tokenizer.encode("ab").unwrap(), [4], "its one merge");
+    let diff = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+    assert!(diff < TOLERANCE, "logits differ by {diff}");
+}
+
 /// The features that set a family apart change the numbers: without them the same weights
 /// give other logits, so the agreement above is not vacuous.
 #[test]
-fn rope_scaling_and_biases_are_what_make_the_difference() {
+fn rope_scaling_biases_and_head_norms_are_what_make_the_difference() {
     let (dir, reference) = fixture("llama3");
     let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
     assert!(model.transformer.config.rope_scaling.is_some());
@@ -88,6 +101,25 @@ fn rope_scaling_and_biases_are_what_make_the_difference() {
         model.transformer.config.sliding_window, None,
         "switched off in the config"
     );
+
+    let (dir, reference) = fixture("qwen3");
+    let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let c = &model.transformer.config;
+    assert_ne!(c.num_heads * c.head_dim, c.hidden_size);
+    let mut config = c.clone();
+    config.architecture = tsq::model::config::Architecture::Qwen2;
+    let tensors = model.transformer.tensors();
+    assert!(tensors.contains_key("layers.1.attn.k_norm.weight"));
+    let unnormed = tensors
+        .into_iter()
+        .filter(|(name, _)| !name.contains("attn.q_norm") && !name.contains("attn.k_norm"))
+        .collect();
+    model.transformer = tsq::model::transformer::Transformer::new(config, unnormed).unwrap();
+    let off = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+    assert!(
+        off > 100.0 * TOLERANCE,
+        "without the head norms the logits move by {off} only"
+    );
 }
 
 /// Inside Mistral's sliding window attention is causal attention; past it tsq refuses rather
@@ -105,15 +137,16 @@ fn sequences_past_a_sliding_window_are_refused() {
 
 /// An HF directory (sharded bf16 safetensors) runs the whole loop: decompose, an expert trained
 /// with RL on a few steps, an evaluation of base and expert; in f32 with the CPU engine, and in
-/// bf16 (as a GPU run holds its weights) with the autograd engine.
+/// bf16 (as a GPU run holds its weights) with the autograd engine; Qwen3 with the CPU engine.
 #[test]
 fn a_model_directory_runs_decompose_train_and_evaluate() {
-    for (dtype, engine) in [
-        ("f32", "backprop (cpu, f32)"),
-        ("bf16", "autograd (cpu, bf16)"),
+    for (fixture, dtype, engine) in [
+        ("qwen2", "f32", "backprop (cpu, f32)"),
+        ("qwen2", "bf16", "autograd (cpu, bf16)"),
+        ("qwen3", "f32", "backprop (cpu, f32)"),
     ] {
         let p = crate::common::Project::new();
-        run_the_loop(&p, dtype, "");
+        run_the_loop(&p, fixture, dtype, "");
         let run = p.run_dir();
         let record: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(run.join("model/model.json")).unwrap())
@@ -134,11 +167,11 @@ fn a_model_directory_runs_decompose_train_and_evaluate() {
     }
 }
 
-/// Runs a small pipeline on the Qwen2 fixture in project `p`: decompose, train expert
-/// `letters` (2 RL steps), evaluate, and whatever `extra` YAML adds; `runs/tiny` is the
+/// Runs a small pipeline on architecture fixture `fixture` in project `p`: decompose, train
+/// expert `letters` (2 RL steps), evaluate, and whatever `extra` YAML adds; `runs/tiny` is the
 /// finished run.
-pub(crate) fn run_the_loop(p: &crate::common::Project, dtype: &str, extra: &str) {
-    let model = repo().join("tests/fixtures/arch/qwen2");
+pub(crate) fn run_the_loop(p: &crate::common::Project, fixture: &str, dtype: &str, extra: &str) {
+    let model = repo().join("tests/fixtures/arch").join(fixture);
     let pipeline = format!(
         "version: 1
 name: tiny

@@ -164,7 +164,7 @@ fn served_run() -> Project {
          labels: [letters, other]\n    calibration: 2\n    check: 2\n",
         template.display()
     );
-    crate::arch::run_the_loop(&p, "f32", &router);
+    crate::arch::run_the_loop(&p, "qwen2", "f32", &router);
     p
 }
 

@@ -78,6 +78,30 @@ impl ChatTemplate {
 mod tests {
     use super::*;
 
+    /// Templates written for Python's Jinja call Python's string methods, as Qwen3's does to
+    /// find the last user query and split reasoning from an answer.
+    #[test]
+    fn python_string_methods_work_as_in_transformers() {
+        let source = "{%- set ns = namespace(last=0) %}\
+            {%- for m in messages[::-1] %}{%- if ns.last == 0 and m.role == 'user' \
+            and not m.content.startswith('<tool') %}{%- set ns.last = messages|length - loop.index0 %}\
+            {%- endif %}{%- endfor %}\
+            {%- for m in messages %}{%- set content = m.content %}\
+            {%- if '</think>' in content %}{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}\
+            [{{ loop.index }}/{{ ns.last }} {{ m.role.upper() }}: {{ content.strip() }}|{{ 'q' if content.strip().endswith('?') else '-' }}]\
+            {%- endfor %}";
+        let chat = ChatTemplate::new(source.into(), "<s>".into(), "</s>".into());
+        let messages = [
+            Message::user("  Why?  "),
+            Message::assistant("<think>\nhm\n</think>\n\nBecause."),
+            Message::user("<tool_response>x</tool_response>"),
+        ];
+        assert_eq!(
+            chat.render(&messages).unwrap(),
+            "[1/1 USER: Why?|q][2/1 ASSISTANT: Because.|-][3/1 USER: <tool_response>x</tool_response>|-]"
+        );
+    }
+
     #[test]
     fn a_chat_template_that_would_run_forever_is_an_error() {
         let endless = "{% for a in range(100000) %}{% for b in range(100000) %}{{ bos_token }}{% endfor %}{% endfor %}";

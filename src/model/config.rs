@@ -4,13 +4,15 @@
 use serde::{Deserialize, Serialize};
 
 /// The transformer families tsq runs. All are Llama-shaped (RMSNorm, RoPE, SwiGLU, GQA);
-/// Qwen2 adds biases on q, k and v.
+/// Qwen2 adds biases on q, k and v; Qwen3 instead RMS-normalises each head's query and key
+/// before the rotation (and sets its head size apart from hidden / heads).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
 }
 
 impl Architecture {
@@ -19,6 +21,7 @@ impl Architecture {
             "llama" | "llamaforcausallm" => Some(Self::Llama),
             "mistral" | "mistralforcausallm" => Some(Self::Mistral),
             "qwen2" | "qwen2forcausallm" => Some(Self::Qwen2),
+            "qwen3" | "qwen3forcausallm" => Some(Self::Qwen3),
             _ => None,
         }
     }
@@ -26,12 +29,18 @@ impl Architecture {
     pub fn qkv_bias(self) -> bool {
         self == Self::Qwen2
     }
+
+    /// Whether each attention head's query and key pass an RMS norm of their own (weights
+    /// `attn.q_norm` / `attn.k_norm`, head_dim long) before the rotation.
+    pub fn qk_norm(self) -> bool {
+        self == Self::Qwen3
+    }
 }
 
 /// Why a model's hyper-parameters were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2)")]
+    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3)")]
     Unsupported(String),
     #[error("`{field}` is {value}; expected 1 to {max}")]
     SizeOutOfRange {
@@ -260,7 +269,8 @@ pub struct HfConfig {
     pub rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub sliding_window: Option<usize>,
-    /// Qwen2's switch for its `sliding_window` (off in every released Qwen2.5).
+    /// Qwen2's and Qwen3's switch for their `sliding_window` (off in every released Qwen2.5
+    /// and Qwen3).
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
 }
@@ -301,7 +311,11 @@ impl HfConfig {
             tie_word_embeddings: self.tie_word_embeddings,
             rope_scaling: self.resolved_rope_scaling()?,
             sliding_window: match architecture {
-                Architecture::Qwen2 if self.use_sliding_window != Some(true) => None,
+                Architecture::Qwen2 | Architecture::Qwen3
+                    if self.use_sliding_window != Some(true) =>
+                {
+                    None
+                }
                 _ => self.sliding_window,
             },
         };

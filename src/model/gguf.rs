@@ -95,6 +95,8 @@ pub fn canonical_name(gguf: &str) -> Option<String> {
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
+        "attn_q_norm" => "attn.q_norm",
+        "attn_k_norm" => "attn.k_norm",
         "attn_norm" => "attn_norm",
         "ffn_norm" => "mlp_norm",
         _ => return None,
@@ -104,8 +106,11 @@ pub fn canonical_name(gguf: &str) -> Option<String> {
 
 /// How many heads a permuted tensor was split into, for q and k weights and biases.
 fn permuted_heads(name: &str, config: &ModelConfig) -> Option<usize> {
-    if config.architecture == Architecture::Qwen2 {
-        return None; // llama.cpp does not permute Qwen2's q/k.
+    if matches!(
+        config.architecture,
+        Architecture::Qwen2 | Architecture::Qwen3
+    ) {
+        return None; // llama.cpp does not permute Qwen2's or Qwen3's q/k.
     }
     if name.contains(".attn.q_proj.") {
         Some(config.num_heads)

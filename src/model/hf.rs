@@ -138,6 +138,7 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
         super::config::Architecture::Llama => ("LlamaForCausalLM", "llama"),
         super::config::Architecture::Mistral => ("MistralForCausalLM", "mistral"),
         super::config::Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        super::config::Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
     };
     let rope_scaling = match &c.rope_scaling {
         None => Value::Null,

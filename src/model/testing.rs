@@ -8,7 +8,8 @@ use rand::{Rng, SeedableRng};
 
 use super::config::{Architecture, ModelConfig};
 
-/// A 2-layer GQA config small enough to run in milliseconds.
+/// A 2-layer GQA config small enough to run in milliseconds. Qwen3's heads are wider than
+/// hidden / heads, as in the released models.
 pub fn tiny_config(architecture: Architecture) -> ModelConfig {
     ModelConfig {
         architecture,
@@ -17,7 +18,7 @@ pub fn tiny_config(architecture: Architecture) -> ModelConfig {
         num_layers: 2,
         num_heads: 4,
         num_kv_heads: 2,
-        head_dim: 8,
+        head_dim: if architecture.qk_norm() { 12 } else { 8 },
         vocab_size: 64,
         rope_theta: 10_000.0,
         rms_norm_eps: 1e-5,
@@ -86,6 +87,14 @@ pub fn random_weights(
                 p(&format!("{norm}.weight")),
                 (tensor(1, h, 0.2).squeeze(0).expect("1×h") + 1.0).expect("add"),
             );
+        }
+        if config.architecture.qk_norm() {
+            for norm in ["attn.q_norm", "attn.k_norm"] {
+                w.insert(
+                    p(&format!("{norm}.weight")),
+                    (tensor(1, d, 0.5).squeeze(0).expect("1×d") + 1.0).expect("add"),
+                );
+            }
         }
     }
     w

@@ -416,12 +416,20 @@ mod tests {
     }
 }
 
-/// A tiny random model with every projection decomposed, for tests.
+/// A tiny random Llama model with every projection decomposed, for tests.
 #[cfg(test)]
 pub(crate) fn tiny_decomposed(seed: u64) -> (Transformer, Vec<crate::svd::cache::Decomposed>) {
-    use crate::model::config::Architecture;
+    tiny_decomposed_as(crate::model::config::Architecture::Llama, seed)
+}
+
+/// [`tiny_decomposed`] of another architecture.
+#[cfg(test)]
+pub(crate) fn tiny_decomposed_as(
+    architecture: crate::model::config::Architecture,
+    seed: u64,
+) -> (Transformer, Vec<crate::svd::cache::Decomposed>) {
     use crate::model::testing::{random_weights, tiny_config};
-    let config = tiny_config(Architecture::Llama);
+    let config = tiny_config(architecture);
     let weights = random_weights(&config, seed, &Device::Cpu);
     let mut decomposed = Vec::new();
     for layer in 0..config.num_layers {

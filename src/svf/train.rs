@@ -300,6 +300,7 @@ impl SvfTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::Architecture;
     use crate::model::transformer::{Batch, LogitsAt, Mode};
     use crate::svf::expert::BaseModel;
     use candle_core::D;
@@ -333,7 +334,11 @@ mod tests {
     }
 
     fn fixture(p: Parametrization, mlp_only: bool) -> Fixture {
-        let (base, mut factors) = crate::svf::tiny_decomposed(21);
+        fixture_as(Architecture::Llama, p, mlp_only)
+    }
+
+    fn fixture_as(arch: Architecture, p: Parametrization, mlp_only: bool) -> Fixture {
+        let (base, mut factors) = crate::svf::tiny_decomposed_as(arch, 21);
         if mlp_only {
             factors.retain(|d| d.name.contains(".mlp."));
         }
@@ -394,11 +399,17 @@ mod tests {
         Ok((log_probs.gather(&y, 1)? * w)?.sum_all()?.neg()?)
     }
 
+    /// On every projection of a Llama and a Qwen3 model (whose head norms and wider heads the
+    /// engine's backward pass must follow).
     #[test]
     fn chunked_head_gives_autograds_loss_and_gradients() -> TestResult {
         let batch = batch(64);
-        for p in [Parametrization::Sigmoid, Parametrization::Linear] {
-            let f = fixture(p, false);
+        let cases = [Parametrization::Sigmoid, Parametrization::Linear]
+            .map(|p| (Architecture::Llama, p))
+            .into_iter()
+            .chain([(Architecture::Qwen3, Parametrization::Sigmoid)]);
+        for (arch, p) in cases {
+            let f = fixture_as(arch, p, false);
             let t = &f.trainer;
             let (loss, grads, _) = t.gradients(&batch)?;
             let reference = reference_loss(&f, &batch)?;
@@ -414,7 +425,7 @@ mod tests {
                 let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(
                     scale > 0.0 && diff < 1e-3 * scale,
-                    "{p:?} {}: {diff} vs {scale}",
+                    "{arch:?} {p:?} {}: {diff} vs {scale}",
                     target.name
                 );
             }

@@ -1,4 +1,4 @@
-//! The Llama-family transformer (Llama, Mistral, Qwen2): weights under canonical names and two
+//! The Llama-family transformer (Llama, Mistral, Qwen2, Qwen3): weights under canonical names and two
 //! forward paths over them.
 //!
 //! - [`Mode::Fast`]: fused kernels (candle's `rms_norm` and `rope`; on the CPU in f32 our own
@@ -84,6 +84,9 @@ struct Factored {
 #[derive(Clone)]
 struct Layer {
     attn_norm: Tensor,
+    /// Per-head RMS norm weights of queries and keys (head_dim each), where the architecture
+    /// has them ([`Architecture::qk_norm`](super::config::Architecture::qk_norm)).
+    qk_norm: Option<[Tensor; 2]>,
     q: Linear,
     k: Linear,
     v: Linear,
@@ -197,8 +200,25 @@ impl Transformer {
                     let bias = take(&format!("layers.{i}.{m}.bias")).ok();
                     Linear::new(weight, bias)
                 };
+            let mut head_norm = |n: &str| -> Result<Tensor> {
+                let name = format!("layers.{i}.attn.{n}.weight");
+                let weight = take(&name)?;
+                if weight.dims() != [config.head_dim] {
+                    return Err(ModelError::Input(format!(
+                        "`{name}` is {:?}, the config implies [{}]",
+                        weight.dims(),
+                        config.head_dim
+                    )));
+                }
+                Ok(weight)
+            };
+            let qk_norm = match config.architecture.qk_norm() {
+                true => Some([head_norm("q_norm")?, head_norm("k_norm")?]),
+                false => None,
+            };
             layers.push(Layer {
                 attn_norm: take(&format!("layers.{i}.attn_norm.weight"))?,
+                qk_norm,
                 q: linear("attn.q_proj", &mut take)?,
                 k: linear("attn.k_proj", &mut take)?,
                 v: linear("attn.v_proj", &mut take)?,
@@ -385,6 +405,12 @@ impl Transformer {
                 format!("layers.{i}.mlp_norm.weight"),
                 layer.mlp_norm.clone(),
             );
+            for (name, norm) in ["q_norm", "k_norm"]
+                .iter()
+                .zip(layer.qk_norm.iter().flatten())
+            {
+                out.insert(format!("layers.{i}.attn.{name}.weight"), norm.clone());
+            }
             let linears = [
                 ("attn.q_proj", &layer.q),
                 ("attn.k_proj", &layer.k),
@@ -531,8 +557,13 @@ impl Transformer {
                 .contiguous()?)
         };
         let [q, k, v] = Linear::forward_each([&layer.q, &layer.k, &layer.v], x, mode, experts)?;
-        let q = rope(&heads(q, c.num_heads)?, cos, sin, mode)?;
-        let k = rope(&heads(k, c.num_kv_heads)?, cos, sin, mode)?;
+        let (mut q, mut k) = (heads(q, c.num_heads)?, heads(k, c.num_kv_heads)?);
+        if let Some([q_norm, k_norm]) = &layer.qk_norm {
+            q = rms_norm(&q, q_norm, c.rms_norm_eps, mode)?;
+            k = rms_norm(&k, k_norm, c.rms_norm_eps, mode)?;
+        }
+        let q = rope(&q, cos, sin, mode)?;
+        let k = rope(&k, cos, sin, mode)?;
         let v = heads(v, c.num_kv_heads)?;
         let (k, v) = LayerCache::append(kv, k, v)?;
         if let Some(visibility) = &positions.fused {
@@ -707,7 +738,11 @@ mod tests {
 
     #[test]
     fn batched_left_padded_equals_one_at_a_time() -> Result<()> {
-        for arch in [Architecture::Llama, Architecture::Qwen2] {
+        for arch in [
+            Architecture::Llama,
+            Architecture::Qwen2,
+            Architecture::Qwen3,
+        ] {
             let tf = tiny(arch);
             let seqs = vec![
                 vec![3, 9, 1, 4, 1, 5, 9, 2],
@@ -788,12 +823,14 @@ mod tests {
 
     #[test]
     fn fast_and_differentiable_paths_agree() -> Result<()> {
-        let tf = tiny(Architecture::Qwen2);
-        let seqs = vec![vec![1, 2, 3, 4, 5, 6, 7], vec![9, 8, 7]];
-        let fast = logits(&tf, &seqs, Mode::Fast)?;
-        let slow = logits(&tf, &seqs, Mode::Differentiable)?;
-        for (f, s) in fast.iter().zip(&slow) {
-            assert!(max_diff(f, s) < 1e-4, "{}", max_diff(f, s));
+        for arch in [Architecture::Qwen2, Architecture::Qwen3] {
+            let tf = tiny(arch);
+            let seqs = vec![vec![1, 2, 3, 4, 5, 6, 7], vec![9, 8, 7]];
+            let fast = logits(&tf, &seqs, Mode::Fast)?;
+            let slow = logits(&tf, &seqs, Mode::Differentiable)?;
+            for (f, s) in fast.iter().zip(&slow) {
+                assert!(max_diff(f, s) < 1e-4, "{arch:?}: {}", max_diff(f, s));
+            }
         }
         Ok(())
     }

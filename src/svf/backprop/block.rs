@@ -26,8 +26,14 @@ impl Engine {
         let mut inv_rms_attn = pool.zeros(n);
         kernels::rms_norm(&x, &layer.attn_norm, eps, &mut normed, &mut inv_rms_attn);
         let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
+        let mut head_norms = Vec::new();
         let mut heads_of = |slot: usize, count: usize, rotate: bool| {
-            let tokens = project(slot, &normed);
+            let mut tokens = project(slot, &normed);
+            if let Some(weight) = layer.head_norm(slot) {
+                let (normed, input) = self.head_norm(tokens, weight);
+                head_norms.push(input);
+                tokens = normed;
+            }
             let grouped = self.to_heads(&tokens, pass, count, rotate);
             pool.give([tokens]);
             grouped
@@ -69,14 +75,33 @@ impl Engine {
             gate,
             up,
             hidden,
+            head_norms,
         };
         (y, keep)
+    }
+
+    /// Each head's row of `tokens` (a q or k projection) RMS-normalised with `weight`, and
+    /// what the backward pass needs.
+    fn head_norm(&self, tokens: Vec<f32>, weight: &[f32]) -> (Vec<f32>, HeadNormInput) {
+        let eps = self.config.rms_norm_eps as f32;
+        let mut normed = self.pool.zeros(tokens.len());
+        let mut inv_rms = self.pool.zeros(tokens.len() / weight.len());
+        kernels::rms_norm(&tokens, weight, eps, &mut normed, &mut inv_rms);
+        (normed, HeadNormInput { x: tokens, inv_rms })
+    }
+
+    /// The gradient of a head norm's input from that of its output.
+    fn head_norm_backward(&self, grad: Vec<f32>, weight: &[f32], input: HeadNormInput) -> Vec<f32> {
+        let mut grad_x = self.pool.zeros(grad.len());
+        kernels::rms_norm_backward(&input.x, weight, &input.inv_rms, &grad, &mut grad_x);
+        self.pool.give([grad, input.x, input.inv_rms]);
+        grad_x
     }
 
     pub(super) fn block_backward(
         &self,
         layer: &Layer,
-        saved: Saved,
+        mut saved: Saved,
         grad_y: Vec<f32>,
         pass: &Pass,
         scaled_s: &[Vec<f32>],
@@ -121,10 +146,18 @@ impl Engine {
             (K, grad_k, kv_heads, true),
             (V, grad_v, kv_heads, false),
         ];
+        let mut head_norms = std::mem::take(&mut saved.head_norms).into_iter();
         for (slot, grouped, count, rotate) in qkv {
-            let tokens = self.to_tokens(&grouped, pass, count, rotate);
+            let mut tokens = self.to_tokens(&grouped, pass, count, rotate);
+            pool.give([grouped]);
+            if let Some(weight) = layer.head_norm(slot) {
+                let input = head_norms
+                    .next()
+                    .expect("the forward pass kept q's and k's");
+                tokens = self.head_norm_backward(tokens, weight, input);
+            }
             back(slot, &tokens, &mut grad_normed, slot != Q);
-            pool.give([grouped, tokens]);
+            pool.give([tokens]);
         }
         let mut grad_x = grad_mid;
         kernels::rms_norm_backward(

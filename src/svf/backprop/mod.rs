@@ -198,8 +198,22 @@ struct Projection {
 
 struct Layer {
     attn_norm: Vec<f32>,
+    /// Per-head RMS norm weights of queries and keys, where the architecture has them.
+    qk_norm: Option<[Vec<f32>; 2]>,
     mlp_norm: Vec<f32>,
     projections: [Projection; 7],
+}
+
+impl Layer {
+    /// The weights of the head norm that follows projection `slot` (q or k), if any.
+    fn head_norm(&self, slot: usize) -> Option<&[f32]> {
+        let [q, k] = self.qk_norm.as_ref()?;
+        match slot {
+            Q => Some(q),
+            K => Some(k),
+            _ => None,
+        }
+    }
 }
 
 /// A base model's weights as the engine uses them, with the SVF targets factored.
@@ -272,6 +286,15 @@ struct Saved {
     up: Vec<f32>,
     /// h = Vᵀ x of each factored projection.
     hidden: [Option<Vec<f32>>; 7],
+    /// The inputs of q's and k's head norms, in that order (none where the model has none).
+    head_norms: Vec<HeadNormInput>,
+}
+
+/// What a head norm's backward pass needs: its input (tokens × heads · head_dim) and the
+/// inverse RMS of each head's row.
+struct HeadNormInput {
+    x: Vec<f32>,
+    inv_rms: Vec<f32>,
 }
 
 /// Attention's results: what its backward pass keeps, and the attended values (packed).
@@ -297,7 +320,9 @@ impl Saved {
             self.gate,
             self.up,
         ];
-        pool.give(buffers.into_iter().chain(self.hidden.into_iter().flatten()));
+        let head_norms = self.head_norms.into_iter().flat_map(|h| [h.x, h.inv_rms]);
+        let hidden = self.hidden.into_iter().flatten();
+        pool.give(buffers.into_iter().chain(hidden).chain(head_norms));
     }
 }
 
@@ -354,8 +379,14 @@ impl Engine {
                 .iter()
                 .filter(|p| matches!(p.weight, Weight::Factored { .. }))
                 .count();
+            let head_norm = |n: &str| f32s(get(&format!("layers.{i}.attn.{n}.weight"))?);
+            let qk_norm = match config.architecture.qk_norm() {
+                true => Some([head_norm("q_norm")?, head_norm("k_norm")?]),
+                false => None,
+            };
             layers.push(Layer {
                 attn_norm: f32s(get(&format!("layers.{i}.attn_norm.weight"))?)?,
+                qk_norm,
                 mlp_norm: f32s(get(&format!("layers.{i}.mlp_norm.weight"))?)?,
                 projections,
             });
@@ -409,10 +440,17 @@ impl Engine {
     /// pack gets a pass of its own).
     fn passes<'p, 'a>(&self, packs: &'p [Pack<'a>]) -> Vec<&'p [Pack<'a>]> {
         let c = &self.config;
-        // Per token and layer, f32: x, q, k, v, x_mid and a few norms (≤ 6 hidden), gate and up
-        // (2 intermediate), h = Vᵀx of up to three factored MLP targets (≤ 3 hidden); then the
-        // attention probabilities of each member's sequence.
-        let per_token = 4 * c.num_layers * (9 * c.hidden_size + 2 * c.intermediate_size);
+        // Per token and layer, f32: x, q, k, v, x_mid and a few norms (≤ 6 × the wider of
+        // hidden and q), gate and up (2 intermediate), h = Vᵀx of up to three factored MLP
+        // targets (≤ 3 hidden), q and k before their head norms (where the model has them);
+        // then the attention probabilities of each member's sequence.
+        let q_width = c.num_heads * c.head_dim;
+        let head_norms = match c.architecture.qk_norm() {
+            true => q_width + c.num_kv_heads * c.head_dim,
+            false => 0,
+        };
+        let widths = 9 * c.hidden_size.max(q_width) + 2 * c.intermediate_size + head_norms;
+        let per_token = 4 * c.num_layers * widths;
         let bytes = |pack: &Pack| {
             let probs: usize = pack.members.iter().map(|m| m.ids.len().pow(2)).sum();
             pack.tokens() * per_token + 4 * c.num_layers * c.num_heads * probs
@@ -670,7 +708,8 @@ mod tests {
     }
 
     /// The training engine's loss on the architecture fixtures (Llama 3 rope scaling, Qwen2
-    /// biases, Mistral) equals the one from transformers' own logits for the same sequence.
+    /// biases, Qwen3 head norms, Mistral) equals the one from transformers' own logits for the
+    /// same sequence.
     #[test]
     fn loss_matches_transformers_on_each_architecture() -> Result<()> {
         #[derive(serde::Deserialize)]
@@ -678,7 +717,7 @@ mod tests {
             ids: Vec<u32>,
             logits: Vec<Vec<f32>>,
         }
-        for name in ["llama3", "qwen2", "mistral"] {
+        for name in ["llama3", "qwen2", "qwen3", "mistral"] {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/arch")
                 .join(name);
