@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 21's proof on a lent GPU, in one call of the device tool: tsq built with CUDA against
 # PyTorch/transformers on the same GPU, on random-weight models the script makes there
-# (SmolLM2-135M's shape, Llama-3.2-1B's, Llama-3.1-8B's). Writes $OUT/gpu-check.json (every
+# (SmolLM2-135M's shape, Llama-3.2-1B's, Llama-3.1-8B's, Qwen3-0.6B's). Writes $OUT/gpu-check.json (every
 # part's figures and each check against the issue's target) and $OUT/logs/.
 #
 # Here, first: `scripts/gpu-check.sh --prepare` builds the release binary with CUDA and packs it
@@ -44,14 +44,14 @@ if [[ $mode == gpu ]]; then
     "$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
       dist/tsq-cuda.xz "$tsq" && chmod +x "$tsq"
   fi
-  device=cuda small=smol mid=llama1b big=llama8b
+  device=cuda small=smol mid=llama1b big=llama8b qwen=qwen3
   wide=64 svf_batch=8 svf_seq=512 svf_prompt=64
   # cuBLAS, cuRAND and NVRTC from the Python's CUDA 13 packages; libcuda is the driver's.
   nvidia_lib="$("$python" -c 'import nvidia.cu13 as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null)"
   export LD_LIBRARY_PATH="$nvidia_lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 else
   tsq="${TSQ_BIN:-target/release/tsq}"
-  device=cpu small=tiny mid=tiny big=
+  device=cpu small=tiny mid=tiny big= qwen=qwen3tiny
   wide=4 svf_batch=2 svf_seq=64 svf_prompt=16
 fi
 tsq="$(realpath "$tsq")"
@@ -181,15 +181,15 @@ score_parity() {
 
 # One SVF step's loss and z-gradients from tsq (written by the bench), then from torch autograd.
 svf_parity() {
-  local dtype=$1 file="$work/svf-$1.tsq.json"
-  "$tsq" bench svf-step --model "$work/models/$small" --device "$device" --dtype "$dtype" \
+  local shape=$1 dtype=$2 file="$work/svf-$1-$2.tsq.json"
+  "$tsq" bench svf-step --model "$work/models/$shape" --device "$device" --dtype "$dtype" \
     --batch 2 --seq 96 --prompt 16 --steps 1 --layers 4 --gradients "$file" >&2 || return
-  py svf "$work/models/$small" "$file"
+  py svf "$work/models/$shape" "$file"
 }
 
 main() {
   export -f py log environment pipeline score_parity svf_parity score_speed_tsq
-  export tsq python check device work small mode
+  export tsq python check device work small mode qwen
   part env 60 environment
   mkdir -p "$work/models"
   part "make-$small" 120 py make "$small" "$work/models/$small"
@@ -198,7 +198,7 @@ main() {
   part score-speed-torch 90 py --dtype bf16 score-speed "$work/models/$small" "$work/items.jsonl"
   for dtype in f32 bf16; do
     part "score-$small-$dtype" 60 score_parity "$small" "$dtype"
-    part "svf-parity-$dtype" 90 svf_parity "$dtype"
+    part "svf-parity-$dtype" 90 svf_parity "$small" "$dtype"
   done
   if [[ $mid != "$small" ]]; then
     part "make-$mid" 120 py make "$mid" "$work/models/$mid"
@@ -221,6 +221,11 @@ main() {
       --device "$device" --dtype bf16 --batch "$svf_batch" --seq "$svf_seq" --prompt "$svf_prompt" \
       --steps 1 --layers 2
   fi
+  # Beyond the issue's list, last: Qwen3's head norms on the device (scoring, and one SVF
+  # step's gradients through them).
+  part "make-$qwen" 120 py make "$qwen" "$work/models/$qwen"
+  part "score-$qwen-bf16" 60 score_parity "$qwen" bf16
+  part "svf-parity-$qwen-f32" 90 svf_parity "$qwen" f32
   "$python" "$check" summary "$parts" >"$out/gpu-check.json"
   log "wrote $out/gpu-check.json"
 }
