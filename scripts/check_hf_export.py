@@ -29,8 +29,10 @@ PAIRS = [
 ]
 
 
-def tsq_scores(tsq, expert, prompt, continuation):
+def tsq_scores(tsq, model, expert, prompt, continuation):
     args = [tsq, "score", "--prompt", prompt, "--continuation", continuation, "--format", "json"]
+    if model:
+        args += ["--model", model]
     if expert:
         args += ["--expert", expert]
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
@@ -53,6 +55,7 @@ def main():
     ap.add_argument("--tsq", required=True)
     ap.add_argument("--expert", required=True)
     ap.add_argument("--export", required=True)
+    ap.add_argument("--model", help="the base model as tsq takes it (default: tsq's, SmolLM2)")
     ap.add_argument("--tolerance", type=float, default=1e-4)
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -61,8 +64,8 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(a.export)
     worst, moved, tokens, same_ids = 0.0, 0.0, 0, True
     for prompt, continuation in PAIRS:
-        prompt_ids, cont_ids, tsq_expert = tsq_scores(a.tsq, a.expert, prompt, continuation)
-        _, _, tsq_base = tsq_scores(a.tsq, None, prompt, continuation)
+        prompt_ids, cont_ids, tsq_expert = tsq_scores(a.tsq, a.model, a.expert, prompt, continuation)
+        _, _, tsq_base = tsq_scores(a.tsq, a.model, None, prompt, continuation)
         hf = hf_logprobs(model, prompt_ids, cont_ids)
         worst = max(worst, max(abs(x - y) for x, y in zip(hf, tsq_expert)))
         # How far the expert moved the model: the check must tell the two apart.

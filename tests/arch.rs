@@ -122,6 +122,38 @@ fn rope_scaling_biases_and_head_norms_are_what_make_the_difference() {
     );
 }
 
+/// A pipeline's `chat_template_kwargs` (Qwen3's `enable_thinking`) reach the chat template of
+/// the model that stages, `chat`, `classify` and `serve` load from the run.
+#[test]
+fn chat_template_kwargs_reach_the_models_chat_template() {
+    let p = crate::common::Project::new();
+    let (fixture, _) = fixture("qwen3");
+    let model = p.path().join("qwen3");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let template = "{{ messages[0].content }}{% if enable_thinking is defined and \
+        enable_thinking is false %} t5{% endif %}";
+    let config =
+        serde_json::json!({"bos_token": "t0", "eos_token": "t1", "chat_template": template});
+    std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let pipeline = "version: 1\nname: tiny\nrun_dir: runs\nmodel:\n  source: qwen3\n  \
+        chat_template_kwargs: {enable_thinking: false}\n";
+    std::fs::write(p.path().join("chat.yaml"), pipeline).unwrap();
+    p.run_ok(&["run", "chat.yaml", "--only", "model"]);
+    let record = tsq::stages::model::ModelRecord::read(&p.run_dir().join("model")).unwrap();
+    let chat = record.load().unwrap().chat.unwrap();
+    let hi = [tsq::model::chat::Message::user("t9")];
+    assert_eq!(chat.render(&hi).unwrap(), "t9 t5");
+    let plain = Model::load(&model, DType::F32, &Device::Cpu)
+        .unwrap()
+        .chat
+        .unwrap();
+    assert_eq!(plain.render(&hi).unwrap(), "t9");
+}
+
 /// Inside Mistral's sliding window attention is causal attention; past it tsq refuses rather
 /// than attend further back than the model was trained to.
 #[test]

@@ -110,7 +110,9 @@ impl AssetSource {
         path.exists().then_some(path)
     }
 
-    /// The local file for this source, fetching and caching it first if needed.
+    /// The local file for this source, fetching and caching it first if needed; absolute, so
+    /// that what a stage records of it holds from any working directory (`tsq chat` on the
+    /// run, a Slurm job).
     pub fn resolve(&self, home: &TsqHome) -> Result<PathBuf, AssetError> {
         let path = match self {
             Self::Local(path) => path.clone(),
@@ -121,11 +123,13 @@ impl AssetSource {
                 path,
             } => hf::resolve(repo, revision, path)?,
         };
-        if path.exists() {
-            Ok(path)
-        } else {
-            Err(AssetError::Missing { path })
+        if !path.exists() {
+            return Err(AssetError::Missing { path });
         }
+        std::path::absolute(&path).map_err(|source| AssetError::Io {
+            context: format!("resolving `{}`", path.display()),
+            source,
+        })
     }
 
     /// What identifies this asset's content for cache keys without fetching it: a local file's

@@ -1,6 +1,8 @@
 //! Chat templates (from `tokenizer.chat_template` in GGUF or `tokenizer_config.json`), rendered
 //! with minijinja the way HF transformers renders them.
 
+use std::collections::BTreeMap;
+
 use minijinja::{Error, ErrorKind, context};
 use serde::Serialize;
 
@@ -28,11 +30,22 @@ impl Message {
     }
 }
 
+/// The variables tsq passes to every chat template itself; [`ChatTemplate::with_variables`]
+/// cannot set them.
+pub const RESERVED: [&str; 4] = [
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
+
 #[derive(Clone)]
 pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    /// Further variables (`enable_thinking` for Qwen3), from the pipeline's model section.
+    variables: BTreeMap<String, serde_json::Value>,
 }
 
 impl ChatTemplate {
@@ -41,7 +54,18 @@ impl ChatTemplate {
             source,
             bos_token,
             eos_token,
+            variables: BTreeMap::new(),
         }
+    }
+
+    /// The template rendered with `variables` besides the messages, as transformers'
+    /// `apply_chat_template(**kwargs)` passes them; names in [`RESERVED`] are ignored.
+    pub fn with_variables(mut self, variables: &BTreeMap<String, serde_json::Value>) -> Self {
+        self.variables = (variables.iter())
+            .filter(|(name, _)| !RESERVED.contains(&name.as_str()))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        self
     }
 
     /// The template's source text.
@@ -68,6 +92,7 @@ impl ChatTemplate {
             add_generation_prompt => true,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
+            ..minijinja::Value::from(minijinja::value::Serde(&self.variables))
         };
         crate::jinja::render(&template, ctx)
             .map_err(|e| ModelError::Input(format!("cannot render the chat template: {e}")))
@@ -100,6 +125,20 @@ mod tests {
             chat.render(&messages).unwrap(),
             "[1/1 USER: Why?|q][2/1 ASSISTANT: Because.|-][3/1 USER: <tool_response>x</tool_response>|-]"
         );
+    }
+
+    /// Variables from the pipeline reach the template (Qwen3's switch), and cannot replace the
+    /// ones tsq sets.
+    #[test]
+    fn variables_reach_the_template() {
+        let source = "{{ messages[0].content }}{% if enable_thinking is defined and \
+            enable_thinking is false %}<think></think>{% endif %}{{ bos_token }}";
+        let chat = ChatTemplate::new(source.into(), "<s>".into(), "</s>".into());
+        let hi = [Message::user("hi")];
+        assert_eq!(chat.render(&hi).unwrap(), "hi<s>");
+        let variables = serde_json::from_str(r#"{"enable_thinking": false, "bos_token": "x"}"#);
+        let chat = chat.with_variables(&variables.unwrap());
+        assert_eq!(chat.render(&hi).unwrap(), "hi<think></think><s>");
     }
 
     #[test]

@@ -198,6 +198,12 @@ pub struct ModelSpec {
     /// `scripts/build-cuda.sh build`).
     #[serde(default)]
     pub device: Device,
+    /// Variables for the model's chat template, as transformers' `apply_chat_template(**kwargs)`
+    /// and vLLM's `chat_template_kwargs` pass them: `{enable_thinking: false}` makes Qwen3
+    /// answer without reasoning first.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}))]
+    pub chat_template_kwargs: BTreeMap<String, serde_json::Value>,
 }
 
 /// A dataset: a card saying where the records come from, templates for prompt and target, a split.

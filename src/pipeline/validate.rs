@@ -370,6 +370,15 @@ fn check_model(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
     if let Err(e) = AssetSource::check(&p.spec.model.source, p.dir()) {
         errors.push(p.doc.diagnostic("/model/source", false, e.to_string()));
     }
+    for name in p.spec.model.chat_template_kwargs.keys() {
+        if crate::model::chat::RESERVED.contains(&name.as_str()) {
+            errors.push(p.doc.diagnostic(
+                &format!("/model/chat_template_kwargs/{name}"),
+                true,
+                format!("`{name}` is set by tsq itself when it renders a chat template"),
+            ));
+        }
+    }
     // Metal is a build option for `tsq generate`, `score` and `chat`; the stages' training and
     // evaluation have never run there, so a pipeline asking for it is refused, not tried.
     if p.spec.model.device == crate::model::placement::Device::Metal {

@@ -34,6 +34,9 @@ pub struct ModelRecord {
     pub device: Device,
     #[serde(default)]
     pub dtype: Dtype,
+    /// The pipeline's variables for the chat template.
+    #[serde(default)]
+    pub chat_template_kwargs: BTreeMap<String, Value>,
 }
 
 impl ModelRecord {
@@ -64,7 +67,10 @@ impl ModelRecord {
     /// `classify` and `serve` load it so).
     pub fn load(&self) -> Result<crate::model::Model, crate::model::error::ModelError> {
         let device = crate::model::device(self.device)?;
-        crate::model::Model::load(&self.path, crate::model::dtype(self.dtype), &device)
+        let mut model =
+            crate::model::Model::load(&self.path, crate::model::dtype(self.dtype), &device)?;
+        model.chat = (model.chat.take()).map(|c| c.with_variables(&self.chat_template_kwargs));
+        Ok(model)
     }
 
     /// The record in a finished model stage's directory.
@@ -138,6 +144,7 @@ impl StageRunner for ModelStage {
         let info = json!({
             "source": self.spec.source, "path": path, "format": format, "bytes": size,
             "blake3": hash, "device": self.spec.device, "dtype": self.spec.dtype,
+            "chat_template_kwargs": self.spec.chat_template_kwargs,
         });
         crate::fsutil::write_json(&ctx.output(MODEL_FILE), &info)
             .map_err(|e| StageError::at("writing", &ctx.output(MODEL_FILE), e))?;
