@@ -3,15 +3,15 @@
 Writes tests/fixtures/arch/<name>/: an HF-layout directory (config.json, bf16 weights sharded
 over several safetensors files as large checkpoints are, a word-level tokenizer.json,
 tokenizer_config.json) and reference.json (token ids and the logits transformers computes from
-those bf16 weights in f32); for Qwen3 also <name>.gguf, the same weights as llama.cpp names
-them. tests/arch.rs loads each with tsq and compares.
+those bf16 weights in f32); for Qwen3 and SmolLM3 also <name>.gguf, the same weights as
+llama.cpp names (and, for SmolLM3, permutes) them. tests/arch.rs loads each with tsq and compares.
 
 Each model exercises what sets its family apart: Llama 3's `llama3` rope scaling (with an
 original context short enough that the frequencies fall in all three bands), Qwen2's q/k/v
 biases and tied embeddings (with a sliding window configured but switched off, as Qwen2.5 ships
 it), Qwen3's per-head q/k RMS norms and heads wider than hidden / heads (as in Qwen3-0.6B:
-16 heads of 128 over a hidden size of 1024), Mistral's sliding window (the reference sequence
-fits inside it). transformers 5 writes
+16 heads of 128 over a hidden size of 1024), SmolLM3's layers without rotary embeddings (every
+fourth), Mistral's sliding window (the reference sequence fits inside it). transformers 5 writes
 `rope_parameters` (theta and scaling together); the released Llama 3.x checkpoints have the
 older `rope_theta` + `rope_scaling`, so the llama3 fixture is rewritten to that form before
 transformers reloads it for the reference: both forms are covered.
@@ -35,6 +35,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "arch"
@@ -88,6 +90,17 @@ MODELS = {
             use_sliding_window=False,
         ),
     ),
+    "smollm3": (
+        SmolLM3ForCausalLM,
+        # Four layers, so the default leaves one without rotary embeddings (the fourth).
+        SmolLM3Config(
+            **{**COMMON, "num_hidden_layers": 4},
+            rope_theta=5000000.0,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            pad_token_id=None,
+        ),
+    ),
     "mistral": (
         MistralForCausalLM,
         MistralConfig(**COMMON, rope_theta=10000.0, tie_word_embeddings=False, sliding_window=16),
@@ -98,7 +111,9 @@ MODELS = {
 IDS = [2 + (i * 37 + 11) % (VOCAB - 2) for i in range(64)]
 LENGTH = {"mistral": 16}
 # Also written as a GGUF file beside the directory (tests/fixtures/arch/NAME.gguf).
-GGUF = {"qwen3"}
+GGUF = {"qwen3", "smollm3"}
+# Converted as llama.cpp's LlamaModel converts: q/k rows permuted (Qwen's are not).
+PERMUTED = {"smollm3"}
 
 
 def tokenizer(directory: pathlib.Path) -> None:
@@ -120,12 +135,18 @@ def legacy_rope_config(path: pathlib.Path) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
+def llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The row order llama.cpp's converter gives Llama-family q/k weights: each head's rows,
+    as (2, head_dim / 2) halves, stored as (head_dim / 2, 2) pairs."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def write_gguf(name: str, model, config) -> None:
     """The model as llama.cpp's converter writes it (tensor names from the gguf package's own
     map, f16 weights: exact for bf16 values), with a byte-level BPE token list of the same size."""
     import gguf
 
-    arch = {"qwen3": gguf.MODEL_ARCH.QWEN3}[name]
+    arch = {"qwen3": gguf.MODEL_ARCH.QWEN3, "smollm3": gguf.MODEL_ARCH.SMOLLM3}[name]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(OUT / f"{name}.gguf"), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_context_length(config.max_position_embeddings)
@@ -134,8 +155,9 @@ def write_gguf(name: str, model, config) -> None:
     writer.add_block_count(config.num_hidden_layers)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_tokenizer_model("gpt2")
@@ -152,6 +174,9 @@ def write_gguf(name: str, model, config) -> None:
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         mapped = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name in PERMUTED and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+            tensor = llama_cpp_permute(tensor, heads)
         writer.add_tensor(mapped, tensor.to(torch.float16).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -1,7 +1,7 @@
 //! The model families users bring, each against transformers: tiny random-weight Llama 3 (rope
 //! scaling `llama3`, legacy config keys), Qwen2 (q/k/v biases, tied head, transformers 5 config),
-//! Qwen3 (per-head q/k norms, heads wider than hidden / heads) and Mistral (sliding window)
-//! models in bf16, sharded over several safetensors files, made by
+//! Qwen3 (per-head q/k norms, heads wider than hidden / heads), SmolLM3 (layers without rotary
+//! embeddings) and Mistral (sliding window) models in bf16, sharded over several safetensors files, made by
 //! scripts/make-arch-fixtures.py with transformers' logits for one sequence.
 
 use std::path::PathBuf;
@@ -49,7 +49,7 @@ const TOLERANCE: f32 = 1e-4;
 
 #[test]
 fn each_architecture_matches_transformers() {
-    for name in ["llama3", "qwen2", "qwen3", "mistral"] {
+    for name in ["llama3", "qwen2", "qwen3", "smollm3", "mistral"] {
         let (dir, reference) = fixture(name);
         let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
         let ours = logits(&model, &reference.ids).unwrap();
@@ -59,22 +59,28 @@ fn each_architecture_matches_transformers() {
     }
 }
 
-/// A Qwen3 GGUF (llama.cpp's tensor names, head norms and all) gives transformers' logits too.
+/// GGUFs as llama.cpp's converter writes them give transformers' logits too: Qwen3's (head
+/// norms, q/k as they are) and SmolLM3's (q/k permuted, its unrotated layers implied).
 #[test]
-fn a_qwen3_gguf_matches_transformers() {
-    let (_, reference) = fixture("qwen3");
-    let gguf = repo().join("tests/fixtures/arch/qwen3.gguf");
-    let model = Model::load(&gguf, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(model.transformer.config.head_dim, 24);
-    assert_eq!(model.tokenizer.encode("ab").unwrap(), [4], "its one merge");
-    let diff = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
-    assert!(diff < TOLERANCE, "logits differ by {diff}");
+fn qwen3_and_smollm3_ggufs_match_transformers() {
+    for name in ["qwen3", "smollm3"] {
+        let (_, reference) = fixture(name);
+        let gguf = repo().join(format!("tests/fixtures/arch/{name}.gguf"));
+        let model = Model::load(&gguf, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            model.tokenizer.encode("ab").unwrap(),
+            [4],
+            "{name}: its one merge"
+        );
+        let diff = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+        assert!(diff < TOLERANCE, "{name}: logits differ by {diff}");
+    }
 }
 
 /// The features that set a family apart change the numbers: without them the same weights
 /// give other logits, so the agreement above is not vacuous.
 #[test]
-fn rope_scaling_biases_and_head_norms_are_what_make_the_difference() {
+fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
     let (dir, reference) = fixture("llama3");
     let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
     assert!(model.transformer.config.rope_scaling.is_some());
@@ -119,6 +125,19 @@ fn rope_scaling_biases_and_head_norms_are_what_make_the_difference() {
     assert!(
         off > 100.0 * TOLERANCE,
         "without the head norms the logits move by {off} only"
+    );
+
+    let (dir, reference) = fixture("smollm3");
+    let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.transformer.config.layers_without_rope, [3]);
+    let mut config = model.transformer.config.clone();
+    config.layers_without_rope.clear();
+    model.transformer =
+        tsq::model::transformer::Transformer::new(config, model.transformer.tensors()).unwrap();
+    let off = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+    assert!(
+        off > 100.0 * TOLERANCE,
+        "rotating every layer moves the logits by {off} only"
     );
 }
 

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 /// The transformer families tsq runs. All are Llama-shaped (RMSNorm, RoPE, SwiGLU, GQA);
 /// Qwen2 adds biases on q, k and v; Qwen3 instead RMS-normalises each head's query and key
-/// before the rotation (and sets its head size apart from hidden / heads).
+/// before the rotation (and sets its head size apart from hidden / heads); SmolLM3 leaves the
+/// rotation out of some layers (every fourth as released: "NoPE" layers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
@@ -13,6 +14,8 @@ pub enum Architecture {
     Mistral,
     Qwen2,
     Qwen3,
+    #[serde(rename = "smollm3")]
+    SmolLm3,
 }
 
 impl Architecture {
@@ -22,6 +25,7 @@ impl Architecture {
             "mistral" | "mistralforcausallm" => Some(Self::Mistral),
             "qwen2" | "qwen2forcausallm" => Some(Self::Qwen2),
             "qwen3" | "qwen3forcausallm" => Some(Self::Qwen3),
+            "smollm3" | "smollm3forcausallm" => Some(Self::SmolLm3),
             _ => None,
         }
     }
@@ -35,12 +39,18 @@ impl Architecture {
     pub fn qk_norm(self) -> bool {
         self == Self::Qwen3
     }
+
+    /// Every `n`-th layer (counting from 1) without rotary embeddings, where a config does not
+    /// list them: SmolLM3's default, and what llama.cpp assumes for its GGUFs.
+    pub fn no_rope_interval(self) -> Option<usize> {
+        (self == Self::SmolLm3).then_some(4)
+    }
 }
 
 /// Why a model's hyper-parameters were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3)")]
+    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, smollm3)")]
     Unsupported(String),
     #[error("`{field}` is {value}; expected 1 to {max}")]
     SizeOutOfRange {
@@ -60,6 +70,8 @@ pub enum ConfigError {
     UnsupportedRopeScaling(String),
     #[error("`rope_scaling`: {0}")]
     BadRopeScaling(String),
+    #[error("`no_rope_layers` has {0} flags for {1} layers")]
+    BadNoRopeLayers(usize, usize),
 }
 
 /// How rotary frequencies are rescaled for contexts longer than the model was pretrained on.
@@ -97,9 +109,26 @@ pub struct ModelConfig {
     /// Attention sees at most this many positions back (Mistral's sliding window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
+    /// Layers (from 0, ascending) whose queries and keys are not rotated (SmolLM3's NoPE).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers_without_rope: Vec<usize>,
 }
 
 impl ModelConfig {
+    /// Whether layer `index` rotates its queries and keys.
+    pub fn rotates(&self, index: usize) -> bool {
+        !self.layers_without_rope.contains(&index)
+    }
+
+    /// The layers an architecture leaves unrotated by default (see
+    /// [`Architecture::no_rope_interval`]).
+    pub fn default_layers_without_rope(architecture: Architecture, layers: usize) -> Vec<usize> {
+        match architecture.no_rope_interval() {
+            Some(n) => (0..layers).filter(|i| (i + 1) % n == 0).collect(),
+            None => vec![],
+        }
+    }
+
     /// The most positions one sequence may hold. Within a sliding window, windowed attention is
     /// full causal attention; sequences longer than the window are refused rather than computed
     /// without the window.
@@ -196,6 +225,13 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return Err(ConfigError::OddHeadDim(self.head_dim));
         }
+        if let Some(&layer) = (self.layers_without_rope.iter()).find(|&&l| l >= self.num_layers) {
+            return Err(ConfigError::SizeOutOfRange {
+                field: "no_rope_layers",
+                value: layer + 1,
+                max: self.num_layers,
+            });
+        }
         if self.sliding_window == Some(0) {
             return Err(ConfigError::SizeOutOfRange {
                 field: "sliding_window",
@@ -273,6 +309,9 @@ pub struct HfConfig {
     /// and Qwen3).
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
+    /// SmolLM3's flag per layer: 1 where it rotates, 0 where it does not.
+    #[serde(default)]
+    pub no_rope_layers: Option<Vec<u8>>,
 }
 
 /// The RoPE base when a config gives none (transformers' default too).
@@ -311,14 +350,30 @@ impl HfConfig {
             tie_word_embeddings: self.tie_word_embeddings,
             rope_scaling: self.resolved_rope_scaling()?,
             sliding_window: match architecture {
-                Architecture::Qwen2 | Architecture::Qwen3
+                Architecture::Qwen2 | Architecture::Qwen3 | Architecture::SmolLm3
                     if self.use_sliding_window != Some(true) =>
                 {
                     None
                 }
                 _ => self.sliding_window,
             },
+            layers_without_rope: match (&self.no_rope_layers, architecture) {
+                (Some(flags), Architecture::SmolLm3) => (flags.iter().enumerate())
+                    .filter(|(_, rotates)| **rotates == 0)
+                    .map(|(i, _)| i)
+                    .collect(),
+                _ => ModelConfig::default_layers_without_rope(architecture, self.num_hidden_layers),
+            },
         };
+        if let Some(flags) = &self.no_rope_layers
+            && architecture == Architecture::SmolLm3
+            && flags.len() != self.num_hidden_layers
+        {
+            return Err(ConfigError::BadNoRopeLayers(
+                flags.len(),
+                self.num_hidden_layers,
+            ));
+        }
         config.check()?;
         Ok(config)
     }

@@ -198,11 +198,12 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
                 ModelError::load(path, "GGUF metadata `tokenizer.ggml.tokens` is not a list")
             })?,
     };
+    let num_layers = meta_usize(path, md, &key("block_count"))?;
     let config = ModelConfig {
         architecture,
         hidden_size,
         intermediate_size: meta_usize(path, md, &key("feed_forward_length"))?,
-        num_layers: meta_usize(path, md, &key("block_count"))?,
+        num_layers,
         num_heads,
         num_kv_heads: meta_usize(path, md, &key("attention.head_count_kv")).unwrap_or(num_heads),
         head_dim: meta_usize(path, md, &key("attention.key_length"))
@@ -214,6 +215,8 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
         tie_word_embeddings: true, // corrected by the loader when `output.weight` exists
         rope_scaling: None,        // set by the loader from `rope_freqs.weight` if present
         sliding_window: meta_usize(path, md, &key("attention.sliding_window")).ok(),
+        // llama.cpp keeps no list in its GGUFs: SmolLM3's every fourth layer is implied.
+        layers_without_rope: ModelConfig::default_layers_without_rope(architecture, num_layers),
     };
     // Older converters describe other scalings in metadata; tsq does not compute them.
     if let Ok(kind) = meta_str(path, md, &key("rope.scaling.type"))

@@ -139,6 +139,7 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
         super::config::Architecture::Mistral => ("MistralForCausalLM", "mistral"),
         super::config::Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         super::config::Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        super::config::Architecture::SmolLm3 => ("SmolLM3ForCausalLM", "smollm3"),
     };
     let rope_scaling = match &c.rope_scaling {
         None => Value::Null,
@@ -159,7 +160,7 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
             ));
         }
     };
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "rope_scaling": rope_scaling, "sliding_window": c.sliding_window,
         "use_sliding_window": c.sliding_window.is_some(),
         "architectures": [arch], "model_type": model_type, "hidden_size": c.hidden_size,
@@ -170,6 +171,10 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
         "torch_dtype": "float32", "hidden_act": "silu",
         "bos_token_id": model.tokenizer.bos_id, "eos_token_id": model.tokenizer.eos_ids.first(),
     });
+    if c.architecture == super::config::Architecture::SmolLm3 {
+        let flags: Vec<u8> = (0..c.num_layers).map(|i| u8::from(c.rotates(i))).collect();
+        config["no_rope_layers"] = flags.into();
+    }
     write_json(&dir.join("config.json"), &config)?;
     let tensors: std::collections::HashMap<String, Tensor> = tf
         .tensors()

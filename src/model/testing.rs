@@ -26,6 +26,11 @@ pub fn tiny_config(architecture: Architecture) -> ModelConfig {
         tie_word_embeddings: true,
         rope_scaling: None,
         sliding_window: None,
+        // SmolLM3 leaves every fourth layer unrotated; the second here, so two layers have one.
+        layers_without_rope: match architecture.no_rope_interval() {
+            Some(_) => vec![1],
+            None => vec![],
+        },
     }
 }
 

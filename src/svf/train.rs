@@ -399,15 +399,17 @@ mod tests {
         Ok((log_probs.gather(&y, 1)? * w)?.sum_all()?.neg()?)
     }
 
-    /// On every projection of a Llama and a Qwen3 model (whose head norms and wider heads the
-    /// engine's backward pass must follow).
+    /// On every projection of a Llama, a Qwen3 (whose head norms and wider heads the engine's
+    /// backward pass must follow) and a SmolLM3 model (a layer without rotation).
     #[test]
     fn chunked_head_gives_autograds_loss_and_gradients() -> TestResult {
         let batch = batch(64);
         let cases = [Parametrization::Sigmoid, Parametrization::Linear]
             .map(|p| (Architecture::Llama, p))
             .into_iter()
-            .chain([(Architecture::Qwen3, Parametrization::Sigmoid)]);
+            .chain(
+                [Architecture::Qwen3, Architecture::SmolLm3].map(|a| (a, Parametrization::Sigmoid)),
+            );
         for (arch, p) in cases {
             let f = fixture_as(arch, p, false);
             let t = &f.trainer;

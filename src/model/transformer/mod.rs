@@ -1,4 +1,4 @@
-//! The Llama-family transformer (Llama, Mistral, Qwen2, Qwen3): weights under canonical names and two
+//! The Llama-family transformer (Llama, Mistral, Qwen2, Qwen3, SmolLM3): weights under canonical names and two
 //! forward paths over them.
 //!
 //! - [`Mode::Fast`]: fused kernels (candle's `rms_norm` and `rope`; on the CPU in f32 our own
@@ -87,6 +87,8 @@ struct Layer {
     /// Per-head RMS norm weights of queries and keys (head_dim each), where the architecture
     /// has them ([`Architecture::qk_norm`](super::config::Architecture::qk_norm)).
     qk_norm: Option<[Tensor; 2]>,
+    /// Whether queries and keys are rotated (not in SmolLM3's NoPE layers).
+    rotate: bool,
     q: Linear,
     k: Linear,
     v: Linear,
@@ -219,6 +221,7 @@ impl Transformer {
             layers.push(Layer {
                 attn_norm: take(&format!("layers.{i}.attn_norm.weight"))?,
                 qk_norm,
+                rotate: config.rotates(i),
                 q: linear("attn.q_proj", &mut take)?,
                 k: linear("attn.k_proj", &mut take)?,
                 v: linear("attn.v_proj", &mut take)?,
@@ -562,8 +565,10 @@ impl Transformer {
             q = rms_norm(&q, q_norm, c.rms_norm_eps, mode)?;
             k = rms_norm(&k, k_norm, c.rms_norm_eps, mode)?;
         }
-        let q = rope(&q, cos, sin, mode)?;
-        let k = rope(&k, cos, sin, mode)?;
+        if layer.rotate {
+            q = rope(&q, cos, sin, mode)?;
+            k = rope(&k, cos, sin, mode)?;
+        }
         let v = heads(v, c.num_kv_heads)?;
         let (k, v) = LayerCache::append(kv, k, v)?;
         if let Some(visibility) = &positions.fused {
@@ -823,7 +828,11 @@ mod tests {
 
     #[test]
     fn fast_and_differentiable_paths_agree() -> Result<()> {
-        for arch in [Architecture::Qwen2, Architecture::Qwen3] {
+        for arch in [
+            Architecture::Qwen2,
+            Architecture::Qwen3,
+            Architecture::SmolLm3,
+        ] {
             let tf = tiny(arch);
             let seqs = vec![vec![1, 2, 3, 4, 5, 6, 7], vec![9, 8, 7]];
             let fast = logits(&tf, &seqs, Mode::Fast)?;

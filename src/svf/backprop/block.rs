@@ -38,8 +38,8 @@ impl Engine {
             pool.give([tokens]);
             grouped
         };
-        let q = heads_of(Q, heads, true);
-        let k = heads_of(K, kv_heads, true);
+        let q = heads_of(Q, heads, layer.rotate);
+        let k = heads_of(K, kv_heads, layer.rotate);
         let v = heads_of(V, kv_heads, false);
         let Attended {
             q,
@@ -142,8 +142,8 @@ impl Engine {
         let (grad_q, grad_k, grad_v) = self.attend_backward(&saved, &grad_grouped, pass);
         pool.give([grad_attended, grad_grouped]);
         let qkv = [
-            (Q, grad_q, heads, true),
-            (K, grad_k, kv_heads, true),
+            (Q, grad_q, heads, layer.rotate),
+            (K, grad_k, kv_heads, layer.rotate),
             (V, grad_v, kv_heads, false),
         ];
         let mut head_norms = std::mem::take(&mut saved.head_norms).into_iter();

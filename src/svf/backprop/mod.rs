@@ -200,6 +200,8 @@ struct Layer {
     attn_norm: Vec<f32>,
     /// Per-head RMS norm weights of queries and keys, where the architecture has them.
     qk_norm: Option<[Vec<f32>; 2]>,
+    /// Whether queries and keys are rotated (not in SmolLM3's NoPE layers).
+    rotate: bool,
     mlp_norm: Vec<f32>,
     projections: [Projection; 7],
 }
@@ -387,6 +389,7 @@ impl Engine {
             layers.push(Layer {
                 attn_norm: f32s(get(&format!("layers.{i}.attn_norm.weight"))?)?,
                 qk_norm,
+                rotate: config.rotates(i),
                 mlp_norm: f32s(get(&format!("layers.{i}.mlp_norm.weight"))?)?,
                 projections,
             });
@@ -708,8 +711,8 @@ mod tests {
     }
 
     /// The training engine's loss on the architecture fixtures (Llama 3 rope scaling, Qwen2
-    /// biases, Qwen3 head norms, Mistral) equals the one from transformers' own logits for the
-    /// same sequence.
+    /// biases, Qwen3 head norms, SmolLM3 NoPE layers, Mistral) equals the one from
+    /// transformers' own logits for the same sequence.
     #[test]
     fn loss_matches_transformers_on_each_architecture() -> Result<()> {
         #[derive(serde::Deserialize)]
@@ -717,7 +720,7 @@ mod tests {
             ids: Vec<u32>,
             logits: Vec<Vec<f32>>,
         }
-        for name in ["llama3", "qwen2", "qwen3", "mistral"] {
+        for name in ["llama3", "qwen2", "qwen3", "smollm3", "mistral"] {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/arch")
                 .join(name);
