@@ -1,5 +1,5 @@
-//! The Llama-family transformer (Llama, Mistral, Qwen2, Qwen3, SmolLM3): weights under canonical names and two
-//! forward paths over them.
+//! The Llama-family transformer (Llama, Mistral, Qwen2, Qwen3, SmolLM3): weights under
+//! canonical names and two forward paths over them.
 //!
 //! - [`Mode::Fast`]: fused kernels (candle's `rms_norm` and `rope`; on the CPU in f32 our own
 //!   masked softmax and SiLU·up from `model::kernels`, and the packed weight products). They
@@ -747,6 +747,7 @@ mod tests {
             Architecture::Llama,
             Architecture::Qwen2,
             Architecture::Qwen3,
+            Architecture::SmolLm3,
         ] {
             let tf = tiny(arch);
             let seqs = vec![
