@@ -142,7 +142,8 @@ fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
 }
 
 /// A pipeline's `chat_template_kwargs` (Qwen3's `enable_thinking`) reach the chat template of
-/// the model that stages, `chat`, `classify` and `serve` load from the run.
+/// the model that stages, `chat`, `classify` and `serve` load from the run; the model commands'
+/// `--chat-template-kwargs` reach the model they load.
 #[test]
 fn chat_template_kwargs_reach_the_models_chat_template() {
     let p = crate::common::Project::new();
@@ -171,6 +172,35 @@ fn chat_template_kwargs_reach_the_models_chat_template() {
         .chat
         .unwrap();
     assert_eq!(plain.render(&hi).unwrap(), "t9");
+
+    // The model commands' `--chat-template-kwargs`, parsed and refused as the pipeline's are.
+    let args = |kwargs: &str| {
+        use clap::Parser;
+        let path = model.to_str().unwrap();
+        let argv = [
+            "tsq",
+            "generate",
+            "--model",
+            path,
+            "--chat-template-kwargs",
+            kwargs,
+            "t9",
+        ];
+        let cli = tsq::cli::Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let tsq::cli::Command::Generate(generate) = cli.command else {
+            unreachable!("parsed as generate")
+        };
+        Ok::<_, String>(tsq::cmd::ModelArgs::from(generate.model))
+    };
+    let loaded = args(r#"{"enable_thinking": false}"#)
+        .unwrap()
+        .load()
+        .unwrap();
+    assert_eq!(loaded.chat.unwrap().render(&hi).unwrap(), "t9 t5");
+    let err = args(r#"{"bos_token": "x"}"#).err().unwrap();
+    assert!(err.contains("`bos_token` is set by tsq itself"), "{err}");
+    let err = args("enable_thinking=false").err().unwrap();
+    assert!(err.contains("expected a JSON object"), "{err}");
 }
 
 /// Inside Mistral's sliding window attention is causal attention; past it tsq refuses rather

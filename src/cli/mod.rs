@@ -128,6 +128,25 @@ pub struct ModelOptions {
     /// An SVF expert file (`tsq expert ...`) to compose into the model's weights.
     #[arg(long, value_name = "FILE")]
     pub expert: Option<PathBuf>,
+    /// Variables for the model's chat template, as a JSON object: `{"enable_thinking": false}`
+    /// makes Qwen3 answer without reasoning first (a pipeline's `model.chat_template_kwargs`).
+    #[arg(long, value_name = "JSON", value_parser = chat_template_kwargs)]
+    pub chat_template_kwargs: Option<ChatTemplateKwargs>,
+}
+
+/// `--chat-template-kwargs` as parsed.
+pub type ChatTemplateKwargs = std::collections::BTreeMap<String, serde_json::Value>;
+
+fn chat_template_kwargs(text: &str) -> Result<ChatTemplateKwargs, String> {
+    let kwargs: ChatTemplateKwargs = serde_json::from_str(text)
+        .map_err(|e| format!("expected a JSON object of variables: {e}"))?;
+    match kwargs
+        .keys()
+        .find(|k| crate::model::chat::RESERVED.contains(&k.as_str()))
+    {
+        Some(name) => Err(format!("`{name}` is set by tsq itself")),
+        None => Ok(kwargs),
+    }
 }
 
 /// The default model: SmolLM2-135M-Instruct from its registry package.
@@ -166,6 +185,7 @@ impl From<ModelOptions> for cmd::ModelArgs {
             expert: m.expert,
             dtype,
             device,
+            chat_template_kwargs: m.chat_template_kwargs.unwrap_or_default(),
         }
     }
 }

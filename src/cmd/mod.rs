@@ -168,6 +168,8 @@ pub struct ModelArgs {
     pub expert: Option<std::path::PathBuf>,
     pub dtype: crate::model::placement::Dtype,
     pub device: crate::model::placement::Device,
+    /// Variables for the model's chat template.
+    pub chat_template_kwargs: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl ModelArgs {
@@ -197,8 +199,10 @@ impl ModelArgs {
             .resolve(&crate::assets::TsqHome::from_env())
             .map_err(CmdError::failed)?;
         let device = crate::model::device(self.device).map_err(CmdError::failed)?;
-        crate::model::Model::load(&path, crate::model::dtype(self.dtype), &device)
-            .map_err(CmdError::failed)
+        let mut model = crate::model::Model::load(&path, crate::model::dtype(self.dtype), &device)
+            .map_err(CmdError::failed)?;
+        model.set_chat_variables(&self.chat_template_kwargs);
+        Ok(model)
     }
 }
 

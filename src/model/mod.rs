@@ -122,6 +122,15 @@ pub struct Model {
 }
 
 impl Model {
+    /// Renders chat prompts with `variables` besides the messages (a pipeline's or the
+    /// command line's `chat_template_kwargs`).
+    pub fn set_chat_variables(
+        &mut self,
+        variables: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) {
+        self.chat = (self.chat.take()).map(|c| c.with_variables(variables));
+    }
+
     /// Loads a GGUF file or an HF-layout directory.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         if path.is_dir() {

@@ -69,7 +69,7 @@ impl ModelRecord {
         let device = crate::model::device(self.device)?;
         let mut model =
             crate::model::Model::load(&self.path, crate::model::dtype(self.dtype), &device)?;
-        model.chat = (model.chat.take()).map(|c| c.with_variables(&self.chat_template_kwargs));
+        model.set_chat_variables(&self.chat_template_kwargs);
         Ok(model)
     }
 
