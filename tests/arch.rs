@@ -141,12 +141,10 @@ fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
     );
 }
 
-/// A pipeline's `chat_template_kwargs` (Qwen3's `enable_thinking`) reach the chat template of
-/// the model that stages, `chat`, `classify` and `serve` load from the run; the model commands'
-/// `--chat-template-kwargs` reach the model they load.
-#[test]
-fn chat_template_kwargs_reach_the_models_chat_template() {
-    let p = crate::common::Project::new();
+/// A copy of the Qwen3 fixture in `p` whose chat template, like Qwen3's, reads
+/// `enable_thinking` (it appends ` t5` when it is false), and `chat.yaml`, a pipeline on it
+/// setting that variable to false; returns the model's directory.
+pub(crate) fn thinking_model(p: &crate::common::Project) -> PathBuf {
     let (fixture, _) = fixture("qwen3");
     let model = p.path().join("qwen3");
     std::fs::create_dir(&model).unwrap();
@@ -162,6 +160,16 @@ fn chat_template_kwargs_reach_the_models_chat_template() {
     let pipeline = "version: 1\nname: tiny\nrun_dir: runs\nmodel:\n  source: qwen3\n  \
         chat_template_kwargs: {enable_thinking: false}\n";
     std::fs::write(p.path().join("chat.yaml"), pipeline).unwrap();
+    model
+}
+
+/// A pipeline's `chat_template_kwargs` (Qwen3's `enable_thinking`) reach the chat template of
+/// the model that stages, `chat`, `classify` and `serve` load from the run; the model commands'
+/// `--chat-template-kwargs` reach the model they load.
+#[test]
+fn chat_template_kwargs_reach_the_models_chat_template() {
+    let p = crate::common::Project::new();
+    let model = thinking_model(&p);
     p.run_ok(&["run", "chat.yaml", "--only", "model"]);
     let record = tsq::stages::model::ModelRecord::read(&p.run_dir().join("model")).unwrap();
     let chat = record.load().unwrap().chat.unwrap();

@@ -437,6 +437,38 @@ fn bad_requests_get_clean_errors() {
     assert_eq!(ok.status, 200, "{}", ok.body);
 }
 
+/// A request's `chat_template_kwargs` (vLLM's field, the openai client's `extra_body`) reach the
+/// chat template over the run's own: the prompt is one token longer where the template's
+/// variable makes it so.
+#[test]
+fn chat_template_kwargs_of_a_request_reach_the_template() {
+    let p = Project::new();
+    crate::arch::thinking_model(&p);
+    p.run_ok(&["run", "chat.yaml"]);
+    let server = Server::start(&p, &[]);
+    let prompt_tokens = |kwargs: Value| {
+        let mut body = json!({"model": "tiny", "messages": [{"role": "user", "content": "t9"}],
+            "max_tokens": 1});
+        if !kwargs.is_null() {
+            body["chat_template_kwargs"] = kwargs;
+        }
+        let response = server.post("/v1/chat/completions", &body);
+        assert_eq!(response.status, 200, "{}", response.body);
+        response.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    // The run says enable_thinking: false (" t5" appended); a request may say otherwise.
+    assert_eq!(prompt_tokens(Value::Null), 2);
+    assert_eq!(prompt_tokens(json!({"enable_thinking": true})), 1);
+    assert_eq!(prompt_tokens(json!({"enable_thinking": false})), 2);
+    let refused = server.post(
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": [{"role": "user", "content": "t9"}],
+            "chat_template_kwargs": {"messages": []}}),
+    );
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["param"], "chat_template_kwargs");
+}
+
 /// On the real SmolLM2: a chat answer equal to `tsq generate --chat`; with one sequence in the
 /// batch and one request waiting, the next is refused with 429; a client that leaves mid-stream
 /// frees its row; SIGTERM lets the answer in flight finish.

@@ -58,13 +58,12 @@ impl ChatTemplate {
         }
     }
 
-    /// The template rendered with `variables` besides the messages, as transformers'
-    /// `apply_chat_template(**kwargs)` passes them; names in [`RESERVED`] are ignored.
+    /// The template rendered with `variables` besides the messages (over those it had, for
+    /// the names both give), as transformers' `apply_chat_template(**kwargs)` passes them;
+    /// names in [`RESERVED`] are ignored.
     pub fn with_variables(mut self, variables: &BTreeMap<String, serde_json::Value>) -> Self {
-        self.variables = (variables.iter())
-            .filter(|(name, _)| !RESERVED.contains(&name.as_str()))
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect();
+        let allowed = (variables.iter()).filter(|(name, _)| !RESERVED.contains(&name.as_str()));
+        (self.variables).extend(allowed.map(|(name, value)| (name.clone(), value.clone())));
         self
     }
 
@@ -139,6 +138,8 @@ mod tests {
         let variables = serde_json::from_str(r#"{"enable_thinking": false, "bos_token": "x"}"#);
         let chat = chat.with_variables(&variables.unwrap());
         assert_eq!(chat.render(&hi).unwrap(), "hi<think></think><s>");
+        let request = serde_json::from_str(r#"{"enable_thinking": true}"#).unwrap();
+        assert_eq!(chat.with_variables(&request).render(&hi).unwrap(), "hi<s>");
     }
 
     #[test]

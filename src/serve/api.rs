@@ -78,8 +78,12 @@ pub struct Ask {
 }
 
 pub enum Input {
-    /// A conversation, rendered with the model's chat template.
-    Chat(Vec<crate::model::chat::Message>),
+    /// A conversation, rendered with the model's chat template and the request's variables for
+    /// it (vLLM's `chat_template_kwargs`) over the run's.
+    Chat {
+        messages: Vec<crate::model::chat::Message>,
+        template_kwargs: std::collections::BTreeMap<String, Value>,
+    },
     /// Raw text to continue.
     Text(String),
 }
@@ -88,7 +92,7 @@ impl Input {
     /// The text an adaptation's first pass looks at: the last user turn, or the prompt.
     pub fn first_pass_text(&self) -> String {
         match self {
-            Self::Chat(messages) => messages
+            Self::Chat { messages, .. } => messages
                 .iter()
                 .rev()
                 .find(|m| m.role == "user")
@@ -153,6 +157,8 @@ struct ChatBody {
     #[serde(flatten)]
     common: Common,
     messages: Vec<ChatMessage>,
+    /// Variables for the chat template, as vLLM takes them (`extra_body` in the openai client).
+    chat_template_kwargs: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -201,7 +207,28 @@ pub fn chat(body: &[u8], limits: &Limits) -> Result<Ask, ApiError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    ask(body.common, Input::Chat(messages), limits)
+    let template_kwargs = template_kwargs(body.chat_template_kwargs)?;
+    let input = Input::Chat {
+        messages,
+        template_kwargs,
+    };
+    ask(body.common, input, limits)
+}
+
+/// A request's `chat_template_kwargs`: an object (or null) not naming what tsq sets itself.
+fn template_kwargs(
+    value: Option<Value>,
+) -> Result<std::collections::BTreeMap<String, Value>, ApiError> {
+    let invalid = |message: String| ApiError::invalid(Some("chat_template_kwargs"), message);
+    let kwargs = match value {
+        None | Some(Value::Null) => return Ok(Default::default()),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(invalid("`chat_template_kwargs` must be an object".into())),
+    };
+    match (kwargs.keys()).find(|k| crate::model::chat::RESERVED.contains(&k.as_str())) {
+        Some(name) => Err(invalid(format!("`{name}` is set by tsq itself"))),
+        None => Ok(kwargs.into_iter().collect()),
+    }
 }
 
 /// A `/v1/completions` body.
@@ -354,7 +381,7 @@ fn logprobs(c: &Common, input: &Input) -> Result<Option<usize>, ApiError> {
         )),
     };
     match input {
-        Input::Chat(_) => {
+        Input::Chat { .. } => {
             let asked = match &c.logprobs {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
@@ -482,6 +509,13 @@ mod tests {
                 (StatusCode::BAD_REQUEST, Some(param)),
                 "{body}"
             );
+        }
+        for kwargs in [r#"[1]"#, r#"{"messages": []}"#] {
+            let text = format!(
+                r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}], "chat_template_kwargs": {kwargs}}}"#
+            );
+            let err = chat(text.as_bytes(), &LIMITS).err().expect(kwargs);
+            assert_eq!(err.param, Some("chat_template_kwargs"), "{kwargs}");
         }
         let empty = chat(br#"{"model": "m", "messages": []}"#, &LIMITS)
             .err()

@@ -267,15 +267,17 @@ fn submit(
         route = mixture_route(catalog, &route, mix)?;
     }
     let text = match &ask.input {
-        Input::Chat(messages) => catalog
-            .chat
-            .as_ref()
+        Input::Chat {
+            messages,
+            template_kwargs,
+        } => (catalog.chat.clone())
             .ok_or_else(|| {
                 ApiError::invalid(
                     Some("messages"),
                     "the model has no chat template: use /v1/completions",
                 )
             })?
+            .with_variables(template_kwargs)
             .render(messages)
             .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?,
         Input::Text(text) => text.clone(),
