@@ -14,7 +14,6 @@ pub enum Architecture {
     Mistral,
     Qwen2,
     Qwen3,
-    #[serde(rename = "smollm3")]
     SmolLm3,
 }
 
