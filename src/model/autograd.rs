@@ -17,6 +17,8 @@ use candle_core::{
 use rayon::prelude::*;
 use tsq_linalg::{Mat, MatMut, Threads};
 
+use super::kernels;
+
 type Backward = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// Passes a precomputed result through; its backward maps (result, output gradient) to the
@@ -342,6 +344,10 @@ pub(crate) fn linalg_applies(t: &Tensor) -> bool {
 /// Multiply-adds below which one of many products runs on a single thread.
 const SMALL_PRODUCT: usize = 1 << 18;
 
+/// Rows of A up to which one of many small products reads B in place through `kernels`
+/// instead of faer (decoding attention: a few query rows per key/value head).
+const FEW_ROWS: usize = 8;
+
 /// op(a) · op(b) over equal leading dimensions, one `tsq_linalg::matmul` per matrix. `a_t`/`b_t`
 /// say the operand's last two dimensions are stored transposed.
 fn linalg_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
@@ -361,9 +367,16 @@ fn linalg_gemm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
     with_f32_storage(&a, |a| {
         with_f32_storage(&b, |b| {
             let product = |(i, c): (usize, &mut [f32]), threads| {
-                let x = operand(&a[i * a_stride..i * a_stride + m * k], a_t, m, k);
-                let y = operand(&b[i * b_stride..i * b_stride + k * n], b_t, k, n);
-                tsq_linalg::matmul(MatMut::new(c, m, n), x, y, false, threads);
+                let (a, b) = (&a[i * a_stride..][..m * k], &b[i * b_stride..][..k * n]);
+                let few_rows = m <= FEW_ROWS && matches!(threads, Threads::One);
+                match (a_t, b_t) {
+                    (false, true) if few_rows => kernels::rows_times_rows_t(a, b, k, c),
+                    (false, false) if few_rows => kernels::rows_times_rows(a, b, n, c),
+                    _ => {
+                        let (x, y) = (operand(a, a_t, m, k), operand(b, b_t, k, n));
+                        tsq_linalg::matmul(MatMut::new(c, m, n), x, y, false, threads);
+                    }
+                }
             };
             // Many small products (decoding attention: a few query rows per sequence and head)
             // run side by side, one per thread: splitting each one across threads cost more in

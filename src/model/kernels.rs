@@ -38,6 +38,41 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
+/// C (m × n) = A (m × k) · Bᵀ for B (n × k), all row-major and contiguous: a decoding step's
+/// few query rows against every cached key, the keys read in place (faer packed them anew on
+/// every call: 6% of batch-1 decoding).
+pub fn rows_times_rows_t(a: &[f32], b: &[f32], k: usize, c: &mut [f32]) {
+    wide!(rows_times_rows_t_wide(a, b, k, c))
+}
+
+#[inline(always)]
+fn rows_times_rows_t_wide(a: &[f32], b: &[f32], k: usize, c: &mut [f32]) {
+    let n = b.len() / k;
+    for (j, key) in b.chunks_exact(k).enumerate() {
+        for (i, query) in a.chunks_exact(k).enumerate() {
+            c[i * n + j] = dot(query, key);
+        }
+    }
+}
+
+/// C (m × n) = A (m × k) · B (k × n), all row-major and contiguous: a decoding step's few rows
+/// of attention weights times every cached value row, read in place.
+pub fn rows_times_rows(a: &[f32], b: &[f32], n: usize, c: &mut [f32]) {
+    wide!(rows_times_rows_wide(a, b, n, c))
+}
+
+#[inline(always)]
+fn rows_times_rows_wide(a: &[f32], b: &[f32], n: usize, c: &mut [f32]) {
+    let k = b.len() / n;
+    c.fill(0.0);
+    for (j, row) in b.chunks_exact(n).enumerate() {
+        for (i, out) in c.chunks_exact_mut(n).enumerate() {
+            let w = a[i * k + j];
+            out.iter_mut().zip(row).for_each(|(o, v)| *o += w * v);
+        }
+    }
+}
+
 /// Σ a·b·c over eight running sums, like [`sum`].
 #[inline(always)]
 fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
