@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 pub use tsq_linalg::exp;
-use tsq_linalg::wide;
+use tsq_linalg::wide_fn;
 
 /// Rows per rayon task: large enough that scheduling costs vanish next to the work.
 const ROWS_PER_TASK: usize = 16;
@@ -38,15 +38,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
+wide_fn! {
 /// C (m × n) = A (m × k) · Bᵀ for B (n × k), all row-major and contiguous: a decoding step's
 /// few query rows against every cached key, the keys read in place (faer packed them anew on
 /// every call: 6% of batch-1 decoding).
 pub fn rows_times_rows_t(a: &[f32], b: &[f32], k: usize, c: &mut [f32]) {
-    wide!(rows_times_rows_t_wide(a, b, k, c))
-}
-
-#[inline(always)]
-fn rows_times_rows_t_wide(a: &[f32], b: &[f32], k: usize, c: &mut [f32]) {
     let n = b.len() / k;
     for (j, key) in b.chunks_exact(k).enumerate() {
         for (i, query) in a.chunks_exact(k).enumerate() {
@@ -54,15 +50,12 @@ fn rows_times_rows_t_wide(a: &[f32], b: &[f32], k: usize, c: &mut [f32]) {
         }
     }
 }
+}
 
+wide_fn! {
 /// C (m × n) = A (m × k) · B (k × n), all row-major and contiguous: a decoding step's few rows
 /// of attention weights times every cached value row, read in place.
 pub fn rows_times_rows(a: &[f32], b: &[f32], n: usize, c: &mut [f32]) {
-    wide!(rows_times_rows_wide(a, b, n, c))
-}
-
-#[inline(always)]
-fn rows_times_rows_wide(a: &[f32], b: &[f32], n: usize, c: &mut [f32]) {
     let k = b.len() / n;
     c.fill(0.0);
     for (j, row) in b.chunks_exact(n).enumerate() {
@@ -71,6 +64,7 @@ fn rows_times_rows_wide(a: &[f32], b: &[f32], n: usize, c: &mut [f32]) {
             out.iter_mut().zip(row).for_each(|(o, v)| *o += w * v);
         }
     }
+}
 }
 
 /// Σ a·b·c over eight running sums, like [`sum`].
@@ -118,10 +112,10 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], inv_rms: &
     out.par_chunks_mut(width * ROWS_PER_TASK)
         .zip(inv_rms.par_chunks_mut(ROWS_PER_TASK))
         .zip(x.par_chunks(width * ROWS_PER_TASK))
-        .for_each(|((out, inv), x)| wide!(rms_norm_rows(x, weight, eps, out, inv)));
+        .for_each(|((out, inv), x)| rms_norm_rows(x, weight, eps, out, inv));
 }
 
-#[inline(always)]
+wide_fn! {
 fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], inv_rms: &mut [f32]) {
     let width = weight.len();
     for ((out, inv), x) in out.chunks_mut(width).zip(inv_rms).zip(x.chunks(width)) {
@@ -131,6 +125,7 @@ fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], inv_rms: 
             *o = v * *inv * w;
         }
     }
+}
 }
 
 /// `grad_x += ∂/∂x` of [`rms_norm`] given `grad_y`: with u = weight ⊙ grad_y and r = inv_rms,
@@ -148,10 +143,10 @@ pub fn rms_norm_backward(
         .zip(x.par_chunks(width * ROWS_PER_TASK))
         .zip(grad_y.par_chunks(width * ROWS_PER_TASK))
         .zip(inv_rms.par_chunks(ROWS_PER_TASK))
-        .for_each(|(((gx, x), gy), inv)| wide!(rms_norm_backward_rows(x, weight, inv, gy, gx)));
+        .for_each(|(((gx, x), gy), inv)| rms_norm_backward_rows(x, weight, inv, gy, gx));
 }
 
-#[inline(always)]
+wide_fn! {
 fn rms_norm_backward_rows(
     x: &[f32],
     weight: &[f32],
@@ -168,19 +163,21 @@ fn rms_norm_backward_rows(
         }
     }
 }
+}
 
 /// `silu(gate) ⊙ up`, elementwise.
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(4096)
         .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-        .for_each(|(out, (gate, up))| wide!(silu_mul_chunk(gate, up, out)));
+        .for_each(|(out, (gate, up))| silu_mul_chunk(gate, up, out));
 }
 
-#[inline(always)]
+wide_fn! {
 fn silu_mul_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = g / (1.0 + exp(-g)) * u;
     }
+}
 }
 
 /// Softmax of each row of `scores` (`cols` wide) after multiplying by `scale` and adding the
@@ -203,12 +200,12 @@ pub fn masked_softmax(
                     &scores[r * cols..][..cols],
                     &mask[mask_row(r) * cols..][..cols],
                 );
-                wide!(softmax_row(row, s, m, scale));
+                softmax_row(row, s, m, scale);
             }
         });
 }
 
-#[inline(always)]
+wide_fn! {
 fn softmax_row(row: &mut [f32], scores: &[f32], mask: &[f32], scale: f32) {
     for ((o, &v), &hide) in row.iter_mut().zip(scores).zip(mask) {
         *o = v * scale + hide;
@@ -224,6 +221,7 @@ fn softmax_row(row: &mut [f32], scores: &[f32], mask: &[f32], scale: f32) {
     let inv = 1.0 / sum(row);
     row.iter_mut().for_each(|v| *v *= inv);
 }
+}
 
 /// Gradients of [`silu_mul`] with respect to gate and up, written over `grad` (→ ∂gate) and
 /// into `grad_up`: ∂gate = grad·up·σ(g)(1 + g(1 − σ(g))), ∂up = grad·silu(g).
@@ -231,18 +229,17 @@ pub fn silu_mul_backward(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: &m
     grad.par_chunks_mut(4096)
         .zip(grad_up.par_chunks_mut(4096))
         .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-        .for_each(|((grad, grad_up), (gate, up))| {
-            wide!(silu_mul_backward_chunk(gate, up, grad, grad_up))
-        });
+        .for_each(|((grad, grad_up), (gate, up))| silu_mul_backward_chunk(gate, up, grad, grad_up));
 }
 
-#[inline(always)]
+wide_fn! {
 fn silu_mul_backward_chunk(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: &mut [f32]) {
     for (((d, du), &g), &u) in grad.iter_mut().zip(grad_up).zip(gate).zip(up) {
         let sig = 1.0 / (1.0 + exp(-g));
         *du = *d * g * sig;
         *d *= u * sig * (1.0 + g * (1.0 - sig));
     }
+}
 }
 
 /// Rotary tables for positions `0..len`: `cos[t·half + i] = cos(t · inv_freq[i])`, likewise sin
@@ -277,10 +274,10 @@ pub fn causal_softmax(
     end: usize,
     scale: f32,
 ) {
-    wide!(causal_softmax_rows(scores, len, rep, first, end, scale))
+    causal_softmax_rows(scores, len, rep, first, end, scale)
 }
 
-#[inline(always)]
+wide_fn! {
 fn causal_softmax_rows(
     scores: &mut [f32],
     len: usize,
@@ -299,6 +296,7 @@ fn causal_softmax_rows(
         hidden.fill(0.0);
     }
 }
+}
 
 /// Turns ∂probs (rows × `cols`) into ∂scores (before scaling) in place:
 /// ∂s = scale · p ⊙ (∂p − Σ_j ∂p_j p_j), with p's rows `stride` apart.
@@ -309,12 +307,10 @@ pub fn causal_softmax_backward(
     cols: usize,
     scale: f32,
 ) {
-    wide!(causal_softmax_backward_rows(
-        probs, stride, grad, cols, scale
-    ))
+    causal_softmax_backward_rows(probs, stride, grad, cols, scale)
 }
 
-#[inline(always)]
+wide_fn! {
 fn causal_softmax_backward_rows(
     probs: &[f32],
     stride: usize,
@@ -329,6 +325,7 @@ fn causal_softmax_backward_rows(
             *g = scale * p * (*g - dot);
         }
     }
+}
 }
 
 #[cfg(test)]

@@ -267,13 +267,11 @@ fn softmax_columns(
 ) -> Vec<f32> {
     let mut top = vec![f32::NEG_INFINITY; cols];
     let mut sums = vec![0f32; cols];
-    wide!(softmax_columns_body(
-        scores, clear, mask_t, np, scale, &mut top, &mut sums
-    ));
+    softmax_columns_body(scores, clear, mask_t, np, scale, &mut top, &mut sums);
     sums
 }
 
-#[inline(always)]
+wide_fn! {
 fn softmax_columns_body(
     scores: &mut [f32],
     clear: usize,
@@ -310,6 +308,7 @@ fn softmax_columns_body(
             *sum += *s;
         }
     }
+}
 }
 
 /// A matrix read in place: element (r, c) at `data[r·row_stride + c·col_stride]`.

@@ -26,12 +26,8 @@ pub use packed::PackedMatrix;
 pub use q8::Q8Matrix;
 pub use wide::exp;
 
-#[cfg(target_arch = "x86_64")]
-#[doc(hidden)]
-pub use wide::{avx2, avx512};
-
 /// The widest vector instructions the kernels ([`PackedMatrix`], [`Q8Matrix`], attention's,
-/// [`wide!`] loops) use, in increasing order. tsq is built for baseline x86-64 and picks a level
+/// [`wide_fn!`] loops) use, in increasing order. tsq is built for baseline x86-64 and picks a level
 /// at run time, so one binary runs everywhere and uses what the CPU has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Simd {

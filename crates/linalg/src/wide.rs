@@ -1,43 +1,47 @@
-//! Plain loops compiled wide: the [`wide!`](crate::wide) macro, and an exponential they can
-//! vectorise.
+//! Plain loops compiled wide: the [`wide_fn!`](crate::wide_fn) macro, and an exponential they
+//! can vectorise.
 
-/// Calls `kernel(args)` compiled for the widest vectors [`simd`](crate::simd) allows: tsq is
-/// built for baseline x86-64, where plain loops vectorise only 4 lanes wide (SSE2). `kernel`
-/// should be `#[inline(always)]`, so that it is compiled inside the wide function.
+/// Defines a function whose body is compiled three times, for AVX-512F, for AVX2 with FMA and
+/// for baseline x86-64, and runs as wide as [`simd`](crate::simd) allows: tsq is built for
+/// baseline x86-64, where plain loops vectorise only 4 lanes wide (SSE2).
+///
+/// The body is an `#[inline(always)]` function called from `#[target_feature]` ones, which the
+/// compiler must inline and so compile with their features. (A closure handed to one such
+/// function, this macro's first form, was left out of line whenever the inliner judged it too
+/// large: four of the training engine's and decoding's row kernels ran at SSE2.)
 #[macro_export]
-macro_rules! wide {
-    ($kernel:ident($($arg:expr),*)) => {{
-        #[cfg(target_arch = "x86_64")]
-        match $crate::simd() {
-            // SAFETY: `simd` reports only levels the CPU runs.
-            $crate::Simd::Avx512 => unsafe { $crate::avx512(|| $kernel($($arg),*)) },
-            // SAFETY: as above.
-            $crate::Simd::Avx2 => unsafe { $crate::avx2(|| $kernel($($arg),*)) },
-            $crate::Simd::Portable => $kernel($($arg),*),
+macro_rules! wide_fn {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$attr])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                match $crate::simd() {
+                    // SAFETY: `simd` reports only levels the CPU runs.
+                    $crate::Simd::Avx512 => unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::Simd::Avx2 => unsafe { avx2($($arg),*) },
+                    $crate::Simd::Portable => body($($arg),*),
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            body($($arg),*)
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        $kernel($($arg),*)
-    }};
-}
-
-/// Runs `f` compiled for AVX-512F ([`wide!`] calls it).
-///
-/// # Safety
-/// The CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-pub unsafe fn avx512(f: impl FnOnce()) {
-    f()
-}
-
-/// Runs `f` compiled for AVX2 and FMA ([`wide!`] calls it).
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2(f: impl FnOnce()) {
-    f()
+    };
 }
 
 /// e^x in f32 to within ~2e-7 relative error (~2 ulp), without branches so that loops over it

@@ -1,7 +1,7 @@
 //! The LM head and its loss, in row chunks, with the gradient into the last hidden state.
 
 use super::*;
-use tsq_linalg::wide;
+use tsq_linalg::wide_fn;
 
 impl Engine {
     /// Floats per position and key/value head: the query heads that share it, or itself.
@@ -47,7 +47,7 @@ impl Engine {
                 .zip(chunk)
                 .map(|(row, s)| {
                     let mut loss = 0f64;
-                    wide!(loss_gradient(row, s.token as usize, s.weight, &mut loss));
+                    loss_gradient(row, s.token as usize, s.weight, &mut loss);
                     loss
                 })
                 .sum::<f64>();
@@ -72,9 +72,9 @@ impl Engine {
     }
 }
 
+wide_fn! {
 /// Turns one row of logits into its loss's gradient in place, w · (softmax − onehot(token)),
 /// and sets `loss` to −w · log softmax(token).
-#[inline(always)]
 fn loss_gradient(row: &mut [f32], token: usize, weight: f32, loss: &mut f64) {
     let max = kernels::max(row);
     let picked = row[token] - max;
@@ -84,4 +84,5 @@ fn loss_gradient(row: &mut [f32], token: usize, weight: f32, loss: &mut f64) {
     row.iter_mut().for_each(|v| *v *= scale);
     row[token] -= weight;
     *loss = -(weight as f64) * (picked as f64 - total.ln());
+}
 }
