@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::cmd;
+use crate::model::chat::{ChatVariables, is_reserved};
 use crate::pipeline::Override;
 
 mod commands;
@@ -131,19 +132,13 @@ pub struct ModelOptions {
     /// Variables for the model's chat template, as a JSON object: `{"enable_thinking": false}`
     /// makes Qwen3 answer without reasoning first (a pipeline's `model.chat_template_kwargs`).
     #[arg(long, value_name = "JSON", value_parser = chat_template_kwargs)]
-    pub chat_template_kwargs: Option<ChatTemplateKwargs>,
+    pub chat_template_kwargs: Option<ChatVariables>,
 }
 
-/// `--chat-template-kwargs` as parsed.
-pub type ChatTemplateKwargs = std::collections::BTreeMap<String, serde_json::Value>;
-
-fn chat_template_kwargs(text: &str) -> Result<ChatTemplateKwargs, String> {
-    let kwargs: ChatTemplateKwargs = serde_json::from_str(text)
+fn chat_template_kwargs(text: &str) -> Result<ChatVariables, String> {
+    let kwargs: ChatVariables = serde_json::from_str(text)
         .map_err(|e| format!("expected a JSON object of variables: {e}"))?;
-    match kwargs
-        .keys()
-        .find(|k| crate::model::chat::RESERVED.contains(&k.as_str()))
-    {
+    match kwargs.keys().find(|k| is_reserved(k)) {
         Some(name) => Err(format!("`{name}` is set by tsq itself")),
         None => Ok(kwargs),
     }

@@ -169,7 +169,7 @@ pub struct ModelArgs {
     pub dtype: crate::model::placement::Dtype,
     pub device: crate::model::placement::Device,
     /// Variables for the model's chat template.
-    pub chat_template_kwargs: std::collections::BTreeMap<String, serde_json::Value>,
+    pub chat_template_kwargs: crate::model::chat::ChatVariables,
 }
 
 impl ModelArgs {

@@ -30,14 +30,23 @@ impl Message {
     }
 }
 
+/// Variables for a chat template besides the messages, by name: a pipeline's, a command
+/// line's or a request's `chat_template_kwargs`.
+pub type ChatVariables = BTreeMap<String, serde_json::Value>;
+
 /// The variables tsq passes to every chat template itself; [`ChatTemplate::with_variables`]
 /// cannot set them.
-pub const RESERVED: [&str; 4] = [
+const RESERVED: [&str; 4] = [
     "messages",
     "add_generation_prompt",
     "bos_token",
     "eos_token",
 ];
+
+/// Whether tsq sets variable `name` itself, so that no [`ChatVariables`] may.
+pub fn is_reserved(name: &str) -> bool {
+    RESERVED.contains(&name)
+}
 
 #[derive(Clone)]
 pub struct ChatTemplate {
@@ -45,7 +54,7 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     /// Further variables (`enable_thinking` for Qwen3), from the pipeline's model section.
-    variables: BTreeMap<String, serde_json::Value>,
+    variables: ChatVariables,
 }
 
 impl ChatTemplate {
@@ -60,9 +69,9 @@ impl ChatTemplate {
 
     /// The template rendered with `variables` besides the messages (over those it had, for
     /// the names both give), as transformers' `apply_chat_template(**kwargs)` passes them;
-    /// names in [`RESERVED`] are ignored.
-    pub fn with_variables(mut self, variables: &BTreeMap<String, serde_json::Value>) -> Self {
-        let allowed = (variables.iter()).filter(|(name, _)| !RESERVED.contains(&name.as_str()));
+    /// reserved names ([`is_reserved`]) are ignored.
+    pub fn with_variables(mut self, variables: &ChatVariables) -> Self {
+        let allowed = (variables.iter()).filter(|(name, _)| !is_reserved(name));
         (self.variables).extend(allowed.map(|(name, value)| (name.clone(), value.clone())));
         self
     }

@@ -124,10 +124,7 @@ pub struct Model {
 impl Model {
     /// Renders chat prompts with `variables` besides the messages (a pipeline's or the
     /// command line's `chat_template_kwargs`).
-    pub fn set_chat_variables(
-        &mut self,
-        variables: &std::collections::BTreeMap<String, serde_json::Value>,
-    ) {
+    pub fn set_chat_variables(&mut self, variables: &chat::ChatVariables) {
         self.chat = (self.chat.take()).map(|c| c.with_variables(variables));
     }
 

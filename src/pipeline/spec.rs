@@ -203,7 +203,7 @@ pub struct ModelSpec {
     /// answer without reasoning first.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("propertyNames" = {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}))]
-    pub chat_template_kwargs: BTreeMap<String, serde_json::Value>,
+    pub chat_template_kwargs: crate::model::chat::ChatVariables,
 }
 
 /// A dataset: a card saying where the records come from, templates for prompt and target, a split.

@@ -371,7 +371,7 @@ fn check_model(p: &Pipeline, errors: &mut Vec<Diagnostic>) {
         errors.push(p.doc.diagnostic("/model/source", false, e.to_string()));
     }
     for name in p.spec.model.chat_template_kwargs.keys() {
-        if crate::model::chat::RESERVED.contains(&name.as_str()) {
+        if crate::model::chat::is_reserved(name) {
             errors.push(p.doc.diagnostic(
                 &format!("/model/chat_template_kwargs/{name}"),
                 true,

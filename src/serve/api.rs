@@ -82,7 +82,7 @@ pub enum Input {
     /// it (vLLM's `chat_template_kwargs`) over the run's.
     Chat {
         messages: Vec<crate::model::chat::Message>,
-        template_kwargs: std::collections::BTreeMap<String, Value>,
+        template_kwargs: crate::model::chat::ChatVariables,
     },
     /// Raw text to continue.
     Text(String),
@@ -216,16 +216,14 @@ pub fn chat(body: &[u8], limits: &Limits) -> Result<Ask, ApiError> {
 }
 
 /// A request's `chat_template_kwargs`: an object (or null) not naming what tsq sets itself.
-fn template_kwargs(
-    value: Option<Value>,
-) -> Result<std::collections::BTreeMap<String, Value>, ApiError> {
+fn template_kwargs(value: Option<Value>) -> Result<crate::model::chat::ChatVariables, ApiError> {
     let invalid = |message: String| ApiError::invalid(Some("chat_template_kwargs"), message);
     let kwargs = match value {
         None | Some(Value::Null) => return Ok(Default::default()),
         Some(Value::Object(map)) => map,
         Some(_) => return Err(invalid("`chat_template_kwargs` must be an object".into())),
     };
-    match (kwargs.keys()).find(|k| crate::model::chat::RESERVED.contains(&k.as_str())) {
+    match (kwargs.keys()).find(|k| crate::model::chat::is_reserved(k)) {
         Some(name) => Err(invalid(format!("`{name}` is set by tsq itself"))),
         None => Ok(kwargs.into_iter().collect()),
     }

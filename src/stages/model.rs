@@ -36,7 +36,7 @@ pub struct ModelRecord {
     pub dtype: Dtype,
     /// The pipeline's variables for the chat template.
     #[serde(default)]
-    pub chat_template_kwargs: BTreeMap<String, Value>,
+    pub chat_template_kwargs: crate::model::chat::ChatVariables,
 }
 
 impl ModelRecord {
