@@ -229,6 +229,35 @@ mod tests {
         }
     }
 
+    /// SmolLM3's layers without rotary embeddings: its list read, the default every fourth,
+    /// and a list that does not fit the layers refused naming the field.
+    #[test]
+    fn smollm3_layers_without_rope_are_read_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |extra: &str| {
+            format!(
+                r#"{{"model_type": "smollm3", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 8, "num_attention_heads": 4, "vocab_size": 100,
+                "rms_norm_eps": 1e-5{extra}}}"#
+            )
+        };
+        let read = |extra: &str| {
+            std::fs::write(dir.path().join("config.json"), config(extra)).unwrap();
+            read_config(dir.path())
+        };
+        assert_eq!(read("").unwrap().layers_without_rope, [3, 7]);
+        let listed = read(r#", "no_rope_layers": [1, 0, 1, 1, 1, 1, 1, 1]"#).unwrap();
+        assert_eq!(listed.layers_without_rope, [1]);
+        let err = read(r#", "no_rope_layers": [1, 0, 1]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`no_rope_layers` has 3 flags for 8 layers")
+                && err.contains("config.json"),
+            "{err}"
+        );
+    }
+
     /// Scalings tsq does not compute are refused by name; Llama 3's is read from either form.
     #[test]
     fn rope_scaling_is_read_or_refused() {

@@ -700,6 +700,22 @@ mod tests {
             err.contains("layers.1.mlp.down_proj.weight") && err.contains("[3, 5]"),
             "{err}"
         );
+        // Qwen3's head norms: one of the wrong size, and one missing.
+        let config = tiny_config(Architecture::Qwen3);
+        let mut weights = random_weights(&config, 1, &Device::Cpu);
+        let norm = "layers.1.attn.k_norm.weight";
+        weights.insert(
+            norm.into(),
+            Tensor::ones(5, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = Transformer::new(config.clone(), weights.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(norm) && err.contains("[12]"), "{err}");
+        weights.remove(norm);
+        let err = Transformer::new(config, weights).err().unwrap().to_string();
+        assert!(err.contains(&format!("weights lack `{norm}`")), "{err}");
     }
 
     fn tiny(arch: Architecture) -> Transformer {
