@@ -87,7 +87,8 @@ fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
     let mut config = model.transformer.config.clone();
     config.rope_scaling = None;
     model.transformer =
-        tsq::model::transformer::Transformer::new(config, model.transformer.tensors()).unwrap();
+        tsq::model::transformer::Transformer::new(config, model.transformer.tensors().unwrap())
+            .unwrap();
     let unscaled = logits(&model, &reference.ids).unwrap();
     let off = max_diff(&unscaled, &reference.logits);
     assert!(
@@ -101,6 +102,7 @@ fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
         model
             .transformer
             .tensors()
+            .unwrap()
             .contains_key("layers.0.attn.q_proj.bias")
     );
     assert_eq!(
@@ -114,7 +116,7 @@ fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
     assert_ne!(c.num_heads * c.head_dim, c.hidden_size);
     let mut config = c.clone();
     config.architecture = tsq::model::config::Architecture::Qwen2;
-    let tensors = model.transformer.tensors();
+    let tensors = model.transformer.tensors().unwrap();
     assert!(tensors.contains_key("layers.1.attn.k_norm.weight"));
     let unnormed = tensors
         .into_iter()
@@ -133,7 +135,8 @@ fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
     let mut config = model.transformer.config.clone();
     config.layers_without_rope.clear();
     model.transformer =
-        tsq::model::transformer::Transformer::new(config, model.transformer.tensors()).unwrap();
+        tsq::model::transformer::Transformer::new(config, model.transformer.tensors().unwrap())
+            .unwrap();
     let off = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
     assert!(
         off > 100.0 * TOLERANCE,

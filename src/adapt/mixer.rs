@@ -109,7 +109,7 @@ mod tests {
             Application::Compose,
         )
         .unwrap();
-        let (got, want) = (mixed.tensors(), expected.tensors());
+        let (got, want) = (mixed.tensors().unwrap(), expected.tensors().unwrap());
         for d in &factors {
             let key = format!("{}.weight", d.name);
             let diff = (&got[&key] - &want[&key])

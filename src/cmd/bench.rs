@@ -191,7 +191,7 @@ fn time_svd(matrices: &[(String, Tensor)]) -> Result<(f64, f64), CmdError> {
 
 pub fn svd_bench(model_args: &ModelArgs, large: bool) -> Result<(), CmdError> {
     let model = model_args.load()?;
-    let tensors = model.transformer.tensors();
+    let tensors = model.transformer.tensors().map_err(CmdError::failed)?;
     let select = |modules: &[&str]| -> Vec<(String, Tensor)> {
         tensors
             .iter()

@@ -197,35 +197,54 @@ fn attach_pair(
 
 /// `x Wᵀ` (x: (…, in), W: (out, in)) where only `x` may need a gradient.
 pub fn frozen_matmul_t(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    frozen(x, weight, plain_matmul_t(&x.detach(), weight)?)
+    let product = plain_matmul_t(&x.detach(), weight)?;
+    let weight = weight.clone();
+    frozen(x, product, move |grad| matmul(grad, &weight))
 }
 
-/// [`frozen_matmul_t`] for weights that read the same f32 CPU `x`, each with its packed panels:
-/// the forward products run as one split across threads (`PackedMatrix::matmul_t_each`).
+/// [`frozen_matmul_t`] for weights held as packed panels that read the same f32 CPU `x`: the
+/// forward products run as one split across threads (`PackedMatrix::matmul_t_each`).
 pub fn packed_matmul_t_each<const N: usize>(
     x: &Tensor,
-    weights: [(&Tensor, &tsq_linalg::PackedMatrix); N],
+    weights: [&Arc<tsq_linalg::PackedMatrix>; N],
 ) -> Result<[Tensor; N]> {
-    let packed = weights.map(|(_, p)| p);
-    let products = rows_products(&x.detach(), packed.map(|p| p.rows()), |x, rows| {
-        tsq_linalg::PackedMatrix::matmul_t_each(packed, x, rows, Threads::All)
+    let products = rows_products(&x.detach(), weights.map(|w| w.rows()), |x, rows| {
+        tsq_linalg::PackedMatrix::matmul_t_each(weights.map(|w| &**w), x, rows, Threads::All)
     })?;
     let mut products = products.into_iter();
-    all_ok(weights.map(|(weight, _)| match products.next() {
-        Some(product) => frozen(x, weight, product),
-        None => candle_core::bail!("a weight without its product"),
+    all_ok(weights.map(|packed| {
+        let packed = Arc::clone(packed);
+        match products.next() {
+            // The panels are W's only copy, so a backward (tests and references: training on
+            // the CPU runs `svf::backprop`) unpacks it.
+            Some(product) => frozen(x, product, move |grad| matmul(grad, &unpacked(&packed)?)),
+            None => candle_core::bail!("a weight without its product"),
+        }
     }))
 }
 
-/// `product` (x Wᵀ) as a node of x's graph whose backward gives x its gradient and W none.
-fn frozen(x: &Tensor, weight: &Tensor, product: Tensor) -> Result<Tensor> {
-    let weight = weight.clone();
+/// W from its packed panels, as a CPU tensor.
+pub fn unpacked(packed: &tsq_linalg::PackedMatrix) -> Result<Tensor> {
+    Tensor::from_vec(
+        packed.unpack(),
+        (packed.rows(), packed.cols()),
+        &candle_core::Device::Cpu,
+    )
+}
+
+/// `product` (x Wᵀ) as a node of x's graph whose backward gives x its gradient, `grad · W`
+/// (`times_weight` of the gradient's rows), and W none.
+fn frozen(
+    x: &Tensor,
+    product: Tensor,
+    times_weight: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
     attach(x, product, "frozen-matmul", move |_, grad| {
         let mut dims = grad.dims().to_vec();
         let out = dims.pop().unwrap_or(1);
         let rows: usize = dims.iter().product();
-        let grad_x = matmul(&grad.reshape((rows, out))?, &weight)?;
-        dims.push(weight.dim(1)?);
+        let grad_x = times_weight(&grad.reshape((rows, out))?)?;
+        dims.push(grad_x.dim(1)?);
         grad_x.reshape(dims)
     })
 }
@@ -489,11 +508,8 @@ mod tests {
         );
         let pack = |w: &Tensor| -> Result<_> {
             let (rows, cols) = w.dims2()?;
-            Ok(tsq_linalg::PackedMatrix::pack(
-                &w.flatten_all()?.to_vec1()?,
-                rows,
-                cols,
-            ))
+            let packed = tsq_linalg::PackedMatrix::pack(&w.flatten_all()?.to_vec1()?, rows, cols);
+            Ok(packed.map(Arc::new))
         };
         let (Some(packed), Some(packed2)) = (pack(&w)?, pack(&w2)?) else {
             eprintln!("neither AVX2 nor AVX-512 here: nothing to check");
@@ -503,7 +519,7 @@ mod tests {
         agree(
             &x,
             |x| {
-                let [y, y2] = packed_matmul_t_each(x, [(&w, &packed), (&w2, &packed2)])?;
+                let [y, y2] = packed_matmul_t_each(x, [&packed, &packed2])?;
                 Tensor::cat(&[y, y2], D::Minus1)
             },
             |x| {

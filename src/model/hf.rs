@@ -177,7 +177,7 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
     }
     write_json(&dir.join("config.json"), &config)?;
     let tensors: std::collections::HashMap<String, Tensor> = tf
-        .tensors()
+        .tensors()?
         .into_iter()
         .map(|(k, v)| (hf_name(&k), v))
         .collect();

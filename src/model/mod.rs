@@ -110,6 +110,20 @@ pub fn read_config(path: &Path) -> Result<config::ModelConfig> {
     Ok(config)
 }
 
+/// Weights by canonical name (`layers.3.mlp.up_proj.weight`), as a loaded [`Transformer`] or a
+/// map of tensors holds them: readers that take a few weights at a time (decomposition, the
+/// training engine) leave the model's packed matrices packed but the one they read.
+pub trait WeightSource {
+    /// `None` where there is no such weight.
+    fn weight(&self, name: &str) -> Result<Option<candle_core::Tensor>>;
+}
+
+impl WeightSource for std::collections::BTreeMap<String, candle_core::Tensor> {
+    fn weight(&self, name: &str) -> Result<Option<candle_core::Tensor>> {
+        Ok(self.get(name).cloned())
+    }
+}
+
 /// A loaded model: transformer, tokenizer and chat template. Cheap to clone (weights and
 /// tokenizer are shared), so an expert can be composed into a copy.
 #[derive(Clone)]

@@ -102,7 +102,7 @@ impl StageRunner for DecomposeStage<'_> {
         let cache = SvdCache::new(&self.shared.home, &model_hash);
         let interrupted = || ctx.check_interrupt().is_err();
         let decomposed = cache
-            .load_or_decompose(&names, &model.transformer.tensors(), &interrupted)
+            .load_or_decompose(&names, &model.transformer, &interrupted)
             .map_err(|e| match e {
                 CacheError::Interrupted => StageError::Interrupted,
                 e => failed(e),

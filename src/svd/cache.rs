@@ -5,13 +5,13 @@
 //! several nodes, two pipelines on one model) take turns on a model's missing entries (a lock
 //! file beside them): one decomposes, the others wait and then read what it wrote.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
 use super::{Factors, MAX_RELATIVE_ERROR, SvdError, decompose_all};
 use crate::assets::TsqHome;
+use crate::model::WeightSource;
 
 /// Bump when the decomposition changes, so old cache entries are not reused.
 pub const ALGORITHM_VERSION: u32 = 1;
@@ -24,6 +24,8 @@ pub enum CacheError {
     Svd(#[from] SvdError),
     #[error("the model has no matrix `{0}`")]
     Missing(String),
+    #[error(transparent)]
+    Model(#[from] crate::model::error::ModelError),
     #[error("cannot write {}: {message}", file.display())]
     Write { file: PathBuf, message: String },
     #[error("cannot lock {}: {source}", file.display())]
@@ -75,7 +77,7 @@ impl SvdCache {
     pub fn load_or_decompose(
         &self,
         names: &[String],
-        weights: &BTreeMap<String, Tensor>,
+        weights: &dyn WeightSource,
         interrupted: &dyn Fn() -> bool,
     ) -> Result<Vec<Decomposed>, CacheError> {
         let mut done = Vec::with_capacity(names.len());
@@ -113,23 +115,23 @@ impl SvdCache {
     fn read_cached(
         &self,
         names: &[String],
-        weights: &BTreeMap<String, Tensor>,
+        weights: &dyn WeightSource,
         done: &mut Vec<Decomposed>,
     ) -> Result<Vec<(String, Tensor)>, CacheError> {
         let mut todo = Vec::new();
         for name in names {
             let weight = weights
-                .get(&format!("{name}.weight"))
+                .weight(&format!("{name}.weight"))?
                 .ok_or_else(|| CacheError::Missing(name.clone()))?;
             let file = self.file(name);
-            match read_checked(&file, weight) {
+            match read_checked(&file, &weight) {
                 Some(factors) => done.push(Decomposed {
                     name: name.clone(),
                     factors,
                     file,
                     reused: true,
                 }),
-                None => todo.push((name.clone(), weight.clone())),
+                None => todo.push((name.clone(), weight)),
             }
         }
         Ok(todo)
@@ -185,6 +187,7 @@ fn read_checked(file: &Path, weight: &Tensor) -> Option<Factors> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     /// Two processes' worth of decompositions of one model at once (threads, each with its own
     /// lock handle, as flock treats separate opens): each matrix is decomposed once, the other

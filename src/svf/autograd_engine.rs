@@ -245,11 +245,10 @@ mod tests {
                     .collect())
             })
             .collect::<candle_core::Result<_>>()?;
-        let cpu =
-            Engine::new(&base.config, &base.tensors(), &factors)?.gradients(&scaled, &batch)?;
+        let cpu = Engine::new(&base.config, &base, &factors)?.gradients(&scaled, &batch)?;
         for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
             let tensors = base
-                .tensors()
+                .tensors()?
                 .into_iter()
                 .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)));
             let model = Transformer::new(

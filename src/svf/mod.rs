@@ -91,7 +91,7 @@ pub fn factors_for(
     home: &TsqHome,
 ) -> std::result::Result<Vec<Decomposed>, SvfError> {
     let cache = SvdCache::new(home, &base.blake3);
-    Ok(cache.load_or_decompose(names, &model.transformer.tensors(), &|| false)?)
+    Ok(cache.load_or_decompose(names, &model.transformer, &|| false)?)
 }
 
 /// Loads an expert file, checks it against `model`, and composes it into the model's weights.

@@ -64,9 +64,7 @@ enum Backend {
 impl Backend {
     fn new(base: &Transformer, factors: &[Decomposed]) -> Result<Self> {
         Ok(match (base.device(), base.dtype()) {
-            (Device::Cpu, DType::F32) => {
-                Self::Cpu(Engine::new(&base.config, &base.tensors(), factors)?)
-            }
+            (Device::Cpu, DType::F32) => Self::Cpu(Engine::new(&base.config, base, factors)?),
             _ => Self::Autograd(AutogradEngine::new(base, factors)?),
         })
     }

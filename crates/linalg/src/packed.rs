@@ -89,6 +89,32 @@ impl PackedMatrix {
         self.rows
     }
 
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows `indices` of W, row-major (`indices.len()` × cols): where the panels are the only
+    /// copy of W, this is how its rows are read (an embedding tied to the LM head, the head's
+    /// exact logits).
+    pub fn gather_rows(&self, indices: &[u32]) -> Vec<f32> {
+        let lanes_per_panel = self.cols * NR / 16;
+        let mut out = Vec::with_capacity(indices.len() * self.cols);
+        for &r in indices {
+            let r = r as usize;
+            assert!(r < self.rows, "row {r} of a {}-row matrix", self.rows);
+            let panel = &self.panels[r / NR * lanes_per_panel..][..lanes_per_panel];
+            let (half, lane) = ((r % NR) / 16, r % 16);
+            out.extend((0..self.cols).map(|k| panel[k * 2 + half].0[lane]));
+        }
+        out
+    }
+
+    /// W itself, row-major: the inverse of [`PackedMatrix::pack`].
+    pub fn unpack(&self) -> Vec<f32> {
+        let all: Vec<u32> = (0..self.rows as u32).collect();
+        self.gather_rows(&all)
+    }
+
     /// `x (m × cols) · Wᵀ`: m × rows, both row-major and contiguous.
     pub fn matmul_t(&self, x: &[f32], m: usize, threads: Threads) -> Vec<f32> {
         let [out] = Self::matmul_t_each([self], x, m, threads);
@@ -359,6 +385,24 @@ mod tests {
             eprintln!("neither AVX2 nor AVX-512 here: nothing to check");
         }
         packed
+    }
+
+    #[test]
+    fn rows_read_back_from_the_panels_are_the_packed_rows() {
+        // A partial last panel in each half (rows 9 and 25 past the second).
+        for rows in [2 * NR + 9, 2 * NR + 25] {
+            let cols = 37;
+            let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            for packed in packed_each(&w, rows, cols) {
+                assert_eq!(packed.unpack(), w);
+                let picked = packed.gather_rows(&[rows as u32 - 1, 0, 17]);
+                let want: Vec<f32> = [rows - 1, 0, 17]
+                    .iter()
+                    .flat_map(|&r| w[r * cols..][..cols].to_vec())
+                    .collect();
+                assert_eq!(picked, want);
+            }
+        }
     }
 
     #[test]

@@ -31,27 +31,90 @@ impl Factored {
 /// 634.5 / 538.7 vs 715.0 / 664.4.
 pub(super) const QUANTIZED_MAX_ROWS: usize = 12;
 
-/// A weight's values with its rows and columns, for tsq-linalg's kernels: `None` unless it is
-/// f32 on the CPU.
-fn cpu_f32_rows(weight: &Tensor) -> Result<Option<(Vec<f32>, usize, usize)>> {
-    if !autograd::linalg_applies(weight) {
-        return Ok(None);
+impl Matrix {
+    /// `weight`, packed for tsq-linalg's kernel where that runs (f32 on a CPU with AVX2 or
+    /// AVX-512) and not being trained.
+    pub(super) fn new(weight: Tensor) -> Result<Self> {
+        if !linalg_applies(&weight) || weight.track_op() {
+            return Ok(Self::Tensor(weight));
+        }
+        let (rows, cols) = weight.dims2()?;
+        let values: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+        Ok(match tsq_linalg::PackedMatrix::pack(&values, rows, cols) {
+            Some(packed) => Self::Packed(Arc::new(packed)),
+            None => Self::Tensor(weight),
+        })
     }
-    let (rows, cols) = weight.dims2()?;
-    Ok(Some((weight.flatten_all()?.to_vec1()?, rows, cols)))
+
+    pub(super) fn dims2(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Self::Tensor(t) => t.dims2()?,
+            Self::Packed(p) => (p.rows(), p.cols()),
+        })
+    }
+
+    /// Whether candle's autograd reaches this weight (a weight being trained).
+    pub(super) fn track_op(&self) -> bool {
+        matches!(self, Self::Tensor(t) if t.track_op())
+    }
+
+    /// W as a tensor: shared where it is one, a fresh copy out of the panels where not (export,
+    /// decomposition, a training engine's own copies).
+    pub(super) fn tensor(&self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Tensor(t) => t.clone(),
+            Self::Packed(p) => autograd::unpacked(p)?,
+        })
+    }
+
+    /// Rows `ids` (u32) of W, (ids, cols): token embeddings, the head's rows for exact logits.
+    pub(super) fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Tensor(t) => Ok(t.index_select(ids, 0)?),
+            Self::Packed(p) => {
+                let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= p.rows()) {
+                    return Err(ModelError::Input(format!(
+                        "token id {bad} is past the vocabulary ({} tokens)",
+                        p.rows()
+                    )));
+                }
+                let values = p.gather_rows(&ids);
+                Ok(Tensor::from_vec(
+                    values,
+                    (ids.len(), p.cols()),
+                    &Device::Cpu,
+                )?)
+            }
+        }
+    }
+
+    /// W's values with its rows and columns, for tsq-linalg's kernels: `None` unless it is f32
+    /// on the CPU.
+    fn cpu_f32_rows(&self) -> Result<Option<(Vec<f32>, usize, usize)>> {
+        Ok(match self {
+            Self::Packed(p) => Some((p.unpack(), p.rows(), p.cols())),
+            Self::Tensor(t) if linalg_applies(t) => {
+                let (rows, cols) = t.dims2()?;
+                Some((t.flatten_all()?.to_vec1()?, rows, cols))
+            }
+            Self::Tensor(_) => None,
+        })
+    }
 }
 
 impl Quantized {
     /// A `dtype` copy of `weight` (out × in).
-    pub(super) fn new(weight: &Tensor, dtype: GgmlDType) -> Result<Self> {
+    pub(super) fn new(weight: &Matrix, dtype: GgmlDType) -> Result<Self> {
         if dtype == GgmlDType::Q8_0
-            && let Some((values, rows, cols)) = cpu_f32_rows(weight)?
+            && let Some((values, rows, cols)) = weight.cpu_f32_rows()?
             && let Some(q8) = tsq_linalg::Q8Matrix::quantize(&values, rows, cols)
         {
             return Ok(Self::Rows(Arc::new(q8)));
         }
         Ok(Self::Candle(QMatMul::from_qtensor(QTensor::quantize(
-            weight, dtype,
+            &weight.tensor()?,
+            dtype,
         )?)?))
     }
 }
@@ -60,23 +123,18 @@ impl Quantized {
 /// them as one split across threads (see [`Linear::forward_each`]).
 #[derive(Clone, Copy)]
 enum Shared<'a> {
-    Packed(&'a tsq_linalg::PackedMatrix),
+    Packed(&'a Arc<tsq_linalg::PackedMatrix>),
     Q8(&'a tsq_linalg::Q8Matrix),
 }
 
 impl Linear {
-    /// A dense projection, packed for tsq-linalg's kernel where that runs.
-    pub(super) fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let packed = cpu_f32_rows(&weight)?
-            .and_then(|(values, rows, cols)| tsq_linalg::PackedMatrix::pack(&values, rows, cols))
-            .map(Arc::new);
-        Ok(Self {
+    pub(super) fn new(weight: Matrix, bias: Option<Tensor>) -> Self {
+        Self {
             weight,
             bias,
-            packed,
             quantized: None,
             factored: None,
-        })
+        }
     }
 
     /// `x W^T (+ b)` over the last dimension. A weight that is not being trained gets no
@@ -105,8 +163,7 @@ impl Linear {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         let shared = linears.map(|l| l.shared(mode, rows));
         let products = if let Some(packed) = all(shared, Shared::packed) {
-            let weights = std::array::from_fn(|i| (&linears[i].weight, packed[i]));
-            autograd::packed_matmul_t_each(x, weights)?
+            autograd::packed_matmul_t_each(x, packed)?
         } else if let Some(q8) = all(shared, Shared::q8) {
             autograd::q8_matmul_t_each(x, q8)?
         } else {
@@ -136,7 +193,10 @@ impl Linear {
                 Quantized::Rows(w) => Some(Shared::Q8(w)),
                 Quantized::Candle(_) => None,
             },
-            _ => self.packed.as_deref().map(Shared::Packed),
+            _ => match &self.weight {
+                Matrix::Packed(p) => Some(Shared::Packed(p)),
+                Matrix::Tensor(_) => None,
+            },
         }
     }
 
@@ -150,7 +210,7 @@ impl Linear {
         shared: Option<Shared>,
     ) -> Result<Tensor> {
         let [y] = match shared {
-            Some(Shared::Packed(p)) => autograd::packed_matmul_t_each(x, [(&self.weight, p)])?,
+            Some(Shared::Packed(p)) => autograd::packed_matmul_t_each(x, [p])?,
             Some(Shared::Q8(w)) => autograd::q8_matmul_t_each(x, [w])?,
             None => [self.own_product(x, mode, experts, rows)?],
         };
@@ -172,14 +232,20 @@ impl Linear {
             {
                 q.forward(x)?
             }
-            _ if self.weight.track_op() => autograd::plain_matmul_t(x, &self.weight)?,
-            _ => autograd::frozen_matmul_t(x, &self.weight)?,
+            _ => match &self.weight {
+                Matrix::Packed(p) => {
+                    let [y] = autograd::packed_matmul_t_each(x, [p])?;
+                    y
+                }
+                Matrix::Tensor(w) if w.track_op() => autograd::plain_matmul_t(x, w)?,
+                Matrix::Tensor(w) => autograd::frozen_matmul_t(x, w)?,
+            },
         })
     }
 }
 
 impl<'a> Shared<'a> {
-    fn packed(self) -> Option<&'a tsq_linalg::PackedMatrix> {
+    fn packed(self) -> Option<&'a Arc<tsq_linalg::PackedMatrix>> {
         match self {
             Self::Packed(p) => Some(p),
             Self::Q8(_) => None,

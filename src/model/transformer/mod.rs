@@ -48,13 +48,43 @@ pub enum LogitsAt {
     Tail(usize),
 }
 
+/// A weight matrix W (rows × cols). Where tsq-linalg's f32 kernel runs (f32 on a CPU with AVX2
+/// or AVX-512) it is held only as that kernel's packed panels, which the forward products use
+/// instead of faer whatever the number of rows (see [`linear`]): keeping the tensor beside them
+/// doubled the model's memory (SmolLM2 served in 1089 MiB instead of ~590).
+#[derive(Clone)]
+enum Matrix {
+    Tensor(Tensor),
+    Packed(Arc<tsq_linalg::PackedMatrix>),
+}
+
+/// A weight as the model holds it, for [`Transformer::stored`].
+enum Stored<'a> {
+    Tensor(&'a Tensor),
+    Matrix(&'a Matrix),
+}
+
+impl Stored<'_> {
+    fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Self::Tensor(t) => Ok((*t).clone()),
+            Self::Matrix(m) => m.tensor(),
+        }
+    }
+}
+
+impl crate::model::WeightSource for Transformer {
+    /// One weight, unpacked alone where it is packed: no copy of the rest of the model.
+    fn weight(&self, name: &str) -> Result<Option<Tensor>> {
+        let stored = self.stored().into_iter().find(|(n, _)| n == name);
+        stored.map(|(_, s)| s.tensor()).transpose()
+    }
+}
+
 #[derive(Clone)]
 struct Linear {
-    weight: Tensor,
+    weight: Matrix,
     bias: Option<Tensor>,
-    /// `weight` packed for tsq-linalg's f32 kernel (f32 on a CPU with AVX2 or AVX-512), which the
-    /// forward products use instead of faer, whatever the number of rows (see [`linear`]).
-    packed: Option<Arc<tsq_linalg::PackedMatrix>>,
     /// A quantized copy of `weight` for small-batch decoding (see [`Transformer::quantize_for_decoding`]).
     quantized: Option<Quantized>,
     /// When set, the layer computes `U (s' ⊙ Vᵀx)` instead of `W x` (see [`Transformer::set_factored`]).
@@ -142,7 +172,8 @@ struct Positions {
 #[derive(Clone)]
 pub struct Transformer {
     pub config: ModelConfig,
-    embed: Tensor,
+    /// The token embeddings: with tied word embeddings, the LM head's own matrix.
+    embed: Matrix,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -200,7 +231,7 @@ impl Transformer {
                         )));
                     }
                     let bias = take(&format!("layers.{i}.{m}.bias")).ok();
-                    Linear::new(weight, bias)
+                    Ok(Linear::new(Matrix::new(weight)?, bias))
                 };
             let mut head_norm = |n: &str| -> Result<Tensor> {
                 let name = format!("layers.{i}.attn.{n}.weight");
@@ -233,15 +264,15 @@ impl Transformer {
             });
         }
         let norm = take("norm.weight")?;
-        let lm_head = Linear::new(
-            if config.tie_word_embeddings {
-                embed.clone()
-            } else {
-                take("lm_head.weight")?
-            },
-            None,
-        )?;
         let (cos, sin) = rope_tables(&config, embed.device())?;
+        let (embed, head) = match config.tie_word_embeddings {
+            true => {
+                let head = Matrix::new(embed)?;
+                (head.clone(), head)
+            }
+            false => (Matrix::Tensor(embed), Matrix::new(take("lm_head.weight")?)?),
+        };
+        let lm_head = Linear::new(head, None);
         Ok(Self {
             config,
             embed,
@@ -309,7 +340,7 @@ impl Transformer {
             let exact: Vec<f32> = flat_x
                 .get(r)?
                 .unsqueeze(0)?
-                .matmul(&head.weight.index_select(&top, 0)?.t()?)?
+                .matmul(&head.weight.rows(&top)?.t()?)?
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1()?;
@@ -347,14 +378,14 @@ impl Transformer {
     pub fn replace_weight(&mut self, module: &str, weight: Tensor) -> Result<()> {
         let dtype = self.dtype;
         let linear = self.linear_mut(module)?;
-        if weight.dims() != linear.weight.dims() {
+        let dims = linear.weight.dims2()?;
+        if weight.dims() != [dims.0, dims.1] {
             return Err(ModelError::Input(format!(
-                "`{module}` is {:?}, the replacement is {:?}",
-                linear.weight.dims(),
+                "`{module}` is {dims:?}, the replacement is {:?}",
                 weight.dims()
             )));
         }
-        *linear = Linear::new(weight.to_dtype(dtype)?, linear.bias.clone())?;
+        *linear = Linear::new(Matrix::new(weight.to_dtype(dtype)?)?, linear.bias.clone());
         Ok(())
     }
 
@@ -373,10 +404,10 @@ impl Transformer {
         let (out, r) = u.dims2()?;
         let (r2, inner) = vt.dims2()?;
         let r3 = *scaled_s.dims().last().unwrap_or(&0);
-        if (out, inner) != linear.weight.dims2()? || r != r2 || r != r3 || scaled_s.rank() > 2 {
+        let dims = linear.weight.dims2()?;
+        if (out, inner) != dims || r != r2 || r != r3 || scaled_s.rank() > 2 {
             return Err(ModelError::Input(format!(
-                "`{module}` is {:?}; factors U {:?}, s' {:?}, Vᵀ {:?} do not fit it",
-                linear.weight.dims(),
+                "`{module}` is {dims:?}; factors U {:?}, s' {:?}, Vᵀ {:?} do not fit it",
                 u.dims(),
                 scaled_s.dims(),
                 vt.dims()
@@ -391,28 +422,36 @@ impl Transformer {
     }
 
     /// Every weight under its canonical name: the inverse of [`Transformer::new`], for export.
-    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        let mut out = BTreeMap::from([
-            ("embed.weight".to_string(), self.embed.clone()),
-            ("norm.weight".to_string(), self.norm.clone()),
-        ]);
+    /// Packed matrices are unpacked: a whole copy of the model.
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.stored()
+            .into_iter()
+            .map(|(name, stored)| Ok((name, stored.tensor()?)))
+            .collect()
+    }
+
+    /// Every weight under its canonical name, as held.
+    fn stored(&self) -> Vec<(String, Stored<'_>)> {
+        let mut out = vec![
+            ("embed.weight".to_string(), Stored::Matrix(&self.embed)),
+            ("norm.weight".to_string(), Stored::Tensor(&self.norm)),
+        ];
         if !self.config.tie_word_embeddings {
-            out.insert("lm_head.weight".into(), self.lm_head.weight.clone());
+            out.push((
+                "lm_head.weight".into(),
+                Stored::Matrix(&self.lm_head.weight),
+            ));
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            out.insert(
-                format!("layers.{i}.attn_norm.weight"),
-                layer.attn_norm.clone(),
-            );
-            out.insert(
-                format!("layers.{i}.mlp_norm.weight"),
-                layer.mlp_norm.clone(),
-            );
-            for (name, norm) in ["q_norm", "k_norm"]
-                .iter()
-                .zip(layer.qk_norm.iter().flatten())
-            {
-                out.insert(format!("layers.{i}.attn.{name}.weight"), norm.clone());
+            let norms = [
+                ("attn_norm", &layer.attn_norm),
+                ("mlp_norm", &layer.mlp_norm),
+            ];
+            let head_norms = ["attn.q_norm", "attn.k_norm"]
+                .into_iter()
+                .zip(layer.qk_norm.iter().flatten());
+            for (name, norm) in norms.into_iter().chain(head_norms) {
+                out.push((format!("layers.{i}.{name}.weight"), Stored::Tensor(norm)));
             }
             let linears = [
                 ("attn.q_proj", &layer.q),
@@ -424,9 +463,10 @@ impl Transformer {
                 ("mlp.down_proj", &layer.down),
             ];
             for (name, linear) in linears {
-                out.insert(format!("layers.{i}.{name}.weight"), linear.weight.clone());
+                let weight = Stored::Matrix(&linear.weight);
+                out.push((format!("layers.{i}.{name}.weight"), weight));
                 if let Some(bias) = &linear.bias {
-                    out.insert(format!("layers.{i}.{name}.bias"), bias.clone());
+                    out.push((format!("layers.{i}.{name}.bias"), Stored::Tensor(bias)));
                 }
             }
         }
@@ -434,7 +474,7 @@ impl Transformer {
     }
 
     pub fn device(&self) -> &Device {
-        self.embed.device()
+        self.norm.device()
     }
 
     pub fn dtype(&self) -> DType {
@@ -509,11 +549,10 @@ impl Transformer {
     /// Token embeddings (batch, time, hidden) for `ids` (batch, time).
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.config.hidden_size,
-        ))?)
+        Ok(self
+            .embed
+            .rows(&ids.flatten_all()?)?
+            .reshape((b, t, self.config.hidden_size))?)
     }
 
     /// One transformer block (attention and MLP, each with its residual). `kv` holds the block's
@@ -899,6 +938,23 @@ mod tests {
     }
 
     #[test]
+    fn token_ids_past_the_vocabulary_are_refused() {
+        // Tied embeddings: on an AVX2 or AVX-512 CPU the rows come out of the head's panels.
+        let tf = tiny(Architecture::Llama);
+        assert!(tf.config.tie_word_embeddings);
+        let ids = Tensor::new(&[[1u32, tf.config.vocab_size as u32]], &Device::Cpu).unwrap();
+        let batch = Batch::left_padded(&[0], 0, 2, &Device::Cpu).unwrap();
+        let err = tf
+            .forward(&ids, &batch, None, Mode::Fast, LogitsAt::Last)
+            .err()
+            .unwrap();
+        let message = err.to_string();
+        // The packed rows' check, or candle's where the embedding is a tensor.
+        let named = ["past the vocabulary", "invalid index"];
+        assert!(named.iter().any(|m| message.contains(m)), "{message}");
+    }
+
+    #[test]
     fn prompts_past_the_context_are_refused() {
         let tf = tiny(Architecture::Llama);
         let n = tf.config.max_position_embeddings + 1;
@@ -931,10 +987,10 @@ mod quantized_tests {
             (576, 1536, 3),
         ] {
             let w = Tensor::randn(0f32, 1.0, (out, inp), &dev)?;
-            let mut lin = Linear::new(w.clone(), None)?;
+            let mut lin = Linear::new(Matrix::new(w)?, None);
             let x = Tensor::randn(0f32, 1.0, (rows, 1, inp), &dev)?;
             let exact = lin.forward(&x, Mode::Fast, None)?;
-            lin.quantized = Some(Quantized::new(&w, GgmlDType::Q8_0)?);
+            lin.quantized = Some(Quantized::new(&lin.weight, GgmlDType::Q8_0)?);
             let approx = lin.forward(&x, Mode::Fast, None)?;
             let err = (exact.clone() - approx)?
                 .abs()?
@@ -962,7 +1018,7 @@ mod quantized_tests {
         tf.quantize_for_decoding(GgmlDType::Q8_0)?;
         // Compare the head alone: same hidden state, float head vs quantized head + exact top.
         let x = Tensor::randn(0f32, 1.0, (1, 1, config.hidden_size), &dev)?;
-        let float_head = autograd::plain_matmul_t(&x, &tf.lm_head.weight)?
+        let float_head = autograd::plain_matmul_t(&x, &tf.lm_head.weight.tensor()?)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let mixed = tf

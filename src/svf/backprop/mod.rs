@@ -32,6 +32,7 @@ use rayon::prelude::*;
 use tsq_linalg::{Mat, MatMut, PackedMatrix, Threads, matmul};
 
 use super::packing::{Expansion, MIN_SHARED, Pack, packs};
+use crate::model::WeightSource;
 use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
 use crate::model::kernels;
@@ -340,12 +341,12 @@ impl Engine {
     /// that order.
     pub fn new(
         config: &ModelConfig,
-        tensors: &BTreeMap<String, Tensor>,
+        tensors: &dyn WeightSource,
         factors: &[Decomposed],
     ) -> Result<Self> {
         let get = |name: &str| {
             tensors
-                .get(name)
+                .weight(name)?
                 .ok_or_else(|| ModelError::Input(format!("weights lack `{name}`")))
         };
         let targets: BTreeMap<&str, (usize, &Decomposed)> = factors
@@ -358,18 +359,27 @@ impl Engine {
         for i in 0..config.num_layers {
             let projection = |name: &str| -> Result<Projection> {
                 let module = format!("layers.{i}.{name}");
-                let dense = get(&format!("{module}.weight"))?;
-                let out = dense.dim(0)?;
-                let weight = match targets.get(module.as_str()) {
-                    Some(&(target, d)) => Weight::Factored {
-                        u: Frozen::new(&d.factors.u)?,
-                        vt: Frozen::new(&d.factors.vt)?,
-                        target,
-                    },
-                    None => Weight::Dense(Frozen::new(dense)?),
+                let (weight, out) = match targets.get(module.as_str()) {
+                    Some(&(target, d)) => {
+                        let u = Frozen::new(&d.factors.u)?;
+                        let out = u.rows;
+                        (
+                            Weight::Factored {
+                                u,
+                                vt: Frozen::new(&d.factors.vt)?,
+                                target,
+                            },
+                            out,
+                        )
+                    }
+                    None => {
+                        let dense = Frozen::new(&get(&format!("{module}.weight"))?)?;
+                        let out = dense.rows;
+                        (Weight::Dense(dense), out)
+                    }
                 };
-                let bias = match tensors.get(&format!("{module}.bias")) {
-                    Some(b) => Some(f32s(b)?),
+                let bias = match tensors.weight(&format!("{module}.bias"))? {
+                    Some(b) => Some(f32s(&b)?),
                     None => None,
                 };
                 Ok(Projection { weight, bias, out })
@@ -381,16 +391,16 @@ impl Engine {
                 .iter()
                 .filter(|p| matches!(p.weight, Weight::Factored { .. }))
                 .count();
-            let head_norm = |n: &str| f32s(get(&format!("layers.{i}.attn.{n}.weight"))?);
+            let head_norm = |n: &str| f32s(&get(&format!("layers.{i}.attn.{n}.weight"))?);
             let qk_norm = match config.architecture.qk_norm() {
                 true => Some([head_norm("q_norm")?, head_norm("k_norm")?]),
                 false => None,
             };
             layers.push(Layer {
-                attn_norm: f32s(get(&format!("layers.{i}.attn_norm.weight"))?)?,
+                attn_norm: f32s(&get(&format!("layers.{i}.attn_norm.weight"))?)?,
                 qk_norm,
                 rotate: config.rotates(i),
-                mlp_norm: f32s(get(&format!("layers.{i}.mlp_norm.weight"))?)?,
+                mlp_norm: f32s(&get(&format!("layers.{i}.mlp_norm.weight"))?)?,
                 projections,
             });
         }
@@ -404,12 +414,12 @@ impl Engine {
         let inv_freq = config.inv_freq();
         Ok(Self {
             config: config.clone(),
-            embed: f32s(get("embed.weight")?)?,
-            head: Frozen::head(match config.tie_word_embeddings {
+            embed: f32s(&get("embed.weight")?)?,
+            head: Frozen::head(&match config.tie_word_embeddings {
                 true => get("embed.weight")?,
                 false => get("lm_head.weight")?,
             })?,
-            norm: f32s(get("norm.weight")?)?,
+            norm: f32s(&get("norm.weight")?)?,
             layers,
             inv_freq,
             ranks: factors
@@ -610,7 +620,7 @@ mod tests {
     /// A tiny decomposed model's engine and its targets' singular values.
     fn tiny_engine() -> Result<(Engine, Vec<Vec<f32>>, u32)> {
         let (base, factors) = crate::svf::tiny_decomposed(5);
-        let engine = Engine::new(&base.config, &base.tensors(), &factors)?;
+        let engine = Engine::new(&base.config, &base, &factors)?;
         let scaled_s = factors
             .iter()
             .map(|d| d.factors.s.to_vec1::<f32>())
@@ -685,7 +695,7 @@ mod tests {
     fn loss_matches_the_inference_path_with_biases() -> Result<()> {
         let config = tiny_config(Architecture::Qwen2);
         let model = Transformer::new(config.clone(), random_weights(&config, 9, &Device::Cpu))?;
-        let engine = Engine::new(&config, &model.tensors(), &[])?;
+        let engine = Engine::new(&config, &model, &[])?;
         let (ids, weights) = batch(config.vocab_size as u32);
         let ours = engine.gradients(&[], &sequences(&ids, &weights))?.loss;
         let mut expected = 0f64;
@@ -728,7 +738,7 @@ mod tests {
                 crate::fsutil::read_json(&dir.join("reference.json"), 1 << 20).unwrap();
             let model = crate::model::Model::load(&dir, candle_core::DType::F32, &Device::Cpu)?;
             let tf = &model.transformer;
-            let engine = Engine::new(&tf.config, &tf.tensors(), &[])?;
+            let engine = Engine::new(&tf.config, tf, &[])?;
             let ids = &reference.ids;
             let weights: Vec<f32> = (0..ids.len())
                 .map(|t| if t > 0 { 1.0 } else { 0.0 })
