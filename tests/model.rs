@@ -263,21 +263,46 @@ fn agrees_with_pytorch_transformers_on_ids_logits_and_logprobs() {
 /// one step over the cached rest, and its top-5 logits stay within `Q8_LOGIT_TOLERANCE`.
 #[test]
 fn q8_decoding_steps_stay_within_a_stated_tolerance_of_f32_logits() {
-    use tsq::model::transformer::{Batch, KvCache, LogitsAt, Mode};
     /// Largest difference measured on these prompts (2026-12-07, tsq-linalg's int8 kernel):
     /// 0.114 on top logits of 17-29 (AVX-512 and AVX2 kernels). Not a bound for candle's
     /// Q8_0, which CPUs without AVX2 (`TSQ_SIMD=portable`) decode with: it rounds x to int8 too,
     /// and swaps the France prompt's two top tokens (0.08 apart).
     const Q8_LOGIT_TOLERANCE: f32 = 0.25;
+    let mut transformer = smollm2().transformer.clone();
+    transformer
+        .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
+        .unwrap();
+    let largest = largest_last_step_difference(&transformer);
+    assert!(largest <= Q8_LOGIT_TOLERANCE, "{largest}");
+    // f32 agrees with PyTorch to ~1e-5 here: a smaller difference means no copy decoded.
+    assert!(largest > 1e-3, "the quantized copies were not used");
+}
+
+/// SmolLM2 loaded in bf16 on the CPU (weights rounded to bf16; on a CPU with AVX2 held as bf16
+/// panels and computed in f32) against PyTorch's f32 logits, decoding as the test above does.
+#[test]
+fn bf16_weights_stay_within_a_stated_tolerance_of_f32_logits() {
+    /// Largest difference measured on these prompts (2026-12-07) on top logits of 17-29: 0.045
+    /// from bf16 panels with f32 arithmetic, 0.42 with candle's bf16 arithmetic (CPUs without
+    /// AVX2, `TSQ_SIMD=portable`), which rounds every activation to bf16 too.
+    const BF16_LOGIT_TOLERANCE: f32 = 0.6;
+    let model = Model::load(&smollm2().path, DType::BF16, &Device::Cpu).unwrap();
+    assert_eq!(model.transformer.weights_dtype(), DType::BF16);
+    let largest = largest_last_step_difference(&model.transformer);
+    assert!(largest <= BF16_LOGIT_TOLERANCE, "{largest}");
+    // f32 agrees with PyTorch to ~1e-5 here: a smaller difference means no bf16 weights.
+    assert!(largest > 1e-3, "the weights were not rounded to bf16");
+}
+
+/// The largest difference between `transformer`'s logits and PyTorch's f32 ones over the top 5
+/// of each oracle prompt, its last token decoded as one step over the cached rest (the way
+/// `tsq generate` and `tsq serve` decode); the best token must agree.
+fn largest_last_step_difference(transformer: &tsq::model::transformer::Transformer) -> f32 {
+    use tsq::model::transformer::{Batch, KvCache, LogitsAt, Mode};
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("tests/fixtures/oracle_smollm2.json")).unwrap(),
     )
     .unwrap();
-    let model = smollm2();
-    let mut transformer = model.transformer.clone();
-    transformer
-        .quantize_for_decoding(candle_core::quantized::GgmlDType::Q8_0)
-        .unwrap();
     let dev = Device::Cpu;
     let mut largest = 0f32;
     for case in fixture["cases"].as_array().unwrap() {
@@ -311,9 +336,7 @@ fn q8_decoding_steps_stay_within_a_stated_tolerance_of_f32_logits() {
         assert_eq!(argmax as u64, top5[0][0].as_u64().unwrap(), "{case}");
     }
     eprintln!("largest top-5 logit difference from f32: {largest}");
-    assert!(largest <= Q8_LOGIT_TOLERANCE, "{largest}");
-    // f32 agrees with PyTorch to ~1e-5 here: a smaller difference means no copy decoded.
-    assert!(largest > 1e-3, "the quantized copies were not used");
+    largest
 }
 
 #[test]

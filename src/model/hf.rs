@@ -354,7 +354,7 @@ mod tests {
         for dtype in [DType::BF16, DType::F16] {
             let weights = load_tensors(dir.path(), dtype, &Device::Cpu).unwrap();
             let tf = Transformer::new(config.clone(), weights).unwrap();
-            assert_eq!(tf.dtype(), dtype);
+            assert_eq!(tf.weights_dtype(), dtype);
             let diff = max_abs(&(logits(&tf) - &expected).unwrap());
             assert!(
                 diff < 0.05 * scale,

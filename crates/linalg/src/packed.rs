@@ -40,13 +40,72 @@ const SPLIT_MIN_WORK: usize = 1 << 20;
 #[repr(align(64))]
 struct Lanes([f32; 16]);
 
+/// One k-row of a bf16 panel: its 32 weights on a 64-byte boundary.
+#[derive(Clone, Copy)]
+#[repr(align(64))]
+struct HalfLanes([u16; 32]);
+
+/// The panels, in the element type W came in.
+enum Panels {
+    F32(Vec<Lanes>),
+    /// bf16 (an f32's upper half): half the bytes to read, widened to f32 in registers, so
+    /// the products are f32 products of the bf16 values.
+    Bf16(Vec<HalfLanes>),
+}
+
 /// W (rows × cols) in panels of [`NR`] rows, the last one padded with zeros.
 pub struct PackedMatrix {
     /// The kernel that multiplies it.
     simd: Simd,
     rows: usize,
     cols: usize,
-    panels: Vec<Lanes>,
+    panels: Panels,
+}
+
+/// An element of packed panels, as the kernels load it: `p` points into a panel's k-row.
+trait Element: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+    /// 16 weights from `p` (32-byte aligned at least) as f32 lanes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> __m512;
+    /// 8 weights from `p` (16-byte aligned at least) as f32 lanes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl Element for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        unsafe { _mm512_load_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        unsafe { _mm256_load_ps(p) }
+    }
+}
+
+/// bf16 bits.
+impl Element for u16 {
+    fn to_f32(self) -> f32 {
+        f32::from_bits(u32::from(self) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        let bits = unsafe { _mm256_load_si256(p.cast()) };
+        unsafe { _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        let bits = unsafe { _mm_load_si128(p.cast()) };
+        unsafe { _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)) }
+    }
 }
 
 impl PackedMatrix {
@@ -56,33 +115,42 @@ impl PackedMatrix {
         Self::pack_for(crate::simd(), data, rows, cols)
     }
 
+    /// [`PackedMatrix::pack`] of a bf16 matrix (its bits): products read half the bytes of
+    /// an f32 one and compute in f32.
+    pub fn pack_bf16(data: &[u16], rows: usize, cols: usize) -> Option<Self> {
+        Self::pack_bf16_for(crate::simd(), data, rows, cols)
+    }
+
     /// [`PackedMatrix::pack`] for the kernel of `simd`, a level this CPU runs.
     fn pack_for(simd: Simd, data: &[f32], rows: usize, cols: usize) -> Option<Self> {
-        assert_eq!(data.len(), rows * cols, "data is not rows × cols");
-        if simd == Simd::Portable || rows == 0 || cols == 0 {
-            return None;
-        }
-        let lanes_per_panel = cols * NR / 16;
-        let mut panels = vec![Lanes([0.0; 16]); rows.div_ceil(NR) * lanes_per_panel];
-        let fill = |(p, panel): (usize, &mut [Lanes])| {
-            let first = p * NR;
-            for c in 0..NR.min(rows - first) {
-                let row = &data[(first + c) * cols..][..cols];
-                for (k, &v) in row.iter().enumerate() {
-                    panel[k * 2 + c / 16].0[c % 16] = v;
-                }
-            }
-        };
-        panels
-            .par_chunks_mut(lanes_per_panel)
-            .enumerate()
-            .for_each(fill);
+        let panels = packed_panels(simd, data, rows, cols, Lanes([0.0; 16]), |panel, k, c| {
+            &mut panel[k * 2 + c / 16].0[c % 16]
+        })?;
         Some(Self {
             simd,
             rows,
             cols,
-            panels,
+            panels: Panels::F32(panels),
         })
+    }
+
+    /// [`PackedMatrix::pack_bf16`] for the kernel of `simd`, a level this CPU runs.
+    fn pack_bf16_for(simd: Simd, data: &[u16], rows: usize, cols: usize) -> Option<Self> {
+        let zero = HalfLanes([0; 32]);
+        let panels = packed_panels(simd, data, rows, cols, zero, |panel, k, c| {
+            &mut panel[k].0[c]
+        })?;
+        Some(Self {
+            simd,
+            rows,
+            cols,
+            panels: Panels::Bf16(panels),
+        })
+    }
+
+    /// Whether the panels hold bf16 values.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.panels, Panels::Bf16(_))
     }
 
     pub fn rows(&self) -> usize {
@@ -97,19 +165,27 @@ impl PackedMatrix {
     /// copy of W, this is how its rows are read (an embedding tied to the LM head, the head's
     /// exact logits).
     pub fn gather_rows(&self, indices: &[u32]) -> Vec<f32> {
-        let lanes_per_panel = self.cols * NR / 16;
         let mut out = Vec::with_capacity(indices.len() * self.cols);
         for &r in indices {
             let r = r as usize;
             assert!(r < self.rows, "row {r} of a {}-row matrix", self.rows);
-            let panel = &self.panels[r / NR * lanes_per_panel..][..lanes_per_panel];
-            let (half, lane) = ((r % NR) / 16, r % 16);
-            out.extend((0..self.cols).map(|k| panel[k * 2 + half].0[lane]));
+            let (p, c) = (r / NR, r % NR);
+            match &self.panels {
+                Panels::F32(panels) => {
+                    let panel = &panels[p * self.cols * 2..][..self.cols * 2];
+                    out.extend((0..self.cols).map(|k| panel[k * 2 + c / 16].0[c % 16]));
+                }
+                Panels::Bf16(panels) => {
+                    let panel = &panels[p * self.cols..][..self.cols];
+                    out.extend((0..self.cols).map(|k| panel[k].0[c].to_f32()));
+                }
+            }
         }
         out
     }
 
-    /// W itself, row-major: the inverse of [`PackedMatrix::pack`].
+    /// W itself, row-major, in f32: the inverse of [`PackedMatrix::pack`] (and, widened, of
+    /// [`PackedMatrix::pack_bf16`]).
     pub fn unpack(&self) -> Vec<f32> {
         let all: Vec<u32> = (0..self.rows as u32).collect();
         self.gather_rows(&all)
@@ -141,22 +217,28 @@ impl PackedMatrix {
     /// time, each multiplied by every block of x's rows.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn panels_avx512(&self, x: &[f32], m: usize, out: Out, panels: std::ops::Range<usize>) {
+    unsafe fn panels_avx512<E: Element>(
+        &self,
+        all: *const E,
+        x: &[f32],
+        m: usize,
+        out: Out,
+        panels: std::ops::Range<usize>,
+    ) {
         let k = self.cols;
-        let lanes_per_panel = k * NR / 16;
-        let chunk = (CHUNK_BYTES / (k * NR * 4)).max(1);
+        let chunk = (CHUNK_BYTES / (k * NR * size_of::<E>())).max(1);
         for chunk_start in panels.clone().step_by(chunk) {
             let chunk_end = (chunk_start + chunk).min(panels.end);
             for first in (0..m).step_by(MR) {
                 let x = unsafe { x.as_ptr().add(first * k) };
                 for p in chunk_start..chunk_end {
-                    let w = self.panels[p * lanes_per_panel..].as_ptr().cast::<f32>();
+                    let w = unsafe { all.add(p * k * NR) };
                     let valid = NR.min(self.rows - p * NR);
                     let out = unsafe { out.0.add(first * self.rows + p * NR) };
                     macro_rules! by_rows {
                         ($($m:literal),*) => {
                             match MR.min(m - first) {
-                                $($m => unsafe { self.tile::<$m>(x, w, out, valid) },)*
+                                $($m => unsafe { self.tile::<E, $m>(x, w, out, valid) },)*
                                 rows => unreachable!("{rows} rows exceed {MR}"),
                             }
                         };
@@ -172,18 +254,18 @@ impl PackedMatrix {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn tile<const M: usize>(
+    unsafe fn tile<E: Element, const M: usize>(
         &self,
         x: *const f32,
-        w: *const f32,
+        w: *const E,
         out: *mut f32,
         valid: usize,
     ) {
         let k = self.cols;
         let mut acc = [[_mm512_setzero_ps(); 2]; M];
         for l in 0..k {
-            let w0 = unsafe { _mm512_load_ps(w.add(l * NR)) };
-            let w1 = unsafe { _mm512_load_ps(w.add(l * NR + 16)) };
+            let w0 = unsafe { E::load16(w.add(l * NR)) };
+            let w1 = unsafe { E::load16(w.add(l * NR + 16)) };
             for (r, row) in acc.iter_mut().enumerate() {
                 let xb = _mm512_set1_ps(unsafe { *x.add(r * k + l) });
                 row[0] = _mm512_fmadd_ps(xb, w0, row[0]);
@@ -206,23 +288,29 @@ impl PackedMatrix {
     /// [`PackedMatrix::panels_avx512`] with AVX2: each half panel of 16 weight rows in turn.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn panels_avx2(&self, x: &[f32], m: usize, out: Out, panels: std::ops::Range<usize>) {
+    unsafe fn panels_avx2<E: Element>(
+        &self,
+        all: *const E,
+        x: &[f32],
+        m: usize,
+        out: Out,
+        panels: std::ops::Range<usize>,
+    ) {
         let k = self.cols;
-        let lanes_per_panel = k * NR / 16;
-        let chunk = (CHUNK_BYTES / (k * NR * 4)).max(1);
+        let chunk = (CHUNK_BYTES / (k * NR * size_of::<E>())).max(1);
         for chunk_start in panels.clone().step_by(chunk) {
             let chunk_end = (chunk_start + chunk).min(panels.end);
             for first in (0..m).step_by(MR_AVX2) {
                 let x = unsafe { x.as_ptr().add(first * k) };
                 for p in chunk_start..chunk_end {
-                    let panel = self.panels[p * lanes_per_panel..].as_ptr().cast::<f32>();
+                    let panel = unsafe { all.add(p * k * NR) };
                     let out = unsafe { out.0.add(first * self.rows + p * NR) };
                     let valid = NR.min(self.rows - p * NR);
                     // A row or two (batch-1 decoding) take the whole panel in one pass:
                     // reading it contiguously once beats two strided passes.
                     match m - first {
-                        1 => unsafe { self.tile_avx2_whole::<1>(x, panel, out, valid) },
-                        2 => unsafe { self.tile_avx2_whole::<2>(x, panel, out, valid) },
+                        1 => unsafe { self.tile_avx2_whole::<E, 1>(x, panel, out, valid) },
+                        2 => unsafe { self.tile_avx2_whole::<E, 2>(x, panel, out, valid) },
                         rows => unsafe {
                             self.halves_avx2(x, rows.min(MR_AVX2), panel, out, valid)
                         },
@@ -236,11 +324,11 @@ impl PackedMatrix {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn halves_avx2(
+    unsafe fn halves_avx2<E: Element>(
         &self,
         x: *const f32,
         rows: usize,
-        panel: *const f32,
+        panel: *const E,
         out: *mut f32,
         valid: usize,
     ) {
@@ -253,7 +341,7 @@ impl PackedMatrix {
             macro_rules! by_rows {
                 ($($m:literal),*) => {
                     match rows {
-                        $($m => unsafe { self.tile_avx2::<$m>(x, w, out, valid) },)*
+                        $($m => unsafe { self.tile_avx2::<E, $m>(x, w, out, valid) },)*
                         rows => unreachable!("{rows} rows exceed {MR_AVX2}"),
                     }
                 };
@@ -269,18 +357,18 @@ impl PackedMatrix {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn tile_avx2<const M: usize>(
+    unsafe fn tile_avx2<E: Element, const M: usize>(
         &self,
         x: *const f32,
-        w: *const f32,
+        w: *const E,
         out: *mut f32,
         valid: usize,
     ) {
         let k = self.cols;
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
         for l in 0..k {
-            let w0 = unsafe { _mm256_load_ps(w.add(l * NR)) };
-            let w1 = unsafe { _mm256_load_ps(w.add(l * NR + 8)) };
+            let w0 = unsafe { E::load8(w.add(l * NR)) };
+            let w1 = unsafe { E::load8(w.add(l * NR + 8)) };
             for (r, row) in acc.iter_mut().enumerate() {
                 let xb = _mm256_set1_ps(unsafe { *x.add(r * k + l) });
                 row[0] = _mm256_fmadd_ps(xb, w0, row[0]);
@@ -304,10 +392,10 @@ impl PackedMatrix {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn tile_avx2_whole<const M: usize>(
+    unsafe fn tile_avx2_whole<E: Element, const M: usize>(
         &self,
         x: *const f32,
-        w: *const f32,
+        w: *const E,
         out: *mut f32,
         valid: usize,
     ) {
@@ -315,7 +403,7 @@ impl PackedMatrix {
         let mut acc = [[_mm256_setzero_ps(); 4]; M];
         for l in 0..k {
             let w = unsafe { w.add(l * NR) };
-            let ws: [__m256; 4] = std::array::from_fn(|q| unsafe { _mm256_load_ps(w.add(8 * q)) });
+            let ws: [__m256; 4] = std::array::from_fn(|q| unsafe { E::load8(w.add(8 * q)) });
             for (r, row) in acc.iter_mut().enumerate() {
                 let xb = _mm256_set1_ps(unsafe { *x.add(r * k + l) });
                 for (partial, w) in row.iter_mut().zip(ws) {
@@ -343,6 +431,35 @@ pub(crate) fn first_lanes(n: usize) -> __m256i {
     )
 }
 
+/// Panels of [`NR`] rows of a row-major `rows × cols` matrix, `at(panel, k, c)` the place of
+/// `W[32p + c][k]` in panel p; `None` where no kernel runs at `simd` or there is nothing to pack.
+fn packed_panels<E: Copy + Send + Sync, L: Clone + Send + Sync>(
+    simd: Simd,
+    data: &[E],
+    rows: usize,
+    cols: usize,
+    zero: L,
+    at: impl Fn(&mut [L], usize, usize) -> &mut E + Sync,
+) -> Option<Vec<L>> {
+    assert_eq!(data.len(), rows * cols, "data is not rows × cols");
+    if simd == Simd::Portable || rows == 0 || cols == 0 {
+        return None;
+    }
+    let per_panel = cols * NR * size_of::<E>() / size_of::<L>();
+    let mut panels = vec![zero; rows.div_ceil(NR) * per_panel];
+    let fill = |(p, panel): (usize, &mut [L])| {
+        let first = p * NR;
+        for c in 0..NR.min(rows - first) {
+            let row = &data[(first + c) * cols..][..cols];
+            for (k, &v) in row.iter().enumerate() {
+                *at(panel, k, c) = v;
+            }
+        }
+    };
+    panels.par_chunks_mut(per_panel).enumerate().for_each(fill);
+    Some(panels)
+}
+
 impl WeightKernel for PackedMatrix {
     const ALIGN: usize = NR;
     const SPLIT_MIN_WORK: usize = SPLIT_MIN_WORK;
@@ -359,10 +476,20 @@ impl WeightKernel for PackedMatrix {
         let panels = columns.start / NR..columns.end.div_ceil(NR);
         // SAFETY: as the trait asks; `pack_for` made this matrix for a level the CPU runs.
         #[cfg(target_arch = "x86_64")]
-        match self.simd {
-            Simd::Avx512 => unsafe { self.panels_avx512(x, m, out, panels) },
-            Simd::Avx2 => unsafe { self.panels_avx2(x, m, out, panels) },
-            Simd::Portable => unreachable!("packed matrices have a kernel"),
+        match (self.simd, &self.panels) {
+            (Simd::Avx512, Panels::F32(all)) => unsafe {
+                self.panels_avx512(all.as_ptr().cast::<f32>(), x, m, out, panels)
+            },
+            (Simd::Avx512, Panels::Bf16(all)) => unsafe {
+                self.panels_avx512(all.as_ptr().cast::<u16>(), x, m, out, panels)
+            },
+            (Simd::Avx2, Panels::F32(all)) => unsafe {
+                self.panels_avx2(all.as_ptr().cast::<f32>(), x, m, out, panels)
+            },
+            (Simd::Avx2, Panels::Bf16(all)) => unsafe {
+                self.panels_avx2(all.as_ptr().cast::<u16>(), x, m, out, panels)
+            },
+            (Simd::Portable, _) => unreachable!("packed matrices have a kernel"),
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -376,10 +503,22 @@ impl WeightKernel for PackedMatrix {
 mod tests {
     use super::*;
 
-    /// `w` packed for each kernel this CPU runs.
+    /// `w` packed for each kernel this CPU runs, in f32 and, where every value is one, in
+    /// bf16.
     fn packed_each(w: &[f32], rows: usize, cols: usize) -> Vec<PackedMatrix> {
+        let bf16: Option<Vec<u16>> = w
+            .iter()
+            .map(|v| (v.to_bits() & 0xffff == 0).then_some((v.to_bits() >> 16) as u16))
+            .collect();
         let packed: Vec<_> = Simd::available()
-            .filter_map(|simd| PackedMatrix::pack_for(simd, w, rows, cols))
+            .flat_map(|simd| {
+                let halves = bf16.as_ref();
+                [
+                    PackedMatrix::pack_for(simd, w, rows, cols),
+                    halves.and_then(|b| PackedMatrix::pack_bf16_for(simd, b, rows, cols)),
+                ]
+            })
+            .flatten()
             .collect();
         if packed.is_empty() {
             eprintln!("neither AVX2 nor AVX-512 here: nothing to check");
@@ -392,8 +531,11 @@ mod tests {
         // A partial last panel in each half (rows 9 and 25 past the second).
         for rows in [2 * NR + 9, 2 * NR + 25] {
             let cols = 37;
-            let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            for packed in packed_each(&w, rows, cols) {
+            // Whole numbers below 256: bf16 holds them exactly.
+            let w: Vec<f32> = (0..rows * cols).map(|i| (i % 251) as f32).collect();
+            let packed = packed_each(&w, rows, cols);
+            assert!(packed.iter().any(PackedMatrix::is_bf16) || packed.is_empty());
+            for packed in packed {
                 assert_eq!(packed.unpack(), w);
                 let picked = packed.gather_rows(&[rows as u32 - 1, 0, 17]);
                 let want: Vec<f32> = [rows - 1, 0, 17]
@@ -411,8 +553,11 @@ mod tests {
         // partial), k not a multiple of anything.
         for rows in [2 * NR + 9, 2 * NR + 25] {
             let cols = 37;
+            // Values bf16 holds exactly (f32s with 16 low zero bits), so that the bf16 panels
+            // multiply the same matrix.
             let w: Vec<f32> = (0..rows * cols)
                 .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 300.0)
+                .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
                 .collect();
             for packed in packed_each(&w, rows, cols) {
                 for m in [1, 3, 6, 7, 8, 11, 13, 17] {
@@ -430,8 +575,9 @@ mod tests {
                         for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
                             assert!(
                                 (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                                "{:?}, m {m}, element {i}: {got} vs {want}",
-                                packed.simd
+                                "{:?} (bf16 {}), m {m}, element {i}: {got} vs {want}",
+                                packed.simd,
+                                packed.is_bf16()
                             );
                         }
                     }

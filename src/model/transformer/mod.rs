@@ -65,11 +65,13 @@ enum Stored<'a> {
 }
 
 impl Stored<'_> {
-    fn tensor(&self) -> Result<Tensor> {
-        match self {
-            Self::Tensor(t) => Ok((*t).clone()),
-            Self::Matrix(m) => m.tensor(),
-        }
+    /// The weight in `dtype`, the model's weights dtype.
+    fn tensor(&self, dtype: DType) -> Result<Tensor> {
+        let tensor = match self {
+            Self::Tensor(t) => (*t).clone(),
+            Self::Matrix(m) => m.tensor()?,
+        };
+        Ok(tensor.to_dtype(dtype)?)
     }
 }
 
@@ -77,7 +79,9 @@ impl crate::model::WeightSource for Transformer {
     /// One weight, unpacked alone where it is packed: no copy of the rest of the model.
     fn weight(&self, name: &str) -> Result<Option<Tensor>> {
         let stored = self.stored().into_iter().find(|(n, _)| n == name);
-        stored.map(|(_, s)| s.tensor()).transpose()
+        stored
+            .map(|(_, s)| s.tensor(self.weights_dtype))
+            .transpose()
     }
 }
 
@@ -179,7 +183,12 @@ pub struct Transformer {
     lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// What the forward computes in.
     dtype: DType,
+    /// What the weights came in and are exported as. bf16 weights on a CPU with tsq-linalg's
+    /// kernel stay bf16 in its panels and are computed in f32, as llama.cpp does: candle's bf16
+    /// arithmetic on the CPU decoded SmolLM2 at 8 tokens/s against f32's 60.
+    weights_dtype: DType,
 }
 
 /// The shape each projection must have under `config` (rows = outputs).
@@ -215,7 +224,17 @@ impl Transformer {
                 config.vocab_size, config.hidden_size
             )));
         }
-        let dtype = embed.dtype();
+        let weights_dtype = embed.dtype();
+        let packs_bf16 = tsq_linalg::simd() != tsq_linalg::Simd::Portable;
+        let dtype = match weights_dtype == DType::BF16 && embed.device().is_cpu() && packs_bf16 {
+            true => DType::F32,
+            false => weights_dtype,
+        };
+        // Norms and biases (small) in the compute dtype; matrices as they came (`Matrix::new`).
+        let mut take = |name: &str| match name.ends_with(".bias") || name.contains("norm") {
+            true => Ok(take(name)?.to_dtype(dtype)?),
+            false => take(name),
+        };
         let shapes = expected_shapes(&config);
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
@@ -231,6 +250,7 @@ impl Transformer {
                         )));
                     }
                     let bias = take(&format!("layers.{i}.{m}.bias")).ok();
+                    let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
                     Ok(Linear::new(Matrix::new(weight)?, bias))
                 };
             let mut head_norm = |n: &str| -> Result<Tensor> {
@@ -243,27 +263,27 @@ impl Transformer {
                         config.head_dim
                     )));
                 }
-                Ok(weight)
+                Ok(weight.to_dtype(dtype)?)
             };
             let qk_norm = match config.architecture.qk_norm() {
                 true => Some([head_norm("q_norm")?, head_norm("k_norm")?]),
                 false => None,
             };
             layers.push(Layer {
-                attn_norm: take(&format!("layers.{i}.attn_norm.weight"))?,
+                attn_norm: take(&format!("layers.{i}.attn_norm.weight"))?.to_dtype(dtype)?,
                 qk_norm,
                 rotate: config.rotates(i),
                 q: linear("attn.q_proj", &mut take)?,
                 k: linear("attn.k_proj", &mut take)?,
                 v: linear("attn.v_proj", &mut take)?,
                 o: linear("attn.o_proj", &mut take)?,
-                mlp_norm: take(&format!("layers.{i}.mlp_norm.weight"))?,
+                mlp_norm: take(&format!("layers.{i}.mlp_norm.weight"))?.to_dtype(dtype)?,
                 gate: linear("mlp.gate_proj", &mut take)?,
                 up: linear("mlp.up_proj", &mut take)?,
                 down: linear("mlp.down_proj", &mut take)?,
             });
         }
-        let norm = take("norm.weight")?;
+        let norm = take("norm.weight")?.to_dtype(dtype)?;
         let (cos, sin) = rope_tables(&config, embed.device())?;
         let (embed, head) = match config.tie_word_embeddings {
             true => {
@@ -282,6 +302,7 @@ impl Transformer {
             cos,
             sin,
             dtype,
+            weights_dtype,
         })
     }
 
@@ -376,7 +397,7 @@ impl Transformer {
     /// Replaces one projection's weight, as when composing an SVF expert into the model. Its
     /// quantized copy, now stale, is dropped, and so is a factored form; it is packed anew.
     pub fn replace_weight(&mut self, module: &str, weight: Tensor) -> Result<()> {
-        let dtype = self.dtype;
+        let dtype = self.weights_dtype;
         let linear = self.linear_mut(module)?;
         let dims = linear.weight.dims2()?;
         if weight.dims() != [dims.0, dims.1] {
@@ -426,7 +447,7 @@ impl Transformer {
     pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         self.stored()
             .into_iter()
-            .map(|(name, stored)| Ok((name, stored.tensor()?)))
+            .map(|(name, stored)| Ok((name, stored.tensor(self.weights_dtype)?)))
             .collect()
     }
 
@@ -477,8 +498,14 @@ impl Transformer {
         self.norm.device()
     }
 
+    /// What the forward computes in (f32 for bf16 weights on the CPU: see `weights_dtype`).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// What the weights are held and exported in.
+    pub fn weights_dtype(&self) -> DType {
+        self.weights_dtype
     }
 
     /// Logits (batch, time or 1, vocab) in f32 for `ids` (batch, time).
@@ -552,6 +579,7 @@ impl Transformer {
         Ok(self
             .embed
             .rows(&ids.flatten_all()?)?
+            .to_dtype(self.dtype)?
             .reshape((b, t, self.config.hidden_size))?)
     }
 
