@@ -116,6 +116,12 @@ pub fn read_config(path: &Path) -> Result<config::ModelConfig> {
 pub trait WeightSource {
     /// `None` where there is no such weight.
     fn weight(&self, name: &str) -> Result<Option<candle_core::Tensor>>;
+
+    /// The weight's rows as packed for tsq-linalg's kernel, where they are held so: a reader
+    /// that would pack them the same way shares these instead.
+    fn packed(&self, _name: &str) -> Option<std::sync::Arc<tsq_linalg::PackedMatrix>> {
+        None
+    }
 }
 
 impl WeightSource for std::collections::BTreeMap<String, candle_core::Tensor> {

@@ -83,6 +83,13 @@ impl crate::model::WeightSource for Transformer {
             .map(|(_, s)| s.tensor(self.weights_dtype))
             .transpose()
     }
+
+    fn packed(&self, name: &str) -> Option<Arc<tsq_linalg::PackedMatrix>> {
+        match self.stored().into_iter().find(|(n, _)| n == name)? {
+            (_, Stored::Matrix(Matrix::Packed(p))) => Some(Arc::clone(p)),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone)]

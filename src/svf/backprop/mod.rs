@@ -25,7 +25,7 @@ mod head;
 mod projection;
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -121,37 +121,52 @@ struct Frozen {
 /// panels) for tsq-linalg's kernel where AVX2 or AVX-512 runs, else row-major for faer, which ran
 /// 1.2-1.5x slower on a transposed read of the right operand (SVF-step shapes, 2026-11-27).
 enum Factor {
-    Packed(PackedMatrix),
+    Packed(Arc<PackedMatrix>),
     Plain { b: Vec<f32>, k: usize, n: usize },
 }
 
 impl Frozen {
-    fn new(tensor: &Tensor) -> Result<Self> {
+    /// M's own factors, or with `shared` M's rows as packed by the model for its forward
+    /// pass (the same panels: one copy fewer).
+    fn new(tensor: &Tensor, shared: Option<Arc<PackedMatrix>>) -> Result<Self> {
         Ok(Self {
             rows: tensor.dim(0)?,
-            forward: Factor::transpose_of(tensor)?,
-            backward: Factor::transpose_of(&tensor.t()?)?,
+            forward: Factor::transpose_of(tensor, shared)?,
+            backward: Factor::transpose_of(&tensor.t()?, None)?,
         })
     }
 
     /// The LM head: its backward product sums over the whole vocabulary (k ≈ 49k for
     /// SmolLM2), where the packed kernel, which keeps each output's sum over k in registers,
     /// streams the weights once per 8 rows; faer's blocking over k does better there.
-    fn head(tensor: &Tensor) -> Result<Self> {
+    fn head(tensor: &Tensor, shared: Option<Arc<PackedMatrix>>) -> Result<Self> {
         Ok(Self {
             rows: tensor.dim(0)?,
-            forward: Factor::transpose_of(tensor)?,
+            forward: Factor::transpose_of(tensor, shared)?,
             backward: Factor::plain(tensor)?,
         })
     }
 }
 
 impl Factor {
-    /// B = Mᵀ for a matrix M: M's rows packed where the kernel runs, else Mᵀ row-major.
-    fn transpose_of(m: &Tensor) -> Result<Self> {
+    /// B = Mᵀ for a matrix M: M's rows packed where the kernel runs (`shared` if given; bf16
+    /// panels for a bf16 M, half the memory), else Mᵀ row-major.
+    fn transpose_of(m: &Tensor, shared: Option<Arc<PackedMatrix>>) -> Result<Self> {
+        if let Some(packed) = shared {
+            return Ok(Self::Packed(packed));
+        }
         let (rows, cols) = m.dims2()?;
-        match PackedMatrix::pack(&f32s(m)?, rows, cols) {
-            Some(packed) => Ok(Self::Packed(packed)),
+        let values = f32s(m)?;
+        let packed = match m.dtype() {
+            // bf16 widened to f32 exactly: the f32's upper half is the bf16 value.
+            candle_core::DType::BF16 => {
+                let bits: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                PackedMatrix::pack_bf16(&bits, rows, cols)
+            }
+            _ => PackedMatrix::pack(&values, rows, cols),
+        };
+        match packed {
+            Some(packed) => Ok(Self::Packed(Arc::new(packed))),
             None => Self::plain(&m.t()?),
         }
     }
@@ -361,19 +376,20 @@ impl Engine {
                 let module = format!("layers.{i}.{name}");
                 let (weight, out) = match targets.get(module.as_str()) {
                     Some(&(target, d)) => {
-                        let u = Frozen::new(&d.factors.u)?;
+                        let u = Frozen::new(&d.factors.u, None)?;
                         let out = u.rows;
                         (
                             Weight::Factored {
                                 u,
-                                vt: Frozen::new(&d.factors.vt)?,
+                                vt: Frozen::new(&d.factors.vt, None)?,
                                 target,
                             },
                             out,
                         )
                     }
                     None => {
-                        let dense = Frozen::new(&get(&format!("{module}.weight"))?)?;
+                        let name = format!("{module}.weight");
+                        let dense = Frozen::new(&get(&name)?, tensors.packed(&name))?;
                         let out = dense.rows;
                         (Weight::Dense(dense), out)
                     }
@@ -415,10 +431,13 @@ impl Engine {
         Ok(Self {
             config: config.clone(),
             embed: f32s(&get("embed.weight")?)?,
-            head: Frozen::head(&match config.tie_word_embeddings {
-                true => get("embed.weight")?,
-                false => get("lm_head.weight")?,
-            })?,
+            head: {
+                let name = match config.tie_word_embeddings {
+                    true => "embed.weight",
+                    false => "lm_head.weight",
+                };
+                Frozen::head(&get(name)?, tensors.packed(name))?
+            },
             norm: f32s(&get("norm.weight")?)?,
             layers,
             inv_freq,
@@ -764,6 +783,43 @@ mod tests {
                 "{name}: {ours} vs {expected}"
             );
         }
+        Ok(())
+    }
+
+    /// A bf16 model's engine multiplies the model's own bf16 panels where the kernel runs
+    /// (and packs bf16 for the backward products): the same gradients, to the bit, as an f32
+    /// model of the same rounded values.
+    #[test]
+    fn a_bf16_model_trains_on_its_own_panels_as_its_f32_values_do() -> Result<()> {
+        use candle_core::DType;
+        let (base, factors) = crate::svf::tiny_decomposed(5);
+        let in_dtype = |dtype: DType| -> Result<Transformer> {
+            let tensors = (base.tensors()?.into_iter())
+                .map(|(k, v)| Ok((k, v.to_dtype(DType::BF16)?.to_dtype(dtype)?)))
+                .collect::<candle_core::Result<_>>()?;
+            Transformer::new(base.config.clone(), tensors)
+        };
+        let (half, rounded) = (in_dtype(DType::BF16)?, in_dtype(DType::F32)?);
+        let engine = Engine::new(&half.config, &half, &factors)?;
+        // Every projection is a target here; the (tied) head is not.
+        if tsq_linalg::simd() != tsq_linalg::Simd::Portable {
+            let panels = half
+                .packed("embed.weight")
+                .expect("the model's head is packed");
+            assert!(panels.is_bf16());
+            let shared =
+                matches!(&engine.head.forward, Factor::Packed(p) if Arc::ptr_eq(p, &panels));
+            assert!(shared, "the head's panels were packed again");
+        }
+        let scaled_s: Vec<Vec<f32>> = (factors.iter())
+            .map(|d| d.factors.s.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        let (ids, weights) = batch(base.config.vocab_size as u32);
+        let from_half = engine.gradients(&scaled_s, &sequences(&ids, &weights))?;
+        let from_f32 = Engine::new(&rounded.config, &rounded, &factors)?
+            .gradients(&scaled_s, &sequences(&ids, &weights))?;
+        assert_eq!(from_half.loss, from_f32.loss);
+        assert_eq!(from_half.scaled_s, from_f32.scaled_s);
         Ok(())
     }
 
