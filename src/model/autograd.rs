@@ -223,6 +223,38 @@ pub fn packed_matmul_t_each<const N: usize>(
     }))
 }
 
+/// A CPU matrix's rows packed for tsq-linalg's kernel in its own element type (f32, bf16 or
+/// f16); `None` for other dtypes and devices, and where no kernel runs.
+pub fn packed(matrix: &Tensor) -> Result<Option<tsq_linalg::PackedMatrix>> {
+    use candle_core::DType;
+    use tsq_linalg::{HalfFormat, PackedMatrix};
+    if !matrix.device().is_cpu() {
+        return Ok(None);
+    }
+    let (rows, cols) = matrix.dims2()?;
+    let flat = matrix.flatten_all()?;
+    Ok(match matrix.dtype() {
+        DType::F32 => PackedMatrix::pack(&flat.to_vec1::<f32>()?, rows, cols),
+        DType::BF16 => {
+            let bits: Vec<u16> = flat
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            PackedMatrix::pack_half(HalfFormat::Bf16, &bits, rows, cols)
+        }
+        DType::F16 => {
+            let bits: Vec<u16> = flat
+                .to_vec1::<half::f16>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            PackedMatrix::pack_half(HalfFormat::F16, &bits, rows, cols)
+        }
+        _ => None,
+    })
+}
+
 /// W from its packed panels, as a CPU tensor.
 pub fn unpacked(packed: &tsq_linalg::PackedMatrix) -> Result<Tensor> {
     Tensor::from_vec(

@@ -22,7 +22,7 @@ mod q8;
 
 pub use attention::{Operands, Shape, Visibility, attention, attention_pays};
 pub use matmul::{Mat, MatMut, Threads, matmul};
-pub use packed::PackedMatrix;
+pub use packed::{HalfFormat, PackedMatrix};
 pub use q8::Q8Matrix;
 pub use wide::exp;
 
@@ -33,8 +33,8 @@ pub use wide::exp;
 pub enum Simd {
     /// Plain Rust (SSE2 on x86-64): the weight products go through faer.
     Portable,
-    /// AVX2 with FMA: 8-lane kernels (most x86-64 CPUs since 2013-2015, AMD Zen 1-3, Intel
-    /// client CPUs without AVX-512).
+    /// AVX2 with FMA (and F16C, which every such CPU has): 8-lane kernels (most x86-64 CPUs
+    /// since 2013-2015, AMD Zen 1-3, Intel client CPUs without AVX-512).
     Avx2,
     /// AVX-512F: 16-lane kernels.
     Avx512,
@@ -71,6 +71,7 @@ impl Simd {
             }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 return Simd::Avx2;
             }

@@ -45,13 +45,29 @@ struct Lanes([f32; 16]);
 #[repr(align(64))]
 struct HalfLanes([u16; 32]);
 
-/// The panels, in the element type W came in.
+/// The panels, in the element type W came in. Half-width ones are half the bytes to read,
+/// widened to f32 in registers: the products are f32 products of their values.
 enum Panels {
     F32(Vec<Lanes>),
-    /// bf16 (an f32's upper half): half the bytes to read, widened to f32 in registers, so
-    /// the products are f32 products of the bf16 values.
-    Bf16(Vec<HalfLanes>),
+    Half(HalfFormat, Vec<HalfLanes>),
 }
+
+/// A 16-bit float format weights can be packed in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HalfFormat {
+    Bf16,
+    F16,
+}
+
+/// bf16 bits: an f32's upper half.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Bf16(u16);
+
+/// IEEE half-precision bits.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct F16(u16);
 
 /// W (rows × cols) in panels of [`NR`] rows, the last one padded with zeros.
 pub struct PackedMatrix {
@@ -89,10 +105,9 @@ impl Element for f32 {
     }
 }
 
-/// bf16 bits.
-impl Element for u16 {
+impl Element for Bf16 {
     fn to_f32(self) -> f32 {
-        f32::from_bits(u32::from(self) << 16)
+        f32::from_bits(u32::from(self.0) << 16)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -108,6 +123,23 @@ impl Element for u16 {
     }
 }
 
+impl Element for F16 {
+    fn to_f32(self) -> f32 {
+        half::f16::from_bits(self.0).to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_load_si256(p.cast())) }
+    }
+    /// Needs F16C, which the AVX2 kernels enable (every AVX2 CPU has it).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_load_si128(p.cast())) }
+    }
+}
+
 impl PackedMatrix {
     /// Packs a row-major `rows × cols` matrix; `None` where no kernel runs (neither AVX2 nor
     /// AVX-512 at the [`simd`](crate::simd) level) or there is nothing to pack.
@@ -115,10 +147,10 @@ impl PackedMatrix {
         Self::pack_for(crate::simd(), data, rows, cols)
     }
 
-    /// [`PackedMatrix::pack`] of a bf16 matrix (its bits): products read half the bytes of
-    /// an f32 one and compute in f32.
-    pub fn pack_bf16(data: &[u16], rows: usize, cols: usize) -> Option<Self> {
-        Self::pack_bf16_for(crate::simd(), data, rows, cols)
+    /// [`PackedMatrix::pack`] of a bf16 or f16 matrix (its bits): products read half the
+    /// bytes of an f32 one and compute in f32.
+    pub fn pack_half(format: HalfFormat, data: &[u16], rows: usize, cols: usize) -> Option<Self> {
+        Self::pack_half_for(crate::simd(), format, data, rows, cols)
     }
 
     /// [`PackedMatrix::pack`] for the kernel of `simd`, a level this CPU runs.
@@ -134,8 +166,14 @@ impl PackedMatrix {
         })
     }
 
-    /// [`PackedMatrix::pack_bf16`] for the kernel of `simd`, a level this CPU runs.
-    fn pack_bf16_for(simd: Simd, data: &[u16], rows: usize, cols: usize) -> Option<Self> {
+    /// [`PackedMatrix::pack_half`] for the kernel of `simd`, a level this CPU runs.
+    fn pack_half_for(
+        simd: Simd,
+        format: HalfFormat,
+        data: &[u16],
+        rows: usize,
+        cols: usize,
+    ) -> Option<Self> {
         let zero = HalfLanes([0; 32]);
         let panels = packed_panels(simd, data, rows, cols, zero, |panel, k, c| {
             &mut panel[k].0[c]
@@ -144,13 +182,16 @@ impl PackedMatrix {
             simd,
             rows,
             cols,
-            panels: Panels::Bf16(panels),
+            panels: Panels::Half(format, panels),
         })
     }
 
-    /// Whether the panels hold bf16 values.
-    pub fn is_bf16(&self) -> bool {
-        matches!(self.panels, Panels::Bf16(_))
+    /// The 16-bit format of the panels, if not f32.
+    pub fn half_format(&self) -> Option<HalfFormat> {
+        match self.panels {
+            Panels::F32(_) => None,
+            Panels::Half(format, _) => Some(format),
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -175,9 +216,12 @@ impl PackedMatrix {
                     let panel = &panels[p * self.cols * 2..][..self.cols * 2];
                     out.extend((0..self.cols).map(|k| panel[k * 2 + c / 16].0[c % 16]));
                 }
-                Panels::Bf16(panels) => {
+                Panels::Half(format, panels) => {
                     let panel = &panels[p * self.cols..][..self.cols];
-                    out.extend((0..self.cols).map(|k| panel[k].0[c].to_f32()));
+                    out.extend((0..self.cols).map(|k| match format {
+                        HalfFormat::Bf16 => Bf16(panel[k].0[c]).to_f32(),
+                        HalfFormat::F16 => F16(panel[k].0[c]).to_f32(),
+                    }));
                 }
             }
         }
@@ -185,7 +229,7 @@ impl PackedMatrix {
     }
 
     /// W itself, row-major, in f32: the inverse of [`PackedMatrix::pack`] (and, widened, of
-    /// [`PackedMatrix::pack_bf16`]).
+    /// [`PackedMatrix::pack_half`]).
     pub fn unpack(&self) -> Vec<f32> {
         let all: Vec<u32> = (0..self.rows as u32).collect();
         self.gather_rows(&all)
@@ -287,7 +331,7 @@ impl PackedMatrix {
 impl PackedMatrix {
     /// [`PackedMatrix::panels_avx512`] with AVX2: each half panel of 16 weight rows in turn.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn panels_avx2<E: Element>(
         &self,
         all: *const E,
@@ -322,7 +366,7 @@ impl PackedMatrix {
 
     /// `rows` (≤ [`MR_AVX2`]) rows of x times each half of a panel in turn.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn halves_avx2<E: Element>(
         &self,
@@ -355,7 +399,7 @@ impl PackedMatrix {
     /// attention's AVX2 tile, which reads b with masked loads: shared, it made this kernel
     /// 15-50% slower at 512 rows (2026-12-07; the AVX-512 tiles measured alike either way).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn tile_avx2<E: Element, const M: usize>(
         &self,
@@ -390,7 +434,7 @@ impl PackedMatrix {
     /// `M` (≤ 2) rows of x times a whole panel `w` into `out`, writing the `valid` columns
     /// that are real weight rows: 4M accumulators and four weight vectors.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn tile_avx2_whole<E: Element, const M: usize>(
         &self,
@@ -480,14 +524,20 @@ impl WeightKernel for PackedMatrix {
             (Simd::Avx512, Panels::F32(all)) => unsafe {
                 self.panels_avx512(all.as_ptr().cast::<f32>(), x, m, out, panels)
             },
-            (Simd::Avx512, Panels::Bf16(all)) => unsafe {
-                self.panels_avx512(all.as_ptr().cast::<u16>(), x, m, out, panels)
+            (Simd::Avx512, Panels::Half(HalfFormat::Bf16, all)) => unsafe {
+                self.panels_avx512(all.as_ptr().cast::<Bf16>(), x, m, out, panels)
+            },
+            (Simd::Avx512, Panels::Half(HalfFormat::F16, all)) => unsafe {
+                self.panels_avx512(all.as_ptr().cast::<F16>(), x, m, out, panels)
             },
             (Simd::Avx2, Panels::F32(all)) => unsafe {
                 self.panels_avx2(all.as_ptr().cast::<f32>(), x, m, out, panels)
             },
-            (Simd::Avx2, Panels::Bf16(all)) => unsafe {
-                self.panels_avx2(all.as_ptr().cast::<u16>(), x, m, out, panels)
+            (Simd::Avx2, Panels::Half(HalfFormat::Bf16, all)) => unsafe {
+                self.panels_avx2(all.as_ptr().cast::<Bf16>(), x, m, out, panels)
+            },
+            (Simd::Avx2, Panels::Half(HalfFormat::F16, all)) => unsafe {
+                self.panels_avx2(all.as_ptr().cast::<F16>(), x, m, out, panels)
             },
             (Simd::Portable, _) => unreachable!("packed matrices have a kernel"),
         }
@@ -503,22 +553,31 @@ impl WeightKernel for PackedMatrix {
 mod tests {
     use super::*;
 
-    /// `w` packed for each kernel this CPU runs, in f32 and, where every value is one, in
-    /// bf16.
+    /// `w` packed for each kernel this CPU runs, in f32 and in each 16-bit format that holds
+    /// every value exactly.
     fn packed_each(w: &[f32], rows: usize, cols: usize) -> Vec<PackedMatrix> {
         let bf16: Option<Vec<u16>> = w
             .iter()
             .map(|v| (v.to_bits() & 0xffff == 0).then_some((v.to_bits() >> 16) as u16))
             .collect();
+        let f16: Option<Vec<u16>> = w
+            .iter()
+            .map(|&v| {
+                let h = half::f16::from_f32(v);
+                (h.to_f32() == v).then_some(h.to_bits())
+            })
+            .collect();
+        let halves = [(HalfFormat::Bf16, bf16), (HalfFormat::F16, f16)];
         let packed: Vec<_> = Simd::available()
             .flat_map(|simd| {
-                let halves = bf16.as_ref();
-                [
-                    PackedMatrix::pack_for(simd, w, rows, cols),
-                    halves.and_then(|b| PackedMatrix::pack_bf16_for(simd, b, rows, cols)),
-                ]
+                let halves = halves.iter().filter_map(move |(format, bits)| {
+                    let bits = bits.as_ref()?;
+                    PackedMatrix::pack_half_for(simd, *format, bits, rows, cols)
+                });
+                PackedMatrix::pack_for(simd, w, rows, cols)
+                    .into_iter()
+                    .chain(halves)
             })
-            .flatten()
             .collect();
         if packed.is_empty() {
             eprintln!("neither AVX2 nor AVX-512 here: nothing to check");
@@ -534,7 +593,10 @@ mod tests {
             // Whole numbers below 256: bf16 holds them exactly.
             let w: Vec<f32> = (0..rows * cols).map(|i| (i % 251) as f32).collect();
             let packed = packed_each(&w, rows, cols);
-            assert!(packed.iter().any(PackedMatrix::is_bf16) || packed.is_empty());
+            let formats: Vec<_> = packed.iter().map(PackedMatrix::half_format).collect();
+            for format in [HalfFormat::Bf16, HalfFormat::F16] {
+                assert!(formats.contains(&Some(format)) || packed.is_empty());
+            }
             for packed in packed {
                 assert_eq!(packed.unpack(), w);
                 let picked = packed.gather_rows(&[rows as u32 - 1, 0, 17]);
@@ -553,8 +615,8 @@ mod tests {
         // partial), k not a multiple of anything.
         for rows in [2 * NR + 9, 2 * NR + 25] {
             let cols = 37;
-            // Values bf16 holds exactly (f32s with 16 low zero bits), so that the bf16 panels
-            // multiply the same matrix.
+            // Values bf16 and f16 hold exactly (eight significant bits, small exponents), so
+            // that every format's panels multiply the same matrix.
             let w: Vec<f32> = (0..rows * cols)
                 .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 300.0)
                 .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
@@ -575,9 +637,9 @@ mod tests {
                         for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
                             assert!(
                                 (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                                "{:?} (bf16 {}), m {m}, element {i}: {got} vs {want}",
+                                "{:?} ({:?}), m {m}, element {i}: {got} vs {want}",
                                 packed.simd,
-                                packed.is_bf16()
+                                packed.half_format()
                             );
                         }
                     }

@@ -32,27 +32,13 @@ impl Factored {
 pub(super) const QUANTIZED_MAX_ROWS: usize = 12;
 
 impl Matrix {
-    /// `weight`, packed for tsq-linalg's kernel where that runs (f32 or bf16 on a CPU with
-    /// AVX2 or AVX-512) and not being trained.
+    /// `weight`, packed for tsq-linalg's kernel where that runs (f32, bf16 or f16 on a CPU
+    /// with AVX2 or AVX-512) and not being trained.
     pub(super) fn new(weight: Tensor) -> Result<Self> {
-        if !weight.device().is_cpu() || weight.track_op() {
+        if weight.track_op() {
             return Ok(Self::Tensor(weight));
         }
-        let (rows, cols) = weight.dims2()?;
-        let packed = match weight.dtype() {
-            DType::F32 => {
-                let values: Vec<f32> = weight.flatten_all()?.to_vec1()?;
-                tsq_linalg::PackedMatrix::pack(&values, rows, cols)
-            }
-            // Widening bf16 to f32 is exact, so the f32's upper half is the bf16 value.
-            DType::BF16 => {
-                let wide: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let bits: Vec<u16> = wide.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-                tsq_linalg::PackedMatrix::pack_bf16(&bits, rows, cols)
-            }
-            _ => None,
-        };
-        Ok(match packed {
+        Ok(match autograd::packed(&weight)? {
             Some(packed) => Self::Packed(Arc::new(packed)),
             None => Self::Tensor(weight),
         })

@@ -192,9 +192,9 @@ pub struct Transformer {
     sin: Tensor,
     /// What the forward computes in.
     dtype: DType,
-    /// What the weights came in and are exported as. bf16 weights on a CPU with tsq-linalg's
-    /// kernel stay bf16 in its panels and are computed in f32, as llama.cpp does: candle's bf16
-    /// arithmetic on the CPU decoded SmolLM2 at 8 tokens/s against f32's 60.
+    /// What the weights came in and are exported as. bf16 and f16 weights on a CPU with
+    /// tsq-linalg's kernel stay 16-bit in its panels and are computed in f32, as llama.cpp
+    /// does: candle's bf16 arithmetic on the CPU decoded SmolLM2 at 8 tokens/s against f32's 60.
     weights_dtype: DType,
 }
 
@@ -232,8 +232,9 @@ impl Transformer {
             )));
         }
         let weights_dtype = embed.dtype();
-        let packs_bf16 = tsq_linalg::simd() != tsq_linalg::Simd::Portable;
-        let dtype = match weights_dtype == DType::BF16 && embed.device().is_cpu() && packs_bf16 {
+        let packs = tsq_linalg::simd() != tsq_linalg::Simd::Portable;
+        let half = matches!(weights_dtype, DType::BF16 | DType::F16);
+        let dtype = match half && embed.device().is_cpu() && packs {
             true => DType::F32,
             false => weights_dtype,
         };
@@ -505,7 +506,7 @@ impl Transformer {
         self.norm.device()
     }
 
-    /// What the forward computes in (f32 for bf16 weights on the CPU: see `weights_dtype`).
+    /// What the forward computes in (f32 for 16-bit weights on the CPU: see `weights_dtype`).
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -27,7 +27,7 @@ mod projection;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use tsq_linalg::{Mat, MatMut, PackedMatrix, Threads, matmul};
 
@@ -149,23 +149,18 @@ impl Frozen {
 }
 
 impl Factor {
-    /// B = Mᵀ for a matrix M: M's rows packed where the kernel runs (`shared` if given; bf16
-    /// panels for a bf16 M, half the memory), else Mᵀ row-major.
+    /// B = Mᵀ for a matrix M: M's rows packed where the kernel runs (`shared` if given; 16-bit
+    /// panels for a bf16 or f16 M, half the memory), else Mᵀ row-major.
     fn transpose_of(m: &Tensor, shared: Option<Arc<PackedMatrix>>) -> Result<Self> {
         if let Some(packed) = shared {
             return Ok(Self::Packed(packed));
         }
-        let (rows, cols) = m.dims2()?;
-        let values = f32s(m)?;
-        let packed = match m.dtype() {
-            // bf16 widened to f32 exactly: the f32's upper half is the bf16 value.
-            candle_core::DType::BF16 => {
-                let bits: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-                PackedMatrix::pack_bf16(&bits, rows, cols)
-            }
-            _ => PackedMatrix::pack(&values, rows, cols),
+        // Only a 16-bit M is packed in its own type: anything else in f32 (U, Vᵀ of any dtype).
+        let m = match m.dtype() {
+            DType::BF16 | DType::F16 => m.clone(),
+            _ => m.to_dtype(DType::F32)?,
         };
-        match packed {
+        match crate::model::autograd::packed(&m)? {
             Some(packed) => Ok(Self::Packed(Arc::new(packed))),
             None => Self::plain(&m.t()?),
         }
@@ -806,7 +801,7 @@ mod tests {
             let panels = half
                 .packed("embed.weight")
                 .expect("the model's head is packed");
-            assert!(panels.is_bf16());
+            assert_eq!(panels.half_format(), Some(tsq_linalg::HalfFormat::Bf16));
             let shared =
                 matches!(&engine.head.forward, Factor::Packed(p) if Arc::ptr_eq(p, &panels));
             assert!(shared, "the head's panels were packed again");
