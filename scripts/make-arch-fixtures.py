@@ -7,7 +7,8 @@ those bf16 weights in f32); for Qwen3 and SmolLM3 also <name>.gguf, the same wei
 llama.cpp names (and, for SmolLM3, permutes) them. tests/arch.rs loads each with tsq and compares.
 
 Each model exercises what sets its family apart: Llama 3's `llama3` rope scaling (with an
-original context short enough that the frequencies fall in all three bands), Qwen2's q/k/v
+original context short enough that the frequencies fall in all three bands), the `yarn` (on
+Qwen2) and `linear` (on Llama) rope scalings, Qwen2's q/k/v
 biases and tied embeddings (with a sliding window configured but switched off, as Qwen2.5 ships
 it), Qwen3's per-head q/k RMS norms and heads wider than hidden / heads (as in Qwen3-0.6B:
 16 heads of 128 over a hidden size of 1024), SmolLM3's layers without rotary embeddings (every
@@ -104,6 +105,31 @@ MODELS = {
     "mistral": (
         MistralForCausalLM,
         MistralConfig(**COMMON, rope_theta=10000.0, tie_word_embeddings=False, sliding_window=16),
+    ),
+    # Qwen2.5 with YaRN, as its model cards tell users to set for long contexts: an original
+    # context of 32 (the reference sequence runs to 64) and the attention factor derived.
+    "yarn": (
+        Qwen2ForCausalLM,
+        Qwen2Config(
+            **COMMON,
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
+    "linear": (
+        LlamaForCausalLM,
+        LlamaConfig(
+            **COMMON,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+        ),
     ),
 }
 # One sequence per model, ids avoiding the special tokens 0 and 1: 64 positions (rope scaling

@@ -1,7 +1,8 @@
 //! The model families users bring, each against transformers: tiny random-weight Llama 3 (rope
-//! scaling `llama3`, legacy config keys), Qwen2 (q/k/v biases, tied head, transformers 5 config),
-//! Qwen3 (per-head q/k norms, heads wider than hidden / heads), SmolLM3 (layers without rotary
-//! embeddings) and Mistral (sliding window) models in bf16, sharded over several safetensors files, made by
+//! scaling `llama3`, legacy config keys), Qwen2 (q/k/v biases, tied head, transformers 5
+//! config), Qwen3 (per-head q/k norms, heads wider than hidden / heads), SmolLM3 (layers without
+//! rotary embeddings), Mistral (sliding window), and the `yarn` (on Qwen2) and `linear` (on
+//! Llama) rope scalings: models in bf16, sharded over several safetensors files, made by
 //! scripts/make-arch-fixtures.py with transformers' logits for one sequence.
 
 use std::path::PathBuf;
@@ -49,13 +50,31 @@ const TOLERANCE: f32 = 1e-4;
 
 #[test]
 fn each_architecture_matches_transformers() {
-    for name in ["llama3", "qwen2", "qwen3", "smollm3", "mistral"] {
+    for name in [
+        "llama3", "qwen2", "qwen3", "smollm3", "mistral", "yarn", "linear",
+    ] {
         let (dir, reference) = fixture(name);
         let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
         let ours = logits(&model, &reference.ids).unwrap();
         let diff = max_diff(&ours, &reference.logits);
         assert!(diff < TOLERANCE, "{name}: logits differ by {diff}");
         assert_eq!(model.tokenizer.encode("t5 t17").unwrap(), [5, 17], "{name}");
+    }
+}
+
+/// What `tsq expert export` writes (`hf::save`) loads again as the same model: the config,
+/// rope scaling included, and the logits.
+#[test]
+fn a_saved_model_directory_is_the_same_model() {
+    for name in ["llama3", "yarn", "linear", "qwen3", "smollm3"] {
+        let (dir, reference) = fixture(name);
+        let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let saved = tempfile::tempdir().unwrap();
+        tsq::model::hf::save(&model, saved.path()).unwrap();
+        let again = Model::load(saved.path(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(again.transformer.config, model.transformer.config, "{name}");
+        let diff = max_diff(&logits(&again, &reference.ids).unwrap(), &reference.logits);
+        assert!(diff < TOLERANCE, "{name}: logits differ by {diff}");
     }
 }
 
@@ -81,20 +100,38 @@ fn qwen3_and_smollm3_ggufs_match_transformers() {
 /// give other logits, so the agreement above is not vacuous.
 #[test]
 fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
-    let (dir, reference) = fixture("llama3");
-    let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
-    assert!(model.transformer.config.rope_scaling.is_some());
-    let mut config = model.transformer.config.clone();
-    config.rope_scaling = None;
-    model.transformer =
-        tsq::model::transformer::Transformer::new(config, model.transformer.tensors().unwrap())
-            .unwrap();
-    let unscaled = logits(&model, &reference.ids).unwrap();
-    let off = max_diff(&unscaled, &reference.logits);
-    assert!(
-        off > 100.0 * TOLERANCE,
-        "without scaling the logits move by {off} only"
-    );
+    use tsq::model::config::RopeScaling;
+    // Each scaling left out, and YaRN without its attention factor.
+    type Change = fn(&mut Option<RopeScaling>);
+    let unscaled: Change = |scaling| *scaling = None;
+    let no_attention_factor: Change = |scaling| {
+        if let Some(RopeScaling::Yarn {
+            attention_factor, ..
+        }) = scaling
+        {
+            *attention_factor = 1.0;
+        }
+    };
+    let changes = [
+        ("llama3", unscaled),
+        ("linear", unscaled),
+        ("yarn", unscaled),
+        ("yarn", no_attention_factor),
+    ];
+    for (name, change) in changes {
+        let (dir, reference) = fixture(name);
+        let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        assert!(model.transformer.config.rope_scaling.is_some(), "{name}");
+        let mut config = model.transformer.config.clone();
+        change(&mut config.rope_scaling);
+        let tensors = model.transformer.tensors().unwrap();
+        model.transformer = tsq::model::transformer::Transformer::new(config, tensors).unwrap();
+        let off = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+        assert!(
+            off > 100.0 * TOLERANCE,
+            "{name}: changed, the logits move by {off} only"
+        );
+    }
 
     let (dir, _) = fixture("qwen2");
     let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();

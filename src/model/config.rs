@@ -64,9 +64,15 @@ pub enum ConfigError {
     #[error("head dimension {0} must be even for rotary embeddings")]
     OddHeadDim(usize),
     #[error(
-        "`rope_scaling` of type `{0}` is not supported (supported: `llama3`; none for no scaling)"
+        "`rope_scaling` of type `{0}` is not supported (supported: `llama3`, `yarn`, `linear`; \
+         none for no scaling)"
     )]
     UnsupportedRopeScaling(String),
+    #[error(
+        "GGUF rope scaling `{0}` is not supported (supported: `llama3`, as llama.cpp's \
+         `rope_freqs`; `yarn` and `linear` from the model's HF directory)"
+    )]
+    UnsupportedGgufRopeScaling(String),
     #[error("`rope_scaling`: {0}")]
     BadRopeScaling(String),
     #[error("`no_rope_layers` has {0} flags for {1} layers")]
@@ -87,6 +93,20 @@ pub enum RopeScaling {
     },
     /// One divisor per frequency, as llama.cpp stores scaling in GGUF (`rope_freqs.weight`).
     Divisors(Vec<f32>),
+    /// Positions divided by `factor` (HF `rope_type: linear`): every frequency divided.
+    Linear { factor: f64 },
+    /// YaRN (HF `rope_type: yarn`, Qwen2.5's long-context setting): frequencies whose
+    /// wavelength fits the original context many times (more than `beta_fast` rotations) kept,
+    /// those rotating fewer than `beta_slow` times divided by `factor`, a linear ramp between
+    /// (over whole dimensions when `truncate`); cos and sin scaled by `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_context: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        truncate: bool,
+        attention_factor: f64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -158,6 +178,24 @@ impl ModelConfig {
                 let scaled = match &self.rope_scaling {
                     None => base,
                     Some(RopeScaling::Divisors(d)) => base / f64::from(d[i]),
+                    Some(RopeScaling::Linear { factor }) => base / factor,
+                    Some(RopeScaling::Yarn {
+                        factor,
+                        original_context,
+                        beta_fast,
+                        beta_slow,
+                        truncate,
+                        ..
+                    }) => {
+                        let (low, high) = self.yarn_ramp(
+                            *original_context as f64,
+                            *beta_fast,
+                            *beta_slow,
+                            *truncate,
+                        );
+                        let kept = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        base / factor * (1.0 - kept) + base * kept
+                    }
                     Some(RopeScaling::Llama3 {
                         factor,
                         low_freq_factor,
@@ -180,6 +218,39 @@ impl ModelConfig {
                 scaled as f32
             })
             .collect()
+    }
+
+    /// YaRN's ramp over the frequency index, as transformers computes it: from the dimension
+    /// that turns `beta_fast` times over `original` positions to the one that turns
+    /// `beta_slow` times (whole dimensions when `truncate`), never empty.
+    fn yarn_ramp(
+        &self,
+        original: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        truncate: bool,
+    ) -> (f64, f64) {
+        let dim = self.head_dim as f64;
+        let correction = |rotations: f64| {
+            dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * self.rope_theta.ln())
+        };
+        let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+        if truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, high) = (low.max(0.0), high.min(dim - 1.0));
+        (low, if high == low { high + 0.001 } else { high })
+    }
+
+    /// What cos and sin of the rotation are multiplied by (YaRN's attention factor; else 1).
+    pub fn rope_attention_factor(&self) -> f32 {
+        match &self.rope_scaling {
+            Some(RopeScaling::Yarn {
+                attention_factor, ..
+            }) => *attention_factor as f32,
+            _ => 1.0,
+        }
     }
 
     /// Checks the relations between sizes that the forward pass relies on.
@@ -253,6 +324,30 @@ impl ModelConfig {
                         "factor {factor}, low_freq_factor {low_freq_factor}, high_freq_factor \
                          {high_freq_factor}, original_max_position_embeddings {original_context}: \
                          expected positive factors, high above low, and a context"
+                    )));
+                }
+            }
+            Some(RopeScaling::Linear { factor }) if !(factor.is_finite() && *factor > 0.0) => {
+                return Err(ConfigError::BadRopeScaling(format!(
+                    "factor {factor}: expected a positive number"
+                )));
+            }
+            Some(RopeScaling::Yarn {
+                factor,
+                original_context,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                ..
+            }) => {
+                let positive = [factor, beta_fast, beta_slow, attention_factor]
+                    .iter()
+                    .all(|v| v.is_finite() && **v > 0.0);
+                if !positive || *original_context == 0 {
+                    return Err(ConfigError::BadRopeScaling(format!(
+                        "factor {factor}, beta_fast {beta_fast}, beta_slow {beta_slow}, \
+                         attention_factor {attention_factor}, original_max_position_embeddings \
+                         {original_context}: expected positive numbers and a context"
                     )));
                 }
             }
@@ -392,27 +487,65 @@ impl HfConfig {
             .or_else(|| scaling.get("type"))
             .and_then(serde_json::Value::as_str)
             .unwrap_or("");
+        let number = |key: &str| {
+            scaling
+                .get(key)
+                .and_then(serde_json::Value::as_f64)
+                .ok_or_else(|| {
+                    ConfigError::BadRopeScaling(format!("`{key}` is missing or not a number"))
+                })
+        };
         match kind {
             "default" => Ok(None),
-            "llama3" => {
-                let number = |key: &str| {
-                    scaling
-                        .get(key)
-                        .and_then(serde_json::Value::as_f64)
-                        .ok_or_else(|| {
-                            ConfigError::BadRopeScaling(format!(
-                                "`{key}` is missing or not a number"
-                            ))
-                        })
-                };
-                Ok(Some(RopeScaling::Llama3 {
-                    factor: number("factor")?,
-                    low_freq_factor: number("low_freq_factor")?,
-                    high_freq_factor: number("high_freq_factor")?,
-                    original_context: number("original_max_position_embeddings")? as usize,
-                }))
-            }
+            "llama3" => Ok(Some(RopeScaling::Llama3 {
+                factor: number("factor")?,
+                low_freq_factor: number("low_freq_factor")?,
+                high_freq_factor: number("high_freq_factor")?,
+                original_context: number("original_max_position_embeddings")? as usize,
+            })),
+            "linear" => Ok(Some(RopeScaling::Linear {
+                factor: number("factor")?,
+            })),
+            "yarn" => Ok(Some(self.yarn(scaling)?)),
             other => Err(ConfigError::UnsupportedRopeScaling(other.to_string())),
         }
+    }
+
+    /// YaRN's parameters with transformers' defaults: the original context the config's own,
+    /// the factor their ratio, betas 32 and 1 (0 counts as unset there too), truncation on,
+    /// and the attention factor 0.1 ln(factor) + 1 (DeepSeek's `mscale` / `mscale_all_dim`
+    /// form where both are given).
+    fn yarn(&self, scaling: &serde_json::Value) -> Result<RopeScaling, ConfigError> {
+        let optional = |key: &str| match scaling.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                ConfigError::BadRopeScaling(format!("`{key}` is not a number: {v}"))
+            }),
+        };
+        let original = optional("original_max_position_embeddings")?
+            .unwrap_or(self.max_position_embeddings as f64);
+        let factor = optional("factor")?.unwrap_or(self.max_position_embeddings as f64 / original);
+        let mscale = |scale: f64, m: f64| match scale <= 1.0 {
+            true => 1.0,
+            false => 0.1 * m * scale.ln() + 1.0,
+        };
+        let attention_factor = match (optional("mscale")?, optional("mscale_all_dim")?) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                mscale(factor, m) / mscale(factor, all)
+            }
+            _ => mscale(factor, 1.0),
+        };
+        let nonzero = |v: Option<f64>| v.filter(|v| *v != 0.0);
+        Ok(RopeScaling::Yarn {
+            factor,
+            original_context: original as usize,
+            beta_fast: nonzero(optional("beta_fast")?).unwrap_or(32.0),
+            beta_slow: nonzero(optional("beta_slow")?).unwrap_or(1.0),
+            truncate: scaling
+                .get("truncate")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(true),
+            attention_factor: optional("attention_factor")?.unwrap_or(attention_factor),
+        })
     }
 }

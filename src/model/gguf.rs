@@ -224,7 +224,7 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
     {
         return Err(ModelError::config(
             path,
-            ConfigError::UnsupportedRopeScaling(kind.to_string()),
+            ConfigError::UnsupportedGgufRopeScaling(kind.to_string()),
         ));
     }
     config.check().map_err(|e| ModelError::config(path, e))?;

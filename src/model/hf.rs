@@ -152,6 +152,21 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
             "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
             "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_context,
         }),
+        Some(RopeScaling::Linear { factor }) => {
+            serde_json::json!({"rope_type": "linear", "factor": factor})
+        }
+        Some(RopeScaling::Yarn {
+            factor,
+            original_context,
+            beta_fast,
+            beta_slow,
+            truncate,
+            attention_factor,
+        }) => serde_json::json!({
+            "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original_context,
+            "beta_fast": beta_fast, "beta_slow": beta_slow, "truncate": truncate,
+            "attention_factor": attention_factor,
+        }),
         Some(RopeScaling::Divisors(_)) => {
             return Err(ModelError::Input(
                 "this model's rope scaling came as GGUF frequency divisors, which config.json \
@@ -258,7 +273,8 @@ mod tests {
         );
     }
 
-    /// Scalings tsq does not compute are refused by name; Llama 3's is read from either form.
+    /// Scalings tsq does not compute are refused by name, bad parameters naming the key;
+    /// Llama 3's is read from either form, YaRN's with transformers' defaults.
     #[test]
     fn rope_scaling_is_read_or_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -272,12 +288,20 @@ mod tests {
         let llama3 = r#""rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192"#;
         for (extra, want) in [
             (
-                r#", "rope_scaling": {"type": "yarn", "factor": 4.0}"#,
-                "`yarn` is not supported",
+                r#", "rope_scaling": {"type": "dynamic", "factor": 4.0}"#,
+                "`dynamic` is not supported",
             ),
             (
                 r#", "rope_scaling": {"rope_type": "linear"}"#,
-                "`linear` is not supported",
+                "`factor` is missing",
+            ),
+            (
+                r#", "rope_scaling": {"rope_type": "yarn", "factor": "4"}"#,
+                "`factor` is not a number",
+            ),
+            (
+                r#", "rope_scaling": {"rope_type": "yarn", "factor": -4.0}"#,
+                "factor -4",
             ),
             (
                 r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
@@ -300,6 +324,25 @@ mod tests {
                 Some(crate::model::config::RopeScaling::Llama3 { .. })
             ));
         }
+        let yarn = |fields: &str| -> RopeScaling {
+            let extra = format!(
+                r#", "max_position_embeddings": 4096, "rope_scaling": {{"type": "yarn"{fields}}}"#
+            );
+            std::fs::write(dir.path().join("config.json"), config(&extra)).unwrap();
+            read_config(dir.path()).unwrap().rope_scaling.unwrap()
+        };
+        let attention_factor = 0.1 * 4f64.ln() + 1.0;
+        let expected = RopeScaling::Yarn {
+            factor: 4.0,
+            original_context: 1024,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            truncate: true,
+            attention_factor,
+        };
+        let original = r#", "original_max_position_embeddings": 1024"#;
+        assert_eq!(yarn(&format!(r#", "factor": 4.0{original}"#)), expected);
+        assert_eq!(yarn(original), expected, "the factor from the two contexts");
     }
 
     fn logits(tf: &Transformer) -> Tensor {

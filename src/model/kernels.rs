@@ -242,11 +242,12 @@ fn silu_mul_backward_chunk(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: 
 }
 }
 
-/// Rotary tables for positions `0..len`: `cos[t·half + i] = cos(t · inv_freq[i])`, likewise sin
-/// (f32 products, as the inference path computes them).
-pub fn rope_tables(inv_freq: &[f32], len: usize) -> (Vec<f32>, Vec<f32>) {
+/// Rotary tables for positions `0..len`: `cos[t·half + i] = scale · cos(t · inv_freq[i])`,
+/// likewise sin (f32 products, as the inference path computes them); `scale` is
+/// [`ModelConfig::rope_attention_factor`](crate::model::config::ModelConfig::rope_attention_factor).
+pub fn rope_tables(inv_freq: &[f32], scale: f32, len: usize) -> (Vec<f32>, Vec<f32>) {
     let angles = (0..len).flat_map(|t| inv_freq.iter().map(move |f| t as f32 * f));
-    angles.map(|a| (a.cos(), a.sin())).unzip()
+    angles.map(|a| (scale * a.cos(), scale * a.sin())).unzip()
 }
 
 /// Rotates one head vector (HF layout: halves) by its position's angles; `inverse` applies
@@ -454,7 +455,7 @@ mod tests {
 
     #[test]
     fn inverse_rotation_undoes_the_rotation() {
-        let (cos, sin) = rope_tables(&[1.0, 0.1, 0.01], 5);
+        let (cos, sin) = rope_tables(&[1.0, 0.1, 0.01], 1.0, 5);
         let x = values(6, 9);
         let mut y = x.clone();
         rotate(&mut y, &cos[12..15], &sin[12..15], false);

@@ -142,7 +142,8 @@ pub(super) fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tens
         .to_dtype(DType::F32)?
         .reshape((config.max_position_embeddings, 1))?;
     let freqs = positions.broadcast_mul(&inv_freq)?;
-    Ok((freqs.cos()?, freqs.sin()?))
+    let scale = f64::from(config.rope_attention_factor());
+    Ok(((freqs.cos()? * scale)?, (freqs.sin()? * scale)?))
 }
 
 pub(super) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
