@@ -8,7 +8,7 @@ llama.cpp names (and, for SmolLM3, permutes) them. tests/arch.rs loads each with
 
 Each model exercises what sets its family apart: Llama 3's `llama3` rope scaling (with an
 original context short enough that the frequencies fall in all three bands), the `yarn` (on
-Qwen2) and `linear` (on Llama) rope scalings, Qwen2's q/k/v
+Qwen2) and `linear` (on Llama) rope scalings, Phi-3's fused q|k|v and gate|up matrices, Qwen2's q/k/v
 biases and tied embeddings (with a sliding window configured but switched off, as Qwen2.5 ships
 it), Qwen3's per-head q/k RMS norms and heads wider than hidden / heads (as in Qwen3-0.6B:
 16 heads of 128 over a hidden size of 1024), SmolLM3's layers without rotary embeddings (every
@@ -32,6 +32,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -120,6 +122,18 @@ MODELS = {
                 "factor": 4.0,
                 "original_max_position_embeddings": 32,
             },
+        ),
+    ),
+    # Phi-3 (mini / medium, 4k context): q|k|v and gate|up each stored as one fused matrix,
+    # a sliding window as Phi-3-mini-4k configures one (2047 of 4096; here 128 of 256).
+    "phi3": (
+        Phi3ForCausalLM,
+        Phi3Config(
+            **COMMON,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            sliding_window=128,
+            pad_token_id=None,
         ),
     ),
     "linear": (

@@ -1,8 +1,8 @@
 //! The model families users bring, each against transformers: tiny random-weight Llama 3 (rope
 //! scaling `llama3`, legacy config keys), Qwen2 (q/k/v biases, tied head, transformers 5
 //! config), Qwen3 (per-head q/k norms, heads wider than hidden / heads), SmolLM3 (layers without
-//! rotary embeddings), Mistral (sliding window), and the `yarn` (on Qwen2) and `linear` (on
-//! Llama) rope scalings: models in bf16, sharded over several safetensors files, made by
+//! rotary embeddings), Mistral (sliding window), Phi-3 (fused q|k|v and gate|up), and the `yarn`
+//! (on Qwen2) and `linear` (on Llama) rope scalings: models in bf16, sharded over several safetensors files, made by
 //! scripts/make-arch-fixtures.py with transformers' logits for one sequence.
 
 use std::path::PathBuf;
@@ -51,7 +51,7 @@ const TOLERANCE: f32 = 1e-4;
 #[test]
 fn each_architecture_matches_transformers() {
     for name in [
-        "llama3", "qwen2", "qwen3", "smollm3", "mistral", "yarn", "linear",
+        "llama3", "qwen2", "qwen3", "smollm3", "mistral", "yarn", "linear", "phi3",
     ] {
         let (dir, reference) = fixture(name);
         let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
@@ -66,7 +66,7 @@ fn each_architecture_matches_transformers() {
 /// rope scaling included, and the logits.
 #[test]
 fn a_saved_model_directory_is_the_same_model() {
-    for name in ["llama3", "yarn", "linear", "qwen3", "smollm3"] {
+    for name in ["llama3", "yarn", "linear", "qwen3", "smollm3", "phi3"] {
         let (dir, reference) = fixture(name);
         let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
         let saved = tempfile::tempdir().unwrap();
@@ -267,8 +267,8 @@ fn sequences_past_a_sliding_window_are_refused() {
 /// An HF directory (sharded bf16 safetensors) runs the whole loop: decompose, an expert trained
 /// with RL on a few steps, an evaluation of base and expert; in f32 with the CPU engine; in
 /// bf16, where the CPU computes in f32 from bf16 panels (the CPU engine again) or, without
-/// AVX2 (`TSQ_SIMD=portable`), in bf16 as a GPU run does (the autograd engine); Qwen3 with the
-/// CPU engine.
+/// AVX2 (`TSQ_SIMD=portable`), in bf16 as a GPU run does (the autograd engine); Qwen3 and Phi-3
+/// (its fused matrices split, the SVD targets among them) with the CPU engine.
 #[test]
 fn a_model_directory_runs_decompose_train_and_evaluate() {
     let packs = tsq_linalg::simd() != tsq_linalg::Simd::Portable;
@@ -277,6 +277,7 @@ fn a_model_directory_runs_decompose_train_and_evaluate() {
         ("qwen2", "bf16", None, "backprop (cpu, f32)"),
         ("qwen2", "bf16", Some("portable"), "autograd (cpu, bf16)"),
         ("qwen3", "f32", None, "backprop (cpu, f32)"),
+        ("phi3", "f32", None, "backprop (cpu, f32)"),
     ] {
         if simd.is_none() && dtype == "bf16" && !packs {
             continue; // this CPU computes bf16 as bf16: the portable case covers it

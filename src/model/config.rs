@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 /// The transformer families tsq runs. All are Llama-shaped (RMSNorm, RoPE, SwiGLU, GQA);
 /// Qwen2 adds biases on q, k and v; Qwen3 instead RMS-normalises each head's query and key
 /// before the rotation (and sets its head size apart from hidden / heads); SmolLM3 leaves the
-/// rotation out of some layers (every fourth as released: "NoPE" layers).
+/// rotation out of some layers (every fourth as released: "NoPE" layers); Phi-3 stores q|k|v and
+/// gate|up as fused matrices, split at load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
@@ -15,6 +16,7 @@ pub enum Architecture {
     Qwen2,
     Qwen3,
     SmolLm3,
+    Phi3,
 }
 
 impl Architecture {
@@ -25,6 +27,7 @@ impl Architecture {
             "qwen2" | "qwen2forcausallm" => Some(Self::Qwen2),
             "qwen3" | "qwen3forcausallm" => Some(Self::Qwen3),
             "smollm3" | "smollm3forcausallm" => Some(Self::SmolLm3),
+            "phi3" | "phi3forcausallm" => Some(Self::Phi3),
             _ => None,
         }
     }
@@ -49,8 +52,20 @@ impl Architecture {
 /// Why a model's hyper-parameters were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, smollm3)")]
+    #[error(
+        "unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, smollm3, phi3)"
+    )]
     Unsupported(String),
+    #[error(
+        "`partial_rotary_factor` is {0}: tsq rotates whole heads only (Phi-4-mini's 0.75 is not \
+         supported)"
+    )]
+    PartialRotary(f64),
+    #[error(
+        "`{0}` GGUFs are not read (their q|k|v and gate|up are fused); load the model's HF \
+         directory instead"
+    )]
+    FusedGguf(String),
     #[error("`{field}` is {value}; expected 1 to {max}")]
     SizeOutOfRange {
         field: &'static str,
@@ -406,6 +421,10 @@ pub struct HfConfig {
     /// SmolLM3's flag per layer: 1 where it rotates, 0 where it does not.
     #[serde(default)]
     pub no_rope_layers: Option<Vec<u8>>,
+    /// The fraction of each head that is rotated (transformers 4 keeps it here, 5 in
+    /// `rope_parameters`): tsq rotates whole heads.
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 /// The RoPE base when a config gives none (transformers' default too).
@@ -424,6 +443,15 @@ impl HfConfig {
             .unwrap_or_default();
         let architecture =
             Architecture::parse(&arch_name).ok_or(ConfigError::Unsupported(arch_name))?;
+        let partial_rotary = self.partial_rotary_factor.or_else(|| {
+            self.rope_parameters
+                .as_ref()?
+                .get("partial_rotary_factor")?
+                .as_f64()
+        });
+        if let Some(fraction) = partial_rotary.filter(|f| *f != 1.0) {
+            return Err(ConfigError::PartialRotary(fraction));
+        }
         let config = ModelConfig {
             architecture,
             hidden_size: self.hidden_size,

@@ -186,6 +186,10 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
     let arch_name = meta_str(path, md, "general.architecture")?;
     let architecture = Architecture::parse(arch_name)
         .ok_or_else(|| ModelError::config(path, ConfigError::Unsupported(arch_name.to_string())))?;
+    if architecture == Architecture::Phi3 {
+        let refused = ConfigError::FusedGguf(arch_name.to_string());
+        return Err(ModelError::config(path, refused));
+    }
     let key = |k: &str| format!("{arch_name}.{k}");
     let hidden_size = meta_usize(path, md, &key("embedding_length"))?;
     let num_heads = meta_usize(path, md, &key("attention.head_count"))?;
@@ -265,7 +269,17 @@ mod tests {
     fn crafted_metadata_is_a_located_error_not_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         assert!(crate::model::read_config(&gguf_with(dir.path(), &[])).is_ok());
-        let cases: [(&str, Value, &str); 6] = [
+        let cases: [(&str, Value, &str); 8] = [
+            (
+                "general.architecture",
+                Value::String("phi3".into()),
+                "`phi3` GGUFs are not read",
+            ),
+            (
+                "llama.rope.scaling.type",
+                Value::String("yarn".into()),
+                "GGUF rope scaling `yarn` is not supported",
+            ),
             (
                 "llama.block_count",
                 Value::I32(-3),

@@ -110,6 +110,75 @@ pub fn load_tensors(dir: &Path, dtype: DType, device: &Device) -> Result<BTreeMa
     Ok(out)
 }
 
+/// Projections a checkpoint stores stacked in one matrix (Phi-3's `qkv_proj`, `gate_up_proj`),
+/// with the parts' rows: the part names and, for each, its row count under `config`.
+fn fused_projections(config: &ModelConfig) -> [(&'static str, Vec<(&'static str, usize)>); 2] {
+    let (q, kv) = (
+        config.num_heads * config.head_dim,
+        config.num_kv_heads * config.head_dim,
+    );
+    let i = config.intermediate_size;
+    [
+        (
+            "attn.qkv_proj",
+            vec![("attn.q_proj", q), ("attn.k_proj", kv), ("attn.v_proj", kv)],
+        ),
+        (
+            "mlp.gate_up_proj",
+            vec![("mlp.gate_proj", i), ("mlp.up_proj", i)],
+        ),
+    ]
+}
+
+/// Splits every fused projection (weight and bias) among `tensors` into its parts, which is
+/// what the engines read; a fused matrix whose rows do not add up is an error naming it.
+pub fn unfuse(config: &ModelConfig, tensors: &mut BTreeMap<String, Tensor>) -> Result<()> {
+    for layer in 0..config.num_layers {
+        for (fused, parts) in fused_projections(config) {
+            for kind in ["weight", "bias"] {
+                let name = format!("layers.{layer}.{fused}.{kind}");
+                let Some(whole) = tensors.remove(&name) else {
+                    continue;
+                };
+                let want: usize = parts.iter().map(|(_, rows)| rows).sum();
+                if whole.dim(0)? != want {
+                    return Err(ModelError::Input(format!(
+                        "`{}` has {} rows; the config implies {want}",
+                        hf_name(&name),
+                        whole.dim(0)?
+                    )));
+                }
+                let mut first = 0;
+                for (part, rows) in &parts {
+                    let piece = whole.narrow(0, first, *rows)?.contiguous()?;
+                    tensors.insert(format!("layers.{layer}.{part}.{kind}"), piece);
+                    first += rows;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The inverse of [`unfuse`], for writing a checkpoint as its family stores it.
+fn fuse(config: &ModelConfig, tensors: &mut BTreeMap<String, Tensor>) -> Result<()> {
+    for layer in 0..config.num_layers {
+        for (fused, parts) in fused_projections(config) {
+            for kind in ["weight", "bias"] {
+                let names: Vec<String> = (parts.iter())
+                    .map(|(part, _)| format!("layers.{layer}.{part}.{kind}"))
+                    .collect();
+                let pieces: Option<Vec<Tensor>> = names.iter().map(|n| tensors.remove(n)).collect();
+                if let Some(pieces) = pieces {
+                    let whole = Tensor::cat(&pieces, 0)?;
+                    tensors.insert(format!("layers.{layer}.{fused}.{kind}"), whole);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `tokenizer_config.json`, if present.
 pub fn tokenizer_config(dir: &Path) -> Option<Value> {
     let path = dir.join("tokenizer_config.json");
@@ -140,6 +209,7 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
         super::config::Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         super::config::Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
         super::config::Architecture::SmolLm3 => ("SmolLM3ForCausalLM", "smollm3"),
+        super::config::Architecture::Phi3 => ("Phi3ForCausalLM", "phi3"),
     };
     let rope_scaling = match &c.rope_scaling {
         None => Value::Null,
@@ -185,15 +255,20 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
         "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
         "torch_dtype": "float32", "hidden_act": "silu",
         "bos_token_id": model.tokenizer.bos_id, "eos_token_id": model.tokenizer.eos_ids.first(),
+        // Some families default to an id past a small vocabulary (Phi-3's 32000), which
+        // transformers then refuses; padding only matters to training there.
+        "pad_token_id": Value::Null,
     });
     if c.architecture == super::config::Architecture::SmolLm3 {
         let flags: Vec<u8> = (0..c.num_layers).map(|i| u8::from(c.rotates(i))).collect();
         config["no_rope_layers"] = flags.into();
     }
     write_json(&dir.join("config.json"), &config)?;
-    let tensors: std::collections::HashMap<String, Tensor> = tf
-        .tensors()?
-        .into_iter()
+    let mut tensors = tf.tensors()?;
+    if c.architecture == super::config::Architecture::Phi3 {
+        fuse(c, &mut tensors)?;
+    }
+    let tensors: std::collections::HashMap<String, Tensor> = (tensors.into_iter())
         .map(|(k, v)| (hf_name(&k), v))
         .collect();
     let weights = dir.join("model.safetensors");
@@ -343,6 +418,62 @@ mod tests {
         let original = r#", "original_max_position_embeddings": 1024"#;
         assert_eq!(yarn(&format!(r#", "factor": 4.0{original}"#)), expected);
         assert_eq!(yarn(original), expected, "the factor from the two contexts");
+    }
+
+    /// Phi-4-mini rotates three quarters of each head: refused in either config form.
+    #[test]
+    fn partial_rotation_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for extra in [
+            r#""partial_rotary_factor": 0.75"#,
+            r#""rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.75}"#,
+        ] {
+            let config = format!(
+                r#"{{"architectures": ["Phi3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+                "rms_norm_eps": 1e-5, {extra}}}"#
+            );
+            std::fs::write(dir.path().join("config.json"), config).unwrap();
+            let err = read_config(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("`partial_rotary_factor` is 0.75"), "{err}");
+        }
+    }
+
+    /// Fused projections split into their parts and back; rows that do not add up are an
+    /// error naming the checkpoint's tensor.
+    #[test]
+    fn fused_projections_split_and_join_again() {
+        let config = tiny_config(Architecture::Phi3);
+        let weights = random_weights(&config, 4, &Device::Cpu);
+        let mut fused = weights.clone();
+        fuse(&config, &mut fused).unwrap();
+        assert!(fused.contains_key("layers.1.attn.qkv_proj.weight"));
+        assert!(!fused.contains_key("layers.1.mlp.up_proj.weight"));
+        let mut split = fused.clone();
+        unfuse(&config, &mut split).unwrap();
+        assert_eq!(
+            split.keys().collect::<Vec<_>>(),
+            weights.keys().collect::<Vec<_>>()
+        );
+        for (name, w) in &weights {
+            let diff = (w - &split[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
+        let qkv = "layers.0.attn.qkv_proj.weight";
+        let short = fused[qkv]
+            .narrow(0, 1, fused[qkv].dim(0).unwrap() - 1)
+            .unwrap();
+        fused.insert(qkv.into(), short);
+        let err = unfuse(&config, &mut fused).unwrap_err().to_string();
+        assert!(
+            err.contains("model.layers.0.self_attn.qkv_proj.weight"),
+            "{err}"
+        );
     }
 
     fn logits(tf: &Transformer) -> Tensor {

@@ -191,7 +191,8 @@ impl Model {
 
     fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = hf::read_config(dir)?;
-        let tensors = hf::load_tensors(dir, dtype, device)?;
+        let mut tensors = hf::load_tensors(dir, dtype, device)?;
+        hf::unfuse(&config, &mut tensors)?;
         let tok_config = hf::tokenizer_config(dir).unwrap_or_default();
         let bos = hf::special_token(&tok_config, "bos_token");
         let eos = hf::special_token(&tok_config, "eos_token");

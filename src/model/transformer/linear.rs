@@ -87,8 +87,8 @@ impl Matrix {
         }
     }
 
-    /// W's values with its rows and columns, for tsq-linalg's kernels: `None` unless it is f32
-    /// on the CPU.
+    /// W's values in f32 with its rows and columns, for tsq-linalg's int8 kernel: `None` unless
+    /// it is held as panels (of any width) or as an f32 CPU tensor.
     fn cpu_f32_rows(&self) -> Result<Option<(Vec<f32>, usize, usize)>> {
         Ok(match self {
             Self::Packed(p) => Some((p.unpack(), p.rows(), p.cols())),

@@ -48,10 +48,11 @@ pub enum LogitsAt {
     Tail(usize),
 }
 
-/// A weight matrix W (rows × cols). Where tsq-linalg's f32 kernel runs (f32 on a CPU with AVX2
-/// or AVX-512) it is held only as that kernel's packed panels, which the forward products use
-/// instead of faer whatever the number of rows (see [`linear`]): keeping the tensor beside them
-/// doubled the model's memory (SmolLM2 served in 1089 MiB instead of ~590).
+/// A weight matrix W (rows × cols). Where tsq-linalg's kernel runs (f32, bf16 or f16 on a CPU
+/// with AVX2 or AVX-512) it is held only as that kernel's packed panels, which the forward
+/// products use instead of faer whatever the number of rows (see [`linear`]): keeping the
+/// tensor beside them doubled the model's memory (SmolLM2 served in 1089 MiB instead of ~590).
+/// Norms and biases, small, are tensors in the compute dtype.
 #[derive(Clone)]
 enum Matrix {
     Tensor(Tensor),
@@ -237,11 +238,6 @@ impl Transformer {
         let dtype = match half && embed.device().is_cpu() && packs {
             true => DType::F32,
             false => weights_dtype,
-        };
-        // Norms and biases (small) in the compute dtype; matrices as they came (`Matrix::new`).
-        let mut take = |name: &str| match name.ends_with(".bias") || name.contains("norm") {
-            true => Ok(take(name)?.to_dtype(dtype)?),
-            false => take(name),
         };
         let shapes = expected_shapes(&config);
         let mut layers = Vec::with_capacity(config.num_layers);

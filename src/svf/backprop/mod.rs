@@ -746,7 +746,7 @@ mod tests {
             logits: Vec<Vec<f32>>,
         }
         for name in [
-            "llama3", "qwen2", "qwen3", "smollm3", "mistral", "yarn", "linear",
+            "llama3", "qwen2", "qwen3", "smollm3", "mistral", "yarn", "linear", "phi3",
         ] {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/arch")
