@@ -294,7 +294,9 @@ impl Transformer {
                 let head = Matrix::new(embed)?;
                 (head.clone(), head)
             }
-            false => (Matrix::Tensor(embed), Matrix::new(take("lm_head.weight")?)?),
+            // Panels too where they are kept (rows gathered from them), so that the training
+            // engine shares them rather than copying the rows.
+            false => (Matrix::new(embed)?, Matrix::new(take("lm_head.weight")?)?),
         };
         let lm_head = Linear::new(head, None);
         Ok(Self {

@@ -229,10 +229,30 @@ impl Layer {
     }
 }
 
+/// Token embeddings: the model's own panels where it holds them so (rows gathered per token),
+/// else an f32 copy of the rows.
+enum Embedding {
+    Panels(Arc<PackedMatrix>),
+    Rows(Vec<f32>),
+}
+
+impl Embedding {
+    /// The rows of `ids` (already checked against the vocabulary), one after another.
+    fn rows(&self, ids: &[u32], hidden: usize) -> Vec<f32> {
+        match self {
+            Self::Panels(panels) => panels.gather_rows(ids),
+            Self::Rows(rows) => (ids.iter())
+                .flat_map(|&id| &rows[id as usize * hidden..(id as usize + 1) * hidden])
+                .copied()
+                .collect(),
+        }
+    }
+}
+
 /// A base model's weights as the engine uses them, with the SVF targets factored.
 pub struct Engine {
     config: ModelConfig,
-    embed: Vec<f32>,
+    embed: Embedding,
     head: Frozen,
     norm: Vec<f32>,
     layers: Vec<Layer>,
@@ -425,7 +445,10 @@ impl Engine {
         let inv_freq = config.inv_freq();
         Ok(Self {
             config: config.clone(),
-            embed: f32s(&get("embed.weight")?)?,
+            embed: match tensors.packed("embed.weight") {
+                Some(panels) => Embedding::Panels(panels),
+                None => Embedding::Rows(f32s(&get("embed.weight")?)?),
+            },
             head: {
                 let name = match config.tie_word_embeddings {
                     true => "embed.weight",
@@ -513,13 +536,8 @@ impl Engine {
             sin,
             expansion: Expansion::of(packs),
         };
-        let hidden = self.config.hidden_size;
-        let mut x: Vec<f32> = packs
-            .iter()
-            .flat_map(Pack::ids)
-            .flat_map(|id| &self.embed[id as usize * hidden..(id as usize + 1) * hidden])
-            .copied()
-            .collect();
+        let ids: Vec<u32> = packs.iter().flat_map(Pack::ids).collect();
+        let mut x = self.embed.rows(&ids, self.config.hidden_size);
         let mut saved = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let (next, keep) = self.block_forward(layer, x, &pass, scaled_s);
@@ -800,7 +818,7 @@ mod tests {
         };
         let (half, rounded) = (in_dtype(DType::BF16)?, in_dtype(DType::F32)?);
         let engine = Engine::new(&half.config, &half, &factors)?;
-        // Every projection is a target here; the (tied) head is not.
+        // Every projection is a target here; the (tied) head and embedding are not.
         if tsq_linalg::simd() != tsq_linalg::Simd::Portable {
             let panels = half
                 .packed("embed.weight")
@@ -809,6 +827,8 @@ mod tests {
             let shared =
                 matches!(&engine.head.forward, Factor::Packed(p) if Arc::ptr_eq(p, &panels));
             assert!(shared, "the head's panels were packed again");
+            let rows = matches!(&engine.embed, Embedding::Panels(p) if Arc::ptr_eq(p, &panels));
+            assert!(rows, "the embedding was copied");
         }
         let scaled_s: Vec<Vec<f32>> = (factors.iter())
             .map(|d| d.factors.s.to_vec1::<f32>())
