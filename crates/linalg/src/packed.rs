@@ -475,6 +475,26 @@ pub(crate) fn first_lanes(n: usize) -> __m256i {
     )
 }
 
+impl PackedMatrix {
+    /// [`WeightKernel::fill`] from the panels at `all`, of element type `E`, by this matrix's
+    /// kernel.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn fill_from<E: Element>(
+        &self,
+        all: *const E,
+        x: &[f32],
+        m: usize,
+        out: Out,
+        panels: std::ops::Range<usize>,
+    ) {
+        match self.simd {
+            Simd::Avx512 => unsafe { self.panels_avx512(all, x, m, out, panels) },
+            Simd::Avx2 => unsafe { self.panels_avx2(all, x, m, out, panels) },
+            Simd::Portable => unreachable!("packed matrices have a kernel"),
+        }
+    }
+}
+
 /// Panels of [`NR`] rows of a row-major `rows × cols` matrix, `at(panel, k, c)` the place of
 /// `W[32p + c][k]` in panel p; `None` where no kernel runs at `simd` or there is nothing to pack.
 fn packed_panels<E: Copy + Send + Sync, L: Clone + Send + Sync>(
@@ -520,26 +540,16 @@ impl WeightKernel for PackedMatrix {
         let panels = columns.start / NR..columns.end.div_ceil(NR);
         // SAFETY: as the trait asks; `pack_for` made this matrix for a level the CPU runs.
         #[cfg(target_arch = "x86_64")]
-        match (self.simd, &self.panels) {
-            (Simd::Avx512, Panels::F32(all)) => unsafe {
-                self.panels_avx512(all.as_ptr().cast::<f32>(), x, m, out, panels)
+        match &self.panels {
+            Panels::F32(all) => unsafe {
+                self.fill_from(all.as_ptr().cast::<f32>(), x, m, out, panels)
             },
-            (Simd::Avx512, Panels::Half(HalfFormat::Bf16, all)) => unsafe {
-                self.panels_avx512(all.as_ptr().cast::<Bf16>(), x, m, out, panels)
+            Panels::Half(HalfFormat::Bf16, all) => unsafe {
+                self.fill_from(all.as_ptr().cast::<Bf16>(), x, m, out, panels)
             },
-            (Simd::Avx512, Panels::Half(HalfFormat::F16, all)) => unsafe {
-                self.panels_avx512(all.as_ptr().cast::<F16>(), x, m, out, panels)
+            Panels::Half(HalfFormat::F16, all) => unsafe {
+                self.fill_from(all.as_ptr().cast::<F16>(), x, m, out, panels)
             },
-            (Simd::Avx2, Panels::F32(all)) => unsafe {
-                self.panels_avx2(all.as_ptr().cast::<f32>(), x, m, out, panels)
-            },
-            (Simd::Avx2, Panels::Half(HalfFormat::Bf16, all)) => unsafe {
-                self.panels_avx2(all.as_ptr().cast::<Bf16>(), x, m, out, panels)
-            },
-            (Simd::Avx2, Panels::Half(HalfFormat::F16, all)) => unsafe {
-                self.panels_avx2(all.as_ptr().cast::<F16>(), x, m, out, panels)
-            },
-            (Simd::Portable, _) => unreachable!("packed matrices have a kernel"),
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
