@@ -105,11 +105,8 @@ fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
     type Change = fn(&mut Option<RopeScaling>);
     let unscaled: Change = |scaling| *scaling = None;
     let no_attention_factor: Change = |scaling| {
-        if let Some(RopeScaling::Yarn {
-            attention_factor, ..
-        }) = scaling
-        {
-            *attention_factor = 1.0;
+        if let Some(RopeScaling::Yarn(yarn)) = scaling {
+            yarn.attention_factor = 1.0;
         }
     };
     let changes = [

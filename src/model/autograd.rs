@@ -233,26 +233,18 @@ pub fn packed(matrix: &Tensor) -> Result<Option<tsq_linalg::PackedMatrix>> {
     }
     let (rows, cols) = matrix.dims2()?;
     let flat = matrix.flatten_all()?;
+    let sixteen = |format, bits: Vec<u16>| PackedMatrix::pack_half(format, &bits, rows, cols);
     Ok(match matrix.dtype() {
         DType::F32 => PackedMatrix::pack(&flat.to_vec1::<f32>()?, rows, cols),
-        DType::BF16 => {
-            let bits: Vec<u16> = flat
-                .to_vec1::<half::bf16>()?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
-            PackedMatrix::pack_half(HalfFormat::Bf16, &bits, rows, cols)
-        }
-        DType::F16 => {
-            let bits: Vec<u16> = flat
-                .to_vec1::<half::f16>()?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
-            PackedMatrix::pack_half(HalfFormat::F16, &bits, rows, cols)
-        }
+        DType::BF16 => sixteen(HalfFormat::Bf16, bits(flat.to_vec1()?, half::bf16::to_bits)),
+        DType::F16 => sixteen(HalfFormat::F16, bits(flat.to_vec1()?, half::f16::to_bits)),
         _ => None,
     })
+}
+
+/// 16-bit floats' bits.
+fn bits<T>(values: Vec<T>, to_bits: fn(T) -> u16) -> Vec<u16> {
+    values.into_iter().map(to_bits).collect()
 }
 
 /// W from its packed panels, as a CPU tensor.

@@ -110,18 +110,99 @@ pub enum RopeScaling {
     Divisors(Vec<f32>),
     /// Positions divided by `factor` (HF `rope_type: linear`): every frequency divided.
     Linear { factor: f64 },
-    /// YaRN (HF `rope_type: yarn`, Qwen2.5's long-context setting): frequencies whose
-    /// wavelength fits the original context many times (more than `beta_fast` rotations) kept,
-    /// those rotating fewer than `beta_slow` times divided by `factor`, a linear ramp between
-    /// (over whole dimensions when `truncate`); cos and sin scaled by `attention_factor`.
-    Yarn {
-        factor: f64,
-        original_context: usize,
-        beta_fast: f64,
-        beta_slow: f64,
-        truncate: bool,
-        attention_factor: f64,
-    },
+    /// YaRN (HF `rope_type: yarn`, Qwen2.5's long-context setting).
+    Yarn(Yarn),
+}
+
+impl RopeScaling {
+    /// The scaling as `config.json` writes it (`rope_type` and its parameters); `None` for
+    /// GGUF's divisors, which it cannot express.
+    pub fn to_hf(&self) -> Option<serde_json::Value> {
+        Some(match self {
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context,
+            } => serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_context,
+            }),
+            Self::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            Self::Yarn(y) => serde_json::json!({
+                "rope_type": "yarn", "factor": y.factor,
+                "original_max_position_embeddings": y.original_context,
+                "beta_fast": y.beta_fast, "beta_slow": y.beta_slow, "truncate": y.truncate,
+                "attention_factor": y.attention_factor,
+            }),
+            Self::Divisors(_) => return None,
+        })
+    }
+}
+
+/// YaRN's parameters: frequencies whose wavelength fits the original context many times (more
+/// than `beta_fast` rotations) kept, those rotating fewer than `beta_slow` times divided by
+/// `factor`, a linear ramp between (over whole dimensions when `truncate`); cos and sin scaled
+/// by `attention_factor`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Yarn {
+    pub factor: f64,
+    /// `original_max_position_embeddings`.
+    pub original_context: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub truncate: bool,
+    pub attention_factor: f64,
+}
+
+impl Yarn {
+    /// Frequency `i` (unscaled: `base`) of `config`'s heads under YaRN.
+    fn scaled(&self, base: f64, i: usize, config: &ModelConfig) -> f64 {
+        let (low, high) = self.ramp(config);
+        let kept = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+        base / self.factor * (1.0 - kept) + base * kept
+    }
+
+    /// The ramp over the frequency index, as transformers computes it: from the dimension that
+    /// turns `beta_fast` times over the original context to the one that turns `beta_slow`
+    /// times (whole dimensions when `truncate`), never empty.
+    fn ramp(&self, config: &ModelConfig) -> (f64, f64) {
+        let dim = config.head_dim as f64;
+        let correction = |rotations: f64| {
+            dim * (self.original_context as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * config.rope_theta.ln())
+        };
+        let (mut low, mut high) = (correction(self.beta_fast), correction(self.beta_slow));
+        if self.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, high) = (low.max(0.0), high.min(dim - 1.0));
+        (low, if high == low { high + 0.001 } else { high })
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let positive = [
+            self.factor,
+            self.beta_fast,
+            self.beta_slow,
+            self.attention_factor,
+        ]
+        .iter()
+        .all(|v| v.is_finite() && *v > 0.0);
+        if !positive || self.original_context == 0 {
+            return Err(ConfigError::BadRopeScaling(format!(
+                "factor {}, beta_fast {}, beta_slow {}, attention_factor {}, \
+                 original_max_position_embeddings {}: expected positive numbers and a context",
+                self.factor,
+                self.beta_fast,
+                self.beta_slow,
+                self.attention_factor,
+                self.original_context
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -194,23 +275,7 @@ impl ModelConfig {
                     None => base,
                     Some(RopeScaling::Divisors(d)) => base / f64::from(d[i]),
                     Some(RopeScaling::Linear { factor }) => base / factor,
-                    Some(RopeScaling::Yarn {
-                        factor,
-                        original_context,
-                        beta_fast,
-                        beta_slow,
-                        truncate,
-                        ..
-                    }) => {
-                        let (low, high) = self.yarn_ramp(
-                            *original_context as f64,
-                            *beta_fast,
-                            *beta_slow,
-                            *truncate,
-                        );
-                        let kept = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
-                        base / factor * (1.0 - kept) + base * kept
-                    }
+                    Some(RopeScaling::Yarn(yarn)) => yarn.scaled(base, i, self),
                     Some(RopeScaling::Llama3 {
                         factor,
                         low_freq_factor,
@@ -235,35 +300,10 @@ impl ModelConfig {
             .collect()
     }
 
-    /// YaRN's ramp over the frequency index, as transformers computes it: from the dimension
-    /// that turns `beta_fast` times over `original` positions to the one that turns
-    /// `beta_slow` times (whole dimensions when `truncate`), never empty.
-    fn yarn_ramp(
-        &self,
-        original: f64,
-        beta_fast: f64,
-        beta_slow: f64,
-        truncate: bool,
-    ) -> (f64, f64) {
-        let dim = self.head_dim as f64;
-        let correction = |rotations: f64| {
-            dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
-                / (2.0 * self.rope_theta.ln())
-        };
-        let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
-        if truncate {
-            (low, high) = (low.floor(), high.ceil());
-        }
-        let (low, high) = (low.max(0.0), high.min(dim - 1.0));
-        (low, if high == low { high + 0.001 } else { high })
-    }
-
     /// What cos and sin of the rotation are multiplied by (YaRN's attention factor; else 1).
     pub fn rope_attention_factor(&self) -> f32 {
         match &self.rope_scaling {
-            Some(RopeScaling::Yarn {
-                attention_factor, ..
-            }) => *attention_factor as f32,
+            Some(RopeScaling::Yarn(yarn)) => yarn.attention_factor as f32,
             _ => 1.0,
         }
     }
@@ -347,25 +387,7 @@ impl ModelConfig {
                     "factor {factor}: expected a positive number"
                 )));
             }
-            Some(RopeScaling::Yarn {
-                factor,
-                original_context,
-                beta_fast,
-                beta_slow,
-                attention_factor,
-                ..
-            }) => {
-                let positive = [factor, beta_fast, beta_slow, attention_factor]
-                    .iter()
-                    .all(|v| v.is_finite() && **v > 0.0);
-                if !positive || *original_context == 0 {
-                    return Err(ConfigError::BadRopeScaling(format!(
-                        "factor {factor}, beta_fast {beta_fast}, beta_slow {beta_slow}, \
-                         attention_factor {attention_factor}, original_max_position_embeddings \
-                         {original_context}: expected positive numbers and a context"
-                    )));
-                }
-            }
+            Some(RopeScaling::Yarn(yarn)) => yarn.check()?,
             Some(RopeScaling::Divisors(d))
                 if d.len() != self.head_dim / 2 || !d.iter().all(|v| v.is_finite() && *v > 0.0) =>
             {
@@ -534,7 +556,7 @@ impl HfConfig {
             "linear" => Ok(Some(RopeScaling::Linear {
                 factor: number("factor")?,
             })),
-            "yarn" => Ok(Some(self.yarn(scaling)?)),
+            "yarn" => Ok(Some(RopeScaling::Yarn(self.yarn(scaling)?))),
             other => Err(ConfigError::UnsupportedRopeScaling(other.to_string())),
         }
     }
@@ -543,7 +565,7 @@ impl HfConfig {
     /// the factor their ratio, betas 32 and 1 (0 counts as unset there too), truncation on,
     /// and the attention factor 0.1 ln(factor) + 1 (DeepSeek's `mscale` / `mscale_all_dim`
     /// form where both are given).
-    fn yarn(&self, scaling: &serde_json::Value) -> Result<RopeScaling, ConfigError> {
+    fn yarn(&self, scaling: &serde_json::Value) -> Result<Yarn, ConfigError> {
         let optional = |key: &str| match scaling.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(v) => v.as_f64().map(Some).ok_or_else(|| {
@@ -564,7 +586,7 @@ impl HfConfig {
             _ => mscale(factor, 1.0),
         };
         let nonzero = |v: Option<f64>| v.filter(|v| *v != 0.0);
-        Ok(RopeScaling::Yarn {
+        Ok(Yarn {
             factor,
             original_context: original as usize,
             beta_fast: nonzero(optional("beta_fast")?).unwrap_or(32.0),

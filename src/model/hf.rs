@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::config::{HfConfig, ModelConfig, RopeScaling};
+use super::config::{HfConfig, ModelConfig};
 use super::error::{ModelError, Result};
 
 /// Canonical name → HF tensor name (inverse of [`canonical_name`]).
@@ -213,37 +213,13 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
     };
     let rope_scaling = match &c.rope_scaling {
         None => Value::Null,
-        Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_context,
-        }) => serde_json::json!({
-            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-            "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_context,
-        }),
-        Some(RopeScaling::Linear { factor }) => {
-            serde_json::json!({"rope_type": "linear", "factor": factor})
-        }
-        Some(RopeScaling::Yarn {
-            factor,
-            original_context,
-            beta_fast,
-            beta_slow,
-            truncate,
-            attention_factor,
-        }) => serde_json::json!({
-            "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original_context,
-            "beta_fast": beta_fast, "beta_slow": beta_slow, "truncate": truncate,
-            "attention_factor": attention_factor,
-        }),
-        Some(RopeScaling::Divisors(_)) => {
-            return Err(ModelError::Input(
+        Some(scaling) => scaling.to_hf().ok_or_else(|| {
+            ModelError::Input(
                 "this model's rope scaling came as GGUF frequency divisors, which config.json \
                  cannot express: export from the model's HF directory instead"
                     .into(),
-            ));
-        }
+            )
+        })?,
     };
     let mut config = serde_json::json!({
         "rope_scaling": rope_scaling, "sliding_window": c.sliding_window,
@@ -292,9 +268,26 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::Architecture;
+    use crate::model::config::{Architecture, RopeScaling, Yarn};
     use crate::model::testing::{random_weights, tiny_config};
     use crate::model::transformer::{Batch, LogitsAt, Mode, Transformer};
+
+    /// Reads a small `config.json` in `dir`: sizes fixed, `family` (the architecture key and
+    /// its value) and `extra` (`, "key": value...`) as given.
+    fn read_small_config(
+        dir: &Path,
+        family: &str,
+        layers: usize,
+        extra: &str,
+    ) -> Result<ModelConfig> {
+        let config = format!(
+            r#"{{{family}, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": {layers}, "num_attention_heads": 4, "vocab_size": 100,
+            "rms_norm_eps": 1e-5{extra}}}"#
+        );
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        read_config(dir)
+    }
 
     #[test]
     fn crafted_configs_are_errors_naming_the_file_and_field() {
@@ -324,17 +317,8 @@ mod tests {
     #[test]
     fn smollm3_layers_without_rope_are_read_or_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let config = |extra: &str| {
-            format!(
-                r#"{{"model_type": "smollm3", "hidden_size": 64, "intermediate_size": 128,
-                "num_hidden_layers": 8, "num_attention_heads": 4, "vocab_size": 100,
-                "rms_norm_eps": 1e-5{extra}}}"#
-            )
-        };
-        let read = |extra: &str| {
-            std::fs::write(dir.path().join("config.json"), config(extra)).unwrap();
-            read_config(dir.path())
-        };
+        let read =
+            |extra: &str| read_small_config(dir.path(), r#""model_type": "smollm3""#, 8, extra);
         assert_eq!(read("").unwrap().layers_without_rope, [3, 7]);
         let listed = read(r#", "no_rope_layers": [1, 0, 1, 1, 1, 1, 1, 1]"#).unwrap();
         assert_eq!(listed.layers_without_rope, [1]);
@@ -353,11 +337,12 @@ mod tests {
     #[test]
     fn rope_scaling_is_read_or_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let config = |extra: &str| {
-            format!(
-                r#"{{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
-                "rms_norm_eps": 1e-5{extra}}}"#
+        let read = |extra: &str| {
+            read_small_config(
+                dir.path(),
+                r#""architectures": ["LlamaForCausalLM"]"#,
+                2,
+                extra,
             )
         };
         let llama3 = r#""rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192"#;
@@ -383,38 +368,32 @@ mod tests {
                 "`low_freq_factor` is missing",
             ),
         ] {
-            std::fs::write(dir.path().join("config.json"), config(extra)).unwrap();
-            let err = read_config(dir.path()).unwrap_err().to_string();
+            let err = read(extra).unwrap_err().to_string();
             assert!(err.contains(want) && err.contains("config.json"), "{err}");
         }
         for extra in [
             format!(r#", "rope_theta": 500000.0, "rope_scaling": {{{llama3}}}"#),
             format!(r#", "rope_parameters": {{"rope_theta": 500000.0, {llama3}}}"#),
         ] {
-            std::fs::write(dir.path().join("config.json"), config(&extra)).unwrap();
-            let c = read_config(dir.path()).unwrap();
+            let c = read(&extra).unwrap();
             assert_eq!(c.rope_theta, 500000.0);
-            assert!(matches!(
-                c.rope_scaling,
-                Some(crate::model::config::RopeScaling::Llama3 { .. })
-            ));
+            assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { .. })));
         }
         let yarn = |fields: &str| -> RopeScaling {
             let extra = format!(
                 r#", "max_position_embeddings": 4096, "rope_scaling": {{"type": "yarn"{fields}}}"#
             );
-            std::fs::write(dir.path().join("config.json"), config(&extra)).unwrap();
-            read_config(dir.path()).unwrap().rope_scaling.unwrap()
+            read(&extra).unwrap().rope_scaling.unwrap()
         };
         let attention_factor = 0.1 * 4f64.ln() + 1.0;
-        let expected = RopeScaling::Yarn {
+        let expected = RopeScaling::Yarn(Yarn {
             factor: 4.0,
             original_context: 1024,
             beta_fast: 32.0,
             beta_slow: 1.0,
             truncate: true,
             attention_factor,
-        };
+        });
         let original = r#", "original_max_position_embeddings": 1024"#;
         assert_eq!(yarn(&format!(r#", "factor": 4.0{original}"#)), expected);
         assert_eq!(yarn(original), expected, "the factor from the two contexts");
@@ -425,16 +404,13 @@ mod tests {
     fn partial_rotation_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         for extra in [
-            r#""partial_rotary_factor": 0.75"#,
-            r#""rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.75}"#,
+            r#", "partial_rotary_factor": 0.75"#,
+            r#", "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.75}"#,
         ] {
-            let config = format!(
-                r#"{{"architectures": ["Phi3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
-                "rms_norm_eps": 1e-5, {extra}}}"#
-            );
-            std::fs::write(dir.path().join("config.json"), config).unwrap();
-            let err = read_config(dir.path()).unwrap_err().to_string();
+            let family = r#""architectures": ["Phi3ForCausalLM"]"#;
+            let err = read_small_config(dir.path(), family, 2, extra)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("`partial_rotary_factor` is 0.75"), "{err}");
         }
     }
