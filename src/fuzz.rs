@@ -1,5 +1,6 @@
 //! A mutation fuzzer over the readers of files tsq does not write itself or reads back after a
-//! crash: the GGUF header, pipeline YAML (load and every check) and expert files. Each target
+//! crash: the GGUF header, pipeline YAML (load and every check), expert files and SentencePiece
+//! `tokenizer.model` files. Each target
 //! starts from real seeds and feeds mutated bytes (bit flips, boundary integers, splices,
 //! truncations) for a time budget; a panic fails the test and leaves the input under
 //! `target/fuzz-failures/` to reproduce with. CI runs each target for 2 s; run longer with
@@ -221,6 +222,32 @@ fn expert_files() {
     fuzz("expert", seeds, |bytes| {
         if let Ok(expert) = Expert::from_bytes(file, bytes) {
             let _ = expert.effective_scales();
+        }
+    });
+}
+
+#[test]
+fn sentencepiece_models() {
+    use crate::model::tokenizer::Tokenizer;
+    use crate::model::tokenizer::sentencepiece::testing::{
+        BPE, KEEP_WHITESPACE, model_file, pieces, small_vocabulary,
+    };
+    let seeds = vec![
+        model_file(&small_vocabulary(), &BPE, &KEEP_WHITESPACE),
+        model_file(
+            &pieces(&[("\u{2581}a", -1.0), ("a", -2.0)]),
+            &BPE,
+            &KEEP_WHITESPACE,
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    fuzz("sentencepiece", seeds, |bytes| {
+        std::fs::write(dir.path().join("tokenizer.model"), bytes).unwrap();
+        // What loads must tokenize and decode.
+        if let Ok(tok) = Tokenizer::in_directory(dir.path()) {
+            let ids = tok.encode("hello wörld <s>").unwrap_or_default();
+            let _ = tok.decode(&ids, false);
+            let _ = tok.encode_continuation(" a");
         }
     });
 }

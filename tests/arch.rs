@@ -369,3 +369,60 @@ fn a_cuda_pipeline_is_refused_by_a_build_without_cuda() {
         "{text}"
     );
 }
+
+#[derive(Deserialize)]
+struct SentencePieceFixture {
+    wheel: String,
+    vocabularies: std::collections::BTreeMap<String, SentencePieceVocabulary>,
+}
+
+#[derive(Deserialize)]
+struct SentencePieceVocabulary {
+    path: String,
+    cases: Vec<SentencePieceCase>,
+}
+
+#[derive(Deserialize)]
+struct SentencePieceCase {
+    text: String,
+    llama_cpp: Vec<u32>,
+    /// SentencePiece's own ids (no BOS) and decoding, for texts without special tokens.
+    sentencepiece: Option<Vec<u32>>,
+    decoded: Option<String>,
+}
+
+/// Mistral's SentencePiece vocabularies (7B v0.1, and v3 with control tokens such as [INST]),
+/// from the `mistral-common` wheel, as a model directory's `tokenizer.model`: the ids and text
+/// SentencePiece and llama.cpp give (tests/fixtures/sentencepiece, made by
+/// scripts/make-spm-fixture.py), and a continuation's ids as they stand after its prompt.
+#[test]
+fn sentencepiece_vocabularies_tokenize_as_sentencepiece_and_llama_cpp_do() {
+    let fixture: SentencePieceFixture =
+        serde_json::from_str(include_str!("fixtures/sentencepiece/mistral.json")).unwrap();
+    for (name, vocabulary) in &fixture.vocabularies {
+        let source = format!("pip://{}#{}", fixture.wheel, vocabulary.path);
+        let file = tsq::assets::AssetSource::parse(&source, std::path::Path::new("."))
+            .unwrap()
+            .resolve(&tsq::assets::TsqHome(crate::common::shared_tsq_home()))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(&file, dir.path().join("tokenizer.model")).unwrap();
+        let mut tok = tsq::model::tokenizer::Tokenizer::in_directory(dir.path()).unwrap();
+        (tok.bos_id, tok.add_bos) = (Some(1), true);
+        for case in &vocabulary.cases {
+            let ids = tok.encode(&case.text).unwrap();
+            assert_eq!(ids, case.llama_cpp, "{name}: {:?}", case.text);
+            if let (Some(own), Some(decoded)) = (&case.sentencepiece, &case.decoded) {
+                assert_eq!(&ids[1..], own, "{name}: {:?}", case.text);
+                assert_eq!(&tok.decode(&ids, false).unwrap(), decoded, "{name}");
+            }
+        }
+        let prompt = "Question: What is the capital of France?\nAnswer:";
+        let whole = tok.encode(&format!("{prompt} Paris")).unwrap();
+        let alone = tok.encode(prompt).unwrap();
+        let continuation = tok.encode_continuation(" Paris").unwrap();
+        assert_eq!(continuation, whole[alone.len()..], "{name}");
+        // Tokenized as a text of its own, " Paris" gets a second space in front.
+        assert_ne!(tok.encode(" Paris").unwrap()[1..], continuation, "{name}");
+    }
+}

@@ -200,15 +200,14 @@ impl Model {
             .get("add_bos_token")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let tok_path = dir.join("tokenizer.json");
-        let probe = Tokenizer::from_file(&tok_path, None, vec![], false)?;
-        let bos_id = bos.as_deref().and_then(|t| probe.token_id(t));
-        let eos_ids = eos
+        let mut tokenizer = Tokenizer::in_directory(dir)?;
+        tokenizer.bos_id = bos.as_deref().and_then(|t| tokenizer.token_id(t));
+        tokenizer.eos_ids = eos
             .as_deref()
-            .and_then(|t| probe.token_id(t))
+            .and_then(|t| tokenizer.token_id(t))
             .into_iter()
             .collect();
-        let tokenizer = Tokenizer::from_file(&tok_path, bos_id, eos_ids, add_bos)?;
+        tokenizer.add_bos = add_bos;
         let chat = tok_config
             .get("chat_template")
             .and_then(|t| t.as_str())

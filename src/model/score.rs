@@ -2,7 +2,8 @@
 //! multiple-choice evaluation, KL terms and few-shot tie-breaks.
 //!
 //! Prompt and continuation are tokenized separately and concatenated (the continuation without
-//! BOS), which is how the tokens stand when the model generates the continuation itself.
+//! BOS or a SentencePiece space prefix), which is how the tokens stand when the model generates
+//! the continuation itself.
 
 use std::ops::Range;
 
@@ -39,14 +40,11 @@ pub fn score(model: &Model, pairs: &[(String, String)]) -> Result<Vec<Scored>> {
     score_ids(model, encoded)
 }
 
-/// A continuation's token ids as they follow a prompt: tokenized alone, without BOS.
+/// A continuation's token ids as they follow a prompt (see [`Tokenizer::encode_continuation`]).
+///
+/// [`Tokenizer::encode_continuation`]: super::tokenizer::Tokenizer::encode_continuation
 pub fn continuation_ids(model: &Model, continuation: &str) -> Result<Vec<u32>> {
-    let tok = &model.tokenizer;
-    let mut c = tok.encode(continuation)?;
-    if tok.add_bos && tok.bos_id.is_some() && c.first() == tok.bos_id.as_ref() {
-        c.remove(0);
-    }
-    Ok(c)
+    model.tokenizer.encode_continuation(continuation)
 }
 
 /// Scores pre-tokenized `(prompt, continuation)` pairs in one batch.
