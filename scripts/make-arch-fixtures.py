@@ -3,8 +3,9 @@
 Writes tests/fixtures/arch/<name>/: an HF-layout directory (config.json, bf16 weights sharded
 over several safetensors files as large checkpoints are, a word-level tokenizer.json,
 tokenizer_config.json) and reference.json (token ids and the logits transformers computes from
-those bf16 weights in f32); for Qwen3 and SmolLM3 also <name>.gguf, the same weights as
-llama.cpp names (and, for SmolLM3, permutes) them. tests/arch.rs loads each with tsq and compares.
+those bf16 weights in f32); for Qwen3, SmolLM3, Mistral and Phi-3 also <name>.gguf, the same
+weights as llama.cpp's converter names, permutes (SmolLM3, Mistral) and fuses (Phi-3) them, with
+a SentencePiece vocabulary for Mistral and Phi-3. tests/arch.rs loads each with tsq and compares.
 
 Each model exercises what sets its family apart: Llama 3's `llama3` rope scaling (with an
 original context short enough that the frequencies fall in all three bands), the `yarn` (on
@@ -18,10 +19,13 @@ older `rope_theta` + `rope_scaling`, so the llama3 fixture is rewritten to that 
 transformers reloads it for the reference: both forms are covered.
 
 Run with a Python that has torch, transformers, safetensors and tokenizers (the peers' venv, see
-../shared/peers/README.md):  python scripts/make-arch-fixtures.py [NAME ...]  (default: all)
+../shared/peers/README.md):  python scripts/make-arch-fixtures.py [NAME ...]  (default: all).
+With LLAMA_PYTHON naming a Python that has llama-cpp-python (the peers' venv-llama), each GGUF
+is also read by llama.cpp and the largest difference from transformers' logits printed.
 """
 
 import json
+import os
 import pathlib
 import sys
 
@@ -151,9 +155,12 @@ MODELS = {
 IDS = [2 + (i * 37 + 11) % (VOCAB - 2) for i in range(64)]
 LENGTH = {"mistral": 16}
 # Also written as a GGUF file beside the directory (tests/fixtures/arch/NAME.gguf).
-GGUF = {"qwen3", "smollm3"}
-# Converted as llama.cpp's LlamaModel converts: q/k rows permuted (Qwen's are not).
-PERMUTED = {"smollm3"}
+GGUF = {"qwen3", "smollm3", "mistral", "phi3"}
+# Converted as llama.cpp's LlamaModel converts: q/k rows permuted (Qwen's and Phi-3's are not).
+PERMUTED = {"smollm3", "mistral"}
+# With a SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`), as Mistral 7B's and
+# Phi-3's GGUFs have; the others get a byte-level BPE list.
+SENTENCEPIECE = {"mistral", "phi3"}
 
 
 def tokenizer(directory: pathlib.Path) -> None:
@@ -181,14 +188,74 @@ def llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(name: str, model, config) -> None:
-    """The model as llama.cpp's converter writes it (tensor names from the gguf package's own
-    map, f16 weights: exact for bf16 values), with a byte-level BPE token list of the same size."""
+def sentencepiece_vocabulary(writer) -> None:
+    """A SentencePiece vocabulary of VOCAB pieces: <unk>, <s>, </s>, then pieces from which
+    "▁t0".."▁t111" merge ("▁" + "t" → "▁t", "▁t" + "1" → "▁t1", ...), scored by id."""
     import gguf
 
-    arch = {"qwen3": gguf.MODEL_ARCH.QWEN3, "smollm3": gguf.MODEL_ARCH.SMOLLM3}[name]
+    pieces = ["<unk>", "<s>", "</s>", "\u2581", "t", *"0123456789", "\u2581t"]
+    pieces += [f"\u2581t{i}" for i in range(VOCAB - len(pieces))]
+    kinds = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([-float(i) for i in range(VOCAB)])
+    writer.add_token_types(kinds + [gguf.TokenType.NORMAL] * (VOCAB - 3))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+
+def byte_level_vocabulary(writer) -> None:
+    """The word-level names, but for three tokens and one merge: a BPE vocabulary needs merges."""
+    import gguf
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    tokens = [f"t{i}" for i in range(VOCAB)]
+    tokens[2:5] = ["a", "b", "ab"]
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.NORMAL] * (VOCAB - 2))
+    writer.add_token_merges(["a b"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+
+
+LLAMA_LOGITS = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+path, ids = sys.argv[1], json.loads(sys.argv[2])
+llm = Llama(model_path=path, logits_all=True, n_ctx=256, verbose=False)
+llm.eval(ids)
+print(json.dumps(np.asarray(llm.scores[: len(ids)]).tolist()))
+"""
+
+
+def llama_cpp_difference(path: pathlib.Path, reference: dict) -> float:
+    """The largest difference between llama.cpp's logits for the GGUF at `path` and
+    transformers' (only with LLAMA_PYTHON naming a Python that has llama-cpp-python)."""
+    import subprocess
+
+    python = os.environ["LLAMA_PYTHON"]
+    done = subprocess.run([python, "-c", LLAMA_LOGITS, str(path), json.dumps(reference["ids"])],
+                          capture_output=True, text=True, check=True)
+    logits = torch.tensor(json.loads(done.stdout))
+    return (logits - torch.tensor(reference["logits"])).abs().max().item()
+
+
+def write_gguf(name: str, model, config) -> pathlib.Path:
+    """The model as llama.cpp's converter writes it (tensor names from the gguf package's own
+    map, f16 weights: exact for bf16 values), with a vocabulary of the same size."""
+    import gguf
+
+    arch = {
+        "qwen3": gguf.MODEL_ARCH.QWEN3,
+        "smollm3": gguf.MODEL_ARCH.SMOLLM3,
+        "mistral": gguf.MODEL_ARCH.LLAMA,  # llama.cpp converts Mistral 7B as a Llama
+        "phi3": gguf.MODEL_ARCH.PHI3,
+    }[name]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    writer = gguf.GGUFWriter(str(OUT / f"{name}.gguf"), gguf.MODEL_ARCH_NAMES[arch])
+    path = OUT / f"{name}.gguf"
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -198,18 +265,15 @@ def write_gguf(name: str, model, config) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    # The word-level names, but for three tokens and one merge: a BPE vocabulary needs merges.
-    tokens = [f"t{i}" for i in range(VOCAB)]
-    tokens[2:5] = ["a", "b", "ab"]
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.NORMAL] * (VOCAB - 2))
-    writer.add_token_merges(["a b"])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
+    if name == "phi3":
+        writer.add_sliding_window(config.sliding_window)
+    if name in SENTENCEPIECE:
+        sentencepiece_vocabulary(writer)
+    else:
+        byte_level_vocabulary(writer)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -217,11 +281,14 @@ def write_gguf(name: str, model, config) -> None:
         if name in PERMUTED and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             tensor = llama_cpp_permute(tensor, heads)
-        writer.add_tensor(mapped, tensor.to(torch.float16).numpy())
+        # As llama.cpp's converter: matrices in f16, vectors (norms, biases) in f32.
+        dtype = torch.float16 if tensor.dim() > 1 else torch.float32
+        writer.add_tensor(mapped, tensor.to(dtype).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
 
 
 def make(name: str, cls, config) -> None:
@@ -250,7 +317,9 @@ def make(name: str, cls, config) -> None:
     }
     (directory / "reference.json").write_text(json.dumps(reference))
     if name in GGUF:
-        write_gguf(name, model, config)
+        path = write_gguf(name, model, config)
+        if os.environ.get("LLAMA_PYTHON"):
+            print(f"{name}.gguf: llama.cpp within {llama_cpp_difference(path, reference):.2e}")
     shards = sorted(p.name for p in directory.glob("*.safetensors"))
     print(f"{name}: {len(shards)} weight files, logits {tuple(logits.shape)}")
 

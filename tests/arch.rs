@@ -78,19 +78,23 @@ fn a_saved_model_directory_is_the_same_model() {
     }
 }
 
-/// GGUFs as llama.cpp's converter writes them give transformers' logits too: Qwen3's (head
-/// norms, q/k as they are) and SmolLM3's (q/k permuted, its unrotated layers implied).
+/// GGUFs as llama.cpp's converter writes them (llama.cpp reads each within 7e-4 of
+/// transformers' logits) give transformers' logits in tsq too: Qwen3's (head norms, q/k as they
+/// are), SmolLM3's (q/k permuted, its unrotated layers implied), Mistral's (converted as a Llama,
+/// with a SentencePiece vocabulary) and Phi-3's (q|k|v and gate|up fused, not permuted).
 #[test]
-fn qwen3_and_smollm3_ggufs_match_transformers() {
-    for name in ["qwen3", "smollm3"] {
+fn ggufs_match_transformers() {
+    for name in ["qwen3", "smollm3", "mistral", "phi3"] {
         let (_, reference) = fixture(name);
         let gguf = repo().join(format!("tests/fixtures/arch/{name}.gguf"));
         let model = Model::load(&gguf, DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(
-            model.tokenizer.encode("ab").unwrap(),
-            [4],
-            "{name}: its one merge"
-        );
+        let (text, ids): (&str, &[u32]) = match name {
+            // SentencePiece: BOS, then "▁" + "t" + "1" + "7" merged into "▁t17" (id 33).
+            "mistral" | "phi3" => ("t17", &[1, 33]),
+            // Byte-level BPE: its one merge.
+            _ => ("ab", &[4]),
+        };
+        assert_eq!(model.tokenizer.encode(text).unwrap(), ids, "{name}");
         let diff = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
         assert!(diff < TOLERANCE, "{name}: logits differ by {diff}");
     }

@@ -67,10 +67,21 @@ fn greedy_chat_answer_names_paris_without_a_double_bos() {
     };
     let out = generate(model, &[ids], &opts).unwrap();
     assert!(out[0].text.contains("Paris"), "{:?}", out[0].text);
-    assert!(matches!(
-        out[0].finish_reason,
-        FinishReason::Eos | FinishReason::Length
-    ));
+    // The end token is kept beside the text (training appends it), never inside it.
+    match out[0].finish_reason {
+        FinishReason::Eos => {
+            let eos = out[0].eos_token.expect("the token that ended it");
+            assert!(model.tokenizer.eos_ids.contains(&eos));
+        }
+        FinishReason::Length => assert_eq!(out[0].eos_token, None),
+        FinishReason::Stop => panic!("no stop strings were given"),
+    }
+    assert!(
+        !out[0]
+            .token_ids
+            .iter()
+            .any(|t| model.tokenizer.eos_ids.contains(t))
+    );
 }
 
 /// Samples of one prompt share its prefill and finished sequences leave the batch, yet every

@@ -111,7 +111,7 @@ fn rollouts(
 
 /// The step's training batch: each completion as the trainer takes it, after its prompt,
 /// weighted by its leave-one-out advantage under a random ±1 reward, over the batch.
-fn weighted_batch(policy: &Model, prompts: &[Vec<u32>], generations: &[Generation]) -> TokenBatch {
+fn weighted_batch(prompts: &[Vec<u32>], generations: &[Generation]) -> TokenBatch {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let rewards: Vec<Vec<f64>> = generations
         .chunks(SAMPLES)
@@ -125,7 +125,7 @@ fn weighted_batch(policy: &Model, prompts: &[Vec<u32>], generations: &[Generatio
     let n = generations.len() as f64;
     let (ids, weights) = prompts
         .iter()
-        .zip(as_trained(policy, generations))
+        .zip(as_trained(generations))
         .zip(adv.into_iter().flatten())
         .map(|((prompt, completion), a)| weighted(prompt, &completion, uniform(&completion, a / n)))
         .unzip();
@@ -322,7 +322,7 @@ pub fn run(
     rollouts(&policy, &prompts[..SAMPLES], false, 0)?;
     let (forced_s, _) = rollouts(&policy, &prompts, true, 0)?;
     let (natural_s, generations) = rollouts(&policy, &prompts, false, 1)?;
-    let batch = weighted_batch(&policy, &prompts, &generations);
+    let batch = weighted_batch(&prompts, &generations);
     let useful: usize = batch
         .weights
         .iter()

@@ -61,11 +61,6 @@ pub enum ConfigError {
          supported)"
     )]
     PartialRotary(f64),
-    #[error(
-        "`{0}` GGUFs are not read (their q|k|v and gate|up are fused); load the model's HF \
-         directory instead"
-    )]
-    FusedGguf(String),
     #[error("`{field}` is {value}; expected 1 to {max}")]
     SizeOutOfRange {
         field: &'static str,

@@ -75,6 +75,10 @@ pub struct Generation {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
+    /// The end-of-sequence token the model chose, when `finish_reason` is `Eos` (a model may
+    /// have several; it is not in `token_ids`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eos_token: Option<u32>,
     /// Mean entropy (nats) of the model's next-token distribution over the steps it decoded,
     /// when asked for (`track_entropy`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -126,6 +130,8 @@ pub(super) struct Sequence {
     pub(super) tokens: Vec<u32>,
     pub(super) rng: ChaCha8Rng,
     pub(super) done: Option<FinishReason>,
+    /// The end-of-sequence token that finished it, if one did.
+    pub(super) eos_token: Option<u32>,
     pub(super) text: String,
     /// Σ over decoding steps of the model's entropy there, and the number of steps.
     pub(super) entropy: (f64, usize),
@@ -144,6 +150,7 @@ impl Sequence {
                 seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             ),
             done: None,
+            eos_token: None,
             text: String::new(),
             entropy: (0.0, 0),
             logprobs: Vec::new(),
@@ -202,6 +209,7 @@ impl Sequence {
             text: self.text,
             token_ids: self.tokens,
             finish_reason: self.done.unwrap_or(FinishReason::Length),
+            eos_token: self.eos_token,
             entropy: opts
                 .track_entropy
                 .then(|| self.entropy.0 / self.entropy.1.max(1) as f64),
@@ -430,6 +438,7 @@ fn advance(
 ) -> Result<()> {
     if !opts.ignore_eos && model.tokenizer.eos_ids.contains(&token) {
         seq.done = Some(FinishReason::Eos);
+        seq.eos_token = Some(token);
         return Ok(());
     }
     seq.tokens.push(token);

@@ -46,6 +46,11 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
             .map_err(|e| ModelError::load(path, format!("tensor `{gguf_name}`: {e}")))?;
         Ok(q.dequantize(&Device::Cpu)?)
     };
+    // Phi-3's long-context scaling (`longrope`), as llama.cpp's converter stores it.
+    if content.tensor_infos.contains_key(LONGROPE_FACTORS) {
+        let refused = ConfigError::UnsupportedGgufRopeScaling("longrope".into());
+        return Err(ModelError::config(path, refused));
+    }
     // Llama 3.1+'s rope scaling, as llama.cpp's converter stores it: one divisor per frequency.
     if content.tensor_infos.contains_key(ROPE_FREQS) {
         let divisors = read(ROPE_FREQS)?.flatten_all()?.to_vec1::<f32>()?;
@@ -54,7 +59,7 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
     }
     let mut tensors = BTreeMap::new();
     for gguf_name in content.tensor_infos.keys() {
-        let Some(name) = canonical_name(gguf_name) else {
+        let Some(name) = canonical_name(gguf_name, config.architecture) else {
             continue;
         };
         let mut t = read(gguf_name)?;
@@ -63,6 +68,8 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
         }
         tensors.insert(name, t.to_dtype(dtype)?.to_device(device)?);
     }
+    super::hf::unfuse(&config, &mut tensors, gguf_name)
+        .map_err(|e| ModelError::load(path, e.to_string()))?;
     Ok(GgufModel {
         config,
         tensors,
@@ -73,44 +80,74 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
 /// The tensor of per-frequency rope divisors (Llama 3.1+ in llama.cpp's converter).
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
+/// One of the two tensors of Phi-3's `longrope` factors in llama.cpp's converter.
+const LONGROPE_FACTORS: &str = "rope_factors_long.weight";
+
+/// Whole-model tensors: llama.cpp's name, canonical name.
+const FIXED_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "embed.weight"),
+    ("output_norm.weight", "norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Modules of a layer (`blk.N.<module>.weight`): llama.cpp's name, canonical name.
+const LAYER_MODULES: [(&str, &str); 12] = [
+    ("attn_q", "attn.q_proj"),
+    ("attn_k", "attn.k_proj"),
+    ("attn_v", "attn.v_proj"),
+    ("attn_qkv", "attn.qkv_proj"),
+    ("attn_output", "attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_q_norm", "attn.q_norm"),
+    ("attn_k_norm", "attn.k_norm"),
+    ("attn_norm", "attn_norm"),
+    ("ffn_norm", "mlp_norm"),
+];
+
 /// GGUF tensor name → canonical name (`blk.3.ffn_up.weight` → `layers.3.mlp.up_proj.weight`).
-pub fn canonical_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("embed.weight"),
-        "output_norm.weight" => Some("norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
+/// Phi-3's `ffn_up` holds gate and up stacked (`mlp.gate_up_proj`), split after loading.
+pub fn canonical_name(gguf: &str, architecture: Architecture) -> Option<String> {
+    if let Some((_, name)) = FIXED_NAMES.iter().find(|(g, _)| *g == gguf) {
         return Some(name.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, suffix) = rest.rsplit_once('.')?;
-    let module = match module {
-        "attn_q" => "attn.q_proj",
-        "attn_k" => "attn.k_proj",
-        "attn_v" => "attn.v_proj",
-        "attn_output" => "attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_q_norm" => "attn.q_norm",
-        "attn_k_norm" => "attn.k_norm",
-        "attn_norm" => "attn_norm",
-        "ffn_norm" => "mlp_norm",
-        _ => return None,
+    let module = match (module, architecture) {
+        ("ffn_up", Architecture::Phi3) => "mlp.gate_up_proj",
+        _ => LAYER_MODULES.iter().find(|(g, _)| *g == module)?.1,
     };
     Some(format!("layers.{layer}.{module}.{suffix}"))
+}
+
+/// Canonical name → llama.cpp's name (inverse of [`canonical_name`]), for messages.
+fn gguf_name(canonical: &str) -> String {
+    if let Some((name, _)) = FIXED_NAMES.iter().find(|(_, c)| *c == canonical) {
+        return name.to_string();
+    }
+    let renamed = canonical
+        .strip_prefix("layers.")
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(layer, rest)| {
+            let (module, suffix) = rest.rsplit_once('.')?;
+            let module = match module {
+                "mlp.gate_up_proj" => "ffn_up",
+                _ => LAYER_MODULES.iter().find(|(_, c)| *c == module)?.0,
+            };
+            Some(format!("blk.{layer}.{module}.{suffix}"))
+        });
+    renamed.unwrap_or_else(|| canonical.to_string())
 }
 
 /// How many heads a permuted tensor was split into, for q and k weights and biases.
 fn permuted_heads(name: &str, config: &ModelConfig) -> Option<usize> {
     if matches!(
         config.architecture,
-        Architecture::Qwen2 | Architecture::Qwen3
+        Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Phi3
     ) {
-        return None; // llama.cpp does not permute Qwen2's or Qwen3's q/k.
+        return None; // llama.cpp does not permute Qwen2's, Qwen3's or Phi-3's q/k.
     }
     if name.contains(".attn.q_proj.") {
         Some(config.num_heads)
@@ -186,10 +223,6 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
     let arch_name = meta_str(path, md, "general.architecture")?;
     let architecture = Architecture::parse(arch_name)
         .ok_or_else(|| ModelError::config(path, ConfigError::Unsupported(arch_name.to_string())))?;
-    if architecture == Architecture::Phi3 {
-        let refused = ConfigError::FusedGguf(arch_name.to_string());
-        return Err(ModelError::config(path, refused));
-    }
     let key = |k: &str| format!("{arch_name}.{k}");
     let hidden_size = meta_usize(path, md, &key("embedding_length"))?;
     let num_heads = meta_usize(path, md, &key("attention.head_count"))?;
@@ -218,10 +251,20 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
         max_position_embeddings: meta_usize(path, md, &key("context_length"))?,
         tie_word_embeddings: true, // corrected by the loader when `output.weight` exists
         rope_scaling: None,        // set by the loader from `rope_freqs.weight` if present
-        sliding_window: meta_usize(path, md, &key("attention.sliding_window")).ok(),
+        // Phi-4's converter writes 0 for "no window".
+        sliding_window: meta_usize(path, md, &key("attention.sliding_window"))
+            .ok()
+            .filter(|&w| w > 0),
         // llama.cpp keeps no list in its GGUFs: SmolLM3's every fourth layer is implied.
         layers_without_rope: ModelConfig::default_layers_without_rope(architecture, num_layers),
     };
+    let head_dim = config.head_dim;
+    if let Ok(rotated) = meta_usize(path, md, &key("rope.dimension_count"))
+        && rotated != head_dim
+    {
+        let refused = ConfigError::PartialRotary(rotated as f64 / head_dim as f64);
+        return Err(ModelError::config(path, refused));
+    }
     // Older converters describe other scalings in metadata; tsq does not compute them.
     if let Ok(kind) = meta_str(path, md, &key("rope.scaling.type"))
         && !matches!(kind, "none" | "llama3")
@@ -271,9 +314,9 @@ mod tests {
         assert!(crate::model::read_config(&gguf_with(dir.path(), &[])).is_ok());
         let cases: [(&str, Value, &str); 8] = [
             (
-                "general.architecture",
-                Value::String("phi3".into()),
-                "`phi3` GGUFs are not read",
+                "llama.rope.dimension_count",
+                Value::U32(12),
+                "`partial_rotary_factor` is 0.75",
             ),
             (
                 "llama.rope.scaling.type",
@@ -314,20 +357,63 @@ mod tests {
     }
 
     #[test]
+    fn longrope_factors_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = gguf_with(dir.path(), &[]);
+        let (content, _) = read_header(&path).unwrap();
+        let metadata: Vec<(&str, &Value)> = content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let factors = candle_core::Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
+        let factors = candle_core::quantized::QTensor::quantize(
+            &factors,
+            candle_core::quantized::GgmlDType::F32,
+        )
+        .unwrap();
+        let mut file = File::create(&path).unwrap();
+        let tensors = [(LONGROPE_FACTORS, &factors)];
+        candle_core::quantized::gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+        let err = load(&path, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("GGUF rope scaling `longrope` is not supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn canonical_names() {
-        assert_eq!(
-            canonical_name("blk.12.ffn_up.weight").as_deref(),
-            Some("layers.12.mlp.up_proj.weight")
-        );
-        assert_eq!(
-            canonical_name("blk.0.attn_q.bias").as_deref(),
-            Some("layers.0.attn.q_proj.bias")
-        );
-        assert_eq!(
-            canonical_name("token_embd.weight").as_deref(),
-            Some("embed.weight")
-        );
-        assert_eq!(canonical_name("rope_freqs.weight"), None);
+        let llama = Architecture::Llama;
+        for (gguf, canonical, architecture) in [
+            (
+                "blk.12.ffn_up.weight",
+                "layers.12.mlp.up_proj.weight",
+                llama,
+            ),
+            ("blk.0.attn_q.bias", "layers.0.attn.q_proj.bias", llama),
+            ("token_embd.weight", "embed.weight", llama),
+            (
+                "blk.1.ffn_up.weight",
+                "layers.1.mlp.gate_up_proj.weight",
+                Architecture::Phi3,
+            ),
+            (
+                "blk.1.attn_qkv.weight",
+                "layers.1.attn.qkv_proj.weight",
+                Architecture::Phi3,
+            ),
+        ] {
+            assert_eq!(
+                canonical_name(gguf, architecture).as_deref(),
+                Some(canonical)
+            );
+            assert_eq!(gguf_name(canonical), gguf);
+        }
+        assert_eq!(canonical_name("rope_freqs.weight", llama), None);
     }
 
     #[test]

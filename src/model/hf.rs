@@ -131,8 +131,13 @@ fn fused_projections(config: &ModelConfig) -> [(&'static str, Vec<(&'static str,
 }
 
 /// Splits every fused projection (weight and bias) among `tensors` into its parts, which is
-/// what the engines read; a fused matrix whose rows do not add up is an error naming it.
-pub fn unfuse(config: &ModelConfig, tensors: &mut BTreeMap<String, Tensor>) -> Result<()> {
+/// what the engines read; a fused matrix whose rows do not add up is an error naming it as the
+/// file does (`file_name` of its canonical name).
+pub fn unfuse(
+    config: &ModelConfig,
+    tensors: &mut BTreeMap<String, Tensor>,
+    file_name: fn(&str) -> String,
+) -> Result<()> {
     for layer in 0..config.num_layers {
         for (fused, parts) in fused_projections(config) {
             for kind in ["weight", "bias"] {
@@ -144,7 +149,7 @@ pub fn unfuse(config: &ModelConfig, tensors: &mut BTreeMap<String, Tensor>) -> R
                 if whole.dim(0)? != want {
                     return Err(ModelError::Input(format!(
                         "`{}` has {} rows; the config implies {want}",
-                        hf_name(&name),
+                        file_name(&name),
                         whole.dim(0)?
                     )));
                 }
@@ -184,6 +189,21 @@ pub fn tokenizer_config(dir: &Path) -> Option<Value> {
     let path = dir.join("tokenizer_config.json");
     serde_json::from_str(&crate::fsutil::read_bounded(&path, crate::fsutil::MAX_TEXT_BYTES).ok()?)
         .ok()
+}
+
+/// The ids that end generation in `generation_config.json` (`eos_token_id`, one or a list:
+/// instruction-tuned Llama 3 and Phi-3 end a turn with a token other than the tokenizer's EOS).
+pub fn generation_eos_ids(dir: &Path) -> Vec<u32> {
+    let path = dir.join("generation_config.json");
+    let config: Option<Value> = crate::fsutil::read_bounded(&path, crate::fsutil::MAX_TEXT_BYTES)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok());
+    let id = |v: &Value| v.as_u64().and_then(|i| u32::try_from(i).ok());
+    match config.as_ref().and_then(|c| c.get("eos_token_id")) {
+        Some(Value::Array(ids)) => ids.iter().filter_map(id).collect(),
+        Some(one) => id(one).into_iter().collect(),
+        None => Vec::new(),
+    }
 }
 
 /// A special token's text from `tokenizer_config.json` (plain string or `{content: ...}`).
@@ -240,6 +260,10 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
         config["no_rope_layers"] = flags.into();
     }
     write_json(&dir.join("config.json"), &config)?;
+    let generation = serde_json::json!({
+        "bos_token_id": model.tokenizer.bos_id, "eos_token_id": model.tokenizer.eos_ids,
+    });
+    write_json(&dir.join("generation_config.json"), &generation)?;
     let mut tensors = tf.tensors()?;
     if c.architecture == super::config::Architecture::Phi3 {
         fuse(c, &mut tensors)?;
@@ -418,6 +442,26 @@ mod tests {
     /// Fused projections split into their parts and back; rows that do not add up are an
     /// error naming the checkpoint's tensor.
     #[test]
+    fn generation_config_names_the_end_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(generation_eos_ids(dir.path()).is_empty());
+        let file = dir.path().join("generation_config.json");
+        for (text, ids) in [
+            (r#"{"eos_token_id": 7}"#, vec![7]),
+            (
+                r#"{"eos_token_id": [32000, 32001, 32007]}"#,
+                vec![32000, 32001, 32007],
+            ),
+            (r#"{"eos_token_id": [-1, 5]}"#, vec![5]),
+            (r#"{"bos_token_id": 1}"#, vec![]),
+            ("not json", vec![]),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            assert_eq!(generation_eos_ids(dir.path()), ids, "{text}");
+        }
+    }
+
+    #[test]
     fn fused_projections_split_and_join_again() {
         let config = tiny_config(Architecture::Phi3);
         let weights = random_weights(&config, 4, &Device::Cpu);
@@ -426,7 +470,7 @@ mod tests {
         assert!(fused.contains_key("layers.1.attn.qkv_proj.weight"));
         assert!(!fused.contains_key("layers.1.mlp.up_proj.weight"));
         let mut split = fused.clone();
-        unfuse(&config, &mut split).unwrap();
+        unfuse(&config, &mut split, hf_name).unwrap();
         assert_eq!(
             split.keys().collect::<Vec<_>>(),
             weights.keys().collect::<Vec<_>>()
@@ -445,7 +489,9 @@ mod tests {
             .narrow(0, 1, fused[qkv].dim(0).unwrap() - 1)
             .unwrap();
         fused.insert(qkv.into(), short);
-        let err = unfuse(&config, &mut fused).unwrap_err().to_string();
+        let err = unfuse(&config, &mut fused, hf_name)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("model.layers.0.self_attn.qkv_proj.weight"),
             "{err}"

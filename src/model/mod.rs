@@ -192,7 +192,7 @@ impl Model {
     fn load_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = hf::read_config(dir)?;
         let mut tensors = hf::load_tensors(dir, dtype, device)?;
-        hf::unfuse(&config, &mut tensors)?;
+        hf::unfuse(&config, &mut tensors, hf::hf_name)?;
         let tok_config = hf::tokenizer_config(dir).unwrap_or_default();
         let bos = hf::special_token(&tok_config, "bos_token");
         let eos = hf::special_token(&tok_config, "eos_token");
@@ -202,11 +202,8 @@ impl Model {
             .unwrap_or(false);
         let mut tokenizer = Tokenizer::in_directory(dir)?;
         tokenizer.bos_id = bos.as_deref().and_then(|t| tokenizer.token_id(t));
-        tokenizer.eos_ids = eos
-            .as_deref()
-            .and_then(|t| tokenizer.token_id(t))
-            .into_iter()
-            .collect();
+        let eos_id = eos.as_deref().and_then(|t| tokenizer.token_id(t));
+        tokenizer.set_eos_ids(eos_id.into_iter().chain(hf::generation_eos_ids(dir)));
         tokenizer.add_bos = add_bos;
         let chat = tok_config
             .get("chat_template")

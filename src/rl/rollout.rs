@@ -103,15 +103,12 @@ struct Judged {
 }
 
 /// Each completion as trained: its tokens, and EOS when the model chose to stop.
-pub(crate) fn as_trained(model: &Model, generations: &[Generation]) -> Vec<Vec<u32>> {
-    let eos = model.tokenizer.eos_ids.first().copied();
+pub(crate) fn as_trained(generations: &[Generation]) -> Vec<Vec<u32>> {
     generations
         .iter()
         .map(|g| {
             let mut ids = g.token_ids.clone();
-            if let (FinishReason::Eos, Some(eos)) = (g.finish_reason, eos) {
-                ids.push(eos);
-            }
+            ids.extend(g.eos_token);
             ids
         })
         .collect()
@@ -206,7 +203,7 @@ impl Rollouts<'_> {
         let generations =
             generate(policy, &prompts, &opts).map_err(|e| TaskError::new("generating", e))?;
         let judged = self.judge(items, &generations)?;
-        let completions = as_trained(policy, &generations);
+        let completions = as_trained(&generations);
         let penalty = (spec.kl > 0.0)
             .then(|| self.kl_penalty(policy, &group_prompts, &completions))
             .transpose()?;

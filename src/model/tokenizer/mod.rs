@@ -211,7 +211,9 @@ impl Tokenizer {
         };
         let mut tokenizer = Self::from_spec(path, &spec)?;
         tokenizer.bos_id = id(md, "tokenizer.ggml.bos_token_id");
-        tokenizer.eos_ids = id(md, "tokenizer.ggml.eos_token_id").into_iter().collect();
+        // llama.cpp ends generation at any of these (Llama 3's <|eot_id|>, Phi-3's <|end|>).
+        let ends = ["eos", "eot", "eom"].map(|k| id(md, &format!("tokenizer.ggml.{k}_token_id")));
+        tokenizer.set_eos_ids(ends.into_iter().flatten());
         // llama.cpp's default: SentencePiece vocabularies start with BOS, byte-level ones do not.
         tokenizer.add_bos = md
             .get("tokenizer.ggml.add_bos_token")
@@ -255,6 +257,17 @@ impl Tokenizer {
             eos_ids: Vec::new(),
             add_bos: false,
         })
+    }
+
+    /// Sets the ids that end generation: `ids` in order, each once. The first is the EOS that
+    /// pads batches and that exports name.
+    pub fn set_eos_ids(&mut self, ids: impl IntoIterator<Item = u32>) {
+        self.eos_ids.clear();
+        for id in ids {
+            if !self.eos_ids.contains(&id) {
+                self.eos_ids.push(id);
+            }
+        }
     }
 
     /// Token ids of `text`, special tokens recognised, with one BOS in front if the model wants it

@@ -542,6 +542,15 @@ mod tests {
     }
 
     #[test]
+    fn every_end_token_ends_generation_once() {
+        let mut md = gguf_metadata(&small_vocabulary());
+        md.insert("tokenizer.ggml.eot_token_id".into(), Value::U32(270));
+        md.insert("tokenizer.ggml.eom_token_id".into(), Value::U32(2));
+        let tok = Tokenizer::from_gguf(Path::new("model.gguf"), &md).unwrap();
+        assert_eq!(tok.eos_ids, [2, 270]);
+    }
+
+    #[test]
     fn models_tsq_would_tokenize_differently_are_refused() {
         let pieces = small_vocabulary();
         type Fields<'a> = &'a [(u64, u64)];
