@@ -175,7 +175,11 @@ fn logprobs_json(
     endpoint: Endpoint,
     offset: usize,
 ) -> Value {
-    let text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+    let text = |id: u32| {
+        tokenizer
+            .decode_continuation(&[id], false)
+            .unwrap_or_default()
+    };
     match endpoint {
         Endpoint::Chat => {
             let entry = |id: u32, logprob: f32| {

@@ -130,19 +130,38 @@ fn byte_level_spec(path: &Path, md: &HashMap<String, Value>) -> Result<Json> {
 }
 
 /// `spec` without the "▁" that SentencePiece-style tokenizers put in front of text (a
-/// `Prepend` normalizer, or a `Metaspace` pre-tokenizer that prepends), if it puts one there.
+/// `Prepend` normalizer, or a `Metaspace` pre-tokenizer that prepends), if it puts one there;
+/// its decoder then keeps the space that it strips from the front of a whole text.
 fn without_dummy_prefix(spec: &Json) -> Option<Json> {
-    let mut normalizer = spec.get("normalizer").cloned().unwrap_or(Json::Null);
-    let mut pre_tokenizer = spec.get("pre_tokenizer").cloned().unwrap_or(Json::Null);
+    let part = |key: &str| spec.get(key).cloned().unwrap_or(Json::Null);
+    let (mut normalizer, mut pre_tokenizer) = (part("normalizer"), part("pre_tokenizer"));
     let dropped = drop_prepend(&mut normalizer);
     let never = never_prepend(&mut pre_tokenizer);
     if !(dropped || never) {
         return None;
     }
+    let mut decoder = part("decoder");
+    if !drop_leading_strip(&mut decoder) {
+        never_prepend(&mut decoder);
+    }
     let mut spec = spec.clone();
     spec["normalizer"] = normalizer;
     spec["pre_tokenizer"] = pre_tokenizer;
+    spec["decoder"] = decoder;
     Some(spec)
+}
+
+/// Removes a decoder sequence's `Strip` of leading spaces; whether there was one.
+fn drop_leading_strip(decoder: &mut Json) -> bool {
+    let Some(list) = decoder.get_mut("decoders").and_then(Json::as_array_mut) else {
+        return false;
+    };
+    let before = list.len();
+    list.retain(|d| {
+        let strips_front = d.get("start").and_then(Json::as_u64).is_some_and(|n| n > 0);
+        !(d.get("type").and_then(Json::as_str) == Some("Strip") && strips_front)
+    });
+    list.len() != before
 }
 
 /// Removes `Prepend` from a normalizer (alone or in a sequence); whether there was one.
@@ -286,6 +305,15 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Text of `ids` as it follows other text (a SentencePiece word's space kept in front):
+    /// what each generated token adds. Special tokens are kept when `keep_special`.
+    pub fn decode_continuation(&self, ids: &[u32], keep_special: bool) -> Result<String> {
+        let tokenizer = self.continuation.as_ref().unwrap_or(&self.inner);
+        tokenizer
+            .decode(ids, !keep_special)
+            .map_err(|e| ModelError::Input(format!("cannot decode: {e}")))
+    }
+
     /// Token ids of `text` as they follow other text: without BOS, and without the space that
     /// SentencePiece tokenizers put in front of text (" Paris" after a prompt is "▁Paris", not
     /// "▁", "▁Paris"), which is how the tokens stand when the model generates the text itself.
@@ -360,7 +388,14 @@ mod tests {
                 "{pre_tokenizer}"
             );
             assert_eq!(tok.encode_continuation("world").unwrap(), [264, 277, 282]);
+            assert_eq!(tok.decode(&[279], false).unwrap(), "world");
+            assert_eq!(tok.decode_continuation(&[279], false).unwrap(), " world");
         }
+        // A `Metaspace` decoder strips the front space as the sequence's `Strip` does.
+        spec["decoder"] = metaspace.clone();
+        let tok = Tokenizer::from_spec(Path::new("tokenizer.json"), &spec).unwrap();
+        assert_eq!(tok.decode(&[279], false).unwrap(), "world");
+        assert_eq!(tok.decode_continuation(&[279], false).unwrap(), " world");
         // Byte-level BPE puts nothing in front: one tokenizer serves both.
         spec["pre_tokenizer"] = byte_level(true);
         assert!(without_dummy_prefix(&spec).is_none());
