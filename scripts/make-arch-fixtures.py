@@ -32,6 +32,10 @@ import sys
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -137,6 +141,42 @@ MODELS = {
             rope_theta=10000.0,
             tie_word_embeddings=False,
             sliding_window=128,
+            pad_token_id=None,
+        ),
+    ),
+    # Gemma 2: √hidden embeddings, (1 + w) norms, norms after attention and MLP, GELU, an
+    # attention scale of its own (24 against heads of 16), soft caps low enough to bite on
+    # these weights, sliding-window layers (every other; the window holds the sequence).
+    "gemma2": (
+        Gemma2ForCausalLM,
+        Gemma2Config(
+            **COMMON,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+            sliding_window=64,
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+            pad_token_id=None,
+        ),
+    ),
+    # Gemma 3 (text): Gemma 2's shape without soft caps, with per-head q/k norms and its
+    # sliding-window layers rotating with a base of their own, the global ones scaled (linear, 8,
+    # as Gemma 3 4B and larger).
+    "gemma3": (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig(
+            **COMMON,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=64,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            },
+            tie_word_embeddings=True,
             pad_token_id=None,
         ),
     ),

@@ -51,7 +51,8 @@ const TOLERANCE: f32 = 1e-4;
 #[test]
 fn each_architecture_matches_transformers() {
     for name in [
-        "llama3", "qwen2", "qwen3", "smollm3", "mistral", "yarn", "linear", "phi3",
+        "llama3", "qwen2", "qwen3", "smollm3", "mistral", "yarn", "linear", "phi3", "gemma2",
+        "gemma3",
     ] {
         let (dir, reference) = fixture(name);
         let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
@@ -66,7 +67,9 @@ fn each_architecture_matches_transformers() {
 /// rope scaling included, and the logits.
 #[test]
 fn a_saved_model_directory_is_the_same_model() {
-    for name in ["llama3", "yarn", "linear", "qwen3", "smollm3", "phi3"] {
+    for name in [
+        "llama3", "yarn", "linear", "qwen3", "smollm3", "phi3", "gemma2", "gemma3",
+    ] {
         let (dir, reference) = fixture(name);
         let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
         let saved = tempfile::tempdir().unwrap();
@@ -103,7 +106,7 @@ fn ggufs_match_transformers() {
 /// The features that set a family apart change the numbers: without them the same weights
 /// give other logits, so the agreement above is not vacuous.
 #[test]
-fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
+fn each_familys_features_make_the_difference() {
     use tsq::model::config::RopeScaling;
     // Each scaling left out, and YaRN without its attention factor.
     type Change = fn(&mut Option<RopeScaling>);
@@ -180,6 +183,28 @@ fn rope_scaling_biases_head_norms_and_nope_layers_make_the_difference() {
         off > 100.0 * TOLERANCE,
         "rotating every layer moves the logits by {off} only"
     );
+
+    // Gemma's settings, each left out: soft caps, its attention scale, the local rotation base.
+    type GemmaChange = fn(&mut tsq::model::config::Gemma);
+    let gemma_changes: [(&str, GemmaChange); 4] = [
+        ("gemma2", |g| g.attn_softcap = None),
+        ("gemma2", |g| g.final_softcap = None),
+        ("gemma2", |g| g.query_pre_attn_scalar = 16.0),
+        ("gemma3", |g| g.local_rope_theta = None),
+    ];
+    for (name, change) in gemma_changes {
+        let (dir, reference) = fixture(name);
+        let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let mut config = model.transformer.config.clone();
+        change(config.gemma.as_mut().unwrap());
+        let tensors = model.transformer.tensors().unwrap();
+        model.transformer = tsq::model::transformer::Transformer::new(config, tensors).unwrap();
+        let off = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+        assert!(
+            off > 100.0 * TOLERANCE,
+            "{name}: changed, the logits move by {off} only"
+        );
+    }
 }
 
 /// A copy of the Qwen3 fixture in `p` whose chat template, like Qwen3's, reads
@@ -269,7 +294,8 @@ fn sequences_past_a_sliding_window_are_refused() {
 /// with RL on a few steps, an evaluation of base and expert; in f32 with the CPU engine; in
 /// bf16, where the CPU computes in f32 from bf16 panels (the CPU engine again) or, without
 /// AVX2 (`TSQ_SIMD=portable`), in bf16 as a GPU run does (the autograd engine); Qwen3 and Phi-3
-/// (its fused matrices split, the SVD targets among them) with the CPU engine.
+/// (its fused matrices split, the SVD targets among them) with the CPU engine; Gemma 3 with the
+/// autograd engine (the CPU engine does not compute Gemma's layers).
 #[test]
 fn a_model_directory_runs_decompose_train_and_evaluate() {
     let packs = tsq_linalg::simd() != tsq_linalg::Simd::Portable;
@@ -279,6 +305,7 @@ fn a_model_directory_runs_decompose_train_and_evaluate() {
         ("qwen2", "bf16", Some("portable"), "autograd (cpu, bf16)"),
         ("qwen3", "f32", None, "backprop (cpu, f32)"),
         ("phi3", "f32", None, "backprop (cpu, f32)"),
+        ("gemma3", "f32", None, "autograd (cpu, f32)"),
     ] {
         if simd.is_none() && dtype == "bf16" && !packs {
             continue; // this CPU computes bf16 as bf16: the portable case covers it

@@ -7,7 +7,11 @@ use serde::{Deserialize, Serialize};
 /// Qwen2 adds biases on q, k and v; Qwen3 instead RMS-normalises each head's query and key
 /// before the rotation (and sets its head size apart from hidden / heads); SmolLM3 leaves the
 /// rotation out of some layers (every fourth as released: "NoPE" layers); Phi-3 stores q|k|v and
-/// gate|up as fused matrices, split at load.
+/// gate|up as fused matrices, split at load. Gemma 2 and 3 differ most ([`Gemma`]): embeddings
+/// scaled by √hidden, RMS norms by (1 + w) (folded into w at load), a norm after attention and
+/// after the MLP too, GELU (tanh) gating, their own attention scale; Gemma 2 soft-caps attention
+/// scores and logits, Gemma 3 normalises q and k per head and rotates its sliding-window layers
+/// with a base of their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
@@ -17,6 +21,9 @@ pub enum Architecture {
     Qwen3,
     SmolLm3,
     Phi3,
+    Gemma2,
+    #[serde(rename = "gemma3_text")]
+    Gemma3,
 }
 
 impl Architecture {
@@ -28,6 +35,8 @@ impl Architecture {
             "qwen3" | "qwen3forcausallm" => Some(Self::Qwen3),
             "smollm3" | "smollm3forcausallm" => Some(Self::SmolLm3),
             "phi3" | "phi3forcausallm" => Some(Self::Phi3),
+            "gemma2" | "gemma2forcausallm" => Some(Self::Gemma2),
+            "gemma3_text" | "gemma3forcausallm" => Some(Self::Gemma3),
             _ => None,
         }
     }
@@ -39,7 +48,12 @@ impl Architecture {
     /// Whether each attention head's query and key pass an RMS norm of their own (weights
     /// `attn.q_norm` / `attn.k_norm`, head_dim long) before the rotation.
     pub fn qk_norm(self) -> bool {
-        self == Self::Qwen3
+        matches!(self, Self::Qwen3 | Self::Gemma3)
+    }
+
+    /// Gemma 2 or 3 (see [`Gemma`]).
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma2 | Self::Gemma3)
     }
 
     /// Every `n`-th layer (counting from 1) without rotary embeddings, where a config does not
@@ -53,7 +67,8 @@ impl Architecture {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, smollm3, phi3)"
+        "unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, smollm3, phi3, \
+         gemma2, gemma3_text)"
     )]
     Unsupported(String),
     #[error(
@@ -87,6 +102,18 @@ pub enum ConfigError {
     BadRopeScaling(String),
     #[error("`no_rope_layers` has {0} flags for {1} layers")]
     BadNoRopeLayers(usize, usize),
+    #[error("`{0}` GGUFs are not read yet: load the model's HF directory")]
+    UnsupportedGguf(String),
+    #[error("`hidden_act` is `{found}`; tsq computes this family's MLP with `{expected}`")]
+    UnsupportedActivation {
+        found: String,
+        expected: &'static str,
+    },
+    #[error("`{field}`: {message}")]
+    BadGemma {
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// How rotary frequencies are rescaled for contexts longer than the model was pretrained on.
@@ -200,6 +227,22 @@ impl Yarn {
     }
 }
 
+/// What Gemma 2 and 3 set apart beyond their architecture (see [`Architecture`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gemma {
+    /// Attention scores are scaled by this^-½ rather than head_dim^-½.
+    pub query_pre_attn_scalar: f64,
+    /// Attention scores pass tanh(x / cap) · cap before the softmax (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// So do the logits (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// Layers (from 0, ascending) with sliding-window attention.
+    pub local_layers: Vec<usize>,
+    /// The rotation base of those layers, unscaled (Gemma 3's `rope_local_base_freq`); `None`:
+    /// the model's own, scaled as the others.
+    pub local_rope_theta: Option<f64>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -222,6 +265,9 @@ pub struct ModelConfig {
     /// Layers (from 0, ascending) whose queries and keys are not rotated (SmolLM3's NoPE).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers_without_rope: Vec<usize>,
+    /// Gemma's settings, for Gemma 2 and 3 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemma: Option<Gemma>,
 }
 
 impl ModelConfig {
@@ -295,6 +341,33 @@ impl ModelConfig {
             .collect()
     }
 
+    /// The rotary inverse frequencies of layers with a base of their own (Gemma 3's
+    /// sliding-window layers; see [`Self::rotates_locally`]), unscaled.
+    pub fn local_inv_freq(&self) -> Option<Vec<f32>> {
+        let theta = self.gemma.as_ref()?.local_rope_theta?;
+        let half = self.head_dim / 2;
+        Some(
+            (0..half)
+                .map(|i| (1.0 / theta.powf(2.0 * i as f64 / self.head_dim as f64)) as f32)
+                .collect(),
+        )
+    }
+
+    /// Whether layer `index` rotates with [`Self::local_inv_freq`].
+    pub fn rotates_locally(&self, index: usize) -> bool {
+        self.gemma
+            .as_ref()
+            .is_some_and(|g| g.local_rope_theta.is_some() && g.local_layers.contains(&index))
+    }
+
+    /// What queries are multiplied by so that attention's head_dim^-½ scale gives the model's
+    /// own (Gemma's query_pre_attn_scalar^-½); `None` where they are the same.
+    pub fn query_multiplier(&self) -> Option<f64> {
+        let scalar = self.gemma.as_ref()?.query_pre_attn_scalar;
+        let multiplier = (self.head_dim as f64 / scalar).sqrt();
+        (multiplier != 1.0).then_some(multiplier)
+    }
+
     /// What cos and sin of the rotation are multiplied by (YaRN's attention factor; else 1).
     pub fn rope_attention_factor(&self) -> f32 {
         match &self.rope_scaling {
@@ -351,6 +424,26 @@ impl ModelConfig {
                 value: layer + 1,
                 max: self.num_layers,
             });
+        }
+        if let Some(g) = &self.gemma {
+            let positive = |v: f64| v.is_finite() && v > 0.0;
+            for (field, value) in [
+                ("query_pre_attn_scalar", Some(g.query_pre_attn_scalar)),
+                ("attn_logit_softcapping", g.attn_softcap),
+                ("final_logit_softcapping", g.final_softcap),
+                ("rope_local_base_freq", g.local_rope_theta),
+            ] {
+                if let Some(value) = value.filter(|v| !positive(*v)) {
+                    return Err(ConfigError::NotPositive { field, value });
+                }
+            }
+            if let Some(&layer) = g.local_layers.iter().find(|&&l| l >= self.num_layers) {
+                return Err(ConfigError::SizeOutOfRange {
+                    field: "layer_types",
+                    value: layer + 1,
+                    max: self.num_layers,
+                });
+            }
         }
         if self.sliding_window == Some(0) {
             return Err(ConfigError::SizeOutOfRange {
@@ -442,6 +535,24 @@ pub struct HfConfig {
     /// `rope_parameters`): tsq rotates whole heads.
     #[serde(default)]
     pub partial_rotary_factor: Option<f64>,
+    /// The MLP's gate activation (`hidden_act`, or Gemma's `hidden_activation`).
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
+    /// Gemma's attention scale, soft caps, layer kinds and local rotation base.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    #[serde(default)]
+    pub rope_local_base_freq: Option<f64>,
 }
 
 /// The RoPE base when a config gives none (transformers' default too).
@@ -469,6 +580,19 @@ impl HfConfig {
         if let Some(fraction) = partial_rotary.filter(|f| *f != 1.0) {
             return Err(ConfigError::PartialRotary(fraction));
         }
+        let expected = if architecture.is_gemma() {
+            "gelu_pytorch_tanh"
+        } else {
+            "silu"
+        };
+        if let Some(found) = (self.hidden_activation.as_ref().or(self.hidden_act.as_ref()))
+            .filter(|a| a.as_str() != expected)
+        {
+            return Err(ConfigError::UnsupportedActivation {
+                found: found.clone(),
+                expected,
+            });
+        }
         let config = ModelConfig {
             architecture,
             hidden_size: self.hidden_size,
@@ -482,7 +606,7 @@ impl HfConfig {
             vocab_size: self.vocab_size,
             rope_theta: self
                 .rope_theta
-                .or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
+                .or_else(|| self.global_rope_parameters()?.get("rope_theta")?.as_f64())
                 .unwrap_or(DEFAULT_ROPE_THETA),
             rms_norm_eps: self.rms_norm_eps,
             max_position_embeddings: self.max_position_embeddings,
@@ -503,6 +627,10 @@ impl HfConfig {
                     .collect(),
                 _ => ModelConfig::default_layers_without_rope(architecture, self.num_hidden_layers),
             },
+            gemma: match architecture.is_gemma() {
+                true => Some(self.gemma(architecture)?),
+                false => None,
+            },
         };
         if let Some(flags) = &self.no_rope_layers
             && architecture == Architecture::SmolLm3
@@ -520,10 +648,9 @@ impl HfConfig {
     /// HF `rope_scaling` (or transformers 5's `rope_parameters`): absent, null or `default`
     /// for none; its type under `rope_type` (or the older `type`).
     fn resolved_rope_scaling(&self) -> Result<Option<RopeScaling>, ConfigError> {
-        let Some(scaling) = [&self.rope_scaling, &self.rope_parameters]
-            .into_iter()
-            .flatten()
-            .find(|v| !v.is_null())
+        let Some(scaling) = (self.rope_scaling.as_ref())
+            .filter(|v| !v.is_null())
+            .or_else(|| self.global_rope_parameters())
         else {
             return Ok(None);
         };
@@ -554,6 +681,80 @@ impl HfConfig {
             "yarn" => Ok(Some(RopeScaling::Yarn(self.yarn(scaling)?))),
             other => Err(ConfigError::UnsupportedRopeScaling(other.to_string())),
         }
+    }
+
+    /// transformers 5's `rope_parameters`, or for models with two kinds of layers (Gemma 3) the
+    /// full-attention layers' entry.
+    fn global_rope_parameters(&self) -> Option<&serde_json::Value> {
+        let parameters = self.rope_parameters.as_ref().filter(|v| !v.is_null())?;
+        Some(parameters.get("full_attention").unwrap_or(parameters))
+    }
+
+    /// Gemma's settings: required `query_pre_attn_scalar`; sliding-window layers from
+    /// `layer_types`, else the release's pattern (Gemma 2: every other layer from the first;
+    /// Gemma 3: all but every `sliding_window_pattern`-th); Gemma 3's local rotation base from
+    /// `rope_parameters.sliding_attention` or `rope_local_base_freq`, unscaled.
+    fn gemma(&self, architecture: Architecture) -> Result<Gemma, ConfigError> {
+        let bad = |field, message: &str| ConfigError::BadGemma {
+            field,
+            message: message.to_string(),
+        };
+        let query_pre_attn_scalar = self
+            .query_pre_attn_scalar
+            .ok_or_else(|| bad("query_pre_attn_scalar", "missing"))?;
+        let layers = self.num_hidden_layers;
+        let local_layers = match &self.layer_types {
+            Some(kinds) if kinds.len() != layers => {
+                let message = format!("{} entries for {layers} layers", kinds.len());
+                return Err(bad("layer_types", &message));
+            }
+            Some(kinds) => {
+                if let Some(other) = kinds
+                    .iter()
+                    .find(|k| !matches!(k.as_str(), "sliding_attention" | "full_attention"))
+                {
+                    let message =
+                        format!("`{other}`: expected sliding_attention or full_attention");
+                    return Err(bad("layer_types", &message));
+                }
+                (0..layers)
+                    .filter(|&i| kinds[i] == "sliding_attention")
+                    .collect()
+            }
+            None if architecture == Architecture::Gemma2 => (0..layers).step_by(2).collect(),
+            None => {
+                let pattern = self.sliding_window_pattern.unwrap_or(6).max(1);
+                (0..layers).filter(|i| (i + 1) % pattern != 0).collect()
+            }
+        };
+        let local = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("sliding_attention"));
+        if let Some(kind) = local
+            .and_then(|l| l.get("rope_type"))
+            .and_then(serde_json::Value::as_str)
+            .filter(|k| *k != "default")
+        {
+            let message = format!("sliding-window layers' rope type `{kind}` (expected default)");
+            return Err(bad("rope_parameters", &message));
+        }
+        let local_rope_theta = match architecture {
+            Architecture::Gemma3 => Some(
+                local
+                    .and_then(|l| l.get("rope_theta")?.as_f64())
+                    .or(self.rope_local_base_freq)
+                    .ok_or_else(|| bad("rope_local_base_freq", "missing"))?,
+            ),
+            _ => None,
+        };
+        Ok(Gemma {
+            query_pre_attn_scalar,
+            attn_softcap: self.attn_logit_softcapping,
+            final_softcap: self.final_logit_softcapping,
+            local_layers,
+            local_rope_theta,
+        })
     }
 
     /// YaRN's parameters with transformers' defaults: the original context the config's own,

@@ -223,6 +223,13 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
     let arch_name = meta_str(path, md, "general.architecture")?;
     let architecture = Architecture::parse(arch_name)
         .ok_or_else(|| ModelError::config(path, ConfigError::Unsupported(arch_name.to_string())))?;
+    if architecture.is_gemma() {
+        // llama.cpp's converter adds 1 to Gemma's norms and renames its four norms per layer.
+        return Err(ModelError::config(
+            path,
+            ConfigError::UnsupportedGguf(arch_name.to_string()),
+        ));
+    }
     let key = |k: &str| format!("{arch_name}.{k}");
     let hidden_size = meta_usize(path, md, &key("embedding_length"))?;
     let num_heads = meta_usize(path, md, &key("attention.head_count"))?;
@@ -257,6 +264,7 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
             .filter(|&w| w > 0),
         // llama.cpp keeps no list in its GGUFs: SmolLM3's every fourth layer is implied.
         layers_without_rope: ModelConfig::default_layers_without_rope(architecture, num_layers),
+        gemma: None,
     };
     let head_dim = config.head_dim;
     if let Ok(rotated) = meta_usize(path, md, &key("rope.dimension_count"))
@@ -312,7 +320,12 @@ mod tests {
     fn crafted_metadata_is_a_located_error_not_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         assert!(crate::model::read_config(&gguf_with(dir.path(), &[])).is_ok());
-        let cases: [(&str, Value, &str); 8] = [
+        let cases: [(&str, Value, &str); 9] = [
+            (
+                "general.architecture",
+                Value::String("gemma2".into()),
+                "`gemma2` GGUFs are not read yet",
+            ),
             (
                 "llama.rope.dimension_count",
                 Value::U32(12),

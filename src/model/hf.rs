@@ -47,6 +47,45 @@ pub fn canonical_name(hf: &str) -> Option<String> {
     Some(format!("layers.{layer}.{rest}"))
 }
 
+/// Gemma's norms under the generic names (what [`canonical_name`] makes of its HF names) and
+/// canonically: its `post_attention_layernorm` normalises the attention's output, and the MLP's
+/// input norm is `pre_feedforward_layernorm`. In load order.
+const GEMMA_NORMS: [(&str, &str); 3] = [
+    ("mlp_norm", "attn_out_norm"),
+    ("pre_feedforward_layernorm", "mlp_norm"),
+    ("post_feedforward_layernorm", "mlp_out_norm"),
+];
+
+/// Renames Gemma's norms to their canonical names (see [`GEMMA_NORMS`]); other families as
+/// they are.
+pub fn from_gemma_layout(config: &ModelConfig, tensors: &mut BTreeMap<String, Tensor>) {
+    rename_gemma_norms(config, tensors, GEMMA_NORMS);
+}
+
+/// The inverse of [`from_gemma_layout`], for export.
+fn to_gemma_layout(config: &ModelConfig, tensors: &mut BTreeMap<String, Tensor>) {
+    let mut back = GEMMA_NORMS.map(|(generic, own)| (own, generic));
+    back.reverse();
+    rename_gemma_norms(config, tensors, back);
+}
+
+fn rename_gemma_norms(
+    config: &ModelConfig,
+    tensors: &mut BTreeMap<String, Tensor>,
+    renames: [(&str, &str); 3],
+) {
+    if !config.architecture.is_gemma() {
+        return;
+    }
+    for layer in 0..config.num_layers {
+        for (from, to) in renames {
+            if let Some(t) = tensors.remove(&format!("layers.{layer}.{from}.weight")) {
+                tensors.insert(format!("layers.{layer}.{to}.weight"), t);
+            }
+        }
+    }
+}
+
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
     let text = crate::fsutil::read_bounded(&path, crate::fsutil::MAX_TEXT_BYTES)
@@ -230,6 +269,8 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
         super::config::Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
         super::config::Architecture::SmolLm3 => ("SmolLM3ForCausalLM", "smollm3"),
         super::config::Architecture::Phi3 => ("Phi3ForCausalLM", "phi3"),
+        super::config::Architecture::Gemma2 => ("Gemma2ForCausalLM", "gemma2"),
+        super::config::Architecture::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
     };
     let rope_scaling = match &c.rope_scaling {
         None => Value::Null,
@@ -255,6 +296,22 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
         // transformers then refuses; padding only matters to training there.
         "pad_token_id": Value::Null,
     });
+    if let Some(g) = &c.gemma {
+        let kind = |i| match g.local_layers.contains(&i) {
+            true => "sliding_attention",
+            false => "full_attention",
+        };
+        let gemma = serde_json::json!({
+            "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": g.query_pre_attn_scalar,
+            "attn_logit_softcapping": g.attn_softcap, "final_logit_softcapping": g.final_softcap,
+            "layer_types": (0..c.num_layers).map(kind).collect::<Vec<_>>(),
+            "rope_local_base_freq": g.local_rope_theta,
+        });
+        for (key, value) in gemma.as_object().into_iter().flatten() {
+            config[key] = value.clone();
+        }
+    }
     if c.architecture == super::config::Architecture::SmolLm3 {
         let flags: Vec<u8> = (0..c.num_layers).map(|i| u8::from(c.rotates(i))).collect();
         config["no_rope_layers"] = flags.into();
@@ -268,6 +325,7 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
     if c.architecture == super::config::Architecture::Phi3 {
         fuse(c, &mut tensors)?;
     }
+    to_gemma_layout(c, &mut tensors);
     let tensors: std::collections::HashMap<String, Tensor> = (tensors.into_iter())
         .map(|(k, v)| (hf_name(&k), v))
         .collect();
@@ -439,8 +497,66 @@ mod tests {
         }
     }
 
-    /// Fused projections split into their parts and back; rows that do not add up are an
-    /// error naming the checkpoint's tensor.
+    /// Gemma's configs as transformers 4 (the released checkpoints) and 5 write them: the
+    /// sliding-window layers from `layer_types` or the release's pattern, Gemma 3's local
+    /// rotation base beside the global one; what tsq does not compute is refused by name.
+    #[test]
+    fn gemma_configs_are_read_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let gemma3 = r#""model_type": "gemma3_text""#;
+        let read = |family, layers, extra| read_small_config(dir.path(), family, layers, extra);
+        let legacy = r#", "query_pre_attn_scalar": 256, "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            "sliding_window": 1024, "sliding_window_pattern": 6"#;
+        let c = read(gemma3, 12, legacy).unwrap();
+        let g = c.gemma.as_ref().unwrap();
+        assert_eq!(g.local_layers, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]);
+        assert_eq!((g.local_rope_theta, c.rope_theta), (Some(10000.0), 1e6));
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!(c.attention_span(), 1024);
+        let gemma2 = r#""architectures": ["Gemma2ForCausalLM"]"#;
+        let c = read(
+            gemma2,
+            4,
+            r#", "query_pre_attn_scalar": 144, "final_logit_softcapping": 30.0"#,
+        )
+        .unwrap();
+        let g = c.gemma.unwrap();
+        assert_eq!((g.local_layers, g.final_softcap), (vec![0, 2], Some(30.0)));
+        assert_eq!(g.local_rope_theta, None);
+        for (family, extra, want) in [
+            (gemma2, "", "`query_pre_attn_scalar`: missing"),
+            (
+                gemma2,
+                r#", "query_pre_attn_scalar": 1, "layer_types": ["full_attention"]"#,
+                "`layer_types`: 1 entries for 4 layers",
+            ),
+            (
+                gemma2,
+                r#", "query_pre_attn_scalar": 1, "attn_logit_softcapping": -1"#,
+                "`attn_logit_softcapping` is -1",
+            ),
+            (
+                gemma3,
+                r#", "query_pre_attn_scalar": 1"#,
+                "`rope_local_base_freq`: missing",
+            ),
+            (
+                gemma2,
+                r#", "query_pre_attn_scalar": 1, "hidden_activation": "gelu""#,
+                "`hidden_act` is `gelu`; tsq computes this family's MLP with `gelu_pytorch_tanh`",
+            ),
+            (
+                r#""architectures": ["LlamaForCausalLM"]"#,
+                r#", "hidden_act": "relu""#,
+                "`hidden_act` is `relu`",
+            ),
+        ] {
+            let err = read(family, 4, extra).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("config.json"), "{err}");
+        }
+    }
+
     #[test]
     fn generation_config_names_the_end_tokens() {
         let dir = tempfile::tempdir().unwrap();
@@ -461,6 +577,8 @@ mod tests {
         }
     }
 
+    /// Fused projections split into their parts and back; rows that do not add up are an
+    /// error naming the checkpoint's tensor.
     #[test]
     fn fused_projections_split_and_join_again() {
         let config = tiny_config(Architecture::Phi3);

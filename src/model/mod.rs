@@ -193,6 +193,7 @@ impl Model {
         let config = hf::read_config(dir)?;
         let mut tensors = hf::load_tensors(dir, dtype, device)?;
         hf::unfuse(&config, &mut tensors, hf::hf_name)?;
+        hf::from_gemma_layout(&config, &mut tensors);
         let tok_config = hf::tokenizer_config(dir).unwrap_or_default();
         let bos = hf::special_token(&tok_config, "bos_token");
         let eos = hf::special_token(&tok_config, "eos_token");

@@ -31,6 +31,15 @@ pub fn tiny_config(architecture: Architecture) -> ModelConfig {
             Some(_) => vec![1],
             None => vec![],
         },
+        // Both Gemmas' features on: soft caps (Gemma 2's), a local rotation base (Gemma 3's),
+        // an attention scale other than head_dim's.
+        gemma: architecture.is_gemma().then(|| super::config::Gemma {
+            query_pre_attn_scalar: 12.0,
+            attn_softcap: Some(5.0),
+            final_softcap: Some(3.0),
+            local_layers: vec![0],
+            local_rope_theta: Some(100.0),
+        }),
     }
 }
 
@@ -87,7 +96,11 @@ pub fn random_weights(
                 );
             }
         }
-        for norm in ["attn_norm", "mlp_norm"] {
+        let out_norms: &[&str] = match config.architecture.is_gemma() {
+            true => &["attn_out_norm", "mlp_out_norm"],
+            false => &[],
+        };
+        for norm in ["attn_norm", "mlp_norm"].iter().chain(out_norms) {
             w.insert(
                 p(&format!("{norm}.weight")),
                 (tensor(1, h, 0.2).squeeze(0).expect("1×h") + 1.0).expect("add"),

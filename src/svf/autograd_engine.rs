@@ -276,6 +276,47 @@ mod tests {
         Ok(())
     }
 
+    /// Gemma's layers (norms after attention and MLP, GELU, soft caps, a local rotation base)
+    /// have no counterpart in the CPU engine: the autograd engine's ∂L/∂s' against central
+    /// differences of its loss.
+    #[test]
+    fn gemma_gradients_match_finite_differences() -> TestResult {
+        use crate::model::config::Architecture;
+        for arch in [Architecture::Gemma2, Architecture::Gemma3] {
+            let (base, factors) = crate::svf::tiny_decomposed_as(arch, 5);
+            let (ids, weights) = sequences();
+            let batch: Vec<Sequence> = ids
+                .iter()
+                .zip(&weights)
+                .map(|(ids, weights)| Sequence { ids, weights })
+                .collect();
+            let scaled: Vec<Vec<f32>> = factors
+                .iter()
+                .map(|d| d.factors.s.to_vec1::<f32>())
+                .collect::<candle_core::Result<_>>()?;
+            let engine = AutogradEngine::new(&base, &factors)?;
+            let gradients = engine.gradients(&scaled, &batch)?;
+            let loss_at = |target: usize, i: usize, delta: f32| -> Result<f64> {
+                let mut moved = scaled.clone();
+                moved[target][i] += delta;
+                Ok(engine.gradients(&moved, &batch)?.loss)
+            };
+            let last = factors.len() - 1;
+            for (target, i) in [(0, 0), (3, 2), (last, 1), (last - 4, 0)] {
+                let h = 1e-2 * scaled[target][i].abs();
+                let numeric = (loss_at(target, i, h)? - loss_at(target, i, -h)?) / (2.0 * h as f64);
+                let analytic = f64::from(gradients.scaled_s[target][i]);
+                let size = numeric.abs().max(analytic.abs());
+                assert!(
+                    size > 1e-3 && (numeric - analytic).abs() < 2e-2 * size,
+                    "{arch:?} {} [{i}]: {analytic} vs {numeric}",
+                    factors[target].name
+                );
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn passes_keep_within_their_memory() {
         let ids: Vec<Vec<u32>> = [1000, 1000, 1000, 1000, 1000, 5000, 10]

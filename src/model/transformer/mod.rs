@@ -30,7 +30,8 @@ use super::error::{ModelError, Result};
 use autograd::linalg_applies;
 use linear::QUANTIZED_MAX_ROWS;
 use ops::{
-    fused_attention, masked_softmax, rms_norm, rope, rope_tables, silu_mul, softmax_primitive,
+    fused_attention, local_rope_tables, masked_softmax, rms_norm, rope, rope_tables, silu_mul,
+    soft_cap, softmax_primitive,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +64,8 @@ enum Matrix {
 enum Stored<'a> {
     Tensor(&'a Tensor),
     Matrix(&'a Matrix),
+    /// A Gemma norm weight w, held as 1 + w (see [`gemma_norm`]).
+    PlusOne(&'a Tensor),
 }
 
 impl Stored<'_> {
@@ -71,8 +74,18 @@ impl Stored<'_> {
         let tensor = match self {
             Self::Tensor(t) => (*t).clone(),
             Self::Matrix(m) => m.tensor()?,
+            Self::PlusOne(t) => (t.to_dtype(DType::F32)? - 1.0)?,
         };
         Ok(tensor.to_dtype(dtype)?)
+    }
+}
+
+/// A norm weight as the forward multiplies by it: Gemma's norms multiply by 1 + w, added in f32
+/// (as transformers computes it) before the cast to the compute dtype.
+fn gemma_norm(weight: Tensor, config: &ModelConfig, dtype: DType) -> Result<Tensor> {
+    match config.architecture.is_gemma() {
+        true => Ok((weight.to_dtype(DType::F32)? + 1.0)?.to_dtype(dtype)?),
+        false => Ok(weight.to_dtype(dtype)?),
     }
 }
 
@@ -131,6 +144,8 @@ struct Layer {
     qk_norm: Option<[Tensor; 2]>,
     /// Whether queries and keys are rotated (not in SmolLM3's NoPE layers).
     rotate: bool,
+    /// Whether they are rotated with the local tables (Gemma 3's sliding-window layers).
+    local_rope: bool,
     q: Linear,
     k: Linear,
     v: Linear,
@@ -139,6 +154,8 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Gemma's norms of the attention's and the MLP's outputs, before each residual sum.
+    out_norms: Option<[Tensor; 2]>,
 }
 
 /// Keys and values of every layer for the positions seen so far: (batch, kv_heads, time, head_dim).
@@ -172,6 +189,8 @@ pub struct Batch {
 struct Positions {
     cos: Tensor,
     sin: Tensor,
+    /// The local layers' cos and sin, where they have their own.
+    local: Option<(Tensor, Tensor)>,
     mask: Tensor,
     experts: Option<Tensor>,
     /// Where the fast path attends through the fused kernel (f32 on the CPU, at least
@@ -191,6 +210,8 @@ pub struct Transformer {
     lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// Rotation tables of layers with a base of their own (Gemma 3's sliding-window layers).
+    local_rope: Option<(Tensor, Tensor)>,
     /// What the forward computes in.
     dtype: DType,
     /// What the weights came in and are exported as. bf16 and f16 weights on a CPU with
@@ -267,28 +288,41 @@ impl Transformer {
                         config.head_dim
                     )));
                 }
-                Ok(weight.to_dtype(dtype)?)
+                gemma_norm(weight, &config, dtype)
             };
             let qk_norm = match config.architecture.qk_norm() {
                 true => Some([head_norm("q_norm")?, head_norm("k_norm")?]),
                 false => None,
             };
+            let norm = |n: &str, take: &mut dyn FnMut(&str) -> Result<Tensor>| {
+                gemma_norm(take(&format!("layers.{i}.{n}.weight"))?, &config, dtype)
+            };
+            let out_norms = match config.architecture.is_gemma() {
+                true => Some([
+                    norm("attn_out_norm", &mut take)?,
+                    norm("mlp_out_norm", &mut take)?,
+                ]),
+                false => None,
+            };
             layers.push(Layer {
-                attn_norm: take(&format!("layers.{i}.attn_norm.weight"))?.to_dtype(dtype)?,
+                attn_norm: norm("attn_norm", &mut take)?,
                 qk_norm,
                 rotate: config.rotates(i),
+                local_rope: config.rotates_locally(i),
                 q: linear("attn.q_proj", &mut take)?,
                 k: linear("attn.k_proj", &mut take)?,
                 v: linear("attn.v_proj", &mut take)?,
                 o: linear("attn.o_proj", &mut take)?,
-                mlp_norm: take(&format!("layers.{i}.mlp_norm.weight"))?.to_dtype(dtype)?,
+                mlp_norm: norm("mlp_norm", &mut take)?,
                 gate: linear("mlp.gate_proj", &mut take)?,
                 up: linear("mlp.up_proj", &mut take)?,
                 down: linear("mlp.down_proj", &mut take)?,
+                out_norms,
             });
         }
-        let norm = take("norm.weight")?.to_dtype(dtype)?;
+        let norm = gemma_norm(take("norm.weight")?, &config, dtype)?;
         let (cos, sin) = rope_tables(&config, embed.device())?;
+        let local_rope = local_rope_tables(&config, embed.device())?;
         let (embed, head) = match config.tie_word_embeddings {
             true => {
                 let head = Matrix::new(embed)?;
@@ -307,6 +341,7 @@ impl Transformer {
             lm_head,
             cos,
             sin,
+            local_rope,
             dtype,
             weights_dtype,
         })
@@ -346,6 +381,14 @@ impl Transformer {
     /// highest quantized logits of each row are recomputed in full precision: the argmax and the
     /// probable tokens are exact, the far tail keeps Q8_0 precision.
     pub fn head_logits(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let logits = self.head_logits_uncapped(x, mode)?;
+        match self.config.gemma.as_ref().and_then(|g| g.final_softcap) {
+            Some(cap) => soft_cap(&logits, cap),
+            None => Ok(logits),
+        }
+    }
+
+    fn head_logits_uncapped(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         const EXACT_TOP: usize = 64;
         let head = &self.lm_head;
         let rows = x.elem_count() / x.dim(D::Minus1)?;
@@ -459,9 +502,13 @@ impl Transformer {
 
     /// Every weight under its canonical name, as held.
     fn stored(&self) -> Vec<(String, Stored<'_>)> {
+        let norm = |t| match self.config.architecture.is_gemma() {
+            true => Stored::PlusOne(t),
+            false => Stored::Tensor(t),
+        };
         let mut out = vec![
             ("embed.weight".to_string(), Stored::Matrix(&self.embed)),
-            ("norm.weight".to_string(), Stored::Tensor(&self.norm)),
+            ("norm.weight".to_string(), norm(&self.norm)),
         ];
         if !self.config.tie_word_embeddings {
             out.push((
@@ -477,8 +524,11 @@ impl Transformer {
             let head_norms = ["attn.q_norm", "attn.k_norm"]
                 .into_iter()
                 .zip(layer.qk_norm.iter().flatten());
-            for (name, norm) in norms.into_iter().chain(head_norms) {
-                out.push((format!("layers.{i}.{name}.weight"), Stored::Tensor(norm)));
+            let out_norms = ["attn_out_norm", "mlp_out_norm"]
+                .into_iter()
+                .zip(layer.out_norms.iter().flatten());
+            for (name, weight) in norms.into_iter().chain(head_norms).chain(out_norms) {
+                out.push((format!("layers.{i}.{name}.weight"), norm(weight)));
             }
             let linears = [
                 ("attn.q_proj", &layer.q),
@@ -570,9 +620,17 @@ impl Transformer {
             true => Some(ops::visibility(&mask)?),
             false => None,
         };
+        let gather = |table: &Tensor| -> Result<Tensor> {
+            Ok(table.index_select(&flat_pos, 0)?.reshape((b, t, half))?)
+        };
+        let local = match &self.local_rope {
+            Some((cos, sin)) => Some((gather(cos)?, gather(sin)?)),
+            None => None,
+        };
         Ok(Positions {
-            cos: self.cos.index_select(&flat_pos, 0)?.reshape((b, t, half))?,
-            sin: self.sin.index_select(&flat_pos, 0)?.reshape((b, t, half))?,
+            cos: gather(&self.cos)?,
+            sin: gather(&self.sin)?,
+            local,
             mask,
             experts: batch.experts.clone(),
             fused,
@@ -582,11 +640,16 @@ impl Transformer {
     /// Token embeddings (batch, time, hidden) for `ids` (batch, time).
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self
+        let x = self
             .embed
             .rows(&ids.flatten_all()?)?
             .to_dtype(self.dtype)?
-            .reshape((b, t, self.config.hidden_size))?)
+            .reshape((b, t, self.config.hidden_size))?;
+        match self.config.architecture.is_gemma() {
+            // Gemma scales its embeddings by √hidden (in the compute dtype, as transformers).
+            true => Ok((x * (self.config.hidden_size as f64).sqrt())?),
+            false => Ok(x),
+        }
     }
 
     /// One transformer block (attention and MLP, each with its residual). `kv` holds the block's
@@ -601,13 +664,21 @@ impl Transformer {
     ) -> Result<Tensor> {
         let layer = &self.layers[index];
         let eps = self.config.rms_norm_eps;
+        let out_norm = |y: Tensor, which: usize| match &layer.out_norms {
+            Some(norms) => rms_norm(&y, &norms[which], eps, mode),
+            None => Ok(y),
+        };
         let h = rms_norm(x, &layer.attn_norm, eps, mode)?;
-        let x = (x + self.attention(layer, &h, positions, kv, mode)?)?;
+        let x = (x + out_norm(self.attention(layer, &h, positions, kv, mode)?, 0)?)?;
         let h = rms_norm(&x, &layer.mlp_norm, eps, mode)?;
         let experts = positions.experts.as_ref();
         let [gate, up] = Linear::forward_each([&layer.gate, &layer.up], &h, mode, experts)?;
-        let gated = silu_mul(&gate, &up, mode)?;
-        Ok((&x + layer.down.forward(&gated, mode, experts)?)?)
+        let gated = match self.config.architecture.is_gemma() {
+            // GELU, tanh approximation (transformers' gelu_pytorch_tanh).
+            true => (gate.gelu()? * up)?,
+            false => silu_mul(&gate, &up, mode)?,
+        };
+        Ok((&x + out_norm(layer.down.forward(&gated, mode, experts)?, 1)?)?)
     }
 
     /// The final RMS norm, whose output the LM head reads.
@@ -624,7 +695,11 @@ impl Transformer {
         mode: Mode,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let (cos, sin, mask) = (&positions.cos, &positions.sin, &positions.mask);
+        let (cos, sin) = match (&positions.local, layer.local_rope) {
+            (Some((cos, sin)), true) => (cos, sin),
+            _ => (&positions.cos, &positions.sin),
+        };
+        let mask = &positions.mask;
         let experts = positions.experts.as_ref();
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -642,17 +717,21 @@ impl Transformer {
             q = rope(&q, cos, sin, mode)?;
             k = rope(&k, cos, sin, mode)?;
         }
+        if let Some(multiplier) = c.query_multiplier() {
+            q = (q * multiplier)?;
+        }
         let v = heads(v, c.num_kv_heads)?;
         let (k, v) = LayerCache::append(kv, k, v)?;
-        if let Some(visibility) = &positions.fused {
+        let cap = c.gemma.as_ref().and_then(|g| g.attn_softcap);
+        if let (Some(visibility), None) = (&positions.fused, cap) {
             let out = fused_attention(&q, &k, &v, mask, visibility)?;
             return layer.o.forward(&out, mode, experts);
         }
         let per_sequence = c.num_heads * t * k.dim(2)?;
         let out = if mode == Mode::Differentiable || b * per_sequence <= SCORES_PER_CALL {
-            self.attend(&q, &k, &v, mask, mode)?
+            self.attend(&q, &k, &v, mask, mode, cap)?
         } else {
-            self.attend_in_parts(&q, &k, &v, mask)?
+            self.attend_in_parts(&q, &k, &v, mask, cap)?
         };
         let out = out
             .transpose(1, 2)?
@@ -661,7 +740,8 @@ impl Transformer {
     }
 
     /// Attention of queries q (b, heads, t, d) over keys and values (b, kv_heads, total, d)
-    /// under `mask` (b, 1, t, total): (b, heads, t, d).
+    /// under `mask` (b, 1, t, total): (b, heads, t, d). Scores are soft-capped before the mask
+    /// where `cap` is given (Gemma 2), which no fused kernel does.
     fn attend(
         &self,
         q: &Tensor,
@@ -669,6 +749,7 @@ impl Transformer {
         v: &Tensor,
         mask: &Tensor,
         mode: Mode,
+        cap: Option<f64>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, _, t, _) = q.dims4()?;
@@ -683,14 +764,23 @@ impl Transformer {
             .reshape((b, kv_heads, rep * t, c.head_dim))?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let scores = autograd::batched_matmul(&q, k, true)?;
+        if let (Mode::Fast, None) = (mode, cap) {
+            let probs = masked_softmax(&scores, mask, t, scale)?;
+            let out = autograd::batched_matmul(&probs, v, false)?;
+            return Ok(out.reshape((b, c.num_heads, t, c.head_dim))?);
+        }
+        let scores = (scores * scale)?;
+        let scores = match cap {
+            Some(cap) => soft_cap(&scores, cap)?,
+            None => scores,
+        };
+        let masked = scores
+            .reshape((b, kv_heads, rep, t, total))?
+            .broadcast_add(&mask.unsqueeze(2)?)?
+            .reshape((b, kv_heads, rep * t, total))?;
         let probs = match mode {
-            Mode::Fast => masked_softmax(&scores, mask, t, scale)?,
-            Mode::Differentiable => softmax_primitive(
-                &(scores * scale)?
-                    .reshape((b, kv_heads, rep, t, total))?
-                    .broadcast_add(&mask.unsqueeze(2)?)?
-                    .reshape((b, kv_heads, rep * t, total))?,
-            )?,
+            Mode::Fast => candle_nn::ops::softmax_last_dim(&masked)?,
+            Mode::Differentiable => softmax_primitive(&masked)?,
         };
         Ok(autograd::batched_matmul(&probs, v, false)?.reshape((b, c.num_heads, t, c.head_dim))?)
     }
@@ -699,7 +789,14 @@ impl Transformer {
     /// sequences, or one sequence's queries in blocks, each block reading only the keys its
     /// queries may see (the causal mask hides the rest), which skips about half of a prompt's
     /// attention.
-    fn attend_in_parts(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn attend_in_parts(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        cap: Option<f64>,
+    ) -> Result<Tensor> {
         let (b, heads, t, _) = q.dims4()?;
         let total = k.dim(2)?;
         let past = total - t;
@@ -716,6 +813,7 @@ impl Transformer {
                     &rows(v)?,
                     &rows(mask)?,
                     Mode::Fast,
+                    cap,
                 )?);
             }
             return Ok(Tensor::cat(&parts, 0)?);
@@ -735,7 +833,7 @@ impl Transformer {
                     .narrow(0, s, 1)?
                     .narrow(2, first, n)?
                     .narrow(3, 0, keys)?;
-                blocks.push(self.attend(&q, &k, &v, &mask, Mode::Fast)?);
+                blocks.push(self.attend(&q, &k, &v, &mask, Mode::Fast, cap)?);
             }
             parts.push(Tensor::cat(&blocks, 2)?);
         }
@@ -922,6 +1020,8 @@ mod tests {
             Architecture::Qwen2,
             Architecture::Qwen3,
             Architecture::SmolLm3,
+            Architecture::Gemma2,
+            Architecture::Gemma3,
         ] {
             let tf = tiny(arch);
             let seqs = vec![vec![1, 2, 3, 4, 5, 6, 7], vec![9, 8, 7]];
@@ -948,10 +1048,13 @@ mod tests {
             let k = Tensor::randn(0f32, 1.0, (b, c.num_kv_heads, t, c.head_dim), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (b, c.num_kv_heads, t, c.head_dim), &dev)?;
             let mask = Batch::left_padded(&pad, 0, t, &dev)?.mask;
-            let whole = tf.attend(&q, &k, &v, &mask, Mode::Fast)?;
-            let parts = tf.attend_in_parts(&q, &k, &v, &mask)?;
-            let diff = (whole - parts)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "{diff}");
+            // Plain, and with Gemma 2's soft cap on the scores.
+            for cap in [None, Some(2.0)] {
+                let whole = tf.attend(&q, &k, &v, &mask, Mode::Fast, cap)?;
+                let parts = tf.attend_in_parts(&q, &k, &v, &mask, cap)?;
+                let diff = (whole - parts)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "{cap:?}: {diff}");
+            }
         }
         Ok(())
     }

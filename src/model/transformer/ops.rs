@@ -136,14 +136,40 @@ fn key_value_matrices(k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)>
 }
 
 pub(super) fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let scale = config.rope_attention_factor();
+    tables(config, config.inv_freq(), scale, device)
+}
+
+/// The tables of layers that rotate with a base of their own (Gemma 3's sliding-window layers).
+pub(super) fn local_rope_tables(
+    config: &ModelConfig,
+    device: &Device,
+) -> Result<Option<(Tensor, Tensor)>> {
+    (config.local_inv_freq())
+        .map(|inv_freq| tables(config, inv_freq, 1.0, device))
+        .transpose()
+}
+
+/// cos and sin (context × head_dim / 2) of every position's angles, times `scale`.
+fn tables(
+    config: &ModelConfig,
+    inv_freq: Vec<f32>,
+    scale: f32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = config.head_dim / 2;
-    let inv_freq = Tensor::from_vec(config.inv_freq(), (1, half), device)?;
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
     let positions = Tensor::arange(0u32, config.max_position_embeddings as u32, device)?
         .to_dtype(DType::F32)?
         .reshape((config.max_position_embeddings, 1))?;
     let freqs = positions.broadcast_mul(&inv_freq)?;
-    let scale = f64::from(config.rope_attention_factor());
+    let scale = f64::from(scale);
     Ok(((freqs.cos()? * scale)?, (freqs.sin()? * scale)?))
+}
+
+/// tanh(x / cap) · cap: Gemma 2's soft cap on attention scores and logits.
+pub(super) fn soft_cap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    Ok(((x / cap)?.tanh()? * cap)?)
 }
 
 pub(super) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {

@@ -374,6 +374,13 @@ impl Engine {
         tensors: &dyn WeightSource,
         factors: &[Decomposed],
     ) -> Result<Self> {
+        if config.architecture.is_gemma() {
+            return Err(ModelError::Input(
+                "this engine does not compute Gemma's layers (its norms after attention and \
+                 MLP, GELU, soft caps): Gemma trains through the autograd engine"
+                    .into(),
+            ));
+        }
         let get = |name: &str| {
             tensors
                 .weight(name)?
