@@ -189,7 +189,7 @@ fn each_familys_features_make_the_difference() {
     let gemma_changes: [(&str, GemmaChange); 4] = [
         ("gemma2", |g| g.attn_softcap = None),
         ("gemma2", |g| g.final_softcap = None),
-        ("gemma2", |g| g.query_pre_attn_scalar = 16.0),
+        ("gemma2", |g| g.query_pre_attn_scalar = 16),
         ("gemma3", |g| g.local_rope_theta = None),
     ];
     for (name, change) in gemma_changes {

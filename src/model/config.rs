@@ -231,7 +231,7 @@ impl Yarn {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Gemma {
     /// Attention scores are scaled by this^-½ rather than head_dim^-½.
-    pub query_pre_attn_scalar: f64,
+    pub query_pre_attn_scalar: usize,
     /// Attention scores pass tanh(x / cap) · cap before the softmax (Gemma 2).
     pub attn_softcap: Option<f64>,
     /// So do the logits (Gemma 2).
@@ -364,7 +364,7 @@ impl ModelConfig {
     /// own (Gemma's query_pre_attn_scalar^-½); `None` where they are the same.
     pub fn query_multiplier(&self) -> Option<f64> {
         let scalar = self.gemma.as_ref()?.query_pre_attn_scalar;
-        let multiplier = (self.head_dim as f64 / scalar).sqrt();
+        let multiplier = (self.head_dim as f64 / scalar as f64).sqrt();
         (multiplier != 1.0).then_some(multiplier)
     }
 
@@ -428,7 +428,6 @@ impl ModelConfig {
         if let Some(g) = &self.gemma {
             let positive = |v: f64| v.is_finite() && v > 0.0;
             for (field, value) in [
-                ("query_pre_attn_scalar", Some(g.query_pre_attn_scalar)),
                 ("attn_logit_softcapping", g.attn_softcap),
                 ("final_logit_softcapping", g.final_softcap),
                 ("rope_local_base_freq", g.local_rope_theta),
@@ -436,6 +435,12 @@ impl ModelConfig {
                 if let Some(value) = value.filter(|v| !positive(*v)) {
                     return Err(ConfigError::NotPositive { field, value });
                 }
+            }
+            if g.query_pre_attn_scalar == 0 {
+                return Err(ConfigError::NotPositive {
+                    field: "query_pre_attn_scalar",
+                    value: 0.0,
+                });
             }
             if let Some(&layer) = g.local_layers.iter().find(|&&l| l >= self.num_layers) {
                 return Err(ConfigError::SizeOutOfRange {
@@ -542,7 +547,7 @@ pub struct HfConfig {
     pub hidden_activation: Option<String>,
     /// Gemma's attention scale, soft caps, layer kinds and local rotation base.
     #[serde(default)]
-    pub query_pre_attn_scalar: Option<f64>,
+    pub query_pre_attn_scalar: Option<usize>,
     #[serde(default)]
     pub attn_logit_softcapping: Option<f64>,
     #[serde(default)]

@@ -34,7 +34,7 @@ pub fn tiny_config(architecture: Architecture) -> ModelConfig {
         // Both Gemmas' features on: soft caps (Gemma 2's), a local rotation base (Gemma 3's),
         // an attention scale other than head_dim's.
         gemma: architecture.is_gemma().then(|| super::config::Gemma {
-            query_pre_attn_scalar: 12.0,
+            query_pre_attn_scalar: 12,
             attn_softcap: Some(5.0),
             final_softcap: Some(3.0),
             local_layers: vec![0],
