@@ -205,6 +205,25 @@ fn each_familys_features_make_the_difference() {
             "{name}: changed, the logits move by {off} only"
         );
     }
+
+    // Attention past the sliding window, which the references run past.
+    for name in ["phi3", "gemma2", "gemma3"] {
+        let (dir, reference) = fixture(name);
+        let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let mut config = model.transformer.config.clone();
+        assert!(
+            config.sliding_window.unwrap() < reference.ids.len(),
+            "{name}"
+        );
+        config.sliding_window = None;
+        let tensors = model.transformer.tensors().unwrap();
+        model.transformer = tsq::model::transformer::Transformer::new(config, tensors).unwrap();
+        let off = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+        assert!(
+            off > 100.0 * TOLERANCE,
+            "{name}: without its window, {off} only"
+        );
+    }
 }
 
 /// A copy of the Qwen3 fixture in `p` whose chat template, like Qwen3's, reads
@@ -277,17 +296,20 @@ fn chat_template_kwargs_reach_the_models_chat_template() {
     assert!(err.contains("expected a JSON object"), "{err}");
 }
 
-/// Inside Mistral's sliding window attention is causal attention; past it tsq refuses rather
-/// than attend further back than the model was trained to.
+/// Past a sliding window attention is windowed (Phi-3's and Gemma's references run past theirs,
+/// above); within it, it is causal attention: Mistral's first 16 positions are unchanged by a
+/// 17th token.
 #[test]
-fn sequences_past_a_sliding_window_are_refused() {
+fn sequences_past_a_sliding_window_attend_within_it() {
     let (dir, reference) = fixture("mistral");
     let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(model.transformer.config.sliding_window, Some(16));
     let mut longer = reference.ids.clone();
     longer.push(9);
-    let err = logits(&model, &longer).unwrap_err().to_string();
-    assert!(err.contains("sliding window of 16"), "{err}");
+    let ours = logits(&model, &longer).unwrap();
+    assert_eq!(ours.len(), 17);
+    let diff = max_diff(&ours[..16], &reference.logits);
+    assert!(diff < TOLERANCE, "logits differ by {diff}");
 }
 
 /// An HF directory (sharded bf16 safetensors) runs the whole loop: decompose, an expert trained

@@ -285,23 +285,51 @@ impl ModelConfig {
         }
     }
 
-    /// The most positions one sequence may hold. Within a sliding window, windowed attention is
-    /// full causal attention; sequences longer than the window are refused rather than computed
-    /// without the window.
+    /// Whether the forward attends within the sliding window where the model has one (Mistral,
+    /// Phi-3, Gemma: their windows as transformers masks them). Qwen2's and SmolLM3's windows,
+    /// off in every release and laid out over layers differently, are not computed.
+    pub fn computes_windows(&self) -> bool {
+        use Architecture::*;
+        matches!(self.architecture, Mistral | Phi3 | Gemma2 | Gemma3)
+    }
+
+    /// Whether layer `index` attends only within the sliding window: every layer of a windowed
+    /// model, or Gemma's sliding-window layers.
+    pub fn attends_within_window(&self, index: usize) -> bool {
+        self.sliding_window.is_some()
+            && self
+                .gemma
+                .as_ref()
+                .is_none_or(|g| g.local_layers.contains(&index))
+    }
+
+    /// The most positions one sequence may hold in the model's forward: its context, or its
+    /// sliding window where the window is not computed (see [`Self::computes_windows`]).
     pub fn attention_span(&self) -> usize {
+        match self.computes_windows() {
+            true => self.max_position_embeddings,
+            false => self.full_attention_span(),
+        }
+    }
+
+    /// The most positions within which every layer's attention is full causal attention (the
+    /// sliding window, if shorter than the context): what an engine without windows may take.
+    pub fn full_attention_span(&self) -> usize {
         self.sliding_window
             .map_or(self.max_position_embeddings, |w| {
                 w.min(self.max_position_embeddings)
             })
     }
 
-    /// What [`Self::attention_span`] is, for messages refusing longer sequences.
-    pub fn span_limit(&self) -> String {
-        match self.sliding_window {
-            Some(w) if w < self.max_position_embeddings => format!(
-                "the model's sliding window of {w} (tsq computes attention within the window only)"
+    /// `span` ([`Self::attention_span`] or [`Self::full_attention_span`]) in words, for
+    /// messages refusing longer sequences.
+    pub fn span_limit(&self, span: usize) -> String {
+        match span < self.max_position_embeddings {
+            true => format!(
+                "the model's sliding window of {span} (this engine computes attention within \
+                 the window only)"
             ),
-            _ => format!("the model's context of {}", self.max_position_embeddings),
+            false => format!("the model's context of {}", self.max_position_embeddings),
         }
     }
 

@@ -172,9 +172,17 @@ fn packed_batch(
 ) -> Result<Batch> {
     let total = past + time;
     let mut positions = Vec::with_capacity(packed.len() * time);
+    let mut key_positions = Vec::with_capacity(packed.len() * total);
     let mut mask = vec![f32::NEG_INFINITY; packed.len() * time * total];
     for (b, (p, gap)) in packed.iter().zip(gaps).enumerate() {
         let prompt = past - gap.len();
+        // Cached keys: the shared prompt, its padding counted out; new keys: each token's own
+        // position, pushed below.
+        key_positions.extend((0..past).map(|j| match j >= gap.end {
+            true => (j - gap.len()) as u32,
+            false => j.min(gap.start) as u32,
+        }));
+        let first_new = positions.len();
         let mut owner = vec![None; time];
         for span in &p.spans {
             for j in span.clone() {
@@ -196,10 +204,12 @@ fn packed_batch(
                 }
             }
         }
+        key_positions.extend_from_slice(&positions[first_new..]);
     }
     Ok(Batch {
         positions: Tensor::from_vec(positions, (packed.len(), time), device)?,
         mask: Tensor::from_vec(mask, (packed.len(), 1, time, total), device)?,
+        key_positions: Tensor::from_vec(key_positions, (packed.len(), total), device)?,
         experts: None,
     })
 }

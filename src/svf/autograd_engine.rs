@@ -74,7 +74,14 @@ impl AutogradEngine {
 
     /// The loss −Σ w · log p and ∂loss/∂s' per target for scaled singular values `scaled_s`.
     pub fn gradients(&self, scaled_s: &[Vec<f32>], batch: &[Sequence]) -> Result<Gradients> {
-        check_step(&self.base.config, &self.ranks, scaled_s, batch)?;
+        let config = &self.base.config;
+        check_step(
+            config,
+            config.attention_span(),
+            &self.ranks,
+            scaled_s,
+            batch,
+        )?;
         let device = self.base.device();
         let mut out = Gradients {
             loss: 0.0,

@@ -21,16 +21,18 @@ impl Batch {
     ) -> Result<Self> {
         let total = past + time;
         let mut positions = Vec::with_capacity(gaps.len() * time);
+        let mut key_positions = Vec::with_capacity(gaps.len() * total);
         let mut mask = Vec::with_capacity(gaps.len() * time * total);
         for gap in gaps {
+            // Padding takes the position of what follows it, so it is not counted.
+            let position = |abs: usize| match abs >= gap.end {
+                true => abs - gap.len(),
+                false => abs.min(gap.start),
+            };
+            key_positions.extend((0..total).map(|j| position(j) as u32));
             for i in 0..time {
                 let abs = past + i;
-                let position = if abs >= gap.end {
-                    abs - gap.len()
-                } else {
-                    abs.min(gap.start)
-                };
-                positions.push(position as u32);
+                positions.push(position(abs) as u32);
                 for j in 0..total {
                     // A pad query may attend to itself only, so its softmax row stays finite.
                     let allowed = j <= abs && (!gap.contains(&j) || j == abs);
@@ -42,6 +44,7 @@ impl Batch {
         Ok(Self {
             positions: Tensor::from_vec(positions, (b, time), device)?,
             mask: Tensor::from_vec(mask, (b, 1, time, total), device)?,
+            key_positions: Tensor::from_vec(key_positions, (b, total), device)?,
             experts: None,
         })
     }

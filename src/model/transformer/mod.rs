@@ -146,6 +146,8 @@ struct Layer {
     rotate: bool,
     /// Whether they are rotated with the local tables (Gemma 3's sliding-window layers).
     local_rope: bool,
+    /// Whether it attends within the sliding window only ([`ModelConfig::attends_within_window`]).
+    windowed: bool,
     q: Linear,
     k: Linear,
     v: Linear,
@@ -179,6 +181,9 @@ pub struct Batch {
     pub positions: Tensor,
     /// (batch, 1, time, past + time) f32: 0 where attention is allowed, -inf elsewhere.
     pub mask: Tensor,
+    /// (batch, past + time) u32: rotary position of each key (cached or new; any value for
+    /// padding), from which sliding windows are masked.
+    pub key_positions: Tensor,
     /// (batch) u32: which row of the expert table each sequence uses, when the model's
     /// projections hold one (`svf::apply::apply_per_sequence`); sequences answered by different
     /// experts then share a batch.
@@ -196,6 +201,9 @@ struct Positions {
     /// Where the fast path attends through the fused kernel (f32 on the CPU, at least
     /// [`FUSED_MIN_QUERIES`] new positions): what the mask hides and shows wholesale.
     fused: Option<tsq_linalg::Visibility>,
+    /// The mask (and its visibility) of layers attending within the sliding window, where some
+    /// key lies outside it.
+    windowed: Option<(Tensor, Option<tsq_linalg::Visibility>)>,
 }
 
 /// Cheap to clone: tensors are shared, so a clone with some weights replaced (an SVF expert
@@ -309,6 +317,7 @@ impl Transformer {
                 qk_norm,
                 rotate: config.rotates(i),
                 local_rope: config.rotates_locally(i),
+                windowed: config.computes_windows() && config.attends_within_window(i),
                 q: linear("attn.q_proj", &mut take)?,
                 k: linear("attn.k_proj", &mut take)?,
                 v: linear("attn.v_proj", &mut take)?,
@@ -593,7 +602,7 @@ impl Transformer {
             return Err(ModelError::Input(format!(
                 "{} positions exceed {}",
                 cache.len() + t,
-                self.config.span_limit()
+                self.config.span_limit(self.config.attention_span())
             )));
         }
         cache.layers.resize_with(self.layers.len(), || None);
@@ -615,10 +624,20 @@ impl Transformer {
         let flat_pos = batch.positions.flatten_all()?;
         let half = self.config.head_dim / 2;
         let mask = batch.mask.to_dtype(self.dtype)?;
-        let fused = mode == Mode::Fast && t >= FUSED_MIN_QUERIES && linalg_applies(&mask);
-        let fused = match fused && tsq_linalg::attention_pays() {
-            true => Some(ops::visibility(&mask)?),
-            false => None,
+        let fuses = mode == Mode::Fast && t >= FUSED_MIN_QUERIES && linalg_applies(&mask);
+        let fuses = fuses && tsq_linalg::attention_pays();
+        let visibility = |mask: &Tensor| match fuses {
+            true => ops::visibility(mask).map(Some),
+            false => Ok(None),
+        };
+        let fused = visibility(&mask)?;
+        let windowed = match self.window_mask(batch)? {
+            Some(band) => {
+                let mask = mask.broadcast_add(&band.to_dtype(self.dtype)?)?;
+                let fused = visibility(&mask)?;
+                Some((mask, fused))
+            }
+            None => None,
         };
         let gather = |table: &Tensor| -> Result<Tensor> {
             Ok(table.index_select(&flat_pos, 0)?.reshape((b, t, half))?)
@@ -634,7 +653,39 @@ impl Transformer {
             mask,
             experts: batch.experts.clone(),
             fused,
+            windowed,
         })
+    }
+
+    /// −∞ where a query is a sliding window or more past a key ((batch, 1, time, keys), added
+    /// to the mask), for models that compute windows and calls that reach past one.
+    fn window_mask(&self, batch: &Batch) -> Result<Option<Tensor>> {
+        let (Some(window), true) = (self.config.sliding_window, self.config.computes_windows())
+        else {
+            return Ok(None);
+        };
+        let keys = batch.key_positions.to_vec2::<u32>()?;
+        if keys.first().is_none_or(|row| row.len() <= window) {
+            return Ok(None);
+        }
+        let queries = batch.positions.to_vec2::<u32>()?;
+        let (b, t, total) = (queries.len(), queries[0].len(), keys[0].len());
+        let mut band = Vec::with_capacity(b * t * total);
+        for (query_row, key_row) in queries.iter().zip(&keys) {
+            for &q in query_row {
+                band.extend(key_row.iter().map(|&k| {
+                    match q.saturating_sub(k) as usize >= window {
+                        true => f32::NEG_INFINITY,
+                        false => 0.0,
+                    }
+                }));
+            }
+        }
+        Ok(Some(Tensor::from_vec(
+            band,
+            (b, 1, t, total),
+            batch.mask.device(),
+        )?))
     }
 
     /// Token embeddings (batch, time, hidden) for `ids` (batch, time).
@@ -699,7 +750,10 @@ impl Transformer {
             (Some((cos, sin)), true) => (cos, sin),
             _ => (&positions.cos, &positions.sin),
         };
-        let mask = &positions.mask;
+        let (mask, fused) = match (&positions.windowed, layer.windowed) {
+            (Some((mask, fused)), true) => (mask, fused),
+            _ => (&positions.mask, &positions.fused),
+        };
         let experts = positions.experts.as_ref();
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -723,7 +777,7 @@ impl Transformer {
         let v = heads(v, c.num_kv_heads)?;
         let (k, v) = LayerCache::append(kv, k, v)?;
         let cap = c.gemma.as_ref().and_then(|g| g.attn_softcap);
-        if let (Some(visibility), None) = (&positions.fused, cap) {
+        if let (Some(visibility), None) = (fused, cap) {
             let out = fused_attention(&q, &k, &v, mask, visibility)?;
             return layer.o.forward(&out, mode, experts);
         }
@@ -956,7 +1010,19 @@ mod tests {
 
     #[test]
     fn kv_cache_decoding_equals_full_forward() -> Result<()> {
-        let tf = tiny(Architecture::Llama);
+        // Plain, and with a sliding window of 6 that decoding and the last call run past
+        // (Gemma 2: its first layer windowed, soft caps on).
+        let mut windowed = tiny_config(Architecture::Gemma2);
+        windowed.sliding_window = Some(6);
+        let windowed =
+            Transformer::new(windowed.clone(), random_weights(&windowed, 1, &Device::Cpu))?;
+        for tf in [tiny(Architecture::Llama), windowed] {
+            decoding_equals_full_forward(&tf)?;
+        }
+        Ok(())
+    }
+
+    fn decoding_equals_full_forward(tf: &Transformer) -> Result<()> {
         // Decoding past the prefix fills the cache's buffers in place and grows them twice
         // (3 → 6 → 12 positions); the last 8 positions in one call grow them to 24, which the
         // fused attention (FUSED_MIN_QUERIES) then reads in place, spare room and all.
@@ -1061,15 +1127,23 @@ mod tests {
 
     #[test]
     fn long_prompts_agree_with_the_differentiable_path() -> Result<()> {
-        let mut config = tiny_config(Architecture::Llama);
-        config.max_position_embeddings = 1024;
-        let tf = Transformer::new(config.clone(), random_weights(&config, 3, &Device::Cpu))?;
-        let tokens = |n: usize, seed: u32| (0..n as u32).map(|i| (i * 7 + seed) % 64).collect();
-        let seqs = vec![tokens(500, 2), tokens(450, 3), tokens(300, 4)];
-        let fast = logits(&tf, &seqs, Mode::Fast)?;
-        let whole = logits(&tf, &seqs, Mode::Differentiable)?;
-        for (f, w) in fast.iter().zip(&whole) {
-            assert!(max_diff(f, w) < 1e-4, "{}", max_diff(f, w));
+        // Plain, and windowed (every layer: Mistral; the first: Gemma 3) past a window of 100.
+        for (arch, window) in [
+            (Architecture::Llama, None),
+            (Architecture::Mistral, Some(100)),
+            (Architecture::Gemma3, Some(100)),
+        ] {
+            let mut config = tiny_config(arch);
+            config.max_position_embeddings = 1024;
+            config.sliding_window = window;
+            let tf = Transformer::new(config.clone(), random_weights(&config, 3, &Device::Cpu))?;
+            let tokens = |n: usize, seed: u32| (0..n as u32).map(|i| (i * 7 + seed) % 64).collect();
+            let seqs = vec![tokens(500, 2), tokens(450, 3), tokens(300, 4)];
+            let fast = logits(&tf, &seqs, Mode::Fast)?;
+            let whole = logits(&tf, &seqs, Mode::Differentiable)?;
+            for (f, w) in fast.iter().zip(&whole) {
+                assert!(max_diff(f, w) < 1e-4, "{arch:?}: {}", max_diff(f, w));
+            }
         }
         Ok(())
     }

@@ -479,7 +479,9 @@ impl Engine {
     /// The loss −Σ w · log p(token | prefix) over `batch` with the targets' scaled singular
     /// values `scaled_s` (target order), and its gradient with respect to them.
     pub fn gradients(&self, scaled_s: &[Vec<f32>], batch: &[Sequence]) -> Result<Gradients> {
-        check_step(&self.config, &self.ranks, scaled_s, batch)?;
+        // This engine attends without windows: within them attention is causal attention.
+        let span = self.config.full_attention_span();
+        check_step(&self.config, span, &self.ranks, scaled_s, batch)?;
         let mut out = Gradients {
             loss: 0.0,
             scaled_s: self.ranks.iter().map(|&r| vec![0f32; r]).collect(),
@@ -581,9 +583,11 @@ impl Engine {
 }
 
 /// Refuses a step whose scaled singular values do not fit the targets (`ranks`, in order) or
-/// whose sequences the model cannot take. Both engines check with it.
+/// whose sequences the engine cannot take (longer than `span` positions). Both engines check
+/// with it.
 pub(super) fn check_step(
     config: &ModelConfig,
+    span: usize,
     ranks: &[usize],
     scaled_s: &[Vec<f32>],
     batch: &[Sequence],
@@ -592,7 +596,7 @@ pub(super) fn check_step(
     if scaled_s.len() != ranks.len() || scaled_s.iter().zip(ranks).any(|(s, &r)| s.len() != r) {
         return bad("scaled singular values do not match the SVF targets".into());
     }
-    let (vocab, span) = (config.vocab_size, config.attention_span());
+    let vocab = config.vocab_size;
     for (b, seq) in batch.iter().enumerate() {
         if seq.ids.len() != seq.weights.len() || seq.weights.first().is_some_and(|&w| w != 0.0) {
             return bad(format!(
@@ -603,7 +607,7 @@ pub(super) fn check_step(
             return bad(format!(
                 "sequence {b}: {} tokens exceed {}",
                 seq.ids.len(),
-                config.span_limit()
+                config.span_limit(span)
             ));
         }
         if let Some(id) = seq.ids.iter().find(|&&id| id as usize >= vocab) {
@@ -654,6 +658,23 @@ mod tests {
         assert_eq!(engine.passes(&packs(&batch, MIN_SHARED)).len(), 2);
         let split = engine.gradients(&scaled_s, &batch)?;
         assert_same_gradients(&whole, &split);
+        Ok(())
+    }
+
+    /// This engine attends without windows, so a windowed model's sequences past its window
+    /// are refused here (the autograd engine computes them), naming the window.
+    #[test]
+    fn sequences_past_a_window_are_refused() -> Result<()> {
+        let (mut engine, scaled_s, vocab) = tiny_engine()?;
+        engine.config.architecture = Architecture::Mistral;
+        engine.config.sliding_window = Some(50);
+        let (ids, weights) = batch(vocab);
+        let err = engine.gradients(&scaled_s, &sequences(&ids, &weights));
+        let err = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            err.contains("70 tokens exceed the model's sliding window of 50"),
+            "{err}"
+        );
         Ok(())
     }
 
@@ -761,7 +782,7 @@ mod tests {
     }
 
     /// The training engine's loss on the architecture fixtures (Llama 3 rope scaling, Qwen2
-    /// biases, Qwen3 head norms, SmolLM3 NoPE layers, Mistral) equals the one from
+    /// biases, Qwen3 head norms, SmolLM3 NoPE layers, Mistral, Phi-3) equals the one from
     /// transformers' own logits for the same sequence.
     #[test]
     fn loss_matches_transformers_on_each_architecture() -> Result<()> {
@@ -781,7 +802,9 @@ mod tests {
             let model = crate::model::Model::load(&dir, candle_core::DType::F32, &Device::Cpu)?;
             let tf = &model.transformer;
             let engine = Engine::new(&tf.config, tf, &[])?;
-            let ids = &reference.ids;
+            // Within the window, where this engine's attention is the model's (Phi-3's
+            // reference runs past its window of 16).
+            let ids = &reference.ids[..reference.ids.len().min(tf.config.full_attention_span())];
             // Position by position (a sum over the sequence would hide a difference of 1e-2
             // in one logit, such as YaRN's attention factor left out).
             for t in (1..ids.len()).step_by(3) {
