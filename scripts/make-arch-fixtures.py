@@ -181,6 +181,38 @@ MODELS = {
             pad_token_id=None,
         ),
     ),
+    # Gemma as llama.cpp's GGUFs can hold it: the attention scale is head_dim's (llama.cpp
+    # derives it from the model's size, not from the file), and Gemma 3's sliding-window layers
+    # follow its release pattern (five of every six), scaled globally (linear, 8).
+    "gemma2_gguf": (
+        Gemma2ForCausalLM,
+        Gemma2Config(
+            **COMMON,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+            sliding_window=16,
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+            pad_token_id=None,
+        ),
+    ),
+    "gemma3_gguf": (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig(
+            **{**COMMON, "num_hidden_layers": 6},
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=16,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            },
+            tie_word_embeddings=True,
+            pad_token_id=None,
+        ),
+    ),
     "linear": (
         LlamaForCausalLM,
         LlamaConfig(
@@ -197,12 +229,12 @@ MODELS = {
 IDS = [2 + (i * 37 + 11) % (VOCAB - 2) for i in range(64)]
 LENGTH = {"mistral": 16}
 # Also written as a GGUF file beside the directory (tests/fixtures/arch/NAME.gguf).
-GGUF = {"qwen3", "smollm3", "mistral", "phi3"}
+GGUF = {"qwen3", "smollm3", "mistral", "phi3", "gemma2_gguf", "gemma3_gguf"}
 # Converted as llama.cpp's LlamaModel converts: q/k rows permuted (Qwen's and Phi-3's are not).
 PERMUTED = {"smollm3", "mistral"}
 # With a SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`), as Mistral 7B's and
 # Phi-3's GGUFs have; the others get a byte-level BPE list.
-SENTENCEPIECE = {"mistral", "phi3"}
+SENTENCEPIECE = {"mistral", "phi3", "gemma2_gguf", "gemma3_gguf"}
 
 
 def tokenizer(directory: pathlib.Path) -> None:
@@ -230,9 +262,10 @@ def llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def sentencepiece_vocabulary(writer) -> None:
+def sentencepiece_vocabulary(writer, space_prefix: bool) -> None:
     """A SentencePiece vocabulary of VOCAB pieces: <unk>, <s>, </s>, then pieces from which
-    "▁t0".."▁t111" merge ("▁" + "t" → "▁t", "▁t" + "1" → "▁t1", ...), scored by id."""
+    "▁t0".."▁t111" merge ("▁" + "t" → "▁t", "▁t" + "1" → "▁t1", ...), scored by id; Gemma's
+    puts no space in front of text."""
     import gguf
 
     pieces = ["<unk>", "<s>", "</s>", "\u2581", "t", *"0123456789", "\u2581t"]
@@ -244,6 +277,8 @@ def sentencepiece_vocabulary(writer) -> None:
     writer.add_token_types(kinds + [gguf.TokenType.NORMAL] * (VOCAB - 3))
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if not space_prefix:
+        writer.add_add_space_prefix(False)
 
 
 def byte_level_vocabulary(writer) -> None:
@@ -296,7 +331,10 @@ def write_gguf(name: str, model, config) -> pathlib.Path:
         "smollm3": gguf.MODEL_ARCH.SMOLLM3,
         "mistral": gguf.MODEL_ARCH.LLAMA,  # llama.cpp converts Mistral 7B as a Llama
         "phi3": gguf.MODEL_ARCH.PHI3,
+        "gemma2_gguf": gguf.MODEL_ARCH.GEMMA2,
+        "gemma3_gguf": gguf.MODEL_ARCH.GEMMA3,
     }[name]
+    gemma = name.startswith("gemma")
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     path = OUT / f"{name}.gguf"
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
@@ -310,12 +348,20 @@ def write_gguf(name: str, model, config) -> pathlib.Path:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    rope = config.rope_parameters
+    rope = rope.get("full_attention", rope)  # Gemma 3: the global layers'
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if name == "phi3":
+    if name == "phi3" or gemma:
         writer.add_sliding_window(config.sliding_window)
+    if name == "gemma2_gguf":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
     if name in SENTENCEPIECE:
-        sentencepiece_vocabulary(writer)
+        sentencepiece_vocabulary(writer, space_prefix=not gemma)
     else:
         byte_level_vocabulary(writer)
     for hf_name, tensor in model.state_dict().items():
@@ -325,6 +371,9 @@ def write_gguf(name: str, model, config) -> pathlib.Path:
         if name in PERMUTED and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             tensor = llama_cpp_permute(tensor, heads)
+        # llama.cpp's Gemma converter stores norms as 1 + w, the factor its norm multiplies by.
+        if gemma and hf_name.endswith("norm.weight"):
+            tensor = tensor + 1
         # As llama.cpp's converter: matrices in f16, vectors (norms, biases) in f32.
         dtype = torch.float16 if tensor.dim() > 1 else torch.float32
         writer.add_tensor(mapped, tensor.to(dtype).numpy())

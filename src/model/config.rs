@@ -94,16 +94,14 @@ pub enum ConfigError {
     )]
     UnsupportedRopeScaling(String),
     #[error(
-        "GGUF rope scaling `{0}` is not supported (supported: `llama3`, as llama.cpp's \
-         `rope_freqs`; `yarn` and `linear` from the model's HF directory)"
+        "GGUF rope scaling `{0}` is not supported (supported: `linear`, and `llama3` as \
+         llama.cpp's `rope_freqs`; `yarn` from the model's HF directory)"
     )]
     UnsupportedGgufRopeScaling(String),
     #[error("`rope_scaling`: {0}")]
     BadRopeScaling(String),
     #[error("`no_rope_layers` has {0} flags for {1} layers")]
     BadNoRopeLayers(usize, usize),
-    #[error("`{0}` GGUFs are not read yet: load the model's HF directory")]
-    UnsupportedGguf(String),
     #[error("`hidden_act` is `{found}`; tsq computes this family's MLP with `{expected}`")]
     UnsupportedActivation {
         found: String,

@@ -13,7 +13,9 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{Architecture, ConfigError, DEFAULT_ROPE_THETA, ModelConfig, RopeScaling};
+use super::config::{
+    Architecture, ConfigError, DEFAULT_ROPE_THETA, Gemma, ModelConfig, RopeScaling,
+};
 use super::error::{ModelError, Result};
 
 /// Everything tsq takes from a GGUF file.
@@ -66,6 +68,10 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
         if let Some(heads) = permuted_heads(&name, &config) {
             t = unpermute_rows(&t, heads)?;
         }
+        // llama.cpp's converter stores Gemma's norms as 1 + w; the canonical weight is w.
+        if config.architecture.is_gemma() && name.ends_with("norm.weight") {
+            t = (t - 1.0)?;
+        }
         tensors.insert(name, t.to_dtype(dtype)?.to_device(device)?);
     }
     super::hf::unfuse(&config, &mut tensors, gguf_name)
@@ -91,7 +97,7 @@ const FIXED_NAMES: [(&str, &str); 3] = [
 ];
 
 /// Modules of a layer (`blk.N.<module>.weight`): llama.cpp's name, canonical name.
-const LAYER_MODULES: [(&str, &str); 12] = [
+const LAYER_MODULES: [(&str, &str); 14] = [
     ("attn_q", "attn.q_proj"),
     ("attn_k", "attn.k_proj"),
     ("attn_v", "attn.v_proj"),
@@ -104,6 +110,8 @@ const LAYER_MODULES: [(&str, &str); 12] = [
     ("attn_k_norm", "attn.k_norm"),
     ("attn_norm", "attn_norm"),
     ("ffn_norm", "mlp_norm"),
+    ("post_attention_norm", "attn_out_norm"),
+    ("post_ffw_norm", "mlp_out_norm"),
 ];
 
 /// GGUF tensor name → canonical name (`blk.3.ffn_up.weight` → `layers.3.mlp.up_proj.weight`).
@@ -145,9 +153,13 @@ fn gguf_name(canonical: &str) -> String {
 fn permuted_heads(name: &str, config: &ModelConfig) -> Option<usize> {
     if matches!(
         config.architecture,
-        Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Phi3
+        Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Phi3
+            | Architecture::Gemma2
+            | Architecture::Gemma3
     ) {
-        return None; // llama.cpp does not permute Qwen2's, Qwen3's or Phi-3's q/k.
+        return None; // llama.cpp permutes only its Llama family's q/k.
     }
     if name.contains(".attn.q_proj.") {
         Some(config.num_heads)
@@ -221,15 +233,12 @@ pub fn meta_str<'a>(path: &Path, md: &'a HashMap<String, Value>, key: &str) -> R
 
 pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<ModelConfig> {
     let arch_name = meta_str(path, md, "general.architecture")?;
-    let architecture = Architecture::parse(arch_name)
-        .ok_or_else(|| ModelError::config(path, ConfigError::Unsupported(arch_name.to_string())))?;
-    if architecture.is_gemma() {
-        // llama.cpp's converter adds 1 to Gemma's norms and renames its four norms per layer.
-        return Err(ModelError::config(
-            path,
-            ConfigError::UnsupportedGguf(arch_name.to_string()),
-        ));
+    // llama.cpp's `gemma3` is the text model (HF's `gemma3` names the multimodal one).
+    let architecture = match arch_name {
+        "gemma3" => Some(Architecture::Gemma3),
+        other => Architecture::parse(other),
     }
+    .ok_or_else(|| ModelError::config(path, ConfigError::Unsupported(arch_name.to_string())))?;
     let key = |k: &str| format!("{arch_name}.{k}");
     let hidden_size = meta_usize(path, md, &key("embedding_length"))?;
     let num_heads = meta_usize(path, md, &key("attention.head_count"))?;
@@ -257,14 +266,22 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
         rms_norm_eps: meta_f64(path, md, &key("attention.layer_norm_rms_epsilon"))?,
         max_position_embeddings: meta_usize(path, md, &key("context_length"))?,
         tie_word_embeddings: true, // corrected by the loader when `output.weight` exists
-        rope_scaling: None,        // set by the loader from `rope_freqs.weight` if present
+        // `linear` here; Llama 3's set by the loader from `rope_freqs.weight` if present.
+        rope_scaling: match meta_str(path, md, &key("rope.scaling.type")) {
+            Ok("linear") => Some(RopeScaling::Linear {
+                factor: meta_f64(path, md, &key("rope.scaling.factor"))?,
+            }),
+            _ => None,
+        },
         // Phi-4's converter writes 0 for "no window".
         sliding_window: meta_usize(path, md, &key("attention.sliding_window"))
             .ok()
             .filter(|&w| w > 0),
         // llama.cpp keeps no list in its GGUFs: SmolLM3's every fourth layer is implied.
         layers_without_rope: ModelConfig::default_layers_without_rope(architecture, num_layers),
-        gemma: None,
+        gemma: architecture
+            .is_gemma()
+            .then(|| gemma(architecture, md, &key, hidden_size, num_heads, num_layers)),
     };
     let head_dim = config.head_dim;
     if let Ok(rotated) = meta_usize(path, md, &key("rope.dimension_count"))
@@ -275,7 +292,7 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
     }
     // Older converters describe other scalings in metadata; tsq does not compute them.
     if let Ok(kind) = meta_str(path, md, &key("rope.scaling.type"))
-        && !matches!(kind, "none" | "llama3")
+        && !matches!(kind, "none" | "llama3" | "linear")
     {
         return Err(ModelError::config(
             path,
@@ -284,6 +301,45 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
     }
     config.check().map_err(|e| ModelError::config(path, e))?;
     Ok(config)
+}
+
+/// Gemma's settings as llama.cpp reads its GGUFs: soft caps from metadata; the rest is not in
+/// the file, and llama.cpp derives it as below (its `llm_load_hparams`): sliding-window layers
+/// by the releases' patterns (Gemma 2: every other from the first; Gemma 3: five of every six),
+/// Gemma 3's local rotation base 10⁴, and an attention scale of head_dim^-½ except for the
+/// 27B models (46 and 62 layers), whose `query_pre_attn_scalar` is hidden / heads.
+fn gemma(
+    architecture: Architecture,
+    md: &HashMap<String, Value>,
+    key: &dyn Fn(&str) -> String,
+    hidden: usize,
+    heads: usize,
+    layers: usize,
+) -> Gemma {
+    let gemma3 = architecture == Architecture::Gemma3;
+    let pattern = if gemma3 { 6 } else { 2 };
+    let large = layers == if gemma3 { 62 } else { 46 };
+    let head_dim = md
+        .get(&key("attention.key_length"))
+        .and_then(|v| v.to_u32().ok())
+        .map_or(hidden / heads.max(1), |d| d as usize);
+    let cap = |k: &str| {
+        md.get(&key(k))
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
+            .filter(|&c| c > 0.0)
+    };
+    Gemma {
+        query_pre_attn_scalar: if large {
+            hidden / heads.max(1)
+        } else {
+            head_dim
+        },
+        attn_softcap: cap("attn_logit_softcapping"),
+        final_softcap: cap("final_logit_softcapping"),
+        local_layers: (0..layers).filter(|i| i % pattern < pattern - 1).collect(),
+        local_rope_theta: gemma3.then_some(10_000.0),
+    }
 }
 
 #[cfg(test)]
@@ -323,8 +379,8 @@ mod tests {
         let cases: [(&str, Value, &str); 9] = [
             (
                 "general.architecture",
-                Value::String("gemma2".into()),
-                "`gemma2` GGUFs are not read yet",
+                Value::String("gemma".into()),
+                "unsupported architecture `gemma`",
             ),
             (
                 "llama.rope.dimension_count",

@@ -834,8 +834,8 @@ mod tests {
     }
 
     /// A bf16 model's engine multiplies the model's own bf16 panels where the kernel runs
-    /// (and packs bf16 for the backward products): the same gradients, to the bit, as an f32
-    /// model of the same rounded values.
+    /// (and packs bf16 for the backward products): the same gradients, to the bit there, as an
+    /// f32 model of the same rounded values.
     #[test]
     fn a_bf16_model_trains_on_its_own_panels_as_its_f32_values_do() -> Result<()> {
         use candle_core::DType;
@@ -867,8 +867,14 @@ mod tests {
         let from_half = engine.gradients(&scaled_s, &sequences(&ids, &weights))?;
         let from_f32 = Engine::new(&rounded.config, &rounded, &factors)?
             .gradients(&scaled_s, &sequences(&ids, &weights))?;
-        assert_eq!(from_half.loss, from_f32.loss);
-        assert_eq!(from_half.scaled_s, from_f32.scaled_s);
+        if tsq_linalg::simd() == tsq_linalg::Simd::Portable {
+            // faer's products split their sums as they see fit, run to run (seen: the loss's
+            // last bit, with other tests running beside it).
+            assert_same_gradients(&from_half, &from_f32);
+        } else {
+            assert_eq!(from_half.loss, from_f32.loss);
+            assert_eq!(from_half.scaled_s, from_f32.scaled_s);
+        }
         Ok(())
     }
 
