@@ -64,6 +64,13 @@ COMMON = dict(
     bos_token_id=0,
     eos_token_id=1,
 )
+# Gemma's fixtures share all but their attention scale and, for Gemma 3, its layers.
+GEMMA = dict(**COMMON, head_dim=16, sliding_window=16, tie_word_embeddings=True, pad_token_id=None)
+GEMMA2 = dict(**GEMMA, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, rope_theta=10000.0)
+GEMMA3_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+}
 MODELS = {
     "llama3": (
         LlamaForCausalLM,
@@ -150,17 +157,7 @@ MODELS = {
     # these weights, sliding-window layers (every other; a window of 16 in 64 tokens).
     "gemma2": (
         Gemma2ForCausalLM,
-        Gemma2Config(
-            **COMMON,
-            head_dim=16,
-            query_pre_attn_scalar=24,
-            attn_logit_softcapping=5.0,
-            final_logit_softcapping=3.0,
-            sliding_window=16,
-            rope_theta=10000.0,
-            tie_word_embeddings=True,
-            pad_token_id=None,
-        ),
+        Gemma2Config(**GEMMA2, query_pre_attn_scalar=24),
     ),
     # Gemma 3 (text): Gemma 2's shape without soft caps, with per-head q/k norms and its
     # sliding-window layers rotating with a base of their own, the global ones scaled (linear, 8,
@@ -168,17 +165,10 @@ MODELS = {
     "gemma3": (
         Gemma3ForCausalLM,
         Gemma3TextConfig(
-            **COMMON,
-            head_dim=16,
+            **GEMMA,
             query_pre_attn_scalar=24,
-            sliding_window=16,
             layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-            },
-            tie_word_embeddings=True,
-            pad_token_id=None,
+            rope_parameters=GEMMA3_ROPE,
         ),
     ),
     # Gemma as llama.cpp's GGUFs can hold it: the attention scale is head_dim's (llama.cpp
@@ -186,31 +176,14 @@ MODELS = {
     # follow its release pattern (five of every six), scaled globally (linear, 8).
     "gemma2_gguf": (
         Gemma2ForCausalLM,
-        Gemma2Config(
-            **COMMON,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            attn_logit_softcapping=5.0,
-            final_logit_softcapping=3.0,
-            sliding_window=16,
-            rope_theta=10000.0,
-            tie_word_embeddings=True,
-            pad_token_id=None,
-        ),
+        Gemma2Config(**GEMMA2, query_pre_attn_scalar=16),
     ),
     "gemma3_gguf": (
         Gemma3ForCausalLM,
         Gemma3TextConfig(
-            **{**COMMON, "num_hidden_layers": 6},
-            head_dim=16,
+            **{**GEMMA, "num_hidden_layers": 6},
             query_pre_attn_scalar=16,
-            sliding_window=16,
-            rope_parameters={
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-            },
-            tie_word_embeddings=True,
-            pad_token_id=None,
+            rope_parameters=GEMMA3_ROPE,
         ),
     ),
     "linear": (

@@ -122,6 +122,18 @@ fn ggufs_match_transformers() {
     }
 }
 
+/// How far fixture `name`'s logits move from transformers' when `change` alters its config
+/// (the same weights).
+fn moved_by(name: &str, change: impl FnOnce(&mut tsq::model::config::ModelConfig)) -> f32 {
+    let (dir, reference) = fixture(name);
+    let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let mut config = model.transformer.config.clone();
+    change(&mut config);
+    let tensors = model.transformer.tensors().unwrap();
+    model.transformer = tsq::model::transformer::Transformer::new(config, tensors).unwrap();
+    max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits)
+}
+
 /// The features that set a family apart change the numbers: without them the same weights
 /// give other logits, so the agreement above is not vacuous.
 #[test]
@@ -142,14 +154,10 @@ fn each_familys_features_make_the_difference() {
         ("yarn", no_attention_factor),
     ];
     for (name, change) in changes {
-        let (dir, reference) = fixture(name);
-        let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
-        assert!(model.transformer.config.rope_scaling.is_some(), "{name}");
-        let mut config = model.transformer.config.clone();
-        change(&mut config.rope_scaling);
-        let tensors = model.transformer.tensors().unwrap();
-        model.transformer = tsq::model::transformer::Transformer::new(config, tensors).unwrap();
-        let off = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+        let off = moved_by(name, |config| {
+            assert!(config.rope_scaling.is_some(), "{name}");
+            change(&mut config.rope_scaling);
+        });
         assert!(
             off > 100.0 * TOLERANCE,
             "{name}: changed, the logits move by {off} only"
@@ -189,15 +197,10 @@ fn each_familys_features_make_the_difference() {
         "without the head norms the logits move by {off} only"
     );
 
-    let (dir, reference) = fixture("smollm3");
-    let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(model.transformer.config.layers_without_rope, [3]);
-    let mut config = model.transformer.config.clone();
-    config.layers_without_rope.clear();
-    model.transformer =
-        tsq::model::transformer::Transformer::new(config, model.transformer.tensors().unwrap())
-            .unwrap();
-    let off = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+    let off = moved_by("smollm3", |config| {
+        assert_eq!(config.layers_without_rope, [3]);
+        config.layers_without_rope.clear();
+    });
     assert!(
         off > 100.0 * TOLERANCE,
         "rotating every layer moves the logits by {off} only"
@@ -212,13 +215,7 @@ fn each_familys_features_make_the_difference() {
         ("gemma3", |g| g.local_rope_theta = None),
     ];
     for (name, change) in gemma_changes {
-        let (dir, reference) = fixture(name);
-        let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
-        let mut config = model.transformer.config.clone();
-        change(config.gemma.as_mut().unwrap());
-        let tensors = model.transformer.tensors().unwrap();
-        model.transformer = tsq::model::transformer::Transformer::new(config, tensors).unwrap();
-        let off = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+        let off = moved_by(name, |config| change(config.gemma.as_mut().unwrap()));
         assert!(
             off > 100.0 * TOLERANCE,
             "{name}: changed, the logits move by {off} only"
@@ -227,17 +224,11 @@ fn each_familys_features_make_the_difference() {
 
     // Attention past the sliding window, which the references run past.
     for name in ["phi3", "gemma2", "gemma3"] {
-        let (dir, reference) = fixture(name);
-        let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
-        let mut config = model.transformer.config.clone();
-        assert!(
-            config.sliding_window.unwrap() < reference.ids.len(),
-            "{name}"
-        );
-        config.sliding_window = None;
-        let tensors = model.transformer.tensors().unwrap();
-        model.transformer = tsq::model::transformer::Transformer::new(config, tensors).unwrap();
-        let off = max_diff(&logits(&model, &reference.ids).unwrap(), &reference.logits);
+        let length = fixture(name).1.ids.len();
+        let off = moved_by(name, |config| {
+            assert!(config.sliding_window.unwrap() < length, "{name}");
+            config.sliding_window = None;
+        });
         assert!(
             off > 100.0 * TOLERANCE,
             "{name}: without its window, {off} only"

@@ -292,9 +292,10 @@ impl ModelConfig {
     }
 
     /// Whether layer `index` attends only within the sliding window: every layer of a windowed
-    /// model, or Gemma's sliding-window layers.
+    /// model that computes windows, or Gemma's sliding-window layers.
     pub fn attends_within_window(&self, index: usize) -> bool {
-        self.sliding_window.is_some()
+        self.computes_windows()
+            && self.sliding_window.is_some()
             && self
                 .gemma
                 .as_ref()

@@ -252,6 +252,20 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
             })?,
     };
     let num_layers = meta_usize(path, md, &key("block_count"))?;
+    let head_dim = meta_usize(path, md, &key("attention.key_length"))
+        .unwrap_or(hidden_size / num_heads.max(1));
+    if let Ok(rotated) = meta_usize(path, md, &key("rope.dimension_count"))
+        && rotated != head_dim
+    {
+        let refused = ConfigError::PartialRotary(rotated as f64 / head_dim as f64);
+        return Err(ModelError::config(path, refused));
+    }
+    // Older converters describe other scalings in metadata; tsq does not compute them.
+    let scaling = meta_str(path, md, &key("rope.scaling.type")).ok();
+    if let Some(kind) = scaling.filter(|k| !matches!(*k, "none" | "llama3" | "linear")) {
+        let refused = ConfigError::UnsupportedGgufRopeScaling(kind.to_string());
+        return Err(ModelError::config(path, refused));
+    }
     let config = ModelConfig {
         architecture,
         hidden_size,
@@ -259,16 +273,15 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
         num_layers,
         num_heads,
         num_kv_heads: meta_usize(path, md, &key("attention.head_count_kv")).unwrap_or(num_heads),
-        head_dim: meta_usize(path, md, &key("attention.key_length"))
-            .unwrap_or(hidden_size / num_heads.max(1)),
+        head_dim,
         vocab_size,
         rope_theta: meta_f64(path, md, &key("rope.freq_base")).unwrap_or(DEFAULT_ROPE_THETA),
         rms_norm_eps: meta_f64(path, md, &key("attention.layer_norm_rms_epsilon"))?,
         max_position_embeddings: meta_usize(path, md, &key("context_length"))?,
         tie_word_embeddings: true, // corrected by the loader when `output.weight` exists
         // `linear` here; Llama 3's set by the loader from `rope_freqs.weight` if present.
-        rope_scaling: match meta_str(path, md, &key("rope.scaling.type")) {
-            Ok("linear") => Some(RopeScaling::Linear {
+        rope_scaling: match scaling {
+            Some("linear") => Some(RopeScaling::Linear {
                 factor: meta_f64(path, md, &key("rope.scaling.factor"))?,
             }),
             _ => None,
@@ -279,26 +292,11 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
             .filter(|&w| w > 0),
         // llama.cpp keeps no list in its GGUFs: SmolLM3's every fourth layer is implied.
         layers_without_rope: ModelConfig::default_layers_without_rope(architecture, num_layers),
-        gemma: architecture
-            .is_gemma()
-            .then(|| gemma(architecture, md, &key, hidden_size, num_heads, num_layers)),
+        gemma: architecture.is_gemma().then(|| {
+            let per_head = hidden_size / num_heads.max(1);
+            gemma(architecture, md, &key, head_dim, per_head, num_layers)
+        }),
     };
-    let head_dim = config.head_dim;
-    if let Ok(rotated) = meta_usize(path, md, &key("rope.dimension_count"))
-        && rotated != head_dim
-    {
-        let refused = ConfigError::PartialRotary(rotated as f64 / head_dim as f64);
-        return Err(ModelError::config(path, refused));
-    }
-    // Older converters describe other scalings in metadata; tsq does not compute them.
-    if let Ok(kind) = meta_str(path, md, &key("rope.scaling.type"))
-        && !matches!(kind, "none" | "llama3" | "linear")
-    {
-        return Err(ModelError::config(
-            path,
-            ConfigError::UnsupportedGgufRopeScaling(kind.to_string()),
-        ));
-    }
     config.check().map_err(|e| ModelError::config(path, e))?;
     Ok(config)
 }
@@ -307,22 +305,19 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
 /// the file, and llama.cpp derives it as below (its `llm_load_hparams`): sliding-window layers
 /// by the releases' patterns (Gemma 2: every other from the first; Gemma 3: five of every six),
 /// Gemma 3's local rotation base 10⁴, and an attention scale of head_dim^-½ except for the
-/// 27B models (46 and 62 layers), whose `query_pre_attn_scalar` is hidden / heads.
+/// 27B models (46 and 62 layers), whose `query_pre_attn_scalar` is hidden / heads
+/// (`hidden_per_head`).
 fn gemma(
     architecture: Architecture,
     md: &HashMap<String, Value>,
     key: &dyn Fn(&str) -> String,
-    hidden: usize,
-    heads: usize,
+    head_dim: usize,
+    hidden_per_head: usize,
     layers: usize,
 ) -> Gemma {
     let gemma3 = architecture == Architecture::Gemma3;
     let pattern = if gemma3 { 6 } else { 2 };
     let large = layers == if gemma3 { 62 } else { 46 };
-    let head_dim = md
-        .get(&key("attention.key_length"))
-        .and_then(|v| v.to_u32().ok())
-        .map_or(hidden / heads.max(1), |d| d as usize);
     let cap = |k: &str| {
         md.get(&key(k))
             .and_then(|v| v.to_f32().ok())
@@ -330,11 +325,7 @@ fn gemma(
             .filter(|&c| c > 0.0)
     };
     Gemma {
-        query_pre_attn_scalar: if large {
-            hidden / heads.max(1)
-        } else {
-            head_dim
-        },
+        query_pre_attn_scalar: if large { hidden_per_head } else { head_dim },
         attn_softcap: cap("attn_logit_softcapping"),
         final_softcap: cap("final_logit_softcapping"),
         local_layers: (0..layers).filter(|i| i % pattern < pattern - 1).collect(),

@@ -218,6 +218,14 @@ mod tests {
         (ids, weights)
     }
 
+    /// `ids` with their token weights, as a step takes them.
+    fn as_batch<'a>(ids: &'a [Vec<u32>], weights: &'a [Vec<f32>]) -> Vec<Sequence<'a>> {
+        ids.iter()
+            .zip(weights)
+            .map(|(ids, weights)| Sequence { ids, weights })
+            .collect()
+    }
+
     /// On the CPU in f32 the autograd engine gives the hand-written engine's loss and ∂L/∂s';
     /// in bf16 it stays within bf16's precision of them. For Llama, Qwen3 (head norms) and
     /// SmolLM3 (an unrotated layer): the engine that trains on GPUs and in bf16.
@@ -237,11 +245,7 @@ mod tests {
     fn matches_the_cpu_engine(arch: crate::model::config::Architecture) -> TestResult {
         let (base, factors) = crate::svf::tiny_decomposed_as(arch, 21);
         let (ids, weights) = sequences();
-        let batch: Vec<Sequence> = ids
-            .iter()
-            .zip(&weights)
-            .map(|(ids, weights)| Sequence { ids, weights })
-            .collect();
+        let batch = as_batch(&ids, &weights);
         let scaled: Vec<Vec<f32>> = factors
             .iter()
             .map(|d| {
@@ -292,11 +296,7 @@ mod tests {
         for arch in [Architecture::Gemma2, Architecture::Gemma3] {
             let (base, factors) = crate::svf::tiny_decomposed_as(arch, 5);
             let (ids, weights) = sequences();
-            let batch: Vec<Sequence> = ids
-                .iter()
-                .zip(&weights)
-                .map(|(ids, weights)| Sequence { ids, weights })
-                .collect();
+            let batch = as_batch(&ids, &weights);
             let scaled: Vec<Vec<f32>> = factors
                 .iter()
                 .map(|d| d.factors.s.to_vec1::<f32>())
@@ -331,11 +331,7 @@ mod tests {
             .map(|&n| vec![0; n])
             .collect();
         let weights: Vec<Vec<f32>> = ids.iter().map(|s| vec![0.0; s.len()]).collect();
-        let batch: Vec<Sequence> = ids
-            .iter()
-            .zip(&weights)
-            .map(|(ids, weights)| Sequence { ids, weights })
-            .collect();
+        let batch = as_batch(&ids, &weights);
         // 4096 padded tokens a pass.
         let sizes: Vec<usize> = passes(&batch, |_| PASS_BYTES / 4096)
             .iter()

@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 
 use candle_core::quantized::gguf_file::Value;
 use serde_json::{Value as Json, json};
@@ -228,7 +227,7 @@ impl Tokenizer {
                 ));
             }
         };
-        let mut tokenizer = Self::from_spec(path, &spec)?;
+        let mut tokenizer = Self::from_spec(path, spec)?;
         tokenizer.bos_id = id(md, "tokenizer.ggml.bos_token_id");
         // llama.cpp ends generation at any of these (Llama 3's <|eot_id|>, Phi-3's <|end|>).
         let ends = ["eos", "eot", "eom"].map(|k| id(md, &format!("tokenizer.ggml.{k}_token_id")));
@@ -250,7 +249,7 @@ impl Tokenizer {
             Self::from_file(&json)
         } else {
             let spec = sentencepiece::Vocabulary::from_model_file(&sentencepiece)?.spec();
-            Self::from_spec(&sentencepiece, &spec)
+            Self::from_spec(&sentencepiece, spec)
         }
     }
 
@@ -260,18 +259,19 @@ impl Tokenizer {
             .map_err(|e| ModelError::load(path, format!("cannot read: {e}")))?;
         let spec: Json = serde_json::from_slice(&bytes)
             .map_err(|e| ModelError::load(path, format!("cannot load tokenizer: {e}")))?;
-        Self::from_spec(path, &spec)
+        Self::from_spec(path, spec)
     }
 
     /// A tokenizer from its `tokenizers` spec (read from `path`), without BOS or EOS.
-    fn from_spec(path: &Path, spec: &Json) -> Result<Self> {
-        let build = |spec: &Json| {
-            tokenizers::Tokenizer::from_str(&spec.to_string())
+    fn from_spec(path: &Path, spec: Json) -> Result<Self> {
+        let build = |spec: Json| {
+            serde_json::from_value::<tokenizers::Tokenizer>(spec)
                 .map_err(|e| ModelError::load(path, format!("cannot load tokenizer: {e}")))
         };
+        let continuation = without_dummy_prefix(&spec).map(build).transpose()?;
         Ok(Self {
             inner: build(spec)?,
-            continuation: without_dummy_prefix(spec).as_ref().map(build).transpose()?,
+            continuation,
             bos_id: None,
             eos_ids: Vec::new(),
             add_bos: false,
@@ -376,7 +376,7 @@ mod tests {
             json!({"type": "Sequence", "pretokenizers": [metaspace]}),
         ] {
             spec["pre_tokenizer"] = pre_tokenizer.clone();
-            let tok = Tokenizer::from_spec(Path::new("tokenizer.json"), &spec).unwrap();
+            let tok = Tokenizer::from_spec(Path::new("tokenizer.json"), spec.clone()).unwrap();
             assert_eq!(
                 tok.encode("hello world").unwrap(),
                 [276, 279],
@@ -393,7 +393,7 @@ mod tests {
         }
         // A `Metaspace` decoder strips the front space as the sequence's `Strip` does.
         spec["decoder"] = metaspace.clone();
-        let tok = Tokenizer::from_spec(Path::new("tokenizer.json"), &spec).unwrap();
+        let tok = Tokenizer::from_spec(Path::new("tokenizer.json"), spec.clone()).unwrap();
         assert_eq!(tok.decode(&[279], false).unwrap(), "world");
         assert_eq!(tok.decode_continuation(&[279], false).unwrap(), " world");
         // Byte-level BPE puts nothing in front: one tokenizer serves both.

@@ -317,7 +317,7 @@ impl Transformer {
                 qk_norm,
                 rotate: config.rotates(i),
                 local_rope: config.rotates_locally(i),
-                windowed: config.computes_windows() && config.attends_within_window(i),
+                windowed: config.attends_within_window(i),
                 q: linear("attn.q_proj", &mut take)?,
                 k: linear("attn.k_proj", &mut take)?,
                 v: linear("attn.v_proj", &mut take)?,
