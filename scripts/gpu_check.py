@@ -2,7 +2,7 @@
 tsq did on the same weights, inputs and device, for parity and speed side by side.
 
 Each subcommand prints one JSON object (`make` builds a model directory):
-  make SHAPE DIR          a Llama or Qwen3 model of SHAPE's dimensions with random weights (bf16
+  make SHAPE DIR          a Llama, Qwen3 or Gemma 3 model of SHAPE's dimensions with random weights (bf16
                           safetensors) and a word-level tokenizer `t0 .. t{vocab-1}`
   score DIR TSQ_JSON      log p of each continuation token in `tsq score --format json`'s output
   svf DIR TSQ_JSON        the loss and z-gradients of the SVF step `tsq bench svf-step
@@ -90,6 +90,24 @@ SHAPES = {
         rope_theta=1000000.0,
         tie_word_embeddings=True,
     ),
+    # Gemma 3 270M's: sliding-window layers (512) with a local rotation base, five to each
+    # global layer; one key/value head of 256; a 262k vocabulary; GELU; norms after attention
+    # and the MLP.
+    "gemma270m": dict(
+        family="gemma3",
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+        rope_theta=1000000.0,
+        rope_local_base_freq=10000.0,
+        tie_word_embeddings=True,
+    ),
     # For a dry run of the script on a CPU.
     "qwen3tiny": dict(
         family="qwen3",
@@ -131,12 +149,14 @@ def load(directory, dtype, device):
 
 def make(args):
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     shape = dict(SHAPES[args.shape])
     config_class, model_class = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
     }[shape.pop("family", "llama")]
     shape.setdefault("head_dim", shape["hidden_size"] // shape["num_attention_heads"])
     config = config_class(

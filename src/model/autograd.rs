@@ -446,25 +446,36 @@ fn matrices(t: &Tensor) -> Result<Tensor> {
     let rank = dims.len();
     let rows_contiguous =
         rank >= 2 && strides[rank - 1] == 1 && strides[rank - 2] == dims[rank - 1];
-    // Leading dimensions must flatten to one stride.
-    let uniform = (0..rank.saturating_sub(3)).all(|j| strides[j] == dims[j + 1] * strides[j + 1]);
-    if rows_contiguous
-        && uniform
-        && rank >= 3
-        && strides[rank - 3] >= dims[rank - 2] * dims[rank - 1]
-    {
+    // The batch dimensions that hold more than one matrix must flatten to one stride, no
+    // smaller than a matrix. (A dimension of size 1 may have any stride: candle leaves one
+    // there, e.g. after a transpose, and counts the tensor contiguous all the same.)
+    let batch = batch_dims(t);
+    let uniform = batch
+        .windows(2)
+        .all(|p| strides[p[0]] == dims[p[1]] * strides[p[1]]);
+    let apart = (batch.last()).is_none_or(|&j| strides[j] >= dims[rank - 2] * dims[rank - 1]);
+    if rows_contiguous && uniform && apart && rank >= 3 {
         Ok(t.clone())
     } else {
         t.contiguous()
     }
 }
 
-/// Elements from one matrix of `t` (as [`matrices`] leaves it) to the next.
+/// The leading (batch) dimensions of `t` holding more than one matrix, outermost first.
+fn batch_dims(t: &Tensor) -> Vec<usize> {
+    let dims = t.dims();
+    (0..dims.len().saturating_sub(2))
+        .filter(|&j| dims[j] > 1)
+        .collect()
+}
+
+/// Elements from one matrix of `t` (as [`matrices`] leaves it) to the next: the stride of its
+/// innermost batch dimension holding more than one matrix (one matrix: its size).
 fn batch_stride(t: &Tensor) -> usize {
-    let (dims, strides) = (t.dims(), t.stride());
-    match dims.len() {
-        0..=2 => dims.iter().product(),
-        r => strides[r - 3],
+    let dims = t.dims();
+    match batch_dims(t).last() {
+        Some(&j) => t.stride()[j],
+        None => dims.iter().rev().take(2).product(),
     }
 }
 
@@ -590,6 +601,23 @@ mod tests {
             &d,
             |d| batched_matmul(c.as_tensor(), d, false),
             |d| c.matmul(d),
+        )
+    }
+
+    /// A batch dimension of size 1 with a stride of candle's choosing (one key/value head, as
+    /// Gemma 3 1B has, after the transpose from token-major): the matrices of the other batch
+    /// dimension are found by its stride. Read by the unit dimension's, the second sequence's
+    /// keys were the first's shifted by a row, and Gemma 3's training gradients were noise.
+    #[test]
+    fn batched_matmul_skips_unit_batch_dimensions() -> Result<()> {
+        let keys = Var::randn(0f32, 1.0, (2, 6, 1, 5), &Device::Cpu)?;
+        let heads = |k: &Tensor| k.transpose(1, 2);
+        assert!(heads(keys.as_tensor())?.is_contiguous());
+        let q = Tensor::randn(0f32, 1.0, (2, 1, 4, 5), &Device::Cpu)?;
+        agree(
+            &keys,
+            |k| batched_matmul(&q, &heads(k)?, true),
+            |k| q.matmul(&heads(k)?.contiguous()?.t()?),
         )
     }
 }

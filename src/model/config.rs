@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::kernels::Activation;
+
 /// The transformer families tsq runs. All are Llama-shaped (RMSNorm, RoPE, SwiGLU, GQA);
 /// Qwen2 adds biases on q, k and v; Qwen3 instead RMS-normalises each head's query and key
 /// before the rotation (and sets its head size apart from hidden / heads); SmolLM3 leaves the
@@ -38,6 +40,14 @@ impl Architecture {
             "gemma2" | "gemma2forcausallm" => Some(Self::Gemma2),
             "gemma3_text" | "gemma3forcausallm" => Some(Self::Gemma3),
             _ => None,
+        }
+    }
+
+    /// The MLP's gating function: GELU for Gemma, SiLU for the others.
+    pub fn activation(self) -> Activation {
+        match self.is_gemma() {
+            true => Activation::GeluTanh,
+            false => Activation::Silu,
         }
     }
 
@@ -305,28 +315,19 @@ impl ModelConfig {
     /// The most positions one sequence may hold in the model's forward: its context, or its
     /// sliding window where the window is not computed (see [`Self::computes_windows`]).
     pub fn attention_span(&self) -> usize {
-        match self.computes_windows() {
-            true => self.max_position_embeddings,
-            false => self.full_attention_span(),
+        match (self.sliding_window, self.computes_windows()) {
+            (Some(window), false) => window.min(self.max_position_embeddings),
+            _ => self.max_position_embeddings,
         }
     }
 
-    /// The most positions within which every layer's attention is full causal attention (the
-    /// sliding window, if shorter than the context): what an engine without windows may take.
-    pub fn full_attention_span(&self) -> usize {
-        self.sliding_window
-            .map_or(self.max_position_embeddings, |w| {
-                w.min(self.max_position_embeddings)
-            })
-    }
-
-    /// `span` ([`Self::attention_span`] or [`Self::full_attention_span`]) in words, for
-    /// messages refusing longer sequences.
-    pub fn span_limit(&self, span: usize) -> String {
+    /// [`Self::attention_span`] in words, for messages refusing longer sequences.
+    pub fn span_limit(&self) -> String {
+        let span = self.attention_span();
         match span < self.max_position_embeddings {
             true => format!(
-                "the model's sliding window of {span} (this engine computes attention within \
-                 the window only)"
+                "the model's sliding window of {span} (tsq computes this family's attention \
+                 within the window only)"
             ),
             false => format!("the model's context of {}", self.max_position_embeddings),
         }
@@ -612,11 +613,7 @@ impl HfConfig {
         if let Some(fraction) = partial_rotary.filter(|f| *f != 1.0) {
             return Err(ConfigError::PartialRotary(fraction));
         }
-        let expected = if architecture.is_gemma() {
-            "gelu_pytorch_tanh"
-        } else {
-            "silu"
-        };
+        let expected = architecture.activation().hf_name();
         if let Some(found) = (self.hidden_activation.as_ref().or(self.hidden_act.as_ref()))
             .filter(|a| a.as_str() != expected)
         {

@@ -149,7 +149,7 @@ impl Decoder {
                     "a prompt of {} tokens plus {} new tokens exceeds {}",
                     j.prompt.len(),
                     j.opts.max_new_tokens,
-                    config.span_limit(config.attention_span())
+                    config.span_limit()
                 )));
             }
         }

@@ -278,7 +278,7 @@ fn decode(
         return Err(ModelError::Input(format!(
             "a prompt of {longest} tokens plus {} new tokens exceeds {}",
             opts.max_new_tokens,
-            tf.config.span_limit(tf.config.attention_span())
+            tf.config.span_limit()
         )));
     }
     // Samples of one prompt share its prefill: each distinct prompt is computed once, and its

@@ -513,7 +513,7 @@ mod tests {
         assert_eq!(g.local_layers, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]);
         assert_eq!((g.local_rope_theta, c.rope_theta), (Some(10000.0), 1e6));
         assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
-        assert_eq!((c.full_attention_span(), c.attention_span()), (1024, 2048));
+        assert_eq!((c.sliding_window, c.attention_span()), (Some(1024), 2048));
         let gemma2 = r#""architectures": ["Gemma2ForCausalLM"]"#;
         let c = read(
             gemma2,

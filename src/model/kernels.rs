@@ -22,6 +22,25 @@ pub fn sum(values: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
+/// Σ e^(v − shift) over `values`, over eight running sums like [`sum`].
+#[inline(always)]
+pub fn sum_exp(values: &[f32], shift: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .map(|v| exp(v - shift))
+        .sum::<f32>();
+    for chunk in chunks {
+        lanes
+            .iter_mut()
+            .zip(chunk)
+            .for_each(|(l, v)| *l += exp(v - shift));
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
 /// Σ a·b over eight running sums, like [`sum`].
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -165,17 +184,89 @@ fn rms_norm_backward_rows(
 }
 }
 
-/// `silu(gate) ⊙ up`, elementwise.
-pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    out.par_chunks_mut(4096)
-        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-        .for_each(|(out, (gate, up))| silu_mul_chunk(gate, up, out));
+/// The MLP's gating function: `act(gate) ⊙ up`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU's tanh approximation (transformers' `gelu_pytorch_tanh`, candle's `gelu`),
+    /// computed as g · σ(2u), u = √(2/π) (g + 0.044715 g³): the same function, one
+    /// vectorised exp.
+    GeluTanh,
+}
+
+/// √(2/π), GELU's tanh approximation's constant.
+const GELU_K: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+impl Activation {
+    /// The name transformers' configs give it (`hidden_act`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Silu => "silu",
+            Self::GeluTanh => "gelu_pytorch_tanh",
+        }
+    }
+
+    /// `act(gate) ⊙ up`, elementwise.
+    pub fn gated(self, gate: &[f32], up: &[f32], out: &mut [f32]) {
+        out.par_chunks_mut(4096)
+            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+            .for_each(|(out, (gate, up))| match self {
+                Self::Silu => silu_mul_chunk(gate, up, out),
+                Self::GeluTanh => gelu_mul_chunk(gate, up, out),
+            });
+    }
+
+    /// Gradients of [`Self::gated`] with respect to gate and up, written over `grad`
+    /// (→ ∂gate) and into `grad_up`: ∂gate = grad · up · act′(g), ∂up = grad · act(g).
+    pub fn gated_backward(self, gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: &mut [f32]) {
+        grad.par_chunks_mut(4096)
+            .zip(grad_up.par_chunks_mut(4096))
+            .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+            .for_each(|((grad, grad_up), (gate, up))| match self {
+                Self::Silu => silu_mul_backward_chunk(gate, up, grad, grad_up),
+                Self::GeluTanh => gelu_mul_backward_chunk(gate, up, grad, grad_up),
+            });
+    }
 }
 
 wide_fn! {
 fn silu_mul_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = g / (1.0 + exp(-g)) * u;
+    }
+}
+}
+
+wide_fn! {
+/// silu′(g) = σ(g)(1 + g(1 − σ(g))).
+fn silu_mul_backward_chunk(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: &mut [f32]) {
+    for (((d, du), &g), &u) in grad.iter_mut().zip(grad_up).zip(gate).zip(up) {
+        let sig = 1.0 / (1.0 + exp(-g));
+        *du = *d * g * sig;
+        *d *= u * sig * (1.0 + g * (1.0 - sig));
+    }
+}
+}
+
+wide_fn! {
+fn gelu_mul_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let two_u = 2.0 * GELU_K * (g + GELU_CUBIC * g * g * g);
+        *o = g / (1.0 + exp(-two_u)) * u;
+    }
+}
+}
+
+wide_fn! {
+/// gelu′(g) = σ(2u) + g · σ(2u)(1 − σ(2u)) · 2u′, u′ = √(2/π)(1 + 3 · 0.044715 g²).
+fn gelu_mul_backward_chunk(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: &mut [f32]) {
+    for (((d, du), &g), &u) in grad.iter_mut().zip(grad_up).zip(gate).zip(up) {
+        let two_u = 2.0 * GELU_K * (g + GELU_CUBIC * g * g * g);
+        let sig = 1.0 / (1.0 + exp(-two_u));
+        let two_du = 2.0 * GELU_K * (1.0 + 3.0 * GELU_CUBIC * g * g);
+        *du = *d * g * sig;
+        *d *= u * (sig + g * sig * (1.0 - sig) * two_du);
     }
 }
 }
@@ -223,25 +314,6 @@ fn softmax_row(row: &mut [f32], scores: &[f32], mask: &[f32], scale: f32) {
 }
 }
 
-/// Gradients of [`silu_mul`] with respect to gate and up, written over `grad` (→ ∂gate) and
-/// into `grad_up`: ∂gate = grad·up·σ(g)(1 + g(1 − σ(g))), ∂up = grad·silu(g).
-pub fn silu_mul_backward(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: &mut [f32]) {
-    grad.par_chunks_mut(4096)
-        .zip(grad_up.par_chunks_mut(4096))
-        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-        .for_each(|((grad, grad_up), (gate, up))| silu_mul_backward_chunk(gate, up, grad, grad_up));
-}
-
-wide_fn! {
-fn silu_mul_backward_chunk(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: &mut [f32]) {
-    for (((d, du), &g), &u) in grad.iter_mut().zip(grad_up).zip(gate).zip(up) {
-        let sig = 1.0 / (1.0 + exp(-g));
-        *du = *d * g * sig;
-        *d *= u * sig * (1.0 + g * (1.0 - sig));
-    }
-}
-}
-
 /// Rotary tables for positions `0..len`: `cos[t·half + i] = scale · cos(t · inv_freq[i])`,
 /// likewise sin (f32 products, as the inference path computes them); `scale` is
 /// [`ModelConfig::rope_attention_factor`](crate::model::config::ModelConfig::rope_attention_factor).
@@ -263,19 +335,29 @@ pub fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
     }
 }
 
+/// How a row of attention scores becomes probabilities: multiplied by `scale`, soft-capped
+/// to (−cap, cap) where `cap` is given (Gemma 2), and with only the last `window` keys up to
+/// the query visible where `window` is given (sliding-window layers).
+#[derive(Clone, Copy, Debug)]
+pub struct Scores {
+    pub scale: f32,
+    pub cap: Option<f32>,
+    pub window: Option<usize>,
+}
+
 /// Causal softmax, in place, of a block of score rows (`len` apart) for query positions
 /// `first..end`, `rep` query heads per position (row r is position first + r / rep), each row
-/// seeing keys 0..=its position, after multiplying by `scale`. Entries in the block past a row's
-/// position become 0; columns from `end` on are left alone.
+/// seeing keys 0..=its position (the last `window` of them with a window), after `how`'s scale
+/// and cap. Hidden entries in the block become 0; columns from `end` on are left alone.
 pub fn causal_softmax(
     scores: &mut [f32],
     len: usize,
     rep: usize,
     first: usize,
     end: usize,
-    scale: f32,
+    how: Scores,
 ) {
-    causal_softmax_rows(scores, len, rep, first, end, scale)
+    causal_softmax_rows(scores, len, rep, first, end, how)
 }
 
 wide_fn! {
@@ -285,16 +367,50 @@ fn causal_softmax_rows(
     rep: usize,
     first: usize,
     end: usize,
-    scale: f32,
+    how: Scores,
 ) {
+    let Scores { scale, cap, window } = how;
     for (r, row) in scores.chunks_mut(len).enumerate() {
         let visible = first + r / rep + 1;
-        let (seen, hidden) = row[..end].split_at_mut(visible);
+        let start = window.map_or(0, |w| visible.saturating_sub(w));
+        let (before, row) = row[..end].split_at_mut(start);
+        before.fill(0.0);
+        let (seen, hidden) = row.split_at_mut(visible - start);
+        let scale = match cap {
+            Some(cap) => {
+                seen.iter_mut().for_each(|v| *v = cap * tanh(*v * scale / cap));
+                1.0
+            }
+            None => scale,
+        };
         let max = max(seen) * scale;
         seen.iter_mut().for_each(|v| *v = exp(*v * scale - max));
         let inv = 1.0 / sum(seen);
         seen.iter_mut().for_each(|v| *v *= inv);
         hidden.fill(0.0);
+    }
+}
+}
+
+/// tanh through one exponential, vectorisable like [`exp`]: 1 − 2 / (e^2x + 1) (within
+/// ~1e-7 of libm's; ±1 from |x| ≈ 9 on).
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+}
+
+/// Multiplies each gradient of soft-capped scores `grad` by the cap's derivative at its raw
+/// score `raw` (both rows × cols, contiguous): ∂/∂s cap · tanh(s · scale / cap) is
+/// scale · (1 − tanh²), of which [`causal_softmax_backward`] applied the scale.
+pub fn soft_cap_backward(raw: &[f32], grad: &mut [f32], scale: f32, cap: f32) {
+    soft_cap_backward_chunk(raw, grad, scale, cap)
+}
+
+wide_fn! {
+fn soft_cap_backward_chunk(raw: &[f32], grad: &mut [f32], scale: f32, cap: f32) {
+    for (g, &s) in grad.iter_mut().zip(raw) {
+        let t = tanh(s * scale / cap);
+        *g *= 1.0 - t * t;
     }
 }
 }
@@ -433,24 +549,47 @@ mod tests {
     }
 
     #[test]
-    fn silu_mul_backward_matches_finite_differences() {
+    fn gated_activations_backward_matches_finite_differences() {
         let n = 5000;
         let (gate, up, probe, dir) = (values(n, 5), values(n, 6), values(n, 7), values(n, 8));
-        let loss = |gate: &[f32], up: &[f32]| {
-            let mut out = vec![0.0; n];
-            silu_mul(gate, up, &mut out);
-            dot(&out, &probe)
-        };
-        let (mut grad_gate, mut grad_up) = (probe.clone(), vec![0.0; n]);
-        silu_mul_backward(&gate, &up, &mut grad_gate, &mut grad_up);
-        assert_close(
-            dot(&grad_gate, &dir),
-            directional(|g| loss(g, &up), &gate, &dir),
-        );
-        assert_close(
-            dot(&grad_up, &dir),
-            directional(|u| loss(&gate, u), &up, &dir),
-        );
+        for activation in [Activation::Silu, Activation::GeluTanh] {
+            let loss = |gate: &[f32], up: &[f32]| {
+                let mut out = vec![0.0; n];
+                activation.gated(gate, up, &mut out);
+                dot(&out, &probe)
+            };
+            let (mut grad_gate, mut grad_up) = (probe.clone(), vec![0.0; n]);
+            activation.gated_backward(&gate, &up, &mut grad_gate, &mut grad_up);
+            assert_close(
+                dot(&grad_gate, &dir),
+                directional(|g| loss(g, &up), &gate, &dir),
+            );
+            assert_close(
+                dot(&grad_up, &dir),
+                directional(|u| loss(&gate, u), &up, &dir),
+            );
+        }
+    }
+
+    /// The GELU written as g · σ(2u) is candle's `gelu` (the inference path's), wide inputs
+    /// included.
+    #[test]
+    fn gelu_is_candles_tanh_approximation() -> candle_core::Result<()> {
+        let gate: Vec<f32> = values(2000, 3).iter().map(|v| v * 12.0).collect();
+        let ones = vec![1f32; gate.len()];
+        let mut ours = vec![0f32; gate.len()];
+        Activation::GeluTanh.gated(&gate, &ones, &mut ours);
+        let device = candle_core::Device::Cpu;
+        let candle = candle_core::Tensor::new(gate.as_slice(), &device)?
+            .gelu()?
+            .to_vec1::<f32>()?;
+        for ((a, b), g) in ours.iter().zip(&candle).zip(&gate) {
+            assert!(
+                (a - b).abs() <= 2e-6 * b.abs().max(1.0),
+                "gelu({g}): {a} vs {b}"
+            );
+        }
+        Ok(())
     }
 
     #[test]
@@ -466,35 +605,65 @@ mod tests {
         }
     }
 
+    /// Plain, soft-capped, within a window of 2 keys, and both: the probabilities of each
+    /// row (against a plain softmax of what it sees) and their gradient.
     #[test]
     fn causal_softmax_backward_matches_finite_differences() {
         // Positions 2..5 of a 6-token sequence, 2 query heads per position.
-        let (rep, len, first, end, scale) = (2, 6, 2, 5, 0.7);
+        let (rep, len, first, end) = (2, 6, 2, 5);
         let n = rep * (end - first) * len;
-        let (scores, dir) = (values(n, 10), values(n, 12));
+        let scores: Vec<f32> = values(n, 10).iter().map(|v| 3.0 * v).collect();
+        let dir = values(n, 12);
         // Columns past the block hold no probability: the probe ignores them.
         let probe: Vec<f32> = values(n, 11)
             .iter()
             .enumerate()
             .map(|(i, &v)| if i % len < end { v } else { 0.0 })
             .collect();
-        let loss = |s: &[f32]| {
-            let mut p = s.to_vec();
-            causal_softmax(&mut p, len, rep, first, end, scale);
-            dot(&p, &probe)
-        };
-        let mut probs = scores.clone();
-        causal_softmax(&mut probs, len, rep, first, end, scale);
-        for (r, (p, s)) in probs.chunks(len).zip(scores.chunks(len)).enumerate() {
-            let visible = first + r / rep + 1;
-            assert!((p[..visible].iter().sum::<f32>() - 1.0).abs() < 1e-6);
-            assert!(p[visible..end].iter().all(|&v| v == 0.0));
-            assert_eq!(p[end..], s[end..], "columns past the block are left alone");
+        for (cap, window) in [
+            (None, None),
+            (Some(1.5), None),
+            (None, Some(2)),
+            (Some(1.5), Some(2)),
+        ] {
+            let how = Scores {
+                scale: 0.7,
+                cap,
+                window,
+            };
+            let loss = |s: &[f32]| {
+                let mut p = s.to_vec();
+                causal_softmax(&mut p, len, rep, first, end, how);
+                dot(&p, &probe)
+            };
+            let mut probs = scores.clone();
+            causal_softmax(&mut probs, len, rep, first, end, how);
+            for (r, (p, s)) in probs.chunks(len).zip(scores.chunks(len)).enumerate() {
+                let visible = first + r / rep + 1;
+                let start = window.map_or(0, |w| visible.saturating_sub(w));
+                let logits: Vec<f64> = (s[start..visible].iter())
+                    .map(|&v| {
+                        let v = f64::from(v) * 0.7;
+                        cap.map_or(v, |c: f32| f64::from(c) * (v / f64::from(c)).tanh())
+                    })
+                    .collect();
+                let top = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = logits.iter().map(|l| (l - top).exp()).sum();
+                for (j, l) in (start..visible).zip(&logits) {
+                    let want = (l - top).exp() / total;
+                    assert!((f64::from(p[j]) - want).abs() < 1e-6, "{how:?} row {r}");
+                }
+                assert!(p[..start].iter().chain(&p[visible..end]).all(|&v| v == 0.0));
+                assert_eq!(p[end..], s[end..], "columns past the block are left alone");
+            }
+            let block =
+                |m: &[f32]| -> Vec<f32> { m.chunks(len).flat_map(|r| r[..end].to_vec()).collect() };
+            let mut grad = block(&probe);
+            causal_softmax_backward(&probs, len, &mut grad, end, how.scale);
+            if let Some(cap) = cap {
+                soft_cap_backward(&block(&scores), &mut grad, how.scale, cap);
+            }
+            assert_close(dot(&grad, &block(&dir)), directional(loss, &scores, &dir));
         }
-        let block =
-            |m: &[f32]| -> Vec<f32> { m.chunks(len).flat_map(|r| r[..end].to_vec()).collect() };
-        let mut grad = block(&probe);
-        causal_softmax_backward(&probs, len, &mut grad, end, scale);
-        assert_close(dot(&grad, &block(&dir)), directional(loss, &scores, &dir));
     }
 }

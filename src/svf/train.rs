@@ -5,8 +5,7 @@
 //!
 //! The model's forward and backward passes run in [`super::backprop`] (hand-written, f32 on the
 //! CPU) for a model in f32 on the CPU, and in [`super::autograd_engine`] (candle's autograd on
-//! the model's device and dtype) for any other, and for Gemma, whose layers the hand-written
-//! engine does not compute; both give ∂L/∂s' for the scaled singular values
+//! the model's device and dtype) for any other; both give ∂L/∂s' for the scaled singular values
 //! s' = s ⊙ e(z), and candle's autograd maps that to ∂L/∂z through the parametrisation
 //! ([`super::effective_scale`]), so each parametrisation is written once.
 
@@ -64,11 +63,8 @@ enum Backend {
 
 impl Backend {
     fn new(base: &Transformer, factors: &[Decomposed]) -> Result<Self> {
-        let gemma = base.config.architecture.is_gemma();
         Ok(match (base.device(), base.dtype()) {
-            (Device::Cpu, DType::F32) if !gemma => {
-                Self::Cpu(Engine::new(&base.config, base, factors)?)
-            }
+            (Device::Cpu, DType::F32) => Self::Cpu(Engine::new(&base.config, base, factors)?),
             _ => Self::Autograd(AutogradEngine::new(base, factors)?),
         })
     }

@@ -30,7 +30,7 @@ use super::error::{ModelError, Result};
 use autograd::linalg_applies;
 use linear::QUANTIZED_MAX_ROWS;
 use ops::{
-    fused_attention, local_rope_tables, masked_softmax, rms_norm, rope, rope_tables, silu_mul,
+    fused_attention, gated, local_rope_tables, masked_softmax, rms_norm, rope, rope_tables,
     soft_cap, softmax_primitive,
 };
 
@@ -602,7 +602,7 @@ impl Transformer {
             return Err(ModelError::Input(format!(
                 "{} positions exceed {}",
                 cache.len() + t,
-                self.config.span_limit(self.config.attention_span())
+                self.config.span_limit()
             )));
         }
         cache.layers.resize_with(self.layers.len(), || None);
@@ -724,11 +724,7 @@ impl Transformer {
         let h = rms_norm(&x, &layer.mlp_norm, eps, mode)?;
         let experts = positions.experts.as_ref();
         let [gate, up] = Linear::forward_each([&layer.gate, &layer.up], &h, mode, experts)?;
-        let gated = match self.config.architecture.is_gemma() {
-            // GELU, tanh approximation (transformers' gelu_pytorch_tanh).
-            true => (gate.gelu()? * up)?,
-            false => silu_mul(&gate, &up, mode)?,
-        };
+        let gated = gated(&gate, &up, self.config.architecture.activation(), mode)?;
         Ok((&x + out_norm(layer.down.forward(&gated, mode, experts)?, 1)?)?)
     }
 

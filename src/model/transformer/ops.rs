@@ -1,21 +1,30 @@
-//! The maths a forward pass shares: rotary tables and embedding, RMS norm, SiLU, softmax
+//! The maths a forward pass shares: rotary tables and embedding, RMS norm, gating, softmax
 //! (fused kernels for inference, differentiable primitives otherwise).
 
 use super::*;
 use crate::model::autograd::{linalg_applies, with_f32_storage};
-use crate::model::kernels;
+use crate::model::kernels::{self, Activation};
 
-/// `silu(gate) ⊙ up`: in the fast path on the CPU one fused pass with a vectorised exp (libm's
+/// `act(gate) ⊙ up`: in the fast path on the CPU one fused pass with a vectorised exp (libm's
 /// scalar `expf` and candle's two passes were ~10% of a prefill).
-pub(super) fn silu_mul(gate: &Tensor, up: &Tensor, mode: Mode) -> Result<Tensor> {
+pub(super) fn gated(
+    gate: &Tensor,
+    up: &Tensor,
+    activation: Activation,
+    mode: Mode,
+) -> Result<Tensor> {
     if mode == Mode::Differentiable || !linalg_applies(gate) || gate.dims() != up.dims() {
-        return Ok((candle_nn::ops::silu(gate)? * up)?);
+        let activated = match activation {
+            Activation::Silu => candle_nn::ops::silu(gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        return Ok((activated * up)?);
     }
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
     let n = gate.elem_count();
     let mut out = vec![0f32; n];
     with_f32_storage(&gate, |g| {
-        with_f32_storage(&up, |u| kernels::silu_mul(&g[..n], &u[..n], &mut out))
+        with_f32_storage(&up, |u| activation.gated(&g[..n], &u[..n], &mut out))
     })??;
     Ok(Tensor::from_vec(out, gate.dims(), gate.device())?)
 }

@@ -1,23 +1,36 @@
 //! Block-causal attention of packed sequences, forward and backward, in query blocks.
 
 use super::*;
+use crate::model::kernels::Scores;
 
 impl Engine {
     /// Token-major (tokens × heads·d) to grouped: per sequence and key/value head g, the rows
     /// t·rep + j hold query head g·rep + j at position t (rep = heads / kv_heads; 1 for keys
-    /// and values). Each head vector is rotated by its position when `rotate`.
+    /// and values). Each head vector is rotated by its position with `rotation`'s tables.
     ///
     /// Why this order: the rep query heads of one position are adjacent in both layouts (one
     /// copy each), and a block of positions is a block of rows for all of them at once, so
     /// causal attention can skip the masked blocks with a few large products.
-    pub(super) fn to_heads(&self, x: &[f32], pass: &Pass, heads: usize, rotate: bool) -> Vec<f32> {
-        self.transpose_heads(x, pass, heads, rotate, true)
+    pub(super) fn to_heads(
+        &self,
+        x: &[f32],
+        pass: &Pass,
+        heads: usize,
+        rotation: Option<Tables>,
+    ) -> Vec<f32> {
+        self.transpose_heads(x, pass, heads, rotation, true)
     }
 
-    /// The inverse of [`Engine::to_heads`]; with `rotate`, applies the inverse rotation (the
+    /// The inverse of [`Engine::to_heads`]; with `rotation`, applies the inverse rotation (the
     /// backward pass of the rotation).
-    pub(super) fn to_tokens(&self, x: &[f32], pass: &Pass, heads: usize, rotate: bool) -> Vec<f32> {
-        self.transpose_heads(x, pass, heads, rotate, false)
+    pub(super) fn to_tokens(
+        &self,
+        x: &[f32],
+        pass: &Pass,
+        heads: usize,
+        rotation: Option<Tables>,
+    ) -> Vec<f32> {
+        self.transpose_heads(x, pass, heads, rotation, false)
     }
 
     pub(super) fn transpose_heads(
@@ -25,9 +38,10 @@ impl Engine {
         x: &[f32],
         pass: &Pass,
         heads: usize,
-        rotate: bool,
+        rotation: Option<Tables>,
         to_heads: bool,
     ) -> Vec<f32> {
+        let tables = rotation.map(|t| pass.tables(t));
         let (d, kv_heads) = (self.config.head_dim, self.config.num_kv_heads);
         let (half, width) = (d / 2, heads * d);
         let run = heads / kv_heads * d;
@@ -57,9 +71,9 @@ impl Engine {
                         };
                         let run = &mut out[to..to + run];
                         run.copy_from_slice(&x[from..from + run.len()]);
-                        if rotate {
+                        if let Some((cos, sin)) = tables {
                             let angles = at * half..(at + 1) * half;
-                            let (cos, sin) = (&pass.cos[angles.clone()], &pass.sin[angles]);
+                            let (cos, sin) = (&cos[angles.clone()], &sin[angles]);
                             for v in run.chunks_mut(d) {
                                 kernels::rotate(v, cos, sin, !to_heads);
                             }
@@ -70,17 +84,22 @@ impl Engine {
         out
     }
 
-    /// Causal attention of every sequence and key/value head: the probabilities and the
-    /// attended values (grouped like q). Queries go in blocks of [`QUERY_BLOCK`] positions,
-    /// each against the keys up to its last position only.
+    /// Causal attention of every sequence and key/value head (within `window`, if given):
+    /// the probabilities and the attended values (grouped like q). Queries go in blocks of
+    /// [`QUERY_BLOCK`] positions, each against the keys up to its last position only.
     pub(super) fn attention(
         &self,
         q: &[f32],
         k: &[f32],
         v: &[f32],
         lengths: &[usize],
+        window: Option<usize>,
     ) -> (Vec<f32>, Vec<f32>) {
-        let (rep, d, scale) = self.attention_shape();
+        let (rep, d) = self.attention_shape();
+        let how = Scores {
+            window,
+            ..self.scores()
+        };
         let mut probs = self.pool.zeros(self.probs_len(lengths));
         let mut out = self.pool.zeros(q.len());
         let groups = self.groups(lengths);
@@ -99,7 +118,7 @@ impl Engine {
                     let k = Mat::new(&k[..end * d], end, d);
                     let visible = MatMut::strided(scores, rows, end, len);
                     matmul(visible, q, k.t(), false, Threads::One);
-                    kernels::causal_softmax(scores, len, rep, first, end, scale);
+                    kernels::causal_softmax(scores, len, rep, first, end, how);
                     let o = MatMut::new(&mut o[r0 * d..(r0 + rows) * d], rows, d);
                     let p = Mat::strided(scores, rows, end, len);
                     matmul(o, p, Mat::new(&v[..end * d], end, d), false, Threads::One);
@@ -109,14 +128,17 @@ impl Engine {
     }
 
     /// Gradients of q, k and v (grouped, before the inverse rotation) from those of the
-    /// attended values.
+    /// attended values. Keys outside a window have probability 0 and so no gradient; soft-capped
+    /// scores are recomputed for the cap's derivative (one product per block, where keeping
+    /// them would take as much memory as the probabilities).
     pub(super) fn attention_backward(
         &self,
         saved: &Saved,
         grad_out: &[f32],
         lengths: &[usize],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (rep, d, scale) = self.attention_shape();
+        let (rep, d) = self.attention_shape();
+        let Scores { scale, cap, .. } = self.scores();
         let (mut grad_q, mut grad_k, mut grad_v) = (
             self.pool.zeros(saved.q.len()),
             self.pool.zeros(saved.k.len()),
@@ -134,7 +156,9 @@ impl Engine {
             .zip(split_groups(&saved.v, &groups, |len| len * d))
             .zip(&groups)
             .for_each(|((((((((gq, gk), gv), p), go), q), k), v), &len)| {
-                let mut gs = vec![0f32; rep * QUERY_BLOCK.min(len) * len];
+                let block = rep * QUERY_BLOCK.min(len) * len;
+                let mut gs = vec![0f32; block];
+                let mut raw = vec![0f32; if cap.is_some() { block } else { 0 }];
                 for (first, end) in query_blocks(len) {
                     let (r0, rows) = (first * rep, (end - first) * rep);
                     let (q, go) = (&q[r0 * d..(r0 + rows) * d], &go[r0 * d..(r0 + rows) * d]);
@@ -150,6 +174,11 @@ impl Engine {
                     let gv = MatMut::new(&mut gv[..end * d], end, d);
                     matmul(gv, p.t(), go, true, Threads::One);
                     kernels::causal_softmax_backward(p_rows, len, gs, end, scale);
+                    if let Some(cap) = cap {
+                        let raw = &mut raw[..rows * end];
+                        matmul(MatMut::new(raw, rows, end), q, k.t(), false, Threads::One);
+                        kernels::soft_cap_backward(raw, gs, scale, cap);
+                    }
                     let gq = MatMut::new(&mut gq[r0 * d..(r0 + rows) * d], rows, d);
                     matmul(gq, Mat::new(gs, rows, end), k, false, Threads::One);
                     let gk = MatMut::new(&mut gk[..end * d], end, d);
@@ -159,11 +188,22 @@ impl Engine {
         (grad_q, grad_k, grad_v)
     }
 
-    /// Query heads per key/value head, head dimension, score scale.
-    pub(super) fn attention_shape(&self) -> (usize, usize, f32) {
+    /// Query heads per key/value head, head dimension.
+    pub(super) fn attention_shape(&self) -> (usize, usize) {
         let c = &self.config;
-        let d = c.head_dim;
-        (c.num_heads / c.num_kv_heads, d, 1.0 / (d as f32).sqrt())
+        (c.num_heads / c.num_kv_heads, c.head_dim)
+    }
+
+    /// How scores become probabilities, but for a layer's window: scaled by head_dim^-½
+    /// (Gemma's query_pre_attn_scalar^-½), soft-capped in Gemma 2.
+    pub(super) fn scores(&self) -> Scores {
+        let c = &self.config;
+        let multiplier = c.query_multiplier().unwrap_or(1.0) as f32;
+        Scores {
+            scale: multiplier / (c.head_dim as f32).sqrt(),
+            cap: (c.gemma.as_ref()).and_then(|g| g.attn_softcap.map(|cap| cap as f32)),
+            window: None,
+        }
     }
 
     /// The length of each (sequence, key/value head) group, in layout order.
@@ -181,9 +221,16 @@ impl Engine {
 
     /// Attention of the pass's sequences; packs that share tokens run one sequence per member
     /// (see [`super::packing`]), folded back into packed rows.
-    pub(super) fn attend(&self, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, pass: &Pass) -> Attended {
+    pub(super) fn attend(
+        &self,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        pass: &Pass,
+        window: Option<usize>,
+    ) -> Attended {
         let Some(e) = &pass.expansion else {
-            let (probs, out) = self.attention(&q, &k, &v, &pass.lengths);
+            let (probs, out) = self.attention(&q, &k, &v, &pass.lengths, window);
             return Attended {
                 q,
                 k,
@@ -201,7 +248,7 @@ impl Engine {
             self.pool.give([x]);
             expanded
         });
-        let (probs, expanded_out) = self.attention(&q, &k, &v, &e.lengths);
+        let (probs, expanded_out) = self.attention(&q, &k, &v, &e.lengths, window);
         let out = self.fold(e, &expanded_out, true, false);
         self.pool.give([expanded_out]);
         Attended {

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Indices of [`Layer::out_norms`].
+const ATTENTION: usize = 0;
+const MLP: usize = 1;
+
 impl Engine {
     pub(super) fn block_forward(
         &self,
@@ -27,30 +31,32 @@ impl Engine {
         kernels::rms_norm(&x, &layer.attn_norm, eps, &mut normed, &mut inv_rms_attn);
         let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
         let mut head_norms = Vec::new();
-        let mut heads_of = |slot: usize, count: usize, rotate: bool| {
+        let mut heads_of = |slot: usize, count: usize, rotation: Option<Tables>| {
             let mut tokens = project(slot, &normed);
             if let Some(weight) = layer.head_norm(slot) {
-                let (normed, input) = self.head_norm(tokens, weight);
+                let (normed, input) = self.norm(tokens, weight);
                 head_norms.push(input);
                 tokens = normed;
             }
-            let grouped = self.to_heads(&tokens, pass, count, rotate);
+            let grouped = self.to_heads(&tokens, pass, count, rotation);
             pool.give([tokens]);
             grouped
         };
-        let q = heads_of(Q, heads, layer.rotate);
-        let k = heads_of(K, kv_heads, layer.rotate);
-        let v = heads_of(V, kv_heads, false);
+        let q = heads_of(Q, heads, layer.rotation);
+        let k = heads_of(K, kv_heads, layer.rotation);
+        let v = heads_of(V, kv_heads, None);
         let Attended {
             q,
             k,
             v,
             probs,
             out,
-        } = self.attend(q, k, v, pass);
-        let attended = self.to_tokens(&out, pass, heads, false);
-        let mut x_mid = project(O, &attended);
+        } = self.attend(q, k, v, pass, layer.window);
+        let attended = self.to_tokens(&out, pass, heads, None);
+        let attn_out = project(O, &attended);
         pool.give([out, attended]);
+        let mut out_norms = Vec::new();
+        let mut x_mid = self.out_norm(layer, ATTENTION, attn_out, &mut out_norms);
         x_mid.par_iter_mut().zip(&x).for_each(|(o, x)| *o += x);
 
         let mut inv_rms_mlp = pool.zeros(n);
@@ -59,9 +65,10 @@ impl Engine {
         let up = project(UP, &normed);
         let mut gated = pool.zeros(gate.len());
         pool.give([normed]);
-        kernels::silu_mul(&gate, &up, &mut gated);
-        let mut y = project(DOWN, &gated);
+        (c.architecture.activation()).gated(&gate, &up, &mut gated);
+        let down = project(DOWN, &gated);
         pool.give([gated]);
+        let mut y = self.out_norm(layer, MLP, down, &mut out_norms);
         y.par_iter_mut().zip(&x_mid).for_each(|(y, x)| *y += x);
         let keep = Saved {
             x,
@@ -76,26 +83,58 @@ impl Engine {
             up,
             hidden,
             head_norms,
+            out_norms,
         };
         (y, keep)
     }
 
-    /// Each head's row of `tokens` (a q or k projection) RMS-normalised with `weight`, and
-    /// what the backward pass needs.
-    fn head_norm(&self, tokens: Vec<f32>, weight: &[f32]) -> (Vec<f32>, HeadNormInput) {
+    /// Each `weight`-wide row of `rows` RMS-normalised with `weight` (a head norm on q's or
+    /// k's heads, an output norm on tokens), and what the backward pass needs.
+    fn norm(&self, rows: Vec<f32>, weight: &[f32]) -> (Vec<f32>, NormInput) {
         let eps = self.config.rms_norm_eps as f32;
-        let mut normed = self.pool.zeros(tokens.len());
-        let mut inv_rms = self.pool.zeros(tokens.len() / weight.len());
-        kernels::rms_norm(&tokens, weight, eps, &mut normed, &mut inv_rms);
-        (normed, HeadNormInput { x: tokens, inv_rms })
+        let mut normed = self.pool.zeros(rows.len());
+        let mut inv_rms = self.pool.zeros(rows.len() / weight.len());
+        kernels::rms_norm(&rows, weight, eps, &mut normed, &mut inv_rms);
+        (normed, NormInput { x: rows, inv_rms })
     }
 
-    /// The gradient of a head norm's input from that of its output.
-    fn head_norm_backward(&self, grad: Vec<f32>, weight: &[f32], input: HeadNormInput) -> Vec<f32> {
+    /// The gradient of a norm's input from that of its output.
+    fn norm_backward(&self, grad: &[f32], weight: &[f32], input: NormInput) -> Vec<f32> {
         let mut grad_x = self.pool.zeros(grad.len());
-        kernels::rms_norm_backward(&input.x, weight, &input.inv_rms, &grad, &mut grad_x);
-        self.pool.give([grad, input.x, input.inv_rms]);
+        kernels::rms_norm_backward(&input.x, weight, &input.inv_rms, grad, &mut grad_x);
+        self.pool.give([input.x, input.inv_rms]);
         grad_x
+    }
+
+    /// The attention's or the MLP's output `y` (`which`) through the layer's norm of it, where
+    /// it has one (Gemma), keeping the norm's input in `kept`.
+    fn out_norm(
+        &self,
+        layer: &Layer,
+        which: usize,
+        y: Vec<f32>,
+        kept: &mut Vec<NormInput>,
+    ) -> Vec<f32> {
+        let Some(weights) = &layer.out_norms else {
+            return y;
+        };
+        let (normed, input) = self.norm(y, &weights[which]);
+        kept.push(input);
+        normed
+    }
+
+    /// The gradient of the output `which` from that of its norm's output (`None`: the layer
+    /// has no such norm, the gradient is `grad` itself).
+    fn out_norm_backward(
+        &self,
+        layer: &Layer,
+        which: usize,
+        grad: &[f32],
+        kept: &mut Vec<NormInput>,
+    ) -> Option<Vec<f32>> {
+        let weights = layer.out_norms.as_ref()?;
+        let input = kept.pop().expect("the forward pass kept its input");
+        Some(self.norm_backward(grad, &weights[which], input))
     }
 
     pub(super) fn block_backward(
@@ -116,11 +155,20 @@ impl Engine {
             p[slot].backward(grad, n, hidden, scaled_s, grad_x, accumulate, grad_s, pool)
         };
 
-        // MLP: y = x_mid + down(silu(gate) ⊙ up), gate and up of rms_norm(x_mid).
+        // MLP: y = x_mid + out_norm(down(act(gate) ⊙ up)), gate and up of rms_norm(x_mid).
+        let mut out_norms = std::mem::take(&mut saved.out_norms);
+        let grad_down = self.out_norm_backward(layer, MLP, &grad_y, &mut out_norms);
         let mut grad_gate = pool.zeros(saved.gate.len());
-        back(DOWN, &grad_y, &mut grad_gate, false);
+        back(
+            DOWN,
+            grad_down.as_deref().unwrap_or(&grad_y),
+            &mut grad_gate,
+            false,
+        );
+        pool.give(grad_down);
         let mut grad_up = pool.zeros(saved.up.len());
-        kernels::silu_mul_backward(&saved.gate, &saved.up, &mut grad_gate, &mut grad_up);
+        let activation = c.architecture.activation();
+        activation.gated_backward(&saved.gate, &saved.up, &mut grad_gate, &mut grad_up);
         let mut grad_normed = pool.zeros(grad_y.len());
         back(GATE, &grad_gate, &mut grad_normed, false);
         back(UP, &grad_up, &mut grad_normed, true);
@@ -134,27 +182,35 @@ impl Engine {
             &mut grad_mid,
         );
 
-        // Attention: x_mid = x + o(attention(q, k, v)), q, k, v of rms_norm(x).
+        // Attention: x_mid = x + out_norm(o(attention(q, k, v))), q, k, v of rms_norm(x).
         let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
+        let grad_o = self.out_norm_backward(layer, ATTENTION, &grad_mid, &mut out_norms);
         let mut grad_attended = pool.zeros(n * heads * c.head_dim);
-        back(O, &grad_mid, &mut grad_attended, false);
-        let grad_grouped = self.to_heads(&grad_attended, pass, heads, false);
+        back(
+            O,
+            grad_o.as_deref().unwrap_or(&grad_mid),
+            &mut grad_attended,
+            false,
+        );
+        pool.give(grad_o);
+        let grad_grouped = self.to_heads(&grad_attended, pass, heads, None);
         let (grad_q, grad_k, grad_v) = self.attend_backward(&saved, &grad_grouped, pass);
         pool.give([grad_attended, grad_grouped]);
         let qkv = [
-            (Q, grad_q, heads, layer.rotate),
-            (K, grad_k, kv_heads, layer.rotate),
-            (V, grad_v, kv_heads, false),
+            (Q, grad_q, heads, layer.rotation),
+            (K, grad_k, kv_heads, layer.rotation),
+            (V, grad_v, kv_heads, None),
         ];
         let mut head_norms = std::mem::take(&mut saved.head_norms).into_iter();
-        for (slot, grouped, count, rotate) in qkv {
-            let mut tokens = self.to_tokens(&grouped, pass, count, rotate);
+        for (slot, grouped, count, rotation) in qkv {
+            let mut tokens = self.to_tokens(&grouped, pass, count, rotation);
             pool.give([grouped]);
             if let Some(weight) = layer.head_norm(slot) {
                 let input = head_norms
                     .next()
                     .expect("the forward pass kept q's and k's");
-                tokens = self.head_norm_backward(tokens, weight, input);
+                let grad = self.norm_backward(&tokens, weight, input);
+                pool.give([std::mem::replace(&mut tokens, grad)]);
             }
             back(slot, &tokens, &mut grad_normed, slot != Q);
             pool.give([tokens]);

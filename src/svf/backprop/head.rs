@@ -6,7 +6,7 @@ use tsq_linalg::wide_fn;
 impl Engine {
     /// Floats per position and key/value head: the query heads that share it, or itself.
     pub(super) fn head_run(&self, queries: bool) -> usize {
-        let (rep, d, _) = self.attention_shape();
+        let (rep, d) = self.attention_shape();
         if queries { rep * d } else { d }
     }
 
@@ -23,7 +23,8 @@ impl Engine {
         e.scatter(expanded, kv, run, add, zeros)
     }
 
-    /// `−Σ w log softmax(norm(x_row) headᵀ)[token]` over the scored rows; writes the gradient of
+    /// `−Σ w log softmax(norm(x_row) headᵀ)[token]` (the logits soft-capped in Gemma 2) over
+    /// the scored rows; writes the gradient of
     /// those rows of `x` into `grad_x`. The head runs on [`HEAD_CHUNK_ROWS`] rows at a time, so
     /// full logits never exist for the whole batch.
     pub(super) fn head_loss(&self, x: &[f32], scored: &[Scored], grad_x: &mut [f32]) -> f64 {
@@ -47,7 +48,12 @@ impl Engine {
                 .zip(chunk)
                 .map(|(row, s)| {
                     let mut loss = 0f64;
-                    loss_gradient(row, s.token as usize, s.weight, &mut loss);
+                    match self.final_cap {
+                        None => loss_gradient(row, s.token as usize, s.weight, &mut loss),
+                        Some(cap) => {
+                            capped_loss_gradient(row, s.token as usize, s.weight, cap, &mut loss)
+                        }
+                    }
                     loss
                 })
                 .sum::<f64>();
@@ -83,6 +89,24 @@ fn loss_gradient(row: &mut [f32], token: usize, weight: f32, loss: &mut f64) {
     let scale = weight / total as f32;
     row.iter_mut().for_each(|v| *v *= scale);
     row[token] -= weight;
+    *loss = -(weight as f64) * (picked as f64 - total.ln());
+}
+}
+
+wide_fn! {
+/// [`loss_gradient`] of soft-capped logits c = cap · tanh(l / cap), with respect to l: the
+/// softmax's gradient times 1 − (c / cap)². The exponentials are taken twice (a sum, then
+/// each gradient), so that c stays in the row until its derivative is taken.
+fn capped_loss_gradient(row: &mut [f32], token: usize, weight: f32, cap: f32, loss: &mut f64) {
+    row.iter_mut().for_each(|v| *v = cap * kernels::tanh(*v / cap));
+    let max = kernels::max(row);
+    let picked = row[token] - max;
+    let total = kernels::sum_exp(row, max) as f64;
+    let scale = weight / total as f32;
+    let derivative = |c: f32| 1.0 - (c / cap) * (c / cap);
+    let at_token = derivative(row[token]);
+    row.iter_mut().for_each(|v| *v = scale * kernels::exp(*v - max) * derivative(*v));
+    row[token] -= weight * at_token;
     *loss = -(weight as f64) * (picked as f64 - total.ln());
 }
 }

@@ -211,10 +211,22 @@ struct Layer {
     attn_norm: Vec<f32>,
     /// Per-head RMS norm weights of queries and keys, where the architecture has them.
     qk_norm: Option<[Vec<f32>; 2]>,
-    /// Whether queries and keys are rotated (not in SmolLM3's NoPE layers).
-    rotate: bool,
+    /// Which tables rotate queries and keys (none in SmolLM3's NoPE layers).
+    rotation: Option<Tables>,
+    /// The sliding window its attention keeps to, if it has one.
+    window: Option<usize>,
     mlp_norm: Vec<f32>,
+    /// Gemma's norms of the attention's and the MLP's outputs, before each residual sum.
+    out_norms: Option<[Vec<f32>; 2]>,
     projections: [Projection; 7],
+}
+
+/// Which rotation tables of a pass a layer uses.
+#[derive(Clone, Copy)]
+enum Tables {
+    Global,
+    /// Gemma 3's sliding-window layers' own base.
+    Local,
 }
 
 impl Layer {
@@ -253,10 +265,16 @@ impl Embedding {
 pub struct Engine {
     config: ModelConfig,
     embed: Embedding,
+    /// What embeddings are multiplied by (Gemma's √hidden).
+    embed_scale: Option<f32>,
     head: Frozen,
     norm: Vec<f32>,
+    /// The logits' soft cap (Gemma 2).
+    final_cap: Option<f32>,
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
+    /// Inverse frequencies of [`Tables::Local`], where some layer uses them.
+    local_inv_freq: Option<Vec<f32>>,
     /// Rank of each target, in target order.
     ranks: Vec<usize>,
     /// Activation memory one pass may take ([`PASS_BYTES`]).
@@ -297,8 +315,9 @@ struct Pass {
     tokens: usize,
     /// Rotary position of each token.
     positions: Vec<usize>,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Cos and sin of [`Tables::Global`], then of [`Tables::Local`] where the model has them.
+    global: (Vec<f32>, Vec<f32>),
+    local: Option<(Vec<f32>, Vec<f32>)>,
     /// The members' own attention sequences, when some pack shares tokens.
     expansion: Option<Expansion>,
 }
@@ -320,14 +339,27 @@ struct Saved {
     /// h = Vᵀ x of each factored projection.
     hidden: [Option<Vec<f32>>; 7],
     /// The inputs of q's and k's head norms, in that order (none where the model has none).
-    head_norms: Vec<HeadNormInput>,
+    head_norms: Vec<NormInput>,
+    /// The inputs of the attention's and the MLP's output norms (Gemma), in that order.
+    out_norms: Vec<NormInput>,
 }
 
-/// What a head norm's backward pass needs: its input (tokens × heads · head_dim) and the
-/// inverse RMS of each head's row.
-struct HeadNormInput {
+/// What an RMS norm's backward pass needs: its input (rows × width) and the inverse RMS of
+/// each row.
+struct NormInput {
     x: Vec<f32>,
     inv_rms: Vec<f32>,
+}
+
+impl Pass {
+    /// Cos and sin of `tables`.
+    fn tables(&self, tables: Tables) -> (&[f32], &[f32]) {
+        let (cos, sin) = match (tables, &self.local) {
+            (Tables::Local, Some(local)) => local,
+            _ => &self.global,
+        };
+        (cos, sin)
+    }
 }
 
 /// Attention's results: what its backward pass keeps, and the attended values (packed).
@@ -353,9 +385,10 @@ impl Saved {
             self.gate,
             self.up,
         ];
-        let head_norms = self.head_norms.into_iter().flat_map(|h| [h.x, h.inv_rms]);
+        let norms =
+            (self.head_norms.into_iter().chain(self.out_norms)).flat_map(|n| [n.x, n.inv_rms]);
         let hidden = self.hidden.into_iter().flatten();
-        pool.give(buffers.into_iter().chain(hidden).chain(head_norms));
+        pool.give(buffers.into_iter().chain(hidden).chain(norms));
     }
 }
 
@@ -374,17 +407,19 @@ impl Engine {
         tensors: &dyn WeightSource,
         factors: &[Decomposed],
     ) -> Result<Self> {
-        if config.architecture.is_gemma() {
-            return Err(ModelError::Input(
-                "this engine does not compute Gemma's layers (its norms after attention and \
-                 MLP, GELU, soft caps): Gemma trains through the autograd engine"
-                    .into(),
-            ));
-        }
         let get = |name: &str| {
             tensors
                 .weight(name)?
                 .ok_or_else(|| ModelError::Input(format!("weights lack `{name}`")))
+        };
+        let gemma = config.architecture.is_gemma();
+        // A norm's weight as the forward multiplies by it: Gemma's stored w is 1 + w.
+        let norm = |name: &str| -> Result<Vec<f32>> {
+            let mut weight = f32s(&get(name)?)?;
+            if gemma {
+                weight.iter_mut().for_each(|w| *w += 1.0);
+            }
+            Ok(weight)
         };
         let targets: BTreeMap<&str, (usize, &Decomposed)> = factors
             .iter()
@@ -429,16 +464,28 @@ impl Engine {
                 .iter()
                 .filter(|p| matches!(p.weight, Weight::Factored { .. }))
                 .count();
-            let head_norm = |n: &str| f32s(&get(&format!("layers.{i}.attn.{n}.weight"))?);
+            let layer_norm = |n: &str| norm(&format!("layers.{i}.{n}.weight"));
             let qk_norm = match config.architecture.qk_norm() {
-                true => Some([head_norm("q_norm")?, head_norm("k_norm")?]),
+                true => Some([layer_norm("attn.q_norm")?, layer_norm("attn.k_norm")?]),
                 false => None,
             };
+            let out_norms = match gemma {
+                true => Some([layer_norm("attn_out_norm")?, layer_norm("mlp_out_norm")?]),
+                false => None,
+            };
+            let rotation = match config.rotates_locally(i) {
+                true => Tables::Local,
+                false => Tables::Global,
+            };
             layers.push(Layer {
-                attn_norm: f32s(&get(&format!("layers.{i}.attn_norm.weight"))?)?,
+                attn_norm: layer_norm("attn_norm")?,
                 qk_norm,
-                rotate: config.rotates(i),
-                mlp_norm: f32s(&get(&format!("layers.{i}.mlp_norm.weight"))?)?,
+                rotation: config.rotates(i).then_some(rotation),
+                window: config
+                    .sliding_window
+                    .filter(|_| config.attends_within_window(i)),
+                mlp_norm: layer_norm("mlp_norm")?,
+                out_norms,
                 projections,
             });
         }
@@ -449,13 +496,17 @@ impl Engine {
                 factors.len()
             )));
         }
-        let inv_freq = config.inv_freq();
+        let cap = |pick: fn(&crate::model::config::Gemma) -> Option<f64>| {
+            config.gemma.as_ref().and_then(pick).map(|c| c as f32)
+        };
         Ok(Self {
             config: config.clone(),
             embed: match tensors.packed("embed.weight") {
                 Some(panels) => Embedding::Panels(panels),
                 None => Embedding::Rows(f32s(&get("embed.weight")?)?),
             },
+            // In f32, as transformers computes it for an f32 model.
+            embed_scale: gemma.then(|| (config.hidden_size as f32).sqrt()),
             head: {
                 let name = match config.tie_word_embeddings {
                     true => "embed.weight",
@@ -463,9 +514,11 @@ impl Engine {
                 };
                 Frozen::head(&get(name)?, tensors.packed(name))?
             },
-            norm: f32s(&get("norm.weight")?)?,
+            norm: norm("norm.weight")?,
+            final_cap: cap(|g| g.final_softcap),
             layers,
-            inv_freq,
+            inv_freq: config.inv_freq(),
+            local_inv_freq: config.local_inv_freq(),
             ranks: factors
                 .iter()
                 .map(|d| d.factors.s.dim(0))
@@ -479,9 +532,7 @@ impl Engine {
     /// The loss −Σ w · log p(token | prefix) over `batch` with the targets' scaled singular
     /// values `scaled_s` (target order), and its gradient with respect to them.
     pub fn gradients(&self, scaled_s: &[Vec<f32>], batch: &[Sequence]) -> Result<Gradients> {
-        // This engine attends without windows: within them attention is causal attention.
-        let span = self.config.full_attention_span();
-        check_step(&self.config, span, &self.ranks, scaled_s, batch)?;
+        check_step(&self.config, &self.ranks, scaled_s, batch)?;
         let mut out = Gradients {
             loss: 0.0,
             scaled_s: self.ranks.iter().map(|&r| vec![0f32; r]).collect(),
@@ -508,7 +559,12 @@ impl Engine {
             true => q_width + c.num_kv_heads * c.head_dim,
             false => 0,
         };
-        let widths = 9 * c.hidden_size.max(q_width) + 2 * c.intermediate_size + head_norms;
+        let out_norms = match c.architecture.is_gemma() {
+            true => 2 * c.hidden_size,
+            false => 0,
+        };
+        let widths =
+            9 * c.hidden_size.max(q_width) + 2 * c.intermediate_size + head_norms + out_norms;
         let per_token = 4 * c.num_layers * widths;
         let bytes = |pack: &Pack| {
             let probs: usize = pack.members.iter().map(|m| m.ids.len().pow(2)).sum();
@@ -536,17 +592,20 @@ impl Engine {
         let positions: Vec<usize> = packs.iter().flat_map(Pack::positions).collect();
         let longest = positions.iter().max().map_or(0, |p| p + 1);
         let scale = self.config.rope_attention_factor();
-        let (cos, sin) = kernels::rope_tables(&self.inv_freq, scale, longest);
         let pass = Pass {
             tokens: lengths.iter().sum(),
             lengths,
             positions,
-            cos,
-            sin,
+            global: kernels::rope_tables(&self.inv_freq, scale, longest),
+            local: (self.local_inv_freq.as_ref())
+                .map(|inv_freq| kernels::rope_tables(inv_freq, 1.0, longest)),
             expansion: Expansion::of(packs),
         };
         let ids: Vec<u32> = packs.iter().flat_map(Pack::ids).collect();
         let mut x = self.embed.rows(&ids, self.config.hidden_size);
+        if let Some(scale) = self.embed_scale {
+            x.par_iter_mut().for_each(|v| *v *= scale);
+        }
         let mut saved = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let (next, keep) = self.block_forward(layer, x, &pass, scaled_s);
@@ -583,11 +642,10 @@ impl Engine {
 }
 
 /// Refuses a step whose scaled singular values do not fit the targets (`ranks`, in order) or
-/// whose sequences the engine cannot take (longer than `span` positions). Both engines check
+/// whose sequences the model cannot take (longer than its attention span). Both engines check
 /// with it.
 pub(super) fn check_step(
     config: &ModelConfig,
-    span: usize,
     ranks: &[usize],
     scaled_s: &[Vec<f32>],
     batch: &[Sequence],
@@ -603,11 +661,11 @@ pub(super) fn check_step(
                 "sequence {b}: needs one weight per token and none on the first"
             ));
         }
-        if seq.ids.len() > span {
+        if seq.ids.len() > config.attention_span() {
             return bad(format!(
                 "sequence {b}: {} tokens exceed {}",
                 seq.ids.len(),
-                config.span_limit(span)
+                config.span_limit()
             ));
         }
         if let Some(id) = seq.ids.iter().find(|&&id| id as usize >= vocab) {
@@ -658,23 +716,6 @@ mod tests {
         assert_eq!(engine.passes(&packs(&batch, MIN_SHARED)).len(), 2);
         let split = engine.gradients(&scaled_s, &batch)?;
         assert_same_gradients(&whole, &split);
-        Ok(())
-    }
-
-    /// This engine attends without windows, so a windowed model's sequences past its window
-    /// are refused here (the autograd engine computes them), naming the window.
-    #[test]
-    fn sequences_past_a_window_are_refused() -> Result<()> {
-        let (mut engine, scaled_s, vocab) = tiny_engine()?;
-        engine.config.architecture = Architecture::Mistral;
-        engine.config.sliding_window = Some(50);
-        let (ids, weights) = batch(vocab);
-        let err = engine.gradients(&scaled_s, &sequences(&ids, &weights));
-        let err = err.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(
-            err.contains("70 tokens exceed the model's sliding window of 50"),
-            "{err}"
-        );
         Ok(())
     }
 
@@ -782,8 +823,9 @@ mod tests {
     }
 
     /// The training engine's loss on the architecture fixtures (Llama 3 rope scaling, Qwen2
-    /// biases, Qwen3 head norms, SmolLM3 NoPE layers, Mistral, Phi-3) equals the one from
-    /// transformers' own logits for the same sequence.
+    /// biases, Qwen3 head norms, SmolLM3 NoPE layers, Mistral, Phi-3 and Gemma past their
+    /// sliding windows, Gemma's norms, GELU, soft caps and local rotation base) equals the one
+    /// from transformers' own logits for the same sequence.
     #[test]
     fn loss_matches_transformers_on_each_architecture() -> Result<()> {
         #[derive(serde::Deserialize)]
@@ -792,7 +834,18 @@ mod tests {
             logits: Vec<Vec<f32>>,
         }
         for name in [
-            "llama3", "qwen2", "qwen3", "smollm3", "mistral", "yarn", "linear", "phi3",
+            "llama3",
+            "qwen2",
+            "qwen3",
+            "smollm3",
+            "mistral",
+            "yarn",
+            "linear",
+            "phi3",
+            "gemma2",
+            "gemma3",
+            "gemma2_gguf",
+            "gemma3_gguf",
         ] {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/arch")
@@ -802,9 +855,7 @@ mod tests {
             let model = crate::model::Model::load(&dir, candle_core::DType::F32, &Device::Cpu)?;
             let tf = &model.transformer;
             let engine = Engine::new(&tf.config, tf, &[])?;
-            // Within the window, where this engine's attention is the model's (Phi-3's
-            // reference runs past its window of 16).
-            let ids = &reference.ids[..reference.ids.len().min(tf.config.full_attention_span())];
+            let ids = &reference.ids;
             // Position by position (a sum over the sequence would hide a difference of 1e-2
             // in one logit, such as YaRN's attention factor left out).
             for t in (1..ids.len()).step_by(3) {
