@@ -9,7 +9,8 @@ a SentencePiece vocabulary for Mistral and Phi-3. tests/arch.rs loads each with 
 
 Each model exercises what sets its family apart: Llama 3's `llama3` rope scaling (with an
 original context short enough that the frequencies fall in all three bands), the `yarn` (on
-Qwen2) and `linear` (on Llama) rope scalings, Phi-3's fused q|k|v and gate|up matrices, Qwen2's q/k/v
+Qwen2) and `linear` (on Llama) rope scalings, Phi-3's fused q|k|v and gate|up matrices, Phi-3.5's
+`longrope` (past and within its original context) and Phi-4-mini's partial rotation, Qwen2's q/k/v
 biases and tied embeddings (with a sliding window configured but switched off, as Qwen2.5 ships
 it), Qwen3's per-head q/k RMS norms and heads wider than hidden / heads (as in Qwen3-0.6B:
 16 heads of 128 over a hidden size of 1024), SmolLM3's layers without rotary embeddings (every
@@ -71,6 +72,19 @@ GEMMA3_ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
 }
+# Phi-3.5's LongRoPE on the common shape (heads of 16: 8 divisors each).
+LONGROPE = dict(
+    **{**COMMON, "max_position_embeddings": 128},
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    pad_token_id=None,
+    original_max_position_embeddings=32,
+    rope_scaling={
+        "rope_type": "longrope",
+        "short_factor": [1.0, 1.05, 1.1, 1.3, 1.6, 2.0, 2.6, 3.2],
+        "long_factor": [1.0, 1.2, 1.9, 3.5, 6.0, 9.0, 14.0, 20.0],
+    },
+)
 MODELS = {
     "llama3": (
         LlamaForCausalLM,
@@ -152,6 +166,29 @@ MODELS = {
             pad_token_id=None,
         ),
     ),
+    # Phi-3.5 / Phi-3 128k: LongRoPE, a divisor per frequency, the short ones within the
+    # original context (32 here; 4096 in the releases) and the long ones past it (the reference
+    # runs to 64), cos and sin scaled by √(1 + ln(128 / 32) / ln 32) = 1.18. Written as the releases'
+    # config.json is (`rope_scaling` with `type`, the original context at the top level).
+    "longrope": (Phi3ForCausalLM, Phi3Config(**LONGROPE)),
+    # The same model on a sequence within the original context: the short divisors.
+    "longrope_short": (Phi3ForCausalLM, Phi3Config(**LONGROPE)),
+    # Phi-4-mini: LongRoPE on three quarters of each head (12 of 16 dimensions rotated, 6
+    # divisors each), the rest passed through.
+    "phi4mini": (
+        Phi3ForCausalLM,
+        Phi3Config(
+            **{
+                **LONGROPE,
+                "partial_rotary_factor": 0.75,
+                "rope_scaling": {
+                    "rope_type": "longrope",
+                    "short_factor": [1.0, 1.1, 1.4, 1.9, 2.5, 3.0],
+                    "long_factor": [1.0, 1.5, 3.0, 6.0, 11.0, 16.0],
+                },
+            }
+        ),
+    ),
     # Gemma 2: √hidden embeddings, (1 + w) norms, norms after attention and MLP, GELU, an
     # attention scale of its own (24 against heads of 16), soft caps low enough to bite on
     # these weights, sliding-window layers (every other; a window of 16 in 64 tokens).
@@ -200,7 +237,7 @@ MODELS = {
 # shows at distance; Phi-3's and Gemma's windows of 16 are passed), Mistral's inside its window
 # of 16 (its GGUF, converted as a Llama, has no window).
 IDS = [2 + (i * 37 + 11) % (VOCAB - 2) for i in range(64)]
-LENGTH = {"mistral": 16}
+LENGTH = {"mistral": 16, "longrope_short": 30}
 # Also written as a GGUF file beside the directory (tests/fixtures/arch/NAME.gguf).
 GGUF = {"qwen3", "smollm3", "mistral", "phi3", "gemma2_gguf", "gemma3_gguf"}
 # Converted as llama.cpp's LlamaModel converts: q/k rows permuted (Qwen's and Phi-3's are not).
@@ -221,10 +258,17 @@ def tokenizer(directory: pathlib.Path) -> None:
 
 
 def legacy_rope_config(path: pathlib.Path) -> None:
-    """`rope_parameters` as the transformers 4 checkpoints on the hub write it."""
+    """`rope_parameters` as the transformers 4 checkpoints on the hub write it (Phi-3's keeps
+    LongRoPE's original context at the top level and names the kind `type`)."""
     config = json.loads(path.read_text())
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")
+    if rope.get("rope_type") == "longrope":
+        config["original_max_position_embeddings"] = rope.pop("original_max_position_embeddings")
+        rope["type"] = rope.pop("rope_type")
+        partial = rope.pop("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            config["partial_rotary_factor"] = partial
     config["rope_scaling"] = rope
     path.write_text(json.dumps(config, indent=2))
 
@@ -370,7 +414,7 @@ def make(name: str, cls, config) -> None:
         old.unlink()
     model.to(torch.bfloat16).save_pretrained(directory, max_shard_size="40KB")
     tokenizer(directory)
-    if name == "llama3":
+    if name in ("llama3", "longrope", "longrope_short", "phi4mini"):
         legacy_rope_config(directory / "config.json")
     # The reference computes in f32 from the bf16 weights, as tsq does with `dtype: f32`.
     model = cls.from_pretrained(directory, torch_dtype=torch.float32).eval()

@@ -59,6 +59,9 @@ fn each_architecture_matches_transformers() {
         "yarn",
         "linear",
         "phi3",
+        "longrope",
+        "longrope_short",
+        "phi4mini",
         "gemma2",
         "gemma3",
         "gemma2_gguf",
@@ -78,7 +81,8 @@ fn each_architecture_matches_transformers() {
 #[test]
 fn a_saved_model_directory_is_the_same_model() {
     for name in [
-        "llama3", "yarn", "linear", "qwen3", "smollm3", "phi3", "gemma2", "gemma3",
+        "llama3", "yarn", "linear", "qwen3", "smollm3", "phi3", "longrope", "phi4mini", "gemma2",
+        "gemma3",
     ] {
         let (dir, reference) = fixture(name);
         let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
@@ -147,11 +151,27 @@ fn each_familys_features_make_the_difference() {
             yarn.attention_factor = 1.0;
         }
     };
+    // LongRoPE: the long divisors for a sequence within the original context, the short ones
+    // past it, or no attention factor.
+    let crossed: Change = |scaling| {
+        if let Some(RopeScaling::LongRope(l)) = scaling {
+            std::mem::swap(&mut l.short, &mut l.long);
+        }
+    };
+    let longrope_unscaled: Change = |scaling| {
+        if let Some(RopeScaling::LongRope(l)) = scaling {
+            l.attention_factor = 1.0;
+        }
+    };
     let changes = [
         ("llama3", unscaled),
         ("linear", unscaled),
         ("yarn", unscaled),
         ("yarn", no_attention_factor),
+        ("longrope", crossed),
+        ("longrope_short", crossed),
+        ("longrope", longrope_unscaled),
+        ("phi4mini", crossed),
     ];
     for (name, change) in changes {
         let off = moved_by(name, |config| {

@@ -82,10 +82,15 @@ pub enum ConfigError {
     )]
     Unsupported(String),
     #[error(
-        "`partial_rotary_factor` is {0}: tsq rotates whole heads only (Phi-4-mini's 0.75 is not \
-         supported)"
+        "`partial_rotary_factor` is {fraction}: expected a fraction of the heads' {head_dim} \
+         dimensions that is an even number of them, at least two"
     )]
-    PartialRotary(f64),
+    PartialRotary { fraction: f64, head_dim: usize },
+    #[error(
+        "GGUF `rope.dimension_count` rotates {rotated} of each head's {head_dim} dimensions: \
+         partial rotation is read from a model's HF directory (config.json), not from GGUF"
+    )]
+    GgufPartialRotary { rotated: usize, head_dim: usize },
     #[error("`{field}` is {value}; expected 1 to {max}")]
     SizeOutOfRange {
         field: &'static str,
@@ -99,8 +104,8 @@ pub enum ConfigError {
     #[error("head dimension {0} must be even for rotary embeddings")]
     OddHeadDim(usize),
     #[error(
-        "`rope_scaling` of type `{0}` is not supported (supported: `llama3`, `yarn`, `linear`; \
-         none for no scaling)"
+        "`rope_scaling` of type `{0}` is not supported (supported: `llama3`, `yarn`, `linear`, \
+         `longrope`; none for no scaling)"
     )]
     UnsupportedRopeScaling(String),
     #[error(
@@ -142,6 +147,20 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// YaRN (HF `rope_type: yarn`, Qwen2.5's long-context setting).
     Yarn(Yarn),
+    /// LongRoPE (HF `rope_type: longrope`: Phi-3 128k, Phi-3.5): one divisor per frequency,
+    /// `short` for sequences within the original context and `long` past it; cos and sin
+    /// scaled by `attention_factor` either way.
+    LongRope(LongRope),
+}
+
+/// LongRoPE's parameters (see [`RopeScaling::LongRope`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LongRope {
+    pub short: Vec<f32>,
+    pub long: Vec<f32>,
+    /// `original_max_position_embeddings`: sequences longer than this take `long`.
+    pub original_context: usize,
+    pub attention_factor: f64,
 }
 
 impl RopeScaling {
@@ -165,6 +184,11 @@ impl RopeScaling {
                 "original_max_position_embeddings": y.original_context,
                 "beta_fast": y.beta_fast, "beta_slow": y.beta_slow, "truncate": y.truncate,
                 "attention_factor": y.attention_factor,
+            }),
+            Self::LongRope(l) => serde_json::json!({
+                "rope_type": "longrope", "short_factor": l.short, "long_factor": l.long,
+                "original_max_position_embeddings": l.original_context,
+                "attention_factor": l.attention_factor,
             }),
             Self::Divisors(_) => return None,
         })
@@ -198,7 +222,7 @@ impl Yarn {
     /// turns `beta_fast` times over the original context to the one that turns `beta_slow`
     /// times (whole dimensions when `truncate`), never empty.
     fn ramp(&self, config: &ModelConfig) -> (f64, f64) {
-        let dim = config.head_dim as f64;
+        let dim = config.rotary_dim() as f64;
         let correction = |rotations: f64| {
             dim * (self.original_context as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
                 / (2.0 * config.rope_theta.ln())
@@ -276,9 +300,19 @@ pub struct ModelConfig {
     /// Gemma's settings, for Gemma 2 and 3 only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gemma: Option<Gemma>,
+    /// How many leading dimensions of each head are rotated, where not all (Phi-4-mini: 96 of
+    /// 128); see [`Self::rotary_dim`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_dim: Option<usize>,
 }
 
 impl ModelConfig {
+    /// The leading dimensions of each head that rotary embeddings rotate (as two halves);
+    /// the rest pass unrotated.
+    pub fn rotary_dim(&self) -> usize {
+        self.partial_rotary_dim.unwrap_or(self.head_dim)
+    }
+
     /// Whether layer `index` rotates its queries and keys.
     pub fn rotates(&self, index: usize) -> bool {
         !self.layers_without_rope.contains(&index)
@@ -333,18 +367,18 @@ impl ModelConfig {
         }
     }
 
-    /// The rotary inverse frequencies (head_dim / 2), with the model's scaling applied: what
+    /// The rotary inverse frequencies (rotary_dim / 2), with the model's scaling applied: what
     /// the inference and the training engine both build their rotation tables from.
     pub fn inv_freq(&self) -> Vec<f32> {
-        let half = self.head_dim / 2;
-        (0..half)
+        (0..self.rotary_dim() / 2)
             .map(|i| {
-                let base = 1.0 / self.rope_theta.powf(2.0 * i as f64 / self.head_dim as f64);
+                let base = self.unscaled_frequency(self.rope_theta, i);
                 let scaled = match &self.rope_scaling {
                     None => base,
                     Some(RopeScaling::Divisors(d)) => base / f64::from(d[i]),
                     Some(RopeScaling::Linear { factor }) => base / factor,
                     Some(RopeScaling::Yarn(yarn)) => yarn.scaled(base, i, self),
+                    Some(RopeScaling::LongRope(l)) => base / f64::from(l.short[i]),
                     Some(RopeScaling::Llama3 {
                         factor,
                         low_freq_factor,
@@ -369,14 +403,32 @@ impl ModelConfig {
             .collect()
     }
 
+    /// LongRoPE's inverse frequencies for sequences past the original context, and that
+    /// context; `None` for other scalings.
+    pub fn long_inv_freq(&self) -> Option<(Vec<f32>, usize)> {
+        let Some(RopeScaling::LongRope(l)) = &self.rope_scaling else {
+            return None;
+        };
+        let inv_freq = (l.long.iter().enumerate())
+            .map(|(i, &factor)| {
+                (self.unscaled_frequency(self.rope_theta, i) / f64::from(factor)) as f32
+            })
+            .collect();
+        Some((inv_freq, l.original_context))
+    }
+
+    /// Rotary frequency `i` of base `theta`, unscaled: θ^(−2i / rotary_dim).
+    fn unscaled_frequency(&self, theta: f64, i: usize) -> f64 {
+        1.0 / theta.powf(2.0 * i as f64 / self.rotary_dim() as f64)
+    }
+
     /// The rotary inverse frequencies of layers with a base of their own (Gemma 3's
     /// sliding-window layers; see [`Self::rotates_locally`]), unscaled.
     pub fn local_inv_freq(&self) -> Option<Vec<f32>> {
         let theta = self.gemma.as_ref()?.local_rope_theta?;
-        let half = self.head_dim / 2;
         Some(
-            (0..half)
-                .map(|i| (1.0 / theta.powf(2.0 * i as f64 / self.head_dim as f64)) as f32)
+            (0..self.rotary_dim() / 2)
+                .map(|i| self.unscaled_frequency(theta, i) as f32)
                 .collect(),
         )
     }
@@ -396,10 +448,12 @@ impl ModelConfig {
         (multiplier != 1.0).then_some(multiplier)
     }
 
-    /// What cos and sin of the rotation are multiplied by (YaRN's attention factor; else 1).
+    /// What cos and sin of the rotation are multiplied by (YaRN's and LongRoPE's attention
+    /// factor; else 1).
     pub fn rope_attention_factor(&self) -> f32 {
         match &self.rope_scaling {
             Some(RopeScaling::Yarn(yarn)) => yarn.attention_factor as f32,
+            Some(RopeScaling::LongRope(l)) => l.attention_factor as f32,
             _ => 1.0,
         }
     }
@@ -445,6 +499,13 @@ impl ModelConfig {
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(ConfigError::OddHeadDim(self.head_dim));
+        }
+        let rotated = self.rotary_dim();
+        if rotated == 0 || rotated > self.head_dim || !rotated.is_multiple_of(2) {
+            return Err(ConfigError::PartialRotary {
+                fraction: rotated as f64 / self.head_dim as f64,
+                head_dim: self.head_dim,
+            });
         }
         if let Some(&layer) = (self.layers_without_rope.iter()).find(|&&l| l >= self.num_layers) {
             return Err(ConfigError::SizeOutOfRange {
@@ -509,14 +570,36 @@ impl ModelConfig {
                 )));
             }
             Some(RopeScaling::Yarn(yarn)) => yarn.check()?,
+            Some(RopeScaling::LongRope(l)) => {
+                let half = self.rotary_dim() / 2;
+                let positive = |v: &[f32]| v.iter().all(|v| v.is_finite() && *v > 0.0);
+                let attention = l.attention_factor.is_finite() && l.attention_factor > 0.0;
+                let sizes = l.short.len() == half && l.long.len() == half;
+                if !(sizes && positive(&l.short) && positive(&l.long) && attention)
+                    || l.original_context == 0
+                {
+                    return Err(ConfigError::BadRopeScaling(format!(
+                        "{} short and {} long factors for {} rotated dimensions per head, \
+                         attention_factor {}, original_max_position_embeddings {}: expected \
+                         {half} positive factors each, a positive attention factor and a context",
+                        l.short.len(),
+                        l.long.len(),
+                        self.rotary_dim(),
+                        l.attention_factor,
+                        l.original_context
+                    )));
+                }
+            }
             Some(RopeScaling::Divisors(d))
-                if d.len() != self.head_dim / 2 || !d.iter().all(|v| v.is_finite() && *v > 0.0) =>
+                if d.len() != self.rotary_dim() / 2
+                    || !d.iter().all(|v| v.is_finite() && *v > 0.0) =>
             {
                 return Err(ConfigError::BadRopeScaling(format!(
-                    "{} frequency divisors for head dimension {}: expected {} positive numbers",
+                    "{} frequency divisors for {} rotated dimensions per head: expected {} \
+                     positive numbers",
                     d.len(),
-                    self.head_dim,
-                    self.head_dim / 2
+                    self.rotary_dim(),
+                    self.rotary_dim() / 2
                 )));
             }
             _ => {}
@@ -564,6 +647,9 @@ pub struct HfConfig {
     /// SmolLM3's flag per layer: 1 where it rotates, 0 where it does not.
     #[serde(default)]
     pub no_rope_layers: Option<Vec<u8>>,
+    /// LongRoPE's original context, where Phi-3's configs keep it.
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
     /// The fraction of each head that is rotated (transformers 4 keeps it here, 5 in
     /// `rope_parameters`): tsq rotates whole heads.
     #[serde(default)]
@@ -604,15 +690,12 @@ impl HfConfig {
             .unwrap_or_default();
         let architecture =
             Architecture::parse(&arch_name).ok_or(ConfigError::Unsupported(arch_name))?;
-        let partial_rotary = self.partial_rotary_factor.or_else(|| {
+        let rotary_fraction = self.partial_rotary_factor.or_else(|| {
             self.rope_parameters
                 .as_ref()?
                 .get("partial_rotary_factor")?
                 .as_f64()
         });
-        if let Some(fraction) = partial_rotary.filter(|f| *f != 1.0) {
-            return Err(ConfigError::PartialRotary(fraction));
-        }
         let expected = architecture.activation().hf_name();
         if let Some(found) = (self.hidden_activation.as_ref().or(self.hidden_act.as_ref()))
             .filter(|a| a.as_str() != expected)
@@ -622,6 +705,8 @@ impl HfConfig {
                 expected,
             });
         }
+        let head_dim =
+            (self.head_dim).unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         let config = ModelConfig {
             architecture,
             hidden_size: self.hidden_size,
@@ -629,9 +714,7 @@ impl HfConfig {
             num_layers: self.num_hidden_layers,
             num_heads: self.num_attention_heads,
             num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self
-                .head_dim
-                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            head_dim,
             vocab_size: self.vocab_size,
             rope_theta: self
                 .rope_theta
@@ -660,6 +743,10 @@ impl HfConfig {
                 true => Some(self.gemma(architecture)?),
                 false => None,
             },
+            // As transformers counts them: the fraction's whole dimensions.
+            partial_rotary_dim: rotary_fraction
+                .map(|f| (head_dim as f64 * f) as usize)
+                .filter(|&dims| dims != head_dim),
         };
         if let Some(flags) = &self.no_rope_layers
             && architecture == Architecture::SmolLm3
@@ -708,6 +795,7 @@ impl HfConfig {
                 factor: number("factor")?,
             })),
             "yarn" => Ok(Some(RopeScaling::Yarn(self.yarn(scaling)?))),
+            "longrope" => Ok(Some(RopeScaling::LongRope(self.longrope(scaling)?))),
             other => Err(ConfigError::UnsupportedRopeScaling(other.to_string())),
         }
     }
@@ -783,6 +871,43 @@ impl HfConfig {
             final_softcap: self.final_logit_softcapping,
             local_layers,
             local_rope_theta,
+        })
+    }
+
+    /// LongRoPE's parameters as transformers reads them: the original context from the scaling
+    /// or the config's top level (Phi-3's place for it), and unless given, the attention
+    /// factor √(1 + ln f / ln original) for f = context / original (1 where f ≤ 1).
+    fn longrope(&self, scaling: &serde_json::Value) -> Result<LongRope, ConfigError> {
+        let bad = |message: String| ConfigError::BadRopeScaling(message);
+        let factors = |key: &str| -> Result<Vec<f32>, ConfigError> {
+            let list = scaling.get(key).and_then(serde_json::Value::as_array);
+            let list = list.ok_or_else(|| bad(format!("`{key}` is missing or not a list")))?;
+            (list.iter())
+                .map(|v| v.as_f64().map(|v| v as f32))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad(format!("`{key}` holds something other than numbers")))
+        };
+        let original = (scaling.get("original_max_position_embeddings"))
+            .and_then(serde_json::Value::as_u64)
+            .map(|v| v as usize)
+            .or(self.original_max_position_embeddings)
+            .ok_or_else(|| bad("`original_max_position_embeddings` is missing".into()))?;
+        let attention_factor = match scaling.get("attention_factor").and_then(|v| v.as_f64()) {
+            Some(given) => given,
+            None => {
+                let factor = (scaling.get("factor").and_then(serde_json::Value::as_f64))
+                    .unwrap_or(self.max_position_embeddings as f64 / original.max(1) as f64);
+                match factor <= 1.0 {
+                    true => 1.0,
+                    false => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+                }
+            }
+        };
+        Ok(LongRope {
+            short: factors("short_factor")?,
+            long: factors("long_factor")?,
+            original_context: original,
+            attention_factor,
         })
     }
 

@@ -254,10 +254,12 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
     let num_layers = meta_usize(path, md, &key("block_count"))?;
     let head_dim = meta_usize(path, md, &key("attention.key_length"))
         .unwrap_or(hidden_size / num_heads.max(1));
+    // Which half of each head's rotated part llama.cpp's rows hold depends on how its
+    // converter permuted them; unchecked against a partial model, so refused.
     if let Ok(rotated) = meta_usize(path, md, &key("rope.dimension_count"))
         && rotated != head_dim
     {
-        let refused = ConfigError::PartialRotary(rotated as f64 / head_dim as f64);
+        let refused = ConfigError::GgufPartialRotary { rotated, head_dim };
         return Err(ModelError::config(path, refused));
     }
     // Older converters describe other scalings in metadata; tsq does not compute them.
@@ -296,6 +298,7 @@ pub fn config_from_metadata(path: &Path, md: &HashMap<String, Value>) -> Result<
             let per_head = hidden_size / num_heads.max(1);
             gemma(architecture, md, &key, head_dim, per_head, num_layers)
         }),
+        partial_rotary_dim: None,
     };
     config.check().map_err(|e| ModelError::config(path, e))?;
     Ok(config)
@@ -376,7 +379,7 @@ mod tests {
             (
                 "llama.rope.dimension_count",
                 Value::U32(12),
-                "`partial_rotary_factor` is 0.75",
+                "rotates 12 of each head's 16 dimensions",
             ),
             (
                 "llama.rope.scaling.type",

@@ -312,6 +312,9 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
             config[key] = value.clone();
         }
     }
+    if let Some(rotated) = c.partial_rotary_dim {
+        config["partial_rotary_factor"] = (rotated as f64 / c.head_dim as f64).into();
+    }
     if c.architecture == super::config::Architecture::SmolLm3 {
         let flags: Vec<u8> = (0..c.num_layers).map(|i| u8::from(c.rotates(i))).collect();
         config["no_rope_layers"] = flags.into();
@@ -481,20 +484,85 @@ mod tests {
         assert_eq!(yarn(original), expected, "the factor from the two contexts");
     }
 
-    /// Phi-4-mini rotates three quarters of each head: refused in either config form.
+    /// Phi-3.5's LongRoPE from either form (the releases': `type` in `rope_scaling`, the
+    /// original context at the top level; transformers 5's `rope_parameters`), its attention
+    /// factor derived from the two contexts; factors that do not fit the heads refused.
     #[test]
-    fn partial_rotation_is_refused() {
+    fn longrope_is_read_in_either_form() {
         let dir = tempfile::tempdir().unwrap();
+        let read = |extra: &str| {
+            let family =
+                r#""architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 131072"#;
+            read_small_config(dir.path(), family, 2, extra)
+        };
+        let factors = |short: &str| {
+            format!(r#""short_factor": [{short}], "long_factor": [1, 2, 3, 4, 5, 6, 7, 8]"#)
+        };
+        let eight = factors("1, 1, 1, 1, 1.5, 2, 2, 2");
+        let expected = RopeScaling::LongRope(super::super::config::LongRope {
+            short: vec![1.0, 1.0, 1.0, 1.0, 1.5, 2.0, 2.0, 2.0],
+            long: (1..=8).map(|f| f as f32).collect(),
+            original_context: 4096,
+            attention_factor: (1.0 + 32f64.ln() / 4096f64.ln()).sqrt(),
+        });
+        for extra in [
+            format!(
+                r#", "original_max_position_embeddings": 4096,
+                "rope_scaling": {{"type": "longrope", {eight}}}"#
+            ),
+            format!(
+                r#", "rope_parameters": {{"rope_theta": 10000.0, "rope_type": "longrope",
+                "original_max_position_embeddings": 4096, {eight}}}"#
+            ),
+        ] {
+            assert_eq!(read(&extra).unwrap().rope_scaling, Some(expected.clone()));
+        }
+        for (extra, want) in [
+            (
+                format!(r#", "rope_scaling": {{"type": "longrope", {eight}}}"#),
+                "`original_max_position_embeddings` is missing",
+            ),
+            (
+                format!(
+                    r#", "original_max_position_embeddings": 4096,
+                    "rope_scaling": {{"type": "longrope", {}}}"#,
+                    factors("1, 1")
+                ),
+                "2 short and 8 long factors for 16 rotated dimensions per head",
+            ),
+        ] {
+            let err = read(&extra).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("config.json"), "{err}");
+        }
+    }
+
+    /// Phi-4-mini rotates three quarters of each head, from either config form (heads of 16
+    /// here: 12 dimensions); a fraction leaving no even number of dimensions is refused.
+    #[test]
+    fn partial_rotation_is_read_in_either_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |extra: &str| {
+            let family = r#""architectures": ["Phi3ForCausalLM"]"#;
+            read_small_config(dir.path(), family, 2, extra)
+        };
         for extra in [
             r#", "partial_rotary_factor": 0.75"#,
-            r#", "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.75}"#,
+            r#", "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default",
+                "partial_rotary_factor": 0.75}"#,
         ] {
-            let family = r#""architectures": ["Phi3ForCausalLM"]"#;
-            let err = read_small_config(dir.path(), family, 2, extra)
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("`partial_rotary_factor` is 0.75"), "{err}");
+            let config = read(extra).unwrap();
+            assert_eq!((config.rotary_dim(), config.inv_freq().len()), (12, 6));
         }
+        assert_eq!(
+            read(r#", "partial_rotary_factor": 1.0"#)
+                .unwrap()
+                .partial_rotary_dim,
+            None
+        );
+        let err = read(r#", "partial_rotary_factor": 0.05"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`partial_rotary_factor` is 0"), "{err}");
     }
 
     /// Gemma's configs as transformers 4 (the released checkpoints) and 5 write them: the

@@ -40,6 +40,7 @@ pub fn tiny_config(architecture: Architecture) -> ModelConfig {
             local_layers: vec![0],
             local_rope_theta: Some(100.0),
         }),
+        partial_rotary_dim: None,
     }
 }
 

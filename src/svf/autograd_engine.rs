@@ -224,32 +224,47 @@ mod tests {
     /// in bf16 it stays within bf16's precision of them. For Llama, Qwen3 (head norms),
     /// SmolLM3 (an unrotated layer), Mistral with a window of 9 (sequences past it), Gemma 2
     /// and 3 (norms after attention and MLP, GELU, soft caps, a local rotation base, a window;
-    /// Gemma 3 with one key/value head, as its 270M and 1B have): the engine that trains on
-    /// GPUs and in bf16.
+    /// Gemma 3 with one key/value head, as its 270M and 1B have), Phi-3 with LongRoPE on half
+    /// of each head (Phi-4-mini's kind): the engine that trains on GPUs and in bf16.
     #[test]
     fn matches_the_cpu_engine_in_f32_and_bf16() -> TestResult {
         use crate::model::config::Architecture::*;
-        for (arch, window, kv_heads) in [
-            (Llama, None, None),
-            (Qwen3, None, None),
-            (SmolLm3, None, None),
-            (Mistral, Some(9), None),
-            (Gemma2, Some(9), None),
-            (Gemma3, Some(9), Some(1)),
+        use crate::model::config::{LongRope, ModelConfig, RopeScaling};
+        type Change = fn(&mut ModelConfig);
+        let plain: Change = |_| {};
+        let window: Change = |c| c.sliding_window = Some(9);
+        let longrope_on_half: Change = |c| {
+            c.partial_rotary_dim = Some(c.head_dim / 2);
+            let quarter = c.head_dim / 4;
+            c.rope_scaling = Some(RopeScaling::LongRope(LongRope {
+                short: (0..quarter).map(|i| 1.0 + i as f32).collect(),
+                long: vec![8.0; quarter],
+                original_context: 64,
+                attention_factor: 1.2,
+            }));
+        };
+        for (arch, change, kv_heads) in [
+            (Llama, plain, None),
+            (Qwen3, plain, None),
+            (SmolLm3, plain, None),
+            (Mistral, window, None),
+            (Gemma2, window, None),
+            (Gemma3, window, Some(1)),
+            (Phi3, longrope_on_half, None),
         ] {
-            matches_the_cpu_engine(arch, window, kv_heads)?;
+            matches_the_cpu_engine(arch, change, kv_heads)?;
         }
         Ok(())
     }
 
     fn matches_the_cpu_engine(
         arch: crate::model::config::Architecture,
-        window: Option<usize>,
+        change: fn(&mut crate::model::config::ModelConfig),
         kv_heads: Option<usize>,
     ) -> TestResult {
         let (base, factors) = crate::svf::tiny_decomposed_as(arch, 21);
         let mut config = base.config.clone();
-        config.sliding_window = window;
+        change(&mut config);
         let mut tensors = base.tensors()?;
         if let Some(kv_heads) = kv_heads {
             // Keys and values of the first `kv_heads` heads only.

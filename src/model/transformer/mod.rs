@@ -621,8 +621,8 @@ impl Transformer {
 
     /// Rotary tables and attention mask for a `(batch, time)` call, shared by every block.
     fn positions(&self, batch: &Batch, b: usize, t: usize, mode: Mode) -> Result<Positions> {
-        let flat_pos = batch.positions.flatten_all()?;
-        let half = self.config.head_dim / 2;
+        let flat_pos = self.table_rows(batch)?;
+        let half = self.config.rotary_dim() / 2;
         let mask = batch.mask.to_dtype(self.dtype)?;
         let fuses = mode == Mode::Fast && t >= FUSED_MIN_QUERIES && linalg_applies(&mask);
         let fuses = fuses && tsq_linalg::attention_pays();
@@ -655,6 +655,26 @@ impl Transformer {
             fused,
             windowed,
         })
+    }
+
+    /// The rows of the rotation tables for `batch`'s positions (flat): the positions, but
+    /// under LongRoPE, for a sequence reaching past the original context, the long factors'
+    /// rows (after the context's). Chosen per sequence, so that a sequence's outputs do not
+    /// depend on the others in its batch; transformers chooses by the longest position of the
+    /// whole call (the same for one sequence). As there, keys already cached keep their rotation.
+    fn table_rows(&self, batch: &Batch) -> Result<Tensor> {
+        let Some((_, original)) = self.config.long_inv_freq() else {
+            return Ok(batch.positions.flatten_all()?);
+        };
+        let context = self.config.max_position_embeddings as u32;
+        let rows: Vec<u32> = (batch.positions.to_vec2::<u32>()?.into_iter())
+            .flat_map(|row| {
+                let past = row.iter().any(|&p| p as usize >= original);
+                row.into_iter()
+                    .map(move |p| if past { context + p } else { p })
+            })
+            .collect();
+        Ok(Tensor::new(rows, batch.positions.device())?)
     }
 
     /// −∞ where a query is a sliding window or more past a key ((batch, 1, time, keys), added

@@ -144,9 +144,19 @@ fn key_value_matrices(k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)>
     Ok((k.contiguous()?, v.contiguous()?, total * d))
 }
 
+/// cos and sin of every position (context × rotary_dim / 2); under LongRoPE followed by those of
+/// the long factors (see [`Transformer::table_rows`]).
 pub(super) fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let scale = config.rope_attention_factor();
-    tables(config, config.inv_freq(), scale, device)
+    let (cos, sin) = tables(config, config.inv_freq(), scale, device)?;
+    let Some((long, _)) = config.long_inv_freq() else {
+        return Ok((cos, sin));
+    };
+    let (long_cos, long_sin) = tables(config, long, scale, device)?;
+    Ok((
+        Tensor::cat(&[cos, long_cos], 0)?,
+        Tensor::cat(&[sin, long_sin], 0)?,
+    ))
 }
 
 /// The tables of layers that rotate with a base of their own (Gemma 3's sliding-window layers).
@@ -159,14 +169,14 @@ pub(super) fn local_rope_tables(
         .transpose()
 }
 
-/// cos and sin (context × head_dim / 2) of every position's angles, times `scale`.
+/// cos and sin (context × rotary_dim / 2) of every position's angles, times `scale`.
 fn tables(
     config: &ModelConfig,
     inv_freq: Vec<f32>,
     scale: f32,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let half = config.head_dim / 2;
+    let half = config.rotary_dim() / 2;
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
     let positions = Tensor::arange(0u32, config.max_position_embeddings as u32, device)?
         .to_dtype(DType::F32)?
@@ -196,8 +206,21 @@ pub(super) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, mode: Mode) -> Res
     }
 }
 
-/// Rotary embedding rotating halves (HF layout). `cos`/`sin` are (batch, time, head_dim / 2).
+/// Rotary embedding rotating halves (HF layout) of each head's first 2 · `cos.dim(2)`
+/// dimensions, the rest passed through (partial rotation). `cos`/`sin` are (batch, time,
+/// rotary_dim / 2).
 pub(super) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
+    let (d, rotated) = (x.dim(D::Minus1)?, 2 * cos.dim(D::Minus1)?);
+    if rotated < d {
+        let head = rope(
+            &x.narrow(D::Minus1, 0, rotated)?.contiguous()?,
+            cos,
+            sin,
+            mode,
+        )?;
+        let rest = x.narrow(D::Minus1, rotated, d - rotated)?;
+        return Ok(Tensor::cat(&[&head, &rest], D::Minus1)?.contiguous()?);
+    }
     let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
     match mode {
         Mode::Fast => Ok(candle_nn::rotary_emb::rope(

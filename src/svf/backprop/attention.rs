@@ -43,7 +43,8 @@ impl Engine {
     ) -> Vec<f32> {
         let tables = rotation.map(|t| pass.tables(t));
         let (d, kv_heads) = (self.config.head_dim, self.config.num_kv_heads);
-        let (half, width) = (d / 2, heads * d);
+        let (rotated, width) = (self.config.rotary_dim(), heads * d);
+        let half = rotated / 2;
         let run = heads / kv_heads * d;
         let mut out = self.pool.zeros(x.len());
         let sizes: Vec<usize> = pass.lengths.iter().map(|l| l * width).collect();
@@ -75,7 +76,7 @@ impl Engine {
                             let angles = at * half..(at + 1) * half;
                             let (cos, sin) = (&cos[angles.clone()], &sin[angles]);
                             for v in run.chunks_mut(d) {
-                                kernels::rotate(v, cos, sin, !to_heads);
+                                kernels::rotate(&mut v[..rotated], cos, sin, !to_heads);
                             }
                         }
                     }

@@ -655,6 +655,7 @@ pub(super) fn check_step(
         return bad("scaled singular values do not match the SVF targets".into());
     }
     let vocab = config.vocab_size;
+    let long_from = config.long_inv_freq().map(|(_, original)| original);
     for (b, seq) in batch.iter().enumerate() {
         if seq.ids.len() != seq.weights.len() || seq.weights.first().is_some_and(|&w| w != 0.0) {
             return bad(format!(
@@ -666,6 +667,15 @@ pub(super) fn check_step(
                 "sequence {b}: {} tokens exceed {}",
                 seq.ids.len(),
                 config.span_limit()
+            ));
+        }
+        // Packed sequences share their prompt's rotation, which LongRoPE would make depend on
+        // each sequence's length: training keeps within the original context.
+        if let Some(original) = long_from.filter(|&original| seq.ids.len() > original) {
+            return bad(format!(
+                "sequence {b}: {} tokens exceed the model's original context of {original} \
+                 (LongRoPE): tsq trains within it",
+                seq.ids.len()
             ));
         }
         if let Some(id) = seq.ids.iter().find(|&&id| id as usize >= vocab) {
@@ -716,6 +726,30 @@ mod tests {
         assert_eq!(engine.passes(&packs(&batch, MIN_SHARED)).len(), 2);
         let split = engine.gradients(&scaled_s, &batch)?;
         assert_same_gradients(&whole, &split);
+        Ok(())
+    }
+
+    /// LongRoPE rotates a sequence by its length, which packed prompts cannot share: training
+    /// sequences past the original context are refused, naming it.
+    #[test]
+    fn sequences_past_longropes_original_context_are_refused() -> Result<()> {
+        let (mut engine, scaled_s, vocab) = tiny_engine()?;
+        let half = engine.config.head_dim / 2;
+        engine.config.rope_scaling = Some(crate::model::config::RopeScaling::LongRope(
+            crate::model::config::LongRope {
+                short: vec![1.0; half],
+                long: vec![4.0; half],
+                original_context: 50,
+                attention_factor: 1.2,
+            },
+        ));
+        let (ids, weights) = batch(vocab);
+        let err = engine.gradients(&scaled_s, &sequences(&ids, &weights));
+        let err = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            err.contains("sequence 0: 70 tokens exceed the model's original context of 50"),
+            "{err}"
+        );
         Ok(())
     }
 
@@ -824,8 +858,9 @@ mod tests {
 
     /// The training engine's loss on the architecture fixtures (Llama 3 rope scaling, Qwen2
     /// biases, Qwen3 head norms, SmolLM3 NoPE layers, Mistral, Phi-3 and Gemma past their
-    /// sliding windows, Gemma's norms, GELU, soft caps and local rotation base) equals the one
-    /// from transformers' own logits for the same sequence.
+    /// sliding windows, Gemma's norms, GELU, soft caps and local rotation base, Phi-3.5's
+    /// LongRoPE within its original context) equals the one from transformers' own logits for
+    /// the same sequence.
     #[test]
     fn loss_matches_transformers_on_each_architecture() -> Result<()> {
         #[derive(serde::Deserialize)]
@@ -842,6 +877,7 @@ mod tests {
             "yarn",
             "linear",
             "phi3",
+            "longrope_short",
             "gemma2",
             "gemma3",
             "gemma2_gguf",
