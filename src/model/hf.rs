@@ -312,6 +312,12 @@ pub fn save(model: &super::Model, dir: &Path) -> Result<()> {
             config[key] = value.clone();
         }
     }
+    if let Some(super::config::RopeScaling::LongRope(l)) = &c.rope_scaling {
+        // transformers' Phi-3 reads it from the top level only: without it there, transformers
+        // 5.25 never switched to the long factors and derived the attention factor from its
+        // default context (logits 0.07 off on the `longrope` fixture).
+        config["original_max_position_embeddings"] = l.original_context.into();
+    }
     if let Some(rotated) = c.partial_rotary_dim {
         config["partial_rotary_factor"] = (rotated as f64 / c.head_dim as f64).into();
     }
