@@ -403,18 +403,24 @@ impl ModelConfig {
             .collect()
     }
 
-    /// LongRoPE's inverse frequencies for sequences past the original context, and that
-    /// context; `None` for other scalings.
-    pub fn long_inv_freq(&self) -> Option<(Vec<f32>, usize)> {
-        let Some(RopeScaling::LongRope(l)) = &self.rope_scaling else {
-            return None;
-        };
+    /// The model's LongRoPE scaling, if it has one.
+    pub fn longrope(&self) -> Option<&LongRope> {
+        match &self.rope_scaling {
+            Some(RopeScaling::LongRope(l)) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// LongRoPE's inverse frequencies for sequences past the original context; `None` for
+    /// other scalings.
+    pub fn long_inv_freq(&self) -> Option<Vec<f32>> {
+        let l = self.longrope()?;
         let inv_freq = (l.long.iter().enumerate())
             .map(|(i, &factor)| {
                 (self.unscaled_frequency(self.rope_theta, i) / f64::from(factor)) as f32
             })
             .collect();
-        Some((inv_freq, l.original_context))
+        Some(inv_freq)
     }
 
     /// Rotary frequency `i` of base `theta`, unscaled: θ^(−2i / rotary_dim).

@@ -13,30 +13,23 @@ const ROWS_PER_TASK: usize = 16;
 /// chain the compiler may not reorder.
 #[inline(always)]
 pub fn sum(values: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = values.chunks_exact(8);
-    let rest = chunks.remainder().iter().sum::<f32>();
-    for chunk in chunks {
-        lanes.iter_mut().zip(chunk).for_each(|(l, v)| *l += v);
-    }
-    lanes.iter().sum::<f32>() + rest
+    lane_sum(values, |v| v)
 }
 
-/// Σ e^(v − shift) over `values`, over eight running sums like [`sum`].
+/// Σ e^(v − shift) over `values`, like [`sum`].
 #[inline(always)]
 pub fn sum_exp(values: &[f32], shift: f32) -> f32 {
+    lane_sum(values, |v| exp(v - shift))
+}
+
+/// Σ f(v) over eight running sums.
+#[inline(always)]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = values.chunks_exact(8);
-    let rest = chunks
-        .remainder()
-        .iter()
-        .map(|v| exp(v - shift))
-        .sum::<f32>();
+    let rest = chunks.remainder().iter().map(|&v| f(v)).sum::<f32>();
     for chunk in chunks {
-        lanes
-            .iter_mut()
-            .zip(chunk)
-            .for_each(|(l, v)| *l += exp(v - shift));
+        lanes.iter_mut().zip(chunk).for_each(|(l, &v)| *l += f(v));
     }
     lanes.iter().sum::<f32>() + rest
 }
@@ -249,11 +242,16 @@ fn silu_mul_backward_chunk(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: 
 }
 }
 
+/// σ(2u) for u = √(2/π)(g + 0.044715 g³): gelu(g) = g · σ(2u).
+#[inline(always)]
+fn gelu_sigmoid(g: f32) -> f32 {
+    1.0 / (1.0 + exp(-2.0 * GELU_K * (g + GELU_CUBIC * g * g * g)))
+}
+
 wide_fn! {
 fn gelu_mul_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        let two_u = 2.0 * GELU_K * (g + GELU_CUBIC * g * g * g);
-        *o = g / (1.0 + exp(-two_u)) * u;
+        *o = g * gelu_sigmoid(g) * u;
     }
 }
 }
@@ -262,8 +260,7 @@ wide_fn! {
 /// gelu′(g) = σ(2u) + g · σ(2u)(1 − σ(2u)) · 2u′, u′ = √(2/π)(1 + 3 · 0.044715 g²).
 fn gelu_mul_backward_chunk(gate: &[f32], up: &[f32], grad: &mut [f32], grad_up: &mut [f32]) {
     for (((d, du), &g), &u) in grad.iter_mut().zip(grad_up).zip(gate).zip(up) {
-        let two_u = 2.0 * GELU_K * (g + GELU_CUBIC * g * g * g);
-        let sig = 1.0 / (1.0 + exp(-two_u));
+        let sig = gelu_sigmoid(g);
         let two_du = 2.0 * GELU_K * (1.0 + 3.0 * GELU_CUBIC * g * g);
         *du = *d * g * sig;
         *d *= u * (sig + g * sig * (1.0 - sig) * two_du);

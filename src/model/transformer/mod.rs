@@ -663,7 +663,7 @@ impl Transformer {
     /// depend on the others in its batch; transformers chooses by the longest position of the
     /// whole call (the same for one sequence). As there, keys already cached keep their rotation.
     fn table_rows(&self, batch: &Batch) -> Result<Tensor> {
-        let Some((_, original)) = self.config.long_inv_freq() else {
+        let Some(original) = self.config.longrope().map(|l| l.original_context) else {
             return Ok(batch.positions.flatten_all()?);
         };
         let context = self.config.max_position_embeddings as u32;

@@ -149,7 +149,7 @@ fn key_value_matrices(k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)>
 pub(super) fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let scale = config.rope_attention_factor();
     let (cos, sin) = tables(config, config.inv_freq(), scale, device)?;
-    let Some((long, _)) = config.long_inv_freq() else {
+    let Some(long) = config.long_inv_freq() else {
         return Ok((cos, sin));
     };
     let (long_cos, long_sin) = tables(config, long, scale, device)?;

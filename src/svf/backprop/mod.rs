@@ -655,7 +655,7 @@ pub(super) fn check_step(
         return bad("scaled singular values do not match the SVF targets".into());
     }
     let vocab = config.vocab_size;
-    let long_from = config.long_inv_freq().map(|(_, original)| original);
+    let long_from = config.longrope().map(|l| l.original_context);
     for (b, seq) in batch.iter().enumerate() {
         if seq.ids.len() != seq.weights.len() || seq.weights.first().is_some_and(|&w| w != 0.0) {
             return bad(format!(
