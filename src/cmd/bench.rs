@@ -1,7 +1,7 @@
 //! `tsq bench`: performance figures on this machine, printed as a table and one JSON line, beside
 //! the peer figures measured on this machine type (shared/peers/README.md, 2 threads, 2026-11-26).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -387,8 +387,15 @@ pub struct SvfStepShape {
 }
 
 /// Writes what an independent check of one SVF step needs to `file`: the targets, each z, the
-/// batch (ids and per-token weights), and the loss and z-gradients tsq computes from them.
-fn write_gradients(trainer: &SvfTrainer, batch: &TokenBatch, file: &Path) -> Result<(), CmdError> {
+/// files of their cached factors, the batch (ids and per-token weights), and the loss and
+/// z-gradients tsq computes from them. The factor files let the check hold the engine to
+/// account on tsq's own U, s, Vᵀ, apart from how closely two SVDs agree.
+fn write_gradients(
+    trainer: &SvfTrainer,
+    factor_files: &[PathBuf],
+    batch: &TokenBatch,
+    file: &Path,
+) -> Result<(), CmdError> {
     let (loss, grads, _) = trainer.gradients(batch).map_err(CmdError::failed)?;
     let z = trainer.z().map_err(CmdError::failed)?;
     let grads = grads
@@ -401,6 +408,7 @@ fn write_gradients(trainer: &SvfTrainer, batch: &TokenBatch, file: &Path) -> Res
         "max_mult": crate::svf::MAX_MULT,
         "targets": z.iter().map(|(name, _)| name).collect::<Vec<_>>(),
         "z": z.iter().map(|(_, z)| z).collect::<Vec<_>>(),
+        "factors": factor_files,
         "ids": batch.ids,
         "weights": batch.weights,
         "loss": loss,
@@ -437,11 +445,12 @@ pub fn svf_step_bench(
     let vocab = model.transformer.config.vocab_size;
     let mut trainer = SvfTrainer::new(&model.transformer, &factors, &expert, 2e-3, 1e-3)
         .map_err(CmdError::failed)?;
+    let factor_files: Vec<PathBuf> = factors.iter().map(|d| d.file.clone()).collect();
     // The trainer holds its own copies: what it does not need leaves the peak RSS.
     drop((factors, model));
     let batch = reinforce_batch(vocab, shape.batch, shape.seq, shape.prompt);
     if let Some(file) = gradients {
-        write_gradients(&trainer, &batch, file)?;
+        write_gradients(&trainer, &factor_files, &batch, file)?;
     }
     let mut reports = Vec::new();
     for step in 0..=shape.steps {
