@@ -27,6 +27,8 @@ const MR: usize = 4;
 /// Rows of x one AVX2 kernel call takes at most: its 16 registers hold 2 × [`NR`]
 /// accumulators, the rows' x and a widened weight vector.
 const MR_AVX2: usize = 2;
+/// How far ahead of its reads (bytes) the AVX2 kernel prefetches its weights.
+const PREFETCH_AHEAD: usize = 2048;
 /// Below this many weights a product runs on one thread: waking another costs more.
 const SPLIT_MIN_WEIGHTS: usize = 1 << 17;
 
@@ -202,6 +204,12 @@ impl Q8Matrix {
         let xp = x.as_ptr();
         let mut acc = [[_mm256_setzero_ps(); NR]; M];
         for b in 0..blocks {
+            // Ask for the group's values 2 KiB ahead: the prefetchers alone left a thread at
+            // 12-14 GB/s from memory, this at 13-18 (wrapping: the address may pass the end,
+            // which a prefetch ignores).
+            let ahead = values.wrapping_add(b * NR * BLOCK + PREFETCH_AHEAD);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
             for eighth in 0..BLOCK / 8 {
                 let l = b * BLOCK + eighth * 8;
                 let mut xv = [_mm256_setzero_ps(); M];
