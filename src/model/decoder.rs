@@ -10,37 +10,13 @@
 //! prefill computes is kept in a [`PrefixCache`]: a prompt that starts like an earlier one (the
 //! same system prompt, arriving a second later) computes only the rest.
 
-use std::ops::Range;
-
 use candle_core::Tensor;
 
 use super::Model;
 use super::error::{ModelError, Result};
 use super::generate::{GenerateOptions, Generation, Picks, Sequence, TokenLogprob, take_each};
-use super::prefixes::{PrefixCache, PrefixStats, common_len};
+use super::prefixes::{MIN_SHARED, PrefixCache, PrefixStats, extend, prefill_after, shared_prefix};
 use super::transformer::{Batch, KvCache, LogitsAt, Mode};
-
-/// Fewest leading tokens prompts must share for the prefix to be computed once (by prompts
-/// joining together, or taken from the prefix cache).
-const MIN_SHARED: usize = 8;
-
-/// How many leading tokens every prompt of `group` shares, when worth sharing (at least
-/// [`MIN_SHARED`], two prompts or more); each prompt keeps at least one token of its own, whose
-/// logits are the ones it needs.
-fn shared_prefix(group: &[Joining]) -> usize {
-    let Some((first, rest)) = group.split_first() else {
-        return 0;
-    };
-    let shortest = group.iter().map(|j| j.prompt.len()).min().unwrap_or(0);
-    let common = rest.iter().fold(shortest.saturating_sub(1), |n, j| {
-        common_len(&first.prompt[..n], &j.prompt)
-    });
-    if rest.is_empty() || common < MIN_SHARED {
-        0
-    } else {
-        common
-    }
-}
 
 /// A sequence asking to join.
 pub struct Joining {
@@ -176,9 +152,10 @@ impl Decoder {
     /// front. Returns the cache, the next-token logits (rows, vocab), the paddings.
     fn prefill(&mut self, group: &[Joining]) -> Result<(KvCache, Tensor, Vec<usize>)> {
         let first = &group[0];
+        let prompts: Vec<&[u32]> = group.iter().map(|j| j.prompt.as_slice()).collect();
         let shared = match group {
             [lone] => lone.prompt.len(),
-            _ => shared_prefix(group),
+            _ => shared_prefix(&prompts),
         };
         let prefix = &first.prompt[..shared];
         // At least one token is computed: its logits are the next token's.
@@ -188,66 +165,30 @@ impl Decoder {
             .lookup(first.expert, reusable, MIN_SHARED)?
             .unwrap_or_default();
         self.prefix_stats.cached += (cached * group.len()) as u64;
-        let prompts: usize = group.iter().map(|j| j.prompt.len()).sum();
-        self.prefix_stats.prompt += prompts as u64;
+        self.prefix_stats.prompt += prompts.iter().map(|p| p.len() as u64).sum::<u64>();
         let mut logits = None;
         if shared > cached {
-            logits = Some(self.extend(&mut cache, &prefix[cached..], first.expert)?);
+            logits = Some(extend(
+                &self.model,
+                &mut cache,
+                &prefix[cached..],
+                first.expert,
+            )?);
             self.prefixes.insert(first.expert, prefix, &cache)?;
         }
         if let ([_], Some(logits)) = (group, logits) {
-            return Ok((cache, logits, vec![0]));
+            return Ok((cache, logits.squeeze(1)?, vec![0]));
         }
         cache.select_rows(&vec![0; group.len()])?;
-        let device = self.model.transformer.device();
-        let longest = group
-            .iter()
-            .map(|j| j.prompt.len() - shared)
-            .max()
-            .unwrap_or(0);
-        let pads: Vec<usize> = group
-            .iter()
-            .map(|j| longest + shared - j.prompt.len())
-            .collect();
-        let gaps: Vec<Range<usize>> = pads.iter().map(|&p| shared..shared + p).collect();
-        let filler = super::score::filler(&self.model);
-        let ids: Vec<u32> = group
-            .iter()
-            .zip(&pads)
-            .flat_map(|(j, &p)| {
-                std::iter::repeat_n(filler, p).chain(j.prompt[shared..].iter().copied())
-            })
-            .collect();
-        let experts = group.iter().map(|j| j.expert);
-        let batch =
-            self.with_experts(Batch::with_gaps(&gaps, shared, longest, device)?, experts)?;
-        let logits = self.model.transformer.forward(
-            &Tensor::from_vec(ids, (group.len(), longest), device)?,
-            &batch,
-            Some(&mut cache),
-            Mode::Fast,
-            LogitsAt::Last,
+        let experts = expert_rows(group.iter().map(|j| j.expert));
+        let (logits, pads) = prefill_after(
+            &self.model,
+            &mut cache,
+            &prompts,
+            shared,
+            experts.as_deref(),
         )?;
-        cache.move_gaps_to_front(&gaps)?;
         Ok((cache, logits.squeeze(1)?, pads))
-    }
-
-    /// Feeds `tokens` to one sequence after what `cache` holds of it; the next-token logits
-    /// (1, vocab).
-    fn extend(&self, cache: &mut KvCache, tokens: &[u32], expert: Option<u32>) -> Result<Tensor> {
-        let device = self.model.transformer.device();
-        let batch = self.with_experts(
-            Batch::left_padded(&[0], cache.len(), tokens.len(), device)?,
-            std::iter::once(expert),
-        )?;
-        let logits = self.model.transformer.forward(
-            &Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), device)?,
-            &batch,
-            Some(cache),
-            Mode::Fast,
-            LogitsAt::Last,
-        )?;
-        Ok(logits.squeeze(1)?)
     }
 
     /// Puts a prefilled group after the running rows.
@@ -361,10 +302,10 @@ impl Decoder {
     fn forward(&mut self, next: Vec<u32>) -> Result<Tensor> {
         let device = self.model.transformer.device();
         let pads: Vec<usize> = self.rows.iter().map(|r| r.pad).collect();
-        let batch = self.with_experts(
-            Batch::left_padded(&pads, self.cache.len(), 1, device)?,
-            self.rows.iter().map(|r| r.expert),
-        )?;
+        let mut batch = Batch::left_padded(&pads, self.cache.len(), 1, device)?;
+        if let Some(rows) = expert_rows(self.rows.iter().map(|r| r.expert)) {
+            batch = batch.with_experts(&rows)?;
+        }
         let logits = self.model.transformer.forward(
             &Tensor::from_vec(next, (pads.len(), 1), device)?,
             &batch,
@@ -374,20 +315,15 @@ impl Decoder {
         )?;
         Ok(logits.squeeze(1)?)
     }
+}
 
-    /// `batch` with each row's expert, when any row names one (the others take row 0, the
-    /// model as it is).
-    fn with_experts(
-        &self,
-        batch: Batch,
-        experts: impl Iterator<Item = Option<u32>>,
-    ) -> Result<Batch> {
-        let experts: Vec<Option<u32>> = experts.collect();
-        if experts.iter().all(Option::is_none) {
-            return Ok(batch);
-        }
-        batch.with_experts(&experts.iter().map(|e| e.unwrap_or(0)).collect::<Vec<_>>())
+/// Each row's expert, when any row names one (the others take row 0, the model as it is).
+fn expert_rows(experts: impl Iterator<Item = Option<u32>>) -> Option<Vec<u32>> {
+    let experts: Vec<Option<u32>> = experts.collect();
+    if experts.iter().all(Option::is_none) {
+        return None;
     }
+    Some(experts.iter().map(|e| e.unwrap_or(0)).collect())
 }
 
 #[cfg(test)]
@@ -501,8 +437,9 @@ mod tests {
             opts: opts(8),
             sample: 0,
         };
-        assert_eq!(shared_prefix(&[joining(0), joining(1), joining(2)]), 20);
-        assert_eq!(shared_prefix(&[joining(0)]), 0);
+        let all: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        assert_eq!(shared_prefix(&all), 20);
+        assert_eq!(shared_prefix(&all[..1]), 0);
         let mut decoder = Decoder::new(model.clone(), 0);
         decoder.join(vec![Joining {
             id: 9,

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::Model;
 use super::error::{ModelError, Result};
+use super::prefixes::{extend, prefill_after, shared_prefix};
 use super::transformer::{Batch, KvCache, LogitsAt, Mode};
 
 #[derive(Clone, Debug)]
@@ -282,39 +283,42 @@ fn decode(
         )));
     }
     // Samples of one prompt share its prefill: each distinct prompt is computed once, and its
-    // cache rows are copied to its samples.
+    // cache rows are copied to its samples. Distinct prompts with one expert compute what they
+    // all start with (a chat template's system prompt, a few-shot preamble) once.
     let (distinct, source) = distinct_prompts(prompts, experts);
-    let distinct_pad: Vec<usize> = distinct
-        .iter()
-        .map(|&i| longest - prompts[i].len())
-        .collect();
-    let filler = super::score::filler(model);
-    let ids: Vec<u32> = distinct
-        .iter()
-        .zip(&distinct_pad)
-        .flat_map(|(&i, &n)| std::iter::repeat_n(filler, n).chain(prompts[i].iter().copied()))
-        .collect();
+    let firsts: Vec<&[u32]> = distinct.iter().map(|&i| prompts[i].as_slice()).collect();
+    let distinct_experts: Option<Vec<u32>> =
+        experts.map(|e| distinct.iter().map(|&i| e[i]).collect());
+    let one_expert = distinct_experts
+        .as_ref()
+        .is_none_or(|e| e.iter().all(|&x| x == e[0]));
+    let shared = if one_expert {
+        shared_prefix(&firsts)
+    } else {
+        0
+    };
+    let device = tf.device();
+    let mut cache = KvCache::default();
+    if shared > 0 {
+        let expert = distinct_experts.as_ref().map(|e| e[0]);
+        extend(model, &mut cache, &firsts[0][..shared], expert)?;
+        cache.select_rows(&vec![0; firsts.len()])?;
+    }
+    let (prefill, distinct_pad) = prefill_after(
+        model,
+        &mut cache,
+        &firsts,
+        shared,
+        distinct_experts.as_deref(),
+    )?;
     // A batch whose rows are prompts `rows`, each with its expert.
     let with_experts = |batch: Batch, rows: &[usize]| match experts {
         Some(e) => batch.with_experts(&rows.iter().map(|&i| e[i]).collect::<Vec<_>>()),
         None => Ok(batch),
     };
-    let device = tf.device();
-    let mut cache = KvCache::default();
     let mut seqs: Vec<Sequence> = (0..prompts.len())
         .map(|i| Sequence::new(opts.seed, i))
         .collect();
-    let batch = with_experts(
-        Batch::left_padded(&distinct_pad, 0, longest, device)?,
-        &distinct,
-    )?;
-    let prefill = tf.forward(
-        &Tensor::from_vec(ids, (distinct.len(), longest), device)?,
-        &batch,
-        Some(&mut cache),
-        Mode::Fast,
-        LogitsAt::Last,
-    )?;
     let rows: Vec<u32> = source.iter().map(|&d| d as u32).collect();
     cache.select_rows(&rows)?;
     let mut logits = prefill.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
@@ -530,6 +534,36 @@ fn draw_all(logits: &[f32], temperature: f64, rng: &mut ChaCha8Rng) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Prompts under one system prompt compute it once and still generate what each does alone,
+    /// to the token and to 1e-5 in their steps' mean entropy; a repeated prompt (samples) too.
+    #[test]
+    fn a_shared_start_is_computed_once_and_changes_nothing() -> Result<()> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch/llama3");
+        let model = Model::load(&dir, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        let system: Vec<u32> = (0..20).map(|i| 3 + (i * 7) % 90).collect();
+        let prompts: Vec<Vec<u32>> = [vec![5u32, 9, 13], vec![40], vec![8, 60, 61, 62], vec![40]]
+            .into_iter()
+            .map(|own| system.iter().copied().chain(own).collect())
+            .collect();
+        let firsts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        assert_eq!(shared_prefix(&firsts), 20);
+        let opts = GenerateOptions {
+            max_new_tokens: 8,
+            ignore_eos: true,
+            track_entropy: true,
+            ..Default::default()
+        };
+        let together = generate(&model, &prompts, &opts)?;
+        for (i, (prompt, ours)) in prompts.iter().zip(&together).enumerate() {
+            let alone = generate(&model, std::slice::from_ref(prompt), &opts)?.remove(0);
+            assert_eq!(ours.token_ids, alone.token_ids, "prompt {i}");
+            let (a, b) = (ours.entropy.unwrap_or(-1.0), alone.entropy.unwrap_or(-2.0));
+            assert!((a - b).abs() < 1e-5, "prompt {i}: entropy {a} vs {b}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn greedy_top_k_and_top_p() {

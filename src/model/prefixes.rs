@@ -2,9 +2,103 @@
 //! chat template's system prompt, a few-shot preamble, the question a client asks again)
 //! computes only what follows: vLLM's automatic prefix caching, and what llama.cpp's server does
 //! with the prompt it evaluated last. Bounded in bytes, least recently used first out.
+//!
+//! Also how prompts prefilled together compute what they all start with once
+//! ([`shared_prefix`], [`extend`], [`prefill_after`]): the serving decoder's joining prompts,
+//! and a fixed batch's ([`super::generate`]), such as evaluation items under one chat
+//! template's system prompt.
 
+use candle_core::Tensor;
+
+use super::Model;
 use super::error::Result;
-use super::transformer::KvCache;
+use super::score::filler;
+use super::transformer::{Batch, KvCache, LogitsAt, Mode};
+
+/// Fewest leading tokens prompts must share for the prefix to be computed once (by prompts
+/// prefilled together, or taken from the prefix cache).
+pub const MIN_SHARED: usize = 8;
+
+/// How many leading tokens every one of `prompts` shares, when worth sharing (at least
+/// [`MIN_SHARED`], two prompts or more); each prompt keeps at least one token of its own, whose
+/// logits are the ones it needs.
+pub fn shared_prefix(prompts: &[&[u32]]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else {
+        return 0;
+    };
+    let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+    let common = rest.iter().fold(shortest.saturating_sub(1), |n, p| {
+        common_len(&first[..n], p)
+    });
+    if rest.is_empty() || common < MIN_SHARED {
+        0
+    } else {
+        common
+    }
+}
+
+/// The batch of a forward call whose row `r` is answered by `experts[r]` of the model's table
+/// (all rows by the model as it is without them).
+fn with_experts(batch: Batch, experts: Option<&[u32]>) -> Result<Batch> {
+    match experts {
+        Some(rows) => Ok(batch.with_experts(rows)?),
+        None => Ok(batch),
+    }
+}
+
+/// Feeds `tokens` to one sequence after what `cache` holds of it, answered by `expert`; the
+/// next-token logits (1, 1, vocab).
+pub fn extend(
+    model: &Model,
+    cache: &mut KvCache,
+    tokens: &[u32],
+    expert: Option<u32>,
+) -> Result<Tensor> {
+    let device = model.transformer.device();
+    let batch = Batch::left_padded(&[0], cache.len(), tokens.len(), device)?;
+    let batch = with_experts(batch, expert.as_ref().map(std::slice::from_ref))?;
+    model.transformer.forward(
+        &Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), device)?,
+        &batch,
+        Some(cache),
+        Mode::Fast,
+        LogitsAt::Last,
+    )
+}
+
+/// Prefills `prompts` after the `shared` tokens they all start with, which `cache` holds (a
+/// row per prompt; nothing when `shared` is 0): each prompt's own part, left-padded after the
+/// prefix, row `r` answered by `experts[r]`. The cache comes out as if each prompt had been
+/// prefilled whole and left-padded: its padding is moved in front. Returns the next-token
+/// logits (rows, 1, vocab) and each prompt's padding.
+pub fn prefill_after(
+    model: &Model,
+    cache: &mut KvCache,
+    prompts: &[&[u32]],
+    shared: usize,
+    experts: Option<&[u32]>,
+) -> Result<(Tensor, Vec<usize>)> {
+    let device = model.transformer.device();
+    let longest = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
+    let pads: Vec<usize> = prompts.iter().map(|p| longest + shared - p.len()).collect();
+    let gaps: Vec<std::ops::Range<usize>> = pads.iter().map(|&p| shared..shared + p).collect();
+    let filler = filler(model);
+    let ids: Vec<u32> = prompts
+        .iter()
+        .zip(&pads)
+        .flat_map(|(p, &n)| std::iter::repeat_n(filler, n).chain(p[shared..].iter().copied()))
+        .collect();
+    let batch = with_experts(Batch::with_gaps(&gaps, shared, longest, device)?, experts)?;
+    let logits = model.transformer.forward(
+        &Tensor::from_vec(ids, (prompts.len(), longest), device)?,
+        &batch,
+        Some(cache),
+        Mode::Fast,
+        LogitsAt::Last,
+    )?;
+    cache.move_gaps_to_front(&gaps)?;
+    Ok((logits, pads))
+}
 
 struct Entry {
     /// The expert-table row the keys and values were computed with (`None`: the model as is).
