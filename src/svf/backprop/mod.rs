@@ -954,14 +954,10 @@ mod tests {
         let from_half = engine.gradients(&scaled_s, &sequences(&ids, &weights))?;
         let from_f32 = Engine::new(&rounded.config, &rounded, &factors)?
             .gradients(&scaled_s, &sequences(&ids, &weights))?;
-        if tsq_linalg::simd() == tsq_linalg::Simd::Portable {
-            // faer's products split their sums as they see fit, run to run (seen: the loss's
-            // last bit, with other tests running beside it).
-            assert_same_gradients(&from_half, &from_f32);
-        } else {
-            assert_eq!(from_half.loss, from_f32.loss);
-            assert_eq!(from_half.scaled_s, from_f32.scaled_s);
-        }
+        // Not to the bit: the products left to faer (all of them at the portable level, the
+        // head's backward and the factored ones at any level) split their sums as they see
+        // fit, run to run (seen: the loss's last bit, at AVX2, with other tests beside it).
+        assert_same_gradients(&from_half, &from_f32);
         Ok(())
     }
 
