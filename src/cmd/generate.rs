@@ -30,14 +30,20 @@ pub fn run(
     opts: &GenerateOptions,
 ) -> Result<(), CmdError> {
     let started = std::time::Instant::now();
-    let (generations, choices) = match adapt {
+    let (
+        Answers {
+            generations,
+            seconds,
+        },
+        choices,
+    ) = match adapt {
         None => {
             let model = model_args.load()?;
             (answer(model, prompts, None, args, opts)?, vec![])
         }
         Some(a) => adapted(&a, prompts, args, opts)?,
     };
-    let seconds = started.elapsed().as_secs_f64();
+    let total = started.elapsed().as_secs_f64();
     let tokens: usize = generations.iter().map(|g| g.token_ids.len()).sum();
     match args.format {
         Format::Json => {
@@ -50,7 +56,7 @@ pub fn run(
             println!(
                 "{}",
                 serde_json::to_string_pretty(
-                    &json!({"generations": items, "tokens": tokens, "seconds": seconds})
+                    &json!({"generations": items, "tokens": tokens, "seconds": seconds, "total_seconds": total})
                 )
                 .expect("json")
             );
@@ -66,12 +72,19 @@ pub fn run(
                 }
             }
             eprintln!(
-                "{tokens} tokens in {seconds:.2}s ({:.1} tok/s)",
+                "{tokens} tokens in {seconds:.2}s ({:.1} tok/s; {total:.2}s with loading)",
                 tokens as f64 / seconds.max(1e-9)
             );
         }
     }
     Ok(())
+}
+
+/// The prompts' answers, and the seconds their generation took (prompts in, answers out):
+/// loading and quantizing apart, which a tokens-per-second figure should not count.
+struct Answers {
+    generations: Vec<Generation>,
+    seconds: f64,
 }
 
 /// Each prompt's answer from `model`, in one batch; prompt `i` by expert `experts[i]` of the
@@ -82,10 +95,11 @@ fn answer(
     experts: Option<&[u32]>,
     args: &GenerateArgs,
     opts: &GenerateOptions,
-) -> Result<Vec<Generation>, CmdError> {
+) -> Result<Answers, CmdError> {
     if args.decode_q8 {
         model.decode_from_q8().map_err(CmdError::failed)?;
     }
+    let started = std::time::Instant::now();
     let mut ids = Vec::with_capacity(prompts.len());
     for prompt in prompts {
         let text = if args.chat {
@@ -95,20 +109,24 @@ fn answer(
         };
         ids.push(model.tokenizer.encode(&text).map_err(CmdError::failed)?);
     }
-    match experts {
+    let generations = match experts {
         Some(e) => generate_per_sequence(&model, &ids, e, opts),
         None => generate(&model, &ids, opts),
     }
-    .map_err(CmdError::failed)
+    .map_err(CmdError::failed)?;
+    Ok(Answers {
+        generations,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
-/// The adaptation's choice for each prompt, and the answers, all in one batch.
+/// The answers, all in one batch, and the adaptation's choice for each prompt.
 fn adapted(
     a: &Adapt,
     prompts: &[String],
     args: &GenerateArgs,
     opts: &GenerateOptions,
-) -> Result<(Vec<Generation>, Vec<Choice>), CmdError> {
+) -> Result<(Answers, Vec<Choice>), CmdError> {
     let home = crate::assets::TsqHome::from_env();
     let mut adapter = Adapter::open(a.run_dir, a.name, home).map_err(CmdError::failed)?;
     let choices = adapter.choose(prompts).map_err(CmdError::failed)?;
