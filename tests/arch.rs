@@ -50,23 +50,7 @@ const TOLERANCE: f32 = 1e-4;
 
 #[test]
 fn each_architecture_matches_transformers() {
-    for name in [
-        "llama3",
-        "qwen2",
-        "qwen3",
-        "smollm3",
-        "mistral",
-        "yarn",
-        "linear",
-        "phi3",
-        "longrope",
-        "longrope_short",
-        "phi4mini",
-        "gemma2",
-        "gemma3",
-        "gemma2_gguf",
-        "gemma3_gguf",
-    ] {
+    for name in tsq::model::testing::ARCH_FIXTURES {
         let (dir, reference) = fixture(name);
         let model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
         let ours = logits(&model, &reference.ids).unwrap();

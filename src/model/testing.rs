@@ -8,6 +8,28 @@ use rand::{Rng, SeedableRng};
 
 use super::config::{Architecture, ModelConfig};
 
+/// The architecture fixtures under `tests/fixtures/arch` (made by
+/// `scripts/make-arch-fixtures.py`): small random-weight models of each family with
+/// transformers' logits for one sequence, which the forward pass and the training engine are
+/// held to.
+pub const ARCH_FIXTURES: [&str; 15] = [
+    "llama3",
+    "qwen2",
+    "qwen3",
+    "smollm3",
+    "mistral",
+    "yarn",
+    "linear",
+    "phi3",
+    "longrope",
+    "longrope_short",
+    "phi4mini",
+    "gemma2",
+    "gemma3",
+    "gemma2_gguf",
+    "gemma3_gguf",
+];
+
 /// A 2-layer GQA config small enough to run in milliseconds. Qwen3's heads are wider than
 /// hidden / heads, as in the released models.
 pub fn tiny_config(architecture: Architecture) -> ModelConfig {

@@ -868,21 +868,13 @@ mod tests {
             ids: Vec<u32>,
             logits: Vec<Vec<f32>>,
         }
-        for name in [
-            "llama3",
-            "qwen2",
-            "qwen3",
-            "smollm3",
-            "mistral",
-            "yarn",
-            "linear",
-            "phi3",
-            "longrope_short",
-            "gemma2",
-            "gemma3",
-            "gemma2_gguf",
-            "gemma3_gguf",
-        ] {
+        // These two run past LongRoPE's original context, which training refuses
+        // (`sequences_past_longropes_original_context_are_refused`).
+        let past_context = ["longrope", "phi4mini"];
+        for name in crate::model::testing::ARCH_FIXTURES {
+            if past_context.contains(&name) {
+                continue;
+            }
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/arch")
                 .join(name);
